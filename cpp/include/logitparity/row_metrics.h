@@ -1,0 +1,91 @@
+// The fused row comparison: one call compares each reference row with the
+// candidate row of the same index and yields every field of the DESIGN table.
+#ifndef LOGITPARITY_ROW_METRICS_H_
+#define LOGITPARITY_ROW_METRICS_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "logitparity/rows.h"
+
+namespace logitparity {
+
+constexpr size_t kMaxTopK = 64;
+
+struct RowMetricsOptions {
+  // Sorted, unique, each in [1, min(kMaxTopK, vocab)].
+  std::vector<int> topk = {1, 5, 10};
+  // Target token per row, or -1 for none; empty = no targets.
+  const int64_t* targets = nullptr;
+  // Jensen-Shannon costs a third sweep with two logs per element; off skips it
+  // (js is then NaN).
+  bool js = true;
+  // 0 = all cores.
+  int threads = 0;
+};
+
+// Field order of the per-row double results. Integer-valued fields are stored
+// as doubles too (exact below 2^53), -1 where undefined (NaN rows).
+enum RowField : int {
+  kLseRef = 0,
+  kLseCand,
+  kKlRefCand,
+  kKlCandRef,
+  kJs,
+  kCosine,
+  kMaxAbsLogit,
+  kMeanAbsLogit,
+  kMaxAbsLogprob,
+  kEntropyRef,
+  kEntropyCand,
+  kMarginRef,
+  kMarginCand,
+  kNllRef,
+  kNllCand,
+  kDeltaP,
+  kArgmaxRef,
+  kArgmaxCand,
+  kRankOfRefTop1InCand,
+  kNonfiniteRef,
+  kNonfiniteCand,
+  kNumRowFields
+};
+
+const char* RowFieldName(int field);
+
+struct RowMetricsResult {
+  size_t rows = 0;
+  std::vector<int> topk;
+  // rows x kNumRowFields, row-major.
+  std::vector<double> fields;
+  // rows x topk.size(), row-major; -1 for NaN rows.
+  std::vector<int32_t> topk_overlap;
+};
+
+// Checks shapes and options (std::invalid_argument naming the argument), then
+// computes every row, splitting rows over a thread pool. Results are bitwise
+// identical for any thread count and any row batching.
+RowMetricsResult CompareRows(const RowsView& ref, const RowsView& cand,
+                             const RowMetricsOptions& options);
+
+// Row-wise log-softmax into out (rows x vocab, contiguous, float32). out may
+// alias ref.data when ref is float32 with row_stride == vocab (in place).
+void LogSoftmax(const RowsView& logits, float* out, int threads = 0);
+
+// Top-k values (as float32) and indices per row, sorted by value descending,
+// ties to the lower index. values/indices are rows x k.
+void TopK(const RowsView& logits, size_t k, float* values, int64_t* indices,
+          int threads = 0);
+
+// Per-row negative log-likelihood of targets[r] in nats (lse - logit_t).
+// A row holding NaN or +inf gives NaN; a -inf target logit gives +inf.
+void Nll(const RowsView& logits, const int64_t* targets, double* out,
+         int threads = 0);
+
+// Per-row log-sum-exp (natural log). -inf for a row of only -inf.
+void LogSumExp(const RowsView& logits, double* out, int threads = 0);
+
+}  // namespace logitparity
+
+#endif  // LOGITPARITY_ROW_METRICS_H_

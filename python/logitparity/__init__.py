@@ -1,0 +1,66 @@
+"""logitparity: prove that an optimized or ported LLM inference path still
+produces the same outputs as its reference.
+
+The row kernels live in the compiled module ``logitparity._core`` (Highway
+SIMD, dynamic dispatch); this package re-exports the public API. Modules that
+import torch or transformers are loaded lazily, on first attribute access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+from logitparity.metrics import (  # noqa: E402
+    RowMetrics,
+    RowMetricsSummary,
+    compare_logits,
+    log_softmax,
+    logsumexp,
+    nll,
+    topk,
+)
+from logitparity.stats import Describe, Rate, describe, rate  # noqa: E402
+
+# Public name -> module that defines it, imported on first use.
+_LAZY = {
+    "Dump": "logitparity.dump",
+    "DumpWriter": "logitparity.dump",
+    "load_dump": "logitparity.dump",
+    "compare_dumps": "logitparity.compare",
+    "Comparison": "logitparity.compare",
+    "Policy": "logitparity.policy",
+    "load_policy": "logitparity.policy",
+    "perplexity": "logitparity.ppl",
+    "PerplexityResult": "logitparity.ppl",
+}
+
+__all__ = [
+    "Describe",
+    "Rate",
+    "RowMetrics",
+    "RowMetricsSummary",
+    "compare_logits",
+    "describe",
+    "log_softmax",
+    "logsumexp",
+    "nll",
+    "rate",
+    "topk",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'logitparity' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

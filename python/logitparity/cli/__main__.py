@@ -1,0 +1,5 @@
+import sys
+
+from logitparity.cli import main
+
+sys.exit(main())
