@@ -1,0 +1,373 @@
+"""Row metrics on logit tensors: the thin Python side of the fused C++ kernel.
+
+``compare_logits(ref, cand)`` compares row i of ``ref`` with row i of
+``cand`` and returns one value per row for every field of the DESIGN table.
+Inputs are numpy arrays or torch tensors of float32, float16 or bfloat16
+(torch bf16, or numpy uint16 bit patterns with ``bf16=True``), shaped [vocab],
+[rows, vocab] or [..., vocab]; CPU tensors cross without a copy where their
+last dimension is contiguous, CUDA tensors are copied to the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from logitparity.stats import Describe, Rate, describe, rate
+
+__all__ = [
+    "FIELDS",
+    "RowMetrics",
+    "RowMetricsSummary",
+    "compare_logits",
+    "log_softmax",
+    "logsumexp",
+    "nll",
+    "topk",
+]
+
+MAX_TOPK = 64
+
+# name -> (unit, higher_is_better or None when neither direction is better)
+FIELDS: dict[str, tuple[str, bool | None]] = {
+    "lse_ref": ("nats", None),
+    "lse_cand": ("nats", None),
+    "kl_ref_cand": ("nats", False),
+    "kl_cand_ref": ("nats", False),
+    "js": ("nats", False),
+    "cosine": ("", True),
+    "max_abs_logit": ("logits", False),
+    "mean_abs_logit": ("logits", False),
+    "max_abs_logprob": ("nats", False),
+    "entropy_ref": ("nats", None),
+    "entropy_cand": ("nats", None),
+    "margin_ref": ("logits", None),
+    "margin_cand": ("logits", None),
+    "nll_ref": ("nats", None),
+    "nll_cand": ("nats", False),
+    "delta_p": ("probability", None),
+}
+INT_FIELDS = (
+    "argmax_ref",
+    "argmax_cand",
+    "rank_of_ref_top1_in_cand",
+    "nonfinite_ref",
+    "nonfinite_cand",
+)
+
+
+def _core():
+    # Imported lazily so that modules which only read dumps work without the
+    # compiled extension (and its error names the fix).
+    try:
+        from logitparity import _core as core
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "logitparity._core (the compiled C++ core) is not importable: "
+            f"{e}. Build it with `pip install --no-build-isolation -e .` "
+            "after installing libhwy-dev (see README)."
+        ) from e
+    return core
+
+
+def _threads(threads: int | None) -> int:
+    if threads is None:
+        return 0  # the core's default: all cores
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"threads must be a positive int or None (all cores), got {threads!r}")
+    return int(threads)
+
+
+def _as_rows(x: Any, name: str, bf16: bool = False) -> tuple[np.ndarray, bool, tuple[int, ...]]:
+    """-> (2-D array of float32/float16/uint16 with a contiguous last dim,
+    is_bf16, leading shape)."""
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        import torch  # only when a tensor was passed
+
+        if x.is_cuda or x.device.type != "cpu":
+            x = x.detach().to("cpu")
+        x = x.detach()
+        if x.dtype == torch.bfloat16:
+            arr = x.view(torch.int16).numpy().view(np.uint16)
+            bf16 = True
+        elif x.dtype in (torch.float32, torch.float16):
+            arr = x.numpy()
+        else:
+            raise TypeError(
+                f"{name} must be float32, float16 or bfloat16, got torch.{str(x.dtype).split('.')[-1]}; "
+                f"convert with {name}.float()"
+            )
+    elif isinstance(x, np.ndarray):
+        arr = x
+    elif isinstance(x, (list, tuple)):
+        raise TypeError(
+            f"{name} must be a numpy array or torch tensor of logits, got a {type(x).__name__}; "
+            f"wrap it with np.asarray({name}, dtype=np.float32)"
+        )
+    else:
+        raise TypeError(
+            f"{name} must be a numpy array or torch tensor of logits, got {type(x).__name__}"
+        )
+    if arr.dtype == np.uint16:
+        if not bf16:
+            raise TypeError(
+                f"{name} is uint16: pass bf16=True if it holds bfloat16 bit patterns"
+            )
+    elif arr.dtype == np.float16 or arr.dtype == np.float32:
+        if bf16 and arr.dtype != np.uint16:
+            raise TypeError(f"{name}: bf16=True needs uint16 bit patterns, got {arr.dtype}")
+    elif arr.dtype.name == "bfloat16":  # ml_dtypes
+        arr = arr.view(np.uint16)
+        bf16 = True
+    else:
+        raise TypeError(
+            f"{name} must be float32, float16 or bfloat16 (uint16 bits with bf16=True), "
+            f"got {arr.dtype}; convert with {name}.astype(np.float32)"
+        )
+    if arr.ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a scalar")
+    lead = tuple(arr.shape[:-1])
+    vocab = arr.shape[-1]
+    if vocab == 0 or arr.size == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(arr.shape)}); expected [rows, vocab] with rows, vocab >= 1")
+    if arr.ndim == 1:
+        arr = arr.reshape(1, vocab)
+    elif arr.ndim > 2:
+        try:
+            arr = arr.reshape(-1, vocab)  # a view when strides allow, else a copy
+        except ValueError:
+            arr = np.ascontiguousarray(arr).reshape(-1, vocab)
+    if arr.strides[1] != arr.itemsize or arr.strides[0] < 0 or arr.strides[0] % arr.itemsize:
+        arr = np.ascontiguousarray(arr)
+    return arr, bf16, lead
+
+
+def _check_vocab(a: np.ndarray, b: np.ndarray, an: str, bn: str) -> None:
+    if a.shape[1] != b.shape[1]:
+        hint = ""
+        lo, hi = sorted((a.shape[1], b.shape[1]))
+        if hi % 64 == 0 or hi % 128 == 0:
+            hint = (f"; one side may use a padded vocabulary ({hi}): slice both to the real "
+                    f"vocabulary, e.g. {an}[..., :{lo}]")
+        raise ValueError(
+            f"{an} and {bn} must have the same vocab size (last dim), got {a.shape[1]} and "
+            f"{b.shape[1]}; were both runs made with the same tokenizer?{hint}"
+        )
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"{an} and {bn} must have the same number of rows, got {a.shape[0]} and "
+            f"{b.shape[0]} (after flattening leading dims)"
+        )
+
+
+def _targets(targets: Any, rows: int, vocab: int, lead: tuple[int, ...]) -> np.ndarray:
+    mod = type(targets).__module__
+    if mod.startswith("torch"):
+        targets = targets.detach().cpu().numpy()
+    t = np.asarray(targets)
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"targets must hold integer token ids, got dtype {t.dtype}")
+    if t.size != rows:
+        raise ValueError(
+            f"targets must have one token id per row ({rows} rows, leading shape {lead}), "
+            f"got shape {t.shape}"
+        )
+    t = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
+    bad = (t < -1) | (t >= vocab)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(
+            f"targets must be in [0, {vocab}) (the vocab size) or -1 for none, "
+            f"got {int(t[i])} at row {i}"
+        )
+    return t
+
+
+def _topk_list(ks: Iterable[int] | int, vocab: int) -> list[int]:
+    if isinstance(ks, (int, np.integer)) and not isinstance(ks, bool):
+        ks = (int(ks),)
+    out = []
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"topk must hold ints, got {k!r}")
+        hi = min(MAX_TOPK, vocab)
+        if not 1 <= k <= hi:
+            raise ValueError(
+                f"topk must be in [1, {hi}] (min of {MAX_TOPK} and the vocab size {vocab}), got {k}"
+            )
+        out.append(int(k))
+    return sorted(set(out))
+
+
+@dataclasses.dataclass
+class RowMetrics:
+    """One value per compared row (see FIELDS and docs/metrics.md).
+
+    Float fields are float64 numpy arrays; NaN marks a row with a NaN or +inf
+    logit on either side (``nonfinite_ref``/``nonfinite_cand`` say which) or
+    a field that needs a target when none was given. Integer fields are int64
+    (-1 where undefined). ``topk_overlap[k]`` is |top-k(ref) ∩ top-k(cand)|.
+    ``shape`` is the leading shape of the inputs (rows flattened in C order).
+    """
+
+    lse_ref: np.ndarray
+    lse_cand: np.ndarray
+    kl_ref_cand: np.ndarray
+    kl_cand_ref: np.ndarray
+    js: np.ndarray
+    cosine: np.ndarray
+    max_abs_logit: np.ndarray
+    mean_abs_logit: np.ndarray
+    max_abs_logprob: np.ndarray
+    entropy_ref: np.ndarray
+    entropy_cand: np.ndarray
+    margin_ref: np.ndarray
+    margin_cand: np.ndarray
+    nll_ref: np.ndarray
+    nll_cand: np.ndarray
+    delta_p: np.ndarray
+    argmax_ref: np.ndarray
+    argmax_cand: np.ndarray
+    rank_of_ref_top1_in_cand: np.ndarray
+    nonfinite_ref: np.ndarray
+    nonfinite_cand: np.ndarray
+    topk_overlap: dict[int, np.ndarray]
+    shape: tuple[int, ...] = ()
+
+    def __len__(self) -> int:
+        return int(self.lse_ref.shape[0])
+
+    @property
+    def same_top1(self) -> np.ndarray:
+        """Bool per row: the candidate's top-1 token is the reference's."""
+        return (self.argmax_ref == self.argmax_cand) & (self.argmax_ref >= 0)
+
+    def summary(self) -> "RowMetricsSummary":
+        fields = {name: describe(getattr(self, name)) for name in FIELDS}
+        valid = self.argmax_ref >= 0
+        n = int(valid.sum())
+        rates = {"same_top1": rate(int(self.same_top1.sum()), n)}
+        for k, ov in self.topk_overlap.items():
+            # share of the reference's top-k found in the candidate's top-k
+            fields[f"top{k}_overlap"] = describe(np.where(valid, ov / k, np.nan))
+        return RowMetricsSummary(rows=len(self), fields=fields, rates=rates)
+
+    def __repr__(self) -> str:
+        return f"RowMetrics(rows={len(self)}, shape={self.shape})\n{self.summary().to_markdown()}"
+
+
+@dataclasses.dataclass
+class RowMetricsSummary:
+    rows: int
+    fields: dict[str, Describe]
+    rates: dict[str, Rate]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "fields": {k: v.to_dict() for k, v in self.fields.items()},
+            "rates": {k: v.to_dict() for k, v in self.rates.items()},
+        }
+
+    def to_markdown(self) -> str:
+        lines = [
+            "| metric | | mean ± se | median | p99 | max |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, d in self.fields.items():
+            _, better = FIELDS.get(name, ("", True))
+            arrow = {True: "↑", False: "↓", None: ""}[better]
+            mean = "nan" if math.isnan(d.mean) else f"{d.mean:.4g} ± {d.se:.2g}"
+            lines.append(
+                f"| {name} | {arrow} | {mean} | {d.median:.4g} | {d.p99:.4g} | {d.max:.4g} |"
+            )
+        for name, r in self.rates.items():
+            lines.append(f"| {name} | ↑ | {r} | | | |")
+        return "\n".join(lines)
+
+    _repr_markdown_ = to_markdown
+
+    def __repr__(self) -> str:
+        return self.to_markdown()
+
+
+def compare_logits(
+    ref: Any,
+    cand: Any,
+    *,
+    targets: Any = None,
+    topk: Sequence[int] | int = (1, 5, 10),
+    threads: int | None = None,
+    js: bool = True,
+    ref_bf16: bool = False,
+    cand_bf16: bool = False,
+) -> RowMetrics:
+    """Compare row i of ``ref`` with row i of ``cand`` (logits, same shape).
+
+    targets: optional token id per row (-1 for none) for nll_ref, nll_cand
+    and delta_p. topk: the k values for topk_overlap (each 1..64). threads:
+    worker threads (None = all cores); results are bitwise identical for any
+    value. js: False skips Jensen-Shannon (its own sweep, two logs per
+    element), leaving NaN.
+    """
+    a, a_bf16, lead = _as_rows(ref, "ref", ref_bf16)
+    b, b_bf16, lead_b = _as_rows(cand, "cand", cand_bf16)
+    if lead != lead_b and a.shape[0] == b.shape[0]:
+        lead = (a.shape[0],)
+    _check_vocab(a, b, "ref", "cand")
+    ks = _topk_list(topk, a.shape[1])
+    t = None if targets is None else _targets(targets, a.shape[0], a.shape[1], lead)
+    fields, names, overlap = _core().compare_rows(
+        a, a_bf16, b, b_bf16, t, ks, bool(js), _threads(threads)
+    )
+    cols = {name: fields[:, i] for i, name in enumerate(names)}
+    kw = {name: cols[name] for name in FIELDS}
+    for name in INT_FIELDS:
+        kw[name] = cols[name].astype(np.int64)
+    return RowMetrics(
+        **kw, topk_overlap={k: overlap[:, i] for i, k in enumerate(ks)}, shape=lead
+    )
+
+
+def _reshape(out: np.ndarray, lead: tuple[int, ...]) -> np.ndarray:
+    return out.reshape(*lead, *out.shape[1:]) if lead else out.reshape(out.shape[1:])
+
+
+def log_softmax(x: Any, *, threads: int | None = None, bf16: bool = False) -> np.ndarray:
+    """Row-wise log-softmax (natural log) as float32, same shape as x."""
+    a, is_bf16, lead = _as_rows(x, "x", bf16)
+    return _reshape(_core().log_softmax(a, is_bf16, _threads(threads)), lead)
+
+
+def topk(x: Any, k: int, *, threads: int | None = None, bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (values as float32, indices as int64) per row, by value descending,
+    ties broken by the lower index."""
+    a, is_bf16, lead = _as_rows(x, "x", bf16)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an int, got {k!r}")
+    if not 1 <= k <= a.shape[1]:
+        raise ValueError(f"k must be in [1, {a.shape[1]}] (the vocab size), got {k}")
+    v, i = _core().topk(a, is_bf16, int(k), _threads(threads))
+    return _reshape(v, lead), _reshape(i, lead)
+
+
+def nll(x: Any, targets: Any, *, threads: int | None = None, bf16: bool = False) -> np.ndarray:
+    """Negative log-likelihood (nats) of targets[r] under softmax(x[r]), float64."""
+    a, is_bf16, lead = _as_rows(x, "x", bf16)
+    t = _targets(targets, a.shape[0], a.shape[1], lead)
+    if (t < 0).any():
+        raise ValueError(f"targets must be in [0, {a.shape[1]}) for nll, got -1 at row {int(np.argmax(t < 0))}")
+    out = _core().nll(a, is_bf16, t, _threads(threads))
+    return out.reshape(lead) if lead else out.reshape(())
+
+
+def logsumexp(x: Any, *, threads: int | None = None, bf16: bool = False) -> np.ndarray:
+    """Row-wise log-sum-exp (natural log), float64."""
+    a, is_bf16, lead = _as_rows(x, "x", bf16)
+    out = _core().logsumexp(a, is_bf16, _threads(threads))
+    return out.reshape(lead) if lead else out.reshape(())
