@@ -1,0 +1,440 @@
+"""Policies: named threshold sets that turn a comparison into a verdict.
+
+A policy is a name, a description and named thresholds; each threshold says
+which metric (see ``parse_metric`` and docs/report.md), which comparison
+(``>=`` or ``<=``) and which limit. Built-ins: ``fp16`` (the default),
+``quantized`` and ``lossless``; users write the same thing as a TOML file::
+
+    name = "my-port"
+    description = "what this policy guards"
+
+    [thresholds.greedy]
+    metric = "greedy_match@10"     # share of prompts, in [0, 1]
+    comparison = ">="
+    limit = 0.99
+
+    [thresholds.kl]
+    metric = "kl_ref_cand.mean@100"  # nats, mean over positions < 100
+    comparison = "<="
+    limit = 0.01
+    noise_factor = 10               # or 10x the noise floor, if looser
+
+A threshold with ``noise_factor`` is relative to a noise floor: the same
+metric measured between two benign reference runs (``logitparity
+calibrate``). For ``<=`` the effective limit is ``noise_factor * floor``; for
+``>=`` (rates, overlaps and cosines, whose ideal value is 1) it is
+``1 - noise_factor * (1 - floor)``. With both ``limit`` and ``noise_factor``
+the looser of the two applies, so a floor of exactly 0 (bitwise identical
+benign runs) does not demand bitwise identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+__all__ = [
+    "MetricSpec",
+    "NoiseFloor",
+    "Policy",
+    "Threshold",
+    "Verdict",
+    "ThresholdResult",
+    "BUILTIN_POLICIES",
+    "load_noise_floor",
+    "load_policy",
+    "parse_metric",
+]
+
+# Per-token fields a policy may summarise, with higher_is_better.
+TOKEN_FIELDS: dict[str, bool | None] = {
+    "kl_ref_cand": False,
+    "kl_cand_ref": False,
+    "js": False,
+    "cosine": True,
+    "max_abs_logit": False,
+    "mean_abs_logit": False,
+    "max_abs_logprob": False,
+    "delta_p": None,
+    "abs_delta_p": False,
+    "entropy_shift": None,
+    "margin_shift": None,
+    "top1_overlap": True,
+    "top5_overlap": True,
+    "top10_overlap": True,
+}
+STATS = ("mean", "median", "p90", "p95", "p99", "p999", "min", "max")
+# Whole-run metrics with higher_is_better.
+RUN_METRICS: dict[str, bool | None] = {
+    "greedy_match@N": True,
+    "exact_match": True,
+    "same_top1": True,
+    "length_ratio": None,
+}
+
+_METRIC_RE = re.compile(
+    r"^(?:(?P<greedy>greedy_match)@(?P<n>\d+)"
+    r"|(?P<run>exact_match|length_ratio)"
+    r"|(?P<rate>same_top1)(?:@(?P<rp>\d+))?"
+    r"|(?P<field>[a-z0-9_]+)\.(?P<stat>[a-z0-9]+)(?:@(?P<fp>\d+))?)$"
+)
+
+
+def _examples() -> list[str]:
+    names = ["greedy_match@10", "greedy_match@50", "exact_match", "same_top1", "length_ratio"]
+    names += [f"{f}.{s}" for f in TOKEN_FIELDS for s in STATS]
+    return names
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    if not close and name:
+        close = [c for c in choices if c.startswith(name)][:3]
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricSpec:
+    """A parsed metric name.
+
+    kind: "greedy_match" (n = N), "exact_match", "length_ratio",
+    "same_top1" or "field" (field, stat). positions: only positions < this
+    (None = all compared positions).
+    """
+
+    name: str
+    kind: str
+    field: str | None = None
+    stat: str | None = None
+    n: int | None = None
+    positions: int | None = None
+
+    @property
+    def higher_is_better(self) -> bool | None:
+        if self.kind == "field":
+            return TOKEN_FIELDS[self.field]
+        if self.kind == "greedy_match":
+            return True
+        return RUN_METRICS[self.kind]
+
+
+def parse_metric(name: str) -> MetricSpec:
+    """Parse a metric name (``greedy_match@10``, ``kl_ref_cand.p99@100``, ...).
+
+    Raises ValueError naming the metric with close suggestions.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"metric must be a string such as 'greedy_match@10', got {name!r}")
+    m = _METRIC_RE.match(name.strip())
+    hint = (
+        "; metrics are greedy_match@N, exact_match, same_top1[@P], length_ratio "
+        "or FIELD.STAT[@P] (see docs/report.md)"
+    )
+    if m is None:
+        raise ValueError(f"unknown metric {name!r}{_suggest(name, _examples()) or hint}")
+    if m["greedy"]:
+        n = int(m["n"])
+        if n < 1:
+            raise ValueError(f"metric {name!r}: N in greedy_match@N must be >= 1, got {n}")
+        return MetricSpec(name, "greedy_match", n=n)
+    if m["run"]:
+        return MetricSpec(name, m["run"])
+    if m["rate"]:
+        return MetricSpec(name, "same_top1", positions=_positions(name, m["rp"]))
+    field, stat = m["field"], m["stat"]
+    if field not in TOKEN_FIELDS:
+        raise ValueError(
+            f"unknown metric {name!r}: no per-token field {field!r}"
+            f"{_suggest(field, list(TOKEN_FIELDS)) or '; fields: ' + ', '.join(TOKEN_FIELDS)}"
+        )
+    if stat not in STATS:
+        raise ValueError(
+            f"unknown metric {name!r}: no statistic {stat!r}"
+            f"{_suggest(stat, list(STATS)) or '; statistics: ' + ', '.join(STATS)}"
+        )
+    return MetricSpec(name, "field", field=field, stat=stat, positions=_positions(name, m["fp"]))
+
+
+def _positions(name: str, text: str | None) -> int | None:
+    if text is None:
+        return None
+    p = int(text)
+    if p < 1:
+        raise ValueError(f"metric {name!r}: @P (positions < P) must be >= 1, got {p}")
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+    """metric ``comparison`` limit, e.g. greedy_match@10 >= 0.99."""
+
+    name: str
+    metric: str
+    comparison: str  # ">=" or "<="
+    limit: float | None = None
+    noise_factor: float | None = None
+
+    @property
+    def spec(self) -> MetricSpec:
+        return parse_metric(self.metric)
+
+    def effective_limit(self, floor: float | None) -> tuple[float, str]:
+        """-> (limit, how it was obtained). floor: the noise floor of this
+        metric, or None when no calibration was given."""
+        if self.noise_factor is None:
+            return float(self.limit), "absolute"
+        if floor is None or math.isnan(floor):
+            if self.limit is None:
+                raise ValueError(
+                    f"threshold {self.name!r} ({self.metric}) is relative to the noise floor "
+                    "and has no absolute limit: pass a noise-floor file (--noise-floor FILE, "
+                    "written by `logitparity calibrate`)"
+                    + ("" if floor is None else f"; the noise-floor file has no finite {self.metric}")
+                )
+            return float(self.limit), "absolute (no noise floor given)"
+        f = self.noise_factor
+        rel = f * floor if self.comparison == "<=" else 1.0 - f * (1.0 - floor)
+        how = f"{f:g}x noise floor ({floor:.4g})"
+        if self.limit is None:
+            return rel, how
+        looser = max(rel, self.limit) if self.comparison == "<=" else min(rel, self.limit)
+        return looser, how if looser == rel else "absolute (looser than the noise floor)"
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdResult:
+    name: str
+    metric: str
+    comparison: str
+    limit: float
+    limit_source: str
+    measured: float
+    passed: bool
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """passed is True only when every threshold was measured and met."""
+
+    passed: bool
+    policy: str
+    description: str
+    results: tuple[ThresholdResult, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "policy": self.policy,
+            "description": self.description,
+            "thresholds": [r.to_dict() for r in self.results],
+        }
+
+    def __str__(self) -> str:
+        word = "PASS" if self.passed else "FAIL"
+        parts = []
+        for r in self.results:
+            mark = "ok" if r.passed else "FAILED"
+            parts.append(f"{r.metric} = {_num(r.measured)} (need {r.comparison} {_num(r.limit)}: {mark})")
+        return f"{word} under policy {self.policy!r}: " + "; ".join(parts)
+
+
+def _num(x: float) -> str:
+    return "not measured" if math.isnan(x) else f"{x:.4g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    name: str
+    description: str
+    thresholds: tuple[Threshold, ...]
+
+    def metrics(self) -> list[str]:
+        return [t.metric for t in self.thresholds]
+
+    def evaluate(
+        self,
+        measure: Callable[[str], tuple[float, str]],
+        noise: "NoiseFloor | None" = None,
+    ) -> Verdict:
+        """measure(metric) -> (value, note); a NaN value (not measurable with
+        these dumps, note says why) fails its threshold."""
+        results = []
+        for t in self.thresholds:
+            floor = noise.get(t.metric) if noise is not None else None
+            limit, source = t.effective_limit(floor)
+            value, note = measure(t.metric)
+            if math.isnan(value):
+                ok = False
+                note = note or "not measured"
+            else:
+                ok = value >= limit if t.comparison == ">=" else value <= limit
+            results.append(ThresholdResult(t.name, t.metric, t.comparison, limit, source, value, ok, note))
+        return Verdict(all(r.passed for r in results), self.name, self.description, tuple(results))
+
+
+BUILTIN_POLICIES: dict[str, str] = {
+    "fp16": """
+name = "fp16"
+description = "half-precision candidate: same greedy tokens almost always, tiny KL"
+[thresholds.greedy_match]
+metric = "greedy_match@10"
+comparison = ">="
+limit = 0.99
+[thresholds.mean_kl]
+metric = "kl_ref_cand.mean@100"
+comparison = "<="
+limit = 0.01
+""",
+    "quantized": """
+name = "quantized"
+description = "quantized candidate: same first 10 greedy tokens on 95% of prompts"
+[thresholds.greedy_match]
+metric = "greedy_match@10"
+comparison = ">="
+limit = 0.95
+""",
+    "lossless": """
+name = "lossless"
+description = "bit-for-bit port: identical tokens, log-probs within 1e-5 nats"
+[thresholds.max_abs_logprob]
+metric = "max_abs_logprob.max"
+comparison = "<="
+limit = 1e-5
+[thresholds.identical_tokens]
+metric = "exact_match"
+comparison = ">="
+limit = 1.0
+""",
+}
+
+
+def _policy_from_toml(data: Mapping[str, Any], source: str) -> Policy:
+    allowed = {"name", "description", "thresholds"}
+    extra = sorted(set(data) - allowed)
+    if extra:
+        raise ValueError(f"{source}: unknown key(s) {extra}; a policy has {sorted(allowed)}")
+    th = data.get("thresholds")
+    if not isinstance(th, dict) or not th:
+        raise ValueError(
+            f"{source}: a policy needs at least one [thresholds.NAME] table with metric, "
+            "comparison and limit"
+        )
+    out = []
+    for tname, t in th.items():
+        where = f"{source}: thresholds.{tname}"
+        if not isinstance(t, dict):
+            raise ValueError(f"{where} must be a table, got {type(t).__name__}")
+        extra = sorted(set(t) - {"metric", "comparison", "limit", "noise_factor"})
+        if extra:
+            raise ValueError(
+                f"{where}: unknown key(s) {extra}; expected metric, comparison, limit, noise_factor"
+            )
+        if "metric" not in t:
+            raise ValueError(f"{where} has no metric, e.g. metric = \"greedy_match@10\"")
+        try:
+            spec = parse_metric(t["metric"])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: {e}") from None
+        comp = t.get("comparison")
+        if comp not in (">=", "<="):
+            raise ValueError(f"{where}: comparison must be \">=\" or \"<=\", got {comp!r}")
+        limit, factor = t.get("limit"), t.get("noise_factor")
+        for key, v in (("limit", limit), ("noise_factor", factor)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v)):
+                raise ValueError(f"{where}: {key} must be a number, got {v!r}")
+        if limit is None and factor is None:
+            raise ValueError(f"{where} needs a limit (or a noise_factor)")
+        if factor is not None and factor <= 0:
+            raise ValueError(f"{where}: noise_factor must be > 0, got {factor}")
+        if factor is not None and comp == ">=" and spec.higher_is_better is not True:
+            raise ValueError(
+                f"{where}: a noise_factor with \">=\" needs a metric whose ideal value is 1 "
+                f"(a rate, overlap or cosine), got {spec.name}"
+            )
+        out.append(Threshold(
+            str(tname), spec.name, comp,
+            None if limit is None else float(limit),
+            None if factor is None else float(factor),
+        ))
+    name = data.get("name", Path(source).stem)
+    return Policy(str(name), str(data.get("description", "")), tuple(out))
+
+
+def load_policy(name_or_path: "str | os.PathLike[str] | Policy") -> Policy:
+    """A built-in policy by name (fp16, quantized, lossless) or a TOML file."""
+    if isinstance(name_or_path, Policy):
+        return name_or_path
+    text = os.fspath(name_or_path)
+    if text in BUILTIN_POLICIES:
+        return _policy_from_toml(tomllib.loads(BUILTIN_POLICIES[text]), f"built-in policy {text!r}")
+    path = Path(text)
+    if path.suffix == ".toml" or path.exists() or os.sep in text:
+        if not path.is_file():
+            raise FileNotFoundError(f"policy file {text!r} does not exist; built-ins: {', '.join(BUILTIN_POLICIES)}")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"policy file {text!r} is not valid TOML: {e}") from None
+        return _policy_from_toml(data, text)
+    raise ValueError(
+        f"unknown policy {text!r}{_suggest(text, list(BUILTIN_POLICIES))} "
+        f"(built-ins: {', '.join(BUILTIN_POLICIES)}; or pass a .toml file)"
+    )
+
+
+NOISE_FORMAT = "logitparity.noise-floor"
+NOISE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseFloor:
+    """Metric values measured between two benign reference runs."""
+
+    metrics: dict[str, float]
+    change: str = ""
+    source: str = ""
+
+    def get(self, metric: str) -> float | None:
+        v = self.metrics.get(metric)
+        return None if v is None else float(v)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": NOISE_FORMAT, "version": NOISE_VERSION, "change": self.change,
+                "metrics": self.metrics}
+
+
+def load_noise_floor(path: "str | os.PathLike[str]") -> NoiseFloor:
+    """Read a noise-floor file written by ``logitparity calibrate``."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"noise-floor file {str(p)!r} does not exist; write one with `logitparity calibrate`")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"noise-floor file {str(p)!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != NOISE_FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(
+            f"{str(p)!r} is not a noise-floor file: expected format {NOISE_FORMAT!r}, got {got!r}; "
+            "write one with `logitparity calibrate`"
+        )
+    if data.get("version") != NOISE_VERSION:
+        raise ValueError(
+            f"noise-floor file {str(p)!r} has version {data.get('version')!r}, this logitparity reads "
+            f"version {NOISE_VERSION}; re-run `logitparity calibrate`"
+        )
+    metrics = {}
+    for k, v in (data.get("metrics") or {}).items():
+        metrics[str(k)] = float("nan") if v is None else float(v)
+    return NoiseFloor(metrics, str(data.get("change", "")), str(p))
