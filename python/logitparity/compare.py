@@ -1,0 +1,875 @@
+"""Compare two dumps: compatibility, free-running agreement, per-token
+distribution metrics, behaviour drift, and a verdict under a policy.
+
+``compare_dumps(ref, cand)`` checks that the two runs are comparable (same
+tokenizer, prompts and decoding settings), then
+
+- free-running (greedy or seeded sampling, both sides generated): per prompt
+  the first position where the generated tokens differ, greedy match rates at
+  N, the full-sequence exact match rate, and at each split both sides'
+  top-1/top-2 margins, classified near-tie vs real divergence;
+- per token, at every position where both runs saw the same prefix (every
+  position when the candidate was scored on the reference's tokens): the
+  fused row metrics of ``compare_logits`` (KL both ways, JS, same top-1,
+  top-k overlap, delta-p of the reference token, cosine, max |delta logit|);
+- behaviour drift: output length, stop reasons, repeated n-grams, JSON
+  validity, entropy and margin shift.
+
+All figures are defined in docs/report.md. The per-token work runs in the C++
+core; with ``topk:K`` dumps the KL is computed here over the tokens whose
+probability both sides know, plus one tail bucket (a lower bound).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from logitparity.metrics import FIELDS, RowMetrics, compare_logits, logsumexp, topk as _topk
+from logitparity.policy import (
+    NoiseFloor,
+    Policy,
+    Verdict,
+    load_noise_floor,
+    load_policy,
+    parse_metric,
+)
+from logitparity.stats import Describe, Rate, describe, rate
+
+__all__ = ["Comparison", "PromptResult", "compare_dumps"]
+
+REPETITION_N = 4  # n-gram length for the repetition rate
+SPLIT_TOP = 5  # alternatives shown at a split
+
+
+# --------------------------------------------------------------------------
+# Reading the two dumps
+
+
+def _load(d: Any, name: str):
+    if isinstance(d, (str, os.PathLike)):
+        from logitparity.dump import load_dump
+
+        return load_dump(d)
+    if not hasattr(d, "manifest") or not hasattr(d, "records"):
+        raise TypeError(f"{name} must be a dump directory path or a Dump (load_dump), got {type(d).__name__}")
+    return d
+
+
+def _get(m: dict, *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if not isinstance(m, dict) or k not in m:
+            return default
+        m = m[k]
+    return m
+
+
+def _storage(dump) -> tuple[str, int | None]:
+    """-> ("full", None) or ("topk", K)."""
+    s = str(getattr(dump, "storage", "full"))
+    if s.startswith("topk:"):
+        return "topk", int(s.split(":", 1)[1])
+    return "full", None
+
+
+def _mode(dump) -> str:
+    return str(_get(dump.manifest, "decoding", "mode", default="greedy"))
+
+
+class IncompatibleRuns(ValueError):
+    """The two dumps cannot be compared (a ValueError: exit 2 in the CLI)."""
+
+
+def _check_tokenizers(ref, cand, notes: list[str]) -> None:
+    a, b = ref.manifest.get("tokenizer") or {}, cand.manifest.get("tokenizer") or {}
+    for key in ("vocab_size", "hash", "special_tokens"):
+        va, vb = a.get(key), b.get(key)
+        if va is None or vb is None:
+            if va != vb:
+                notes.append(f"tokenizer {key} recorded on one side only; not checked")
+            continue
+        if va != vb:
+            raise IncompatibleRuns(
+                f"the runs used different tokenizers: tokenizer.{key} is {_short(va)} in the reference "
+                f"and {_short(vb)} in the candidate; capture both with the same tokenizer files"
+            )
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, sort_keys=True) if not isinstance(v, str) else repr(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+_DECODING_KEYS = ("temperature", "top_p", "top_k", "seed", "max_new_tokens", "stop_token_ids",
+                  "repetition_penalty")
+
+
+def _check_decoding(ref, cand) -> str:
+    """-> "free-running" or "teacher-forced"."""
+    mr, mc = _mode(ref), _mode(cand)
+    if mr == "score" and mc != "score":
+        raise IncompatibleRuns(
+            f"the reference is a score-mode dump and the candidate is {mc!r}: a score-mode reference "
+            "needs a candidate scored on the same tokens (dump --mode score --reference-dump REF)"
+        )
+    if mc == "score":
+        return "teacher-forced"
+    if mr != mc:
+        raise IncompatibleRuns(
+            f"decoding mode differs: reference {mr!r}, candidate {mc!r}; capture both in the same mode, "
+            "or score the candidate on the reference's tokens (dump --mode score --reference-dump REF)"
+        )
+    da, db = ref.manifest.get("decoding") or {}, cand.manifest.get("decoding") or {}
+    keys = [k for k in _DECODING_KEYS if not (mr == "greedy" and k in ("temperature", "top_p", "top_k", "seed"))]
+    for k in keys:
+        if da.get(k) != db.get(k):
+            raise IncompatibleRuns(
+                f"decoding setting {k} differs: reference {_short(da.get(k))}, candidate "
+                f"{_short(db.get(k))}; capture both with the same decoding settings"
+            )
+    return "free-running"
+
+
+def _check_storage(ref, cand) -> None:
+    for d, name in ((ref, "reference"), (cand, "candidate")):
+        s = str(getattr(d, "storage", "full"))
+        if s != "full" and not re.fullmatch(r"topk:\d+", s):
+            raise IncompatibleRuns(f"{name} dump has logits storage {s!r}; expected 'full' or 'topk:K'")
+
+
+def _match_prompts(ref, cand) -> tuple[list[tuple[dict, dict]], list[str], list[str]]:
+    by_id = {r["id"]: r for r in cand.records}
+    ref_ids = [r["id"] for r in ref.records]
+    pairs = []
+    for r in ref.records:
+        c = by_id.get(r["id"])
+        if c is None:
+            continue
+        if r.get("prompt") != c.get("prompt"):
+            raise IncompatibleRuns(
+                f"prompt {r['id']!r} has different text in the two dumps "
+                f"(reference {_short(r.get('prompt'))}, candidate {_short(c.get('prompt'))}); "
+                "capture both from the same prompts file"
+            )
+        if list(r.get("prompt_token_ids", [])) != list(c.get("prompt_token_ids", [])):
+            pa, pc = list(r.get("prompt_token_ids", [])), list(c.get("prompt_token_ids", []))
+            i = next((i for i, (x, y) in enumerate(zip(pa, pc)) if x != y), min(len(pa), len(pc)))
+            raise IncompatibleRuns(
+                f"prompt {r['id']!r} was tokenized differently: prompt_token_ids differ at index {i} "
+                f"(lengths {len(pa)} and {len(pc)}); check the tokenizer and the chat template "
+                f"(chat_template {r.get('chat_template')!r} vs {c.get('chat_template')!r})"
+            )
+        pairs.append((r, c))
+    only_ref = [i for i in ref_ids if i not in by_id]
+    ref_set = set(ref_ids)
+    only_cand = [c["id"] for c in cand.records if c["id"] not in ref_set]
+    if not pairs:
+        raise IncompatibleRuns(
+            f"the dumps have no prompt id in common (reference has {len(ref_ids)}, candidate "
+            f"{len(by_id)}; e.g. {ref_ids[:3]} vs {list(by_id)[:3]}); capture both from the same prompts file"
+        )
+    return pairs, only_ref, only_cand
+
+
+# --------------------------------------------------------------------------
+# Per-prompt data
+
+
+@dataclasses.dataclass
+class PromptResult:
+    """One prompt of the comparison. Positions count generated tokens from 0.
+
+    first_divergence: first position where the candidate's token differs from
+    the reference's (in teacher-forced mode: where the candidate's top-1 on
+    the reference prefix differs from the reference token); None when the
+    sequences are identical. split: "near-tie" when the reference's top-1
+    minus top-2 logit at the split is below the near-tie margin, "real"
+    otherwise, "length" when one run stopped and the other went on, None
+    without a split. split_top_ref/cand: (token id, probability) of the top
+    alternatives at the split.
+    """
+
+    id: str
+    category: str
+    ref_tokens: list[int]
+    cand_tokens: list[int]
+    stop_ref: str
+    stop_cand: str
+    first_divergence: int | None
+    split: str | None
+    margin_ref_at_split: float
+    margin_cand_at_split: float
+    split_top_ref: list[tuple[int, float]]
+    split_top_cand: list[tuple[int, float]]
+    n_compared: int
+    ref_text: str | None = None
+    cand_text: str | None = None
+
+    @property
+    def identical(self) -> bool:
+        return self.first_divergence is None and self.stop_ref == self.stop_cand
+
+    def matches_at(self, n: int) -> bool:
+        """First n tokens identical; a shorter run matches only if both
+        stopped identically."""
+        if self.first_divergence is None:
+            return self.stop_ref == self.stop_cand or min(len(self.ref_tokens), len(self.cand_tokens)) >= n
+        return self.first_divergence >= n
+
+
+# --------------------------------------------------------------------------
+# Per-token metrics for top-K dumps (numpy over K entries, never the vocab)
+
+
+@dataclasses.dataclass
+class _TopRows:
+    """Top-K view of one side: values [n, K] logits, indices [n, K] (sorted by
+    value desc, ties to the lower id), lse [n], tail [n] = mass outside the
+    stored tokens; full: [n, V] logits or None."""
+
+    values: np.ndarray
+    indices: np.ndarray
+    lse: np.ndarray
+    tail: np.ndarray
+    full: np.ndarray | None = None
+    bf16: bool = False
+
+
+def _sorted_top(values: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((indices, -values), axis=-1)
+    return np.take_along_axis(values, order, -1), np.take_along_axis(indices, order, -1)
+
+
+def _top_from_full(rows: np.ndarray, k: int, bf16: bool, threads) -> _TopRows:
+    v, i = _topk(rows, k, threads=threads, bf16=bf16)
+    lse = logsumexp(rows, threads=threads, bf16=bf16)
+    tail = np.clip(1.0 - np.exp(v.astype(np.float64) - lse[:, None]).sum(-1), 0.0, 1.0)
+    return _TopRows(v.astype(np.float64), i.astype(np.int64), lse, tail, rows, bf16)
+
+
+def _full_values(rows: np.ndarray, idx: np.ndarray, bf16: bool) -> np.ndarray:
+    """Logits of rows at token ids idx ([n, m]) as float64."""
+    g = np.take_along_axis(rows, idx, axis=1)
+    if bf16:
+        g = (g.astype(np.uint32) << 16).view(np.float32)
+    return g.astype(np.float64)
+
+
+def _known_logprobs(side: _TopRows, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """-> (log-prob at each token of u [n, m], known mask [n, m])."""
+    if side.full is not None:
+        return _full_values(side.full, np.maximum(u, 0), side.bf16) - side.lse[:, None], u >= 0
+    hit = (u[:, :, None] == side.indices[:, None, :]) & (u[:, :, None] >= 0)
+    known = hit.any(-1)
+    pos = hit.argmax(-1)
+    lp = np.take_along_axis(side.values, pos, axis=1) - side.lse[:, None]
+    return np.where(known, lp, -np.inf), known
+
+
+def _bucket_divergences(lp: np.ndarray, lq: np.ndarray, tp: np.ndarray, tq: np.ndarray):
+    """KL(P||Q), KL(Q||P), JS on the partition {known tokens} + {tail}.
+
+    lp, lq: [n, m] log-probs (-inf where p = 0), tp, tq: [n] tail masses.
+    """
+    p, q = np.exp(lp), np.exp(lq)
+    P = np.concatenate([p, tp[:, None]], axis=1)
+    Q = np.concatenate([q, tq[:, None]], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        LP, LQ = np.log(P), np.log(Q)
+        kl_pq = np.where(P > 0, P * (LP - LQ), 0.0).sum(-1)
+        kl_qp = np.where(Q > 0, Q * (LQ - LP), 0.0).sum(-1)
+        M = 0.5 * (P + Q)
+        LM = np.log(M)
+        js = 0.5 * (np.where(P > 0, P * (LP - LM), 0.0).sum(-1) + np.where(Q > 0, Q * (LQ - LM), 0.0).sum(-1))
+    return np.maximum(kl_pq, 0.0), np.maximum(kl_qp, 0.0), np.maximum(js, 0.0)
+
+
+def _topk_row_metrics(a: _TopRows, b: _TopRows, targets: np.ndarray, ks: Sequence[int], v: int) -> RowMetrics:
+    """RowMetrics from top-K data over token ids < v.
+
+    The buckets are the tokens of the union of both stored sets whose
+    probability both sides know (every union token when one side is full),
+    plus one tail bucket holding the rest of each side's mass. KL and JS on
+    this coarser partition are lower bounds on the full-vocabulary values
+    (data-processing inequality). cosine, entropy and mean |delta logit| are
+    NaN (undefined); max |delta logit| and max |delta log-prob| are over the
+    known tokens only.
+    """
+    n = a.values.shape[0]
+    u = np.sort(np.concatenate([a.indices, b.indices], axis=1), axis=1)
+    dup = np.zeros_like(u, dtype=bool)
+    dup[:, 1:] = u[:, 1:] == u[:, :-1]
+    u = np.where(dup | (u >= v), -1, u)
+    lpa, ka = _known_logprobs(a, u)
+    lpb, kb = _known_logprobs(b, u)
+    both = ka & kb & (u >= 0)
+    lpa_b = np.where(both, lpa, -np.inf)
+    lpb_b = np.where(both, lpb, -np.inf)
+    with np.errstate(invalid="ignore"):
+        ta = np.clip(1.0 - np.exp(lpa_b).sum(-1), 0.0, 1.0)
+        tb = np.clip(1.0 - np.exp(lpb_b).sum(-1), 0.0, 1.0)
+    kl_ab, kl_ba, js = _bucket_divergences(lpa_b, lpb_b, ta, tb)
+    with np.errstate(invalid="ignore"):
+        dlp = np.where(both, np.abs(lpa - lpb), np.nan)
+        dlp = np.where(np.isnan(dlp) & both, np.inf, dlp)  # -inf on one side only
+    any_both = both.any(-1)
+    max_abs_logprob = np.where(any_both, np.nanmax(np.where(both, dlp, -1.0), axis=-1), np.nan)
+    max_abs_logit = np.where(
+        any_both,
+        np.nanmax(np.where(both, np.abs((lpa + a.lse[:, None]) - (lpb + b.lse[:, None])), -1.0), axis=-1),
+        np.nan,
+    )
+    arg_a, arg_b = a.indices[:, 0], b.indices[:, 0]
+    rank = np.full(n, -1, dtype=np.int64)
+    hit = b.indices == arg_a[:, None]
+    rank[hit.any(-1)] = hit.argmax(-1)[hit.any(-1)]
+    # target token: known on both sides?
+    t = targets.astype(np.int64)
+    tl = t[:, None]
+    lta, kta = _known_logprobs(a, tl)
+    ltb, ktb = _known_logprobs(b, tl)
+    kt = (kta & ktb)[:, 0] & (t >= 0)
+    nll_a = np.where(kta[:, 0] & (t >= 0), -lta[:, 0], np.nan)
+    nll_b = np.where(ktb[:, 0] & (t >= 0), -ltb[:, 0], np.nan)
+    delta_p = np.where(kt, np.exp(ltb[:, 0]) - np.exp(lta[:, 0]), np.nan)
+    K = min(a.indices.shape[1], b.indices.shape[1])
+    overlap = {}
+    for k in ks:
+        if k <= K:
+            ia, ib = a.indices[:, :k], b.indices[:, :k]
+            overlap[k] = (ia[:, :, None] == ib[:, None, :]).any(-1).sum(-1).astype(np.int32)
+    nan = np.full(n, np.nan)
+    nf_a, nf_b = _nonfinite(a.values), _nonfinite(b.values)
+    bad = (nf_a > 0) | (nf_b > 0)
+
+    def fl(x: np.ndarray) -> np.ndarray:
+        return np.where(bad, np.nan, x)
+
+    return RowMetrics(
+        lse_ref=a.lse.astype(np.float64), lse_cand=b.lse.astype(np.float64),
+        kl_ref_cand=fl(kl_ab), kl_cand_ref=fl(kl_ba), js=fl(js), cosine=nan.copy(),
+        max_abs_logit=fl(max_abs_logit), mean_abs_logit=nan.copy(), max_abs_logprob=fl(max_abs_logprob),
+        entropy_ref=nan.copy(), entropy_cand=nan.copy(), margin_ref=_margin(a.values), margin_cand=_margin(b.values),
+        nll_ref=nll_a, nll_cand=nll_b, delta_p=fl(delta_p),
+        argmax_ref=arg_a.astype(np.int64), argmax_cand=arg_b.astype(np.int64),
+        rank_of_ref_top1_in_cand=rank, nonfinite_ref=nf_a, nonfinite_cand=nf_b,
+        topk_overlap=overlap, shape=(n,),
+    )
+
+
+def _margin(values: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 logit of rows sorted descending (NaN when K = 1)."""
+    if values.shape[1] < 2:
+        return np.full(values.shape[0], np.nan)
+    return values[:, 0] - values[:, 1]
+
+
+def _nonfinite(values: np.ndarray) -> np.ndarray:
+    """NaN and +inf entries per row."""
+    return (np.isnan(values) | np.isposinf(values)).sum(-1).astype(np.int64)
+
+
+def _concat(parts: list[RowMetrics], ks: Iterable[int]) -> RowMetrics:
+    names = list(FIELDS) + ["argmax_ref", "argmax_cand", "rank_of_ref_top1_in_cand", "nonfinite_ref",
+                            "nonfinite_cand"]
+    kw = {}
+    for name in names:
+        arrs = [getattr(p, name) for p in parts]
+        kw[name] = np.concatenate(arrs) if arrs else np.zeros(0, np.int64 if name.startswith(("arg", "rank", "non")) else np.float64)
+    ov = {k: np.concatenate([p.topk_overlap[k] for p in parts]) if parts else np.zeros(0, np.int32) for k in ks}
+    n = int(kw["lse_ref"].shape[0])
+    return RowMetrics(**kw, topk_overlap=ov, shape=(n,))
+
+
+def _take(m: RowMetrics, mask: np.ndarray) -> RowMetrics:
+    kw = {f.name: getattr(m, f.name)[mask] for f in dataclasses.fields(m) if f.name not in ("topk_overlap", "shape")}
+    return RowMetrics(**kw, topk_overlap={k: v[mask] for k, v in m.topk_overlap.items()},
+                      shape=(int(mask.sum()),))
+
+
+# --------------------------------------------------------------------------
+# Behaviour drift helpers
+
+
+def repeated_ngrams(tokens: Sequence[int], n: int = REPETITION_N) -> tuple[int, int]:
+    """-> (repeated, total): n-grams of ``tokens`` that occurred earlier in
+    the same sequence, out of all n-grams (len - n + 1)."""
+    seen: set[tuple[int, ...]] = set()
+    rep = 0
+    total = max(0, len(tokens) - n + 1)
+    for i in range(total):
+        g = tuple(tokens[i:i + n])
+        if g in seen:
+            rep += 1
+        else:
+            seen.add(g)
+    return rep, total
+
+
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n(.*?)\n?```\s*$", re.S)
+
+
+def is_valid_json(text: str) -> bool:
+    """The text parses as JSON after stripping whitespace and one optional
+    markdown code fence (```json ... ```)."""
+    s = text.strip()
+    m = _FENCE.match(s)
+    if m:
+        s = m.group(1).strip()
+    try:
+        json.loads(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _auto_decoder(manifest: dict) -> Callable[[Sequence[int]], str] | None:
+    """A token-id decoder from the manifest's tokenizer or model directory,
+    local files only; None when there is none."""
+    cands = [_get(manifest, "tokenizer", "path"), _get(manifest, "model", "tokenizer_path"),
+             _get(manifest, "model", "hf_dir"), _get(manifest, "model", "path")]
+    for path in cands:
+        if not path or not Path(str(path)).is_dir():
+            continue
+        if not any((Path(str(path)) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            continue
+        try:
+            from transformers import AutoTokenizer  # lazily: only to decode text
+
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception:  # noqa: BLE001 - any loader failure means: show ids
+            continue
+        return lambda ids, tok=tok: tok.decode(list(ids), skip_special_tokens=False)
+    return None
+
+
+# --------------------------------------------------------------------------
+# The comparison
+
+
+@dataclasses.dataclass
+class Comparison:
+    """Everything ``compare_dumps`` measured. Figures are computed from the
+    fields on demand; ``to_dict`` holds every number."""
+
+    ref_manifest: dict
+    cand_manifest: dict
+    ref_path: str
+    cand_path: str
+    mode: str  # "free-running" | "teacher-forced"
+    storage: str  # "full" | "topk:K" (the coarser of the two)
+    kl_is_bound: bool
+    prompts: list[PromptResult]
+    only_ref: list[str]
+    only_cand: list[str]
+    tokens: RowMetrics  # every compared position, all prompts
+    token_prompt: np.ndarray  # int64 [rows]: index into prompts
+    token_position: np.ndarray  # int64 [rows]: generated-token position
+    near_tie_margin: float
+    n_values: tuple[int, ...]
+    topk: tuple[int, ...]
+    notes: list[str]
+    policy: Policy
+    noise: NoiseFloor | None
+    verdict: Verdict = dataclasses.field(init=False)
+    decode: Callable[[Sequence[int]], str] | None = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.verdict = self.policy.evaluate(self.metric, self.noise)
+
+    # ---- free-running
+    @property
+    def free_running_available(self) -> bool:
+        return self.mode == "free-running" or _mode_of(self.ref_manifest) != "score"
+
+    def greedy_match(self, n: int) -> Rate:
+        """Share of prompts whose first n generated tokens are identical."""
+        return rate(sum(p.matches_at(n) for p in self.prompts), len(self.prompts))
+
+    def exact_match(self) -> Rate:
+        return rate(sum(p.identical for p in self.prompts), len(self.prompts))
+
+    def divergence_histogram(self) -> list[dict[str, Any]]:
+        """Bins [0], [1], [2, 3], [4, 7], ... up to the longest run, then
+        "none" (no divergence). Each: {"lo", "hi", "count"} (hi inclusive,
+        None for the "none" bin)."""
+        longest = max([max(len(p.ref_tokens), len(p.cand_tokens)) for p in self.prompts] + [1])
+        bins = [(0, 0)]
+        lo = 1
+        while lo < longest:
+            bins.append((lo, min(2 * lo - 1, longest - 1)))
+            lo *= 2
+        out = [{"lo": a, "hi": b, "count": 0} for a, b in bins]
+        none = 0
+        for p in self.prompts:
+            d = p.first_divergence
+            if d is None:
+                none += 1
+                continue
+            for b in out:
+                if b["lo"] <= d <= b["hi"]:
+                    b["count"] += 1
+                    break
+            else:
+                out[-1]["count"] += 1
+        out.append({"lo": None, "hi": None, "count": none})
+        return out
+
+    def splits(self) -> dict[str, int]:
+        c = collections.Counter(p.split for p in self.prompts if p.split is not None)
+        return {k: int(c.get(k, 0)) for k in ("near-tie", "real", "length")}
+
+    # ---- per token
+    def _token_mask(self, positions: int | None = None, prompts: Iterable[int] | None = None) -> np.ndarray:
+        m = np.ones(len(self.tokens), dtype=bool)
+        if positions is not None:
+            m &= self.token_position < positions
+        if prompts is not None:
+            m &= np.isin(self.token_prompt, np.fromiter(prompts, dtype=np.int64))
+        return m
+
+    def token_values(self, field: str, mask: np.ndarray | None = None) -> np.ndarray:
+        """Per-token values of a policy field (policy.TOKEN_FIELDS)."""
+        t = self.tokens
+        if field == "abs_delta_p":
+            v = np.abs(t.delta_p)
+        elif field == "entropy_shift":
+            v = t.entropy_cand - t.entropy_ref
+        elif field == "margin_shift":
+            v = t.margin_cand - t.margin_ref
+        elif field.endswith("_overlap") and field.startswith("top"):
+            k = int(field[3:-len("_overlap")])
+            if k not in t.topk_overlap:
+                v = np.full(len(t), np.nan)
+            else:
+                v = np.where(t.argmax_ref >= 0, t.topk_overlap[k] / k, np.nan)
+        else:
+            v = getattr(t, field)
+        v = np.asarray(v, dtype=np.float64)
+        return v if mask is None else v[mask]
+
+    def token_summary(self, mask: np.ndarray | None = None):
+        """RowMetricsSummary of the selected tokens (all by default)."""
+        return (self.tokens if mask is None else _take(self.tokens, mask)).summary()
+
+    def prompt_index(self, category: str | None = None) -> list[int]:
+        return [i for i, p in enumerate(self.prompts) if category is None or p.category == category]
+
+    def categories(self) -> list[str]:
+        return sorted({p.category for p in self.prompts})
+
+    # ---- drift
+    def length_ratio(self, idx: Sequence[int] | None = None) -> float:
+        idx = range(len(self.prompts)) if idx is None else idx
+        r = sum(len(self.prompts[i].ref_tokens) for i in idx)
+        c = sum(len(self.prompts[i].cand_tokens) for i in idx)
+        return c / r if r else float("nan")
+
+    def stop_reasons(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for p in self.prompts:
+            out.setdefault(p.stop_ref, {"reference": 0, "candidate": 0})["reference"] += 1
+            out.setdefault(p.stop_cand, {"reference": 0, "candidate": 0})["candidate"] += 1
+        return dict(sorted(out.items()))
+
+    def repetition(self, idx: Sequence[int] | None = None) -> tuple[Rate, Rate]:
+        idx = range(len(self.prompts)) if idx is None else idx
+        out = []
+        for side in ("ref_tokens", "cand_tokens"):
+            k = n = 0
+            for i in idx:
+                a, b = repeated_ngrams(getattr(self.prompts[i], side))
+                k, n = k + a, n + b
+            out.append(rate(k, n))
+        return out[0], out[1]
+
+    def json_validity(self) -> tuple[Rate, Rate] | None:
+        """Over prompts of category "json"; None without decoded text."""
+        ps = [p for p in self.prompts if p.category == "json"]
+        if not ps or any(p.ref_text is None or p.cand_text is None for p in ps):
+            return None
+        return (rate(sum(is_valid_json(p.ref_text) for p in ps), len(ps)),
+                rate(sum(is_valid_json(p.cand_text) for p in ps), len(ps)))
+
+    # ---- metrics by name (policies)
+    def metric(self, name: str) -> tuple[float, str]:
+        """-> (value, note) for a metric name (see policy.parse_metric); NaN
+        with a note when these dumps cannot give it."""
+        s = parse_metric(name)
+        if s.kind in ("greedy_match", "exact_match", "length_ratio"):
+            if not self.free_running_available:
+                return float("nan"), "needs generated tokens: the reference is a score-mode dump"
+            if s.kind == "length_ratio":
+                if self.mode == "teacher-forced":
+                    return float("nan"), "teacher-forced: lengths are the reference's"
+                return self.length_ratio(), ""
+            r = self.greedy_match(s.n) if s.kind == "greedy_match" else self.exact_match()
+            return r.rate, ""
+        mask = self._token_mask(s.positions)
+        if not mask.any():
+            return float("nan"), "no compared positions"
+        if s.kind == "same_top1":
+            t = _take(self.tokens, mask)
+            valid = t.argmax_ref >= 0
+            return rate(int(t.same_top1.sum()), int(valid.sum())).rate, ""
+        v = self.token_values(s.field, mask)
+        n_nan = int(np.isnan(v).sum())
+        if n_nan == len(v):
+            return float("nan"), f"{s.field} is not defined for these dumps ({self.storage} logits)"
+        bad = int((self.tokens.nonfinite_ref[mask] > 0).sum() + (self.tokens.nonfinite_cand[mask] > 0).sum())
+        if bad:
+            return float("nan"), f"{bad} compared rows hold NaN or +inf logits"
+        d = describe(v)
+        better = s.higher_is_better
+        if d.n_inf and better is False and s.stat != "min":
+            return float("inf"), f"{d.n_inf} positions are +inf"
+        return float(getattr(d, s.stat)), (f"{n_nan} positions undefined" if n_nan else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        from logitparity.report import comparison_dict
+
+        return comparison_dict(self)
+
+    def to_markdown(self, top_worst: int = 5) -> str:
+        from logitparity.report import render_markdown
+
+        return render_markdown(self, top_worst=top_worst)
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
+    def __repr__(self) -> str:
+        return f"Comparison({len(self.prompts)} prompts, {len(self.tokens)} positions, {self.verdict})"
+
+
+def _mode_of(manifest: dict) -> str:
+    return str(_get(manifest, "decoding", "mode", default="greedy"))
+
+
+def _first_diff(a: Sequence[int], b: Sequence[int]) -> int | None:
+    n = min(len(a), len(b))
+    x, y = np.asarray(a[:n]), np.asarray(b[:n])
+    diff = np.flatnonzero(x != y)
+    if diff.size:
+        return int(diff[0])
+    return None if len(a) == len(b) else n
+
+
+def _probs(v: np.ndarray, i: np.ndarray, lse: float) -> list[tuple[int, float]]:
+    return [(int(t), float(np.exp(float(x) - lse))) for x, t in zip(v, i)]
+
+
+def compare_dumps(
+    ref: Any,
+    cand: Any,
+    *,
+    policy: "str | os.PathLike[str] | Policy" = "fp16",
+    noise_floor: "str | os.PathLike[str] | NoiseFloor | None" = None,
+    near_tie_margin: float = 0.5,
+    n_values: Sequence[int] = (10, 50),
+    topk: Sequence[int] = (1, 5, 10),
+    threads: int | None = None,
+    max_positions: int | None = None,
+    decode: "Callable[[Sequence[int]], str] | str | None" = "auto",
+) -> Comparison:
+    """Compare a candidate dump with a reference dump (paths or Dump objects).
+
+    policy: built-in name, TOML path or Policy; noise_floor: a calibrate file
+    or NoiseFloor for noise-relative thresholds. near_tie_margin: a split where
+    the reference's top-1 minus top-2 logit is below this is a near-tie.
+    n_values: the N of greedy match at N reported. topk: k values of the top-k
+    overlap. max_positions: compare at most this many positions per prompt.
+    decode: "auto" (tokenizer from the manifest, local files only), a function
+    ids -> text, or None (show ids). Raises IncompatibleRuns (a ValueError)
+    naming what differs when the runs cannot be compared.
+    """
+    if not isinstance(near_tie_margin, (int, float)) or isinstance(near_tie_margin, bool) or not near_tie_margin >= 0:
+        raise ValueError(f"near_tie_margin must be a number >= 0 (logits), got {near_tie_margin!r}")
+    n_values = tuple(int(n) for n in n_values)
+    if any(n < 1 for n in n_values):
+        raise ValueError(f"n_values must be positive token counts, got {n_values}")
+    if max_positions is not None and (isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions < 1):
+        raise ValueError(f"max_positions must be a positive int or None, got {max_positions!r}")
+    pol = load_policy(policy)
+    noise = noise_floor if isinstance(noise_floor, NoiseFloor) or noise_floor is None else load_noise_floor(noise_floor)
+    for t in pol.thresholds:  # fail before the expensive part
+        t.effective_limit(noise.get(t.metric) if noise else None)
+    ref_d, cand_d = _load(ref, "ref"), _load(cand, "cand")
+    notes: list[str] = []
+    _check_tokenizers(ref_d, cand_d, notes)
+    mode = _check_decoding(ref_d, cand_d)
+    _check_storage(ref_d, cand_d)
+    pairs, only_ref, only_cand = _match_prompts(ref_d, cand_d)
+
+    (sa, ka), (sb, kb) = _storage(ref_d), _storage(cand_d)
+    use_topk = sa == "topk" or sb == "topk"
+    k_top = min(k for k in (ka, kb) if k is not None) if use_topk else None
+    ks = tuple(sorted({int(k) for k in topk}))
+    if use_topk:
+        dropped = [k for k in ks if k > k_top]
+        if dropped:
+            notes.append(f"top-{dropped} overlap not computed: the dumps store only the top {k_top} logits")
+        ks = tuple(k for k in ks if k <= k_top)
+        notes.append(
+            f"logits stored as top-{k_top}: KL and JS are computed over the tokens both sides store plus one "
+            "tail bucket, a lower bound on the full-vocabulary value; cosine and entropy are not available"
+        )
+    bf16_a = getattr(ref_d, "logits_dtype", None) == "bf16"
+    bf16_b = getattr(cand_d, "logits_dtype", None) == "bf16"
+
+    if not (decode is None or callable(decode) or decode == "auto"):
+        raise TypeError(f"decode must be 'auto', None or a function ids -> text, got {decode!r}")
+    dec = (_auto_decoder(ref_d.manifest) or _auto_decoder(cand_d.manifest)) if decode == "auto" else decode
+
+    va, vb = int(ref_d.vocab_size or 0), int(cand_d.vocab_size or 0)
+    v = min(va, vb)
+    if va != vb:
+        real = _tokenizer_size(ref_d.manifest)
+        if real is not None and real > v:
+            raise IncompatibleRuns(
+                f"logit rows have different widths (reference {va}, candidate {vb}) and the narrower is "
+                f"below the tokenizer's {real} tokens: one run dropped real tokens; capture both with the same model"
+            )
+        notes.append(
+            f"padded vocabulary: the reference stores {va} logits per position, the candidate {vb}; "
+            f"compared over the common first {v}"
+            + (f" (the tokenizer has {real} tokens)" if real is not None else "")
+        )
+
+    prompts: list[PromptResult] = []
+    parts: list[RowMetrics] = []
+    tok_prompt: list[np.ndarray] = []
+    tok_pos: list[np.ndarray] = []
+    mismatch_top1 = {"reference": 0, "candidate": 0}
+    for pi, (r, c) in enumerate(pairs):
+        rid = r["id"]
+        rt = [int(t) for t in r["generated_token_ids"]]
+        ct = [int(t) for t in c["generated_token_ids"]]
+        if mode == "teacher-forced" and ct != rt:
+            raise IncompatibleRuns(
+                f"prompt {rid!r}: the candidate was scored on other tokens than the reference generated "
+                f"(they differ at position {_first_diff(rt, ct)}); score it on this reference: "
+                "dump --mode score --reference-dump REF"
+            )
+        # rows computed by both sides from the same prefix
+        if mode == "teacher-forced":
+            d = None
+            n_rows = len(rt)
+        else:
+            d = _first_diff(rt, ct)
+            n_rows = min(len(rt), len(ct)) if d is None else min(d + 1, len(rt), len(ct))
+        if max_positions is not None:
+            n_rows = min(n_rows, max_positions)
+        tgt = np.asarray(rt[:n_rows], dtype=np.int64)
+        if tgt.size and int(tgt.max()) >= v:
+            raise IncompatibleRuns(
+                f"prompt {rid!r}: reference token id {int(tgt.max())} is outside the compared vocabulary of {v}"
+            )
+        m = None
+        if use_topk:
+            A = _side_top(ref_d, rid, k_top, n_rows, v, bf16_a, threads)
+            B = _side_top(cand_d, rid, k_top, n_rows, v, bf16_b, threads)
+            if n_rows:
+                m = _topk_row_metrics(A, B, tgt, ks, v)
+        else:
+            A, B = ref_d.logits(rid), cand_d.logits(rid)
+            if n_rows:
+                m = compare_logits(A[:n_rows, :v], B[:n_rows, :v], targets=tgt, topk=ks, threads=threads,
+                                   ref_bf16=bf16_a, cand_bf16=bf16_b)
+        if mode == "teacher-forced" and m is not None:
+            agree = m.argmax_cand == tgt
+            d = None if agree.all() else int(np.argmin(agree))
+        if m is not None:
+            if _mode_of(ref_d.manifest) == "greedy":
+                mismatch_top1["reference"] += int((m.argmax_ref != tgt).sum())
+            if mode == "free-running" and _mode_of(cand_d.manifest) == "greedy":
+                mismatch_top1["candidate"] += int((m.argmax_cand != np.asarray(ct[:n_rows])).sum())
+        split, mr_s, mc_s, top_r, top_c = None, float("nan"), float("nan"), [], []
+        if d is not None:
+            if m is not None and d < n_rows:
+                mr_s, mc_s = float(m.margin_ref[d]), float(m.margin_cand[d])
+                split = "near-tie" if mr_s < near_tie_margin else "real"
+                top_r = _split_top(A, d, v, bf16_a, float(m.lse_ref[d]), threads)
+                top_c = _split_top(B, d, v, bf16_b, float(m.lse_cand[d]), threads)
+            elif d >= min(len(rt), len(ct)):
+                split = "length"
+        if mode == "teacher-forced":
+            # the candidate's would-be greedy continuation: the reference's
+            # tokens up to the split, then its own top-1 there
+            cand_tokens = rt if d is None else rt[:d] + [int(m.argmax_cand[d])]
+            stop_c = str(r["stop_reason"]) if d is None else "diverged"
+        else:
+            cand_tokens, stop_c = ct, str(c["stop_reason"])
+        pr = PromptResult(
+            id=str(rid), category=str(r.get("category", "")), ref_tokens=rt, cand_tokens=cand_tokens,
+            stop_ref=str(r["stop_reason"]), stop_cand=stop_c, first_divergence=d, split=split,
+            margin_ref_at_split=mr_s, margin_cand_at_split=mc_s, split_top_ref=top_r, split_top_cand=top_c,
+            n_compared=n_rows,
+        )
+        if dec is not None:
+            pr.ref_text, pr.cand_text = dec(rt), dec(cand_tokens)
+        prompts.append(pr)
+        if m is not None:
+            parts.append(m)
+            tok_prompt.append(np.full(n_rows, pi, dtype=np.int64))
+            tok_pos.append(np.arange(n_rows, dtype=np.int64))
+    if mode == "teacher-forced":
+        notes.append(
+            "teacher-forced: the candidate was scored on the reference's tokens; its first divergence is the "
+            "first position where its top-1 differs from the reference token (what greedy decoding would do)"
+        )
+    for side, count in mismatch_top1.items():
+        if count:
+            notes.append(
+                f"{side}: {count} compared positions where the generated token is not the top-1 of the stored "
+                "logits (ties, or a logit processor was active during capture)"
+            )
+    if only_ref or only_cand:
+        notes.append(f"prompts on one side only (not compared): reference {len(only_ref)}, candidate {len(only_cand)}")
+    tokens = _concat(parts, ks)
+    storage = "full" if not use_topk else f"topk:{k_top}"
+    return Comparison(
+        ref_manifest=ref_d.manifest, cand_manifest=cand_d.manifest,
+        ref_path=str(getattr(ref_d, "path", ref if isinstance(ref, (str, os.PathLike)) else "")),
+        cand_path=str(getattr(cand_d, "path", cand if isinstance(cand, (str, os.PathLike)) else "")),
+        mode=mode, storage=storage, kl_is_bound=use_topk, prompts=prompts,
+        only_ref=only_ref, only_cand=only_cand, tokens=tokens,
+        token_prompt=np.concatenate(tok_prompt) if tok_prompt else np.zeros(0, np.int64),
+        token_position=np.concatenate(tok_pos) if tok_pos else np.zeros(0, np.int64),
+        near_tie_margin=float(near_tie_margin), n_values=n_values, topk=ks, notes=notes,
+        policy=pol, noise=noise, decode=dec,
+    )
+
+
+def _tokenizer_size(manifest: dict) -> int | None:
+    v = _get(manifest, "tokenizer", "vocab_size")
+    return None if v is None else int(v)
+
+
+def _side_top(dump, rid, k: int, n_rows: int, v: int, bf16: bool, threads) -> _TopRows:
+    """Top-k view of one prompt's first n_rows rows over the first v tokens."""
+    if dump.k is None:
+        rows = dump.logits(rid)[:n_rows, :v]
+        if not n_rows:
+            return _TopRows(np.zeros((0, k)), np.zeros((0, k), np.int64), np.zeros(0), np.zeros(0), rows, bf16)
+        return _top_from_full(rows, k, bf16, threads)
+    vals, idx, lse, tail = dump.topk(rid)
+    # keep every stored token (the stored set defines the tail), sorted by value
+    vals, idx = _sorted_top(np.asarray(vals[:n_rows], np.float64), np.asarray(idx[:n_rows], np.int64))
+    return _TopRows(vals, idx, np.asarray(lse[:n_rows], np.float64), np.asarray(tail[:n_rows], np.float64))
+
+
+def _split_top(x, d: int, v: int, bf16: bool, lse: float, threads) -> list[tuple[int, float]]:
+    """(token id, probability) of the top SPLIT_TOP tokens of row d."""
+    if isinstance(x, _TopRows):
+        return _probs(x.values[d, :SPLIT_TOP], x.indices[d, :SPLIT_TOP], float(x.lse[d]))
+    vals, idx = _topk(x[d:d + 1, :v], min(SPLIT_TOP, v), threads=threads, bf16=bf16)
+    return _probs(vals[0], idx[0], lse)

@@ -1,0 +1,662 @@
+"""Reports of a Comparison: markdown for people, JSON with every number.
+
+``render_markdown(comparison)`` puts the verdict and key figures first, then
+the speed of the candidate, the two runs, the free-running agreement, the
+per-token table, the per-category table, behaviour drift, the worst prompts
+with token-level diffs, and every prompt. ``comparison_dict`` is the same
+content as plain JSON types; ``write_report`` writes the files (atomically).
+Every figure is defined in docs/report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from logitparity.metrics import FIELDS
+from logitparity.stats import Describe, Rate, describe, rate
+
+if TYPE_CHECKING:
+    from logitparity.compare import Comparison, PromptResult
+
+__all__ = ["comparison_dict", "render_markdown", "write_json", "write_report", "speed"]
+
+HIST_WIDTH = 30  # characters of the longest text bar
+SHOW_TOKENS = 24  # tokens shown after a split
+
+# Per-token rows of the distribution table: (field, label, unit, higher_is_better).
+TOKEN_ROWS: tuple[tuple[str, str, str, bool | None], ...] = (
+    ("kl_ref_cand", "KL(ref ‖ cand)", "nats", False),
+    ("kl_cand_ref", "KL(cand ‖ ref)", "nats", False),
+    ("js", "Jensen–Shannon", "nats", False),
+    ("delta_p", "Δp of the reference token", "prob.", None),
+    ("abs_delta_p", "|Δp| of the reference token", "prob.", False),
+    ("top5_overlap", "top-5 overlap", "share", True),
+    ("top10_overlap", "top-10 overlap", "share", True),
+    ("cosine", "cosine of the logits", "", True),
+    ("max_abs_logit", "max |Δ logit|", "logits", False),
+    ("max_abs_logprob", "max |Δ log-prob|", "nats", False),
+    ("entropy_shift", "entropy shift (cand − ref)", "nats", None),
+    ("margin_shift", "top-1 margin shift (cand − ref)", "logits", None),
+)
+_ARROW = {True: "↑", False: "↓", None: ""}
+
+
+# --------------------------------------------------------------------------
+# number formatting: fixed decimals per kind of figure
+
+
+def _isnan(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _sci(x: float) -> str:
+    """Heavy-tailed figures (nats, logits): 3 decimals in scientific form."""
+    if _isnan(x):
+        return "—"
+    if math.isinf(x):
+        return "+inf" if x > 0 else "−inf"
+    return "0" if x == 0 else f"{x:.3e}"
+
+
+def _mean_se(d: Describe) -> str:
+    if d.n == 0:
+        return "—" if not d.n_inf else "+inf"
+    s = _sci(d.mean) if math.isnan(d.se) else f"{_sci(d.mean)} ± {_sci(d.se)}"
+    return s + (f" (+{d.n_inf} inf)" if d.n_inf else "")
+
+
+def _pct(r: Rate) -> str:
+    if r.n == 0:
+        return "—"
+    return f"{100 * r.rate:.2f}% ± {100 * r.se:.2f}% ({r.k}/{r.n})"
+
+
+def _ratio(x: float) -> str:
+    return "—" if _isnan(x) else f"{x:.3f}"
+
+
+def _fix(x: float, digits: int = 3) -> str:
+    return "—" if _isnan(x) else f"{x:.{digits}f}"
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    """Text made safe for one markdown table cell."""
+    s = text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "↵").replace("\r", "")
+    s = s.replace("`", "ˋ")
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------
+# run descriptions and speed
+
+
+def _get(m: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(m, dict) or k not in m:
+            return None
+        m = m[k]
+    return m
+
+
+SPEED_FIELDS: tuple[tuple[str, tuple[str, ...], str, bool], ...] = (
+    # (label, manifest path under "run", unit, higher_is_better)
+    ("prefill tokens/s", ("prefill_tokens_per_s",), "tok/s", True),
+    ("decode tokens/s", ("decode_tokens_per_s",), "tok/s", True),
+    ("wall time", ("wall_s",), "s", False),
+    ("peak host memory", ("peak_host_bytes",), "MiB", False),
+    ("peak GPU memory", ("peak_gpu_bytes",), "MiB", False),
+)
+
+
+def speed(comp: "Comparison") -> list[dict[str, Any]]:
+    """Speed and memory of both runs from the manifests' ``run`` sections:
+    [{"figure", "unit", "higher_is_better", "reference", "candidate",
+    "ratio"}] (ratio = candidate / reference; None when either is missing)."""
+    out = []
+    for label, path, unit, better in SPEED_FIELDS:
+        a = _get(comp.ref_manifest, "run", *path)
+        b = _get(comp.cand_manifest, "run", *path)
+        if a is None and b is None:
+            continue
+        scale = 1 / 2**20 if unit == "MiB" else 1.0
+        a = None if a is None else float(a) * scale
+        b = None if b is None else float(b) * scale
+        ratio = b / a if a and b is not None else None
+        out.append({"figure": label, "unit": unit, "higher_is_better": better,
+                    "reference": a, "candidate": b, "ratio": ratio})
+    return out
+
+
+def _describe_run(m: dict, path: str) -> dict[str, str]:
+    eng = _get(m, "engine") or {}
+    model = _get(m, "model") or {}
+    dec = _get(m, "decoding") or {}
+    logits = _get(m, "logits") or {}
+    libs = _get(m, "libraries") or {}
+    mode = dec.get("mode", "?")
+    decoding = str(mode)
+    if mode == "sample":
+        decoding += f", T={dec.get('temperature')}, top-p={dec.get('top_p')}, seed={dec.get('seed')}"
+    if dec.get("max_new_tokens") is not None and mode != "score":
+        decoding += f", ≤ {dec.get('max_new_tokens')} new tokens"
+    hashes = ", ".join(f"{k.replace('_hash', '')} {str(v)[:12]}" for k, v in model.items()
+                       if k.endswith("hash") and v)
+    return {
+        "dump": path,
+        "engine": " ".join(str(x) for x in (eng.get("name"), eng.get("version")) if x) or "?",
+        "model": str(model.get("name") or model.get("path") or "?") + (f" ({hashes})" if hashes else ""),
+        "dtype / device": f"{_get(m, 'dtype') or '?'} / {_get(m, 'device') or '?'}",
+        "decoding": decoding,
+        "logits stored": f"{logits.get('storage', '?')} {logits.get('dtype', '')}".strip()
+                         + (f", {logits.get('vocab_size')} per row" if logits.get("vocab_size") else ""),
+        "libraries": ", ".join(f"{k} {v}" for k, v in sorted(libs.items())) or "?",
+        "created": str(_get(m, "created") or "?"),
+    }
+
+
+# --------------------------------------------------------------------------
+# the JSON form
+
+
+def _jsonable(x: Any) -> Any:
+    """NaN -> None, ±inf -> "inf"/"-inf", numpy -> Python."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        if math.isnan(x):
+            return None
+        if math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+        return x
+    return x
+
+
+def _field_summaries(comp: "Comparison", mask: np.ndarray | None) -> dict[str, Any]:
+    out = {}
+    for field, *_ in TOKEN_ROWS:
+        out[field] = describe(comp.token_values(field, mask)).to_dict()
+    t = comp.tokens if mask is None else None
+    valid = comp.tokens.argmax_ref >= 0 if mask is None else (comp.tokens.argmax_ref >= 0) & mask
+    same = comp.tokens.same_top1 & valid
+    out["same_top1"] = rate(int(same.sum()), int(valid.sum())).to_dict()
+    del t
+    return out
+
+
+def _prompt_dict(comp: "Comparison", i: int, p: "PromptResult") -> dict[str, Any]:
+    mask = comp.token_prompt == i
+    kl = describe(comp.tokens.kl_ref_cand[mask])
+    valid = (comp.tokens.argmax_ref >= 0) & mask
+    return {
+        "id": p.id,
+        "category": p.category,
+        "first_divergence": p.first_divergence,
+        "split": p.split,
+        "margin_ref_at_split": p.margin_ref_at_split,
+        "margin_cand_at_split": p.margin_cand_at_split,
+        "split_top_ref": [{"token": t, "p": q} for t, q in p.split_top_ref],
+        "split_top_cand": [{"token": t, "p": q} for t, q in p.split_top_cand],
+        "n_ref": len(p.ref_tokens),
+        "n_cand": len(p.cand_tokens),
+        "stop_ref": p.stop_ref,
+        "stop_cand": p.stop_cand,
+        "n_compared": p.n_compared,
+        "kl_ref_cand": kl.to_dict(),
+        "same_top1": rate(int((comp.tokens.same_top1 & valid).sum()), int(valid.sum())).to_dict(),
+        "ref_tokens": p.ref_tokens,
+        "cand_tokens": p.cand_tokens,
+        "ref_text": p.ref_text,
+        "cand_text": p.cand_text,
+    }
+
+
+def _category_rows(comp: "Comparison") -> list[dict[str, Any]]:
+    rows = []
+    for cat in comp.categories():
+        idx = comp.prompt_index(cat)
+        mask = np.isin(comp.token_prompt, np.asarray(idx, dtype=np.int64))
+        valid = (comp.tokens.argmax_ref >= 0) & mask
+        ps = [comp.prompts[i] for i in idx]
+        rows.append({
+            "category": cat,
+            "prompts": len(idx),
+            "positions": int(mask.sum()),
+            "greedy_match": {str(n): rate(sum(p.matches_at(n) for p in ps), len(ps)).to_dict()
+                             for n in comp.n_values},
+            "exact_match": rate(sum(p.identical for p in ps), len(ps)).to_dict(),
+            "kl_ref_cand": describe(comp.tokens.kl_ref_cand[mask]).to_dict(),
+            "same_top1": rate(int((comp.tokens.same_top1 & valid).sum()), int(valid.sum())).to_dict(),
+            "length_ratio": comp.length_ratio(idx) if comp.mode == "free-running" else None,
+        })
+    return rows
+
+
+def drift(comp: "Comparison") -> dict[str, Any]:
+    """Behaviour drift figures (see docs/report.md); free-running only for
+    lengths, stop reasons, repetition and JSON validity."""
+    ent = describe(comp.tokens.entropy_ref), describe(comp.tokens.entropy_cand)
+    mar = describe(comp.tokens.margin_ref), describe(comp.tokens.margin_cand)
+    out: dict[str, Any] = {
+        "entropy_ref": ent[0].to_dict(), "entropy_cand": ent[1].to_dict(),
+        "entropy_shift": describe(comp.token_values("entropy_shift")).to_dict(),
+        "margin_ref": mar[0].to_dict(), "margin_cand": mar[1].to_dict(),
+        "margin_shift": describe(comp.token_values("margin_shift")).to_dict(),
+    }
+    if comp.mode != "free-running":
+        return out
+    n_ref = [len(p.ref_tokens) for p in comp.prompts]
+    n_cand = [len(p.cand_tokens) for p in comp.prompts]
+    rep = comp.repetition()
+    js = comp.json_validity()
+    out.update({
+        "length_ref": describe(n_ref).to_dict(),
+        "length_cand": describe(n_cand).to_dict(),
+        "length_ratio": comp.length_ratio(),
+        "stop_reasons": comp.stop_reasons(),
+        "repetition_ref": rep[0].to_dict(),
+        "repetition_cand": rep[1].to_dict(),
+        "repetition_n": _repetition_n(),
+        "json_valid_ref": None if js is None else js[0].to_dict(),
+        "json_valid_cand": None if js is None else js[1].to_dict(),
+    })
+    return out
+
+
+def _repetition_n() -> int:
+    from logitparity.compare import REPETITION_N
+
+    return REPETITION_N
+
+
+def comparison_dict(comp: "Comparison") -> dict[str, Any]:
+    """Every number of the report as JSON types (NaN -> null, inf -> "inf")."""
+    free = comp.free_running_available
+    d = {
+        "format": "logitparity.comparison",
+        "version": 1,
+        "verdict": comp.verdict.to_dict(),
+        "noise_floor": None if comp.noise is None else {"source": comp.noise.source, "change": comp.noise.change},
+        "reference": _describe_run(comp.ref_manifest, comp.ref_path),
+        "candidate": _describe_run(comp.cand_manifest, comp.cand_path),
+        "mode": comp.mode,
+        "storage": comp.storage,
+        "kl_is_bound": comp.kl_is_bound,
+        "notes": comp.notes,
+        "prompts": len(comp.prompts),
+        "positions": len(comp.tokens),
+        "only_reference": comp.only_ref,
+        "only_candidate": comp.only_cand,
+        "near_tie_margin": comp.near_tie_margin,
+        "speed": speed(comp),
+        "speedup_valid": comp.verdict.passed,
+        "free_running": None if not free else {
+            "greedy_match": {str(n): comp.greedy_match(n).to_dict() for n in comp.n_values},
+            "exact_match": comp.exact_match().to_dict(),
+            "first_divergence_histogram": comp.divergence_histogram(),
+            "splits": comp.splits(),
+        },
+        "tokens": _field_summaries(comp, None),
+        "categories": _category_rows(comp),
+        "drift": drift(comp),
+        "per_prompt": [_prompt_dict(comp, i, p) for i, p in enumerate(comp.prompts)],
+    }
+    return _jsonable(d)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(comp: "Comparison", path: str | os.PathLike) -> Path:
+    p = Path(path)
+    _atomic_write(p, json.dumps(comparison_dict(comp), indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+    return p
+
+
+def write_report(
+    comp: "Comparison",
+    markdown: str | os.PathLike | None = None,
+    json_path: str | os.PathLike | None = None,
+    plots_dir: str | os.PathLike | None = None,
+    *,
+    top_worst: int = 5,
+) -> dict[str, Any]:
+    """Write any of report.md, report.json and the PNG plots; -> the paths
+    written {"markdown", "json", "plots": [...]}."""
+    out: dict[str, Any] = {"markdown": None, "json": None, "plots": []}
+    images: dict[str, str] = {}
+    if plots_dir is not None:
+        from logitparity.plots import write_plots
+
+        paths = write_plots(comp, plots_dir)
+        out["plots"] = [str(p) for p in paths.values()]
+        base = Path(markdown).parent if markdown is not None else Path(".")
+        images = {k: os.path.relpath(p, base) for k, p in paths.items()}
+    if markdown is not None:
+        p = Path(markdown)
+        _atomic_write(p, render_markdown(comp, top_worst=top_worst, images=images))
+        out["markdown"] = str(p)
+    if json_path is not None:
+        out["json"] = str(write_json(comp, json_path))
+    return out
+
+
+# --------------------------------------------------------------------------
+# markdown
+
+
+def _tokens_text(comp: "Comparison", ids: Sequence[int]) -> str:
+    if not ids:
+        return ""
+    if comp.decode is None:
+        return "[" + ", ".join(str(i) for i in ids) + "]"
+    return comp.decode(list(ids))
+
+
+def _token_label(comp: "Comparison", t: int) -> str:
+    if comp.decode is None:
+        return f"`{t}`"
+    s = comp.decode([t])
+    return f"`{_cell(repr(s)[1:-1], 40)}` ({t})"
+
+
+def _verdict_section(comp: "Comparison") -> list[str]:
+    v = comp.verdict
+    mark = "✅ PASS" if v.passed else "❌ FAIL"
+    lines = [f"**Verdict: {mark}** under policy `{v.policy}`" + (f" — {v.description}" if v.description else ""), ""]
+    if comp.noise is not None:
+        lines += [f"Noise floor from `{comp.noise.source}`" + (f" ({comp.noise.change})" if comp.noise.change else "") + ".", ""]
+    lines += ["| threshold | metric | | measured | limit | result |", "|---|---|---|---|---|---|"]
+    from logitparity.policy import parse_metric
+
+    for r in v.results:
+        arrow = _ARROW[parse_metric(r.metric).higher_is_better]
+        meas = "not measured" if _isnan(r.measured) else f"{r.measured:.6g}"
+        note = f" — {r.note}" if r.note else ""
+        src = "" if r.limit_source == "absolute" else f" ({r.limit_source})"
+        res = "✅ pass" if r.passed else "❌ fail"
+        lines.append(f"| {r.name} | `{r.metric}` | {arrow} | {meas} | {r.comparison} {r.limit:.6g}{src} | {res}{note} |")
+    return lines
+
+
+def _key_figures(comp: "Comparison") -> list[str]:
+    lines = ["| figure | | value |", "|---|---|---|"]
+    if comp.free_running_available:
+        for n in comp.n_values:
+            lines.append(f"| greedy match at N = {n} (share of prompts) | ↑ | {_pct(comp.greedy_match(n))} |")
+        lines.append(f"| full-sequence exact match | ↑ | {_pct(comp.exact_match())} |")
+    kl = describe(comp.tokens.kl_ref_cand)
+    bound = " (lower bound)" if comp.kl_is_bound else ""
+    lines.append(f"| mean KL(ref ‖ cand) per token{bound}, nats | ↓ | {_mean_se(kl)} |")
+    lines.append(f"| p99 / max KL(ref ‖ cand), nats | ↓ | {_sci(kl.p99)} / {_sci(kl.max)} |")
+    valid = comp.tokens.argmax_ref >= 0
+    lines.append(f"| same top-1 token | ↑ | {_pct(rate(int(comp.tokens.same_top1.sum()), int(valid.sum())))} |")
+    lines.append(f"| compared | | {len(comp.tokens)} positions over {len(comp.prompts)} prompts ({comp.mode}) |")
+    return lines
+
+
+def _speed_section(comp: "Comparison") -> list[str]:
+    rows = speed(comp)
+    if not rows:
+        return ["No timing recorded in the dumps."]
+    lines = ["| figure | | reference | candidate | candidate / reference |", "|---|---|---|---|---|"]
+    for r in rows:
+        f = (lambda x: "—" if x is None else f"{x:,.1f}")
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}×"
+        lines.append(f"| {r['figure']} ({r['unit']}) | {_ARROW[r['higher_is_better']]} | {f(r['reference'])} | "
+                     f"{f(r['candidate'])} | {ratio} |")
+    lines.append("")
+    if comp.verdict.passed:
+        lines.append("The verdict passes, so these ratios are a valid speedup at equal quality.")
+    else:
+        lines.append("**Not a valid speedup:** the candidate fails the quality verdict, so its speed does not count.")
+    return lines
+
+
+def _runs_section(comp: "Comparison") -> list[str]:
+    a = _describe_run(comp.ref_manifest, comp.ref_path)
+    b = _describe_run(comp.cand_manifest, comp.cand_path)
+    lines = ["| | reference | candidate |", "|---|---|---|"]
+    for k in a:
+        lines.append(f"| {k} | {_cell(a[k], 120)} | {_cell(b[k], 120)} |")
+    return lines
+
+
+def histogram_bars(hist: list[dict[str, Any]], width: int = HIST_WIDTH) -> list[str]:
+    """Text bars of the first-divergence histogram, one line per bin."""
+    top = max([b["count"] for b in hist] + [1])
+    total = sum(b["count"] for b in hist) or 1
+    out = []
+    for b in hist:
+        if b["lo"] is None:
+            label = "no divergence"
+        elif b["lo"] == b["hi"]:
+            label = f"token {b['lo']}"
+        else:
+            label = f"tokens {b['lo']}–{b['hi']}"
+        bar = "█" * round(width * b["count"] / top)
+        out.append(f"{label:>15} │{bar:<{width}} {b['count']:>4} ({100 * b['count'] / total:5.1f}%)")
+    return out
+
+
+def _free_running_section(comp: "Comparison", images: dict[str, str]) -> list[str]:
+    if not comp.free_running_available:
+        return ["Not available: the reference is a score-mode dump (no generated tokens of its own)."]
+    lines = []
+    if comp.mode == "teacher-forced":
+        lines += ["Derived from the teacher-forced top-1: the candidate diverges where its top-1 on the "
+                  "reference's prefix differs from the reference token.", ""]
+    lines += ["| N | greedy match at N | ↑ |", "|---|---|---|"]
+    for n in comp.n_values:
+        lines.append(f"| {n} | {_pct(comp.greedy_match(n))} | |")
+    sp = comp.splits()
+    lines += ["", f"Splits: **{sp['real']} real divergence(s)**, {sp['near-tie']} near-tie(s) "
+              f"(reference top-1 − top-2 margin < {comp.near_tie_margin:g} logits at the split)"
+              + (f", {sp['length']} where one run stopped and the other went on" if sp["length"] else "") + ".", ""]
+    lines += ["First divergence (position of the first differing generated token):", "", "```text"]
+    lines += histogram_bars(comp.divergence_histogram())
+    lines += ["```"]
+    if "first_divergence" in images:
+        lines += ["", f"![first divergence histogram]({images['first_divergence']})"]
+    return lines
+
+
+def _token_section(comp: "Comparison", images: dict[str, str]) -> list[str]:
+    lines = []
+    if comp.kl_is_bound:
+        lines += [f"Logits stored as {comp.storage}: KL and JS are **lower bounds** (tokens both sides store + "
+                  "one tail bucket); cosine and entropy are not available.", ""]
+    lines += ["| metric | | unit | mean ± se | median | p90 | p99 | p99.9 | max |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for field, label, unit, better in TOKEN_ROWS:
+        d = describe(comp.token_values(field))
+        if d.n == 0 and d.n_inf == 0:
+            continue
+        lines.append(f"| {_cell(label)} | {_ARROW[better]} | {unit} | {_mean_se(d)} | {_sci(d.median)} | {_sci(d.p90)} | "
+                     f"{_sci(d.p99)} | {_sci(d.p999)} | {_sci(d.max)} |")
+    valid = comp.tokens.argmax_ref >= 0
+    lines.append(f"| same top-1 token | ↑ | share | {_pct(rate(int(comp.tokens.same_top1.sum()), int(valid.sum())))} | | | | | |")
+    bad_r = int((comp.tokens.nonfinite_ref > 0).sum())
+    bad_c = int((comp.tokens.nonfinite_cand > 0).sum())
+    if bad_r or bad_c:
+        lines += ["", f"**Non-finite logits:** {bad_r} reference and {bad_c} candidate positions hold NaN or +inf "
+                  "(their metrics are NaN and excluded above)."]
+    for key, alt in (("kl_distribution", "per-token KL distribution"), ("kl_by_position", "KL by position")):
+        if key in images:
+            lines += ["", f"![{alt}]({images[key]})"]
+    return lines
+
+
+def _category_section(comp: "Comparison") -> list[str]:
+    ns = comp.n_values
+    head = "| category | prompts | positions | " + " | ".join(f"greedy@{n} ↑" for n in ns)
+    head += " | exact ↑ | mean KL ± se (nats) ↓ | p99 KL ↓ | same top-1 ↑ | length ratio |"
+    lines = [head, "|" + "---|" * (8 + len(ns))]
+    free = comp.free_running_available
+    for row in _category_rows(comp):
+        g = " | ".join(_share(row["greedy_match"][str(n)], 1) if free else "—" for n in ns)
+        kl = describe_from(row["kl_ref_cand"])
+        exact = _share(row["exact_match"], 1) if free else "—"
+        lr = row["length_ratio"]
+        lines.append(
+            f"| {_cell(row['category'], 40)} | {row['prompts']} | {row['positions']} | {g} | {exact} | "
+            f"{_mean_se(kl)} | {_sci(kl.p99)} | {_share(row['same_top1'], 2)} | "
+            f"{_ratio(float('nan') if lr is None else lr)} |"
+        )
+    return lines
+
+
+def _share(r: dict[str, Any], digits: int) -> str:
+    """A rate dict as a percentage with fixed decimals (— when n = 0)."""
+    return "—" if r["n"] == 0 else f"{100 * r['rate']:.{digits}f}%"
+
+
+def describe_from(d: dict[str, Any]) -> Describe:
+    return Describe(**d)
+
+
+def _drift_section(comp: "Comparison") -> list[str]:
+    dr = drift(comp)
+    lines = ["| figure | reference | candidate | shift (cand − ref) |", "|---|---|---|---|"]
+    e_r, e_c = describe_from(dr["entropy_ref"]), describe_from(dr["entropy_cand"])
+    m_r, m_c = describe_from(dr["margin_ref"]), describe_from(dr["margin_cand"])
+    if comp.mode == "free-running":
+        l_r, l_c = describe_from(dr["length_ref"]), describe_from(dr["length_cand"])
+        lines.append(f"| generated tokens per prompt (mean ± se) | {l_r.mean:.2f} ± {_fix(l_r.se, 2)} | "
+                     f"{l_c.mean:.2f} ± {_fix(l_c.se, 2)} | length ratio {_ratio(dr['length_ratio'])} |")
+        for reason, c in dr["stop_reasons"].items():
+            lines.append(f"| stop reason `{reason}` | {c['reference']} | {c['candidate']} | "
+                         f"{c['candidate'] - c['reference']:+d} |")
+        rr, rc = Rate(**dr["repetition_ref"]), Rate(**dr["repetition_cand"])
+        lines.append(f"| repeated {dr['repetition_n']}-grams ↓ | {_pct(rr)} | {_pct(rc)} | "
+                     f"{_fix(100 * (rc.rate - rr.rate), 2) + ' pts' if rr.n and rc.n else '—'} |")
+        if dr["json_valid_ref"] is not None:
+            jr, jc = Rate(**dr["json_valid_ref"]), Rate(**dr["json_valid_cand"])
+            lines.append(f"| valid JSON (category `json`) ↑ | {_pct(jr)} | {_pct(jc)} | "
+                         f"{_fix(100 * (jc.rate - jr.rate), 2)} pts |")
+        elif any(p.category == "json" for p in comp.prompts):
+            lines.append("| valid JSON (category `json`) | — | — | no tokenizer to decode the text |")
+    sh_e, sh_m = describe_from(dr["entropy_shift"]), describe_from(dr["margin_shift"])
+    if e_r.n:
+        lines.append(f"| entropy per position (nats) | {_fix(e_r.mean, 4)} | {_fix(e_c.mean, 4)} | {_mean_se(sh_e)} |")
+    lines.append(f"| top-1 margin per position (logits) | {_fix(m_r.mean, 4)} | {_fix(m_c.mean, 4)} | {_mean_se(sh_m)} |")
+    if comp.mode != "free-running":
+        lines += ["", "Output lengths, stop reasons, repetition and JSON validity need a free-running candidate "
+                  "(this one was teacher-forced)."]
+    return lines
+
+
+def worst_prompts(comp: "Comparison", n: int) -> list[int]:
+    """Indices of the n worst prompts: real divergences first (earliest split
+    first), then near-ties and length splits, then by mean KL."""
+    means = {}
+    for i in range(len(comp.prompts)):
+        v = comp.tokens.kl_ref_cand[comp.token_prompt == i]
+        v = v[~np.isnan(v)]
+        means[i] = float(v.mean()) if v.size else 0.0
+    order = {"real": 0, "near-tie": 1, "length": 1, None: 2}
+
+    def key(i: int) -> tuple:
+        p = comp.prompts[i]
+        d = p.first_divergence if p.first_divergence is not None else 1 << 30
+        return (order[p.split], d, -means[i])
+
+    ranked = sorted(range(len(comp.prompts)), key=key)
+    return [i for i in ranked[:n] if comp.prompts[i].split is not None or means[i] > 0]
+
+
+def _worst_section(comp: "Comparison", n: int) -> list[str]:
+    idx = worst_prompts(comp, n)
+    if not idx:
+        return ["No divergence and zero KL on every prompt."]
+    lines = []
+    for rank, i in enumerate(idx, 1):
+        p = comp.prompts[i]
+        kl = comp.tokens.kl_ref_cand[comp.token_prompt == i]
+        kl_s = _mean_se(describe(kl))
+        d = p.first_divergence
+        if d is None:
+            lines += [f"### {rank}. `{_cell(p.id, 60)}` ({_cell(p.category, 30)}) — no divergence, mean KL {kl_s} nats", ""]
+            continue
+        what = {"real": "**real divergence**", "near-tie": "near-tie", "length": "one run stopped"}[p.split]
+        lines += [f"### {rank}. `{_cell(p.id, 60)}` ({_cell(p.category, 30)}) — split at token {d}: {what}", ""]
+        if p.split in ("real", "near-tie"):
+            lines += [f"Top-1 margin at the split: reference {_fix(p.margin_ref_at_split)} logits, candidate "
+                      f"{_fix(p.margin_cand_at_split)} logits; mean KL over its {p.n_compared} compared positions {kl_s} nats.", ""]
+        prefix = _tokens_text(comp, p.ref_tokens[:d])
+        ra = _tokens_text(comp, p.ref_tokens[d:d + SHOW_TOKENS]) + ("…" if len(p.ref_tokens) > d + SHOW_TOKENS else "")
+        ca = _tokens_text(comp, p.cand_tokens[d:d + SHOW_TOKENS]) + ("…" if len(p.cand_tokens) > d + SHOW_TOKENS else "")
+        keep = prefix if len(prefix) <= 80 else "…" + prefix[-79:]
+        lines += ["| | generated text (⟦ marks the split) |", "|---|---|",
+                  f"| reference | {_cell(keep, 200)}⟦{_cell(ra, 200)} |",
+                  f"| candidate | {_cell(keep, 200)}⟦{_cell(ca, 200)} |", ""]
+        if p.split_top_ref:
+            lines += ["| rank | reference token | p | candidate token | p |", "|---|---|---|---|---|"]
+            for j in range(max(len(p.split_top_ref), len(p.split_top_cand))):
+                a = p.split_top_ref[j] if j < len(p.split_top_ref) else None
+                b = p.split_top_cand[j] if j < len(p.split_top_cand) else None
+                fa = (_token_label(comp, a[0]), f"{a[1]:.4f}") if a else ("", "")
+                fb = (_token_label(comp, b[0]), f"{b[1]:.4f}") if b else ("", "")
+                lines.append(f"| {j + 1} | {fa[0]} | {fa[1]} | {fb[0]} | {fb[1]} |")
+            lines.append("")
+    return lines
+
+
+def _prompts_section(comp: "Comparison") -> list[str]:
+    lines = ["| prompt | category | first divergence | split | compared | mean KL (nats) | max KL | same top-1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, p in enumerate(comp.prompts):
+        mask = comp.token_prompt == i
+        kl = describe(comp.tokens.kl_ref_cand[mask])
+        valid = (comp.tokens.argmax_ref >= 0) & mask
+        st = rate(int((comp.tokens.same_top1 & valid).sum()), int(valid.sum()))
+        lines.append(f"| `{_cell(p.id, 50)}` | {_cell(p.category, 30)} | "
+                     f"{'—' if p.first_divergence is None else p.first_divergence} | {p.split or ''} | "
+                     f"{p.n_compared} | {_sci(kl.mean)} | {_sci(kl.max)} | "
+                     f"{_share(st.to_dict(), 1)} |")
+    return lines
+
+
+def render_markdown(comp: "Comparison", *, top_worst: int = 5, images: dict[str, str] | None = None) -> str:
+    """The report as markdown (see the module docstring for its order)."""
+    images = images or {}
+    L: list[str] = ["# logitparity: candidate vs reference", ""]
+    L += _verdict_section(comp) + [""]
+    L += ["## Key figures", ""] + _key_figures(comp) + [""]
+    if comp.notes:
+        L += ["Notes:", ""] + [f"- {n}" for n in comp.notes] + [""]
+    L += ["## Speed", ""] + _speed_section(comp) + [""]
+    L += ["## The two runs", ""] + _runs_section(comp) + [""]
+    if comp.only_ref or comp.only_cand:
+        L += ["Prompts on one side only (not compared): "
+              + (f"reference {', '.join(f'`{i}`' for i in comp.only_ref)}" if comp.only_ref else "")
+              + ("; " if comp.only_ref and comp.only_cand else "")
+              + (f"candidate {', '.join(f'`{i}`' for i in comp.only_cand)}" if comp.only_cand else ""), ""]
+    L += ["## Free-running agreement", ""] + _free_running_section(comp, images) + [""]
+    L += ["## Per-token distributions", "",
+          f"Over every position where both runs saw the same prefix ({len(comp.tokens)} positions).", ""]
+    L += _token_section(comp, images) + [""]
+    L += ["## By category", ""] + _category_section(comp) + [""]
+    L += ["## Behaviour drift", ""] + _drift_section(comp) + [""]
+    if top_worst > 0:
+        L += [f"## Worst prompts (up to {top_worst})", ""] + _worst_section(comp, top_worst) + [""]
+    L += ["## Every prompt", ""] + _prompts_section(comp) + [""]
+    L += ["Definitions of every figure: docs/report.md in the logitparity repository. ↑ higher is better, "
+          "↓ lower is better; ± is one standard error.", ""]
+    return "\n".join(L)
