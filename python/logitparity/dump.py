@@ -31,6 +31,7 @@ import math
 import os
 import re
 import struct
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -44,6 +45,7 @@ MANIFEST = "manifest.json"
 RECORDS = "records.jsonl"
 SHARD_RE = re.compile(r"^shard-(\d{5})\.safetensors$")
 DEFAULT_SHARD_BYTES = 256 << 20
+DEFAULT_FLUSH_SECONDS = 60.0  # a killed run loses at most about this much work
 
 LOGITS_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
 # safetensors header dtype -> numpy dtype (BF16 is read as its uint16 bits)
@@ -344,13 +346,16 @@ class DumpWriter:
     logits and complete. ``logits``: 'full' or 'topk:K'. ``logits_dtype``:
     storage dtype of full rows. ``shard_bytes``: roll over to a new shard once
     this many tensor bytes wait in memory (the bound on the writer's memory).
+    ``flush_seconds``: also roll over once the oldest waiting prompt is this
+    old (None: size only), bounding the work a killed run loses.
     ``resume``: continue an existing dump made with the same settings.
     Use as a context manager; on an exception the finished prompts are still
     written, and the manifest keeps ``complete: false``.
     """
 
     def __init__(self, out_dir: str | os.PathLike, manifest: dict[str, Any], *, logits: str = "full",
-                 logits_dtype: str = "fp32", shard_bytes: int = DEFAULT_SHARD_BYTES, resume: bool = False):
+                 logits_dtype: str = "fp32", shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 flush_seconds: float | None = DEFAULT_FLUSH_SECONDS, resume: bool = False):
         self.path = Path(out_dir)
         self.k = parse_storage(logits)
         if logits_dtype not in LOGITS_DTYPES:
@@ -360,11 +365,15 @@ class DumpWriter:
         if not isinstance(shard_bytes, int) or shard_bytes < 1:
             raise ValueError(f"shard_bytes must be a positive int, got {shard_bytes!r}")
         self.shard_bytes = shard_bytes
-        self.manifest = dict(manifest)
-        self.manifest.update(format=FORMAT, version=VERSION, created=_now(), complete=False,
-                             logits={"storage": "full" if self.k is None else f"topk:{self.k}",
-                                     "dtype": logits_dtype, "vocab_size": None,
-                                     "lse_dtype": None if self.k is None else "float64"})
+        self.flush_seconds = flush_seconds
+        self._last_flush = time.monotonic()
+        reserved = {"format", "version", "created", "complete", "logits"} & set(manifest)
+        if reserved:
+            raise ValueError(f"manifest keys {sorted(reserved)} are set by the writer; leave them out")
+        self.manifest = {"format": FORMAT, "version": VERSION, "created": _now(), "complete": False, **manifest,
+                         "logits": {"storage": "full" if self.k is None else f"topk:{self.k}",
+                                    "dtype": logits_dtype, "vocab_size": None,
+                                    "lse_dtype": None if self.k is None else "float64"}}
         self._pending: list[tuple[dict[str, Any], dict[str, np.ndarray]]] = []
         self._pending_bytes = 0
         self._closed = False
@@ -454,7 +463,8 @@ class DumpWriter:
         rec["n_positions"] = n
         self._pending.append((rec, tensors))
         self._pending_bytes += sum(t.nbytes for t in tensors.values())
-        if self._pending_bytes >= self.shard_bytes:
+        if self._pending_bytes >= self.shard_bytes or (
+                self.flush_seconds is not None and time.monotonic() - self._last_flush >= self.flush_seconds):
             self.flush()
 
     def _storage_tensors(self, logits: Any) -> dict[str, np.ndarray]:
@@ -503,6 +513,7 @@ class DumpWriter:
         self.records.extend(rec for rec, _ in self._pending)
         self._pending.clear()
         self._pending_bytes = 0
+        self._last_flush = time.monotonic()
         self._shard_index += 1
         self._write_manifest()
 

@@ -1,0 +1,243 @@
+"""capture(): run a model over a prompt set and stream the result into a dump."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from logitparity.dump import DEFAULT_SHARD_BYTES, Dump, DumpWriter, load_dump, parse_storage
+from logitparity.prompts import Prompt, load_prompts
+
+__all__ = ["MODES", "capture"]
+
+MODES = ("greedy", "sample", "score")
+_LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "gguf", "numpy")
+
+
+def _libraries() -> dict[str, str | None]:
+    import logitparity
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "logitparity": logitparity.__version__}
+    for name in _LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+def _check_args(mode: str, reference_dump: Any, max_new_tokens: int, batch_size: int, temperature: float,
+                top_p: float | None, logits: str, limit: int | None) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "score" and reference_dump is None:
+        raise ValueError("mode 'score' needs reference_dump (--reference-dump DIR): the dump whose generated tokens are scored")
+    if mode != "score" and reference_dump is not None:
+        raise ValueError(f"reference_dump is only used with mode 'score', got mode {mode!r}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    if mode == "sample" and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    parse_storage(logits)
+
+
+def _select(prompts: list[Prompt], ref: Dump | None, limit: int | None) -> list[Prompt]:
+    if ref is not None:
+        from_ref = [Prompt(r["id"], r["category"], r["prompt"]) for r in ref.records]
+        if prompts is None:
+            prompts = from_ref
+        else:
+            known = {r["id"]: r for r in ref.records}
+            for p in prompts:
+                r = known.get(p.id)
+                if r is None:
+                    raise ValueError(f"prompt {p.id!r} is not in the reference dump {ref.path}")
+                if r["prompt"] != p.text:
+                    raise ValueError(f"prompt {p.id!r} differs from the reference dump's text ({ref.path}); use the same prompts file")
+    return prompts[:limit] if limit else prompts
+
+
+def _tokenize(tokenizer: Any, prompt: Prompt, chat_template: bool | None) -> tuple[list[int], bool]:
+    has = isinstance(getattr(tokenizer, "chat_template", None), str)
+    use = has if chat_template is None else chat_template
+    if use and not has:
+        raise ValueError("chat_template=True but the tokenizer has no chat template; pass chat_template=None (auto) or False")
+    if use:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt.text)["input_ids"]
+    if not ids:
+        raise ValueError(f"prompt {prompt.id!r} tokenizes to no tokens; give it some text")
+    return list(ids), use
+
+
+def capture(
+    model: Any = None,
+    prompts: str | os.PathLike | Sequence[Prompt] | None = None,
+    out: str | os.PathLike = "dump",
+    *,
+    mode: str = "greedy",
+    reference_dump: str | os.PathLike | Dump | None = None,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    logits: str = "full",
+    logits_dtype: str = "fp32",
+    temperature: float = 0.7,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop_token_ids: Sequence[int] = (),
+    chat_template: bool | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    limit: int | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Capture ``model`` on ``prompts`` into the dump directory ``out``.
+
+    model: None (the embedded default), a Hugging Face directory, a .gguf
+    file, or a LoadedModel. prompts: None (the embedded default set), a
+    prompts file, or a list of Prompt. mode: greedy | sample (seeded,
+    ``temperature``, optional ``top_p``) | score (teacher-forced on the
+    generated tokens of ``reference_dump``; prompts default to its records).
+    Generation stops at an EOS id, one of ``stop_token_ids``, or
+    ``max_new_tokens``. chat_template: None applies the tokenizer's template
+    when it has one. logits: 'full' or 'topk:K'; logits_dtype: fp32 | fp16 |
+    bf16 (full storage). resume: continue an interrupted dump. limit: only
+    the first N prompts. Returns the dump path.
+    """
+    from logitparity.capture.decode import Sampler
+    from logitparity.capture.hf import LoadedModel, load_model
+
+    _check_args(mode, reference_dump, max_new_tokens, batch_size, temperature, top_p, logits, limit)
+    ref = reference_dump if isinstance(reference_dump, Dump) or reference_dump is None else load_dump(reference_dump)
+    if prompts is not None and not isinstance(prompts, (list, tuple)):
+        prompts = load_prompts(prompts)
+    selected = _select(list(prompts) if prompts is not None else load_prompts() if ref is None else None, ref, limit)
+    lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    tok = lm.tokenizer
+    eos_ids = lm.identity["tokenizer"]["eos_token_ids"]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+
+    decoding: dict[str, Any] = {
+        "mode": mode,
+        "temperature": temperature if mode == "sample" else None,
+        "top_p": top_p if mode == "sample" else None,
+        "seed": seed if mode == "sample" else None,
+        "max_new_tokens": max_new_tokens if ref is None else ref.manifest.get("decoding", {}).get("max_new_tokens"),
+        "stop_token_ids": sorted(int(t) for t in stop_token_ids),
+        "eos_token_ids": eos_ids,
+        "repetition_penalty": 1.0,
+        "logit_processors": [],
+        "chat_template": "auto" if chat_template is None else bool(chat_template),
+    }
+    manifest: dict[str, Any] = {
+        "engine": {"name": "hf-transformers", "version": importlib.metadata.version("transformers")},
+        **lm.identity,
+        "dtype": lm.dtype,
+        "device": lm.device,
+        "decoding": decoding,
+        "libraries": _libraries(),
+        "host": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+    }
+    if ref is not None:
+        manifest["reference"] = {"path": str(ref.path.resolve()), "created": ref.manifest.get("created"),
+                                 "mode": ref.manifest.get("decoding", {}).get("mode"), "model": ref.manifest.get("model")}
+    sampler = Sampler(float(temperature), top_p, int(seed)) if mode == "sample" else None
+
+    with DumpWriter(out, manifest, logits=logits, logits_dtype=logits_dtype, shard_bytes=shard_bytes,
+                    resume=resume) as writer:
+        done = writer.done_ids
+        todo = []
+        for p in selected:
+            if p.id in done:
+                continue
+            if ref is None:
+                ids, used = _tokenize(tok, p, chat_template)
+                cont: list[int] = []
+            else:
+                r = ref.record(p.id)
+                ids, used, cont = list(r["prompt_token_ids"]), bool(r["chat_template"]), list(r["generated_token_ids"])
+                bad = [t for t in ids + cont if not 0 <= t < vocab]
+                if bad:
+                    raise ValueError(f"reference record {p.id!r} holds token id {bad[0]} outside this model's vocabulary "
+                                     f"[0, {vocab}); were both runs made with the same tokenizer?")
+            todo.append((p, ids, used, cont))
+        todo.sort(key=lambda t: -(len(t[1]) + len(t[3])))  # similar lengths share a batch: less padding
+        _run(writer, todo, lm, mode, ref, batch_size, max_new_tokens, pad_id, eos_ids, stop_token_ids, sampler,
+             progress, resumed=bool(done))
+    return Path(out)
+
+
+def _run(writer: DumpWriter, todo: list, lm: Any, mode: str, ref: Dump | None, batch_size: int,
+         max_new_tokens: int, pad_id: int, eos_ids: list[int], stop_ids: Sequence[int], sampler: Any,
+         progress: bool, resumed: bool) -> None:
+    from tqdm.auto import tqdm
+
+    from logitparity.capture.decode import generate_batch, score_batch
+
+    t0 = time.perf_counter()
+    n_tokens = 0
+    n_prompts = 0
+    bar = tqdm(total=len(todo), unit="prompt", disable=not progress, desc=f"dump {mode}", dynamic_ncols=True)
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    try:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            tb = time.perf_counter()
+            if mode == "score":
+                rows = score_batch(lm.model, [b[1] for b in batch], [b[3] for b in batch], device=lm.device, pad_id=pad_id)
+                forward_s = time.perf_counter() - tb
+                outs = [(b[3], r, ref.record(b[0].id)["stop_reason"], {"ttft_s": None, "decode_tokens_per_s": None,
+                                                                        "forward_s": forward_s}) for b, r in zip(batch, rows)]
+            else:
+                gens = generate_batch(lm.model, [b[1] for b in batch], [b[0].id for b in batch], device=lm.device,
+                                      pad_id=pad_id, eos_ids=eos_ids, stop_ids=stop_ids,
+                                      max_new_tokens=max_new_tokens, sampler=sampler)
+                outs = [(g.tokens, g.logits, g.stop_reason, {"ttft_s": g.ttft_s, "decode_tokens_per_s": g.decode_tokens_per_s})
+                        for g in gens]
+            for (p, ids, used, _), (tokens, logit_rows, reason, timing) in zip(batch, outs):
+                writer.add({"id": p.id, "category": p.category, "prompt": p.text, "chat_template": used,
+                            "prompt_token_ids": ids, "generated_token_ids": list(tokens), "stop_reason": reason,
+                            "timing": {**timing, "batch_size": len(batch)}}, logit_rows)
+                n_tokens += len(tokens)
+            n_prompts += len(batch)
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.1f}")
+    finally:
+        bar.close()
+        wall = time.perf_counter() - t0
+        run = {"started": started, "wall_s": wall, "prompts": n_prompts, "tokens": n_tokens,
+               "tokens_per_s": n_tokens / wall if wall > 0 else None, "batch_size": batch_size,
+               "peak_host_rss_bytes": _peak_rss_bytes(), "peak_gpu_bytes": _peak_gpu_bytes(lm),
+               "resumed": resumed}
+        writer.manifest["run"] = run
+
+
+def _peak_gpu_bytes(lm: Any) -> int | None:
+    import torch
+
+    if lm.device == "cpu" or not torch.cuda.is_available():
+        return None
+    return int(max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())))

@@ -1,0 +1,85 @@
+"""Prompt sets: the embedded default (data/prompts.jsonl) or a user file.
+
+A prompt file is either JSONL, one object per line with ``id``, ``category``
+and ``text`` (``category`` optional, default "default"; ``id`` optional,
+default "line-N"), or plain text with one prompt per line (ids "line-N",
+category "default"; a literal "\\n" in a line is a newline). The format is
+JSONL when the first non-blank line starts with "{". Blank lines are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+__all__ = ["Prompt", "load_prompts", "DEFAULT_PROMPTS"]
+
+DEFAULT_PROMPTS = "data/prompts.jsonl"  # inside the package
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    id: str
+    category: str
+    text: str
+
+
+def load_prompts(path: str | os.PathLike | None = None) -> list[Prompt]:
+    """Prompts from ``path`` (None = the embedded default set), in file order.
+    Malformed lines and duplicate ids are ValueErrors naming the line."""
+    if path is None:
+        text = resources.files("logitparity").joinpath(DEFAULT_PROMPTS).read_text(encoding="utf-8")
+        where = f"<logitparity>/{DEFAULT_PROMPTS}"
+    else:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"prompts file {p} does not exist (pass a JSONL or plain-text file, or omit it for the default set)") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"prompts file {p} is not UTF-8 text ({e})") from None
+        where = str(p)
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    parse = _parse_json if first.lstrip().startswith("{") else _parse_text
+    prompts: list[Prompt] = []
+    seen: dict[str, int] = {}
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        prompt = parse(line, lineno, where)
+        if prompt.id in seen:
+            raise ValueError(f"{where}:{lineno}: duplicate prompt id {prompt.id!r} (first on line {seen[prompt.id]}); ids must be unique")
+        seen[prompt.id] = lineno
+        prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"{where}: no prompts (the file is empty)")
+    return prompts
+
+
+def _parse_json(line: str, lineno: int, where: str) -> Prompt:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}:{lineno}: expected a JSON object with id, category, text, got {type(obj).__name__}")
+    text = obj.get("text")
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"{where}:{lineno}: 'text' must be a non-empty string, got {text!r}")
+    pid = obj.get("id", f"line-{lineno}")
+    category = obj.get("category", "default")
+    for name, value in (("id", pid), ("category", category)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{where}:{lineno}: {name!r} must be a non-empty string, got {value!r}")
+    unknown = set(obj) - {"id", "category", "text"}
+    if unknown:
+        raise ValueError(f"{where}:{lineno}: unknown keys {sorted(unknown)}; a prompt has id, category and text")
+    return Prompt(pid, category, text)
+
+
+def _parse_text(line: str, lineno: int, where: str) -> Prompt:
+    return Prompt(f"line-{lineno}", "default", line.replace("\\n", "\n"))
