@@ -317,16 +317,15 @@ def _topk_row_metrics(a: _TopRows, b: _TopRows, targets: np.ndarray, ks: Sequenc
         ta = np.clip(1.0 - np.exp(lpa_b).sum(-1), 0.0, 1.0)
         tb = np.clip(1.0 - np.exp(lpb_b).sum(-1), 0.0, 1.0)
     kl_ab, kl_ba, js = _bucket_divergences(lpa_b, lpb_b, ta, tb)
-    with np.errstate(invalid="ignore"):
-        dlp = np.where(both, np.abs(lpa - lpb), np.nan)
-        dlp = np.where(np.isnan(dlp) & both, np.inf, dlp)  # -inf on one side only
     any_both = both.any(-1)
-    max_abs_logprob = np.where(any_both, np.nanmax(np.where(both, dlp, -1.0), axis=-1), np.nan)
-    max_abs_logit = np.where(
-        any_both,
-        np.nanmax(np.where(both, np.abs((lpa + a.lse[:, None]) - (lpb + b.lse[:, None])), -1.0), axis=-1),
-        np.nan,
-    )
+    # -inf on one side only gives +inf; -inf on both sides and tokens not
+    # known on both are left out (-1)
+    skip = ~both | (np.isneginf(lpa) & np.isneginf(lpb))
+    with np.errstate(invalid="ignore"):
+        dlp = np.where(skip, -1.0, np.abs(lpa - lpb))
+        dlg = np.where(skip, -1.0, np.abs((lpa + a.lse[:, None]) - (lpb + b.lse[:, None])))
+    max_abs_logprob = np.where(any_both, dlp.max(-1), np.nan)
+    max_abs_logit = np.where(any_both, dlg.max(-1), np.nan)
     arg_a, arg_b = a.indices[:, 0], b.indices[:, 0]
     rank = np.full(n, -1, dtype=np.int64)
     hit = b.indices == arg_a[:, None]

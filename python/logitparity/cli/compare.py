@@ -1,0 +1,77 @@
+"""``logitparity compare REF CAND``: verdict and report for two dumps."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "Compare a candidate dump with a reference dump: verdict (exit 0 pass, 1 fail, 2 error) and report."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ref", metavar="REF", help="reference dump directory")
+    p.add_argument("cand", metavar="CAND", help="candidate dump directory")
+    add_report_arguments(p)
+    p.add_argument("--policy", default="fp16",
+                   help="built-in policy (fp16, quantized, lossless) or a TOML file (default: fp16)")
+    p.add_argument("--noise-floor", metavar="FILE", default=None,
+                   help="noise-floor file from `logitparity calibrate`, for noise-relative thresholds")
+    p.add_argument("--near-tie-margin", type=float, default=0.5, metavar="X",
+                   help="a split where the reference's top-1 minus top-2 logit is below X is a near-tie (default 0.5)")
+    p.add_argument("--max-positions", type=int, default=None, metavar="N",
+                   help="compare at most the first N positions of each prompt")
+    p.add_argument("--threads", type=int, default=None, help="core threads (default: all cores)")
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    """--report/--json/--plots/--top-worst, shared with `demo`."""
+    p.add_argument("--report", metavar="FILE.md", default=None, help="write the markdown report ('-' prints it)")
+    p.add_argument("--json", metavar="FILE.json", default=None, help="write every number as JSON")
+    p.add_argument("--plots", metavar="DIR", default=None, help="write PNG plots into DIR")
+    p.add_argument("--top-worst", type=int, default=5, metavar="N", help="worst prompts shown in the report (default 5)")
+
+
+def summary_lines(comp) -> list[str]:
+    """A few lines for the terminal: verdict, thresholds, key figures."""
+    v = comp.verdict
+    lines = [f"{'PASS' if v.passed else 'FAIL'}: policy {v.policy!r}, {len(comp.prompts)} prompts, "
+             f"{len(comp.tokens)} compared positions ({comp.mode})"]
+    for r in v.results:
+        meas = "not measured" if r.measured != r.measured else f"{r.measured:.4g}"
+        lines.append(f"  {'ok  ' if r.passed else 'FAIL'} {r.metric} = {meas} (limit {r.comparison} {r.limit:.4g})"
+                     + (f" [{r.note}]" if r.note else ""))
+    if comp.free_running_available:
+        for n in comp.n_values:
+            lines.append(f"  greedy match at {n}: {comp.greedy_match(n)}")
+    for note in comp.notes:
+        lines.append(f"  note: {note}")
+    return lines
+
+
+def write_outputs(comp, args) -> None:
+    from logitparity.report import render_markdown, write_report
+
+    if args.top_worst < 0:
+        raise ValueError(f"--top-worst must be >= 0, got {args.top_worst}")
+    md = None if args.report in (None, "-") else args.report
+    written = write_report(comp, md, args.json, args.plots, top_worst=args.top_worst)
+    if args.report == "-":
+        print(render_markdown(comp, top_worst=args.top_worst))
+    for key in ("markdown", "json"):
+        if written[key]:
+            print(f"wrote {written[key]}", file=sys.stderr)
+    if written["plots"]:
+        print(f"wrote {len(written['plots'])} plots into {args.plots}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    from logitparity.compare import compare_dumps
+
+    comp = compare_dumps(
+        args.ref, args.cand, policy=args.policy, noise_floor=args.noise_floor,
+        near_tie_margin=args.near_tie_margin, threads=args.threads, max_positions=args.max_positions,
+    )
+    out = sys.stderr if args.report == "-" else sys.stdout
+    print("\n".join(summary_lines(comp)), file=out)
+    write_outputs(comp, args)
+    return 0 if comp.verdict.passed else 1
