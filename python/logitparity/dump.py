@@ -61,6 +61,15 @@ STOP_REASONS = ("eos", "max_new_tokens", "stop_token")
 _RESUME_KEYS = ("engine", "model", "tokenizer", "dtype", "device", "decoding", "logits")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
@@ -507,6 +516,7 @@ class DumpWriter:
             lines.append(json.dumps(rec, ensure_ascii=False))
         tmp = self.path / f"{name}.tmp"
         serialize_file(specs, str(tmp), metadata={"format": FORMAT, "version": VERSION})
+        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors creates 0600 files
         os.replace(tmp, self.path / name)
         with open(self.path / RECORDS, "a", encoding="utf-8") as f:
             f.write("".join(line + "\n" for line in lines))

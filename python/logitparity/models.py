@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 __all__ = ["DEFAULT_GGUF", "cache_dir", "default_gguf_path", "default_model_dir",
@@ -93,6 +94,7 @@ def gguf_model_dir(gguf_path: str | os.PathLike) -> Path:
         return out
     from logitparity.capture.hf import convert_gguf  # imports transformers
 
+    print(f"logitparity: converting {src.name} to a Hugging Face directory in {out} (once; ~20 s)", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

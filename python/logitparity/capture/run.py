@@ -203,8 +203,7 @@ def _run(writer: DumpWriter, todo: list, lm: Any, mode: str, ref: Dump | None, b
     bar = tqdm(total=len(todo), unit="prompt", disable=not progress, desc=f"dump {mode}", dynamic_ncols=True)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     try:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
+        for batch in _batches(todo, batch_size):
             tb = time.perf_counter()
             if mode == "score":
                 rows = score_batch(lm.model, [b[1] for b in batch], [b[3] for b in batch], device=lm.device, pad_id=pad_id)
@@ -233,6 +232,20 @@ def _run(writer: DumpWriter, todo: list, lm: Any, mode: str, ref: Dump | None, b
                "peak_host_rss_bytes": _peak_rss_bytes(), "peak_gpu_bytes": _peak_gpu_bytes(lm),
                "resumed": resumed}
         writer.manifest["run"] = run
+
+
+def _batches(todo: list, batch_size: int) -> list[list]:
+    """Slices of the length-sorted (longest first) work list, at most
+    batch_size long, cut early where an item is under half the batch's longest
+    so that padding never more than doubles a prompt's length."""
+    out: list[list] = []
+    for item in todo:
+        n = len(item[1]) + len(item[3])
+        if out and len(out[-1]) < batch_size and 2 * n >= len(out[-1][0][1]) + len(out[-1][0][3]):
+            out[-1].append(item)
+        else:
+            out.append([item])
+    return out
 
 
 def _peak_gpu_bytes(lm: Any) -> int | None:

@@ -1,0 +1,80 @@
+"""logitparity dump: capture a model on a prompt set into a dump directory."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+
+HELP = "capture a model's raw logits on a prompt set into a dump directory"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="Hugging Face directory or .gguf file (default: embedded SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--prompts", help="JSONL (id, category, text) or plain-text prompts file (default: embedded set)")
+    parser.add_argument("--out", required=True, help="dump directory to write")
+    parser.add_argument("--mode", choices=("greedy", "sample", "score"), default="greedy")
+    parser.add_argument("--reference-dump", help="score mode: the dump whose generated tokens are scored")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="model dtype")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (accelerate device_map)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--logits", default="full", help="storage: full | topk:K (default full)")
+    parser.add_argument("--logits-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of full logit rows")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sample mode temperature")
+    parser.add_argument("--top-p", type=float, default=None, help="sample mode nucleus (default: off)")
+    parser.add_argument("--seed", type=int, default=0, help="sample mode seed")
+    parser.add_argument("--stop-token-id", type=int, action="append", default=[], metavar="ID",
+                        help="extra stop token id (repeatable); EOS always stops")
+    parser.add_argument("--no-chat-template", action="store_true", help="tokenize the raw prompt text")
+    parser.add_argument("--shard-mb", type=float, default=256.0, help="shard size bound in MiB (default 256)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted dump in --out")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N prompts")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _terminate(signum, frame):  # SIGTERM flushes finished prompts like Ctrl-C
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    from logitparity.capture import capture
+    from logitparity.dump import load_dump
+
+    if not args.shard_mb > 0:
+        raise ValueError(f"--shard-mb must be > 0, got {args.shard_mb}")
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        out = capture(
+            args.model,
+            args.prompts,
+            args.out,
+            mode=args.mode,
+            reference_dump=args.reference_dump,
+            dtype=args.dtype,
+            device=args.device,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            logits=args.logits,
+            logits_dtype=args.logits_dtype,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop_token_ids=args.stop_token_id,
+            chat_template=False if args.no_chat_template else None,
+            resume=args.resume,
+            progress=not args.no_progress,
+            limit=args.limit,
+            shard_bytes=max(1, int(args.shard_mb * (1 << 20))),
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    dump = load_dump(out)
+    r = dump.manifest.get("run", {})
+    tokens = sum(len(rec["generated_token_ids"]) for rec in dump.records)
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    print(
+        f"dump {out}: {len(dump)} prompts, {tokens} tokens, {dump.storage} {dump.logits_dtype}, "
+        f"{size / 1e6:.1f} MB; this run {r.get('prompts', 0)} prompts in {r.get('wall_s', 0):.1f} s "
+        f"({r.get('tokens_per_s') or 0:.1f} tok/s), peak RSS {r.get('peak_host_rss_bytes', 0) / 2**20:.0f} MiB"
+    )
+    return 0
