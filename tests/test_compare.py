@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from logitparity.compare import IncompatibleRuns, compare_dumps, is_valid_json, repeated_ngrams
+from logitparity.compare import IncompatibleRuns, compare_dumps, is_valid_json, repeated_ngrams, run_speed
 from logitparity.dump import DumpWriter, bf16_to_float32, load_dump
 
 V = 40  # vocabulary of the constructed dumps
@@ -24,13 +24,13 @@ def manifest(mode: str = "greedy", *, vocab: int = V, **over) -> dict:
     m = {
         "engine": {"name": "synthetic", "version": "0"},
         "model": {"path": "none", "config_hash": "c0ffee", "weights_hash": "beef"},
-        "tokenizer": {"vocab_size": vocab, "hash": "tok-1", "special_tokens": {"eos_token_id": 1}},
+        "tokenizer": {"vocab_size": vocab, "tokens_hash": "sha256:tok-1", "eos_token_ids": [1],
+                      "special_tokens": {"eos_token": {"token": "</s>", "id": 1}}},
         "dtype": "fp32",
         "device": "cpu",
         "decoding": {"mode": mode, "max_new_tokens": N_TOKENS},
         "libraries": {"numpy": np.__version__},
-        "run": {"wall_s": 2.0, "prefill_tokens_per_s": 1000.0, "decode_tokens_per_s": 50.0,
-                "peak_host_bytes": 2**30},
+        "run": {"wall_s": 2.0, "tokens_per_s": 64.0, "peak_host_rss_bytes": 2**30, "peak_gpu_bytes": None},
     }
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(m.get(k), dict):
@@ -41,12 +41,13 @@ def manifest(mode: str = "greedy", *, vocab: int = V, **over) -> dict:
 
 
 def record(i: int, tokens, *, category: str | None = None, stop: str = "max_new_tokens",
-           prompt: str | None = None, prompt_ids=None) -> dict:
+           prompt: str | None = None, prompt_ids=None, timing=None) -> dict:
     return {
         "id": f"p{i}", "category": category or ("math" if i % 2 == 0 else "code"),
         "prompt": prompt if prompt is not None else f"prompt number {i}", "chat_template": False,
         "prompt_token_ids": prompt_ids if prompt_ids is not None else [5, 6, 7 + i],
         "generated_token_ids": [int(t) for t in tokens], "stop_reason": stop,
+        "timing": timing or {"ttft_s": 0.003, "decode_tokens_per_s": 40.0, "batch_size": 1},
     }
 
 
@@ -360,9 +361,12 @@ def _one(tmp_path, name, man=None, rec=None, toks=(3, 4), logits=None):
 @pytest.mark.parametrize(
     "cand_manifest, match",
     [
-        (manifest(tokenizer={"hash": "other"}), r"different tokenizers: tokenizer.hash is 'tok-1' in the reference and 'other'"),
+        (manifest(tokenizer={"tokens_hash": "sha256:x"}),
+         r"different tokenizers: tokenizer.tokens_hash is 'sha256:tok-1' in the reference and 'sha256:x'"),
+        (manifest(tokenizer={"eos_token_ids": [2]}), r"tokenizer.eos_token_ids is \[1\] in the reference and \[2\]"),
         (manifest(tokenizer={"vocab_size": 41}), r"tokenizer.vocab_size is 40 in the reference and 41"),
-        (manifest(tokenizer={"special_tokens": {"eos_token_id": 2}}), r"tokenizer.special_tokens"),
+        (manifest(tokenizer={"special_tokens": {}}), r"tokenizer.special_tokens"),
+        (manifest(decoding={"stop_token_ids": [9]}), r"decoding setting stop_token_ids differs: reference not set, candidate \[9\]"),
         (manifest("sample"), r"decoding mode differs: reference 'greedy', candidate 'sample'"),
         (manifest(decoding={"max_new_tokens": 32}), r"decoding setting max_new_tokens differs: reference 16, candidate 32"),
     ],
@@ -483,6 +487,20 @@ def test_greedy_metrics_unavailable_with_a_score_reference(tmp_path):
     value, note = c.metric("greedy_match@10")
     assert math.isnan(value) and "score-mode" in note
     assert not c.verdict.passed  # an unmeasured threshold never passes
+
+
+def test_run_speed_from_records_and_run(tmp_path):
+    rng = np.random.default_rng(0)
+    x = np.stack([peaked_row(rng, t, 2.0) for t in (3, 4)])
+    t1 = {"ttft_s": 0.01, "decode_tokens_per_s": 40.0, "batch_size": 2}
+    t2 = {"ttft_s": 0.01, "decode_tokens_per_s": 60.0, "batch_size": 2}
+    path = write_dump(tmp_path / "r", [(record(0, [3, 4], timing=t1), x), (record(1, [3, 4], timing=t2), x)])
+    s = run_speed(load_dump(path))
+    # 6 prompt tokens in one batch whose first token took 0.01 s
+    assert s["prefill_tokens_per_s"] == pytest.approx(600.0)
+    assert s["decode_tokens_per_s"] == pytest.approx(50.0)
+    assert s["wall_s"] == 2.0 and s["tokens_per_s"] == 64.0 and s["peak_host_bytes"] == 2**30
+    assert s["peak_gpu_bytes"] is None
 
 
 # ---- drift helpers ---------------------------------------------------------

@@ -90,7 +90,7 @@ class IncompatibleRuns(ValueError):
 
 def _check_tokenizers(ref, cand, notes: list[str]) -> None:
     a, b = ref.manifest.get("tokenizer") or {}, cand.manifest.get("tokenizer") or {}
-    for key in ("vocab_size", "hash", "special_tokens"):
+    for key in TOKENIZER_KEYS:
         va, vb = a.get(key), b.get(key)
         if va is None or vb is None:
             if va != vb:
@@ -104,12 +104,16 @@ def _check_tokenizers(ref, cand, notes: list[str]) -> None:
 
 
 def _short(v: Any) -> str:
+    if v is None:
+        return "not set"
     s = json.dumps(v, sort_keys=True) if not isinstance(v, str) else repr(v)
     return s if len(s) <= 80 else s[:77] + "..."
 
 
-_DECODING_KEYS = ("temperature", "top_p", "top_k", "seed", "max_new_tokens", "stop_token_ids",
-                  "repetition_penalty")
+# manifest keys that must agree (docs/dump-format.md)
+TOKENIZER_KEYS = ("vocab_size", "tokens_hash", "special_tokens", "eos_token_ids")
+_DECODING_KEYS = ("temperature", "top_p", "seed", "max_new_tokens", "stop_token_ids", "eos_token_ids",
+                  "repetition_penalty", "logit_processors")
 
 
 def _check_decoding(ref, cand) -> str:
@@ -128,7 +132,7 @@ def _check_decoding(ref, cand) -> str:
             "or score the candidate on the reference's tokens (dump --mode score --reference-dump REF)"
         )
     da, db = ref.manifest.get("decoding") or {}, cand.manifest.get("decoding") or {}
-    keys = [k for k in _DECODING_KEYS if not (mr == "greedy" and k in ("temperature", "top_p", "top_k", "seed"))]
+    keys = [k for k in _DECODING_KEYS if not (mr == "greedy" and k in ("temperature", "top_p", "seed"))]
     for k in keys:
         if da.get(k) != db.get(k):
             raise IncompatibleRuns(
@@ -143,6 +147,38 @@ def _check_storage(ref, cand) -> None:
         s = str(getattr(d, "storage", "full"))
         if s != "full" and not re.fullmatch(r"topk:\d+", s):
             raise IncompatibleRuns(f"{name} dump has logits storage {s!r}; expected 'full' or 'topk:K'")
+
+
+def run_speed(dump) -> dict[str, float | None]:
+    """Speed and memory of one run (None where not recorded).
+
+    prefill_tokens_per_s: the manifest's run value, else prompt tokens over
+    time to first token summed per batch (each record's ttft_s divided by
+    its batch_size); decode_tokens_per_s: the run value, else the mean of the
+    records' per-sequence decode tokens/s; tokens_per_s and wall_s: generated
+    tokens over wall time, from the run; peak_host_bytes, peak_gpu_bytes.
+    """
+    run = dump.manifest.get("run") or {}
+    toks = secs = 0.0
+    dec = []
+    for r in dump.records:
+        t = r.get("timing") or {}
+        if t.get("ttft_s") is not None:
+            toks += len(r["prompt_token_ids"])
+            secs += float(t["ttft_s"]) / max(1, int(t.get("batch_size") or 1))
+        if t.get("decode_tokens_per_s") is not None:
+            dec.append(float(t["decode_tokens_per_s"]))
+    prefill = run.get("prefill_tokens_per_s")
+    decode = run.get("decode_tokens_per_s")
+    out = {
+        "prefill_tokens_per_s": prefill if prefill is not None else (toks / secs if secs > 0 else None),
+        "decode_tokens_per_s": decode if decode is not None else (describe(dec).mean if dec else None),
+        "tokens_per_s": run.get("tokens_per_s"),
+        "wall_s": run.get("wall_s"),
+        "peak_host_bytes": run.get("peak_host_rss_bytes", run.get("peak_host_bytes")),
+        "peak_gpu_bytes": run.get("peak_gpu_bytes"),
+    }
+    return {k: None if v is None else float(v) for k, v in out.items()}
 
 
 def _match_prompts(ref, cand) -> tuple[list[tuple[dict, dict]], list[str], list[str]]:
@@ -478,6 +514,8 @@ class Comparison:
     notes: list[str]
     policy: Policy
     noise: NoiseFloor | None
+    ref_speed: dict[str, float | None]
+    cand_speed: dict[str, float | None]
     verdict: Verdict = dataclasses.field(init=False)
     decode: Callable[[Sequence[int]], str] | None = dataclasses.field(default=None, repr=False)
 
@@ -844,7 +882,7 @@ def compare_dumps(
         token_prompt=np.concatenate(tok_prompt) if tok_prompt else np.zeros(0, np.int64),
         token_position=np.concatenate(tok_pos) if tok_pos else np.zeros(0, np.int64),
         near_tie_margin=float(near_tie_margin), n_values=n_values, topk=ks, notes=notes,
-        policy=pol, noise=noise, decode=dec,
+        policy=pol, noise=noise, ref_speed=run_speed(ref_d), cand_speed=run_speed(cand_d), decode=dec,
     )
 
 

@@ -104,31 +104,31 @@ def _get(m: Any, *keys: str) -> Any:
     return m
 
 
-SPEED_FIELDS: tuple[tuple[str, tuple[str, ...], str, bool], ...] = (
-    # (label, manifest path under "run", unit, higher_is_better)
-    ("prefill tokens/s", ("prefill_tokens_per_s",), "tok/s", True),
-    ("decode tokens/s", ("decode_tokens_per_s",), "tok/s", True),
-    ("wall time", ("wall_s",), "s", False),
-    ("peak host memory", ("peak_host_bytes",), "MiB", False),
-    ("peak GPU memory", ("peak_gpu_bytes",), "MiB", False),
+SPEED_FIELDS: tuple[tuple[str, str, str, bool], ...] = (
+    # (label, key of compare.run_speed, unit, higher_is_better)
+    ("prefill", "prefill_tokens_per_s", "tokens/s", True),
+    ("decode, per sequence", "decode_tokens_per_s", "tokens/s", True),
+    ("generated tokens over wall time", "tokens_per_s", "tokens/s", True),
+    ("wall time", "wall_s", "s", False),
+    ("peak host memory", "peak_host_bytes", "MiB", False),
+    ("peak GPU memory", "peak_gpu_bytes", "MiB", False),
 )
 
 
 def speed(comp: "Comparison") -> list[dict[str, Any]]:
-    """Speed and memory of both runs from the manifests' ``run`` sections:
-    [{"figure", "unit", "higher_is_better", "reference", "candidate",
-    "ratio"}] (ratio = candidate / reference; None when either is missing)."""
+    """Speed and memory of both runs (compare.run_speed): [{"figure",
+    "unit", "higher_is_better", "reference", "candidate", "ratio"}], ratio =
+    candidate / reference (None when either is missing)."""
     out = []
-    for label, path, unit, better in SPEED_FIELDS:
-        a = _get(comp.ref_manifest, "run", *path)
-        b = _get(comp.cand_manifest, "run", *path)
+    for label, key, unit, better in SPEED_FIELDS:
+        a, b = comp.ref_speed.get(key), comp.cand_speed.get(key)
         if a is None and b is None:
             continue
         scale = 1 / 2**20 if unit == "MiB" else 1.0
-        a = None if a is None else float(a) * scale
-        b = None if b is None else float(b) * scale
+        a = None if a is None else a * scale
+        b = None if b is None else b * scale
         ratio = b / a if a and b is not None else None
-        out.append({"figure": label, "unit": unit, "higher_is_better": better,
+        out.append({"figure": label, "key": key, "unit": unit, "higher_is_better": better,
                     "reference": a, "candidate": b, "ratio": ratio})
     return out
 
