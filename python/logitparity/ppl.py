@@ -1,0 +1,727 @@
+"""Perplexity and corpus-level KL: a reference and optionally a candidate
+scored on the same text with sliding windows.
+
+Windows (the Hugging Face perplexity recipe): window w covers text tokens
+[w·stride, w·stride + span), span = ctx − 1 when the tokenizer has a BOS
+token (it starts every window) else ctx; the last window ends at the text's
+end. Window w scores only the tokens no earlier window scored, i.e. those at
+or after the previous window's end, so every token is scored exactly once,
+with at least span − stride tokens of context (stride = span: disjoint
+windows). Without BOS the first token of the text has no prediction and is
+not scored.
+
+Token NLLs, log-sum-exps and KL come from the C++ core; Python only
+gathers rows and summarises. Every figure is defined in docs/perplexity.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from logitparity.baseline_cache import BaselineCache, BaselineCacheWriter, CacheRows, text_sha256
+from logitparity.metrics import compare_logits, logsumexp, nll as _nll, topk as _topk
+from logitparity.stats import Describe, Rate, describe, format_mean_se, rate
+
+__all__ = ["DEFAULT_CORPUS", "PairFigures", "PerplexityResult", "PplFigures", "Window", "perplexity",
+           "plan_windows"]
+
+DEFAULT_CORPUS = Path(__file__).parent / "data" / "pride_and_prejudice.txt"
+DEFAULT_CTX = 512
+DEFAULT_STRIDE = 256
+BOOTSTRAP = 1000  # paired bootstrap resamples for the ΔPPL interval
+SCORING_NOTE = (
+    "each token is scored once, by the first window that reaches it (Hugging Face perplexity "
+    "recipe: window w covers tokens [w·stride, w·stride + span) and scores those past the "
+    "previous window's end)"
+)
+
+
+# --------------------------------------------------------------------------
+# windows
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """Text token indices: the window feeds [begin, end) (after BOS, if any)
+    and scores the tokens [first, end)."""
+
+    begin: int
+    end: int
+    first: int
+
+    @property
+    def scored(self) -> int:
+        return self.end - self.first
+
+
+def plan_windows(n_tokens: int, ctx: int, stride: int, bos: bool) -> list[Window]:
+    """The sliding windows over n_tokens text tokens (see the module doc).
+
+    ctx counts the model's input positions, BOS included; a text shorter than
+    one window gives one window of all its tokens.
+    """
+    span = ctx - 1 if bos else ctx
+    if span < (1 if bos else 2):
+        raise ValueError(f"ctx must be at least 2 (one context and one scored token), got {ctx}")
+    if not 1 <= stride <= span:
+        raise ValueError(
+            f"stride must be in [1, {span}] (ctx{' − 1 for BOS' if bos else ''}); a larger stride "
+            f"would leave tokens unscored, got {stride}"
+        )
+    if n_tokens < (1 if bos else 2):
+        raise ValueError(
+            f"the text has {n_tokens} token(s); scoring needs at least {1 if bos else 2} "
+            f"({'' if bos else 'the tokenizer has no BOS, so the first token has no prediction; '}"
+            "pass a longer text)"
+        )
+    windows, prev_end, begin = [], 0, 0
+    while True:
+        end = min(begin + span, n_tokens)
+        windows.append(Window(begin, end, max(prev_end, begin if bos else begin + 1)))
+        if end == n_tokens:
+            return windows
+        prev_end, begin = end, begin + stride
+
+
+def _batches(windows: Sequence[Window], batch_size: int) -> Iterator[list[Window]]:
+    """Consecutive windows of identical shape (fed length, scored count), at
+    most batch_size at a time, so no batch needs padding."""
+    group: list[Window] = []
+    for w in windows:
+        if group and (len(group) == batch_size or (w.end - w.begin, w.scored) != (
+                group[0].end - group[0].begin, group[0].scored)):
+            yield group
+            group = []
+        group.append(w)
+    if group:
+        yield group
+
+
+# --------------------------------------------------------------------------
+# figures
+
+
+@dataclasses.dataclass(frozen=True)
+class PplFigures:
+    """One side's perplexity figures over ``tokens`` scored tokens.
+
+    ppl = exp(mean NLL) with se = ppl · se(mean NLL); word/byte perplexity
+    and bits per byte spread the total NLL over the text's words and UTF-8
+    bytes (docs/perplexity.md).
+    """
+
+    tokens: int
+    nll: Describe  # per-token NLL, nats
+    mean_nll: float
+    ppl: float
+    ppl_se: float
+    word_perplexity: float
+    byte_perplexity: float
+    bits_per_byte: float
+
+    @classmethod
+    def from_nll(cls, nll: np.ndarray, words: int, n_bytes: int) -> "PplFigures":
+        d = describe(nll)
+        # describe() leaves NaN/inf out of its mean; a PPL must not: they propagate.
+        total = float(np.sum(nll))
+        finite = math.isfinite(total)
+        mean = d.mean if finite else total
+        ppl = _exp(mean)
+        word = _exp(total / words) if words else math.nan
+        byte = _exp(total / n_bytes) if n_bytes else math.nan
+        bpb = total / (n_bytes * math.log(2)) if n_bytes else math.nan
+        return cls(int(nll.size), d, mean, ppl, ppl * d.se if finite else math.nan, word, byte, bpb)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["nll"] = self.nll.to_dict()
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PairFigures:
+    """Candidate against reference on the same tokens (docs/perplexity.md).
+
+    ln_ppl_ratio = mean(nll_cand − nll_ref), its se from the paired
+    differences (so it accounts for the correlation of the two sides);
+    ppl_ratio = exp(ln_ppl_ratio); delta_ppl = ppl_cand − ppl_ref with a
+    delta-method se using the covariance of the token NLLs, and a paired
+    bootstrap 95% interval (token resampling, seeded). ``kl`` says whether KL
+    is exact or a lower bound (top-K baseline cache).
+    """
+
+    ppl_ratio: float
+    ppl_ratio_se: float
+    ln_ppl_ratio: float
+    ln_ppl_ratio_se: float
+    delta_ppl: float
+    delta_ppl_se: float
+    delta_ppl_ci95: tuple[float, float]
+    bootstrap: int
+    seed: int
+    nll_pearson: float
+    kl_ref_cand: Describe
+    kl_cand_ref: Describe
+    kl: str
+    delta_p: Describe
+    delta_p_rms: float
+    delta_p_rms_se: float
+    delta_p_low: dict[str, float]  # lower tail of Δp: p0.1, p1, p5, p10
+    same_top1: Rate
+
+    @classmethod
+    def from_tokens(cls, ref: PplFigures, cand: PplFigures, nll_ref: np.ndarray, nll_cand: np.ndarray,
+                    kl_ref_cand: np.ndarray, kl_cand_ref: np.ndarray, delta_p: np.ndarray,
+                    same_top1: np.ndarray, *, kl: str, bootstrap: int, seed: int) -> "PairFigures":
+        a, b = nll_ref, nll_cand
+        n = a.size
+        finite = bool(np.isfinite(a).all() and np.isfinite(b).all())
+        diff = describe(b - a)
+        ln_ratio = diff.mean if finite else float(np.mean(b - a))
+        ln_se = diff.se if finite else math.nan
+        ratio = _exp(ln_ratio)
+        delta = cand.ppl - ref.ppl if finite else math.nan
+        delta_se, pearson, ci = math.nan, math.nan, (math.nan, math.nan)
+        if finite and n >= 2:
+            c = np.cov(np.stack([a, b]), ddof=1)
+            var = (ref.ppl**2 * c[0, 0] + cand.ppl**2 * c[1, 1] - 2 * ref.ppl * cand.ppl * c[0, 1]) / n
+            delta_se = math.sqrt(max(var, 0.0))
+            if c[0, 0] > 0 and c[1, 1] > 0:
+                pearson = float(c[0, 1] / math.sqrt(c[0, 0] * c[1, 1]))
+            if bootstrap > 0:
+                ci = _bootstrap_delta_ppl(a, b, bootstrap, seed)
+        dp_sq = describe(delta_p * delta_p)
+        rms = math.sqrt(dp_sq.mean) if not math.isnan(dp_sq.mean) else math.nan
+        rms_se = dp_sq.se / (2 * rms) if rms > 0 else (0.0 if rms == 0 else math.nan)
+        low = describe(-delta_p)
+        return cls(
+            ppl_ratio=ratio, ppl_ratio_se=ratio * ln_se, ln_ppl_ratio=ln_ratio, ln_ppl_ratio_se=ln_se,
+            delta_ppl=delta, delta_ppl_se=delta_se, delta_ppl_ci95=ci, bootstrap=bootstrap, seed=seed,
+            nll_pearson=pearson, kl_ref_cand=describe(kl_ref_cand), kl_cand_ref=describe(kl_cand_ref),
+            kl=kl, delta_p=describe(delta_p), delta_p_rms=rms, delta_p_rms_se=rms_se,
+            delta_p_low={"p0.1": 0.0 - low.p999, "p1": 0.0 - low.p99, "p5": 0.0 - low.p95, "p10": 0.0 - low.p90},
+            same_top1=rate(int(np.sum(same_top1)), n),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key in ("kl_ref_cand", "kl_cand_ref", "delta_p"):
+            out[key] = getattr(self, key).to_dict()
+        out["same_top1"] = self.same_top1.to_dict()
+        out["delta_ppl_ci95"] = list(self.delta_ppl_ci95)
+        return out
+
+
+def _exp(x: float) -> float:
+    """exp that returns inf past the float range and NaN for NaN."""
+    if math.isnan(x):
+        return math.nan
+    return math.exp(x) if x < 709.0 else math.inf
+
+
+def _bootstrap_delta_ppl(a: np.ndarray, b: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    """Percentile 95% interval of exp(mean b*) − exp(mean a*) over paired
+    token resamples (the same indices for both sides)."""
+    rng = np.random.default_rng(seed)
+    n = a.size
+    chunk = max(1, min(resamples, (1 << 22) // n))  # bounded memory for the index matrix
+    out = np.empty(resamples)
+    for lo in range(0, resamples, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, resamples - lo), n))
+        out[lo:lo + idx.shape[0]] = np.exp(b[idx].mean(1)) - np.exp(a[idx].mean(1))
+    lo_q, hi_q = np.percentile(out, [2.5, 97.5])
+    return float(lo_q), float(hi_q)
+
+
+# --------------------------------------------------------------------------
+# the result
+
+
+@dataclasses.dataclass
+class PerplexityResult:
+    """Figures of one ``perplexity`` run; per-token arrays (scoring order)
+    are kept for plots and are left out of ``to_dict``."""
+
+    reference: dict[str, Any]
+    candidate: dict[str, Any] | None
+    text: dict[str, Any]
+    settings: dict[str, Any]
+    ref: PplFigures
+    cand: PplFigures | None
+    pair: PairFigures | None
+    cache: dict[str, Any] | None
+    timing: dict[str, float]
+    tokens: dict[str, np.ndarray] = dataclasses.field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        from logitparity.report import _jsonable
+
+        return _jsonable({
+            "reference": self.reference, "candidate": self.candidate, "text": self.text,
+            "settings": self.settings, "ref": self.ref.to_dict(),
+            "cand": self.cand.to_dict() if self.cand else None,
+            "pair": self.pair.to_dict() if self.pair else None,
+            "cache": self.cache, "timing": self.timing,
+        })
+
+    def to_markdown(self) -> str:
+        return _markdown(self)
+
+    _repr_markdown_ = to_markdown
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "nan"
+    return f"{x:.{digits}f}"
+
+
+def _g(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{x:.4g}"
+
+
+def _side_label(side: dict[str, Any]) -> str:
+    return f"{side.get('name')} ({side.get('dtype')}, {side.get('device')})"
+
+
+def _markdown(r: PerplexityResult) -> str:
+    s, t = r.settings, r.text
+    lines = ["## Perplexity", ""]
+    lines.append(f"- reference: {_side_label(r.reference)}")
+    if r.candidate:
+        lines.append(f"- candidate: {_side_label(r.candidate)}")
+    lines.append(f"- text: {t['name']} ({t['sha256'][:19]}…), {t['bytes']} bytes, {t['words']} words, "
+                 f"{t['tokens']} tokens")
+    bos = f"BOS {s['bos_token']!r} + {s['ctx'] - 1} text tokens" if s["bos_token_id"] is not None else \
+        "no BOS: the text's first token is not scored"
+    lines.append(f"- windows: {s['windows']} of ctx {s['ctx']} ({bos}), stride {s['stride']}; "
+                 f"{s['scored']} tokens scored; {SCORING_NOTE}")
+    lines += ["", "| figure | | reference | " + ("candidate |" if r.cand else ""),
+              "|---|---|---|" + ("---|" if r.cand else "")]
+    rows = [
+        ("PPL", lambda f: f"{_fmt(f.ppl)} ± {_fmt(f.ppl_se)}"),
+        ("mean NLL (nats/token)", lambda f: f"{_fmt(f.mean_nll, 5)} ± {_fmt(f.nll.se, 5)}"),
+        ("word perplexity", lambda f: _fmt(f.word_perplexity)),
+        ("byte perplexity", lambda f: _fmt(f.byte_perplexity, 5)),
+        ("bits per byte", lambda f: _fmt(f.bits_per_byte, 5)),
+    ]
+    for label, fn in rows:
+        lines.append(f"| {label} | ↓ | {fn(r.ref)} | " + (f"{fn(r.cand)} |" if r.cand else ""))
+    p = r.pair
+    if p is not None:
+        lo, hi = p.delta_ppl_ci95
+        lines += [
+            "", "| comparison (candidate vs reference) | | value |", "|---|---|---|",
+            f"| PPL ratio cand/ref | ↓ | {_fmt(p.ppl_ratio, 6)} ± {_fmt(p.ppl_ratio_se, 6)} |",
+            f"| ln(PPL ratio) | ↓ | {_fmt(p.ln_ppl_ratio, 6)} ± {_fmt(p.ln_ppl_ratio_se, 6)} |",
+            f"| ΔPPL | ↓ | {p.delta_ppl:+.5f} ± {_fmt(p.delta_ppl_se, 5)} "
+            f"(paired bootstrap 95%: [{lo:+.5f}, {hi:+.5f}], {p.bootstrap} resamples, seed {p.seed}) |",
+            f"| Pearson r of token NLLs | ↑ | {_fmt(p.nll_pearson, 6)} |",
+            f"| same top-1 | ↑ | {p.same_top1} |",
+            f"| RMS Δp of the true token | ↓ | {_g(p.delta_p_rms)} ± {_g(p.delta_p_rms_se)} |",
+            "", f"KL: {p.kl}.", "",
+            "| per token | | mean ± se | median | p90 | p95 | p99 | p99.9 | max |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label, d, arrow in (("KL(ref ‖ cand), nats", p.kl_ref_cand, "↓"),
+                                ("KL(cand ‖ ref), nats", p.kl_cand_ref, "↓"),
+                                ("Δp of the true token", p.delta_p, "")):
+            lines.append(f"| {label} | {arrow} | {format_mean_se(d.mean, d.se)} | {_g(d.median)} | "
+                         f"{_g(d.p90)} | {_g(d.p95)} | {_g(d.p99)} | {_g(d.p999)} | {_g(d.max)} |")
+        low = p.delta_p_low
+        lines.append(f"\nΔp lower tail: min {_g(p.delta_p.min)}, p0.1 {_g(low['p0.1'])}, p1 {_g(low['p1'])}, "
+                     f"p5 {_g(low['p5'])}, p10 {_g(low['p10'])}.")
+    if r.cache:
+        c = r.cache
+        lines.append(f"\nBaseline cache ({c['role']}): {c['path']}, storage {c['storage']}, "
+                     f"{c['bytes_per_token']:.0f} bytes per token.")
+    tm = r.timing
+    lines.append(f"\nTime: {tm['total_s']:.1f} s ({tm['forward_s']:.1f} s model forward, "
+                 f"{tm['metric_s']:.2f} s metrics), {tm['tokens_per_s']:.0f} scored tokens/s.")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------
+# inputs
+
+
+def _read_text(text: str | None, text_file: str | os.PathLike | None) -> tuple[str, str]:
+    """-> (text, name)."""
+    if text is not None and text_file is not None:
+        raise ValueError("pass either text or text_file, not both")
+    if text_file is not None:
+        p = Path(text_file)
+        if not p.is_file():
+            raise FileNotFoundError(f"text_file {p} does not exist; pass a UTF-8 text file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"text_file {p} is not UTF-8 text ({e}); convert it with iconv") from e
+        name = p.name
+    elif text is not None:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}; pass a file with text_file=")
+        name = "<text>"
+    else:
+        text, name = DEFAULT_CORPUS.read_text(encoding="utf-8"), DEFAULT_CORPUS.name
+    if not text.strip():
+        raise ValueError(f"text {name} is empty (or only whitespace); pass some prose to score")
+    return text, name
+
+
+def _tokenize(tokenizer: Any, text: str, max_tokens: int | None) -> tuple[np.ndarray, str]:
+    """-> (token ids, the text those tokens cover)."""
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    if max_tokens is not None and ids.size > max_tokens:
+        covered = text[:enc["offset_mapping"][max_tokens - 1][1]] if fast else tokenizer.decode(ids[:max_tokens])
+        return ids[:max_tokens], covered
+    return ids, text
+
+
+def _check_int(value: Any, name: str, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    return int(value)
+
+
+def _text_counts(covered: str) -> dict[str, int]:
+    return {"words": len(covered.split()), "bytes": len(covered.encode("utf-8"))}
+
+
+# --------------------------------------------------------------------------
+# the sides
+
+
+def _load(spec: Any, dtype: str, device: str):
+    """A LoadedModel from a path / None (default model) / an already loaded model."""
+    if hasattr(spec, "model") and hasattr(spec, "tokenizer"):
+        return spec
+    from logitparity.capture.hf import load_model
+
+    return load_model(spec, dtype=dtype, device=device)
+
+
+def _describe_side(lm: Any) -> dict[str, Any]:
+    ident = lm.identity.get("model", {})
+    name = ident.get("name") or ident.get("path")
+    if ident.get("default"):
+        name = f"{name} (default model)"
+    return {"name": name, "dtype": lm.dtype, "device": lm.device, "model": ident}
+
+
+def _max_context(lm: Any) -> int | None:
+    n = getattr(lm.model.config, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) else None
+
+
+def _check_context(lm: Any, ctx: int, role: str) -> None:
+    limit = _max_context(lm)
+    if limit is not None and ctx > limit:
+        raise ValueError(
+            f"ctx={ctx} exceeds the {role} model's context ({limit} positions, "
+            f"max_position_embeddings); pass ctx <= {limit}"
+        )
+
+
+def _forward(lm: Any, token_ids: np.ndarray, group: list[Window], bos_id: int | None):
+    """Logits [rows, V] (torch, on the CPU) predicting the group's scored
+    tokens, in order."""
+    from logitparity.capture.decode import score_batch
+
+    head = [bos_id] if bos_id is not None else []
+    prompts = [head + token_ids[w.begin:w.first].tolist() for w in group]
+    conts = [token_ids[w.first:w.end].tolist() for w in group]
+    pad = getattr(lm.tokenizer, "pad_token_id", None)
+    rows = score_batch(lm.model, prompts, conts, device=lm.device, pad_id=pad if pad is not None else 0)
+    return rows[0] if len(rows) == 1 else _cat(rows)
+
+
+def _cat(rows: list[Any]):
+    import torch
+
+    return torch.cat(rows, 0)
+
+
+def _host_rows(logits: Any) -> tuple[np.ndarray, bool]:
+    """Torch CPU logits [n, V] -> (numpy fp32/fp16, or uint16 bf16 bits; is_bf16)."""
+    import torch
+
+    x = logits.contiguous()
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy().view(np.uint16), True
+    return x.numpy(), False
+
+
+# --------------------------------------------------------------------------
+# per-batch metrics
+
+
+@dataclasses.dataclass
+class _Tokens:
+    """Per scored token, appended batch by batch."""
+
+    parts: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
+
+    def add(self, **arrays: np.ndarray) -> None:
+        for k, v in arrays.items():
+            self.parts.setdefault(k, []).append(np.asarray(v))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: np.concatenate(v) for k, v in self.parts.items()}
+
+
+def _pair_live(ref, cand, targets: np.ndarray, threads) -> dict[str, np.ndarray]:
+    m = compare_logits(ref, cand, targets=targets, topk=(1,), threads=threads, js=False)
+    return {"nll_ref": m.nll_ref, "nll_cand": m.nll_cand, "kl_ref_cand": m.kl_ref_cand,
+            "kl_cand_ref": m.kl_cand_ref, "argmax_ref": m.argmax_ref, "argmax_cand": m.argmax_cand,
+            "lse_ref": m.lse_ref}
+
+
+def _pair_cache(rows: CacheRows, cand, targets: np.ndarray, vocab: int, threads) -> dict[str, np.ndarray]:
+    """Candidate logits against cached reference rows: exact NLL/argmax from the
+    cache; KL exact (full storage) or a lower bound (topk storage)."""
+    if rows.logprobs is not None:
+        m = compare_logits(rows.logprobs, cand, targets=targets, topk=(1,), threads=threads, js=False,
+                           ref_bf16=rows.bf16)
+        kl_rc, kl_cr, arg_c, nll_c = m.kl_ref_cand, m.kl_cand_ref, m.argmax_cand, m.nll_cand
+    else:
+        from logitparity.compare import _top_from_full, _topk_row_metrics, _TopRows
+
+        host, bf16 = _host_rows(cand)
+        k = rows.topk_indices.shape[1]
+        top_ref = _TopRows(rows.topk_values.astype(np.float64), rows.topk_indices.astype(np.int64),
+                           rows.lse, rows.tail)
+        m = _topk_row_metrics(top_ref, _top_from_full(host, k, bf16, threads), targets, (1,), vocab)
+        kl_rc, kl_cr, arg_c = m.kl_ref_cand, m.kl_cand_ref, m.argmax_cand
+        nll_c = _nll(host, targets, threads=threads, bf16=bf16)
+    return {"nll_ref": rows.nll, "nll_cand": nll_c, "kl_ref_cand": kl_rc, "kl_cand_ref": kl_cr,
+            "argmax_ref": rows.argmax, "argmax_cand": arg_c}
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="win", desc="ppl", disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+# --------------------------------------------------------------------------
+# the public function
+
+
+def perplexity(
+    model: Any = None,
+    *,
+    text: str | None = None,
+    text_file: str | os.PathLike | None = None,
+    candidate: Any = None,
+    ctx: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 1,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    candidate_dtype: str | None = None,
+    candidate_device: str | None = None,
+    baseline_cache: str | os.PathLike | BaselineCache | None = None,
+    save_baseline: str | os.PathLike | None = None,
+    cache_topk: int | None = None,
+    cache_dtype: str = "fp16",
+    max_tokens: int | None = None,
+    bootstrap: int = BOOTSTRAP,
+    seed: int = 0,
+    threads: int | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity of ``model`` (the reference) on a text and, with
+    ``candidate``, the candidate's perplexity and its distance from the
+    reference on the same tokens.
+
+    model, candidate: a Hugging Face directory, a .gguf file, None (the
+    embedded default model; for ``candidate`` None means no candidate) or a
+    ``LoadedModel``. baseline_cache: a cache directory (or BaselineCache)
+    that stands in for the reference (then leave ``model`` unset); the text
+    and settings default to the cache's and must match when given.
+    save_baseline: write the reference's rows to this directory, full
+    log-probs in ``cache_dtype`` (fp16 | bf16 | fp32), or the top
+    ``cache_topk`` logits + tail mass.
+
+    text / text_file: the text (default: the bundled corpus,
+    data/pride_and_prejudice.txt). ctx: input positions per window, BOS
+    included (default 512); stride: tokens between window starts (default
+    256; = ctx − 1 with BOS, or ctx without, gives disjoint windows).
+    max_tokens: score only the first N tokens of the text (no other length
+    limit). batch_size: windows per forward pass. bootstrap, seed: paired
+    bootstrap resamples for the ΔPPL interval. threads: core threads.
+    """
+    cache = None
+    if baseline_cache is not None:
+        if model is not None:
+            raise ValueError("pass either model (a live reference) or baseline_cache, not both")
+        if save_baseline is not None:
+            raise ValueError("save_baseline needs a live reference model; the reference is already a cache")
+        cache = baseline_cache if isinstance(baseline_cache, BaselineCache) else BaselineCache(baseline_cache)
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    bootstrap = _check_int(bootstrap, "bootstrap", 0)
+    if max_tokens is not None:
+        max_tokens = _check_int(max_tokens, "max_tokens", 1)
+    if cache_topk is not None:
+        cache_topk = _check_int(cache_topk, "cache_topk", 1)
+    for name, v in (("ctx", ctx), ("stride", stride)):
+        if v is not None:
+            _check_int(v, name, 1)
+
+    t_start = time.perf_counter()
+    ref_lm = None if cache is not None else _load(model, dtype, device)
+    cand_lm = None
+    if candidate is not None:
+        cand_lm = _load(candidate, candidate_dtype or dtype, candidate_device or device)
+
+    if cache is not None:
+        s = cache.settings
+        given_text = None if text is None and text_file is None else _read_text(text, text_file)[0]
+        cache.check_compatible(
+            tokenizer=cand_lm.identity["tokenizer"] if cand_lm else None, text=given_text,
+            settings={"ctx": ctx, "stride": stride, "max_tokens": max_tokens},
+        )
+        ctx, stride, bos_id = int(s["ctx"]), int(s["stride"]), s["bos_token_id"]
+        token_ids = cache.token_ids
+        text_info = dict(cache.manifest["text"])
+        bos_token = s.get("bos_token")
+        tokenizer_ident = cache.manifest["tokenizer"]
+    else:
+        txt, name = _read_text(text, text_file)
+        ctx = DEFAULT_CTX if ctx is None else ctx
+        stride = (DEFAULT_STRIDE if ctx > DEFAULT_STRIDE else max(1, ctx // 2)) if stride is None else stride
+        tok = ref_lm.tokenizer
+        tokenizer_ident = ref_lm.identity["tokenizer"]
+        if cand_lm is not None:
+            for key in ("vocab_size", "tokens_hash", "special_tokens"):
+                if tokenizer_ident.get(key) != cand_lm.identity["tokenizer"].get(key):
+                    raise ValueError(
+                        f"reference and candidate tokenizers differ ({key}); perplexity can only be "
+                        "compared token by token when both tokenize the text identically"
+                    )
+        bos_id = getattr(tok, "bos_token_id", None)
+        bos_token = getattr(tok, "bos_token", None)
+        token_ids, covered = _tokenize(tok, txt, max_tokens)
+        text_info = {"name": name, "sha256": text_sha256(txt), "tokens": int(token_ids.size),
+                     "truncated": bool(max_tokens is not None and covered != txt), **_text_counts(covered)}
+    for lm, role in ((ref_lm, "reference"), (cand_lm, "candidate")):
+        if lm is not None:
+            _check_context(lm, ctx, role)
+    windows = plan_windows(int(token_ids.size), ctx, stride, bos_id is not None)
+    n_scored = sum(w.scored for w in windows)
+    settings = {"ctx": ctx, "stride": stride, "bos_token_id": bos_id, "bos_token": bos_token,
+                "max_tokens": max_tokens, "windows": len(windows), "scored": n_scored,
+                "batch_size": batch_size, "recipe": SCORING_NOTE}
+
+    writer = None
+    if save_baseline is not None:
+        storage = "full" if cache_topk is None else f"topk:{cache_topk}"
+        writer = BaselineCacheWriter(save_baseline, storage=storage, dtype=cache_dtype, threads=threads)
+
+    acc = _Tokens()
+    t_fwd = t_met = 0.0
+    cursor = 0
+    t_loop = time.perf_counter()
+    bar = _progress(len(windows), progress)
+    try:
+        for group in _batches(windows, batch_size):
+            positions = np.concatenate([np.arange(w.first, w.end) for w in group])
+            targets = token_ids[positions]
+            t0 = time.perf_counter()
+            ref_logits = _forward(ref_lm, token_ids, group, bos_id) if ref_lm is not None else None
+            cand_logits = _forward(cand_lm, token_ids, group, bos_id) if cand_lm is not None else None
+            t1 = time.perf_counter()
+            if cache is not None:
+                rows = cache.rows(cursor, cursor + positions.size)
+                if not np.array_equal(rows.position, positions):
+                    raise ValueError(f"baseline cache {cache.path} rows do not follow its own windows; recreate it")
+                if cand_logits is None:
+                    out = {"nll_ref": rows.nll}
+                else:
+                    cache.check_compatible(vocab=int(cand_logits.shape[-1]))
+                    out = _pair_cache(rows, cand_logits, targets, cache.vocab, threads)
+            elif cand_logits is not None:
+                out = _pair_live(ref_logits, cand_logits, targets, threads)
+            else:
+                out = {"nll_ref": _nll(ref_logits, targets, threads=threads)}
+            if writer is not None:
+                lse = out.pop("lse_ref", None)
+                arg = out.get("argmax_ref")
+                writer.add(ref_logits, position=positions, target=targets, nll=out["nll_ref"],
+                           lse=logsumexp(ref_logits, threads=threads) if lse is None else lse,
+                           argmax=_topk(ref_logits, 1, threads=threads)[1][:, 0] if arg is None else arg)
+            out.pop("lse_ref", None)
+            acc.add(**out)
+            cursor += positions.size
+            t_fwd += t1 - t0
+            t_met += time.perf_counter() - t1
+            bar.update(len(group))
+            bar.set_postfix_str(f"{cursor / (time.perf_counter() - t_loop):.0f} tok/s", refresh=False)
+        saved = None
+        if writer is not None:
+            manifest = {
+                "text": text_info,
+                "settings": {k: settings[k] for k in ("ctx", "stride", "bos_token_id", "bos_token", "max_tokens")},
+                "tokenizer": tokenizer_ident, "model": _describe_side(ref_lm),
+            }
+            saved = writer.close(manifest, token_ids)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+    t_end = time.perf_counter()
+
+    tokens = acc.arrays()
+    ref_fig = PplFigures.from_nll(tokens["nll_ref"], text_info["words"], text_info["bytes"])
+    cand_fig = pair = None
+    if cand_lm is not None:
+        tokens["delta_p"] = np.exp(-tokens["nll_cand"]) - np.exp(-tokens["nll_ref"])
+        tokens["same_top1"] = tokens["argmax_ref"] == tokens["argmax_cand"]
+        cand_fig = PplFigures.from_nll(tokens["nll_cand"], text_info["words"], text_info["bytes"])
+        kl_note = "exact (full distributions)"
+        if cache is not None and cache.k is not None:
+            kl_note = (f"a lower bound: the baseline cache keeps the reference's top {cache.k} tokens, so KL is "
+                       f"taken over those tokens plus one bucket for the rest (data-processing inequality)")
+        elif cache is not None:
+            kl_note = (f"from the baseline cache's {cache.manifest['storage']['dtype']} log-probs "
+                       "(exact up to their rounding)")
+        pair = PairFigures.from_tokens(
+            ref_fig, cand_fig, tokens["nll_ref"], tokens["nll_cand"], tokens["kl_ref_cand"],
+            tokens["kl_cand_ref"], tokens["delta_p"], tokens["same_top1"], kl=kl_note,
+            bootstrap=bootstrap, seed=seed)
+
+    cache_info = None
+    if cache is not None:
+        cache_info = {"role": "reference read from", "path": str(cache.path),
+                      "storage": cache.manifest["storage"]["logits"], "bytes_per_token": cache.bytes_per_token}
+        reference = {**cache.manifest.get("model", {}), "baseline_cache": str(cache.path)}
+    else:
+        reference = _describe_side(ref_lm)
+    if saved is not None:
+        cache_info = {"role": "written to", "path": str(Path(save_baseline)),
+                      "storage": saved["storage"]["logits"]
+                      + (f" {saved['storage']['dtype']}" if saved["storage"]["dtype"] else ""),
+                      "bytes_per_token": saved["bytes_per_token"]}
+    total = t_end - t_start
+    timing = {"total_s": total, "load_s": t_loop - t_start, "forward_s": t_fwd, "metric_s": t_met,
+              "tokens_per_s": n_scored / (t_end - t_loop) if t_end > t_loop else math.nan}
+    return PerplexityResult(
+        reference=reference, candidate=_describe_side(cand_lm) if cand_lm else None, text=text_info,
+        settings=settings, ref=ref_fig, cand=cand_fig, pair=pair, cache=cache_info, timing=timing,
+        tokens=tokens,
+    )
