@@ -1,0 +1,106 @@
+"""``logitparity gate``: a ``git bisect run`` / CI oracle. Scores a candidate
+model against a baseline cache and exits 0 (good: within the limits), 1
+(bad), or 125 (could not run: bad arguments, a missing or incompatible cache,
+a model that does not load), which ``git bisect run`` treats as "skip".
+
+    logitparity ppl --model REF --save-baseline base/ --max-tokens 4096
+    git bisect run logitparity gate --baseline-cache base/ --model CAND --max-ppl-increase 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+HELP = "Bisect/CI oracle: candidate vs a baseline cache; exit 0 good, 1 bad, 125 could not run."
+
+GOOD, BAD, SKIP = 0, 1, 125
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    # Values are parsed in run(), not by argparse, so that a bad value exits 125, not 2.
+    p.add_argument("--baseline-cache", metavar="DIR", help="the reference (logitparity ppl --save-baseline)")
+    p.add_argument("--model", metavar="CAND", help="candidate: a Hugging Face directory or .gguf file")
+    p.add_argument("--max-ppl-increase", metavar="X", help="largest allowed PPL_cand − PPL_ref, in PPL "
+                   "units (0.1), or relative with a % sign (1%%)")
+    p.add_argument("--max-mean-kl", metavar="X", help="largest allowed mean KL(ref ‖ cand), nats")
+    p.add_argument("--dtype", default="fp32", help="candidate dtype: fp32 | bf16 | fp16")
+    p.add_argument("--device", default="cpu", help="candidate device: cpu | cuda | cuda:N | auto")
+    p.add_argument("--batch-size", default="1", help="windows per forward pass")
+    p.add_argument("--threads", help="threads of the C++ core (default: all cores)")
+    p.add_argument("--json", metavar="OUT", help="write the verdict and every figure as JSON")
+
+
+def parse_limit(value: str, name: str) -> tuple[float, bool]:
+    """'0.1' -> (0.1, False); '1%' -> (0.01, True). Raises ValueError."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%?)\s*", value)
+    if not m:
+        raise ValueError(f"{name} must be a non-negative number, optionally with a % sign, got {value!r}")
+    x = float(m.group(1))
+    return (x / 100.0, True) if m.group(2) else (x, False)
+
+
+def _int(value: str | None, name: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def verdict(result, ppl_limit: tuple[float, bool] | None, kl_limit: float | None) -> tuple[int, list[str]]:
+    """-> (exit code, one line per check). NaN figures fail their check."""
+    lines, bad = [], False
+    if ppl_limit is not None:
+        limit, relative = ppl_limit
+        delta = result.pair.delta_ppl
+        value = delta / result.ref.ppl if relative else delta
+        ok = value <= limit  # False for NaN
+        bad |= not ok
+        shown = f"{100 * value:+.4f}% (limit +{100 * limit:g}%)" if relative else f"{value:+.5f} (limit +{limit:g})"
+        lines.append(f"{'ok ' if ok else 'BAD'} ΔPPL {shown}; PPL {result.ref.ppl:.4f} -> {result.cand.ppl:.4f}")
+    if kl_limit is not None:
+        kl = result.pair.kl_ref_cand
+        mean = kl.mean if kl.n_nan == 0 and kl.n_inf == 0 else math.nan
+        ok = mean <= kl_limit
+        bad |= not ok
+        lines.append(f"{'ok ' if ok else 'BAD'} mean KL(ref ‖ cand) {mean:.6g} nats (limit {kl_limit:g}; "
+                     f"KL {result.pair.kl})")
+    return (BAD if bad else GOOD), lines
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if not args.baseline_cache or not args.model:
+            raise ValueError("--baseline-cache DIR and --model CAND are both required")
+        if args.max_ppl_increase is None and args.max_mean_kl is None:
+            raise ValueError("give at least one limit: --max-ppl-increase X and/or --max-mean-kl X")
+        ppl_limit = None if args.max_ppl_increase is None else parse_limit(args.max_ppl_increase, "--max-ppl-increase")
+        kl_limit = None if args.max_mean_kl is None else parse_limit(args.max_mean_kl, "--max-mean-kl")[0]
+        from logitparity.ppl import perplexity
+
+        result = perplexity(
+            candidate=args.model, baseline_cache=args.baseline_cache, candidate_dtype=args.dtype,
+            candidate_device=args.device, batch_size=_int(args.batch_size, "--batch-size"),
+            threads=_int(args.threads, "--threads"), progress=False,
+        )
+    except Exception as e:  # anything that stops the measurement: skip this commit
+        print(f"logitparity gate: could not run ({type(e).__name__}): {e}", file=sys.stderr)
+        return SKIP
+    code, lines = verdict(result, ppl_limit, kl_limit)
+    print(f"logitparity gate: {'GOOD' if code == GOOD else 'BAD'} ({result.settings['scored']} tokens, "
+          f"cache {args.baseline_cache})")
+    for line in lines:
+        print(f"  {line}")
+    if args.json:
+        from logitparity.report import _atomic_write
+
+        out = {"verdict": "good" if code == GOOD else "bad", "exit_code": code, "checks": lines,
+               "result": result.to_dict()}
+        _atomic_write(Path(args.json), json.dumps(out, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+    return code

@@ -1,0 +1,63 @@
+"""``logitparity ppl``: perplexity of a reference on a text and, with
+--candidate, the candidate's PPL ratio, ΔPPL and corpus-level KL."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HELP = "Perplexity on a text (sliding windows); with --candidate also PPL ratio, ΔPPL and KL in both directions."
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="REF", help="reference: a Hugging Face directory or .gguf file "
+                   "(default: the embedded SmolLM2-135M-Instruct); leave out with --baseline-cache")
+    p.add_argument("--candidate", metavar="CAND", help="candidate model (directory or .gguf)")
+    p.add_argument("--text", metavar="FILE", help="UTF-8 text to score (default: the bundled "
+                   "public-domain corpus, Pride and Prejudice chapters 1-10)")
+    p.add_argument("--ctx", type=int, help="input positions per window, BOS included (default 512, "
+                   "or the baseline cache's)")
+    p.add_argument("--stride", type=int, help="tokens between window starts (default 256, or the cache's)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="reference dtype (default fp32)")
+    p.add_argument("--device", default="cpu", help="reference device: cpu | cuda | cuda:N | auto")
+    p.add_argument("--candidate-dtype", choices=DTYPES, help="candidate dtype (default: --dtype)")
+    p.add_argument("--candidate-device", help="candidate device (default: --device)")
+    p.add_argument("--baseline-cache", metavar="DIR", help="read the reference from this baseline cache")
+    p.add_argument("--save-baseline", metavar="DIR", help="save the reference's rows as a baseline cache")
+    p.add_argument("--cache-topk", type=int, metavar="K", help="cache only the top K logits + tail mass "
+                   "(KL then becomes a lower bound); default: full log-probs")
+    p.add_argument("--cache-dtype", choices=DTYPES, default="fp16", help="dtype of cached full log-probs")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens of the text")
+    p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples for ΔPPL (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--threads", type=int, help="threads of the C++ core (default: all cores)")
+    p.add_argument("--json", metavar="OUT", help="write every figure as JSON")
+    p.add_argument("--report", metavar="OUT", help="write the markdown report")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from logitparity.ppl import perplexity
+    from logitparity.report import _atomic_write
+
+    result = perplexity(
+        args.model, text_file=args.text, candidate=args.candidate, ctx=args.ctx, stride=args.stride,
+        batch_size=args.batch_size, dtype=args.dtype, device=args.device,
+        candidate_dtype=args.candidate_dtype, candidate_device=args.candidate_device,
+        baseline_cache=args.baseline_cache, save_baseline=args.save_baseline, cache_topk=args.cache_topk,
+        cache_dtype=args.cache_dtype, max_tokens=args.max_tokens, bootstrap=args.bootstrap, seed=args.seed,
+        threads=args.threads, progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    md = result.to_markdown()
+    print(md, end="")
+    if args.json:
+        _atomic_write(Path(args.json), json.dumps(result.to_dict(), indent=1, ensure_ascii=False,
+                                                   allow_nan=False) + "\n")
+    if args.report:
+        _atomic_write(Path(args.report), md)
+    return 0
