@@ -147,7 +147,8 @@ def _to_numpy(logits: Any, dtype: str) -> np.ndarray:
             )
         if dtype == "bf16":
             return _bf16_bits(a.astype(np.float32, copy=False))
-        arr = np.ascontiguousarray(a, dtype=LOGITS_DTYPES[dtype])
+        with np.errstate(over="ignore"):  # fp16 overflow is reported below
+            arr = np.ascontiguousarray(a, dtype=LOGITS_DTYPES[dtype])
         src = a if dtype == "fp16" else None
     if src is not None:
         over = np.isinf(arr) & np.isfinite(src)
