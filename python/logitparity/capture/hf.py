@@ -71,14 +71,14 @@ def _resolve(model: str | os.PathLike | None) -> tuple[Path, dict[str, Any]]:
     if model is None:
         path = default_model_dir()
         source = json.loads((path / SOURCE_FILE).read_text(encoding="utf-8"))
-        return path, {"path": source["gguf"], "format": "gguf", "default": True, "weights_hash": source["gguf_sha256"]}
+        return path, {"path": source["gguf"], "format": "gguf", "weights_hash": source["gguf_sha256"]}
     p = Path(model).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return gguf_model_dir(p), {"path": str(p.resolve()), "format": "gguf", "weights_hash": file_sha256(p)}
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"model directory {p} has no config.json; expected a Hugging Face model directory")
-        return p, {"path": str(p.resolve()), "format": "hf"}
+        return p, {"path": str(p.resolve()), "format": "hf", "weights_hash": _weights_hash(p)}
     if p.exists():
         raise ValueError(f"model {p} is a file but not a .gguf; pass a Hugging Face directory or a .gguf file")
     raise FileNotFoundError(
@@ -174,7 +174,7 @@ def load_model(model: str | os.PathLike | None = None, *, dtype: str = "fp32", d
             "architecture": (getattr(lm.config, "architectures", None) or [type(lm).__name__])[0],
             "hf_dir": str(path.resolve()),
             "config_hash": _sha256_text(json.dumps(json.loads(config_text), sort_keys=True)),
-            "weights_hash": source.get("weights_hash") or _weights_hash(path),
+            "weights_hash": source["weights_hash"],
             "n_parameters": int(sum(p.numel() for p in lm.parameters())),
             "attn_implementation": getattr(lm.config, "_attn_implementation", None),
         },
