@@ -1,0 +1,229 @@
+// Per-target helpers shared by every row kernel: loading a chunk of a row in
+// any storage dtype as float32, and the running top-k selection.
+//
+// Chunks are converted into a small float buffer (L1-resident) padded to a
+// whole number of vectors with -inf, the neutral element of every kernel
+// here: a pad is a masked token on both sides and is never compared.
+
+// Toggle include guard: this file is included once per Highway target.
+#if defined(LOGITPARITY_SRC_ROW_LOAD_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef LOGITPARITY_SRC_ROW_LOAD_INL_H_
+#undef LOGITPARITY_SRC_ROW_LOAD_INL_H_
+#else
+#define LOGITPARITY_SRC_ROW_LOAD_INL_H_
+#endif
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <limits>
+
+#include "hwy/aligned_allocator.h"
+#include "hwy/highway.h"
+#include "logitparity/row_metrics.h"
+#include "logitparity/rows.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace logitparity {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// Elements per chunk: two float chunks (ref and cand) take 16 KiB, well
+// inside L1, and a multiple of every vector length up to 512 bits.
+constexpr size_t kChunk = 2048;
+// Largest vector in floats for any target (stack buffers for tails).
+constexpr size_t kMaxLanesF32 = HWY_MAX_BYTES / sizeof(float);
+
+// IEEE binary16 bits (in the low half of u32 lanes) to float32. Written with
+// integer ops rather than PromoteTo because Highway 1.0.3's f16 promotion on
+// targets without F16C turns inf/NaN into large finite values; this version is
+// exact for every input on every target (pinned by F16ConversionAllBits).
+template <class DF, class VU>
+HWY_INLINE hn::Vec<DF> F16BitsToF32(DF df, VU h) {
+  const hn::RebindToUnsigned<DF> du;
+  const VU sign = hn::ShiftLeft<16>(hn::And(h, hn::Set(du, 0x8000u)));
+  const VU shifted = hn::ShiftLeft<13>(hn::And(h, hn::Set(du, 0x7FFFu)));
+  const VU exp = hn::And(shifted, hn::Set(du, 0x0F800000u));
+  // Normal: rebias the exponent from 15 to 127.
+  const VU normal = hn::Add(shifted, hn::Set(du, 0x38000000u));
+  // Inf/NaN: exponent 31 -> 255, mantissa (payload) kept.
+  const VU infnan = hn::Add(shifted, hn::Set(du, 0x70000000u));
+  // Zero/subnormal: m * 2^-24 computed exactly as (1 + m/1024) 2^-14 - 2^-14.
+  const hn::Vec<DF> magic = hn::BitCast(df, hn::Set(du, 0x38800000u));
+  const hn::Vec<DF> sub =
+      hn::Sub(hn::BitCast(df, hn::Add(shifted, hn::Set(du, 0x38800000u))), magic);
+  const auto is_infnan = hn::Eq(exp, hn::Set(du, 0x0F800000u));
+  const auto is_sub = hn::Eq(exp, hn::Zero(du));
+  const hn::Vec<DF> normal_f = hn::BitCast(df, hn::IfThenElse(is_infnan, infnan, normal));
+  const hn::Vec<DF> mag = hn::IfThenElse(hn::RebindMask(df, is_sub), sub, normal_f);
+  return hn::Or(mag, hn::BitCast(df, sign));
+}
+
+template <class DF, class VU>
+HWY_INLINE hn::Vec<DF> BF16BitsToF32(DF df, VU h) {
+  return hn::BitCast(df, hn::ShiftLeft<16>(h));
+}
+
+// One vector of 16-bit elements starting at p, converted to float.
+template <Dtype kDtype, class DF>
+HWY_INLINE hn::Vec<DF> LoadHalfAsF32(DF df, const uint16_t* HWY_RESTRICT p) {
+  const hn::Rebind<uint16_t, DF> d16;
+  const hn::RebindToUnsigned<DF> du;
+  const auto h = hn::PromoteTo(du, hn::LoadU(d16, p));
+  if (kDtype == Dtype::kF16) return F16BitsToF32(df, h);
+  return BF16BitsToF32(df, h);
+}
+
+template <Dtype kDtype, class DF>
+HWY_INLINE hn::Vec<DF> LoadAsF32(DF df, const void* HWY_RESTRICT base, size_t i) {
+  if (kDtype == Dtype::kF32) return hn::LoadU(df, static_cast<const float*>(base) + i);
+  return LoadHalfAsF32<kDtype>(df, static_cast<const uint16_t*>(base) + i);
+}
+
+// Converts elements [0, len) of `src` (dtype kDtype) to float in out[0, len)
+// and fills out[len, RoundUp(len, N)) with -inf. Returns the padded length.
+// The partial last vector goes through a padded stack buffer: Highway 1.0.3's
+// MaskedLoad reads past the end for 16-bit types.
+template <Dtype kDtype, class DF>
+HWY_INLINE size_t LoadChunkAsF32(DF df, const void* HWY_RESTRICT src, size_t len,
+                                 float* HWY_RESTRICT out) {
+  const size_t N = hn::Lanes(df);
+  size_t i = 0;
+  for (; i + N <= len; i += N) hn::StoreU(LoadAsF32<kDtype>(df, src, i), df, out + i);
+  if (i == len) return len;
+  const size_t rest = len - i;
+  if (kDtype == Dtype::kF32) {
+    HWY_ALIGN float buf[kMaxLanesF32];
+    for (size_t j = 0; j < N; ++j) buf[j] = -std::numeric_limits<float>::infinity();
+    memcpy(buf, static_cast<const float*>(src) + i, rest * sizeof(float));
+    hn::StoreU(hn::LoadU(df, buf), df, out + i);
+  } else {
+    // -inf in binary16 is 0xFC00, in bfloat16 0xFF80.
+    const uint16_t pad = kDtype == Dtype::kF16 ? 0xFC00u : 0xFF80u;
+    HWY_ALIGN uint16_t buf[kMaxLanesF32];
+    for (size_t j = 0; j < N; ++j) buf[j] = pad;
+    memcpy(buf, static_cast<const uint16_t*>(src) + i, rest * sizeof(uint16_t));
+    hn::StoreU(LoadHalfAsF32<kDtype>(df, buf), df, out + i);
+  }
+  return i + N;
+}
+
+// The k largest (value, index) pairs seen so far, sorted by value descending
+// then index ascending. Elements must be offered in increasing index order:
+// an element equal to the current k-th value then has a higher index and
+// does not qualify, which is exactly the "ties to the lower index" rule.
+struct TopKState {
+  size_t k = 0;
+  size_t size = 0;
+  float values[kMaxTopK];
+  int64_t indices[kMaxTopK];
+
+  void Reset(size_t new_k) {
+    k = new_k;
+    size = 0;
+  }
+  bool Full() const { return size == k; }
+  float Threshold() const { return values[k - 1]; }
+
+  void Offer(float v, int64_t idx) {
+    if (size == k && !(v > values[k - 1])) return;
+    // First position whose value is smaller than v (equal values stay ahead).
+    size_t pos = size < k ? size : k - 1;
+    while (pos > 0 && values[pos - 1] < v) --pos;
+    const size_t last = size < k ? size : k - 1;
+    for (size_t j = last; j > pos; --j) {
+      values[j] = values[j - 1];
+      indices[j] = indices[j - 1];
+    }
+    values[pos] = v;
+    indices[pos] = idx;
+    if (size < k) ++size;
+  }
+};
+
+// Offers the `len` floats at x (indices base, base+1, ...) to the state,
+// skipping whole vectors that cannot enter once the state is full. NaN never
+// enters (callers treat rows holding NaN separately).
+template <class DF>
+HWY_INLINE void TopKOffer(DF df, const float* HWY_RESTRICT x, size_t len, int64_t base,
+                          TopKState& state) {
+  const size_t N = hn::Lanes(df);
+  size_t i = 0;
+  while (i < len && !state.Full()) {
+    state.Offer(x[i], base + static_cast<int64_t>(i));
+    ++i;
+  }
+  for (; i + N <= len; i += N) {
+    const auto v = hn::LoadU(df, x + i);
+    if (hn::AllFalse(df, hn::Gt(v, hn::Set(df, state.Threshold())))) continue;
+    for (size_t j = 0; j < N; ++j) state.Offer(x[i + j], base + static_cast<int64_t>(i + j));
+  }
+  for (; i < len; ++i) state.Offer(x[i], base + static_cast<int64_t>(i));
+}
+
+// Tag of the float64 accumulators paired with float tag DF: half as many
+// lanes (a float vector is promoted in two halves), or one lane on HWY_SCALAR.
+#if HWY_TARGET == HWY_SCALAR
+template <class DF>
+using F64Tag = hn::Rebind<double, DF>;
+#else
+template <class DF>
+using F64Tag = hn::Repartition<double, DF>;
+#endif
+
+// f64 accumulation of a float vector: the lower and upper halves are promoted
+// and added to two double accumulators.
+template <class DF, class DD>
+HWY_INLINE void AddF64(DF /*df*/, DD dd, hn::Vec<DF> v, hn::Vec<DD>& lo, hn::Vec<DD>& hi) {
+#if HWY_TARGET == HWY_SCALAR
+  (void)hi;
+  lo = hn::Add(lo, hn::PromoteTo(dd, v));
+#else
+  lo = hn::Add(lo, hn::PromoteTo(dd, hn::LowerHalf(v)));
+  hi = hn::Add(hi, hn::PromoteTo(dd, hn::UpperHalf(hn::Half<DF>(), v)));
+#endif
+}
+
+// lo/hi += a * b with a, b promoted first: the product of two floats is exact
+// in double.
+template <class DF, class DD>
+HWY_INLINE void MulAddF64(DF /*df*/, DD dd, hn::Vec<DF> a, hn::Vec<DF> b, hn::Vec<DD>& lo,
+                          hn::Vec<DD>& hi) {
+#if HWY_TARGET == HWY_SCALAR
+  (void)hi;
+  lo = hn::MulAdd(hn::PromoteTo(dd, a), hn::PromoteTo(dd, b), lo);
+#else
+  const hn::Half<DF> dh;
+  lo = hn::MulAdd(hn::PromoteTo(dd, hn::LowerHalf(a)), hn::PromoteTo(dd, hn::LowerHalf(b)), lo);
+  hi = hn::MulAdd(hn::PromoteTo(dd, hn::UpperHalf(dh, a)), hn::PromoteTo(dd, hn::UpperHalf(dh, b)),
+                  hi);
+#endif
+}
+
+// v - sub computed in float64 and rounded once to float. -inf stays -inf
+// (DemoteTo would clamp it to -FLT_MAX).
+template <class DF, class DD>
+HWY_INLINE hn::Vec<DF> SubF64(DF df, DD dd, hn::Vec<DF> v, hn::Vec<DD> sub) {
+#if HWY_TARGET == HWY_SCALAR
+  const hn::Vec<DF> r = hn::DemoteTo(df, hn::Sub(hn::PromoteTo(dd, v), sub));
+#else
+  const hn::Half<DF> dh;
+  const hn::Vec<DF> r =
+      hn::Combine(df, hn::DemoteTo(dh, hn::Sub(hn::PromoteTo(dd, hn::UpperHalf(dh, v)), sub)),
+                  hn::DemoteTo(dh, hn::Sub(hn::PromoteTo(dd, hn::LowerHalf(v)), sub)));
+#endif
+  const hn::Vec<DF> ninf = hn::Set(df, -std::numeric_limits<float>::infinity());
+  return hn::IfThenElse(hn::Eq(v, ninf), ninf, r);
+}
+
+template <class DD>
+HWY_INLINE double SumF64(DD dd, hn::Vec<DD> lo, hn::Vec<DD> hi) {
+  return hn::GetLane(hn::SumOfLanes(dd, hn::Add(lo, hi)));
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace logitparity
+HWY_AFTER_NAMESPACE();
+
+#endif  // include guard

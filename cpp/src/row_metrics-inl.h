@@ -1,0 +1,403 @@
+// The fused row comparison kernel, one Highway target per inclusion.
+//
+// Input domain: raw logits of one reference row a and one candidate row b of
+// length n (float32, float16 or bfloat16, each side its own dtype). Units:
+// nats (natural log). Accumulation: float64 for every sum (products of two
+// floats are formed in double, where they are exact); exp/expm1/log are
+// Highway's float32 versions (<= 4 ulp). Tolerances against CompareRowRef
+// are pinned in row_metrics_test.cc.
+//
+// One sweep over the row reads each element once from memory, in chunks of
+// kChunk elements converted to float in an L1 buffer: a first loop over the
+// chunk finds its maxima, a second one exponentiates relative to the running
+// maxima Ma, Mb (online softmax: when a maximum grows, the sums scale by
+// exp(M_old - M_new) in double). Jensen-Shannon needs the final log-sum-exps
+// and, when requested, takes a second sweep.
+//
+// KL is computed in a form that stays accurate when the two rows are close,
+// which is the case this project exists for. With d_i = a_i - b_i, a shift
+// c0 fixed at the first chunk (close to every d_i for close rows) and
+// e_i = d_i - c0, exactly
+//   KL(P||Q) = E_p[e] + L,   L = log E_p[exp(-e)] = log1p(E_p[g(e)] - E_p[e]),
+//   KL(Q||P) = -E_q[e] + L', L' = log E_q[exp(e)] = log1p(E_q[g(-e)] + E_q[e]),
+//   g(e) = expm1(-e) + e (second order in e, see ExpM1PlusX),
+// and L = -L' = c0 + lse_b - lse_a.
+// Computing L from the float64 means of e and g(e) leaves no cancellation in
+// float32: identical rows give exactly 0, and the error of KL is relative to
+// KL itself (pinned at 1e-4 for rows that differ by 1e-4 in
+// TestKlTightOnCloseRows) instead of to |lse|. Where some
+// token is masked (-inf) on one side only, or |e| is large (> 60, where
+// exp(-e) would overflow and the rows are far apart anyway), L falls back to
+// the direct c0 + lse_b - lse_a.
+
+#if defined(LOGITPARITY_SRC_ROW_METRICS_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef LOGITPARITY_SRC_ROW_METRICS_INL_H_
+#undef LOGITPARITY_SRC_ROW_METRICS_INL_H_
+#else
+#define LOGITPARITY_SRC_ROW_METRICS_INL_H_
+#endif
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "hwy/contrib/math/math-inl.h"
+#include "hwy/highway.h"
+#include "logitparity/row_metrics.h"
+#include "src/row_load-inl.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace logitparity {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// Converts [begin, begin + len) of a row stored as `dtype` into out.
+template <class DF>
+HWY_INLINE size_t LoadChunk(DF df, Dtype dtype, const void* row, size_t begin, size_t len,
+                            float* HWY_RESTRICT out) {
+  switch (dtype) {
+    case Dtype::kF16:
+      return LoadChunkAsF32<Dtype::kF16>(df, static_cast<const uint16_t*>(row) + begin, len, out);
+    case Dtype::kBF16:
+      return LoadChunkAsF32<Dtype::kBF16>(df, static_cast<const uint16_t*>(row) + begin, len, out);
+    case Dtype::kF32:
+    default:
+      return LoadChunkAsF32<Dtype::kF32>(df, static_cast<const float*>(row) + begin, len, out);
+  }
+}
+
+HWY_INLINE float ScalarAt(Dtype dtype, const void* row, size_t i) {
+  switch (dtype) {
+    case Dtype::kF16: return ::logitparity::F16BitsToF32(static_cast<const uint16_t*>(row)[i]);
+    case Dtype::kBF16: return ::logitparity::BF16BitsToF32(static_cast<const uint16_t*>(row)[i]);
+    case Dtype::kF32:
+    default: return static_cast<const float*>(row)[i];
+  }
+}
+
+HWY_INLINE bool IsNanOrPosInf(float x) { return !(x < std::numeric_limits<float>::infinity()); }
+
+// Scratch owned by one worker: two chunk buffers.
+struct ChunkScratch {
+  float* a;  // kChunk + kMaxLanesF32 floats, aligned
+  float* b;
+};
+
+struct RowArgs {
+  const void* a;
+  Dtype a_dtype;
+  const void* b;
+  Dtype b_dtype;
+  size_t n;
+  int64_t target;  // < 0: none
+  const int* ks;   // sorted, unique, each in [1, n]
+  size_t num_ks;
+  bool js;
+};
+
+// (1+u) log(1+u) + (1-u) log(1-u) for u in [-1, 1]. For |u| < 1/4 its series
+// sum_k u^(2k) / (k (2k-1)) (six terms, truncation < 1e-9 relative) avoids the
+// cancellation between the two logs.
+template <class DF>
+HWY_INLINE hn::Vec<DF> JsKernel(DF df, hn::Vec<DF> u) {
+  const auto one = hn::Set(df, 1.0f);
+  const auto u2 = hn::Mul(u, u);
+  auto s = hn::Set(df, 1.0f / 66);
+  s = hn::MulAdd(s, u2, hn::Set(df, 1.0f / 45));
+  s = hn::MulAdd(s, u2, hn::Set(df, 1.0f / 28));
+  s = hn::MulAdd(s, u2, hn::Set(df, 1.0f / 15));
+  s = hn::MulAdd(s, u2, hn::Set(df, 1.0f / 6));
+  s = hn::MulAdd(s, u2, one);
+  const auto series = hn::Mul(s, u2);
+  const auto up = hn::Add(one, u);
+  const auto um = hn::Sub(one, u);
+  const auto zero = hn::Zero(df);
+  // x log x with 0 log 0 = 0; Log is only called on positive inputs.
+  const auto lp = hn::IfThenElseZero(hn::Gt(up, zero),
+                                     hn::Mul(up, hn::Log(df, hn::Max(up, hn::Set(df, 1e-30f)))));
+  const auto lm = hn::IfThenElseZero(hn::Gt(um, zero),
+                                     hn::Mul(um, hn::Log(df, hn::Max(um, hn::Set(df, 1e-30f)))));
+  return hn::IfThenElse(hn::Lt(hn::Abs(u), hn::Set(df, 0.25f)), series, hn::Add(lp, lm));
+}
+
+// g(e) = expm1(-e) + e = e^2/2 - e^3/6 + ..., the second-order part of
+// exp(-e), to a relative 1e-7 however small e is: its Taylor series (degree
+// 12, truncation < 1e-12 relative) for |e| <= 1/2, expm1 beyond (where the
+// cancellation costs at most a factor 4). Inputs are clamped to e >= -80.
+template <class DF>
+HWY_INLINE hn::Vec<DF> ExpM1PlusX(DF df, hn::Vec<DF> e) {
+  const auto x = hn::Neg(e);
+  auto s = hn::Set(df, 1.0f / 479001600);  // 1/12!
+  const float inv_fact[] = {1.0f / 39916800, 1.0f / 3628800, 1.0f / 362880, 1.0f / 40320,
+                            1.0f / 5040,     1.0f / 720,     1.0f / 120,    1.0f / 24,
+                            1.0f / 6,        0.5f};
+  for (float c : inv_fact) s = hn::MulAdd(s, x, hn::Set(df, c));
+  const auto series = hn::Mul(s, hn::Mul(x, x));
+  const auto big = hn::Gt(hn::Abs(e), hn::Set(df, 0.5f));
+  if (HWY_LIKELY(hn::AllFalse(df, big))) return series;
+  const auto direct = hn::Add(hn::Expm1(df, hn::Min(x, hn::Set(df, 80.0f))), e);
+  return hn::IfThenElse(big, direct, series);
+}
+
+// Computes every field of one row pair into out[kNumRowFields] and
+// overlap[num_ks].
+template <class DF>
+HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double* out,
+                                 int32_t* overlap) {
+  using V = hn::Vec<DF>;
+  const F64Tag<DF> dd;
+  using VD = hn::Vec<decltype(dd)>;
+  const size_t N = hn::Lanes(df);
+  const size_t n = r.n;
+  const float kInfF = std::numeric_limits<float>::infinity();
+  const double kInf = std::numeric_limits<double>::infinity();
+  const double kNaN = std::numeric_limits<double>::quiet_NaN();
+  const V ninf = hn::Set(df, -kInfF), pinf = hn::Set(df, kInfF);
+  // Exp is defined on [-FLT_MAX, 104] and returns 0 below -104; clamping
+  // keeps -inf (masked tokens) away from its float->int conversion.
+  const V exp_floor = hn::Set(df, -104.5f);
+
+  for (int i = 0; i < kNumRowFields; ++i) out[i] = kNaN;
+  const size_t kmax = std::min<size_t>(n, std::max<size_t>(2, r.ks[r.num_ks - 1]));
+  TopKState top_a, top_b;
+  top_a.Reset(kmax);
+  top_b.Reset(kmax);
+
+  float Ma = -kInfF, Mb = -kInfF;  // running maxima
+  float c0 = 0.0f;
+  bool have_c0 = false;
+  const VD zd = hn::Zero(dd);
+  VD sa_lo = zd, sa_hi = zd, sb_lo = zd, sb_hi = zd;  // sum exp(a - Ma), exp(b - Mb)
+  VD ta_lo = zd, ta_hi = zd, tb_lo = zd, tb_hi = zd;  // sum exp(a - Ma) a, exp(b - Mb) b
+  VD ea_lo = zd, ea_hi = zd, eb_lo = zd, eb_hi = zd;  // sum exp(a - Ma) e, exp(b - Mb) e
+  VD g_lo = zd, g_hi = zd;                            // sum exp(a - Ma) g(e)
+  VD h_lo = zd, h_hi = zd;                            // sum exp(b - Mb) g(-e)
+  VD dot_lo = zd, dot_hi = zd, na_lo = zd, na_hi = zd, nb_lo = zd, nb_hi = zd;
+  VD abs_lo = zd, abs_hi = zd;
+  V max_abs = hn::Zero(df), e_max = ninf, e_min = pinf, neg_e_max = ninf;
+  size_t both_masked = 0, a_only_masked = 0, b_only_masked = 0, pads = 0;
+
+  for (size_t begin = 0; begin < n; begin += kChunk) {
+    const size_t len = std::min(kChunk, n - begin);
+    const size_t padded = LoadChunk(df, r.a_dtype, r.a, begin, len, s.a);
+    LoadChunk(df, r.b_dtype, r.b, begin, len, s.b);
+    pads += padded - len;
+
+    // Loop 1: chunk maxima and flags.
+    V vma = ninf, vmb = ninf;
+    auto bad = hn::FirstN(df, 0);
+    auto masked = hn::FirstN(df, 0);
+    for (size_t i = 0; i < padded; i += N) {
+      const V va = hn::Load(df, s.a + i), vb = hn::Load(df, s.b + i);
+      vma = hn::Max(vma, va);
+      vmb = hn::Max(vmb, vb);
+      bad = hn::Or(bad, hn::Or(hn::Not(hn::Lt(va, pinf)), hn::Not(hn::Lt(vb, pinf))));
+      masked = hn::Or(masked, hn::Or(hn::Eq(va, ninf), hn::Eq(vb, ninf)));
+    }
+    if (!hn::AllFalse(df, bad)) {
+      // NaN or +inf: every field is NaN; count them so the caller sees why.
+      double bad_a = 0, bad_b = 0;
+      for (size_t i = 0; i < n; ++i) {
+        bad_a += IsNanOrPosInf(ScalarAt(r.a_dtype, r.a, i));
+        bad_b += IsNanOrPosInf(ScalarAt(r.b_dtype, r.b, i));
+      }
+      out[kNonfiniteRef] = bad_a;
+      out[kNonfiniteCand] = bad_b;
+      out[kArgmaxRef] = out[kArgmaxCand] = out[kRankOfRefTop1InCand] = -1;
+      for (size_t k = 0; k < r.num_ks; ++k) overlap[k] = -1;
+      return;
+    }
+    if (!hn::AllFalse(df, masked)) {
+      for (size_t i = 0; i < padded; i += N) {
+        const auto ma = hn::Eq(hn::Load(df, s.a + i), ninf);
+        const auto mb = hn::Eq(hn::Load(df, s.b + i), ninf);
+        both_masked += hn::CountTrue(df, hn::And(ma, mb));
+        a_only_masked += hn::CountTrue(df, hn::AndNot(mb, ma));
+        b_only_masked += hn::CountTrue(df, hn::AndNot(ma, mb));
+      }
+    }
+    const float chunk_ma = hn::GetLane(hn::MaxOfLanes(df, vma));
+    const float chunk_mb = hn::GetLane(hn::MaxOfLanes(df, vmb));
+    if (chunk_ma > Ma) {
+      if (Ma > -kInfF) {
+        const VD scale = hn::Set(dd, exp(static_cast<double>(Ma) - chunk_ma));
+        sa_lo = hn::Mul(sa_lo, scale); sa_hi = hn::Mul(sa_hi, scale);
+        ta_lo = hn::Mul(ta_lo, scale); ta_hi = hn::Mul(ta_hi, scale);
+        ea_lo = hn::Mul(ea_lo, scale); ea_hi = hn::Mul(ea_hi, scale);
+        g_lo = hn::Mul(g_lo, scale); g_hi = hn::Mul(g_hi, scale);
+      }
+      Ma = chunk_ma;
+    }
+    if (chunk_mb > Mb) {
+      if (Mb > -kInfF) {
+        const VD scale = hn::Set(dd, exp(static_cast<double>(Mb) - chunk_mb));
+        sb_lo = hn::Mul(sb_lo, scale); sb_hi = hn::Mul(sb_hi, scale);
+        tb_lo = hn::Mul(tb_lo, scale); tb_hi = hn::Mul(tb_hi, scale);
+        eb_lo = hn::Mul(eb_lo, scale); eb_hi = hn::Mul(eb_hi, scale);
+        h_lo = hn::Mul(h_lo, scale); h_hi = hn::Mul(h_hi, scale);
+      }
+      Mb = chunk_mb;
+    }
+    if (!have_c0 && chunk_ma > -kInfF && chunk_mb > -kInfF) {
+      c0 = chunk_ma - chunk_mb;
+      have_c0 = true;
+    }
+
+    // Loop 2: everything else.
+    const V vMa = hn::Set(df, Ma), vMb = hn::Set(df, Mb), vc0 = hn::Set(df, c0);
+    for (size_t i = 0; i < padded; i += N) {
+      const V va = hn::Load(df, s.a + i), vb = hn::Load(df, s.b + i);
+      const auto fa = hn::Gt(va, ninf), fb = hn::Gt(vb, ninf);
+      const auto both = hn::And(fa, fb);
+      const V d = hn::Sub(va, vb);
+      const V e = hn::IfThenElseZero(both, hn::Sub(d, vc0));
+      e_max = hn::Max(e_max, hn::IfThenElse(both, e, ninf));
+      e_min = hn::Min(e_min, hn::IfThenElse(both, e, pinf));
+      const V absd = hn::IfThenElseZero(both, hn::Abs(d));
+      max_abs = hn::Max(max_abs, absd);
+      AddF64(df, dd, absd, abs_lo, abs_hi);
+      const V az = hn::IfThenElseZero(both, va), bz = hn::IfThenElseZero(both, vb);
+      MulAddF64(df, dd, az, bz, dot_lo, dot_hi);
+      MulAddF64(df, dd, az, az, na_lo, na_hi);
+      MulAddF64(df, dd, bz, bz, nb_lo, nb_hi);
+
+      const V pa = hn::Exp(df, hn::Max(hn::Sub(va, vMa), exp_floor));
+      const V pb = hn::Exp(df, hn::Max(hn::Sub(vb, vMb), exp_floor));
+      AddF64(df, dd, pa, sa_lo, sa_hi);
+      AddF64(df, dd, pb, sb_lo, sb_hi);
+      MulAddF64(df, dd, pa, hn::IfThenElseZero(fa, va), ta_lo, ta_hi);
+      MulAddF64(df, dd, pb, hn::IfThenElseZero(fb, vb), tb_lo, tb_hi);
+      MulAddF64(df, dd, pa, e, ea_lo, ea_hi);
+      MulAddF64(df, dd, pb, e, eb_lo, eb_hi);
+      neg_e_max = hn::Max(neg_e_max, hn::Neg(e));
+      MulAddF64(df, dd, pa, ExpM1PlusX(df, e), g_lo, g_hi);
+      MulAddF64(df, dd, pb, ExpM1PlusX(df, hn::Neg(e)), h_lo, h_hi);
+    }
+    TopKOffer(df, s.a, len, static_cast<int64_t>(begin), top_a);
+    TopKOffer(df, s.b, len, static_cast<int64_t>(begin), top_b);
+  }
+  both_masked -= pads;
+
+  out[kNonfiniteRef] = 0;
+  out[kNonfiniteCand] = 0;
+  const double Sa = SumF64(dd, sa_lo, sa_hi), Sb = SumF64(dd, sb_lo, sb_hi);
+  const bool dist_a = Ma > -kInfF, dist_b = Mb > -kInfF;
+  const double lse_a = dist_a ? Ma + log(Sa) : -kInf;
+  const double lse_b = dist_b ? Mb + log(Sb) : -kInf;
+  out[kLseRef] = lse_a;
+  out[kLseCand] = lse_b;
+  if (dist_a) out[kEntropyRef] = lse_a - SumF64(dd, ta_lo, ta_hi) / Sa;
+  if (dist_b) out[kEntropyCand] = lse_b - SumF64(dd, tb_lo, tb_hi) / Sb;
+
+  const size_t compared = n - both_masked;
+  const bool one_sided = a_only_masked + b_only_masked > 0;
+  if (compared > 0) {
+    out[kMaxAbsLogit] = one_sided ? kInf : hn::GetLane(hn::MaxOfLanes(df, max_abs));
+    out[kMeanAbsLogit] = one_sided ? kInf : SumF64(dd, abs_lo, abs_hi) / compared;
+  }
+  const double na = SumF64(dd, na_lo, na_hi), nb = SumF64(dd, nb_lo, nb_hi);
+  if (na > 0 && nb > 0) out[kCosine] = SumF64(dd, dot_lo, dot_hi) / sqrt(na * nb);
+
+  if (dist_a && dist_b) {
+    const double direct = static_cast<double>(c0) + lse_b - lse_a;
+    const bool precise = !one_sided && hn::GetLane(hn::MaxOfLanes(df, neg_e_max)) <= 60.0f &&
+                         hn::GetLane(hn::MaxOfLanes(df, e_max)) <= 60.0f;
+    const double mean_pe = SumF64(dd, ea_lo, ea_hi) / Sa;  // E_p[e]
+    const double mean_qe = SumF64(dd, eb_lo, eb_hi) / Sb;  // E_q[e]
+    // L from the p side; -L = log E_q[exp(e)] from the q side, so that each
+    // direction uses the weights of its own expectation.
+    const double L = precise ? log1p(SumF64(dd, g_lo, g_hi) / Sa - mean_pe) : direct;
+    const double L_q = precise ? log1p(SumF64(dd, h_lo, h_hi) / Sb + mean_qe) : -direct;
+    out[kKlRefCand] = b_only_masked ? kInf : mean_pe + L;
+    out[kKlCandRef] = a_only_masked ? kInf : -mean_qe + L_q;
+    if (one_sided) {
+      out[kMaxAbsLogprob] = kInf;
+    } else {
+      const double hi = hn::GetLane(hn::MaxOfLanes(df, e_max));
+      const double lo = hn::GetLane(hn::MinOfLanes(df, e_min));
+      out[kMaxAbsLogprob] = std::max(fabs(hi + L), fabs(lo + L));
+    }
+  }
+
+  // Jensen-Shannon: a second sweep now that both log-sum-exps are known.
+  if (r.js && dist_a && dist_b) {
+    const V vMa = hn::Set(df, Ma), vMb = hn::Set(df, Mb);
+    const V inv_sa = hn::Set(df, static_cast<float>(1.0 / Sa));
+    const V inv_sb = hn::Set(df, static_cast<float>(1.0 / Sb));
+    VD js_lo = zd, js_hi = zd;
+    for (size_t begin = 0; begin < n; begin += kChunk) {
+      const size_t len = std::min(kChunk, n - begin);
+      const size_t padded = LoadChunk(df, r.a_dtype, r.a, begin, len, s.a);
+      LoadChunk(df, r.b_dtype, r.b, begin, len, s.b);
+      for (size_t i = 0; i < padded; i += N) {
+        const V va = hn::Load(df, s.a + i), vb = hn::Load(df, s.b + i);
+        const V p = hn::Mul(hn::Exp(df, hn::Max(hn::Sub(va, vMa), exp_floor)), inv_sa);
+        const V q = hn::Mul(hn::Exp(df, hn::Max(hn::Sub(vb, vMb), exp_floor)), inv_sb);
+        const V sum = hn::Add(p, q);
+        const auto live = hn::Gt(sum, hn::Zero(df));
+        const V u = hn::IfThenElseZero(live, hn::Div(hn::Sub(p, q), hn::Max(sum, hn::Set(df, 1e-38f))));
+        MulAddF64(df, dd, sum, JsKernel(df, u), js_lo, js_hi);
+      }
+    }
+    out[kJs] = 0.25 * SumF64(dd, js_lo, js_hi);
+  }
+
+  // Top-k derived fields.
+  const int64_t t = top_a.indices[0];
+  out[kArgmaxRef] = static_cast<double>(t);
+  out[kArgmaxCand] = static_cast<double>(top_b.indices[0]);
+  out[kMarginRef] = n > 1 ? static_cast<double>(top_a.values[0]) - top_a.values[1] : kInf;
+  out[kMarginCand] = n > 1 ? static_cast<double>(top_b.values[0]) - top_b.values[1] : kInf;
+  int64_t rank = -1;
+  for (size_t j = 0; j < top_b.size; ++j) {
+    if (top_b.indices[j] == t) rank = static_cast<int64_t>(j);
+  }
+  if (rank < 0) {
+    // Not in the candidate's top-kmax: count the entries ranked above it.
+    const float bt = ScalarAt(r.b_dtype, r.b, static_cast<size_t>(t));
+    const V vbt = hn::Set(df, bt);
+    size_t above = 0;
+    for (size_t begin = 0; begin < n; begin += kChunk) {
+      const size_t len = std::min(kChunk, n - begin);
+      const size_t padded = LoadChunk(df, r.b_dtype, r.b, begin, len, s.b);
+      for (size_t i = 0; i < padded; i += N) {
+        const V vb = hn::Load(df, s.b + i);
+        above += hn::CountTrue(df, hn::Gt(vb, vbt));
+        const size_t gi = begin + i;  // ties count only below index t
+        if (gi + N <= static_cast<size_t>(t)) {
+          above += hn::CountTrue(df, hn::Eq(vb, vbt));
+        } else if (gi < static_cast<size_t>(t)) {
+          for (size_t j = 0; gi + j < static_cast<size_t>(t); ++j) above += s.b[i + j] == bt;
+        }
+      }
+    }
+    rank = static_cast<int64_t>(above);
+  }
+  out[kRankOfRefTop1InCand] = static_cast<double>(rank);
+  for (size_t q = 0; q < r.num_ks; ++q) {
+    const size_t k = static_cast<size_t>(r.ks[q]);
+    int32_t common = 0;
+    for (size_t x = 0; x < k; ++x) {
+      for (size_t y = 0; y < k; ++y) common += top_a.indices[x] == top_b.indices[y];
+    }
+    overlap[q] = common;
+  }
+
+  if (r.target >= 0) {
+    const size_t tt = static_cast<size_t>(r.target);
+    const double nll_a = dist_a ? lse_a - ScalarAt(r.a_dtype, r.a, tt) : kNaN;
+    const double nll_b = dist_b ? lse_b - ScalarAt(r.b_dtype, r.b, tt) : kNaN;
+    out[kNllRef] = nll_a;
+    out[kNllCand] = nll_b;
+    out[kDeltaP] = exp(-nll_b) - exp(-nll_a);
+  }
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace logitparity
+HWY_AFTER_NAMESPACE();
+
+#endif  // include guard

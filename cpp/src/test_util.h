@@ -1,0 +1,80 @@
+// Test helpers shared by the kernel tests: typed row storage, generators and
+// tolerance checks. Not part of the library.
+#ifndef LOGITPARITY_SRC_TEST_UTIL_H_
+#define LOGITPARITY_SRC_TEST_UTIL_H_
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "logitparity/rows.h"
+
+namespace logitparity {
+
+// A row stored in `dtype` at element offset `misalign` inside its buffer,
+// plus the exact float values it represents (what the reference sees).
+struct TypedRow {
+  Dtype dtype;
+  std::vector<uint8_t> bytes;
+  size_t offset = 0;  // elements
+  std::vector<float> values;
+
+  const void* data() const { return bytes.data() + offset * DtypeSize(dtype); }
+};
+
+inline TypedRow MakeRow(const std::vector<float>& x, Dtype dtype, size_t misalign = 0) {
+  TypedRow r;
+  r.dtype = dtype;
+  r.offset = misalign;
+  const size_t es = DtypeSize(dtype);
+  r.bytes.assign((x.size() + misalign + 1) * es, 0xAB);  // 0xAB: garbage around it
+  r.values.resize(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    uint8_t* p = r.bytes.data() + (misalign + i) * es;
+    if (dtype == Dtype::kF32) {
+      std::memcpy(p, &x[i], 4);
+      r.values[i] = x[i];
+    } else {
+      const uint16_t b = dtype == Dtype::kF16 ? F32ToF16Bits(x[i]) : F32ToBF16Bits(x[i]);
+      std::memcpy(p, &b, 2);
+      r.values[i] = dtype == Dtype::kF16 ? F16BitsToF32(b) : BF16BitsToF32(b);
+    }
+  }
+  return r;
+}
+
+// Logits shaped like a language model's: a Gaussian bulk, a few strong
+// candidates near the top, a positive offset (LM logits are not centred).
+inline std::vector<float> LmLogits(size_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> bulk(0.0f, 2.5f);
+  std::vector<float> x(n);
+  for (auto& v : x) v = bulk(rng) + 4.0f;
+  std::uniform_int_distribution<size_t> pick(0, n - 1);
+  for (int j = 0; j < 5 && n > 1; ++j) x[pick(rng)] += 8.0f + 2.0f * j;
+  return x;
+}
+
+// b = a + Gaussian noise of scale `sigma`.
+inline std::vector<float> Perturb(const std::vector<float>& a, float sigma, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> noise(0.0f, sigma);
+  std::vector<float> b(a);
+  for (auto& v : b) v += noise(rng);
+  return b;
+}
+
+// got vs want within atol + rtol |want|; inf must match inf, NaN must match NaN.
+inline bool Close(double got, double want, double atol, double rtol) {
+  if (std::isnan(want)) return std::isnan(got);
+  if (std::isinf(want)) return got == want;
+  return std::fabs(got - want) <= atol + rtol * std::fabs(want);
+}
+
+}  // namespace logitparity
+
+#endif  // LOGITPARITY_SRC_TEST_UTIL_H_

@@ -1,0 +1,180 @@
+// pybind11 bindings of the C++ core: convert, check shape, release the GIL,
+// call the core. No math and no policy here; the Python wrappers in
+// logitparity/metrics.py handle torch tensors, reshaping and messages.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "logitparity/row_metrics.h"
+#include "logitparity/rows.h"
+
+namespace py = pybind11;
+using logitparity::Dtype;
+using logitparity::RowsView;
+
+namespace {
+
+// A 2-D float32 / float16 / uint16 (bf16 bits) array whose last dimension is
+// contiguous -> a view. Row strides may be anything non-negative.
+RowsView AsRows(const py::array& arr, bool bf16, const char* name) {
+  if (arr.ndim() != 2) {
+    throw py::value_error(std::string(name) + " must be 2-D [rows, vocab], got " +
+                          std::to_string(arr.ndim()) + "-D");
+  }
+  const py::dtype dt = arr.dtype();
+  RowsView v;
+  if (dt.kind() == 'f' && dt.itemsize() == 4) {
+    v.dtype = Dtype::kF32;
+  } else if (dt.kind() == 'f' && dt.itemsize() == 2) {
+    v.dtype = Dtype::kF16;
+  } else if (dt.kind() == 'u' && dt.itemsize() == 2 && bf16) {
+    v.dtype = Dtype::kBF16;
+  } else {
+    throw py::type_error(std::string(name) +
+                         " must be float32, float16 or bfloat16 (uint16 bits), got " +
+                         std::string(py::str(dt)));
+  }
+  const ssize_t item = dt.itemsize();
+  if (arr.strides(1) != item || arr.strides(0) < 0 || arr.strides(0) % item != 0) {
+    throw py::value_error(std::string(name) + " must have a contiguous last dimension");
+  }
+  v.data = arr.data();
+  v.rows = static_cast<size_t>(arr.shape(0));
+  v.vocab = static_cast<size_t>(arr.shape(1));
+  v.row_stride = arr.shape(0) > 1 ? static_cast<size_t>(arr.strides(0) / item) : v.vocab;
+  return v;
+}
+
+using I64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "logitparity C++ core: Highway SIMD row kernels (dynamic dispatch).";
+
+  py::list names;
+  for (int f = 0; f < logitparity::kNumRowFields; ++f) names.append(logitparity::RowFieldName(f));
+  m.attr("ROW_FIELDS") = names;
+  m.attr("MAX_TOPK") = logitparity::kMaxTopK;
+
+  m.def(
+      "compare_rows",
+      [](const py::array& ref, bool ref_bf16, const py::array& cand, bool cand_bf16,
+         std::optional<I64> targets, std::vector<int> topk, bool js, int threads) {
+        const RowsView a = AsRows(ref, ref_bf16, "ref");
+        const RowsView b = AsRows(cand, cand_bf16, "cand");
+        logitparity::RowMetricsOptions opt;
+        opt.topk = std::move(topk);
+        opt.js = js;
+        opt.threads = threads;
+        if (targets) {
+          if (static_cast<size_t>(targets->size()) != a.rows) {
+            throw py::value_error("targets must hold one id per row (" +
+                                  std::to_string(a.rows) + "), got " +
+                                  std::to_string(targets->size()));
+          }
+          opt.targets = targets->data();
+        }
+        logitparity::RowMetricsResult res;
+        {
+          py::gil_scoped_release release;
+          res = logitparity::CompareRows(a, b, opt);
+        }
+        py::array_t<double> fields({res.rows, static_cast<size_t>(logitparity::kNumRowFields)});
+        std::copy(res.fields.begin(), res.fields.end(), fields.mutable_data());
+        py::array_t<int32_t> overlap({res.rows, res.topk.size()});
+        std::copy(res.topk_overlap.begin(), res.topk_overlap.end(), overlap.mutable_data());
+        py::list field_names;
+        for (int f = 0; f < logitparity::kNumRowFields; ++f) {
+          field_names.append(logitparity::RowFieldName(f));
+        }
+        return py::make_tuple(fields, field_names, overlap);
+      },
+      py::arg("ref"), py::arg("ref_bf16"), py::arg("cand"), py::arg("cand_bf16"),
+      py::arg("targets"), py::arg("topk"), py::arg("js"), py::arg("threads"),
+      "Fused row comparison -> (fields [rows, F] float64, field names, topk overlap "
+      "[rows, len(topk)] int32).");
+
+  m.def(
+      "log_softmax",
+      [](const py::array& x, bool bf16, int threads) {
+        const RowsView v = AsRows(x, bf16, "x");
+        py::array_t<float> out({v.rows, v.vocab});
+        float* o = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          logitparity::LogSoftmax(v, o, threads);
+        }
+        return out;
+      },
+      py::arg("x"), py::arg("bf16"), py::arg("threads"));
+
+  m.def(
+      "log_softmax_",
+      [](py::array_t<float> x, int threads) {
+        if (!(x.flags() & py::array::c_style) || !x.writeable()) {
+          throw py::value_error("x must be a writeable C-contiguous float32 array for in-place log_softmax_");
+        }
+        const RowsView v = AsRows(x, false, "x");
+        float* o = x.mutable_data();
+        {
+          py::gil_scoped_release release;
+          logitparity::LogSoftmax(v, o, threads);
+        }
+      },
+      py::arg("x").noconvert(), py::arg("threads"), "In-place log-softmax of float32 rows.");
+
+  m.def(
+      "logsumexp",
+      [](const py::array& x, bool bf16, int threads) {
+        const RowsView v = AsRows(x, bf16, "x");
+        py::array_t<double> out(v.rows);
+        double* o = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          logitparity::LogSumExp(v, o, threads);
+        }
+        return out;
+      },
+      py::arg("x"), py::arg("bf16"), py::arg("threads"));
+
+  m.def(
+      "nll",
+      [](const py::array& x, bool bf16, I64 targets, int threads) {
+        const RowsView v = AsRows(x, bf16, "x");
+        if (static_cast<size_t>(targets.size()) != v.rows) {
+          throw py::value_error("targets must hold one id per row");
+        }
+        py::array_t<double> out(v.rows);
+        double* o = out.mutable_data();
+        const int64_t* t = targets.data();
+        {
+          py::gil_scoped_release release;
+          logitparity::Nll(v, t, o, threads);
+        }
+        return out;
+      },
+      py::arg("x"), py::arg("bf16"), py::arg("targets"), py::arg("threads"));
+
+  m.def(
+      "topk",
+      [](const py::array& x, bool bf16, size_t k, int threads) {
+        const RowsView v = AsRows(x, bf16, "x");
+        py::array_t<float> values({v.rows, k});
+        py::array_t<int64_t> indices({v.rows, k});
+        float* pv = values.mutable_data();
+        int64_t* pi = indices.mutable_data();
+        {
+          py::gil_scoped_release release;
+          logitparity::TopK(v, k, pv, pi, threads);
+        }
+        return py::make_tuple(values, indices);
+      },
+      py::arg("x"), py::arg("bf16"), py::arg("k"), py::arg("threads"));
+
+  m.def("f16_bits_to_f32", &logitparity::F16BitsToF32, py::arg("bits"));
+  m.def("bf16_bits_to_f32", &logitparity::BF16BitsToF32, py::arg("bits"));
+}
