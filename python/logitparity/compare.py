@@ -41,6 +41,7 @@ from logitparity.policy import (
     load_noise_floor,
     load_policy,
     parse_metric,
+    standard_metrics,
 )
 from logitparity.stats import Describe, Rate, describe, rate
 
@@ -669,6 +670,13 @@ class Comparison:
         if d.n_inf and better is False and s.stat != "min":
             return float("inf"), f"{d.n_inf} positions are +inf"
         return float(getattr(d, s.stat)), (f"{n_nan} positions undefined" if n_nan else "")
+
+    def metrics(self, names: Iterable[str] | None = None) -> dict[str, float]:
+        """{metric name: value} (NaN where not measurable) for the given names,
+        by default policy.standard_metrics() plus the policy's own."""
+        if names is None:
+            names = list(dict.fromkeys([*standard_metrics(), *self.policy.metrics()]))
+        return {n: self.metric(n)[0] for n in names}
 
     def to_dict(self) -> dict[str, Any]:
         from logitparity.report import comparison_dict

@@ -51,6 +51,7 @@ __all__ = [
     "load_noise_floor",
     "load_policy",
     "parse_metric",
+    "standard_metrics",
 ]
 
 # Per-token fields a policy may summarise, with higher_is_better.
@@ -85,6 +86,18 @@ _METRIC_RE = re.compile(
     r"|(?P<rate>same_top1)(?:@(?P<rp>\d+))?"
     r"|(?P<field>[a-z0-9_]+)\.(?P<stat>[a-z0-9]+)(?:@(?P<fp>\d+))?)$"
 )
+
+
+def standard_metrics() -> list[str]:
+    """The metric names a comparison reports in its JSON and a noise-floor
+    file records: greedy_match@N (N = 1, 5, 10, 20, 50, 100), exact_match,
+    length_ratio, and same_top1 and every FIELD.STAT over all positions and
+    over positions < 10, 50, 100."""
+    names = [f"greedy_match@{n}" for n in (1, 5, 10, 20, 50, 100)] + ["exact_match", "length_ratio"]
+    for p in ("", "@10", "@50", "@100"):
+        names.append(f"same_top1{p}")
+        names += [f"{f}.{s}{p}" for f in TOKEN_FIELDS for s in STATS]
+    return names
 
 
 def _examples() -> list[str]:

@@ -24,7 +24,7 @@ from logitparity.stats import Describe, Rate, describe, rate
 if TYPE_CHECKING:
     from logitparity.compare import Comparison, PromptResult
 
-__all__ = ["comparison_dict", "render_markdown", "write_json", "write_report", "speed"]
+__all__ = ["comparison_dict", "describe_run", "jsonable", "render_markdown", "speed", "write_json", "write_report"]
 
 HIST_WIDTH = 30  # characters of the longest text bar
 SHOW_TOKENS = 24  # tokens shown after a split
@@ -133,7 +133,7 @@ def speed(comp: "Comparison") -> list[dict[str, Any]]:
     return out
 
 
-def _describe_run(m: dict, path: str) -> dict[str, str]:
+def describe_run(m: dict, path: str) -> dict[str, str]:
     eng = _get(m, "engine") or {}
     model = _get(m, "model") or {}
     dec = _get(m, "decoding") or {}
@@ -145,7 +145,7 @@ def _describe_run(m: dict, path: str) -> dict[str, str]:
         decoding += f", T={dec.get('temperature')}, top-p={dec.get('top_p')}, seed={dec.get('seed')}"
     if dec.get("max_new_tokens") is not None and mode != "score":
         decoding += f", ≤ {dec.get('max_new_tokens')} new tokens"
-    hashes = ", ".join(f"{k.replace('_hash', '')} {str(v)[:12]}" for k, v in model.items()
+    hashes = ", ".join(f"{k.replace('_hash', '')} {str(v).split(':')[-1][:12]}" for k, v in model.items()
                        if k.endswith("hash") and v)
     return {
         "dump": path,
@@ -164,14 +164,14 @@ def _describe_run(m: dict, path: str) -> dict[str, str]:
 # the JSON form
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     """NaN -> None, ±inf -> "inf"/"-inf", numpy -> Python."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
+        return jsonable(x.tolist())
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (float, np.floating)):
@@ -289,8 +289,8 @@ def comparison_dict(comp: "Comparison") -> dict[str, Any]:
         "version": 1,
         "verdict": comp.verdict.to_dict(),
         "noise_floor": None if comp.noise is None else {"source": comp.noise.source, "change": comp.noise.change},
-        "reference": _describe_run(comp.ref_manifest, comp.ref_path),
-        "candidate": _describe_run(comp.cand_manifest, comp.cand_path),
+        "reference": describe_run(comp.ref_manifest, comp.ref_path),
+        "candidate": describe_run(comp.cand_manifest, comp.cand_path),
         "mode": comp.mode,
         "storage": comp.storage,
         "kl_is_bound": comp.kl_is_bound,
@@ -311,9 +311,10 @@ def comparison_dict(comp: "Comparison") -> dict[str, Any]:
         "tokens": _field_summaries(comp, None),
         "categories": _category_rows(comp),
         "drift": drift(comp),
+        "metrics": comp.metrics(),
         "per_prompt": [_prompt_dict(comp, i, p) for i, p in enumerate(comp.prompts)],
     }
-    return _jsonable(d)
+    return jsonable(d)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -430,8 +431,8 @@ def _speed_section(comp: "Comparison") -> list[str]:
 
 
 def _runs_section(comp: "Comparison") -> list[str]:
-    a = _describe_run(comp.ref_manifest, comp.ref_path)
-    b = _describe_run(comp.cand_manifest, comp.cand_path)
+    a = describe_run(comp.ref_manifest, comp.ref_path)
+    b = describe_run(comp.cand_manifest, comp.cand_path)
     lines = ["| | reference | candidate |", "|---|---|---|"]
     for k in a:
         lines.append(f"| {k} | {_cell(a[k], 120)} | {_cell(b[k], 120)} |")
