@@ -17,6 +17,7 @@ gathers rows and summarises. Every figure is defined in docs/perplexity.md.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -261,9 +262,10 @@ class PerplexityResult:
     tokens: dict[str, np.ndarray] = dataclasses.field(repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        from logitparity.report import _jsonable
+        """Every figure as plain JSON types (NaN -> None, ±inf -> "inf"/"-inf")."""
+        from logitparity.report import jsonable
 
-        return _jsonable({
+        return jsonable({
             "reference": self.reference, "candidate": self.candidate, "text": self.text,
             "settings": self.settings, "ref": self.ref.to_dict(),
             "cand": self.cand.to_dict() if self.cand else None,
@@ -274,10 +276,25 @@ class PerplexityResult:
     def to_markdown(self) -> str:
         return _markdown(self)
 
+    def write_json(self, path: str | os.PathLike) -> Path:
+        return _write_atomic(Path(path), json.dumps(self.to_dict(), indent=1, ensure_ascii=False,
+                                                    allow_nan=False) + "\n")
+
+    def write_markdown(self, path: str | os.PathLike) -> Path:
+        return _write_atomic(Path(path), self.to_markdown())
+
     _repr_markdown_ = to_markdown
 
     def __str__(self) -> str:
         return self.to_markdown()
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def _fmt(x: float, digits: int = 4) -> str:
@@ -415,7 +432,9 @@ def _load(spec: Any, dtype: str, device: str):
 
 def _describe_side(lm: Any) -> dict[str, Any]:
     ident = lm.identity.get("model", {})
-    name = ident.get("name") or ident.get("path")
+    name = ident.get("path") or ident.get("name")
+    if ident.get("format") == "gguf" and name:
+        name = Path(name).name
     if ident.get("default"):
         name = f"{name} (default model)"
     return {"name": name, "dtype": lm.dtype, "device": lm.device, "model": ident}
@@ -538,6 +557,7 @@ def perplexity(
     cache_topk: int | None = None,
     cache_dtype: str = "fp16",
     max_tokens: int | None = None,
+    add_bos: bool | None = None,
     bootstrap: int = BOOTSTRAP,
     seed: int = 0,
     threads: int | None = None,
@@ -561,7 +581,9 @@ def perplexity(
     included (default 512); stride: tokens between window starts (default
     256; = ctx − 1 with BOS, or ctx without, gives disjoint windows).
     max_tokens: score only the first N tokens of the text (no other length
-    limit). batch_size: windows per forward pass. bootstrap, seed: paired
+    limit). add_bos: start every window with the tokenizer's BOS token
+    (None: when it has one; True without one is an error). batch_size:
+    windows per forward pass. bootstrap, seed: paired
     bootstrap resamples for the ΔPPL interval. threads: core threads.
     """
     cache = None
@@ -595,6 +617,9 @@ def perplexity(
             settings={"ctx": ctx, "stride": stride, "max_tokens": max_tokens},
         )
         ctx, stride, bos_id = int(s["ctx"]), int(s["stride"]), s["bos_token_id"]
+        if add_bos is not None and add_bos != (bos_id is not None):
+            raise ValueError(f"baseline cache {cache.path} was made with add_bos={bos_id is not None}, "
+                             f"got add_bos={add_bos}; leave it unset to use the cache's setting")
         token_ids = cache.token_ids
         text_info = dict(cache.manifest["text"])
         bos_token = s.get("bos_token")
@@ -612,8 +637,10 @@ def perplexity(
                         f"reference and candidate tokenizers differ ({key}); perplexity can only be "
                         "compared token by token when both tokenize the text identically"
                     )
-        bos_id = getattr(tok, "bos_token_id", None)
-        bos_token = getattr(tok, "bos_token", None)
+        bos_id = getattr(tok, "bos_token_id", None) if add_bos is not False else None
+        bos_token = getattr(tok, "bos_token", None) if bos_id is not None else None
+        if add_bos and bos_id is None:
+            raise ValueError("add_bos=True but the tokenizer has no BOS token; leave add_bos unset")
         token_ids, covered = _tokenize(tok, txt, max_tokens)
         text_info = {"name": name, "sha256": text_sha256(txt), "tokens": int(token_ids.size),
                      "truncated": bool(max_tokens is not None and covered != txt), **_text_counts(covered)}

@@ -98,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
     for line in lines:
         print(f"  {line}")
     if args.json:
-        from logitparity.report import _atomic_write
+        from logitparity.ppl import _write_atomic
 
         out = {"verdict": "good" if code == GOOD else "bad", "exit_code": code, "checks": lines,
                "result": result.to_dict()}
-        _atomic_write(Path(args.json), json.dumps(out, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+        _write_atomic(Path(args.json), json.dumps(out, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
     return code

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 HELP = "Perplexity on a text (sliding windows); with --candidate also PPL ratio, ΔPPL and KL in both directions."
 
@@ -33,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(KL then becomes a lower bound); default: full log-probs")
     p.add_argument("--cache-dtype", choices=DTYPES, default="fp16", help="dtype of cached full log-probs")
     p.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens of the text")
+    p.add_argument("--no-bos", action="store_true", help="do not start windows with the tokenizer's BOS token")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples for ΔPPL (0: none)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--threads", type=int, help="threads of the C++ core (default: all cores)")
@@ -43,21 +42,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from logitparity.ppl import perplexity
-    from logitparity.report import _atomic_write
 
     result = perplexity(
         args.model, text_file=args.text, candidate=args.candidate, ctx=args.ctx, stride=args.stride,
         batch_size=args.batch_size, dtype=args.dtype, device=args.device,
         candidate_dtype=args.candidate_dtype, candidate_device=args.candidate_device,
         baseline_cache=args.baseline_cache, save_baseline=args.save_baseline, cache_topk=args.cache_topk,
-        cache_dtype=args.cache_dtype, max_tokens=args.max_tokens, bootstrap=args.bootstrap, seed=args.seed,
+        cache_dtype=args.cache_dtype, max_tokens=args.max_tokens,
+        add_bos=False if args.no_bos else None, bootstrap=args.bootstrap, seed=args.seed,
         threads=args.threads, progress=not args.no_progress and sys.stderr.isatty(),
     )
     md = result.to_markdown()
     print(md, end="")
     if args.json:
-        _atomic_write(Path(args.json), json.dumps(result.to_dict(), indent=1, ensure_ascii=False,
-                                                   allow_nan=False) + "\n")
+        result.write_json(args.json)
     if args.report:
-        _atomic_write(Path(args.report), md)
+        result.write_markdown(args.report)
     return 0
