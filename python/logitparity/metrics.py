@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 MAX_TOPK = 64
+DEFAULT_TOPK = (1, 5, 10)
 
 # name -> (unit, higher_is_better or None when neither direction is better)
 FIELDS: dict[str, tuple[str, bool | None]] = {
@@ -102,8 +103,8 @@ def _as_rows(x: Any, name: str, bf16: bool = False) -> tuple[np.ndarray, bool, t
                 f"{name} must be float32, float16 or bfloat16, got torch.{str(x.dtype).split('.')[-1]}; "
                 f"convert with {name}.float()"
             )
-    elif isinstance(x, np.ndarray):
-        arr = x
+    elif isinstance(x, (np.ndarray, np.generic)):
+        arr = np.asarray(x)
     elif isinstance(x, (list, tuple)):
         raise TypeError(
             f"{name} must be a numpy array or torch tensor of logits, got a {type(x).__name__}; "
@@ -301,7 +302,7 @@ def compare_logits(
     cand: Any,
     *,
     targets: Any = None,
-    topk: Sequence[int] | int = (1, 5, 10),
+    topk: Sequence[int] | int | None = None,
     threads: int | None = None,
     js: bool = True,
     ref_bf16: bool = False,
@@ -310,7 +311,8 @@ def compare_logits(
     """Compare row i of ``ref`` with row i of ``cand`` (logits, same shape).
 
     targets: optional token id per row (-1 for none) for nll_ref, nll_cand
-    and delta_p. topk: the k values for topk_overlap (each 1..64). threads:
+    and delta_p. topk: the k values for topk_overlap (each 1..64); None
+    means (1, 5, 10), leaving out those above the vocab size. threads:
     worker threads (None = all cores); results are bitwise identical for any
     value. js: False skips Jensen-Shannon (its own sweep, two logs per
     element), leaving NaN.
@@ -320,6 +322,8 @@ def compare_logits(
     if lead != lead_b and a.shape[0] == b.shape[0]:
         lead = (a.shape[0],)
     _check_vocab(a, b, "ref", "cand")
+    if topk is None:
+        topk = [k for k in DEFAULT_TOPK if k <= a.shape[1]]
     ks = _topk_list(topk, a.shape[1])
     t = None if targets is None else _targets(targets, a.shape[0], a.shape[1], lead)
     fields, names, overlap = _core().compare_rows(
