@@ -38,7 +38,7 @@ TOKEN_ROWS: tuple[tuple[str, str, str, bool | None], ...] = (
     ("abs_delta_p", "|Δp| of the reference token", "prob.", False),
     ("top5_overlap", "top-5 overlap", "share", True),
     ("top10_overlap", "top-10 overlap", "share", True),
-    ("cosine", "cosine of the logits", "", True),
+    ("cosine", "cosine of the logits", "cosine", True),
     ("max_abs_logit", "max |Δ logit|", "logits", False),
     ("max_abs_logprob", "max |Δ log-prob|", "nats", False),
     ("entropy_shift", "entropy shift (cand − ref)", "nats", None),
@@ -64,10 +64,21 @@ def _sci(x: float) -> str:
     return "0" if x == 0 else f"{x:.3e}"
 
 
-def _mean_se(d: Describe) -> str:
+def _fixed_for(unit: str):
+    """The number format of a unit: shares with 4 decimals, cosines with 6,
+    everything heavy-tailed (nats, logits, probabilities) scientific."""
+    if unit == "share":
+        return lambda x: _fix(x, 4)
+    if unit == "cosine":
+        return lambda x: _fix(x, 6)
+    return _sci
+
+
+def _mean_se(d: Describe, fmt=None) -> str:
+    fmt = fmt or _sci
     if d.n == 0:
         return "—" if not d.n_inf else "+inf"
-    s = _sci(d.mean) if math.isnan(d.se) else f"{_sci(d.mean)} ± {_sci(d.se)}"
+    s = fmt(d.mean) if math.isnan(d.se) else f"{fmt(d.mean)} ± {fmt(d.se)}"
     return s + (f" (+{d.n_inf} inf)" if d.n_inf else "")
 
 
@@ -402,6 +413,9 @@ def _key_figures(comp: "Comparison") -> list[str]:
         for n in comp.n_values:
             lines.append(f"| greedy match at N = {n} (share of prompts) | ↑ | {_pct(comp.greedy_match(n))} |")
         lines.append(f"| full-sequence exact match | ↑ | {_pct(comp.exact_match())} |")
+        sp = comp.splits()
+        lines.append(f"| splits: real divergences / near-ties / one run stopped | ↓ | "
+                     f"{sp['real']} / {sp['near-tie']} / {sp['length']} |")
     kl = describe(comp.tokens.kl_ref_cand)
     bound = " (lower bound)" if comp.kl_is_bound else ""
     lines.append(f"| mean KL(ref ‖ cand) per token{bound}, nats | ↓ | {_mean_se(kl)} |")
@@ -466,6 +480,11 @@ def _free_running_section(comp: "Comparison", images: dict[str, str]) -> list[st
     lines += ["| N | greedy match at N | ↑ |", "|---|---|---|"]
     for n in comp.n_values:
         lines.append(f"| {n} | {_pct(comp.greedy_match(n))} | |")
+    budget = _get(comp.ref_manifest, "decoding", "max_new_tokens")
+    over = [n for n in comp.n_values if budget is not None and n > int(budget)]
+    if over:
+        lines += ["", f"N = {', '.join(map(str, over))} exceeds the {budget}-token budget: these count the prompts "
+                  "identical over their whole output."]
     sp = comp.splits()
     lines += ["", f"Splits: **{sp['real']} real divergence(s)**, {sp['near-tie']} near-tie(s) "
               f"(reference top-1 − top-2 margin < {comp.near_tie_margin:g} logits at the split)"
@@ -489,8 +508,9 @@ def _token_section(comp: "Comparison", images: dict[str, str]) -> list[str]:
         d = describe(comp.token_values(field))
         if d.n == 0 and d.n_inf == 0:
             continue
-        lines.append(f"| {_cell(label)} | {_ARROW[better]} | {unit} | {_mean_se(d)} | {_sci(d.median)} | {_sci(d.p90)} | "
-                     f"{_sci(d.p99)} | {_sci(d.p999)} | {_sci(d.max)} |")
+        f = _fixed_for(unit)
+        lines.append(f"| {_cell(label)} | {_ARROW[better]} | {'' if unit == 'cosine' else unit} | {_mean_se(d, f)} | "
+                     f"{f(d.median)} | {f(d.p90)} | {f(d.p99)} | {f(d.p999)} | {f(d.max)} |")
     valid = comp.tokens.argmax_ref >= 0
     lines.append(f"| same top-1 token | ↑ | share | {_pct(rate(int(comp.tokens.same_top1.sum()), int(valid.sum())))} | | | | | |")
     bad_r = int((comp.tokens.nonfinite_ref > 0).sum())
