@@ -1,0 +1,142 @@
+"""Capture overhead, dump size and peak memory on the default model.
+
+1. Overhead: the default prompts x N new tokens, captured with
+   ``logitparity.capture`` (greedy, full fp32 logits, written to disk) vs bare
+   batched ``model.generate(..., output_logits=True)`` on the same batches
+   (same tokenization, length-sorted, left-padded) in the same process. Both
+   keep every step's logits; only capture writes them. Target: capture time
+   <= 1.15 x generate time.
+2. Peak RSS of a whole capture process at two prompt counts (the default set
+   cycled), which should not grow with the prompt count (shards stream).
+
+    python benchmarks/bench_capture.py                      # the issue's sizes
+    python benchmarks/bench_capture.py --prompts 16 --max-new-tokens 16 --rss-prompts 32,128
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def cycled_prompts(n: int):
+    from logitparity.prompts import load_prompts
+
+    base = load_prompts()
+    out = []
+    for i in range(n):
+        p = base[i % len(base)]
+        out.append(dataclasses.replace(p, id=p.id if i < len(base) else f"{p.id}#{i // len(base)}"))
+    return out
+
+
+def bare_generate(lm, prompts, batch_size: int, max_new_tokens: int) -> tuple[float, dict[str, list[int]]]:
+    """Seconds for batched generate(output_logits=True) on capture's batches."""
+    import torch
+
+    from logitparity.capture.run import _batches, _tokenize
+
+    tok = lm.tokenizer
+    eos = lm.identity["tokenizer"]["eos_token_ids"]
+    todo = [(p, _tokenize(tok, p, None)[0], True, []) for p in prompts]
+    todo.sort(key=lambda t: -len(t[1]))
+    tokens = {}
+    t0 = time.perf_counter()
+    for batch in _batches(todo, batch_size):
+        width = max(len(b[1]) for b in batch)
+        ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, b in enumerate(batch):
+            ids[i, width - len(b[1]):] = torch.tensor(b[1])
+            mask[i, width - len(b[1]):] = 1
+        with torch.inference_mode():
+            out = lm.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                    output_logits=True, return_dict_in_generate=True, eos_token_id=eos,
+                                    pad_token_id=tok.pad_token_id)
+        logits = torch.stack(out.logits, dim=1).to("cpu")  # [batch, steps, vocab], kept as capture keeps them
+        del logits
+        for i, b in enumerate(batch):
+            seq = out.sequences[i, width:].tolist()
+            cut = next((j + 1 for j, t in enumerate(seq) if t in eos), len(seq))
+            tokens[b[0].id] = seq[:cut]
+    return time.perf_counter() - t0, tokens
+
+
+def overhead(args) -> dict:
+    import torch
+
+    from logitparity import load_dump
+    from logitparity.capture import capture, load_model
+
+    torch.manual_seed(0)
+    lm = load_model(None)
+    prompts = cycled_prompts(args.prompts)
+    bare_generate(lm, prompts[:2], 2, 4)  # warm-up
+    rows = []
+    for rep in range(args.repeats):
+        bare_s, bare_tokens = bare_generate(lm, prompts, args.batch_size, args.max_new_tokens)
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            out = capture(lm, prompts, Path(tmp) / "d", max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size, logits=args.logits, progress=False)
+            cap_s = time.perf_counter() - t0
+            dump = load_dump(out)
+            size = sum(p.stat().st_size for p in out.iterdir())
+            same = sum(dump.record(pid)["generated_token_ids"] == bare_tokens[pid] for pid in dump.ids)
+            tokens = sum(len(r["generated_token_ids"]) for r in dump.records)
+        rows.append({"repeat": rep, "generate_s": bare_s, "capture_s": cap_s, "ratio": cap_s / bare_s,
+                     "dump_bytes": size, "tokens": tokens, "same_tokens_as_generate": f"{same}/{len(prompts)}"})
+        print(json.dumps(rows[-1]), flush=True)
+    best = min(rows, key=lambda r: r["capture_s"] / r["generate_s"])
+    return {"overhead": rows, "best_ratio": best["ratio"]}
+
+
+def peak_rss(n: int, args) -> dict:
+    code = (
+        "import json, sys, tempfile; sys.path[:0] = [%r]\n"
+        "from bench_capture import cycled_prompts\n"
+        "from logitparity.capture import capture\n"
+        "from logitparity import load_dump\n"
+        "with tempfile.TemporaryDirectory() as tmp:\n"
+        "    out = capture(None, cycled_prompts(%d), tmp + '/d', max_new_tokens=%d, batch_size=%d, logits=%r, progress=False)\n"
+        "    d = load_dump(out)\n"
+        "    size = sum(p.stat().st_size for p in out.iterdir())\n"
+        "    print(json.dumps({'prompts': len(d), 'peak_rss_mib': d.manifest['run']['peak_host_rss_bytes'] / 2**20,\n"
+        "                      'dump_mb': size / 1e6, 'shards': len(list(out.glob('shard-*'))),\n"
+        "                      'wall_s': d.manifest['run']['wall_s']}))\n"
+    ) % (str(Path(__file__).parent), n, args.rss_max_new_tokens, args.batch_size, args.logits)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--logits", default="full")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--rss-prompts", default="64,256", help="comma-separated prompt counts for the RSS runs ('' to skip)")
+    parser.add_argument("--rss-max-new-tokens", type=int, default=64)
+    parser.add_argument("--skip-overhead", action="store_true")
+    args = parser.parse_args()
+    result: dict = {"settings": vars(args)}
+    if not args.skip_overhead:
+        result.update(overhead(args))
+        print(f"capture / generate time: {result['best_ratio']:.3f} (target <= 1.15)", flush=True)
+    rss = []
+    for n in [int(x) for x in args.rss_prompts.split(",") if x]:
+        rss.append(peak_rss(n, args))
+        print(json.dumps(rss[-1]), flush=True)
+    result["rss"] = rss
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
