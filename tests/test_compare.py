@@ -225,8 +225,13 @@ def test_max_positions_caps_each_prompt(tmp_path):
     ref, cand, _, _ = planted(tmp_path)
     c = compare_dumps(ref, cand, max_positions=4)
     assert [p.n_compared for p in c.prompts] == [4, 1, 4, 4, 4, 4, 4, 4]
-    # the divergence is still found from the tokens
+    # the divergence is still found from the tokens, and classified from its own row
     assert [p.first_divergence for p in c.prompts] == SPLITS
+    full = compare_dumps(ref, cand)
+    assert [p.split for p in c.prompts] == [p.split for p in full.prompts]
+    assert [p.margin_ref_at_split for p in c.prompts] == pytest.approx(
+        [p.margin_ref_at_split for p in full.prompts], nan_ok=True)
+    assert [p.split_top_cand for p in c.prompts] == [p.split_top_cand for p in full.prompts]
 
 
 def test_early_stop_counts_only_when_both_stopped_identically(tmp_path):
@@ -292,7 +297,7 @@ def test_padded_vocabulary_is_compared_over_the_common_part(tmp_path):
     c = compare_dumps(ref, cand)
     want = np_metrics(r, cnd[:, :V], np.asarray(rt))
     np.testing.assert_allclose(c.tokens.kl_ref_cand, want["kl_ref_cand"], rtol=1e-4, atol=1e-7)
-    assert any(f"padded vocabulary" in n and f"common first {V}" in n for n in c.notes)
+    assert any("padded vocabulary" in n and f"common first {V}" in n for n in c.notes)
 
 
 def test_padded_vocabulary_narrower_than_tokenizer_is_an_error(tmp_path):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -43,7 +42,7 @@ from logitparity.policy import (
     parse_metric,
     standard_metrics,
 )
-from logitparity.stats import Describe, Rate, describe, rate
+from logitparity.stats import Rate, describe, rate
 
 __all__ = ["Comparison", "PromptResult", "compare_dumps"]
 
@@ -56,11 +55,11 @@ SPLIT_TOP = 5  # alternatives shown at a split
 
 
 def _load(d: Any, name: str):
-    if isinstance(d, (str, os.PathLike)):
-        from logitparity.dump import load_dump
+    from logitparity.dump import Dump, load_dump
 
+    if isinstance(d, (str, os.PathLike)):
         return load_dump(d)
-    if not hasattr(d, "manifest") or not hasattr(d, "records"):
+    if not isinstance(d, Dump):
         raise TypeError(f"{name} must be a dump directory path or a Dump (load_dump), got {type(d).__name__}")
     return d
 
@@ -73,16 +72,8 @@ def _get(m: dict, *keys: str, default: Any = None) -> Any:
     return m
 
 
-def _storage(dump) -> tuple[str, int | None]:
-    """-> ("full", None) or ("topk", K)."""
-    s = str(getattr(dump, "storage", "full"))
-    if s.startswith("topk:"):
-        return "topk", int(s.split(":", 1)[1])
-    return "full", None
-
-
-def _mode(dump) -> str:
-    return str(_get(dump.manifest, "decoding", "mode", default="greedy"))
+def _mode(manifest: dict) -> str:
+    return str(_get(manifest, "decoding", "mode", default="greedy"))
 
 
 class IncompatibleRuns(ValueError):
@@ -119,7 +110,7 @@ _DECODING_KEYS = ("temperature", "top_p", "seed", "max_new_tokens", "stop_token_
 
 def _check_decoding(ref, cand) -> str:
     """-> "free-running" or "teacher-forced"."""
-    mr, mc = _mode(ref), _mode(cand)
+    mr, mc = _mode(ref.manifest), _mode(cand.manifest)
     if mr == "score" and mc != "score":
         raise IncompatibleRuns(
             f"the reference is a score-mode dump and the candidate is {mc!r}: a score-mode reference "
@@ -141,13 +132,6 @@ def _check_decoding(ref, cand) -> str:
                 f"{_short(db.get(k))}; capture both with the same decoding settings"
             )
     return "free-running"
-
-
-def _check_storage(ref, cand) -> None:
-    for d, name in ((ref, "reference"), (cand, "candidate")):
-        s = str(getattr(d, "storage", "full"))
-        if s != "full" and not re.fullmatch(r"topk:\d+", s):
-            raise IncompatibleRuns(f"{name} dump has logits storage {s!r}; expected 'full' or 'topk:K'")
 
 
 def run_speed(dump) -> dict[str, float | None]:
@@ -269,13 +253,14 @@ class PromptResult:
 @dataclasses.dataclass
 class _TopRows:
     """Top-K view of one side: values [n, K] logits, indices [n, K] (sorted by
-    value desc, ties to the lower id), lse [n], tail [n] = mass outside the
-    stored tokens; full: [n, V] logits or None."""
+    value desc, ties to the lower id), lse [n]; a top-K dump also has tail
+    [n] (the stored mass outside its K tokens), a full dump has full [n, V]
+    (its logits, so every token's probability is known)."""
 
     values: np.ndarray
     indices: np.ndarray
     lse: np.ndarray
-    tail: np.ndarray
+    tail: np.ndarray | None = None
     full: np.ndarray | None = None
     bf16: bool = False
 
@@ -288,8 +273,7 @@ def _sorted_top(values: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np
 def _top_from_full(rows: np.ndarray, k: int, bf16: bool, threads) -> _TopRows:
     v, i = _topk(rows, k, threads=threads, bf16=bf16)
     lse = logsumexp(rows, threads=threads, bf16=bf16)
-    tail = np.clip(1.0 - np.exp(v.astype(np.float64) - lse[:, None]).sum(-1), 0.0, 1.0)
-    return _TopRows(v.astype(np.float64), i.astype(np.int64), lse, tail, rows, bf16)
+    return _TopRows(v.astype(np.float64), i.astype(np.int64), lse, None, rows, bf16)
 
 
 def _full_values(rows: np.ndarray, idx: np.ndarray, bf16: bool) -> np.ndarray:
@@ -309,6 +293,18 @@ def _known_logprobs(side: _TopRows, u: np.ndarray) -> tuple[np.ndarray, np.ndarr
     pos = hit.argmax(-1)
     lp = np.take_along_axis(side.values, pos, axis=1) - side.lse[:, None]
     return np.where(known, lp, -np.inf), known
+
+
+def _tail_mass(side: _TopRows, lp_known: np.ndarray) -> np.ndarray:
+    """Mass of one side outside the known buckets (lp_known: log-probs on
+    them, -inf elsewhere). A top-K side adds its stored tail to its stored
+    tokens that fell outside the buckets, which keeps a tiny tail exact."""
+    with np.errstate(invalid="ignore"):
+        inside = np.exp(lp_known).sum(-1)
+        if side.full is not None:
+            return np.clip(1.0 - inside, 0.0, 1.0)
+        stored = np.exp(side.values - side.lse[:, None]).sum(-1)
+        return np.clip(side.tail + (stored - inside), 0.0, 1.0)
 
 
 def _bucket_divergences(lp: np.ndarray, lq: np.ndarray, tp: np.ndarray, tq: np.ndarray):
@@ -350,9 +346,7 @@ def _topk_row_metrics(a: _TopRows, b: _TopRows, targets: np.ndarray, ks: Sequenc
     both = ka & kb & (u >= 0)
     lpa_b = np.where(both, lpa, -np.inf)
     lpb_b = np.where(both, lpb, -np.inf)
-    with np.errstate(invalid="ignore"):
-        ta = np.clip(1.0 - np.exp(lpa_b).sum(-1), 0.0, 1.0)
-        tb = np.clip(1.0 - np.exp(lpb_b).sum(-1), 0.0, 1.0)
+    ta, tb = _tail_mass(a, lpa_b), _tail_mass(b, lpb_b)
     kl_ab, kl_ba, js = _bucket_divergences(lpa_b, lpb_b, ta, tb)
     any_both = both.any(-1)
     # -inf on one side only gives +inf; -inf on both sides and tokens not
@@ -526,7 +520,7 @@ class Comparison:
     # ---- free-running
     @property
     def free_running_available(self) -> bool:
-        return self.mode == "free-running" or _mode_of(self.ref_manifest) != "score"
+        return self.mode == "free-running" or _mode(self.ref_manifest) != "score"
 
     def greedy_match(self, n: int) -> Rate:
         """Share of prompts whose first n generated tokens are identical."""
@@ -695,10 +689,6 @@ class Comparison:
         return f"Comparison({len(self.prompts)} prompts, {len(self.tokens)} positions, {self.verdict})"
 
 
-def _mode_of(manifest: dict) -> str:
-    return str(_get(manifest, "decoding", "mode", default="greedy"))
-
-
 def _first_diff(a: Sequence[int], b: Sequence[int]) -> int | None:
     n = min(len(a), len(b))
     x, y = np.asarray(a[:n]), np.asarray(b[:n])
@@ -751,12 +741,11 @@ def compare_dumps(
     notes: list[str] = []
     _check_tokenizers(ref_d, cand_d, notes)
     mode = _check_decoding(ref_d, cand_d)
-    _check_storage(ref_d, cand_d)
     pairs, only_ref, only_cand = _match_prompts(ref_d, cand_d)
 
-    (sa, ka), (sb, kb) = _storage(ref_d), _storage(cand_d)
-    use_topk = sa == "topk" or sb == "topk"
-    k_top = min(k for k in (ka, kb) if k is not None) if use_topk else None
+    # Dump.k: None for full storage, K for topk:K (checked by load_dump)
+    use_topk = ref_d.k is not None or cand_d.k is not None
+    k_top = min(k for k in (ref_d.k, cand_d.k) if k is not None) if use_topk else None
     ks = tuple(sorted({int(k) for k in topk}))
     if use_topk:
         dropped = [k for k in ks if k > k_top]
@@ -767,8 +756,7 @@ def compare_dumps(
             f"logits stored as top-{k_top}: KL and JS are computed over the tokens both sides store plus one "
             "tail bucket, a lower bound on the full-vocabulary value; cosine and entropy are not available"
         )
-    bf16_a = getattr(ref_d, "logits_dtype", None) == "bf16"
-    bf16_b = getattr(cand_d, "logits_dtype", None) == "bf16"
+    bf16_a, bf16_b = ref_d.logits_dtype == "bf16", cand_d.logits_dtype == "bf16"
 
     if not (decode is None or callable(decode) or decode == "auto"):
         raise TypeError(f"decode must be 'auto', None or a function ids -> text, got {decode!r}")
@@ -813,39 +801,45 @@ def compare_dumps(
             n_rows = min(len(rt), len(ct)) if d is None else min(d + 1, len(rt), len(ct))
         if max_positions is not None:
             n_rows = min(n_rows, max_positions)
-        tgt = np.asarray(rt[:n_rows], dtype=np.int64)
-        if tgt.size and int(tgt.max()) >= v:
+        tgt_all = np.asarray(rt, dtype=np.int64)
+        if tgt_all.size and int(tgt_all.max()) >= v:
             raise IncompatibleRuns(
-                f"prompt {rid!r}: reference token id {int(tgt.max())} is outside the compared vocabulary of {v}"
+                f"prompt {rid!r}: reference token id {int(tgt_all.max())} is outside the compared vocabulary of {v}"
             )
-        m = None
-        if use_topk:
-            A = _side_top(ref_d, rid, k_top, n_rows, v, bf16_a, threads)
-            B = _side_top(cand_d, rid, k_top, n_rows, v, bf16_b, threads)
-            if n_rows:
-                m = _topk_row_metrics(A, B, tgt, ks, v)
-        else:
-            A, B = ref_d.logits(rid), cand_d.logits(rid)
-            if n_rows:
-                m = compare_logits(A[:n_rows, :v], B[:n_rows, :v], targets=tgt, topk=ks, threads=threads,
-                                   ref_bf16=bf16_a, cand_bf16=bf16_b)
+        full_a = None if use_topk else ref_d.logits(rid)
+        full_b = None if use_topk else cand_d.logits(rid)
+
+        def pair(rows: slice):
+            """(RowMetrics, ref side, cand side) of rows of this prompt."""
+            if use_topk:
+                a = _side_top(ref_d, rid, k_top, rows, v, bf16_a, threads)
+                b = _side_top(cand_d, rid, k_top, rows, v, bf16_b, threads)
+                return _topk_row_metrics(a, b, tgt_all[rows], ks, v), a, b
+            a, b = full_a[rows, :v], full_b[rows, :v]
+            return compare_logits(a, b, targets=tgt_all[rows], topk=ks, threads=threads,
+                                  ref_bf16=bf16_a, cand_bf16=bf16_b), a, b
+
+        m, A, B = pair(slice(0, n_rows)) if n_rows else (None, None, None)
+        tgt = tgt_all[:n_rows]
         if mode == "teacher-forced" and m is not None:
             agree = m.argmax_cand == tgt
             d = None if agree.all() else int(np.argmin(agree))
         if m is not None:
-            if _mode_of(ref_d.manifest) == "greedy":
+            if _mode(ref_d.manifest) == "greedy":
                 mismatch_top1["reference"] += int((m.argmax_ref != tgt).sum())
-            if mode == "free-running" and _mode_of(cand_d.manifest) == "greedy":
+            if mode == "free-running" and _mode(cand_d.manifest) == "greedy":
                 mismatch_top1["candidate"] += int((m.argmax_cand != np.asarray(ct[:n_rows])).sum())
         split, mr_s, mc_s, top_r, top_c = None, float("nan"), float("nan"), [], []
-        if d is not None:
-            if m is not None and d < n_rows:
-                mr_s, mc_s = float(m.margin_ref[d]), float(m.margin_cand[d])
-                split = "near-tie" if mr_s < near_tie_margin else "real"
-                top_r = _split_top(A, d, v, bf16_a, float(m.lse_ref[d]), threads)
-                top_c = _split_top(B, d, v, bf16_b, float(m.lse_cand[d]), threads)
-            elif d >= min(len(rt), len(ct)):
-                split = "length"
+        if d is not None and d >= min(len(rt), len(ct)):
+            split = "length"
+        elif d is not None:
+            # the split row, both sides from the same prefix (computed on its
+            # own when max_positions stopped short of it)
+            ms, As, Bs, j = (m, A, B, d) if d < n_rows else (*pair(slice(d, d + 1)), 0)
+            mr_s, mc_s = float(ms.margin_ref[j]), float(ms.margin_cand[j])
+            split = "near-tie" if mr_s < near_tie_margin else "real"
+            top_r = _split_top(As, j, bf16_a, float(ms.lse_ref[j]), threads)
+            top_c = _split_top(Bs, j, bf16_b, float(ms.lse_cand[j]), threads)
         if mode == "teacher-forced":
             # the candidate's would-be greedy continuation: the reference's
             # tokens up to the split, then its own top-1 there
@@ -883,8 +877,7 @@ def compare_dumps(
     storage = "full" if not use_topk else f"topk:{k_top}"
     return Comparison(
         ref_manifest=ref_d.manifest, cand_manifest=cand_d.manifest,
-        ref_path=str(getattr(ref_d, "path", ref if isinstance(ref, (str, os.PathLike)) else "")),
-        cand_path=str(getattr(cand_d, "path", cand if isinstance(cand, (str, os.PathLike)) else "")),
+        ref_path=str(ref_d.path), cand_path=str(cand_d.path),
         mode=mode, storage=storage, kl_is_bound=use_topk, prompts=prompts,
         only_ref=only_ref, only_cand=only_cand, tokens=tokens,
         token_prompt=np.concatenate(tok_prompt) if tok_prompt else np.zeros(0, np.int64),
@@ -899,22 +892,19 @@ def _tokenizer_size(manifest: dict) -> int | None:
     return None if v is None else int(v)
 
 
-def _side_top(dump, rid, k: int, n_rows: int, v: int, bf16: bool, threads) -> _TopRows:
-    """Top-k view of one prompt's first n_rows rows over the first v tokens."""
+def _side_top(dump, rid, k: int, rows: slice, v: int, bf16: bool, threads) -> _TopRows:
+    """Top-k view of one prompt's rows over the first v tokens."""
     if dump.k is None:
-        rows = dump.logits(rid)[:n_rows, :v]
-        if not n_rows:
-            return _TopRows(np.zeros((0, k)), np.zeros((0, k), np.int64), np.zeros(0), np.zeros(0), rows, bf16)
-        return _top_from_full(rows, k, bf16, threads)
+        return _top_from_full(dump.logits(rid)[rows, :v], k, bf16, threads)
     vals, idx, lse, tail = dump.topk(rid)
     # keep every stored token (the stored set defines the tail), sorted by value
-    vals, idx = _sorted_top(np.asarray(vals[:n_rows], np.float64), np.asarray(idx[:n_rows], np.int64))
-    return _TopRows(vals, idx, np.asarray(lse[:n_rows], np.float64), np.asarray(tail[:n_rows], np.float64))
+    vals, idx = _sorted_top(np.asarray(vals[rows], np.float64), np.asarray(idx[rows], np.int64))
+    return _TopRows(vals, idx, np.asarray(lse[rows], np.float64), np.asarray(tail[rows], np.float64))
 
 
-def _split_top(x, d: int, v: int, bf16: bool, lse: float, threads) -> list[tuple[int, float]]:
-    """(token id, probability) of the top SPLIT_TOP tokens of row d."""
+def _split_top(x, j: int, bf16: bool, lse: float, threads) -> list[tuple[int, float]]:
+    """(token id, probability) of the top SPLIT_TOP tokens of row j."""
     if isinstance(x, _TopRows):
-        return _probs(x.values[d, :SPLIT_TOP], x.indices[d, :SPLIT_TOP], float(x.lse[d]))
-    vals, idx = _topk(x[d:d + 1, :v], min(SPLIT_TOP, v), threads=threads, bf16=bf16)
+        return _probs(x.values[j, :SPLIT_TOP], x.indices[j, :SPLIT_TOP], float(x.lse[j]))
+    vals, idx = _topk(x[j:j + 1], min(SPLIT_TOP, x.shape[1]), threads=threads, bf16=bf16)
     return _probs(vals[0], idx[0], lse)
