@@ -55,9 +55,12 @@ def build_tokenizer(vocab_size: int = TINY_VOCAB):
     )
 
 
-def build_tiny_model(path, *, seed: int = 0, vocab_size: int = TINY_VOCAB) -> str:
+def build_tiny_model(path, *, seed: int = 0, vocab_size: int = TINY_VOCAB, model_vocab_size: int | None = None) -> str:
     """Save a tiny random LlamaForCausalLM (hidden 64, 2 layers) and its
-    tokenizer to ``path``; returns the path as a string."""
+    tokenizer to ``path``; returns the path as a string. ``vocab_size``: the
+    tokenizer's (the fixed corpus supports up to 439);
+    ``model_vocab_size``: a padded width for the logit rows (default: the
+    tokenizer's). Different seeds give different weights, same tokenizer."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -66,7 +69,7 @@ def build_tiny_model(path, *, seed: int = 0, vocab_size: int = TINY_VOCAB) -> st
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = LlamaConfig(
-        vocab_size=vocab_size,
+        vocab_size=model_vocab_size or vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,

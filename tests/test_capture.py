@@ -266,6 +266,25 @@ def test_bf16_model_stores_its_raw_logits(tiny_model_dir, tmp_path):
     np.testing.assert_array_equal(torch.from_numpy(np.array(x)).bfloat16().float().numpy(), x)
 
 
+def test_duplicate_prompt_ids(lm, tmp_path):
+    with pytest.raises(ValueError, match="prompt id 'a' appears twice"):
+        capture(lm, tmp_path / "d", prompts=[PROMPTS[0], PROMPTS[0]])
+
+
+def test_resume_with_other_prompt_text(lm, tmp_path):
+    capture(lm, tmp_path / "d", prompts=PROMPTS[:1], max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt 'a' has a different text than in the dump"):
+        capture(lm, tmp_path / "d", prompts=[Prompt("a", "x", "changed")], max_new_tokens=2, resume=True)
+
+
+def test_padded_vocabulary(tmp_path):
+    from conftest import build_tiny_model
+
+    lm_pad = load_model(build_tiny_model(tmp_path / "m", model_vocab_size=448))
+    d = capture(lm_pad, tmp_path / "d", prompts=PROMPTS[:1], max_new_tokens=2)
+    assert d.vocab_size == 448 and d.manifest["tokenizer"]["vocab_size"] == 384
+
+
 def test_limit(lm, tmp_path):
     d = capture(lm, tmp_path / "d", limit=2, max_new_tokens=2)
     assert sorted(d.ids) == ["a", "b"]

@@ -71,6 +71,11 @@ def _select(prompts: list[Prompt], ref: Dump | None, limit: int | None) -> list[
                     raise ValueError(f"prompt {p.id!r} is not in the reference dump {ref.path}")
                 if r["prompt"] != p.text:
                     raise ValueError(f"prompt {p.id!r} differs from the reference dump's text ({ref.path}); use the same prompts file")
+    seen: set[str] = set()
+    for p in prompts:
+        if p.id in seen:
+            raise ValueError(f"prompt id {p.id!r} appears twice; ids must be unique")
+        seen.add(p.id)
     return prompts[:limit] if limit else prompts
 
 
@@ -168,10 +173,13 @@ def capture(
 
     with DumpWriter(out, manifest, logits=logits, logits_dtype=logits_dtype, shard_bytes=shard_bytes,
                     resume=resume) as writer:
-        done = writer.done_ids
+        done = {r["id"]: r["prompt"] for r in writer.records}
         todo = []
         for p in selected:
             if p.id in done:
+                if done[p.id] != p.text:
+                    raise ValueError(f"cannot resume {out}: prompt {p.id!r} has a different text than in the dump; "
+                                     "use the same prompts file or a new directory")
                 continue
             if ref is None:
                 ids, used = _tokenize(tok, p, chat_template)

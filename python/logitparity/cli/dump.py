@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import threading
 
 HELP = "capture a model's raw logits on a prompt set into a dump directory"
 
@@ -42,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.shard_mb > 0:
         raise ValueError(f"--shard-mb must be > 0, got {args.shard_mb}")
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         out = capture(
             args.model,
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
             shard_bytes=max(1, int(args.shard_mb * (1 << 20))),
         )
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     dump = load_dump(out)
     r = dump.manifest.get("run", {})
     tokens = sum(len(rec["generated_token_ids"]) for rec in dump.records)
