@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from logitparity.dump import _bf16_bits, parse_storage
-from logitparity.metrics import log_softmax, logsumexp, topk as _topk
+from logitparity.metrics import log_softmax, topk as _topk
 
 __all__ = ["FORMAT", "VERSION", "BaselineCache", "BaselineCacheWriter", "CacheRows", "load_baseline_cache"]
 

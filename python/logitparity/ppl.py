@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from logitparity.baseline_cache import BaselineCache, BaselineCacheWriter, CacheRows, text_sha256
+from logitparity.baseline_cache import TOKENIZER_KEYS, BaselineCache, BaselineCacheWriter, CacheRows, text_sha256
 from logitparity.metrics import compare_logits, logsumexp, nll as _nll, topk as _topk
 from logitparity.stats import Describe, Rate, describe, format_mean_se, rate
 
@@ -35,7 +35,6 @@ __all__ = ["DEFAULT_CORPUS", "PairFigures", "PerplexityResult", "PplFigures", "W
 
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "pride_and_prejudice.txt"
 DEFAULT_CTX = 512
-DEFAULT_STRIDE = 256
 BOOTSTRAP = 1000  # paired bootstrap resamples for the ΔPPL interval
 SCORING_NOTE = (
     "each token is scored once, by the first window that reaches it (Hugging Face perplexity "
@@ -536,6 +535,134 @@ def _progress(total: int, enabled: bool):
 
 
 # --------------------------------------------------------------------------
+# planning and the scoring loop
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What gets scored: the text's tokens, the windows and their settings."""
+
+    token_ids: np.ndarray
+    windows: list[Window]
+    bos_id: int | None
+    text: dict[str, Any]
+    settings: dict[str, Any]
+    tokenizer: dict[str, Any]
+
+
+def _make_plan(token_ids: np.ndarray, ctx: int, stride: int, bos_id: int | None, bos_token: str | None,
+               max_tokens: int | None, text: dict[str, Any], tokenizer: dict[str, Any]) -> _Plan:
+    windows = plan_windows(int(token_ids.size), ctx, stride, bos_id is not None)
+    settings = {"ctx": ctx, "stride": stride, "bos_token_id": bos_id, "bos_token": bos_token,
+                "max_tokens": max_tokens, "windows": len(windows), "scored": sum(w.scored for w in windows),
+                "recipe": SCORING_NOTE}
+    return _Plan(token_ids, windows, bos_id, text, settings, tokenizer)
+
+
+def _plan_from_text(ref_lm: Any, cand_lm: Any, txt: str, name: str, *, ctx: int | None, stride: int | None,
+                    max_tokens: int | None, add_bos: bool | None) -> _Plan:
+    ctx = DEFAULT_CTX if ctx is None else ctx
+    stride = max(1, ctx // 2) if stride is None else stride
+    tok, ident = ref_lm.tokenizer, ref_lm.identity["tokenizer"]
+    if cand_lm is not None:
+        for key in TOKENIZER_KEYS:
+            if ident.get(key) != cand_lm.identity["tokenizer"].get(key):
+                raise ValueError(
+                    f"reference and candidate tokenizers differ ({key}); perplexity can only be "
+                    "compared token by token when both tokenize the text identically"
+                )
+    bos_id = getattr(tok, "bos_token_id", None) if add_bos is not False else None
+    if add_bos and bos_id is None:
+        raise ValueError("add_bos=True but the tokenizer has no BOS token; leave add_bos unset")
+    token_ids, covered = _tokenize(tok, txt, max_tokens)
+    text = {"name": name, "sha256": text_sha256(txt), "tokens": int(token_ids.size),
+            "truncated": covered != txt, **_text_counts(covered)}
+    bos_token = getattr(tok, "bos_token", None) if bos_id is not None else None
+    return _make_plan(token_ids, ctx, stride, bos_id, bos_token, max_tokens, text, ident)
+
+
+def _plan_from_cache(cache: BaselineCache, cand_lm: Any, given: tuple[str, str] | None, *, ctx: int | None,
+                     stride: int | None, max_tokens: int | None, add_bos: bool | None) -> _Plan:
+    cache.check_compatible(
+        tokenizer=cand_lm.identity["tokenizer"] if cand_lm else None, text=given[0] if given else None,
+        settings={"ctx": ctx, "stride": stride, "max_tokens": max_tokens},
+    )
+    s = cache.settings
+    bos_id = s["bos_token_id"]
+    if add_bos is not None and add_bos != (bos_id is not None):
+        raise ValueError(f"baseline cache {cache.path} was made with add_bos={bos_id is not None}, "
+                         f"got add_bos={add_bos}; leave it unset to use the cache's setting")
+    return _make_plan(cache.token_ids, int(s["ctx"]), int(s["stride"]), bos_id, s.get("bos_token"),
+                      s.get("max_tokens"), dict(cache.manifest["text"]), cache.manifest["tokenizer"])
+
+
+def _score(plan: _Plan, ref_lm: Any, cand_lm: Any, cache: BaselineCache | None,
+           writer: BaselineCacheWriter | None, *, batch_size: int, threads: int | None,
+           progress: bool) -> tuple[dict[str, np.ndarray], float, float, dict[str, Any] | None]:
+    """Run every window -> (per-token arrays, forward seconds, metric seconds,
+    the written cache's manifest or None)."""
+    acc = _Tokens()
+    t_fwd = t_met = 0.0
+    cursor = 0
+    t_loop = time.perf_counter()
+    bar = _progress(len(plan.windows), progress)
+    try:
+        for group in _batches(plan.windows, batch_size):
+            positions = np.concatenate([np.arange(w.first, w.end) for w in group])
+            targets = plan.token_ids[positions]
+            t0 = time.perf_counter()
+            ref_logits = _forward(ref_lm, plan.token_ids, group, plan.bos_id) if ref_lm is not None else None
+            cand_logits = _forward(cand_lm, plan.token_ids, group, plan.bos_id) if cand_lm is not None else None
+            t1 = time.perf_counter()
+            if cache is not None:
+                rows = cache.rows(cursor, cursor + positions.size)
+                if not np.array_equal(rows.position, positions):
+                    raise ValueError(f"baseline cache {cache.path} rows do not follow its own windows; recreate it")
+                if cand_logits is None:
+                    out = {"nll_ref": rows.nll}
+                else:
+                    cache.check_compatible(vocab=int(cand_logits.shape[-1]))
+                    out = _pair_cache(rows, cand_logits, targets, cache.vocab, threads)
+            elif cand_logits is not None:
+                out = _pair_live(ref_logits, cand_logits, targets, threads)
+            else:
+                out = {"nll_ref": _nll(ref_logits, targets, threads=threads)}
+            lse = out.pop("lse_ref", None)
+            if writer is not None:
+                arg = out.get("argmax_ref")
+                writer.add(ref_logits, position=positions, target=targets, nll=out["nll_ref"],
+                           lse=logsumexp(ref_logits, threads=threads) if lse is None else lse,
+                           argmax=_topk(ref_logits, 1, threads=threads)[1][:, 0] if arg is None else arg)
+            acc.add(**out)
+            cursor += positions.size
+            t_fwd += t1 - t0
+            t_met += time.perf_counter() - t1
+            bar.update(len(group))
+            bar.set_postfix_str(f"{cursor / (time.perf_counter() - t_loop):.0f} tok/s", refresh=False)
+        saved = None
+        if writer is not None:
+            keys = ("ctx", "stride", "bos_token_id", "bos_token", "max_tokens")
+            saved = writer.close({"text": plan.text, "settings": {k: plan.settings[k] for k in keys},
+                                  "tokenizer": plan.tokenizer, "model": _describe_side(ref_lm)}, plan.token_ids)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+    return acc.arrays(), t_fwd, t_met, saved
+
+
+def _kl_note(cache: BaselineCache | None) -> str:
+    if cache is None:
+        return "exact (full distributions)"
+    if cache.k is not None:
+        return (f"a lower bound: the baseline cache keeps the reference's top {cache.k} tokens, so KL is "
+                "taken over those tokens plus one bucket for the rest (data-processing inequality)")
+    return f"from the baseline cache's {cache.manifest['storage']['dtype']} log-probs (exact up to their rounding)"
+
+
+# --------------------------------------------------------------------------
 # the public function
 
 
@@ -579,7 +706,7 @@ def perplexity(
     text / text_file: the text (default: the bundled corpus,
     data/pride_and_prejudice.txt). ctx: input positions per window, BOS
     included (default 512); stride: tokens between window starts (default
-    256; = ctx − 1 with BOS, or ctx without, gives disjoint windows).
+    ctx // 2; ctx − 1 with BOS, or ctx without, gives disjoint windows).
     max_tokens: score only the first N tokens of the text (no other length
     limit). add_bos: start every window with the tokenizer's BOS token
     (None: when it has one; True without one is an error). batch_size:
@@ -595,141 +722,44 @@ def perplexity(
         cache = baseline_cache if isinstance(baseline_cache, BaselineCache) else BaselineCache(baseline_cache)
     batch_size = _check_int(batch_size, "batch_size", 1)
     bootstrap = _check_int(bootstrap, "bootstrap", 0)
-    if max_tokens is not None:
-        max_tokens = _check_int(max_tokens, "max_tokens", 1)
-    if cache_topk is not None:
-        cache_topk = _check_int(cache_topk, "cache_topk", 1)
-    for name, v in (("ctx", ctx), ("stride", stride)):
-        if v is not None:
-            _check_int(v, name, 1)
+    max_tokens, cache_topk, ctx, stride = (
+        None if v is None else _check_int(v, name, 1)
+        for name, v in (("max_tokens", max_tokens), ("cache_topk", cache_topk), ("ctx", ctx), ("stride", stride)))
+    given = None if cache is not None and text is None and text_file is None else _read_text(text, text_file)
 
     t_start = time.perf_counter()
     ref_lm = None if cache is not None else _load(model, dtype, device)
-    cand_lm = None
-    if candidate is not None:
-        cand_lm = _load(candidate, candidate_dtype or dtype, candidate_device or device)
-
+    cand_lm = None if candidate is None else _load(candidate, candidate_dtype or dtype, candidate_device or device)
     if cache is not None:
-        s = cache.settings
-        given_text = None if text is None and text_file is None else _read_text(text, text_file)[0]
-        cache.check_compatible(
-            tokenizer=cand_lm.identity["tokenizer"] if cand_lm else None, text=given_text,
-            settings={"ctx": ctx, "stride": stride, "max_tokens": max_tokens},
-        )
-        ctx, stride, bos_id = int(s["ctx"]), int(s["stride"]), s["bos_token_id"]
-        if add_bos is not None and add_bos != (bos_id is not None):
-            raise ValueError(f"baseline cache {cache.path} was made with add_bos={bos_id is not None}, "
-                             f"got add_bos={add_bos}; leave it unset to use the cache's setting")
-        token_ids = cache.token_ids
-        text_info = dict(cache.manifest["text"])
-        bos_token = s.get("bos_token")
-        tokenizer_ident = cache.manifest["tokenizer"]
+        plan = _plan_from_cache(cache, cand_lm, given, ctx=ctx, stride=stride, max_tokens=max_tokens,
+                                add_bos=add_bos)
     else:
-        txt, name = _read_text(text, text_file)
-        ctx = DEFAULT_CTX if ctx is None else ctx
-        stride = (DEFAULT_STRIDE if ctx > DEFAULT_STRIDE else max(1, ctx // 2)) if stride is None else stride
-        tok = ref_lm.tokenizer
-        tokenizer_ident = ref_lm.identity["tokenizer"]
-        if cand_lm is not None:
-            for key in ("vocab_size", "tokens_hash", "special_tokens"):
-                if tokenizer_ident.get(key) != cand_lm.identity["tokenizer"].get(key):
-                    raise ValueError(
-                        f"reference and candidate tokenizers differ ({key}); perplexity can only be "
-                        "compared token by token when both tokenize the text identically"
-                    )
-        bos_id = getattr(tok, "bos_token_id", None) if add_bos is not False else None
-        bos_token = getattr(tok, "bos_token", None) if bos_id is not None else None
-        if add_bos and bos_id is None:
-            raise ValueError("add_bos=True but the tokenizer has no BOS token; leave add_bos unset")
-        token_ids, covered = _tokenize(tok, txt, max_tokens)
-        text_info = {"name": name, "sha256": text_sha256(txt), "tokens": int(token_ids.size),
-                     "truncated": bool(max_tokens is not None and covered != txt), **_text_counts(covered)}
+        plan = _plan_from_text(ref_lm, cand_lm, *given, ctx=ctx, stride=stride, max_tokens=max_tokens,
+                               add_bos=add_bos)
     for lm, role in ((ref_lm, "reference"), (cand_lm, "candidate")):
         if lm is not None:
-            _check_context(lm, ctx, role)
-    windows = plan_windows(int(token_ids.size), ctx, stride, bos_id is not None)
-    n_scored = sum(w.scored for w in windows)
-    settings = {"ctx": ctx, "stride": stride, "bos_token_id": bos_id, "bos_token": bos_token,
-                "max_tokens": max_tokens, "windows": len(windows), "scored": n_scored,
-                "batch_size": batch_size, "recipe": SCORING_NOTE}
+            _check_context(lm, plan.settings["ctx"], role)
+    plan.settings["batch_size"] = batch_size
 
     writer = None
     if save_baseline is not None:
         storage = "full" if cache_topk is None else f"topk:{cache_topk}"
         writer = BaselineCacheWriter(save_baseline, storage=storage, dtype=cache_dtype, threads=threads)
-
-    acc = _Tokens()
-    t_fwd = t_met = 0.0
-    cursor = 0
     t_loop = time.perf_counter()
-    bar = _progress(len(windows), progress)
-    try:
-        for group in _batches(windows, batch_size):
-            positions = np.concatenate([np.arange(w.first, w.end) for w in group])
-            targets = token_ids[positions]
-            t0 = time.perf_counter()
-            ref_logits = _forward(ref_lm, token_ids, group, bos_id) if ref_lm is not None else None
-            cand_logits = _forward(cand_lm, token_ids, group, bos_id) if cand_lm is not None else None
-            t1 = time.perf_counter()
-            if cache is not None:
-                rows = cache.rows(cursor, cursor + positions.size)
-                if not np.array_equal(rows.position, positions):
-                    raise ValueError(f"baseline cache {cache.path} rows do not follow its own windows; recreate it")
-                if cand_logits is None:
-                    out = {"nll_ref": rows.nll}
-                else:
-                    cache.check_compatible(vocab=int(cand_logits.shape[-1]))
-                    out = _pair_cache(rows, cand_logits, targets, cache.vocab, threads)
-            elif cand_logits is not None:
-                out = _pair_live(ref_logits, cand_logits, targets, threads)
-            else:
-                out = {"nll_ref": _nll(ref_logits, targets, threads=threads)}
-            if writer is not None:
-                lse = out.pop("lse_ref", None)
-                arg = out.get("argmax_ref")
-                writer.add(ref_logits, position=positions, target=targets, nll=out["nll_ref"],
-                           lse=logsumexp(ref_logits, threads=threads) if lse is None else lse,
-                           argmax=_topk(ref_logits, 1, threads=threads)[1][:, 0] if arg is None else arg)
-            out.pop("lse_ref", None)
-            acc.add(**out)
-            cursor += positions.size
-            t_fwd += t1 - t0
-            t_met += time.perf_counter() - t1
-            bar.update(len(group))
-            bar.set_postfix_str(f"{cursor / (time.perf_counter() - t_loop):.0f} tok/s", refresh=False)
-        saved = None
-        if writer is not None:
-            manifest = {
-                "text": text_info,
-                "settings": {k: settings[k] for k in ("ctx", "stride", "bos_token_id", "bos_token", "max_tokens")},
-                "tokenizer": tokenizer_ident, "model": _describe_side(ref_lm),
-            }
-            saved = writer.close(manifest, token_ids)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    finally:
-        bar.close()
+    tokens, t_fwd, t_met, saved = _score(plan, ref_lm, cand_lm, cache, writer, batch_size=batch_size,
+                                         threads=threads, progress=progress)
     t_end = time.perf_counter()
 
-    tokens = acc.arrays()
-    ref_fig = PplFigures.from_nll(tokens["nll_ref"], text_info["words"], text_info["bytes"])
+    words, n_bytes = plan.text["words"], plan.text["bytes"]
+    ref_fig = PplFigures.from_nll(tokens["nll_ref"], words, n_bytes)
     cand_fig = pair = None
     if cand_lm is not None:
         tokens["delta_p"] = np.exp(-tokens["nll_cand"]) - np.exp(-tokens["nll_ref"])
         tokens["same_top1"] = tokens["argmax_ref"] == tokens["argmax_cand"]
-        cand_fig = PplFigures.from_nll(tokens["nll_cand"], text_info["words"], text_info["bytes"])
-        kl_note = "exact (full distributions)"
-        if cache is not None and cache.k is not None:
-            kl_note = (f"a lower bound: the baseline cache keeps the reference's top {cache.k} tokens, so KL is "
-                       f"taken over those tokens plus one bucket for the rest (data-processing inequality)")
-        elif cache is not None:
-            kl_note = (f"from the baseline cache's {cache.manifest['storage']['dtype']} log-probs "
-                       "(exact up to their rounding)")
+        cand_fig = PplFigures.from_nll(tokens["nll_cand"], words, n_bytes)
         pair = PairFigures.from_tokens(
             ref_fig, cand_fig, tokens["nll_ref"], tokens["nll_cand"], tokens["kl_ref_cand"],
-            tokens["kl_cand_ref"], tokens["delta_p"], tokens["same_top1"], kl=kl_note,
+            tokens["kl_cand_ref"], tokens["delta_p"], tokens["same_top1"], kl=_kl_note(cache),
             bootstrap=bootstrap, seed=seed)
 
     cache_info = None
@@ -740,15 +770,15 @@ def perplexity(
     else:
         reference = _describe_side(ref_lm)
     if saved is not None:
+        st = saved["storage"]
         cache_info = {"role": "written to", "path": str(Path(save_baseline)),
-                      "storage": saved["storage"]["logits"]
-                      + (f" {saved['storage']['dtype']}" if saved["storage"]["dtype"] else ""),
+                      "storage": st["logits"] + (f" {st['dtype']}" if st["dtype"] else ""),
                       "bytes_per_token": saved["bytes_per_token"]}
-    total = t_end - t_start
-    timing = {"total_s": total, "load_s": t_loop - t_start, "forward_s": t_fwd, "metric_s": t_met,
+    n_scored = plan.settings["scored"]
+    timing = {"total_s": t_end - t_start, "load_s": t_loop - t_start, "forward_s": t_fwd, "metric_s": t_met,
               "tokens_per_s": n_scored / (t_end - t_loop) if t_end > t_loop else math.nan}
     return PerplexityResult(
-        reference=reference, candidate=_describe_side(cand_lm) if cand_lm else None, text=text_info,
-        settings=settings, ref=ref_fig, cand=cand_fig, pair=pair, cache=cache_info, timing=timing,
+        reference=reference, candidate=_describe_side(cand_lm) if cand_lm else None, text=plan.text,
+        settings=plan.settings, ref=ref_fig, cand=cand_fig, pair=pair, cache=cache_info, timing=timing,
         tokens=tokens,
     )

@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "public-domain corpus, Pride and Prejudice chapters 1-10)")
     p.add_argument("--ctx", type=int, help="input positions per window, BOS included (default 512, "
                    "or the baseline cache's)")
-    p.add_argument("--stride", type=int, help="tokens between window starts (default 256, or the cache's)")
+    p.add_argument("--stride", type=int, help="tokens between window starts (default ctx//2, or the cache's)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="reference dtype (default fp32)")
     p.add_argument("--device", default="cpu", help="reference device: cpu | cuda | cuda:N | auto")
