@@ -501,31 +501,31 @@ class _Tokens:
 
 
 def _pair_live(ref, cand, targets: np.ndarray, threads) -> dict[str, np.ndarray]:
-    m = compare_logits(ref, cand, targets=targets, topk=(1,), threads=threads, js=False)
-    return {"nll_ref": m.nll_ref, "nll_cand": m.nll_cand, "kl_ref_cand": m.kl_ref_cand,
-            "kl_cand_ref": m.kl_cand_ref, "argmax_ref": m.argmax_ref, "argmax_cand": m.argmax_cand,
-            "lse_ref": m.lse_ref}
+    """KL both ways and argmaxes from the fused pair kernel; each side's NLL
+    from the NLL kernel, as in every other mode, so a reference NLL is the
+    same number whether it was scored alone, in a pair or read from a cache."""
+    m = compare_logits(ref, cand, topk=(1,), threads=threads, js=False)
+    return {"nll_ref": _nll(ref, targets, threads=threads), "nll_cand": _nll(cand, targets, threads=threads),
+            "kl_ref_cand": m.kl_ref_cand, "kl_cand_ref": m.kl_cand_ref, "argmax_ref": m.argmax_ref,
+            "argmax_cand": m.argmax_cand, "lse_ref": m.lse_ref}
 
 
 def _pair_cache(rows: CacheRows, cand, targets: np.ndarray, vocab: int, threads) -> dict[str, np.ndarray]:
     """Candidate logits against cached reference rows: exact NLL/argmax from the
-    cache; KL exact (full storage) or a lower bound (topk storage)."""
+    cache; KL exact up to the stored rounding (full storage) or a lower bound
+    (topk storage)."""
     if rows.logprobs is not None:
-        m = compare_logits(rows.logprobs, cand, targets=targets, topk=(1,), threads=threads, js=False,
-                           ref_bf16=rows.bf16)
-        kl_rc, kl_cr, arg_c, nll_c = m.kl_ref_cand, m.kl_cand_ref, m.argmax_cand, m.nll_cand
+        m = compare_logits(rows.logprobs, cand, topk=(1,), threads=threads, js=False, ref_bf16=rows.bf16)
     else:
         from logitparity.compare import _top_from_full, _topk_row_metrics, _TopRows
 
         host, bf16 = _host_rows(cand)
-        k = rows.topk_indices.shape[1]
         top_ref = _TopRows(rows.topk_values.astype(np.float64), rows.topk_indices.astype(np.int64),
                            rows.lse, rows.tail)
+        k = rows.topk_indices.shape[1]
         m = _topk_row_metrics(top_ref, _top_from_full(host, k, bf16, threads), targets, (1,), vocab)
-        kl_rc, kl_cr, arg_c = m.kl_ref_cand, m.kl_cand_ref, m.argmax_cand
-        nll_c = _nll(host, targets, threads=threads, bf16=bf16)
-    return {"nll_ref": rows.nll, "nll_cand": nll_c, "kl_ref_cand": kl_rc, "kl_cand_ref": kl_cr,
-            "argmax_ref": rows.argmax, "argmax_cand": arg_c}
+    return {"nll_ref": rows.nll, "nll_cand": _nll(cand, targets, threads=threads), "kl_ref_cand": m.kl_ref_cand,
+            "kl_cand_ref": m.kl_cand_ref, "argmax_ref": rows.argmax, "argmax_cand": m.argmax_cand}
 
 
 def _progress(total: int, enabled: bool):
