@@ -203,12 +203,24 @@ def test_topk_round_trip_against_float64_reference(tmp_path):
     np.testing.assert_array_equal(values, np.take_along_axis(x, order, 1))
     m = x64.max(axis=1, keepdims=True)
     want_lse = (m + np.log(np.exp(x64 - m).sum(axis=1, keepdims=True)))[:, 0]
-    np.testing.assert_allclose(lse, want_lse, rtol=1e-12)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-14)
     p = np.exp(x64 - want_lse[:, None])
     mask = np.ones_like(p, dtype=bool)
     np.put_along_axis(mask, order, False, 1)
     np.testing.assert_allclose(tail, (p * mask).sum(axis=1), atol=1e-12)
     assert [t.shape for t in d.topk("p8")] == [(0, 8), (0, 8), (0,), (0,)]
+
+
+def test_topk_nonfinite_rows(tmp_path):
+    x = logits(9, 3)
+    x[0, :] = -np.inf  # every token masked
+    x[1, 3] = np.nan
+    x[2, 7] = np.inf
+    with DumpWriter(tmp_path / "d", MANIFEST, logits="topk:4") as w:
+        w.add(record(9, 3), x)
+    _, _, lse, tail = load_dump(tmp_path / "d").topk("p9")
+    assert lse[0] == -np.inf and np.isnan(lse[1]) and np.isnan(lse[2])
+    assert np.isnan(tail).all()
 
 
 def test_topk_k_above_vocab_is_an_error(tmp_path):

@@ -14,8 +14,9 @@ tokens[:j]. So a record always has ``n_positions == len(generated_token_ids)``.
 
 Storage modes: ``full`` keeps every row in fp32, fp16 or bf16; ``topk:K``
 keeps the K largest logits (float32, descending, ties to the lower index),
-their int32 token ids, the exact log-sum-exp of the whole row (float64) and
-the tail mass 1 - sum(softmax over the K kept entries) (float64).
+their int32 token ids, the exact log-sum-exp of the whole row (computed in
+float64, exp included) and the tail mass 1 - sum(softmax over the K kept
+entries) (float64).
 
 The writer streams: tensors wait in memory until ``shard_bytes`` is reached,
 then the shard is written to a temporary name and renamed, and only then are
@@ -158,6 +159,23 @@ def _to_numpy(logits: Any, dtype: str) -> np.ndarray:
                 "store them with logits_dtype='fp32' or 'bf16'"
             )
     return arr
+
+
+def _exact_lse(x: np.ndarray) -> np.ndarray:
+    """Row-wise log-sum-exp [n] in float64 throughout (exp included), so
+    that the tail mass 1 - sum(exp(v - lse)) keeps its small values: -inf for
+    an all -inf row, NaN for a row holding NaN or +inf."""
+    out = np.empty(x.shape[0], np.float64)
+    for start in range(0, x.shape[0], 64):  # bounded float64 temporaries
+        c = x[start:start + 64].astype(np.float64)
+        m = c.max(axis=1)
+        bad = ~np.isfinite(m)
+        m_safe = np.where(bad, 0.0, m)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            s = np.exp(c - m_safe[:, None]).sum(axis=1)
+            lse = m_safe + np.log(s)
+        out[start:start + 64] = np.where(bad, np.where(m == -np.inf, -np.inf, np.nan), lse)
+    return out
 
 
 def _read_header(path: Path) -> dict[str, Any]:
@@ -480,7 +498,7 @@ class DumpWriter:
     def _storage_tensors(self, logits: Any) -> dict[str, np.ndarray]:
         if self.k is None:
             return {"logits": _to_numpy(logits, self.manifest["logits"]["dtype"])}
-        from logitparity.metrics import logsumexp, topk
+        from logitparity.metrics import topk
 
         x = _to_numpy(logits, "fp32")
         n = x.shape[0]
@@ -488,10 +506,10 @@ class DumpWriter:
             return {"topk_values": np.zeros((0, self.k), np.float32), "topk_indices": np.zeros((0, self.k), np.int32),
                     "lse": np.zeros(0, np.float64), "tail_mass": np.zeros(0, np.float64)}
         values, indices = topk(x, self.k)
-        lse = np.asarray(logsumexp(x), dtype=np.float64).reshape(n)
+        lse = _exact_lse(x)
         with np.errstate(invalid="ignore"):
             kept = np.exp(values.astype(np.float64) - lse[:, None]).sum(axis=1)
-        tail = np.maximum(1.0 - kept, 0.0)
+        tail = np.maximum(1.0 - kept, 0.0)  # NaN stays NaN
         return {"topk_values": np.ascontiguousarray(values, np.float32),
                 "topk_indices": np.ascontiguousarray(indices, np.int32), "lse": lse, "tail_mass": tail}
 
