@@ -169,6 +169,7 @@ def test_score_rejects_tokens_outside_the_vocabulary(lm, tmp_path):
                "generated_token_ids": [7, 999], "stop_reason": "max_new_tokens"}, np.zeros((2, 1000), np.float32))
     with pytest.raises(ValueError, match=r"token id 999 outside this model's vocabulary \[0, 384\)"):
         capture(lm, tmp_path / "s", mode="score", reference_dump=tmp_path / "ref", prompts=None)
+    assert not (tmp_path / "s").exists()  # checked before the output directory is made
 
 
 # --- sampling ------------------------------------------------------------------------------

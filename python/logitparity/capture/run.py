@@ -171,28 +171,29 @@ def capture(
                                  "mode": ref.manifest.get("decoding", {}).get("mode"), "model": ref.manifest.get("model")}
     sampler = Sampler(float(temperature), top_p, int(seed)) if mode == "sample" else None
 
+    todo = []  # tokenize and check everything before the output directory is touched
+    for p in selected:
+        if ref is None:
+            ids, used = _tokenize(tok, p, chat_template)
+            cont: list[int] = []
+        else:
+            r = ref.record(p.id)
+            ids, used, cont = list(r["prompt_token_ids"]), bool(r["chat_template"]), list(r["generated_token_ids"])
+            bad = [t for t in ids + cont if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"reference record {p.id!r} holds token id {bad[0]} outside this model's vocabulary "
+                                 f"[0, {vocab}); were both runs made with the same tokenizer?")
+        todo.append((p, ids, used, cont))
+    todo.sort(key=lambda t: -(len(t[1]) + len(t[3])))  # similar lengths share a batch: less padding
+
     with DumpWriter(out, manifest, logits=logits, logits_dtype=logits_dtype, shard_bytes=shard_bytes,
                     resume=resume) as writer:
         done = {r["id"]: r["prompt"] for r in writer.records}
-        todo = []
-        for p in selected:
-            if p.id in done:
-                if done[p.id] != p.text:
-                    raise ValueError(f"cannot resume {out}: prompt {p.id!r} has a different text than in the dump; "
-                                     "use the same prompts file or a new directory")
-                continue
-            if ref is None:
-                ids, used = _tokenize(tok, p, chat_template)
-                cont: list[int] = []
-            else:
-                r = ref.record(p.id)
-                ids, used, cont = list(r["prompt_token_ids"]), bool(r["chat_template"]), list(r["generated_token_ids"])
-                bad = [t for t in ids + cont if not 0 <= t < vocab]
-                if bad:
-                    raise ValueError(f"reference record {p.id!r} holds token id {bad[0]} outside this model's vocabulary "
-                                     f"[0, {vocab}); were both runs made with the same tokenizer?")
-            todo.append((p, ids, used, cont))
-        todo.sort(key=lambda t: -(len(t[1]) + len(t[3])))  # similar lengths share a batch: less padding
+        for p, *_ in todo:
+            if p.id in done and done[p.id] != p.text:
+                raise ValueError(f"cannot resume {out}: prompt {p.id!r} has a different text than in the dump; "
+                                 "use the same prompts file or a new directory")
+        todo = [t for t in todo if t[0].id not in done]
         _run(writer, todo, lm, mode, ref, batch_size, max_new_tokens, pad_id, eos_ids, stop_token_ids, sampler,
              progress, resumed=bool(done))
     return Path(out)
