@@ -390,3 +390,14 @@ def test_error_threads():
 def test_error_nll_needs_targets_in_range():
     with pytest.raises(ValueError, match=r"targets must be in \[0, 4\) for nll, got -1"):
         lp.nll(np.zeros((2, 4), np.float32), [0, -1])
+
+
+def test_log_softmax_in_place_matches_out_of_place():
+    rng = np.random.default_rng(8)
+    x = lm_logits(rng, 3, 1001)
+    want = lp.log_softmax(x)
+    y = x.copy()
+    assert lp.log_softmax(y, inplace=True) is y
+    np.testing.assert_array_equal(y, want)
+    with pytest.raises(TypeError, match="inplace=True needs a non-empty, writeable, C-contiguous float32"):
+        lp.log_softmax(x.astype(np.float16), inplace=True)

@@ -342,8 +342,23 @@ def _reshape(out: np.ndarray, lead: tuple[int, ...]) -> np.ndarray:
     return out.reshape(*lead, *out.shape[1:]) if lead else out.reshape(out.shape[1:])
 
 
-def log_softmax(x: Any, *, threads: int | None = None, bf16: bool = False) -> np.ndarray:
-    """Row-wise log-softmax (natural log) as float32, same shape as x."""
+def log_softmax(
+    x: Any, *, threads: int | None = None, bf16: bool = False, inplace: bool = False
+) -> np.ndarray:
+    """Row-wise log-softmax (natural log) as float32, same shape as x.
+
+    inplace=True overwrites x (a writeable, C-contiguous float32 numpy array
+    or CPU torch tensor) and returns it."""
+    if inplace:
+        arr = x.detach().numpy() if type(x).__module__.startswith("torch") else x
+        if not (isinstance(arr, np.ndarray) and arr.dtype == np.float32
+                and arr.flags.c_contiguous and arr.flags.writeable and arr.size):
+            raise TypeError(
+                "inplace=True needs a non-empty, writeable, C-contiguous float32 array; "
+                "use inplace=False (the default) for other inputs"
+            )
+        _core().log_softmax_(arr.reshape(-1, arr.shape[-1]), _threads(threads))
+        return x
     a, is_bf16, lead = _as_rows(x, "x", bf16)
     return _reshape(_core().log_softmax(a, is_bf16, _threads(threads)), lead)
 

@@ -1,0 +1,31 @@
+# Type stubs for the compiled module logitparity._core (written by hand; the
+# bindings are in python/bindings.cc). Arrays are 2-D [rows, vocab] with a
+# contiguous last dimension: float32, float16, or uint16 holding bfloat16 bits
+# (with the matching *_bf16 / bf16 flag set).
+import numpy as np
+import numpy.typing as npt
+
+ROW_FIELDS: list[str]
+MAX_TOPK: int
+
+def compare_rows(
+    ref: npt.NDArray[np.generic],
+    ref_bf16: bool,
+    cand: npt.NDArray[np.generic],
+    cand_bf16: bool,
+    targets: npt.NDArray[np.int64] | None,
+    topk: list[int],
+    js: bool,
+    threads: int,
+) -> tuple[npt.NDArray[np.float64], list[str], npt.NDArray[np.int32]]: ...
+def log_softmax(x: npt.NDArray[np.generic], bf16: bool, threads: int) -> npt.NDArray[np.float32]: ...
+def log_softmax_(x: npt.NDArray[np.float32], threads: int) -> None: ...
+def logsumexp(x: npt.NDArray[np.generic], bf16: bool, threads: int) -> npt.NDArray[np.float64]: ...
+def nll(
+    x: npt.NDArray[np.generic], bf16: bool, targets: npt.NDArray[np.int64], threads: int
+) -> npt.NDArray[np.float64]: ...
+def topk(
+    x: npt.NDArray[np.generic], bf16: bool, k: int, threads: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]: ...
+def f16_bits_to_f32(bits: int) -> float: ...
+def bf16_bits_to_f32(bits: int) -> float: ...
