@@ -102,6 +102,14 @@ def test_demo_spread_is_round_robin_over_categories():
     assert len(spread(ps, 100)) == 9
 
 
+def test_demo_refuses_to_overwrite(tmp_path, capsys):
+    (tmp_path / "reference-fp32").mkdir()
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "reference-fp32 already exists; pass another --out" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "x"), "--limit", "0"]) == 2
+    assert "--limit must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_quality_compare_script(dumps, tmp_path):
     ref, cand = dumps
     r = subprocess.run([sys.executable, str(QUALITY / "quality_compare.py"), ref, cand, "--report",
@@ -113,8 +121,11 @@ def test_quality_compare_script(dumps, tmp_path):
 def test_external_engine_end_to_end(tiny_model_dir, tmp_path):
     """HF capture as the reference, then the example engine (another process,
     safetensors + json only) through the harness script, then compare."""
+    import torch
+
     from logitparity.capture import capture
 
+    torch.set_num_threads(1)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(p) for p in [
         {"id": "a", "category": "math", "text": "What is 2+2?"},
@@ -157,7 +168,7 @@ def test_default_model_fp32_vs_bf16_end_to_end(tmp_path, capsys):
     """The README's main command on the real default model, kept small."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     rc = main(["demo", "--out", str(tmp_path / "demo"), "--limit", "3", "--max-new-tokens", "8",
                "--batch-size", "3"])
     assert rc in (0, 1)

@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the two batch sizes of the captures (default 1 8)")
     p.add_argument("--limit", type=int, default=16, metavar="N", help="first N prompts (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="M", help="default 32")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for both captures (default 1)")
     p.add_argument("--keep", metavar="DIR", default=None, help="keep the two captured dumps in DIR")
 
 
@@ -48,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
         if ba == bb:
             raise ValueError(f"--batch-sizes must differ to be a change, got {ba} and {bb}")
         change = f"batch size {ba} vs {bb}"
+        import torch  # the captures run here; both with the same thread count
+
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
         work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="logitparity-calibrate-"))
         lm = load_model(args.model, dtype=args.dtype, device=args.device)
         dumps = []
