@@ -88,6 +88,22 @@ def test_policy_file_and_noise_floor(dumps, tmp_path, capsys):
     assert re.search(r"\| kl \| `kl_ref_cand.mean` \| ↓ \| [0-9.e-]+ \| <= [0-9.e-]+ \(10x noise floor", md)
 
 
+def test_calibrate_captures_twice(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("What is 2+2?\nName a colour.\nWrite a haiku about rain.\n")
+    noise = tmp_path / "noise.json"
+    rc = main(["calibrate", "--model", tiny_model_dir, "--prompts", str(prompts), "--limit", "3",
+               "--max-new-tokens", "4", "--batch-sizes", "1", "3", "--out", str(noise), "--keep", str(tmp_path / "k")])
+    assert rc == 0
+    assert "noise floor (batch size 1 vs 3, 3 prompts" in capsys.readouterr().out
+    nf = load_noise_floor(noise)
+    assert nf.change == "batch size 1 vs 3"
+    assert 0 <= nf.get("kl_ref_cand.mean") < 1e-6  # benign: padding and matmul shapes only
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["reference-batch1", "reference-batch3"]
+    assert main(["calibrate", "--batch-sizes", "2", "2"]) == 2
+    assert "--batch-sizes must differ" in capsys.readouterr().err
+
+
 def test_cli_argument_errors(dumps, capsys):
     ref, _ = dumps
     assert main(["compare", ref, ref, "--top-worst", "-1"]) == 2
