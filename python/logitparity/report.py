@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from logitparity.metrics import FIELDS
 from logitparity.stats import Describe, Rate, describe, rate
 
 if TYPE_CHECKING:
