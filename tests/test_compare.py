@@ -197,6 +197,10 @@ def test_planted_divergences(tmp_path):
     np.testing.assert_allclose(c.tokens.delta_p, want["delta_p"], rtol=1e-4, atol=1e-7)
     assert c.metric("kl_ref_cand.mean")[0] == pytest.approx(want["kl_ref_cand"].mean(), rel=1e-4)
     assert c.metric("same_top1")[0] == pytest.approx(want["same_top1"].mean())
+    assert c.same_top1().k == int(want["same_top1"].sum())
+    summary = c.token_summary(c.token_prompt == 0)
+    assert summary.rows == N_TOKENS and summary.fields["kl_ref_cand"].mean == pytest.approx(
+        want["kl_ref_cand"][:N_TOKENS].mean(), rel=1e-4)
     assert c.metric("max_abs_logprob.max")[0] == pytest.approx(want["max_abs_logprob"].max(), rel=1e-4)
     # positions < P only
     pos = np.concatenate([np.arange(N_TOKENS if d is None else d + 1) for d in SPLITS])

@@ -588,6 +588,14 @@ class Comparison:
         v = np.asarray(v, dtype=np.float64)
         return v if mask is None else v[mask]
 
+    def same_top1(self, mask: np.ndarray | None = None) -> Rate:
+        """Share of the selected positions (all by default) where the
+        candidate's top-1 token is the reference's."""
+        valid = self.tokens.argmax_ref >= 0
+        if mask is not None:
+            valid = valid & mask
+        return rate(int((self.tokens.same_top1 & valid).sum()), int(valid.sum()))
+
     def token_summary(self, mask: np.ndarray | None = None):
         """RowMetricsSummary of the selected tokens (all by default)."""
         return (self.tokens if mask is None else _take(self.tokens, mask)).summary()
@@ -649,9 +657,7 @@ class Comparison:
         if not mask.any():
             return float("nan"), "no compared positions"
         if s.kind == "same_top1":
-            t = _take(self.tokens, mask)
-            valid = t.argmax_ref >= 0
-            return rate(int(t.same_top1.sum()), int(valid.sum())).rate, ""
+            return self.same_top1(mask).rate, ""
         v = self.token_values(s.field, mask)
         n_nan = int(np.isnan(v).sum())
         if n_nan == len(v):

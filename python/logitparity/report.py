@@ -194,22 +194,15 @@ def jsonable(x: Any) -> Any:
     return x
 
 
-def _field_summaries(comp: "Comparison", mask: np.ndarray | None) -> dict[str, Any]:
-    out = {}
-    for field, *_ in TOKEN_ROWS:
-        out[field] = describe(comp.token_values(field, mask)).to_dict()
-    t = comp.tokens if mask is None else None
-    valid = comp.tokens.argmax_ref >= 0 if mask is None else (comp.tokens.argmax_ref >= 0) & mask
-    same = comp.tokens.same_top1 & valid
-    out["same_top1"] = rate(int(same.sum()), int(valid.sum())).to_dict()
-    del t
+def _field_summaries(comp: "Comparison") -> dict[str, Any]:
+    out = {field: describe(comp.token_values(field)).to_dict() for field, *_ in TOKEN_ROWS}
+    out["same_top1"] = comp.same_top1().to_dict()
     return out
 
 
 def _prompt_dict(comp: "Comparison", i: int, p: "PromptResult") -> dict[str, Any]:
     mask = comp.token_prompt == i
     kl = describe(comp.tokens.kl_ref_cand[mask])
-    valid = (comp.tokens.argmax_ref >= 0) & mask
     return {
         "id": p.id,
         "category": p.category,
@@ -225,7 +218,7 @@ def _prompt_dict(comp: "Comparison", i: int, p: "PromptResult") -> dict[str, Any
         "stop_cand": p.stop_cand,
         "n_compared": p.n_compared,
         "kl_ref_cand": kl.to_dict(),
-        "same_top1": rate(int((comp.tokens.same_top1 & valid).sum()), int(valid.sum())).to_dict(),
+        "same_top1": comp.same_top1(mask).to_dict(),
         "ref_tokens": p.ref_tokens,
         "cand_tokens": p.cand_tokens,
         "ref_text": p.ref_text,
@@ -238,7 +231,6 @@ def _category_rows(comp: "Comparison") -> list[dict[str, Any]]:
     for cat in comp.categories():
         idx = comp.prompt_index(cat)
         mask = np.isin(comp.token_prompt, np.asarray(idx, dtype=np.int64))
-        valid = (comp.tokens.argmax_ref >= 0) & mask
         ps = [comp.prompts[i] for i in idx]
         rows.append({
             "category": cat,
@@ -248,7 +240,7 @@ def _category_rows(comp: "Comparison") -> list[dict[str, Any]]:
                              for n in comp.n_values},
             "exact_match": rate(sum(p.identical for p in ps), len(ps)).to_dict(),
             "kl_ref_cand": describe(comp.tokens.kl_ref_cand[mask]).to_dict(),
-            "same_top1": rate(int((comp.tokens.same_top1 & valid).sum()), int(valid.sum())).to_dict(),
+            "same_top1": comp.same_top1(mask).to_dict(),
             "length_ratio": comp.length_ratio(idx) if comp.mode == "free-running" else None,
         })
     return rows
@@ -318,7 +310,7 @@ def comparison_dict(comp: "Comparison") -> dict[str, Any]:
             "first_divergence_histogram": comp.divergence_histogram(),
             "splits": comp.splits(),
         },
-        "tokens": _field_summaries(comp, None),
+        "tokens": _field_summaries(comp),
         "categories": _category_rows(comp),
         "drift": drift(comp),
         "metrics": comp.metrics(),
@@ -419,8 +411,7 @@ def _key_figures(comp: "Comparison") -> list[str]:
     bound = " (lower bound)" if comp.kl_is_bound else ""
     lines.append(f"| mean KL(ref ‖ cand) per token{bound}, nats | ↓ | {_mean_se(kl)} |")
     lines.append(f"| p99 / max KL(ref ‖ cand), nats | ↓ | {_sci(kl.p99)} / {_sci(kl.max)} |")
-    valid = comp.tokens.argmax_ref >= 0
-    lines.append(f"| same top-1 token | ↑ | {_pct(rate(int(comp.tokens.same_top1.sum()), int(valid.sum())))} |")
+    lines.append(f"| same top-1 token | ↑ | {_pct(comp.same_top1())} |")
     lines.append(f"| compared | | {len(comp.tokens)} positions over {len(comp.prompts)} prompts ({comp.mode}) |")
     return lines
 
@@ -510,8 +501,7 @@ def _token_section(comp: "Comparison", images: dict[str, str]) -> list[str]:
         f = _fixed_for(unit)
         lines.append(f"| {_cell(label)} | {_ARROW[better]} | {'' if unit == 'cosine' else unit} | {_mean_se(d, f)} | "
                      f"{f(d.median)} | {f(d.p90)} | {f(d.p99)} | {f(d.p999)} | {f(d.max)} |")
-    valid = comp.tokens.argmax_ref >= 0
-    lines.append(f"| same top-1 token | ↑ | share | {_pct(rate(int(comp.tokens.same_top1.sum()), int(valid.sum())))} | | | | | |")
+    lines.append(f"| same top-1 token | ↑ | share | {_pct(comp.same_top1())} | | | | | |")
     bad_r = int((comp.tokens.nonfinite_ref > 0).sum())
     bad_c = int((comp.tokens.nonfinite_cand > 0).sum())
     if bad_r or bad_c:
@@ -644,8 +634,7 @@ def _prompts_section(comp: "Comparison") -> list[str]:
     for i, p in enumerate(comp.prompts):
         mask = comp.token_prompt == i
         kl = describe(comp.tokens.kl_ref_cand[mask])
-        valid = (comp.tokens.argmax_ref >= 0) & mask
-        st = rate(int((comp.tokens.same_top1 & valid).sum()), int(valid.sum()))
+        st = comp.same_top1(mask)
         lines.append(f"| `{_cell(p.id, 50)}` | {_cell(p.category, 30)} | "
                      f"{'—' if p.first_divergence is None else p.first_divergence} | {p.split or ''} | "
                      f"{p.n_compared} | {_sci(kl.mean)} | {_sci(kl.max)} | "
