@@ -194,15 +194,16 @@ def jsonable(x: Any) -> Any:
     return x
 
 
-def _field_summaries(comp: "Comparison") -> dict[str, Any]:
-    out = {field: describe(comp.token_values(field)).to_dict() for field, *_ in TOKEN_ROWS}
-    out["same_top1"] = comp.same_top1().to_dict()
+def _field_summaries(comp: "Comparison", mask: np.ndarray | None = None) -> dict[str, Any]:
+    """Every per-token figure over the selected positions: describe records
+    and the same-top-1 rate."""
+    out = {field: describe(comp.token_values(field, mask)).to_dict() for field, *_ in TOKEN_ROWS}
+    out["same_top1"] = comp.same_top1(mask).to_dict()
     return out
 
 
 def _prompt_dict(comp: "Comparison", i: int, p: "PromptResult") -> dict[str, Any]:
     mask = comp.token_prompt == i
-    kl = describe(comp.tokens.kl_ref_cand[mask])
     return {
         "id": p.id,
         "category": p.category,
@@ -217,8 +218,7 @@ def _prompt_dict(comp: "Comparison", i: int, p: "PromptResult") -> dict[str, Any
         "stop_ref": p.stop_ref,
         "stop_cand": p.stop_cand,
         "n_compared": p.n_compared,
-        "kl_ref_cand": kl.to_dict(),
-        "same_top1": comp.same_top1(mask).to_dict(),
+        "tokens": _field_summaries(comp, mask),
         "ref_tokens": p.ref_tokens,
         "cand_tokens": p.cand_tokens,
         "ref_text": p.ref_text,
@@ -239,8 +239,7 @@ def _category_rows(comp: "Comparison") -> list[dict[str, Any]]:
             "greedy_match": {str(n): rate(sum(p.matches_at(n) for p in ps), len(ps)).to_dict()
                              for n in comp.n_values},
             "exact_match": rate(sum(p.identical for p in ps), len(ps)).to_dict(),
-            "kl_ref_cand": describe(comp.tokens.kl_ref_cand[mask]).to_dict(),
-            "same_top1": comp.same_top1(mask).to_dict(),
+            "tokens": _field_summaries(comp, mask),
             "length_ratio": comp.length_ratio(idx) if comp.mode == "free-running" else None,
         })
     return rows
@@ -521,12 +520,12 @@ def _category_section(comp: "Comparison") -> list[str]:
     free = comp.free_running_available
     for row in _category_rows(comp):
         g = " | ".join(_share(row["greedy_match"][str(n)], 1) if free else "—" for n in ns)
-        kl = describe_from(row["kl_ref_cand"])
+        kl = describe_from(row["tokens"]["kl_ref_cand"])
         exact = _share(row["exact_match"], 1) if free else "—"
         lr = row["length_ratio"]
         lines.append(
             f"| {_cell(row['category'], 40)} | {row['prompts']} | {row['positions']} | {g} | {exact} | "
-            f"{_mean_se(kl)} | {_sci(kl.p99)} | {_share(row['same_top1'], 2)} | "
+            f"{_mean_se(kl)} | {_sci(kl.p99)} | {_share(row['tokens']['same_top1'], 2)} | "
             f"{_ratio(float('nan') if lr is None else lr)} |"
         )
     return lines
