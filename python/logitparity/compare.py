@@ -756,7 +756,8 @@ def compare_dumps(
     if use_topk:
         dropped = [k for k in ks if k > k_top]
         if dropped:
-            notes.append(f"top-{dropped} overlap not computed: the dumps store only the top {k_top} logits")
+            notes.append(f"{', '.join(f'top-{k}' for k in dropped)} overlap not computed: the dumps store only "
+                         f"the top {k_top} logits")
         ks = tuple(k for k in ks if k <= k_top)
         notes.append(
             f"logits stored as top-{k_top}: KL and JS are computed over the tokens both sides store plus one "

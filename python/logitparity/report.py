@@ -490,7 +490,8 @@ def _token_section(comp: "Comparison", images: dict[str, str]) -> list[str]:
     lines = []
     if comp.kl_is_bound:
         lines += [f"Logits stored as {comp.storage}: KL and JS are **lower bounds** (tokens both sides store + "
-                  "one tail bucket); cosine and entropy are not available.", ""]
+                  "one tail bucket); max |Δ| figures are over the tokens both sides store; cosine and entropy are "
+                  "not available.", ""]
     lines += ["| metric | | unit | mean ± se | median | p90 | p99 | p99.9 | max |",
               "|---|---|---|---|---|---|---|---|---|"]
     for field, label, unit, better in TOKEN_ROWS:
