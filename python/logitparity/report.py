@@ -374,8 +374,10 @@ def _tokens_text(comp: "Comparison", ids: Sequence[int]) -> str:
 def _token_label(comp: "Comparison", t: int) -> str:
     if comp.decode is None:
         return f"`{t}`"
-    s = comp.decode([t])
-    return f"`{_cell(repr(s)[1:-1], 40)}` ({t})"
+    # repr shows whitespace as \n, \t; inside a code span backslashes stay
+    # literal, only pipes (table cells) and backticks need care
+    s = repr(comp.decode([t]))[1:-1].replace("|", "\\|").replace("`", "ˋ")
+    return f"`{s[:40]}` ({t})"
 
 
 def _verdict_section(comp: "Comparison") -> list[str]:
@@ -613,9 +615,10 @@ def _worst_section(comp: "Comparison", n: int) -> list[str]:
         ra = _tokens_text(comp, p.ref_tokens[d:d + SHOW_TOKENS]) + ("…" if len(p.ref_tokens) > d + SHOW_TOKENS else "")
         ca = _tokens_text(comp, p.cand_tokens[d:d + SHOW_TOKENS]) + ("…" if len(p.cand_tokens) > d + SHOW_TOKENS else "")
         keep = prefix if len(prefix) <= 80 else "…" + prefix[-79:]
+        cand_label = "candidate" if comp.mode == "free-running" else "candidate (its top-1 at the split)"
         lines += ["| | generated text (⟦ marks the split) |", "|---|---|",
                   f"| reference | {_cell(keep, 200)}⟦{_cell(ra, 200)} |",
-                  f"| candidate | {_cell(keep, 200)}⟦{_cell(ca, 200)} |", ""]
+                  f"| {cand_label} | {_cell(keep, 200)}⟦{_cell(ca, 200)} |", ""]
         if p.split_top_ref:
             lines += ["| rank | reference token | p | candidate token | p |", "|---|---|---|---|---|"]
             for j in range(max(len(p.split_top_ref), len(p.split_top_cand))):
