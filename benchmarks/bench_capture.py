@@ -109,7 +109,8 @@ def overhead(args) -> dict:
 
 def peak_rss(n: int, args) -> dict:
     code = (
-        "import json, sys, tempfile; sys.path[:0] = [%r]\n"
+        "import json, sys, tempfile, torch; sys.path[:0] = [%r]\n"
+        "if %d: torch.set_num_threads(%d)\n"
         "from bench_capture import cycled_prompts\n"
         "from logitparity.capture import capture\n"
         "from logitparity import load_dump\n"
@@ -120,7 +121,7 @@ def peak_rss(n: int, args) -> dict:
         "    print(json.dumps({'prompts': len(d), 'peak_rss_mib': d.manifest['run']['peak_host_rss_bytes'] / 2**20,\n"
         "                      'dump_mb': size / 1e6, 'shards': len(list(out.glob('shard-*'))),\n"
         "                      'wall_s': d.manifest['run']['wall_s']}))\n"
-    ) % (str(Path(__file__).parent), n, args.rss_max_new_tokens, args.batch_size, args.logits)
+    ) % (str(Path(__file__).parent), args.threads, args.threads, n, args.rss_max_new_tokens, args.batch_size, args.logits)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -132,7 +133,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--logits", default="full")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads for the overhead runs (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--rss-prompts", default="64,256", help="comma-separated prompt counts for the RSS runs ('' to skip)")
     parser.add_argument("--rss-max-new-tokens", type=int, default=64)
     parser.add_argument("--skip-overhead", action="store_true")
