@@ -7,4 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-logitparity demo --out out/demo "$@"
+# Exit 1 means the job ran and the candidate failed the policy: that is a
+# result, printed by the command, so the script succeeds; 2 is an error.
+rc=0
+logitparity demo --out out/demo "$@" || rc=$?
+[ "$rc" -le 1 ]
