@@ -24,14 +24,15 @@ from logitparity.metrics import (  # noqa: E402
 )
 from logitparity.stats import Describe, Rate, describe, rate  # noqa: E402
 
-# Public name -> module that defines it, imported on first use.
+# Public name -> module that defines it, imported on first use. (The capture
+# function itself is `logitparity.capture.capture`: a top-level `capture` name
+# would be shadowed by the subpackage of the same name.)
 _LAZY = {
     "Dump": "logitparity.dump",
     "DumpWriter": "logitparity.dump",
     "load_dump": "logitparity.dump",
     "Prompt": "logitparity.prompts",
     "load_prompts": "logitparity.prompts",
-    "capture": "logitparity.capture",
     "load_model": "logitparity.capture",
     "LoadedModel": "logitparity.capture",
     "compare_dumps": "logitparity.compare",
