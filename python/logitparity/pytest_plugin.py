@@ -70,8 +70,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "overrides used by logit_snapshot and the logit_policy fixture in this test",
     )
     config.stash[_STATS] = {"written": [], "updated": []}
-    _parse_limits(config.getoption("--logit-limit"), "--logit-limit")  # fail at startup, not per test
-    _parse_limits(config.getini("logit_limits"), "logit_limits (ini)")
+    _policy(config, None)  # bad options fail at startup, not in every test
     _storage(config)
 
 
@@ -100,13 +99,13 @@ def _storage(config: pytest.Config) -> str:
     return value
 
 
-def _policy(config: pytest.Config, node: pytest.Item) -> Policy:
+def _policy(config: pytest.Config, node: pytest.Item | None) -> Policy:
     from logitparity.testing import apply_limits
 
     name: Any = config.getoption("--logit-policy") or config.getini("logit_policy")
     limits = {**_parse_limits(config.getini("logit_limits"), "logit_limits (ini)"),
               **_parse_limits(config.getoption("--logit-limit"), "--logit-limit")}
-    marker = node.get_closest_marker("logit_policy")
+    marker = node.get_closest_marker("logit_policy") if node is not None else None
     if marker is not None:
         if marker.args:  # a policy named by the test replaces the session's, limits included
             name, limits = marker.args[0], {}
