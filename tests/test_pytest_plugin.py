@@ -267,6 +267,9 @@ def test_double_registration_is_harmless(pytester, tmp_path):
     for extra in ([], ["-p", PLUGIN]):
         p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra],
                            cwd=pytester.path, env=env, capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert p.returncode == 0, (
+            "the pytest11 entry point must be named like the module, "
+            f"\"{PLUGIN}\" = \"{PLUGIN}\", so that -p and pytest_plugins find it registered\n"
+            + p.stdout[-2000:] + p.stderr[-2000:])
     assert json.loads((pytester.path / "__logit_snapshots__" / "test_suite" / "test_model" /
                        "manifest.json").read_text())["logits"]["storage"] == "topk:64"

@@ -105,11 +105,12 @@ def _check_no_generation(pol: Policy) -> None:
 
 
 class ArrayDump(Dump):
-    """Logits held in memory, a Dump with full storage that is never written
-    to disk (``compare_dumps`` reads it like any other): one record per sequence, ``tokens[i]`` the token ids recorded as
-    generated (one per position), ``mode`` greedy (a reference) or score (a
-    candidate scored on the reference's tokens). ``rows[i]``: [positions,
-    vocab] float32, float16 or uint16 bfloat16 bits."""
+    """Logits held in memory: a full-storage Dump that is never written to
+    disk (``compare_dumps`` reads it like any other). One record per
+    sequence: ``rows[i]`` its [positions, vocab] logits (float32, float16 or
+    uint16 bfloat16 bits), ``tokens[i]`` the token ids recorded as generated
+    (one per position); ``mode`` greedy (a reference) or score (a candidate
+    scored on the reference's tokens)."""
 
     def __init__(self, rows: Sequence[np.ndarray], ids: Sequence[str], tokens: Sequence[Sequence[int]],
                  *, bf16: bool, mode: str, label: str):
