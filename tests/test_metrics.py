@@ -135,7 +135,7 @@ def test_every_field_matches_float64_reference(vocab, sigma):
     a = lm_logits(rng, 5, vocab)
     b = (a + sigma * rng.normal(size=a.shape)).astype(np.float32)
     targets = rng.integers(0, vocab, 5)
-    m = lp.compare_logits(a, b, targets=targets, topk=[k for k in (1, 5, 10) if k <= vocab])
+    m = lp.compare_logits(a, b, targets=targets, topk=[k for k in (1, 5, 10) if k <= vocab], js=True)
     for i in range(5):
         assert_row_matches(m, i, ref_row(a[i], b[i], int(targets[i]), ks=m.topk_overlap))
 
@@ -167,7 +167,7 @@ def test_adversarial_rows():
     rows_a.append(base.copy()); rows_b.append((base + 5.5).astype(np.float32))
     a, b = np.stack(rows_a), np.stack(rows_b)
     targets = np.array([0, 17, 1, 2, 4, 4, 8])
-    m = lp.compare_logits(a, b, targets=targets)
+    m = lp.compare_logits(a, b, targets=targets, js=True)
     for i in range(len(a)):
         assert_row_matches(m, i, ref_row(a[i], b[i], int(targets[i]), ks=(1, 5, 10)))
     assert m.kl_ref_cand[3] == np.inf and math.isfinite(m.kl_cand_ref[3])
@@ -179,7 +179,7 @@ def test_adversarial_rows():
 def test_identical_rows_give_exact_zeros():
     rng = np.random.default_rng(3)
     a = lm_logits(rng, 8, 5000)
-    m = lp.compare_logits(a, a.copy())
+    m = lp.compare_logits(a, a.copy(), js=True)
     for name in ("kl_ref_cand", "kl_cand_ref", "js", "max_abs_logit", "mean_abs_logit", "max_abs_logprob"):
         assert np.all(getattr(m, name) == 0.0), name
     assert np.all(m.rank_of_ref_top1_in_cand == 0) and np.all(m.topk_overlap[10] == 10)
@@ -201,7 +201,7 @@ def test_storage_dtypes(ref_dtype, cand_dtype):
 
     a, a_bf, a_val = store(a32, ref_dtype)
     b, b_bf, b_val = store(b32, cand_dtype)
-    m = lp.compare_logits(a, b, ref_bf16=a_bf, cand_bf16=b_bf, targets=[1, 2, 3])
+    m = lp.compare_logits(a, b, ref_bf16=a_bf, cand_bf16=b_bf, targets=[1, 2, 3], js=True)
     for i in range(3):
         assert_row_matches(m, i, ref_row(a_val[i], b_val[i], i + 1))
 
@@ -211,7 +211,7 @@ def test_torch_tensors_zero_copy_and_bf16():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(2, 6, 777, generator=g) * 3
     b = a + 0.01 * torch.randn(2, 6, 777, generator=g)
-    m = lp.compare_logits(a, b.to(torch.bfloat16), targets=torch.zeros(2, 6, dtype=torch.long))
+    m = lp.compare_logits(a, b.to(torch.bfloat16), targets=torch.zeros(2, 6, dtype=torch.long), js=True)
     assert m.shape == (2, 6) and len(m) == 12
     b_vals = b.to(torch.bfloat16).float().numpy().reshape(12, 777)
     a_np = a.numpy().reshape(12, 777)
@@ -229,7 +229,7 @@ def test_strided_and_non_contiguous_inputs():
     big = lm_logits(rng, 10, 900)
     a = big[::2, :700]           # row stride 900, partial rows
     b = np.asfortranarray(big[1::2, :700])  # last dim not contiguous: copied
-    m = lp.compare_logits(a, b)
+    m = lp.compare_logits(a, b, js=True)
     for i in range(5):
         assert_row_matches(m, i, ref_row(a[i], b[i], None))
 
@@ -239,12 +239,12 @@ def test_thread_count_and_batching_are_bitwise_invariant():
     a = lm_logits(rng, 33, 3001)
     b = (a + 0.1 * rng.normal(size=a.shape)).astype(np.float32)
     t = rng.integers(0, 3001, 33)
-    base = lp.compare_logits(a, b, targets=t, threads=1)
+    base = lp.compare_logits(a, b, targets=t, threads=1, js=True)
     for threads in (2, 5):
-        other = lp.compare_logits(a, b, targets=t, threads=threads)
+        other = lp.compare_logits(a, b, targets=t, threads=threads, js=True)
         for name in lp.metrics.FIELDS:
             assert getattr(base, name).tobytes() == getattr(other, name).tobytes(), name
-    part = lp.compare_logits(a[7:20], b[7:20], targets=t[7:20], threads=3)
+    part = lp.compare_logits(a[7:20], b[7:20], targets=t[7:20], threads=3, js=True)
     for name in lp.metrics.FIELDS:
         assert getattr(base, name)[7:20].tobytes() == getattr(part, name).tobytes(), name
 
@@ -262,7 +262,7 @@ def test_property_matches_reference(rows, vocab, scale, sigma, dtype, seed):
     rng = np.random.default_rng(seed)
     a = (scale * rng.normal(size=(rows, vocab))).astype(dtype)
     b = (a.astype(np.float32) + sigma * rng.normal(size=(rows, vocab))).astype(dtype)
-    m = lp.compare_logits(a, b, topk=[1])
+    m = lp.compare_logits(a, b, topk=[1], js=True)
     for i in range(rows):
         want = ref_row(a[i].astype(np.float32), b[i].astype(np.float32), None, ks=(1,))
         assert_row_matches(m, i, want)
@@ -304,7 +304,7 @@ def test_summary_statistics():
     rng = np.random.default_rng(4)
     a = lm_logits(rng, 50, 200)
     b = (a + 0.2 * rng.normal(size=a.shape)).astype(np.float32)
-    m = lp.compare_logits(a, b)
+    m = lp.compare_logits(a, b, js=True)
     s = m.summary()
     kl = m.kl_ref_cand
     d = s.fields["kl_ref_cand"]
@@ -411,3 +411,15 @@ def test_log_softmax_in_place_matches_out_of_place():
     np.testing.assert_array_equal(y, want)
     with pytest.raises(TypeError, match="inplace=True needs a non-empty, writeable, C-contiguous float32"):
         lp.log_softmax(x.astype(np.float16), inplace=True)
+
+
+def test_js_is_opt_in_and_changes_nothing_else():
+    rng = np.random.default_rng(12)
+    a = lm_logits(rng, 4, 3000)
+    b = (a + 0.1 * rng.normal(size=a.shape)).astype(np.float32)
+    off = lp.compare_logits(a, b)
+    on = lp.compare_logits(a, b, js=True)
+    assert np.all(np.isnan(off.js)) and np.all(on.js > 0)
+    for name in lp.metrics.FIELDS:
+        if name != "js":
+            assert getattr(off, name).tobytes() == getattr(on, name).tobytes(), name

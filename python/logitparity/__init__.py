@@ -45,6 +45,9 @@ _LAZY = {
     "write_report": "logitparity.report",
     "perplexity": "logitparity.ppl",
     "PerplexityResult": "logitparity.ppl",
+    "assert_logits_match": "logitparity.testing",
+    "assert_dumps_match": "logitparity.testing",
+    "logits_comparison": "logitparity.testing",
     "BaselineCache": "logitparity.baseline_cache",
     "load_baseline_cache": "logitparity.baseline_cache",
 }

@@ -823,7 +823,7 @@ def compare_dumps(
                 b = _side_top(cand_d, rid, k_top, rows, v, bf16_b, threads)
                 return _topk_row_metrics(a, b, tgt_all[rows], ks, v), a, b
             a, b = full_a[rows, :v], full_b[rows, :v]
-            return compare_logits(a, b, targets=tgt_all[rows], topk=ks, threads=threads,
+            return compare_logits(a, b, targets=tgt_all[rows], topk=ks, threads=threads, js=True,
                                   ref_bf16=bf16_a, cand_bf16=bf16_b), a, b
 
         m, A, B = pair(slice(0, n_rows)) if n_rows else (None, None, None)

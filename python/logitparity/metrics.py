@@ -261,6 +261,9 @@ class RowMetrics:
     def __repr__(self) -> str:
         return f"RowMetrics(rows={len(self)}, shape={self.shape})\n{self.summary().to_markdown()}"
 
+    def _repr_markdown_(self) -> str:
+        return f"**RowMetrics**: {len(self)} rows\n\n{self.summary().to_markdown()}"
+
 
 @dataclasses.dataclass
 class RowMetricsSummary:
@@ -304,7 +307,7 @@ def compare_logits(
     targets: Any = None,
     topk: Sequence[int] | int | None = None,
     threads: int | None = None,
-    js: bool = True,
+    js: bool = False,
     ref_bf16: bool = False,
     cand_bf16: bool = False,
 ) -> RowMetrics:
@@ -314,8 +317,9 @@ def compare_logits(
     and delta_p. topk: the k values for topk_overlap (each 1..64); None
     means (1, 5, 10), leaving out those above the vocab size. threads:
     worker threads (None = all cores); results are bitwise identical for any
-    value. js: False skips Jensen-Shannon (its own sweep, two logs per
-    element), leaving NaN.
+    value. js: True adds Jensen-Shannon, which takes a second sweep with two
+    exps and up to two logs per element (about 1.6x the time of the rest,
+    benchmarks/bench_metrics.py); off by default, leaving NaN.
     """
     a, a_bf16, lead = _as_rows(ref, "ref", ref_bf16)
     b, b_bf16, lead_b = _as_rows(cand, "cand", cand_bf16)

@@ -24,13 +24,13 @@ if TYPE_CHECKING:
 __all__ = ["write_plots"]
 
 
-def _pyplot():
-    import matplotlib
+def _figure():
+    """A figure detached from pyplot: no backend switch (Jupyter keeps its
+    inline plots) and nothing to close."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=(7.5, 3.6))
+    return fig, fig.subplots()
 
 
 def _save(fig, path: Path) -> None:
@@ -46,7 +46,6 @@ def _bin_label(b: dict) -> str:
 
 
 def plot_first_divergence(comp: "Comparison", path: Path) -> None:
-    plt = _pyplot()
     hist = comp.divergence_histogram()
     labels = [_bin_label(b) for b in hist]
     kinds = {"real": np.zeros(len(hist)), "near-tie": np.zeros(len(hist)), "length": np.zeros(len(hist))}
@@ -58,7 +57,7 @@ def plot_first_divergence(comp: "Comparison", path: Path) -> None:
                 kinds[p.split or "real"][i] += 1
                 break
     x = np.arange(len(hist))
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    fig, ax = _figure()
     bottom = np.zeros(len(hist))
     colors = {"real": "#c0392b", "near-tie": "#f39c12", "length": "#8e44ad"}
     for k, v in kinds.items():
@@ -73,15 +72,13 @@ def plot_first_divergence(comp: "Comparison", path: Path) -> None:
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.legend(frameon=False, fontsize=8)
     _save(fig, path)
-    plt.close(fig)
 
 
 def plot_kl_distribution(comp: "Comparison", path: Path) -> None:
-    plt = _pyplot()
     kl = comp.tokens.kl_ref_cand
     kl = kl[np.isfinite(kl)]
     pos = kl[kl > 0]
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    fig, ax = _figure()
     if pos.size:
         lo, hi = np.log10(pos.min()), np.log10(pos.max())
         bins = np.logspace(lo - 0.05, hi + 0.05, 40) if hi > lo else 10
@@ -98,18 +95,16 @@ def plot_kl_distribution(comp: "Comparison", path: Path) -> None:
     ax.set_title(f"Per-token KL, {kl.size} positions")
     ax.legend(frameon=False, fontsize=8)
     _save(fig, path)
-    plt.close(fig)
 
 
 def plot_kl_by_position(comp: "Comparison", path: Path) -> None:
-    plt = _pyplot()
     pos = comp.token_position
     n = int(pos.max()) + 1 if pos.size else 0
     mean, se, count = np.full(n, np.nan), np.zeros(n), np.zeros(n, dtype=int)
     for j in range(n):
         d = describe(comp.tokens.kl_ref_cand[pos == j])
         mean[j], se[j], count[j] = d.mean, 0.0 if np.isnan(d.se) else d.se, d.n
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    fig, ax = _figure()
     x = np.arange(n)
     ax.plot(x, mean, color="#2c7fb8", label="mean KL(ref ‖ cand)")
     ax.fill_between(x, mean - se, mean + se, color="#2c7fb8", alpha=0.25, label="± 1 se")
@@ -125,7 +120,6 @@ def plot_kl_by_position(comp: "Comparison", path: Path) -> None:
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, frameon=False, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=3)
     _save(fig, path)
-    plt.close(fig)
 
 
 def write_plots(comp: "Comparison", out_dir: str | os.PathLike) -> dict[str, Path]:

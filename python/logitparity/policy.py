@@ -261,6 +261,8 @@ class Verdict:
             parts.append(f"{r.metric} = {_num(r.measured)} (need {r.comparison} {_num(r.limit)}: {mark})")
         return f"{word} under policy {self.policy!r}: " + "; ".join(parts)
 
+    __repr__ = __str__
+
 
 def _num(x: float) -> str:
     return "not measured" if math.isnan(x) else f"{x:.4g}"

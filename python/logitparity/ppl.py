@@ -272,6 +272,13 @@ class PerplexityResult:
             "cache": self.cache, "timing": self.timing,
         })
 
+    def __repr__(self) -> str:
+        out = f"PerplexityResult(ref PPL {self.ref.ppl:.4f}"
+        if self.pair is not None and self.cand is not None:
+            out += (f", cand PPL {self.cand.ppl:.4f}, ΔPPL {self.pair.delta_ppl:+.4f}"
+                    f" ± {self.pair.delta_ppl_se:.4f}")
+        return out + ")"
+
     def to_markdown(self) -> str:
         return _markdown(self)
 

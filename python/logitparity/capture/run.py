@@ -202,7 +202,7 @@ def capture(
 def _run(writer: DumpWriter, todo: list, lm: Any, mode: str, ref: Dump | None, batch_size: int,
          max_new_tokens: int, pad_id: int, eos_ids: list[int], stop_ids: Sequence[int], sampler: Any,
          progress: bool, resumed: bool) -> None:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # tqdm.auto warns in Jupyter without ipywidgets
 
     from logitparity.capture.decode import generate_batch, score_batch
 
