@@ -93,3 +93,15 @@ def build_tiny_model(path, *, seed: int = 0, vocab_size: int = TINY_VOCAB, model
 def tiny_model_dir(tmp_path_factory) -> str:
     """Path of a tiny random Llama-style HF model directory (see module doc)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """torch on one thread for a module's model runs (tiny models gain nothing
+    from more, and on a shared 2-core machine two threads were 10x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

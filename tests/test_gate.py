@@ -17,12 +17,7 @@ from logitparity.ppl import DEFAULT_CORPUS, perplexity  # noqa: E402
 TEXT = DEFAULT_CORPUS.read_text(encoding="utf-8")[:1200]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from logitparity.dump import _bf16_bits, parse_storage
+from logitparity.dump import float32_to_bf16_bits, parse_storage
 from logitparity.metrics import log_softmax, topk as _topk
 
 __all__ = ["FORMAT", "VERSION", "BaselineCache", "BaselineCacheWriter", "CacheRows", "load_baseline_cache"]
@@ -139,7 +139,7 @@ class BaselineCacheWriter:
         if self.k is None:
             lp = log_softmax(logits, threads=self.threads)
             if self.dtype == "bf16":
-                rows["logprobs"] = _bf16_bits(lp)
+                rows["logprobs"] = float32_to_bf16_bits(lp)
             else:
                 rows["logprobs"] = lp.astype(CACHE_DTYPES[self.dtype], copy=False)
         else:

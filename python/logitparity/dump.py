@@ -38,6 +38,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from logitparity._fileio import write_text_atomic
+
 __all__ = ["FORMAT", "VERSION", "Dump", "DumpWriter", "load_dump"]
 
 FORMAT = "logitparity-dump"
@@ -98,17 +100,11 @@ def _check_version(version: Any, where: Path) -> None:
         raise ValueError(f"{where}: dump format version {version} predates 1.0 and is not supported")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _bf16_bits(x: np.ndarray) -> np.ndarray:
+def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint16), round to nearest even, NaN kept NaN."""
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     rounded = ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
@@ -147,7 +143,7 @@ def _to_numpy(logits: Any, dtype: str) -> np.ndarray:
                 "bf16 bit patterns must be converted with logitparity.dump.bf16_to_float32 first"
             )
         if dtype == "bf16":
-            return _bf16_bits(a.astype(np.float32, copy=False))
+            return float32_to_bf16_bits(a.astype(np.float32, copy=False))
         with np.errstate(over="ignore"):  # fp16 overflow is reported below
             arr = np.ascontiguousarray(a, dtype=LOGITS_DTYPES[dtype])
         src = a if dtype == "fp16" else None
@@ -438,7 +434,7 @@ class DumpWriter:
             text = rpath.read_text(encoding="utf-8")
             if text and not text.endswith("\n"):
                 text = text[: text.rfind("\n") + 1]
-                _atomic_write_text(rpath, text)
+                write_text_atomic(rpath, text)
         else:
             rpath.write_text("", encoding="utf-8")
         self.records = read_records(rpath)
@@ -547,7 +543,7 @@ class DumpWriter:
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        _atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n")
 
     def close(self, *, complete: bool = True) -> None:
         """Flush what waits and write the final manifest (``complete`` records

@@ -26,6 +26,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from logitparity._fileio import write_text_atomic
+
 from logitparity.baseline_cache import TOKENIZER_KEYS, BaselineCache, BaselineCacheWriter, CacheRows, text_sha256
 from logitparity.metrics import compare_logits, logsumexp, nll as _nll, topk as _topk
 from logitparity.stats import Describe, Rate, describe, format_mean_se, rate
@@ -283,24 +285,16 @@ class PerplexityResult:
         return _markdown(self)
 
     def write_json(self, path: str | os.PathLike) -> Path:
-        return _write_atomic(Path(path), json.dumps(self.to_dict(), indent=1, ensure_ascii=False,
+        return write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=1, ensure_ascii=False,
                                                     allow_nan=False) + "\n")
 
     def write_markdown(self, path: str | os.PathLike) -> Path:
-        return _write_atomic(Path(path), self.to_markdown())
+        return write_text_atomic(Path(path), self.to_markdown())
 
     _repr_markdown_ = to_markdown
 
     def __str__(self) -> str:
         return self.to_markdown()
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def _fmt(x: float, digits: int = 4) -> str:

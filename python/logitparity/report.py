@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from logitparity._fileio import write_text_atomic
+
 from logitparity.stats import Describe, Rate, describe, rate
 
 if TYPE_CHECKING:
@@ -318,16 +320,9 @@ def comparison_dict(comp: "Comparison") -> dict[str, Any]:
     return jsonable(d)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_json(comp: "Comparison", path: str | os.PathLike) -> Path:
     p = Path(path)
-    _atomic_write(p, json.dumps(comparison_dict(comp), indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+    write_text_atomic(p, json.dumps(comparison_dict(comp), indent=1, ensure_ascii=False, allow_nan=False) + "\n")
     return p
 
 
@@ -352,7 +347,7 @@ def write_report(
         images = {k: os.path.relpath(p, base) for k, p in paths.items()}
     if markdown is not None:
         p = Path(markdown)
-        _atomic_write(p, render_markdown(comp, top_worst=top_worst, images=images))
+        write_text_atomic(p, render_markdown(comp, top_worst=top_worst, images=images))
         out["markdown"] = str(p)
     if json_path is not None:
         out["json"] = str(write_json(comp, json_path))

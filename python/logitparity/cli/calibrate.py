@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
+
+from logitparity._fileio import write_text_atomic
 
 HELP = "Measure the noise floor between two benign reference runs (e.g. batch size 1 vs 8) for noise-relative policies."
 
@@ -70,11 +71,7 @@ def run(args: argparse.Namespace) -> int:
     noise = NoiseFloor(comp.metrics(), change)
     data = jsonable({**noise.to_dict(), "reference": describe_run(comp.ref_manifest, comp.ref_path),
                       "prompts": len(comp.prompts), "positions": len(comp.tokens)})
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    out = write_text_atomic(args.out, json.dumps(data, indent=1, allow_nan=False) + "\n")
     m = noise.metrics
     print(f"noise floor ({change}, {len(comp.prompts)} prompts, {len(comp.tokens)} positions): "
           f"greedy match at 10 {m['greedy_match@10']:.4f}, mean KL {m['kl_ref_cand.mean']:.3e} nats, "

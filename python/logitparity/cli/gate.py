@@ -98,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
     for line in lines:
         print(f"  {line}")
     if args.json:
-        from logitparity.ppl import _write_atomic
+        from logitparity._fileio import write_text_atomic
 
         out = {"verdict": "good" if code == GOOD else "bad", "exit_code": code, "checks": lines,
                "result": result.to_dict()}
-        _write_atomic(Path(args.json), json.dumps(out, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+        write_text_atomic(Path(args.json), json.dumps(out, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
     return code
