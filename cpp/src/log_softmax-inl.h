@@ -39,7 +39,6 @@ HWY_NOINLINE double LogSumExpRow(DF df, Dtype dtype, const void* row, size_t n, 
   const size_t N = hn::Lanes(df);
   const float kInfF = std::numeric_limits<float>::infinity();
   const V pinf = hn::Set(df, kInfF), ninf = hn::Set(df, -kInfF);
-  const V exp_floor = hn::Set(df, -104.5f);
   float M = -kInfF;
   auto lo = hn::Zero(dd), hi = hn::Zero(dd);
   for (size_t begin = 0; begin < n; begin += kChunk) {
@@ -65,7 +64,7 @@ HWY_NOINLINE double LogSumExpRow(DF df, Dtype dtype, const void* row, size_t n, 
     const V vM = hn::Set(df, M);
     for (size_t i = 0; i < padded; i += N) {
       const V v = hn::Load(df, buf + i);
-      AddF64(df, dd, hn::Exp(df, hn::Max(hn::Sub(v, vM), exp_floor)), lo, hi);
+      AddF64(df, dd, ExpNonPositive(df, hn::Sub(v, vM)), lo, hi);
     }
   }
   if (!(M > -kInfF)) return -std::numeric_limits<double>::infinity();

@@ -96,6 +96,35 @@ void TestStandaloneKernels() {
   if (idx[0] != -1 || !std::isnan(val[0])) HWY_ABORT("topk of a NaN row must be NaN/-1");
 }
 
+// ExpNonPositive against std::exp in double on a dense grid of [-87, 0]:
+// within 2e-7 relative (measured 8e-8 on AVX2/AVX3, the ulp-level error of
+// Highway's own Exp); 0 below -87 and for -inf; exactly 1 at 0.
+void TestExpNonPositive() {
+  const hn::ScalableTag<float> df;
+  const size_t N = hn::Lanes(df);
+  std::vector<float> x;
+  for (float v = -87.0f; v < 0.0f; v += 0.00731f) x.push_back(v);
+  x.push_back(0.0f);
+  x.push_back(-0.0f);
+  x.push_back(-1e-30f);
+  x.push_back(-87.5f);
+  x.push_back(-1000.0f);
+  x.push_back(-std::numeric_limits<float>::infinity());
+  while (x.size() % N) x.push_back(0.0f);
+  std::vector<float> out(x.size());
+  for (size_t i = 0; i < x.size(); i += N) {
+    hn::StoreU(ExpNonPositive(df, hn::LoadU(df, x.data() + i)), df, out.data() + i);
+  }
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double want = x[i] > -87.0f ? std::exp(static_cast<double>(x[i])) : 0.0;
+    const bool ok = want == 0.0 ? out[i] == 0.0f : std::fabs(out[i] - want) <= 2e-7 * want;
+    if (!ok || (x[i] == 0.0f && out[i] != 1.0f)) {
+      HWY_ABORT("%s ExpNonPositive(%.9g) = %.9g, want %.9g", hwy::TargetName(HWY_TARGET), x[i],
+                out[i], want);
+    }
+  }
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace logitparity
 HWY_AFTER_NAMESPACE();
@@ -104,6 +133,7 @@ HWY_AFTER_NAMESPACE();
 namespace logitparity {
 HWY_BEFORE_TEST(LogSoftmaxTest);
 HWY_EXPORT_AND_TEST_P(LogSoftmaxTest, TestStandaloneKernels);
+HWY_EXPORT_AND_TEST_P(LogSoftmaxTest, TestExpNonPositive);
 
 TEST(LogSoftmaxPublic, InPlaceAndErrors) {
   const size_t rows = 4, vocab = 1000;

@@ -109,6 +109,33 @@ HWY_INLINE size_t LoadChunkAsF32(DF df, const void* HWY_RESTRICT src, size_t len
   return i + N;
 }
 
+// e^x for x <= 0, including -inf (masked tokens). The range reduction
+// (x = q ln2 + r, ln2 in two parts) and the degree-6 polynomial are those of
+// Highway's Exp (<= 1 ulp), but every argument here has been max-subtracted,
+// so 2^q is built in one step instead of Exp's two-factor scaling for large
+// |x|, and the clamp that keeps -inf away from the float->int conversion
+// doubles as the underflow bound: below -87 (results < 2^-125, against a
+// largest term of 1 in every sum here) the result is 0.
+template <class DF>
+HWY_INLINE hn::Vec<DF> ExpNonPositive(DF df, hn::Vec<DF> x) {
+  const hn::RebindToSigned<DF> di;
+  const auto lo = hn::Set(df, -87.0f);
+  const auto xc = hn::Max(x, lo);
+  const auto qf = hn::Round(hn::Mul(xc, hn::Set(df, 1.442695040888963407359924681f)));
+  auto r = hn::MulAdd(qf, hn::Set(df, -0.693145751953125f), xc);
+  r = hn::MulAdd(qf, hn::Set(df, -1.428606765330187045e-6f), r);
+  auto c = hn::Set(df, 0.000198527617612853646278381f);
+  c = hn::MulAdd(c, r, hn::Set(df, 0.00139304355252534151077271f));
+  c = hn::MulAdd(c, r, hn::Set(df, 0.00833336077630519866943359f));
+  c = hn::MulAdd(c, r, hn::Set(df, 0.0416664853692054748535156f));
+  c = hn::MulAdd(c, r, hn::Set(df, 0.166666671633720397949219f));
+  c = hn::MulAdd(c, r, hn::Set(df, 0.5f));
+  const auto em1 = hn::MulAdd(c, hn::Mul(r, r), r);  // e^r - 1
+  const auto q = hn::ConvertTo(di, qf);
+  const auto scale = hn::BitCast(df, hn::ShiftLeft<23>(hn::Add(q, hn::Set(di, 127))));
+  return hn::IfThenElseZero(hn::Gt(x, lo), hn::MulAdd(em1, scale, scale));
+}
+
 // The k largest (value, index) pairs seen so far, sorted by value descending
 // then index ascending. Elements must be offered in increasing index order:
 // an element equal to the current k-th value then has a higher index and

@@ -3,9 +3,11 @@
 // Input domain: raw logits of one reference row a and one candidate row b of
 // length n (float32, float16 or bfloat16, each side its own dtype). Units:
 // nats (natural log). Accumulation: float64 for every sum (products of two
-// floats are formed in double, where they are exact); exp/expm1/log are
-// Highway's float32 versions (<= 4 ulp). Tolerances against CompareRowRef
-// are pinned in row_metrics_test.cc.
+// floats are formed in double, where they are exact); exp of max-subtracted
+// logits is ExpNonPositive (row_load-inl.h, Highway's polynomial, ~1 ulp),
+// log and the rare large-argument exp are Highway's float32 versions
+// (<= 4 ulp). Tolerances against CompareRowRef are pinned in
+// row_metrics_test.cc.
 //
 // One sweep over the row reads each element once from memory, in chunks of
 // kChunk elements converted to float in an L1 buffer: a first loop over the
@@ -176,9 +178,6 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
   const double kInf = std::numeric_limits<double>::infinity();
   const double kNaN = std::numeric_limits<double>::quiet_NaN();
   const V ninf = hn::Set(df, -kInfF), pinf = hn::Set(df, kInfF);
-  // Exp is defined on [-FLT_MAX, 104] and returns 0 below -104; clamping
-  // keeps -inf (masked tokens) away from its float->int conversion.
-  const V exp_floor = hn::Set(df, -104.5f);
 
   for (int i = 0; i < kNumRowFields; ++i) out[i] = kNaN;
   const size_t kmax = std::min<size_t>(n, std::max<size_t>(2, r.ks[r.num_ks - 1]));
@@ -305,8 +304,8 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
         x_s = hn::MulAdd(dz, hn::Add(az, bz), x_s);
 
         const V xa = hn::Sub(va, vMa), xb = hn::Sub(vb, vMb);
-        const V pa = hn::Exp(df, hn::Max(xa, exp_floor));
-        const V pb = hn::Exp(df, hn::Max(xb, exp_floor));
+        const V pa = ExpNonPositive(df, xa);
+        const V pb = ExpNonPositive(df, xb);
         sa_s = hn::Add(sa_s, pa);
         sb_s = hn::Add(sb_s, pb);
         ta_s = hn::MulAdd(pa, hn::IfThenElseZero(fa, xa), ta_s);
@@ -410,8 +409,8 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
         V js_s = hn::Zero(df);
         for (size_t i = block; i < block_end; i += N) {
           const V va = hn::Load(df, s.a + i), vb = hn::Load(df, s.b + i);
-          const V p = hn::Mul(hn::Exp(df, hn::Max(hn::Sub(va, vMa), exp_floor)), inv_sa);
-          const V q = hn::Mul(hn::Exp(df, hn::Max(hn::Sub(vb, vMb), exp_floor)), inv_sb);
+          const V p = hn::Mul(ExpNonPositive(df, hn::Sub(va, vMa)), inv_sa);
+          const V q = hn::Mul(ExpNonPositive(df, hn::Sub(vb, vMb)), inv_sb);
           const V sum = hn::Add(p, q);
           const auto live = hn::Gt(sum, hn::Zero(df));
           const V u = hn::IfThenElseZero(
