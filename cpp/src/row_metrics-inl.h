@@ -82,6 +82,29 @@ HWY_INLINE float ScalarAt(Dtype dtype, const void* row, size_t i) {
 
 HWY_INLINE bool IsNanOrPosInf(float x) { return !(x < std::numeric_limits<float>::infinity()); }
 
+// Online softmax for one side: when the chunk maximum m exceeds the running
+// maximum M, every sum of w = exp(x - M) is rescaled by exp(M - m), and the
+// sum of w (x - M) first gains (M - m) sum w because its offset moved.
+// s: sum w, t: sum w (x - M), e and g: other sums weighted by w.
+template <class DD, class VD>
+HWY_INLINE void RaiseMax(DD dd, float m, float& M, VD& s_lo, VD& s_hi, VD& t_lo, VD& t_hi,
+                         VD& e_lo, VD& e_hi, VD& g_lo, VD& g_hi) {
+  if (!(m > M)) return;
+  if (M > -std::numeric_limits<float>::infinity()) {
+    const double shift = static_cast<double>(M) - m;
+    const VD vshift = hn::Set(dd, shift), scale = hn::Set(dd, exp(shift));
+    t_lo = hn::Mul(hn::MulAdd(s_lo, vshift, t_lo), scale);
+    t_hi = hn::Mul(hn::MulAdd(s_hi, vshift, t_hi), scale);
+    s_lo = hn::Mul(s_lo, scale);
+    s_hi = hn::Mul(s_hi, scale);
+    e_lo = hn::Mul(e_lo, scale);
+    e_hi = hn::Mul(e_hi, scale);
+    g_lo = hn::Mul(g_lo, scale);
+    g_hi = hn::Mul(g_hi, scale);
+  }
+  M = m;
+}
+
 // Vectors per float32 partial sum before it is added to a float64 total.
 constexpr size_t kBlockVectors = 8;
 
@@ -244,32 +267,8 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
     }
     const float chunk_ma = hn::GetLane(hn::MaxOfLanes(df, vma));
     const float chunk_mb = hn::GetLane(hn::MaxOfLanes(df, vmb));
-    if (chunk_ma > Ma) {
-      if (Ma > -kInfF) {
-        const double shift = static_cast<double>(Ma) - chunk_ma;
-        const VD scale = hn::Set(dd, exp(shift));
-        ta_lo = hn::MulAdd(sa_lo, hn::Set(dd, shift), ta_lo);
-        ta_hi = hn::MulAdd(sa_hi, hn::Set(dd, shift), ta_hi);
-        sa_lo = hn::Mul(sa_lo, scale); sa_hi = hn::Mul(sa_hi, scale);
-        ta_lo = hn::Mul(ta_lo, scale); ta_hi = hn::Mul(ta_hi, scale);
-        ea_lo = hn::Mul(ea_lo, scale); ea_hi = hn::Mul(ea_hi, scale);
-        g_lo = hn::Mul(g_lo, scale); g_hi = hn::Mul(g_hi, scale);
-      }
-      Ma = chunk_ma;
-    }
-    if (chunk_mb > Mb) {
-      if (Mb > -kInfF) {
-        const double shift = static_cast<double>(Mb) - chunk_mb;
-        const VD scale = hn::Set(dd, exp(shift));
-        tb_lo = hn::MulAdd(sb_lo, hn::Set(dd, shift), tb_lo);
-        tb_hi = hn::MulAdd(sb_hi, hn::Set(dd, shift), tb_hi);
-        sb_lo = hn::Mul(sb_lo, scale); sb_hi = hn::Mul(sb_hi, scale);
-        tb_lo = hn::Mul(tb_lo, scale); tb_hi = hn::Mul(tb_hi, scale);
-        eb_lo = hn::Mul(eb_lo, scale); eb_hi = hn::Mul(eb_hi, scale);
-        h_lo = hn::Mul(h_lo, scale); h_hi = hn::Mul(h_hi, scale);
-      }
-      Mb = chunk_mb;
-    }
+    RaiseMax(dd, chunk_ma, Ma, sa_lo, sa_hi, ta_lo, ta_hi, ea_lo, ea_hi, g_lo, g_hi);
+    RaiseMax(dd, chunk_mb, Mb, sb_lo, sb_hi, tb_lo, tb_hi, eb_lo, eb_hi, h_lo, h_hi);
     if (!have_c0 && chunk_ma > -kInfF && chunk_mb > -kInfF) {
       c0 = chunk_ma - chunk_mb;
       have_c0 = true;

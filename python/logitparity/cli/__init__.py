@@ -20,7 +20,6 @@ SUBCOMMANDS = {
     "calibrate": "logitparity.cli.calibrate",
     "ppl": "logitparity.cli.ppl",
     "gate": "logitparity.cli.gate",
-    "layers": "logitparity.cli.layers",
 }
 
 
