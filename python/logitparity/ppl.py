@@ -518,13 +518,13 @@ def _pair_cache(rows: CacheRows, cand, targets: np.ndarray, vocab: int, threads)
     if rows.logprobs is not None:
         m = compare_logits(rows.logprobs, cand, topk=(1,), threads=threads, js=False, ref_bf16=rows.bf16)
     else:
-        from logitparity.compare import _top_from_full, _topk_row_metrics, _TopRows
+        from logitparity.topk_rows import TopRows, top_from_full, topk_row_metrics
 
         host, bf16 = _host_rows(cand)
-        top_ref = _TopRows(rows.topk_values.astype(np.float64), rows.topk_indices.astype(np.int64),
+        top_ref = TopRows(rows.topk_values.astype(np.float64), rows.topk_indices.astype(np.int64),
                            rows.lse, rows.tail)
         k = rows.topk_indices.shape[1]
-        m = _topk_row_metrics(top_ref, _top_from_full(host, k, bf16, threads), targets, (1,), vocab)
+        m = topk_row_metrics(top_ref, top_from_full(host, k, bf16, threads), targets, (1,), vocab)
     return {"nll_ref": rows.nll, "nll_cand": _nll(cand, targets, threads=threads), "kl_ref_cand": m.kl_ref_cand,
             "kl_cand_ref": m.kl_cand_ref, "argmax_ref": rows.argmax, "argmax_cand": m.argmax_cand}
 
