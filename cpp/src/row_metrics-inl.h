@@ -223,7 +223,7 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
   // that 1 - cosine keeps its relative precision when the rows are close.
   VD d2_lo = zd, d2_hi = zd, x_lo = zd, x_hi = zd, na_lo = zd, na_hi = zd, nb_lo = zd, nb_hi = zd;
   VD abs_lo = zd, abs_hi = zd;
-  V max_abs = hn::Zero(df), e_max = ninf, e_min = pinf, e_abs_max = hn::Zero(df);
+  V max_abs = hn::Zero(df), e_max = ninf, e_min = pinf;
   size_t both_masked = 0, a_only_masked = 0, b_only_masked = 0, pads = 0;
 
   for (size_t begin = 0; begin < n; begin += kChunk) {
@@ -311,7 +311,6 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
         tb_s = hn::MulAdd(pb, hn::IfThenElseZero(fb, xb), tb_s);
         ea_s = hn::MulAdd(pa, e, ea_s);
         eb_s = hn::MulAdd(pb, e, eb_s);
-        e_abs_max = hn::Max(e_abs_max, hn::Abs(e));
         V gp, gq;
         SecondOrderTerms(df, e, hn::IfThenElseZero(fa, xa), hn::IfThenElseZero(fb, xb), pa, pb,
                          gp, gq);
@@ -367,7 +366,10 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
     // Each direction takes the form with the smaller rounding error: the
     // log1p form loses max(|E[g]|, |E[e]|) / (1 + x) ulps to cancellation
     // inside x, the direct form about max(|lse_a|, |lse_b|, 1) ulps.
-    const bool usable = !one_sided && hn::GetLane(hn::MaxOfLanes(df, e_abs_max)) <= 60.0f;
+    // e is 0 wherever a side is masked, so max |e| comes from e's extremes.
+    const double e_hi = hn::GetLane(hn::MaxOfLanes(df, e_max));
+    const double e_lo = hn::GetLane(hn::MinOfLanes(df, e_min));
+    const bool usable = !one_sided && std::max(e_hi, -e_lo) <= 60.0;
     const double mean_pe = SumF64(dd, ea_lo, ea_hi) / Sa;  // E_p[e]
     const double mean_qe = SumF64(dd, eb_lo, eb_hi) / Sb;  // E_q[e]
     const double mean_pg = SumF64(dd, g_lo, g_hi) / Sa;    // E_p[g(e)]
@@ -387,9 +389,7 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
     if (one_sided) {
       out[kMaxAbsLogprob] = kInf;
     } else {
-      const double hi = hn::GetLane(hn::MaxOfLanes(df, e_max));
-      const double lo = hn::GetLane(hn::MinOfLanes(df, e_min));
-      out[kMaxAbsLogprob] = std::max(fabs(hi + L), fabs(lo + L));
+      out[kMaxAbsLogprob] = std::max(fabs(e_hi + L), fabs(e_lo + L));
     }
   }
 
