@@ -48,6 +48,9 @@ _LAZY = {
     "assert_logits_match": "logitparity.testing",
     "assert_dumps_match": "logitparity.testing",
     "logits_comparison": "logitparity.testing",
+    "run_tasks": "logitparity.tasks",
+    "compare_tasks": "logitparity.tasks",
+    "load_questions": "logitparity.tasks",
     "BaselineCache": "logitparity.baseline_cache",
     "load_baseline_cache": "logitparity.baseline_cache",
 }
