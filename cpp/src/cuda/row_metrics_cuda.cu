@@ -64,10 +64,12 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 __device__ __forceinline__ float Inf() { return __int_as_float(0x7F800000); }
 
-// e^x for x <= 0 (max-subtracted): MUFU.EX2 (2 ulp) of x log2(e). The
-// rounding of the product adds |x| 2^-24 relative, i.e. at most 2.2e-8 of the
-// row's largest term, since the term is e^x.
-__device__ __forceinline__ float ExpNonPositive(float x) { return exp2f(x * kLog2e); }
+// e^x for x <= 0 (max-subtracted), -inf included: CUDA's expf (Cody-Waite
+// reduction, then MUFU.EX2 on the reduced argument; <= 2 ulp). exp2f(x log2 e)
+// alone is 3 instructions cheaper but its product rounding costs |x| 2^-24
+// relative: on the device, 16-element rows then missed delta_p's 1e-6
+// tolerance (got 0.0047530780, want 0.0047529704).
+__device__ __forceinline__ float ExpNonPositive(float x) { return expf(x); }
 
 template <typename T>
 struct Loader;
@@ -89,8 +91,11 @@ struct Loader<float> {
   }
 };
 
-// bfloat16 storage (bits only; converted by shifting into a float).
-struct Bf16 {};
+// bfloat16 storage (its bits; converted by shifting into a float). The member
+// gives it its 2-byte size, which the row pointer arithmetic relies on.
+struct Bf16 {
+  unsigned short bits;
+};
 
 __device__ __forceinline__ float Bf16ToF32(unsigned short h) {
   return __uint_as_float(static_cast<unsigned>(h) << 16);
@@ -176,8 +181,10 @@ struct WarpTopK {
     tau_i = 0x7FFFFFFF;
   }
 
-  // Keeps the best k of the buffer, sorted, at its start.
-  __device__ void Compact(int k, int lane) {
+  // Keeps the best k of the buffer, sorted, at its start. Out of line: it
+  // runs a few times per row, and inlined at every offer it bloated the main
+  // loop past the instruction cache (measured 10x slower).
+  __device__ __noinline__ void Compact(int k, int lane) {
     __syncwarp();
     float ev[kPerLane];
     int ei[kPerLane], er[kPerLane];
@@ -232,7 +239,8 @@ struct SideSums {
 };
 
 // Moves the sums to a larger maximum m (m > M, M finite): what RaiseMax does.
-__device__ __forceinline__ void Rescale(SideSums& x, double shift /* M - m < 0 */) {
+// Rare (a few times per thread and row): out of line.
+__device__ __noinline__ void Rescale(SideSums& x, double shift /* M - m < 0 */) {
   const double scale = exp(shift);
   x.t = (x.t + shift * x.s) * scale;
   x.s *= scale;
@@ -307,6 +315,32 @@ __device__ __forceinline__ float JsTerm(float u) {
   const float lp = up > 0 ? up * logf(up) : 0.0f;
   const float lm = um > 0 ? um * logf(um) : 0.0f;
   return lp + lm;
+}
+
+// g terms for |e| > 1/2 (rows that differ by more than half a logit at this
+// token): exp(xa - e) - pa + pa e and exp(xb + e) - pb - pb e. Out of line:
+// close rows never take it.
+__device__ __noinline__ void FarTerms(float e, float xa, float xb, float pa, float pb, float& gp,
+                                      float& gq) {
+  const float ea = expf(fminf(fmaxf(xa - e, -104.5f), 80.0f));
+  const float eb = expf(fminf(fmaxf(xb + e, -104.5f), 80.0f));
+  gp = fmaf(pa, e, ea - pa);
+  gq = fmaf(-pb, e, eb - pb);
+}
+
+// Offers the elements of one group whose bits are set in `mask` (those that
+// beat the warp's threshold when the group was read), reloading each value
+// (an L1 hit) instead of indexing the group's registers at run time. Every
+// lane of the warp calls it.
+template <typename T>
+__device__ __noinline__ void OfferMasked(WarpTopK& top, const T* row, size_t i0, unsigned mask,
+                                         int k, int lane) {
+  while (__any_sync(kFull, mask != 0)) {
+    const int j = mask ? __ffs(mask) - 1 : 0;
+    const float v = mask ? Loader<T>::One(row, i0 + j) : 0.0f;
+    top.Offer(v, static_cast<int>(i0 + j), mask != 0, k, lane);
+    mask &= mask - 1;
+  }
 }
 
 struct Shared {
@@ -385,18 +419,27 @@ __global__ void __launch_bounds__(kThreads, 2)
       a_only += ma && !mb;
       b_only += mb && !ma;
     }
-    // Top-k: offer a group only if its maximum can enter the warp's list.
+    // Top-k: offer a group only if its maximum can enter the warp's list,
+    // then only its elements that can.
     if (__any_sync(kFull, ga >= top_a.tau_v)) {
+      unsigned mask = 0;
 #pragma unroll
       for (int j = 0; j < kGroup; ++j) {
-        top_a.Offer(va[j], static_cast<int>(i0 + j), i0 + j < n, K, lane);
+        mask |= static_cast<unsigned>(i0 + j < n &&
+                                      Better(va[j], static_cast<int>(i0 + j), top_a.tau_v,
+                                             top_a.tau_i)) << j;
       }
+      OfferMasked(top_a, a, i0, mask, K, lane);
     }
     if (__any_sync(kFull, gb >= top_b.tau_v)) {
+      unsigned mask = 0;
 #pragma unroll
       for (int j = 0; j < kGroup; ++j) {
-        top_b.Offer(vb[j], static_cast<int>(i0 + j), i0 + j < n, K, lane);
+        mask |= static_cast<unsigned>(i0 + j < n &&
+                                      Better(vb[j], static_cast<int>(i0 + j), top_b.tau_v,
+                                             top_b.tau_i)) << j;
       }
+      OfferMasked(top_b, b, i0, mask, K, lane);
     }
     if (ga > Ma) {
       if (Ma > ninf) Rescale(A, static_cast<double>(Ma) - ga);
@@ -456,10 +499,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         gp = pa * (even - odd);
         gq = pb * (even + odd);
       } else {
-        const float ea = expf(fminf(fmaxf(xa - e, -104.5f), 80.0f));
-        const float eb = expf(fminf(fmaxf(xb + e, -104.5f), 80.0f));
-        gp = fmaf(pa, e, ea - pa);
-        gq = fmaf(-pb, e, eb - pb);
+        FarTerms(e, xa, xb, pa, pb, gp, gq);
       }
       g_s += gp;
       h_s += gq;
