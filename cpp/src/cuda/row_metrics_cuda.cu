@@ -38,8 +38,10 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "logitparity/cuda.h"
@@ -51,16 +53,16 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// Elements per thread, step and side: four 16-byte loads of float32 (two of a
-// 16-bit type) per side in flight per thread.
-constexpr int kGroup = 16;
+// Elements per thread, step and side: two vector loads per side in flight
+// per thread (16 elements needed more than the 128 registers that two blocks
+// per multiprocessor allow, and spilled).
+constexpr int kGroup = 8;
 constexpr int kStep = kThreads * kGroup;
 // Per-warp top-k candidate buffer: the kept list (<= 64) plus room for at
 // least two full ballots before a compaction.
 constexpr int kCap = 192;
 constexpr int kPerLane = kCap / 32;
 constexpr unsigned kFull = 0xFFFFFFFFu;
-constexpr float kLog2e = 1.4426950408889634f;
 
 __device__ __forceinline__ float Inf() { return __int_as_float(0x7F800000); }
 
@@ -71,23 +73,33 @@ __device__ __forceinline__ float Inf() { return __int_as_float(0x7F800000); }
 // tolerance (got 0.0047530780, want 0.0047529704).
 __device__ __forceinline__ float ExpNonPositive(float x) { return expf(x); }
 
+// Element layout of a group: kGroup elements per thread and step, read as
+// vectors of 4 elements (16 bytes of float32, 8 of a 16-bit type). For
+// vector v, lane l of a warp reads elements warp_base + 128 v + 4 l + c,
+// c < 4, so that each load instruction of a warp covers one contiguous span
+// (512 or 256 bytes); the first version gave each thread 16 consecutive
+// elements and ncu counted 54% excess sectors.
+constexpr int kVec = 4;
+constexpr int kVecs = kGroup / kVec;
+constexpr int kWarpSpan = 32 * kGroup;  // elements per warp and step
+
+__device__ __forceinline__ size_t ElemIndex(size_t warp_base, int lane, int j) {
+  return warp_base + static_cast<size_t>((j / kVec) * 32 * kVec + lane * kVec + j % kVec);
+}
+
 template <typename T>
 struct Loader;
 
 template <>
 struct Loader<float> {
+  static constexpr int kAlign = 16;
   __device__ static float One(const float* p, size_t i) { return __ldg(p + i); }
-  // kGroup elements from p + i (16-byte aligned).
-  __device__ static void Group(const float* p, size_t i, float* out) {
-    const float4* q = reinterpret_cast<const float4*>(p + i);
-#pragma unroll
-    for (int v = 0; v < kGroup / 4; ++v) {
-      const float4 x = __ldg(q + v);
-      out[4 * v] = x.x;
-      out[4 * v + 1] = x.y;
-      out[4 * v + 2] = x.z;
-      out[4 * v + 3] = x.w;
-    }
+  __device__ static void Vec(const float* p, size_t i, float* out) {
+    const float4 x = __ldg(reinterpret_cast<const float4*>(p + i));
+    out[0] = x.x;
+    out[1] = x.y;
+    out[2] = x.z;
+    out[3] = x.w;
   }
 };
 
@@ -103,52 +115,59 @@ __device__ __forceinline__ float Bf16ToF32(unsigned short h) {
 
 template <>
 struct Loader<__half> {
+  static constexpr int kAlign = 8;
   __device__ static float One(const __half* p, size_t i) { return __half2float(p[i]); }
-  __device__ static void Group(const __half* p, size_t i, float* out) {
-    const uint4* q = reinterpret_cast<const uint4*>(p + i);
-#pragma unroll
-    for (int v = 0; v < kGroup / 8; ++v) {
-      const uint4 x = __ldg(q + v);
-      const unsigned w[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        out[8 * v + 2 * j] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[j])));
-        out[8 * v + 2 * j + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[j] >> 16)));
-      }
-    }
+  __device__ static void Vec(const __half* p, size_t i, float* out) {
+    const uint2 x = __ldg(reinterpret_cast<const uint2*>(p + i));
+    out[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x)));
+    out[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x >> 16)));
+    out[2] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.y)));
+    out[3] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.y >> 16)));
   }
 };
 
 template <>
 struct Loader<Bf16> {
+  static constexpr int kAlign = 8;
   __device__ static float One(const Bf16* p, size_t i) {
     return Bf16ToF32(__ldg(reinterpret_cast<const unsigned short*>(p) + i));
   }
-  __device__ static void Group(const Bf16* p, size_t i, float* out) {
-    const uint4* q = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(p) + i);
-#pragma unroll
-    for (int v = 0; v < kGroup / 8; ++v) {
-      const uint4 x = __ldg(q + v);
-      const unsigned w[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        out[8 * v + 2 * j] = __uint_as_float(w[j] << 16);
-        out[8 * v + 2 * j + 1] = __uint_as_float(w[j] & 0xFFFF0000u);
-      }
-    }
+  __device__ static void Vec(const Bf16* p, size_t i, float* out) {
+    const uint2 x = __ldg(reinterpret_cast<const uint2*>(p + i));
+    out[0] = __uint_as_float(x.x << 16);
+    out[1] = __uint_as_float(x.x & 0xFFFF0000u);
+    out[2] = __uint_as_float(x.y << 16);
+    out[3] = __uint_as_float(x.y & 0xFFFF0000u);
   }
 };
 
-// Elements [i, i + kGroup) of a row; beyond n they read as -inf (a token
-// masked on both sides: neutral for every sum, and never offered to top-k).
+// One thread's group of a step (layout above); beyond n elements read as
+// -inf (a token masked on both sides: neutral for every sum, never offered
+// to top-k). `full`: the warp's whole span is inside the row and the row is
+// aligned for vector loads.
 template <typename T>
-__device__ __forceinline__ void LoadGroup(const T* row, size_t i, size_t n, bool aligned,
-                                          float* out) {
-  if (aligned && i + kGroup <= n) {
-    Loader<T>::Group(row, i, out);
+__device__ __forceinline__ void LoadGroup(const T* row, size_t warp_base, int lane, size_t n,
+                                          bool full, float* out) {
+  if (full) {
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v) Loader<T>::Vec(row, ElemIndex(warp_base, lane, v * kVec), out + v * kVec);
   } else {
 #pragma unroll
-    for (int j = 0; j < kGroup; ++j) out[j] = i + j < n ? Loader<T>::One(row, i + j) : -Inf();
+    for (int j = 0; j < kGroup; ++j) {
+      const size_t i = ElemIndex(warp_base, lane, j);
+      out[j] = i < n ? Loader<T>::One(row, i) : -Inf();
+    }
+  }
+}
+
+// Asks L2 for this lane's part of the next step (hides part of the DRAM
+// latency: each thread waits on its loads before computing).
+template <typename T>
+__device__ __forceinline__ void PrefetchGroup(const T* row, size_t warp_base, int lane, size_t n) {
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const size_t i = ElemIndex(warp_base, lane, v * kVec);
+    if (i < n) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + i));
   }
 }
 
@@ -240,12 +259,14 @@ struct SideSums {
 
 // Moves the sums to a larger maximum m (m > M, M finite): what RaiseMax does.
 // Rare (a few times per thread and row): out of line.
-__device__ __noinline__ void Rescale(SideSums& x, double shift /* M - m < 0 */) {
+// Takes and returns values (no address taken: the sums stay in registers).
+__device__ __noinline__ SideSums Rescale(SideSums x, double shift /* M - m < 0 */) {
   const double scale = exp(shift);
   x.t = (x.t + shift * x.s) * scale;
   x.s *= scale;
   x.e *= scale;
   x.g *= scale;
+  return x;
 }
 
 // Deterministic block reductions through shared memory (fixed tree).
@@ -320,12 +341,10 @@ __device__ __forceinline__ float JsTerm(float u) {
 // g terms for |e| > 1/2 (rows that differ by more than half a logit at this
 // token): exp(xa - e) - pa + pa e and exp(xb + e) - pb - pb e. Out of line:
 // close rows never take it.
-__device__ __noinline__ void FarTerms(float e, float xa, float xb, float pa, float pb, float& gp,
-                                      float& gq) {
+__device__ __noinline__ float2 FarTerms(float e, float xa, float xb, float pa, float pb) {
   const float ea = expf(fminf(fmaxf(xa - e, -104.5f), 80.0f));
   const float eb = expf(fminf(fmaxf(xb + e, -104.5f), 80.0f));
-  gp = fmaf(pa, e, ea - pa);
-  gq = fmaf(-pb, e, eb - pb);
+  return make_float2(fmaf(pa, e, ea - pa), fmaf(-pb, e, eb - pb));
 }
 
 // Offers the elements of one group whose bits are set in `mask` (those that
@@ -333,14 +352,130 @@ __device__ __noinline__ void FarTerms(float e, float xa, float xb, float pa, flo
 // (an L1 hit) instead of indexing the group's registers at run time. Every
 // lane of the warp calls it.
 template <typename T>
-__device__ __noinline__ void OfferMasked(WarpTopK& top, const T* row, size_t i0, unsigned mask,
-                                         int k, int lane) {
+__device__ __noinline__ void OfferMasked(WarpTopK& top, const T* row, size_t warp_base,
+                                         unsigned mask, int k, int lane) {
   while (__any_sync(kFull, mask != 0)) {
     const int j = mask ? __ffs(mask) - 1 : 0;
-    const float v = mask ? Loader<T>::One(row, i0 + j) : 0.0f;
-    top.Offer(v, static_cast<int>(i0 + j), mask != 0, k, lane);
+    const size_t i = ElemIndex(warp_base, lane, j);
+    const float v = mask ? Loader<T>::One(row, i) : 0.0f;
+    top.Offer(v, static_cast<int>(i), mask != 0, k, lane);
     mask &= mask - 1;
   }
+}
+
+// Float32 sums of one group (kGroup element pairs of one thread) before they
+// are added to the float64 accumulators, and its extremes and counts.
+struct GroupSums {
+  float abs, d2, x, na, nb, sa, sb, ta, tb, ea, eb, g, h;
+  float max_abs, e_max, e_min;
+  unsigned both_masked, a_only, b_only, bad_a, bad_b;
+};
+
+// The second-order terms pa g(e), pb g(-e) of one element (see the KL form
+// in row_metrics-inl.h): even and odd series for |e| <= 1/2, else FarTerms.
+__device__ __forceinline__ void GTerms(float e, float xa, float xb, float pa, float pb, float& gp,
+                                       float& gq) {
+  if (fabsf(e) <= 0.5f) {
+    const float u = e * e;
+    float even = 1.0f / 479001600;
+    even = fmaf(even, u, 1.0f / 3628800);
+    even = fmaf(even, u, 1.0f / 40320);
+    even = fmaf(even, u, 1.0f / 720);
+    even = fmaf(even, u, 1.0f / 24);
+    even = fmaf(even, u, 0.5f);
+    even *= u;
+    float odd = 1.0f / 39916800;
+    odd = fmaf(odd, u, 1.0f / 362880);
+    odd = fmaf(odd, u, 1.0f / 5040);
+    odd = fmaf(odd, u, 1.0f / 120);
+    odd = fmaf(odd, u, 1.0f / 6);
+    odd *= u * e;
+    gp = pa * (even - odd);
+    gq = pb * (even + odd);
+  } else {
+    const float2 r = FarTerms(e, xa, xb, pa, pb);
+    gp = r.x;
+    gq = r.y;
+  }
+}
+
+// A group with no -inf, NaN, +inf and no element past the row's end (the
+// common case): every token is live on both sides, so no masks.
+__device__ __forceinline__ void CleanGroup(const float* va, const float* vb, float Ma, float Mb,
+                                           float c0, GroupSums& g) {
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) {
+    const float x = va[j], y = vb[j];
+    const float d = x - y;
+    const float e = d - c0;
+    g.e_max = fmaxf(g.e_max, e);
+    g.e_min = fminf(g.e_min, e);
+    g.max_abs = fmaxf(g.max_abs, fabsf(d));
+    g.abs += fabsf(d);
+    g.na = fmaf(x, x, g.na);
+    g.nb = fmaf(y, y, g.nb);
+    g.d2 = fmaf(d, d, g.d2);
+    g.x = fmaf(d, x + y, g.x);
+    const float xa = x - Ma, xb = y - Mb;
+    const float pa = ExpNonPositive(xa), pb = ExpNonPositive(xb);
+    g.sa += pa;
+    g.sb += pb;
+    g.ta = fmaf(pa, xa, g.ta);
+    g.tb = fmaf(pb, xb, g.tb);
+    g.ea = fmaf(pa, e, g.ea);
+    g.eb = fmaf(pb, e, g.eb);
+    float gp, gq;
+    GTerms(e, xa, xb, pa, pb, gp, gq);
+    g.g += gp;
+    g.h += gq;
+  }
+}
+
+// Any other group: masks, NaN / +inf counts and the row's end, element by
+// element. Out of line (rare for real logits; every group of a masked row).
+__device__ __noinline__ GroupSums DirtyGroup(const float* va, const float* vb, float Ma,
+                                             float Mb, float c0, size_t warp_base, int lane,
+                                             size_t n, GroupSums g) {
+  const float ninf = -Inf(), pinf = Inf();
+  for (int j = 0; j < kGroup; ++j) {
+    const bool valid = ElemIndex(warp_base, lane, j) < n;
+    const float x = va[j], y = vb[j];
+    g.bad_a += valid && !(x < pinf);
+    g.bad_b += valid && !(y < pinf);
+    const bool ma = x == ninf, mb = y == ninf;
+    g.both_masked += valid && ma && mb;
+    g.a_only += ma && !mb;
+    g.b_only += mb && !ma;
+    const bool fa = x > ninf, fb = y > ninf, both = fa && fb;
+    const float d = x - y;
+    const float e = both ? d - c0 : 0.0f;
+    if (both) {
+      g.e_max = fmaxf(g.e_max, e);
+      g.e_min = fminf(g.e_min, e);
+    }
+    const float absd = both ? fabsf(d) : 0.0f;
+    g.max_abs = fmaxf(g.max_abs, absd);
+    g.abs += absd;
+    const float az = both ? x : 0.0f, bz = both ? y : 0.0f, dz = both ? d : 0.0f;
+    g.na = fmaf(az, az, g.na);
+    g.nb = fmaf(bz, bz, g.nb);
+    g.d2 = fmaf(dz, dz, g.d2);
+    g.x = fmaf(dz, az + bz, g.x);
+    const float xa = fa ? x - Ma : 0.0f, xb = fb ? y - Mb : 0.0f;
+    const float pa = fa ? ExpNonPositive(xa) : 0.0f;
+    const float pb = fb ? ExpNonPositive(xb) : 0.0f;
+    g.sa += pa;
+    g.sb += pb;
+    g.ta = fmaf(pa, xa, g.ta);
+    g.tb = fmaf(pb, xb, g.tb);
+    g.ea = fmaf(pa, e, g.ea);
+    g.eb = fmaf(pb, e, g.eb);
+    float gp, gq;
+    GTerms(e, xa, xb, pa, pb, gp, gq);
+    g.g += gp;
+    g.h += gq;
+  }
+  return g;
 }
 
 struct Shared {
@@ -362,19 +497,22 @@ __global__ void __launch_bounds__(kThreads, 2)
   const TA* a = a_base + row * a_stride;
   const TB* b = b_base + row * b_stride;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const bool aligned = (reinterpret_cast<uintptr_t>(a) % 16 == 0) &&
-                       (reinterpret_cast<uintptr_t>(b) % 16 == 0);
+  const bool aligned = (reinterpret_cast<uintptr_t>(a) % Loader<TA>::kAlign == 0) &&
+                       (reinterpret_cast<uintptr_t>(b) % Loader<TB>::kAlign == 0);
   const double kNaN = __longlong_as_double(0x7FF8000000000000LL);
   const double kInfD = __longlong_as_double(0x7FF0000000000000LL);
   const float ninf = -Inf(), pinf = Inf();
 
   // The KL shift c0: maxima of the first chunk where both sides have one.
-  float c0 = 0.0f;
+  // The first chunk's maxima also start every thread's running maxima, so
+  // that later groups rarely raise them (each raise rescales in float64).
+  float c0 = 0.0f, Ma = ninf, Mb = ninf;
   for (size_t begin = 0; begin < n; begin += kStep) {
     float va[kGroup], vb[kGroup];
-    const size_t i0 = begin + static_cast<size_t>(tid) * kGroup;
-    LoadGroup(a, i0, n, aligned, va);
-    LoadGroup(b, i0, n, aligned, vb);
+    const size_t wb = begin + static_cast<size_t>(warp) * kWarpSpan;
+    const bool full = aligned && wb + kWarpSpan <= n;
+    LoadGroup(a, wb, lane, n, full, va);
+    LoadGroup(b, wb, lane, n, full, vb);
     float ma = ninf, mb = ninf;
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) {
@@ -383,6 +521,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     ma = BlockMax(ma, sh.fscratch);
     mb = BlockMax(mb, sh.fscratch);
+    if (begin == 0) {
+      Ma = ma;
+      Mb = mb;
+    }
     if (ma > ninf && mb > ninf) {
       c0 = ma - mb;
       break;
@@ -394,30 +536,30 @@ __global__ void __launch_bounds__(kThreads, 2)
   top_b.Init(sh.top_v[1][warp], sh.top_i[1][warp]);
   const int K = p.kmax;
 
-  float Ma = ninf, Mb = ninf;
   SideSums A{0, 0, 0, 0}, B{0, 0, 0, 0};
   double abs_sum = 0, d2 = 0, xs = 0, na = 0, nb = 0;
   float max_abs = 0.0f, e_max = ninf, e_min = pinf;
   unsigned both_masked = 0, a_only = 0, b_only = 0, bad_a = 0, bad_b = 0;
 
   for (size_t begin = 0; begin < n; begin += kStep) {
-    const size_t i0 = begin + static_cast<size_t>(tid) * kGroup;
+    const size_t wb = begin + static_cast<size_t>(warp) * kWarpSpan;
+    const bool full = aligned && wb + kWarpSpan <= n;
     float va[kGroup], vb[kGroup];
-    LoadGroup(a, i0, n, aligned, va);
-    LoadGroup(b, i0, n, aligned, vb);
-    float ga = ninf, gb = ninf;
+    LoadGroup(a, wb, lane, n, full, va);
+    LoadGroup(b, wb, lane, n, full, vb);
+    if (begin + kStep < n) {
+      PrefetchGroup(a, wb + kStep, lane, n);
+      PrefetchGroup(b, wb + kStep, lane, n);
+    }
+    // Group maxima, and sums that are finite only if no element is -inf,
+    // NaN or +inf (pads past the row's end read as -inf).
+    float ga = ninf, gb = ninf, suma = 0.0f, sumb = 0.0f;
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) {
-      const bool valid = i0 + j < n;
-      const float x = va[j], y = vb[j];
-      ga = fmaxf(ga, x);
-      gb = fmaxf(gb, y);
-      bad_a += valid && !(x < pinf);
-      bad_b += valid && !(y < pinf);
-      const bool ma = x == ninf, mb = y == ninf;
-      both_masked += valid && ma && mb;
-      a_only += ma && !mb;
-      b_only += mb && !ma;
+      ga = fmaxf(ga, va[j]);
+      gb = fmaxf(gb, vb[j]);
+      suma += va[j];
+      sumb += vb[j];
     }
     // Top-k: offer a group only if its maximum can enter the warp's list,
     // then only its elements that can.
@@ -425,98 +567,57 @@ __global__ void __launch_bounds__(kThreads, 2)
       unsigned mask = 0;
 #pragma unroll
       for (int j = 0; j < kGroup; ++j) {
-        mask |= static_cast<unsigned>(i0 + j < n &&
-                                      Better(va[j], static_cast<int>(i0 + j), top_a.tau_v,
-                                             top_a.tau_i)) << j;
+        const size_t i = ElemIndex(wb, lane, j);
+        mask |= static_cast<unsigned>(i < n && Better(va[j], static_cast<int>(i), top_a.tau_v,
+                                                      top_a.tau_i)) << j;
       }
-      OfferMasked(top_a, a, i0, mask, K, lane);
+      OfferMasked(top_a, a, wb, mask, K, lane);
     }
     if (__any_sync(kFull, gb >= top_b.tau_v)) {
       unsigned mask = 0;
 #pragma unroll
       for (int j = 0; j < kGroup; ++j) {
-        mask |= static_cast<unsigned>(i0 + j < n &&
-                                      Better(vb[j], static_cast<int>(i0 + j), top_b.tau_v,
-                                             top_b.tau_i)) << j;
+        const size_t i = ElemIndex(wb, lane, j);
+        mask |= static_cast<unsigned>(i < n && Better(vb[j], static_cast<int>(i), top_b.tau_v,
+                                                      top_b.tau_i)) << j;
       }
-      OfferMasked(top_b, b, i0, mask, K, lane);
+      OfferMasked(top_b, b, wb, mask, K, lane);
     }
     if (ga > Ma) {
-      if (Ma > ninf) Rescale(A, static_cast<double>(Ma) - ga);
+      if (Ma > ninf) A = Rescale(A, static_cast<double>(Ma) - ga);
       Ma = ga;
     }
     if (gb > Mb) {
-      if (Mb > ninf) Rescale(B, static_cast<double>(Mb) - gb);
+      if (Mb > ninf) B = Rescale(B, static_cast<double>(Mb) - gb);
       Mb = gb;
     }
-    float abs_s = 0, d2_s = 0, x_s = 0, na_s = 0, nb_s = 0, sa_s = 0, sb_s = 0;
-    float ta_s = 0, tb_s = 0, ea_s = 0, eb_s = 0, g_s = 0, h_s = 0;
-#pragma unroll
-    for (int j = 0; j < kGroup; ++j) {
-      const float x = va[j], y = vb[j];
-      const bool fa = x > ninf, fb = y > ninf, both = fa && fb;
-      const float d = x - y;
-      const float e = both ? d - c0 : 0.0f;
-      if (both) {
-        e_max = fmaxf(e_max, e);
-        e_min = fminf(e_min, e);
-      }
-      const float absd = both ? fabsf(d) : 0.0f;
-      max_abs = fmaxf(max_abs, absd);
-      abs_s += absd;
-      const float az = both ? x : 0.0f, bz = both ? y : 0.0f, dz = both ? d : 0.0f;
-      na_s = fmaf(az, az, na_s);
-      nb_s = fmaf(bz, bz, nb_s);
-      d2_s = fmaf(dz, dz, d2_s);
-      x_s = fmaf(dz, az + bz, x_s);
-      const float xa = fa ? x - Ma : 0.0f, xb = fb ? y - Mb : 0.0f;
-      const float pa = fa ? ExpNonPositive(xa) : 0.0f;
-      const float pb = fb ? ExpNonPositive(xb) : 0.0f;
-      sa_s += pa;
-      sb_s += pb;
-      ta_s = fmaf(pa, xa, ta_s);
-      tb_s = fmaf(pb, xb, tb_s);
-      ea_s = fmaf(pa, e, ea_s);
-      eb_s = fmaf(pb, e, eb_s);
-      // g(+-e) = expm1(-+e) +- e from its even and odd series (|e| <= 1/2),
-      // else from exp(xa - e) - pa + pa e (SecondOrderTerms on the CPU).
-      float gp, gq;
-      if (fabsf(e) <= 0.5f) {
-        const float u = e * e;
-        float even = 1.0f / 479001600;
-        even = fmaf(even, u, 1.0f / 3628800);
-        even = fmaf(even, u, 1.0f / 40320);
-        even = fmaf(even, u, 1.0f / 720);
-        even = fmaf(even, u, 1.0f / 24);
-        even = fmaf(even, u, 0.5f);
-        even *= u;
-        float odd = 1.0f / 39916800;
-        odd = fmaf(odd, u, 1.0f / 362880);
-        odd = fmaf(odd, u, 1.0f / 5040);
-        odd = fmaf(odd, u, 1.0f / 120);
-        odd = fmaf(odd, u, 1.0f / 6);
-        odd *= u * e;
-        gp = pa * (even - odd);
-        gq = pb * (even + odd);
-      } else {
-        FarTerms(e, xa, xb, pa, pb, gp, gq);
-      }
-      g_s += gp;
-      h_s += gq;
+    GroupSums g{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, max_abs, e_max, e_min, 0, 0, 0, 0, 0};
+    if (fabsf(suma) < pinf && fabsf(sumb) < pinf) {
+      CleanGroup(va, vb, Ma, Mb, c0, g);
+    } else {
+      g = DirtyGroup(va, vb, Ma, Mb, c0, wb, lane, n, g);
+      both_masked += g.both_masked;
+      a_only += g.a_only;
+      b_only += g.b_only;
+      bad_a += g.bad_a;
+      bad_b += g.bad_b;
     }
-    abs_sum += abs_s;
-    d2 += d2_s;
-    xs += x_s;
-    na += na_s;
-    nb += nb_s;
-    A.s += sa_s;
-    B.s += sb_s;
-    A.t += ta_s;
-    B.t += tb_s;
-    A.e += ea_s;
-    B.e += eb_s;
-    A.g += g_s;
-    B.g += h_s;
+    max_abs = g.max_abs;
+    e_max = g.e_max;
+    e_min = g.e_min;
+    abs_sum += g.abs;
+    d2 += g.d2;
+    xs += g.x;
+    na += g.na;
+    nb += g.nb;
+    A.s += g.sa;
+    B.s += g.sb;
+    A.t += g.ta;
+    B.t += g.tb;
+    A.e += g.ea;
+    B.e += g.eb;
+    A.g += g.g;
+    B.g += g.h;
   }
 
   // Sort each warp's list, then one warp per side merges the others' lists.
@@ -547,8 +648,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Bring every thread's sums to the block maxima, then reduce.
   const float Ma_all = BlockMax(Ma, sh.fscratch);
   const float Mb_all = BlockMax(Mb, sh.fscratch);
-  if (Ma > ninf && Ma < Ma_all) Rescale(A, static_cast<double>(Ma) - Ma_all);
-  if (Mb > ninf && Mb < Mb_all) Rescale(B, static_cast<double>(Mb) - Mb_all);
+  if (Ma > ninf && Ma < Ma_all) A = Rescale(A, static_cast<double>(Ma) - Ma_all);
+  if (Mb > ninf && Mb < Mb_all) B = Rescale(B, static_cast<double>(Mb) - Mb_all);
   const double Sa = BlockSum(A.s, sh.dscratch), Sb = BlockSum(B.s, sh.dscratch);
   const double Ta = BlockSum(A.t, sh.dscratch), Tb = BlockSum(B.t, sh.dscratch);
   const double Ea = BlockSum(A.e, sh.dscratch), Eb = BlockSum(B.e, sh.dscratch);
@@ -594,10 +695,15 @@ __global__ void __launch_bounds__(kThreads, 2)
     const float inv_sa = static_cast<float>(1.0 / Sa), inv_sb = static_cast<float>(1.0 / Sb);
     double js_sum = 0;
     for (size_t begin = 0; begin < n; begin += kStep) {
-      const size_t i0 = begin + static_cast<size_t>(tid) * kGroup;
+      const size_t wb = begin + static_cast<size_t>(warp) * kWarpSpan;
+      const bool full = aligned && wb + kWarpSpan <= n;
       float va[kGroup], vb[kGroup];
-      LoadGroup(a, i0, n, aligned, va);
-      LoadGroup(b, i0, n, aligned, vb);
+      LoadGroup(a, wb, lane, n, full, va);
+      LoadGroup(b, wb, lane, n, full, vb);
+      if (begin + kStep < n) {
+        PrefetchGroup(a, wb + kStep, lane, n);
+        PrefetchGroup(b, wb + kStep, lane, n);
+      }
       float js_s = 0;
 #pragma unroll
       for (int j = 0; j < kGroup; ++j) {
@@ -629,12 +735,13 @@ __global__ void __launch_bounds__(kThreads, 2)
     const float bt = Loader<TB>::One(b, static_cast<size_t>(t));
     unsigned long long above = 0;
     for (size_t begin = 0; begin < n; begin += kStep) {
-      const size_t i0 = begin + static_cast<size_t>(tid) * kGroup;
+      const size_t wb = begin + static_cast<size_t>(warp) * kWarpSpan;
       float vb[kGroup];
-      LoadGroup(b, i0, n, aligned, vb);
+      LoadGroup(b, wb, lane, n, aligned && wb + kWarpSpan <= n, vb);
 #pragma unroll
       for (int j = 0; j < kGroup; ++j) {
-        above += (vb[j] > bt) || (vb[j] == bt && i0 + j < static_cast<size_t>(t));
+        const size_t i = ElemIndex(wb, lane, j);
+        above += (vb[j] > bt) || (vb[j] == bt && i < static_cast<size_t>(t));
       }
     }
     rank = static_cast<long long>(BlockCount(above, sh.cscratch));
@@ -760,6 +867,27 @@ struct DeviceGuard {
   }
 };
 
+std::mutex& ScratchMutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+// At least `bytes` of device memory on `device` (current), kept between
+// calls; call with ScratchMutex held.
+void* DeviceScratch(int device, size_t bytes) {
+  static std::vector<std::pair<void*, size_t>> buffers;
+  if (buffers.size() <= static_cast<size_t>(device)) buffers.resize(device + 1, {nullptr, 0});
+  auto& buf = buffers[device];
+  if (buf.second < bytes) {
+    if (buf.first) Check(cudaFree(buf.first), "cudaFree");
+    buf = {nullptr, 0};
+    const size_t size = std::max<size_t>(bytes, size_t{1} << 20);
+    Check(cudaMalloc(&buf.first, size), "cudaMalloc");
+    buf.second = size;
+  }
+  return buf.first;
+}
+
 }  // namespace
 
 bool CudaBuilt() { return true; }
@@ -812,9 +940,11 @@ RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
   const size_t fields_bytes = result.fields.size() * sizeof(double);
   const size_t overlap_bytes = result.topk_overlap.size() * sizeof(int32_t);
   const size_t targets_bytes = options.targets ? ref.rows * sizeof(int64_t) : 0;
-  void* dev = nullptr;
-  Check(cudaMallocAsync(&dev, fields_bytes + overlap_bytes + targets_bytes + 16, stream),
-        "cudaMallocAsync");
+  // One result buffer per device, kept and grown: cudaMallocAsync from the
+  // default pool returned its memory at every synchronize and mapped it again
+  // on the next call. Calls are serialized (they end synchronized).
+  std::lock_guard<std::mutex> lock(ScratchMutex());
+  void* dev = DeviceScratch(device, fields_bytes + overlap_bytes + targets_bytes + 16);
   double* d_fields = static_cast<double*>(dev);
   int32_t* d_overlap = reinterpret_cast<int32_t*>(static_cast<char*>(dev) + fields_bytes);
   int64_t* d_targets = nullptr;
@@ -848,7 +978,6 @@ RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
     err = cudaMemcpyAsync(result.topk_overlap.data(), d_overlap, overlap_bytes,
                           cudaMemcpyDeviceToHost, stream);
   }
-  cudaFreeAsync(dev, stream);
   if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
   Check(err, "CompareRowsCuda");
   return result;

@@ -106,12 +106,12 @@ std::vector<Case> Cases(size_t n, uint64_t seed) {
 
 const Dtype kDtypes[] = {Dtype::kF32, Dtype::kF16, Dtype::kBF16};
 
-// Lengths around a group (16), a warp's step (512), the block's step (4096)
-// and the first-chunk shift.
+// Lengths around a group (8), a warp's span (256), the block's step (2048)
+// and two steps.
 TEST(RowMetricsCuda, AgainstReferenceSmall) {
   SKIP_WITHOUT_GPU();
   const std::vector<int> ks = {1, 2, 5, 10, 64};
-  for (size_t n : {1, 2, 3, 15, 16, 17, 63, 65, 511, 513, 4095, 4096, 4097, 8197}) {
+  for (size_t n : {1, 2, 3, 7, 8, 9, 17, 255, 256, 257, 2047, 2048, 2049, 4097, 8197}) {
     for (const Case& c : Cases(n, 1000 + n)) {
       for (Dtype da : kDtypes) {
         for (Dtype db : kDtypes) {
