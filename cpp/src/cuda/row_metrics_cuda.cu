@@ -399,10 +399,40 @@ __device__ __forceinline__ void GTerms(float e, float xa, float xb, float pa, fl
   }
 }
 
+// Timing builds only (-DLOGITPARITY_CUDA_ABLATE=bits; results are then
+// wrong): 1 skips the top-k offers, 2 the second-order terms, 4 the cosine
+// and absolute-difference sums, 8 the exps. Used to find where the kernel's
+// time goes (docs/gpu.md); 0 in every real build.
+#ifndef LOGITPARITY_CUDA_ABLATE
+#define LOGITPARITY_CUDA_ABLATE 0
+#endif
+constexpr int kAblate = LOGITPARITY_CUDA_ABLATE;
+
+// pa g(e) and pb g(-e) for |e| > 1/2, for the elements of a group where the
+// series does not apply (their series terms were left at 0). Out of line.
+__device__ __noinline__ float2 FarGroup(const float* va, const float* vb, float Ma, float Mb,
+                                        float c0) {
+  float2 acc = make_float2(0.0f, 0.0f);
+  for (int j = 0; j < kGroup; ++j) {
+    const float e = va[j] - vb[j] - c0;
+    if (fabsf(e) > 0.5f) {
+      const float xa = va[j] - Ma, xb = vb[j] - Mb;
+      const float2 r = FarTerms(e, xa, xb, ExpNonPositive(xa), ExpNonPositive(xb));
+      acc.x += r.x;
+      acc.y += r.y;
+    }
+  }
+  return acc;
+}
+
 // A group with no -inf, NaN, +inf and no element past the row's end (the
-// common case): every token is live on both sides, so no masks.
+// common case): every token is live on both sides, so no masks, and the
+// second-order terms take their series without a branch; elements with
+// |e| > 1/2 (none on close rows) are added by FarGroup.
 __device__ __forceinline__ void CleanGroup(const float* va, const float* vb, float Ma, float Mb,
                                            float c0, GroupSums& g) {
+  bool far = false;
+  float gs = 0.0f, hs = 0.0f;
 #pragma unroll
   for (int j = 0; j < kGroup; ++j) {
     const float x = va[j], y = vb[j];
@@ -410,25 +440,51 @@ __device__ __forceinline__ void CleanGroup(const float* va, const float* vb, flo
     const float e = d - c0;
     g.e_max = fmaxf(g.e_max, e);
     g.e_min = fminf(g.e_min, e);
-    g.max_abs = fmaxf(g.max_abs, fabsf(d));
-    g.abs += fabsf(d);
-    g.na = fmaf(x, x, g.na);
-    g.nb = fmaf(y, y, g.nb);
-    g.d2 = fmaf(d, d, g.d2);
-    g.x = fmaf(d, x + y, g.x);
+    if (!(kAblate & 4)) {
+      g.max_abs = fmaxf(g.max_abs, fabsf(d));
+      g.abs += fabsf(d);
+      g.na = fmaf(x, x, g.na);
+      g.nb = fmaf(y, y, g.nb);
+      g.d2 = fmaf(d, d, g.d2);
+      g.x = fmaf(d, x + y, g.x);
+    }
     const float xa = x - Ma, xb = y - Mb;
-    const float pa = ExpNonPositive(xa), pb = ExpNonPositive(xb);
+    const float pa = (kAblate & 8) ? xa : ExpNonPositive(xa);
+    const float pb = (kAblate & 8) ? xb : ExpNonPositive(xb);
     g.sa += pa;
     g.sb += pb;
     g.ta = fmaf(pa, xa, g.ta);
     g.tb = fmaf(pb, xb, g.tb);
     g.ea = fmaf(pa, e, g.ea);
     g.eb = fmaf(pb, e, g.eb);
-    float gp, gq;
-    GTerms(e, xa, xb, pa, pb, gp, gq);
-    g.g += gp;
-    g.h += gq;
+    if (!(kAblate & 2)) {
+      const bool near = fabsf(e) <= 0.5f;
+      far |= !near;
+      const float u = e * e;
+      float even = 1.0f / 479001600;
+      even = fmaf(even, u, 1.0f / 3628800);
+      even = fmaf(even, u, 1.0f / 40320);
+      even = fmaf(even, u, 1.0f / 720);
+      even = fmaf(even, u, 1.0f / 24);
+      even = fmaf(even, u, 0.5f);
+      even *= u;
+      float odd = 1.0f / 39916800;
+      odd = fmaf(odd, u, 1.0f / 362880);
+      odd = fmaf(odd, u, 1.0f / 5040);
+      odd = fmaf(odd, u, 1.0f / 120);
+      odd = fmaf(odd, u, 1.0f / 6);
+      odd *= u * e;
+      gs += near ? pa * (even - odd) : 0.0f;
+      hs += near ? pb * (even + odd) : 0.0f;
+    }
   }
+  if (far) {
+    const float2 r = FarGroup(va, vb, Ma, Mb, c0);
+    gs += r.x;
+    hs += r.y;
+  }
+  g.g += gs;
+  g.h += hs;
 }
 
 // Any other group: masks, NaN / +inf counts and the row's end, element by
@@ -563,23 +619,23 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     // Top-k: offer a group only if its maximum can enter the warp's list,
     // then only its elements that can.
-    if (__any_sync(kFull, ga >= top_a.tau_v)) {
+    // (Indices fit in int: vocab < 2^31 is checked on the host.)
+    const int wb32 = static_cast<int>(wb), n32 = static_cast<int>(n);
+    if (!(kAblate & 1) && __any_sync(kFull, ga >= top_a.tau_v)) {
       unsigned mask = 0;
 #pragma unroll
       for (int j = 0; j < kGroup; ++j) {
-        const size_t i = ElemIndex(wb, lane, j);
-        mask |= static_cast<unsigned>(i < n && Better(va[j], static_cast<int>(i), top_a.tau_v,
-                                                      top_a.tau_i)) << j;
+        const int i = wb32 + (j / kVec) * 32 * kVec + lane * kVec + j % kVec;
+        mask |= static_cast<unsigned>(i < n32 && Better(va[j], i, top_a.tau_v, top_a.tau_i)) << j;
       }
       OfferMasked(top_a, a, wb, mask, K, lane);
     }
-    if (__any_sync(kFull, gb >= top_b.tau_v)) {
+    if (!(kAblate & 1) && __any_sync(kFull, gb >= top_b.tau_v)) {
       unsigned mask = 0;
 #pragma unroll
       for (int j = 0; j < kGroup; ++j) {
-        const size_t i = ElemIndex(wb, lane, j);
-        mask |= static_cast<unsigned>(i < n && Better(vb[j], static_cast<int>(i), top_b.tau_v,
-                                                      top_b.tau_i)) << j;
+        const int i = wb32 + (j / kVec) * 32 * kVec + lane * kVec + j % kVec;
+        mask |= static_cast<unsigned>(i < n32 && Better(vb[j], i, top_b.tau_v, top_b.tau_i)) << j;
       }
       OfferMasked(top_b, b, wb, mask, K, lane);
     }
