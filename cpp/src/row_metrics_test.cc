@@ -3,9 +3,11 @@
 // vocabulary sizes, every storage dtype pair, misaligned starts, ties, -inf
 // (masked tokens), NaN and +inf; thread-count and batching invariance.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -270,6 +272,32 @@ TEST(RowMetricsPublic, ThreadAndBatchInvariance) {
   const RowMetricsResult part = CompareRows(sa, sb, opt);
   ASSERT_EQ(0, std::memcmp(base.fields.data() + 10 * kNumRowFields, part.fields.data(),
                            part.fields.size() * sizeof(double)));
+}
+
+// The pool is started once and reused: many calls with changing thread
+// counts cover every row exactly once; an exception in a worker reaches the
+// caller and leaves the pool usable; out-of-range counts are rejected.
+TEST(ThreadPool, ReusedRethrowsAndChecksRange) {
+  for (int call = 0; call < 200; ++call) {
+    const int threads = 1 + call % 7;
+    const size_t rows = 1 + static_cast<size_t>(call) * 13 % 97;
+    std::vector<int> seen(rows, 0);
+    ParallelForRows(rows, threads, [&](size_t, size_t begin, size_t end) {
+      for (size_t r = begin; r < end; ++r) ++seen[r];
+    });
+    for (size_t r = 0; r < rows; ++r) ASSERT_EQ(1, seen[r]) << "call " << call << " row " << r;
+  }
+  EXPECT_THROW(ParallelForRows(64, 4,
+                               [](size_t, size_t begin, size_t end) {
+                                 if (begin <= 40 && 40 < end) throw std::runtime_error("row 40");
+                               }),
+               std::runtime_error);
+  std::atomic<size_t> total{0};
+  ParallelForRows(64, 4, [&](size_t, size_t begin, size_t end) { total += end - begin; });
+  EXPECT_EQ(64u, total.load());
+  EXPECT_THROW(ResolveThreads(-1, 10), std::invalid_argument);
+  EXPECT_THROW(ResolveThreads(static_cast<int>(MaxThreads()) + 1, 10), std::invalid_argument);
+  EXPECT_EQ(3u, ResolveThreads(8, 3));
 }
 
 TEST(RowMetricsPublic, RowStrideAndErrors) {
