@@ -184,8 +184,10 @@ __device__ __forceinline__ void PrefetchGroup(const T* row, size_t warp_base, in
 // Main-loop pipeline: each thread copies its own part of the next kStages-1
 // steps into shared memory with cp.async (no registers held while the copy
 // is in flight) and reads back only what it copied, so no barrier is needed.
-// Without it the kernel kept too few bytes in flight: removing every exp or
-// the cosine sums changed nothing (latency-bound, 19% of DRAM bandwidth).
+// Tried because removing every exp or the cosine sums changed nothing (19% of
+// DRAM bandwidth); measured on the H200 it gave 493k -> 569k rows/s at
+// 512x151936 fp32, so memory latency was one limit but not the main one
+// (docs/gpu.md).
 constexpr int kStages = 4;
 constexpr int kStageBytes = kStep * 4;  // one side, one step, float32 at most
 constexpr int kPipeBytes = kStages * 2 * kStageBytes;
