@@ -116,6 +116,24 @@ def bandwidth_probe(threads: int, nbytes: int = 1 << 30, repeat: int = 3) -> flo
     return nbytes / timed(lambda: x.sum(), repeat) / 1e9
 
 
+def small_calls(rows: int, threads: int, vocab: int = 49152, calls: int = 300) -> None:
+    """Per-call time of compare_logits on small batches, where starting
+    threads per call (rather than once per process) would show."""
+    a, b, t = make_inputs(rows, vocab, torch.float32)
+    an, bn, tn = a.numpy(), b.numpy(), t.numpy()
+    for _ in range(20):
+        lp.compare_logits(an, bn, targets=tn, threads=threads)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        lp.compare_logits(an, bn, targets=tn, threads=threads)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    med = times[len(times) // 2]
+    print(f"small calls: {rows}x{vocab} fp32, threads={threads}: median {med * 1e6:.0f} us per call "
+          f"({rows / med:.0f} rows/s), p10 {times[len(times) // 10] * 1e6:.0f} us over {calls} calls")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -125,9 +143,15 @@ def main() -> None:
                     help="rows given to numpy (single-threaded; rows/s is what is compared)")
     ap.add_argument("--impls", default="ours,torch,numpy",
                     help="comma list of ours, torch, numpy (ratios need all three)")
+    ap.add_argument("--small-calls", type=int, default=0, metavar="ROWS",
+                    help="instead: time many calls of ROWS rows x 49152 (compare_dumps calls the "
+                         "core once per prompt), median per call in us")
     args = ap.parse_args()
     impls = set(args.impls.split(","))
     torch.set_num_threads(args.threads)
+    if args.small_calls:
+        small_calls(args.small_calls, args.threads)
+        return
     bw = bandwidth_probe(args.threads)
     print(f"threads={args.threads}  read bandwidth probe (torch sum, 1 GiB): {bw:.1f} GB/s")
     print(f"cpu: {os.uname().machine}, torch {torch.__version__}, numpy {np.__version__}")

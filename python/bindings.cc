@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "logitparity/cuda.h"
 #include "logitparity/row_metrics.h"
 #include "logitparity/rows.h"
 
@@ -50,6 +51,19 @@ RowsView AsRows(const py::array& arr, bool bf16, const char* name) {
 
 using I64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
+// (fields [rows, F] float64, field names, topk overlap [rows, len(topk)] int32).
+py::tuple ResultTuple(const logitparity::RowMetricsResult& res) {
+  py::array_t<double> fields({res.rows, static_cast<size_t>(logitparity::kNumRowFields)});
+  std::copy(res.fields.begin(), res.fields.end(), fields.mutable_data());
+  py::array_t<int32_t> overlap({res.rows, res.topk.size()});
+  std::copy(res.topk_overlap.begin(), res.topk_overlap.end(), overlap.mutable_data());
+  py::list field_names;
+  for (int f = 0; f < logitparity::kNumRowFields; ++f) {
+    field_names.append(logitparity::RowFieldName(f));
+  }
+  return py::make_tuple(fields, field_names, overlap);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -59,6 +73,7 @@ PYBIND11_MODULE(_core, m) {
   for (int f = 0; f < logitparity::kNumRowFields; ++f) names.append(logitparity::RowFieldName(f));
   m.attr("ROW_FIELDS") = names;
   m.attr("MAX_TOPK") = logitparity::kMaxTopK;
+  m.def("max_threads", &logitparity::MaxThreads, "Largest accepted thread count.");
 
   m.def(
       "compare_rows",
@@ -83,15 +98,7 @@ PYBIND11_MODULE(_core, m) {
           py::gil_scoped_release release;
           res = logitparity::CompareRows(a, b, opt);
         }
-        py::array_t<double> fields({res.rows, static_cast<size_t>(logitparity::kNumRowFields)});
-        std::copy(res.fields.begin(), res.fields.end(), fields.mutable_data());
-        py::array_t<int32_t> overlap({res.rows, res.topk.size()});
-        std::copy(res.topk_overlap.begin(), res.topk_overlap.end(), overlap.mutable_data());
-        py::list field_names;
-        for (int f = 0; f < logitparity::kNumRowFields; ++f) {
-          field_names.append(logitparity::RowFieldName(f));
-        }
-        return py::make_tuple(fields, field_names, overlap);
+        return ResultTuple(res);
       },
       py::arg("ref"), py::arg("ref_bf16"), py::arg("cand"), py::arg("cand_bf16"),
       py::arg("targets"), py::arg("topk"), py::arg("js"), py::arg("threads"),
@@ -177,4 +184,51 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("f16_bits_to_f32", &logitparity::F16BitsToF32, py::arg("bits"));
   m.def("bf16_bits_to_f32", &logitparity::BF16BitsToF32, py::arg("bits"));
+
+  // --- CUDA kernels (rows in device memory, in place) ----------------------
+  // The Python side (metrics.py) reads pointer, dtype and strides off a torch
+  // tensor or a __cuda_array_interface__ and passes them here as integers.
+  m.def("cuda_built", &logitparity::CudaBuilt, "True if the core has its CUDA kernels.");
+  m.def("cuda_device_count", &logitparity::CudaDeviceCount,
+        "CUDA devices usable now (0 without kernels, driver or GPU).");
+  m.def(
+      "compare_rows_cuda",
+      [](uintptr_t ref_ptr, int ref_dtype, size_t ref_stride, uintptr_t cand_ptr, int cand_dtype,
+         size_t cand_stride, size_t rows, size_t vocab, std::optional<I64> targets,
+         std::vector<int> topk, bool js, uintptr_t stream) {
+        auto dtype = [](int code, const char* name) {
+          if (code < 0 || code > 2) {
+            throw py::value_error(std::string(name) +
+                                  "_dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
+                                  std::to_string(code));
+          }
+          return static_cast<Dtype>(code);
+        };
+        const RowsView a{reinterpret_cast<const void*>(ref_ptr), dtype(ref_dtype, "ref"), rows,
+                         vocab, ref_stride};
+        const RowsView b{reinterpret_cast<const void*>(cand_ptr), dtype(cand_dtype, "cand"), rows,
+                         vocab, cand_stride};
+        logitparity::RowMetricsOptions opt;
+        opt.topk = std::move(topk);
+        opt.js = js;
+        if (targets) {
+          if (static_cast<size_t>(targets->size()) != rows) {
+            throw py::value_error("targets must hold one id per row (" + std::to_string(rows) +
+                                  "), got " + std::to_string(targets->size()));
+          }
+          opt.targets = targets->data();
+        }
+        logitparity::RowMetricsResult res;
+        {
+          py::gil_scoped_release release;
+          res = logitparity::CompareRowsCuda(a, b, opt, stream);
+        }
+        return ResultTuple(res);
+      },
+      py::arg("ref_ptr"), py::arg("ref_dtype"), py::arg("ref_stride"), py::arg("cand_ptr"),
+      py::arg("cand_dtype"), py::arg("cand_stride"), py::arg("rows"), py::arg("vocab"),
+      py::arg("targets"), py::arg("topk"), py::arg("js"), py::arg("stream"),
+      "Fused row comparison of rows in CUDA device memory (pointers as integers, strides in "
+      "elements), queued on `stream`; same result tuple as compare_rows.");
+  // --- end CUDA kernels -----------------------------------------------------
 }

@@ -397,6 +397,75 @@ def test_error_threads():
         lp.compare_logits(np.zeros((1, 4), np.float32), np.zeros((1, 4), np.float32), threads=0)
 
 
+def test_error_threads_above_range():
+    hi = lp.metrics._core().max_threads()
+    with pytest.raises(ValueError, match=rf"threads must be in \[1, {hi}\] \(at most 4x the .* cores here, or 64\), got 1000000; pass None"):
+        lp.compare_logits(np.zeros((1, 4), np.float32), np.zeros((1, 4), np.float32), threads=10**6)
+
+
+def test_error_core_threads_out_of_range():
+    from logitparity import _core
+
+    z = np.zeros((1, 4), np.float32)
+    with pytest.raises(ValueError, match=r"threads must be in \[0, \d+\] \(0 = all \d+ cores; at most 4x the cores or 64\), got -1"):
+        _core.compare_rows(z, False, z, False, None, [1], False, -1)
+
+
+def test_error_leading_shapes_differ():
+    with pytest.raises(ValueError, match=r"same leading shape .*got \(2, 3\) and \(3, 2\); rows are compared by position"):
+        lp.compare_logits(np.zeros((2, 3, 8), np.float32), np.zeros((3, 2, 8), np.float32))
+
+
+def test_leading_ones_and_one_dim_rows_match():
+    rng = np.random.default_rng(12)
+    a = lm_logits(rng, 5, 64)
+    m = lp.compare_logits(a[None], a + 0.5)  # [1, 5, V] vs [5, V]
+    assert m.shape == (1, 5) and np.all(np.abs(m.kl_ref_cand) < 1e-12)
+
+
+def test_error_unsigned_targets_that_would_wrap():
+    t = np.array([0, 2**64 - 1], dtype=np.uint64)  # -1 as int64: would mean "no target"
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 10\).*got 18446744073709551615 at row 1 \(unsigned uint64: -1 for none needs a signed dtype\)"):
+        lp.compare_logits(np.zeros((2, 10), np.float32), np.zeros((2, 10), np.float32), targets=t)
+
+
+def test_unsigned_targets_in_range_are_used():
+    rng = np.random.default_rng(13)
+    a = lm_logits(rng, 2, 50)
+    m = lp.compare_logits(a, a, targets=np.array([3, 7], dtype=np.uint32))
+    assert m.nll_ref[1] == pytest.approx(ref_row(a[1], a[1], 7)["nll_ref"], rel=1e-6)
+
+
+def test_broadcast_and_stride0_rows_are_copied():
+    rng = np.random.default_rng(14)
+    row = lm_logits(rng, 1, 300)[0]
+    b = (lm_logits(rng, 4, 300)).astype(np.float32)
+    a = np.broadcast_to(row, (4, 300))  # row stride 0
+    assert a.strides[0] == 0
+    m = lp.compare_logits(a, b, js=True)
+    for i in range(4):
+        assert_row_matches(m, i, ref_row(row, b[i], None))
+    # stride 0 along the vocabulary (a constant row) and a broadcast 3-D view
+    c = np.broadcast_to(b[:, :1], (4, 300))
+    m2 = lp.compare_logits(c, b, js=True)
+    for i in range(4):
+        assert_row_matches(m2, i, ref_row(np.full(300, b[i, 0], np.float32), b[i], None))
+    d = np.broadcast_to(row, (2, 2, 300))
+    m3 = lp.compare_logits(d, b.reshape(2, 2, 300))
+    assert m3.shape == (2, 2)
+    np.testing.assert_array_equal(m3.kl_ref_cand.reshape(-1), m.kl_ref_cand)
+
+
+def test_torch_expanded_rows_are_copied():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(15)
+    row = torch.from_numpy(lm_logits(rng, 1, 200))
+    b = torch.from_numpy(lm_logits(rng, 3, 200))
+    m = lp.compare_logits(row.expand(3, 200), b, js=True)
+    for i in range(3):
+        assert_row_matches(m, i, ref_row(row[0].numpy(), b[i].numpy(), None))
+
+
 def test_error_nll_needs_targets_in_range():
     with pytest.raises(ValueError, match=r"targets must be in \[0, 4\) for nll, got -1"):
         lp.nll(np.zeros((2, 4), np.float32), [0, -1])

@@ -4,6 +4,7 @@
 #include "hwy/foreach_target.h"  // must come before highway.h
 #include "hwy/highway.h"
 #include "src/log_softmax-inl.h"
+#include "src/thread_pool.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace logitparity {
@@ -20,24 +21,24 @@ const void* RowPtr(const RowsView& v, size_t r) {
 void RowsOp(int op, const RowsView& x, const int64_t* targets, size_t k, size_t begin,
             size_t end, double* out_d, float* out_f, int64_t* out_i) {
   const hn::ScalableTag<float> df;
-  auto buf = hwy::AllocateAligned<float>(kChunk + kMaxLanesF32);
+  float* const buf = ThreadScratch(kChunk + kMaxLanesF32);  // per worker, kept
   for (size_t r = begin; r < end; ++r) {
     const void* row = RowPtr(x, r);
     switch (op) {
       case 0:
-        out_d[r] = LogSumExpRow(df, x.dtype, row, x.vocab, buf.get());
+        out_d[r] = LogSumExpRow(df, x.dtype, row, x.vocab, buf);
         break;
       case 1:
-        LogSoftmaxRow(df, x.dtype, row, x.vocab, buf.get(), out_f + r * x.vocab);
+        LogSoftmaxRow(df, x.dtype, row, x.vocab, buf, out_f + r * x.vocab);
         break;
       case 2: {
-        const double lse = LogSumExpRow(df, x.dtype, row, x.vocab, buf.get());
+        const double lse = LogSumExpRow(df, x.dtype, row, x.vocab, buf);
         out_d[r] = (lse > -HUGE_VAL) ? lse - ScalarAt(x.dtype, row, static_cast<size_t>(targets[r]))
                                      : std::numeric_limits<double>::quiet_NaN();
         break;
       }
       case 3:
-        TopKRow(df, x.dtype, row, x.vocab, k, buf.get(), out_f + r * k, out_i + r * k);
+        TopKRow(df, x.dtype, row, x.vocab, k, buf, out_f + r * k, out_i + r * k);
         break;
     }
   }

@@ -5,6 +5,7 @@
 #include "hwy/foreach_target.h"  // must come before highway.h
 #include "hwy/highway.h"
 #include "src/row_metrics-inl.h"
+#include "src/thread_pool.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace logitparity {
@@ -15,8 +16,9 @@ void CompareRowsRange(const RowsView& ref, const RowsView& cand, const int64_t* 
                       const int* ks, size_t num_ks, bool js, size_t begin, size_t end,
                       double* fields, int32_t* overlap) {
   const hn::ScalableTag<float> df;
-  auto buf = hwy::AllocateAligned<float>(2 * (kChunk + kMaxLanesF32));
-  ChunkScratch scratch{buf.get(), buf.get() + kChunk + kMaxLanesF32};
+  // Per-worker scratch, kept for the thread's lifetime.
+  float* buf = ThreadScratch(2 * (kChunk + kMaxLanesF32));
+  ChunkScratch scratch{buf, buf + kChunk + kMaxLanesF32};
   const size_t ea = DtypeSize(ref.dtype), eb = DtypeSize(cand.dtype);
   for (size_t row = begin; row < end; ++row) {
     RowArgs args;
@@ -60,8 +62,8 @@ const char* RowFieldName(int field) {
   return kNames[field];
 }
 
-RowMetricsResult CompareRows(const RowsView& ref, const RowsView& cand,
-                             const RowMetricsOptions& options) {
+void CheckCompareArgs(const RowsView& ref, const RowsView& cand,
+                      const RowMetricsOptions& options) {
   CheckRows(ref, "ref");
   CheckRows(cand, "cand");
   if (ref.vocab != cand.vocab) {
@@ -99,6 +101,11 @@ RowMetricsResult CompareRows(const RowsView& ref, const RowsView& cand,
       }
     }
   }
+}
+
+RowMetricsResult CompareRows(const RowsView& ref, const RowsView& cand,
+                             const RowMetricsOptions& options) {
+  CheckCompareArgs(ref, cand, options);
   RowMetricsResult result;
   result.rows = ref.rows;
   result.topk = options.topk;

@@ -3,9 +3,11 @@
 // vocabulary sizes, every storage dtype pair, misaligned starts, ties, -inf
 // (masked tokens), NaN and +inf; thread-count and batching invariance.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -18,34 +20,6 @@
 #include "src/row_metrics-inl.h"
 #include "src/test_util.h"
 
-#ifndef LOGITPARITY_ROW_METRICS_TEST_ONCE
-#define LOGITPARITY_ROW_METRICS_TEST_ONCE
-namespace logitparity {
-// Tolerance per field: |got - want| <= atol + rtol |want|. The kernel takes
-// exp/expm1/log in float32 (<= 4 ulp) and sums in float64, so the error of a
-// log-sum-exp is bounded by the float32 rounding of (x - max) and of exp,
-// ~1e-7 relative per term; KL, JS and entropy inherit ~1e-7 absolute on far
-// rows and much less on close rows (the KL form in row_metrics-inl.h), which
-// the tight KL test below pins separately.
-struct Tol {
-  double atol, rtol;
-};
-inline Tol FieldTol(int f) {
-  switch (f) {
-    case kLseRef: case kLseCand: return {1e-6, 1e-6};
-    case kKlRefCand: case kKlCandRef: return {1e-6, 1e-5};
-    case kJs: return {1e-6, 1e-5};
-    case kMaxAbsLogit: return {0, 1.2e-7};      // |a - b| rounded to float once
-    case kMeanAbsLogit: return {0, 1e-6};
-    case kMaxAbsLogprob: return {1e-6, 1e-6};
-    case kEntropyRef: case kEntropyCand: return {1e-6, 1e-6};
-    case kNllRef: case kNllCand: return {1e-6, 1e-6};
-    case kDeltaP: return {1e-7, 1e-6};
-    default: return {0, 0};  // margins, indices, ranks, counts: exact
-  }
-}
-}  // namespace logitparity
-#endif
 
 HWY_BEFORE_NAMESPACE();
 namespace logitparity {
@@ -57,21 +31,6 @@ struct Case {
   std::vector<float> a, b;
   int64_t target = -1;
 };
-
-// |1 - cos| + |a-b|^2 / (2 |a| |b|) over entries finite on both sides.
-double CosineScale(const std::vector<float>& a, const std::vector<float>& b) {
-  double d2 = 0, na = 0, nb = 0, dot = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (!(a[i] > -HUGE_VALF) || !(b[i] > -HUGE_VALF) || !std::isfinite(a[i]) || !std::isfinite(b[i])) continue;
-    const double x = a[i], y = b[i];
-    d2 += (x - y) * (x - y);
-    na += x * x;
-    nb += y * y;
-    dot += x * y;
-  }
-  if (na == 0 || nb == 0) return 0;
-  return std::fabs(1 - dot / std::sqrt(na * nb)) + d2 / (2 * std::sqrt(na * nb));
-}
 
 std::vector<double> RunKernel(const TypedRow& a, const TypedRow& b, int64_t target,
                               const std::vector<int>& ks, bool js, std::vector<int32_t>* overlap) {
@@ -313,6 +272,32 @@ TEST(RowMetricsPublic, ThreadAndBatchInvariance) {
   const RowMetricsResult part = CompareRows(sa, sb, opt);
   ASSERT_EQ(0, std::memcmp(base.fields.data() + 10 * kNumRowFields, part.fields.data(),
                            part.fields.size() * sizeof(double)));
+}
+
+// The pool is started once and reused: many calls with changing thread
+// counts cover every row exactly once; an exception in a worker reaches the
+// caller and leaves the pool usable; out-of-range counts are rejected.
+TEST(ThreadPool, ReusedRethrowsAndChecksRange) {
+  for (int call = 0; call < 200; ++call) {
+    const int threads = 1 + call % 7;
+    const size_t rows = 1 + static_cast<size_t>(call) * 13 % 97;
+    std::vector<int> seen(rows, 0);
+    ParallelForRows(rows, threads, [&](size_t, size_t begin, size_t end) {
+      for (size_t r = begin; r < end; ++r) ++seen[r];
+    });
+    for (size_t r = 0; r < rows; ++r) ASSERT_EQ(1, seen[r]) << "call " << call << " row " << r;
+  }
+  EXPECT_THROW(ParallelForRows(64, 4,
+                               [](size_t, size_t begin, size_t end) {
+                                 if (begin <= 40 && 40 < end) throw std::runtime_error("row 40");
+                               }),
+               std::runtime_error);
+  std::atomic<size_t> total{0};
+  ParallelForRows(64, 4, [&](size_t, size_t begin, size_t end) { total += end - begin; });
+  EXPECT_EQ(64u, total.load());
+  EXPECT_THROW(ResolveThreads(-1, 10), std::invalid_argument);
+  EXPECT_THROW(ResolveThreads(static_cast<int>(MaxThreads()) + 1, 10), std::invalid_argument);
+  EXPECT_EQ(3u, ResolveThreads(8, 3));
 }
 
 TEST(RowMetricsPublic, RowStrideAndErrors) {

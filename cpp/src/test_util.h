@@ -11,6 +11,7 @@
 #include <random>
 #include <vector>
 
+#include "logitparity/row_metrics.h"
 #include "logitparity/rows.h"
 
 namespace logitparity {
@@ -73,6 +74,46 @@ inline bool Close(double got, double want, double atol, double rtol) {
   if (std::isnan(want)) return std::isnan(got);
   if (std::isinf(want)) return got == want;
   return std::fabs(got - want) <= atol + rtol * std::fabs(want);
+}
+
+// Tolerance per field: |got - want| <= atol + rtol |want|. The kernel takes
+// exp/expm1/log in float32 (<= 4 ulp) and sums in float64, so the error of a
+// log-sum-exp is bounded by the float32 rounding of (x - max) and of exp,
+// ~1e-7 relative per term; KL, JS and entropy inherit ~1e-7 absolute on far
+// rows and much less on close rows (the KL form in row_metrics-inl.h), which
+// TestKlTightOnCloseRows (row_metrics_test.cc) pins separately. Shared by
+// the CPU and the CUDA kernel tests.
+struct Tol {
+  double atol, rtol;
+};
+inline Tol FieldTol(int f) {
+  switch (f) {
+    case kLseRef: case kLseCand: return {1e-6, 1e-6};
+    case kKlRefCand: case kKlCandRef: return {1e-6, 1e-5};
+    case kJs: return {1e-6, 1e-5};
+    case kMaxAbsLogit: return {0, 1.2e-7};      // |a - b| rounded to float once
+    case kMeanAbsLogit: return {0, 1e-6};
+    case kMaxAbsLogprob: return {1e-6, 1e-6};
+    case kEntropyRef: case kEntropyCand: return {1e-6, 1e-6};
+    case kNllRef: case kNllCand: return {1e-6, 1e-6};
+    case kDeltaP: return {1e-7, 1e-6};
+    default: return {0, 0};  // margins, indices, ranks, counts: exact
+  }
+}
+
+// |1 - cos| + |a-b|^2 / (2 |a| |b|) over entries finite on both sides.
+inline double CosineScale(const std::vector<float>& a, const std::vector<float>& b) {
+  double d2 = 0, na = 0, nb = 0, dot = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!(a[i] > -HUGE_VALF) || !(b[i] > -HUGE_VALF) || !std::isfinite(a[i]) || !std::isfinite(b[i])) continue;
+    const double x = a[i], y = b[i];
+    d2 += (x - y) * (x - y);
+    na += x * x;
+    nb += y * y;
+    dot += x * y;
+  }
+  if (na == 0 || nb == 0) return 0;
+  return std::fabs(1 - dot / std::sqrt(na * nb)) + d2 / (2 * std::sqrt(na * nb));
 }
 
 }  // namespace logitparity

@@ -29,3 +29,23 @@ def topk(
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]: ...
 def f16_bits_to_f32(bits: int) -> float: ...
 def bf16_bits_to_f32(bits: int) -> float: ...
+def max_threads() -> int: ...
+
+# --- CUDA kernels (rows in device memory; pointers as integers, strides in
+# elements, dtype 0 float32 / 1 float16 / 2 bfloat16; queued on `stream`) ---
+def cuda_built() -> bool: ...
+def cuda_device_count() -> int: ...
+def compare_rows_cuda(
+    ref_ptr: int,
+    ref_dtype: int,
+    ref_stride: int,
+    cand_ptr: int,
+    cand_dtype: int,
+    cand_stride: int,
+    rows: int,
+    vocab: int,
+    targets: npt.NDArray[np.int64] | None,
+    topk: list[int],
+    js: bool,
+    stream: int,
+) -> tuple[npt.NDArray[np.float64], list[str], npt.NDArray[np.int32]]: ...

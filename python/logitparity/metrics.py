@@ -5,13 +5,18 @@
 Inputs are numpy arrays or torch tensors of float32, float16 or bfloat16
 (torch bf16, or numpy uint16 bit patterns with ``bf16=True``), shaped [vocab],
 [rows, vocab] or [..., vocab]; CPU tensors cross without a copy where their
-last dimension is contiguous, CUDA tensors are copied to the host.
+last dimension is contiguous. CUDA arrays (torch tensors, or anything with
+``__cuda_array_interface__`` such as CuPy) are compared in place on the GPU
+by the core's CUDA kernels, on the tensor's current stream; only the small
+per-row results come to the host (docs/gpu.md). Where the core was built
+without CUDA or no GPU is usable, CUDA torch tensors are copied to the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -79,6 +84,12 @@ def _threads(threads: int | None) -> int:
         return 0  # the core's default: all cores
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
         raise ValueError(f"threads must be a positive int or None (all cores), got {threads!r}")
+    hi = int(_core().max_threads())
+    if threads > hi:
+        raise ValueError(
+            f"threads must be in [1, {hi}] (at most 4x the {os.cpu_count()} cores here, or 64), "
+            f"got {threads}; pass None for all cores"
+        )
     return int(threads)
 
 
@@ -142,9 +153,30 @@ def _as_rows(x: Any, name: str, bf16: bool = False) -> tuple[np.ndarray, bool, t
             arr = arr.reshape(-1, vocab)  # a view when strides allow, else a copy
         except ValueError:
             arr = np.ascontiguousarray(arr).reshape(-1, vocab)
-    if arr.strides[1] != arr.itemsize or arr.strides[0] < 0 or arr.strides[0] % arr.itemsize:
+    # Broadcast (stride-0) or overlapping rows are copied: the core reads
+    # rows that do not overlap, with a contiguous last dimension.
+    overlapping = arr.shape[0] > 1 and arr.strides[0] < vocab * arr.itemsize
+    if (arr.strides[1] != arr.itemsize or arr.strides[0] < 0 or arr.strides[0] % arr.itemsize
+            or overlapping):
         arr = np.ascontiguousarray(arr)
     return arr, bf16, lead
+
+
+def _check_lead(lead_a: tuple[int, ...], lead_b: tuple[int, ...], an: str, bn: str) -> None:
+    """Rows are compared by position: the leading shapes must agree (up to
+    leading 1s), not only their products."""
+
+    def squeeze(lead: tuple[int, ...]) -> tuple[int, ...]:
+        while lead and lead[0] == 1:
+            lead = lead[1:]
+        return lead
+
+    if squeeze(lead_a) != squeeze(lead_b):
+        raise ValueError(
+            f"{an} and {bn} must have the same leading shape (every dim but the vocabulary), "
+            f"got {lead_a} and {lead_b}; rows are compared by position, so reshape one side "
+            f"(e.g. {bn}.reshape({an}.shape)) only if its rows really correspond"
+        )
 
 
 def _check_vocab(a: np.ndarray, b: np.ndarray, an: str, bn: str) -> None:
@@ -169,6 +201,8 @@ def _targets(targets: Any, rows: int, vocab: int, lead: tuple[int, ...]) -> np.n
     mod = type(targets).__module__
     if mod.startswith("torch"):
         targets = targets.detach().cpu().numpy()
+    elif hasattr(targets, "__cuda_array_interface__") and hasattr(targets, "get"):
+        targets = targets.get()  # CuPy: a few ids per row, copied to the host
     t = np.asarray(targets)
     if t.dtype.kind not in "iu":
         raise TypeError(f"targets must hold integer token ids, got dtype {t.dtype}")
@@ -177,7 +211,16 @@ def _targets(targets: Any, rows: int, vocab: int, lead: tuple[int, ...]) -> np.n
             f"targets must have one token id per row ({rows} rows, leading shape {lead}), "
             f"got shape {t.shape}"
         )
-    t = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
+    t = t.reshape(-1)
+    if t.dtype.kind == "u" and t.size and int(t.max()) >= vocab:
+        # Checked before the cast: uint64 ids >= 2^63 would wrap to negative
+        # int64 and 2^64 - 1 would silently mean "no target".
+        i = int(np.argmax(t >= vocab))
+        raise ValueError(
+            f"targets must be in [0, {vocab}) (the vocab size), got {int(t[i])} at row {i} "
+            f"(unsigned {t.dtype}: -1 for none needs a signed dtype)"
+        )
+    t = np.ascontiguousarray(t, dtype=np.int64)
     bad = (t < -1) | (t >= vocab)
     if bad.any():
         i = int(np.argmax(bad))
@@ -320,18 +363,29 @@ def compare_logits(
     exps and up to two logs per element (about 1.6x the time of the rest,
     benchmarks/bench_metrics.py); off by default, leaving NaN.
     """
+    nthreads = _threads(threads)
+    if _on_cuda(ref) or _on_cuda(cand):
+        _check_same_device(ref, cand)
+        core = _core()
+        if core.cuda_built() and core.cuda_device_count() > 0:
+            return _compare_cuda(ref, cand, targets, topk, js, ref_bf16, cand_bf16)
+        # No CUDA kernels or no GPU: torch tensors are copied to the host below.
     a, a_bf16, lead = _as_rows(ref, "ref", ref_bf16)
     b, b_bf16, lead_b = _as_rows(cand, "cand", cand_bf16)
-    if lead != lead_b and a.shape[0] == b.shape[0]:
-        lead = (a.shape[0],)
     _check_vocab(a, b, "ref", "cand")
+    _check_lead(lead, lead_b, "ref", "cand")
+    if len(lead_b) > len(lead):
+        lead = lead_b
     if topk is None:
         topk = [k for k in DEFAULT_TOPK if k <= a.shape[1]]
     ks = _topk_list(topk, a.shape[1])
     t = None if targets is None else _targets(targets, a.shape[0], a.shape[1], lead)
-    fields, names, overlap = _core().compare_rows(
-        a, a_bf16, b, b_bf16, t, ks, bool(js), _threads(threads)
-    )
+    fields, names, overlap = _core().compare_rows(a, a_bf16, b, b_bf16, t, ks, bool(js), nthreads)
+    return _row_metrics(fields, names, overlap, ks, lead)
+
+
+def _row_metrics(fields: np.ndarray, names: list[str], overlap: np.ndarray, ks: list[int],
+                 lead: tuple[int, ...]) -> RowMetrics:
     cols = {name: fields[:, i] for i, name in enumerate(names)}
     kw = {name: cols[name] for name in FIELDS}
     for name in INT_FIELDS:
@@ -339,6 +393,145 @@ def compare_logits(
     return RowMetrics(
         **kw, topk_overlap={k: overlap[:, i] for i, k in enumerate(ks)}, shape=lead
     )
+
+
+# --- CUDA inputs ----------------------------------------------------------
+
+
+def _on_cuda(x: Any) -> bool:
+    if type(x).__module__.startswith("torch"):
+        return x.device.type == "cuda"
+    return hasattr(x, "__cuda_array_interface__")
+
+
+def _device_name(x: Any) -> str:
+    if type(x).__module__.startswith("torch"):
+        return str(x.device)
+    return "a CUDA device" if hasattr(x, "__cuda_array_interface__") else "the CPU"
+
+
+def _check_same_device(ref: Any, cand: Any) -> None:
+    if _on_cuda(ref) != _on_cuda(cand):
+        gpu, cpu = ("ref", "cand") if _on_cuda(ref) else ("cand", "ref")
+        raise ValueError(
+            f"ref is on {_device_name(ref)} and cand on {_device_name(cand)}; compare rows on one "
+            f"device: move {cpu} to the GPU (e.g. {cpu}.to({gpu}.device)) or {gpu} to the host"
+        )
+    if type(ref).__module__.startswith("torch") and type(cand).__module__.startswith("torch"):
+        if ref.device != cand.device:
+            raise ValueError(
+                f"ref is on {ref.device} and cand on {cand.device}; move one with "
+                f"cand.to(ref.device)"
+            )
+
+
+_CUDA_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+@dataclasses.dataclass
+class _CudaRows:
+    """A [rows, vocab] view of CUDA memory for the core (element strides)."""
+
+    ptr: int
+    dtype: int
+    rows: int
+    vocab: int
+    stride: int
+    stream: int
+    lead: tuple[int, ...]
+    owner: Any  # keeps the memory (or a copy) alive during the call
+
+
+def _dtype_error(name: str, got: str) -> TypeError:
+    return TypeError(
+        f"{name} must be float32, float16 or bfloat16, got {got}; convert with {name}.float()"
+    )
+
+
+def _cuda_rows(x: Any, name: str, bf16: bool) -> _CudaRows:
+    if type(x).__module__.startswith("torch"):
+        import torch  # a CUDA tensor was passed, so torch is there
+
+        x = x.detach()
+        code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}.get(x.dtype)
+        if code is None:
+            raise _dtype_error(name, f"torch.{str(x.dtype).split('.')[-1]}")
+        if x.ndim == 0:
+            raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a scalar")
+        lead, vocab = tuple(x.shape[:-1]), int(x.shape[-1])
+        if x.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); expected [rows, vocab] "
+                             "with rows, vocab >= 1")
+        rows2 = x.reshape(-1, vocab)  # a view where the strides allow, else a device copy
+        if rows2.stride(1) != 1 or (rows2.shape[0] > 1 and rows2.stride(0) < vocab):
+            rows2 = rows2.contiguous()  # broadcast / overlapping rows: copied on the device
+        stride = rows2.stride(0) if rows2.shape[0] > 1 else vocab
+        stream = torch.cuda.current_stream(rows2.device).cuda_stream
+        return _CudaRows(rows2.data_ptr(), code, rows2.shape[0], vocab, stride, stream, lead, rows2)
+    cai = x.__cuda_array_interface__
+    typestr, shape = cai["typestr"], tuple(int(v) for v in cai["shape"])
+    kind = {"<f4": 0, "<f2": 1, "<u2": 2 if bf16 else -1}.get(typestr)
+    if kind is None or kind < 0:
+        hint = " (pass bf16=True for bfloat16 bit patterns)" if typestr == "<u2" else ""
+        raise _dtype_error(name, f"typestr {typestr!r}{hint}")
+    item = 4 if kind == 0 else 2
+    if not shape:
+        raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a scalar")
+    vocab = shape[-1]
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    if vocab == 0 or rows == 0:
+        raise ValueError(f"{name} is empty (shape {shape}); expected [rows, vocab] with rows, vocab >= 1")
+    strides = cai.get("strides")
+    if strides is None:
+        strides = tuple(int(np.prod(shape[i + 1:])) * item for i in range(len(shape)))
+    ok = strides[-1] == item
+    for i in range(len(shape) - 2):  # leading dims must fold into one row stride
+        ok = ok and (shape[i] == 1 or strides[i] == strides[i + 1] * shape[i + 1])
+    row_stride = strides[-2] // item if len(shape) > 1 else vocab
+    if rows > 1 and (row_stride < vocab or strides[-2] % item):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{name}: this CUDA array's strides {tuple(strides)} do not give rows of contiguous "
+            f"logits; pass a contiguous copy (e.g. cupy.ascontiguousarray({name}))"
+        )
+    stream = cai.get("stream") or 0  # None: the legacy default stream
+    return _CudaRows(int(cai["data"][0]), kind, rows, vocab, row_stride if rows > 1 else vocab,
+                     int(stream), tuple(shape[:-1]), x)
+
+
+def _compare_cuda(ref: Any, cand: Any, targets: Any, topk: Any, js: bool, ref_bf16: bool,
+                  cand_bf16: bool) -> RowMetrics:
+    a = _cuda_rows(ref, "ref", ref_bf16)
+    b = _cuda_rows(cand, "cand", cand_bf16)
+    _check_vocab(_ShapeOnly(a.rows, a.vocab), _ShapeOnly(b.rows, b.vocab), "ref", "cand")
+    _check_lead(a.lead, b.lead, "ref", "cand")
+    lead = b.lead if len(b.lead) > len(a.lead) else a.lead
+    if topk is None:
+        topk = [k for k in DEFAULT_TOPK if k <= a.vocab]
+    ks = _topk_list(topk, a.vocab)
+    t = None if targets is None else _targets(targets, a.rows, a.vocab, lead)
+    # The kernel runs on ref's stream; cand's producer may be another stream.
+    if b.stream != a.stream and type(cand).__module__.startswith("torch"):
+        import torch
+
+        torch.cuda.current_stream(b.owner.device).synchronize()
+    fields, names, overlap = _core().compare_rows_cuda(
+        a.ptr, a.dtype, a.stride, b.ptr, b.dtype, b.stride, a.rows, a.vocab, t, ks, bool(js),
+        a.stream)
+    return _row_metrics(fields, names, overlap, ks, lead)
+
+
+@dataclasses.dataclass
+class _ShapeOnly:
+    """Stands in for an array in _check_vocab (it reads .shape only)."""
+
+    rows: int
+    vocab: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.vocab)
 
 
 def _reshape(out: np.ndarray, lead: tuple[int, ...]) -> np.ndarray:

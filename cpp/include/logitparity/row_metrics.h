@@ -21,7 +21,7 @@ struct RowMetricsOptions {
   // Jensen-Shannon costs a third sweep with two logs per element; off skips it
   // (js is then NaN).
   bool js = true;
-  // 0 = all cores.
+  // 0 = all cores; at most MaxThreads().
   int threads = 0;
 };
 
@@ -54,6 +54,10 @@ enum RowField : int {
 
 const char* RowFieldName(int field);
 
+// Largest accepted thread count (every `threads` argument): 4x the cores, at
+// least 64. Larger requests are std::invalid_argument.
+size_t MaxThreads();
+
 struct RowMetricsResult {
   size_t rows = 0;
   std::vector<int> topk;
@@ -62,6 +66,12 @@ struct RowMetricsResult {
   // rows x topk.size(), row-major; -1 for NaN rows.
   std::vector<int32_t> topk_overlap;
 };
+
+// The checks of CompareRows (and CompareRowsCuda): same vocab and rows, topk
+// sorted and in range, targets in [-1, vocab). std::invalid_argument naming
+// the argument.
+void CheckCompareArgs(const RowsView& ref, const RowsView& cand,
+                      const RowMetricsOptions& options);
 
 // Checks shapes and options (std::invalid_argument naming the argument), then
 // computes every row, splitting rows over a thread pool. Results are bitwise

@@ -1,0 +1,144 @@
+"""GPU throughput of the fused row comparison on CUDA tensors (the core's CUDA
+kernels, read in place) against the same metrics written the natural way in
+torch (eager) and the same code under torch.compile, on the same inputs in one
+run, plus an HBM read-bandwidth probe (a torch sum over 4 GiB).
+
+Prints rows/s, the effective read rate (both inputs read once) and the ratios
+ours/eager, ours/compile and ours/bandwidth; checks KL against torch's float64
+KL on a few rows. Times are medians of wall-clock calls after warm-up, each
+ending in torch.cuda.synchronize() (ours returns host arrays; torch's results
+stay on the GPU, which favours torch slightly).
+
+    python benchmarks/bench_gpu.py                   # 512x151936 and 2048x49152, fp32 and bf16
+    python benchmarks/bench_gpu.py --impls ours --repeat 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+import logitparity as lp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_metrics import TOPK, torch_natural  # noqa: E402  (the same metric code)
+
+
+def make_inputs(rows: int, vocab: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    a = torch.randn(rows, vocab, generator=g, device="cuda") * 2.5 + 4.0
+    b = a + 0.05 * torch.randn(rows, vocab, generator=g, device="cuda")
+    t = torch.randint(0, vocab, (rows,), generator=g, device="cuda")
+    return a.to(dtype), b.to(dtype), t
+
+
+def timed(fn, repeat: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bandwidth_probe(nbytes: int = 4 << 30) -> float:
+    """HBM read bandwidth in bytes/s: a sum over a 4 GiB float32 buffer."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device="cuda")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    x.sum()
+    best = float("inf")
+    for _ in range(10):
+        start.record()
+        x.sum()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    del x
+    torch.cuda.empty_cache()
+    return nbytes / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="512x151936,2048x49152")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--impls", default="ours,eager,compile")
+    ap.add_argument("--json", default=None, help="write every number to this file")
+    args = ap.parse_args()
+    impls = set(args.impls.split(","))
+    if not torch.cuda.is_available():
+        sys.exit("bench_gpu: no CUDA device")
+    from logitparity import _core
+
+    if not _core.cuda_built():
+        sys.exit("bench_gpu: logitparity was built without its CUDA kernels")
+    bw = bandwidth_probe()
+    name = torch.cuda.get_device_name()
+    print(f"{name}, torch {torch.__version__}; HBM read probe (torch sum, 4 GiB): {bw / 1e12:.2f} TB/s")
+    compiled = torch.compile(torch_natural) if "compile" in impls else None
+    header = (f"{'shape':>12} {'dtype':>5} {'impl':>14} {'rows/s':>11} {'TB/s in':>8} "
+              f"{'/eager':>7} {'/compile':>8} {'/bw':>5}")
+    print(header)
+    print("-" * len(header))
+    results = {"device": name, "torch": torch.__version__, "bandwidth_Bps": bw, "runs": []}
+    for shape in args.shapes.split(","):
+        rows, vocab = (int(v) for v in shape.split("x"))
+        for dname in args.dtypes.split(","):
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dname]
+            a, b, t = make_inputs(rows, vocab, dtype)
+            t_host = t.cpu().numpy()
+            bytes_in = 2 * a.numel() * a.element_size()
+            res: dict[str, float] = {}
+            for label, js in (("ours (no js)", False), ("ours (js)", True)):
+                if "ours" in impls:
+                    res[label] = rows / timed(
+                        lambda: lp.compare_logits(a, b, targets=t_host, topk=TOPK, js=js), args.repeat)
+            if "eager" in impls:
+                res["torch eager"] = rows / timed(lambda: torch_natural(a, b, t), max(3, args.repeat // 3))
+            if "compile" in impls:
+                t0 = time.perf_counter()
+                compiled(a, b, t)
+                torch.cuda.synchronize()
+                compile_s = time.perf_counter() - t0
+                res["torch.compile"] = rows / timed(lambda: compiled(a, b, t), max(3, args.repeat // 3))
+                res["compile_s"] = compile_s
+            eager = res.get("torch eager", float("nan"))
+            comp = res.get("torch.compile", float("nan"))
+            for label, rps in res.items():
+                if label == "compile_s":
+                    continue
+                rate = rps * bytes_in / rows
+                print(f"{shape:>12} {dname:>5} {label:>14} {rps:>11.0f} {rate / 1e12:>8.3f} "
+                      f"{rps / eager:>7.1f} {rps / comp:>8.1f} {rate / bw:>5.0%}")
+            # ours against torch's float64 KL on 8 rows
+            m = lp.compare_logits(a[:8], b[:8], targets=t_host[:8], js=True)
+            la = torch.log_softmax(a[:8].double(), -1)
+            lb = torch.log_softmax(b[:8].double(), -1)
+            kl = (la.exp() * (la - lb)).sum(-1).cpu().numpy()
+            err = float(np.max(np.abs(m.kl_ref_cand - kl) / np.abs(kl)))
+            same = bool(np.array_equal(m.argmax_ref, a[:8].float().argmax(-1).cpu().numpy()))
+            print(f"{'':>12} {'':>5} {'check':>14} max rel |KL ours - KL torch f64| on 8 rows = "
+                  f"{err:.1e}; argmax equal: {same}")
+            results["runs"].append({"shape": shape, "dtype": dname, "rows_per_s": res,
+                                    "bytes_in_per_call": bytes_in, "kl_rel_err": err})
+            del a, b, t
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1136 @@
+// The fused row comparison on the GPU: every field of CompareRows for rows
+// that live in device memory, read in place.
+//
+// Input domain: raw logits, one reference row a and one candidate row b of
+// length n per row index, each side float32, float16 or bfloat16. Units:
+// nats. Same definitions and exact semantics as the CPU kernel
+// (row_metrics-inl.h) and as CompareRowRef: -inf is a masked token, NaN or
+// +inf anywhere makes the row's fields NaN with the counts saying why, a
+// token masked on one side only gives KL = +inf, ties go to the lower index.
+// Tolerances against CompareRowRef: row_metrics_cuda_test.cc (the CPU test's
+// table, unchanged).
+//
+// Layout: one block of kThreads threads per row pair, one sweep over the row
+// (two with js). Each thread reads kGroup consecutive elements per side and
+// step with 16-byte loads (several in flight before their first use) and keeps
+// its own running maxima (online softmax in registers: when a group raises a
+// thread's maximum, that thread's sums are rescaled by exp(M_old - M_new), as
+// RaiseMax does on the CPU). Terms are summed in float32 over one group and
+// then added to float64 accumulators, like the CPU's float32 block sums. At
+// the end the threads' sums are brought to the block maxima and reduced in a
+// fixed tree, so results are deterministic for a given input.
+//
+// KL uses the CPU kernel's form (see row_metrics-inl.h): e_i = a_i - b_i - c0
+// with a shift c0 taken from the first 4096-element chunk where both sides
+// have a finite maximum, KL(P||Q) = E_p[e] + log1p(E_p[g(e)] - E_p[e]), which
+// stays accurate to a relative 1e-4 for KL down to 1e-10 (close rows).
+//
+// Top-k (k <= 64, with top-2 for the margins) per warp: elements that beat
+// the warp's current k-th entry (value, then lower index) are appended to a
+// shared-memory buffer with a ballot; when it fills, the warp keeps the best k
+// by rank counting. A group is offered only when its maximum can qualify, so
+// after the first few groups almost nothing is appended. The warps' lists are
+// merged the same way by one warp per side.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "logitparity/cuda.h"
+#include "logitparity/row_metrics.h"
+#include "logitparity/rows.h"
+
+namespace logitparity {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Elements per thread, step and side: two vector loads per side in flight
+// per thread (16 elements needed more than the 128 registers that two blocks
+// per multiprocessor allow, and spilled).
+constexpr int kGroup = 8;
+constexpr int kStep = kThreads * kGroup;
+// Per-warp top-k candidate buffer: the kept list (<= 64) plus room for at
+// least two full ballots before a compaction.
+constexpr int kCap = 192;
+constexpr int kPerLane = kCap / 32;
+constexpr unsigned kFull = 0xFFFFFFFFu;
+
+__device__ __forceinline__ float Inf() { return __int_as_float(0x7F800000); }
+
+// e^x for x <= 0 (max-subtracted), -inf included: CUDA's expf (Cody-Waite
+// reduction, then MUFU.EX2 on the reduced argument; <= 2 ulp). exp2f(x log2 e)
+// alone is 3 instructions cheaper but its product rounding costs |x| 2^-24
+// relative: on the device, 16-element rows then missed delta_p's 1e-6
+// tolerance (got 0.0047530780, want 0.0047529704).
+__device__ __forceinline__ float ExpNonPositive(float x) { return expf(x); }
+
+// Element layout of a group: kGroup elements per thread and step, read as
+// vectors of 4 elements (16 bytes of float32, 8 of a 16-bit type). For
+// vector v, lane l of a warp reads elements warp_base + 128 v + 4 l + c,
+// c < 4, so that each load instruction of a warp covers one contiguous span
+// (512 or 256 bytes); the first version gave each thread 16 consecutive
+// elements and ncu counted 54% excess sectors.
+constexpr int kVec = 4;
+constexpr int kVecs = kGroup / kVec;
+constexpr int kWarpSpan = 32 * kGroup;  // elements per warp and step
+
+__device__ __forceinline__ size_t ElemIndex(size_t warp_base, int lane, int j) {
+  return warp_base + static_cast<size_t>((j / kVec) * 32 * kVec + lane * kVec + j % kVec);
+}
+
+template <typename T>
+struct Loader;
+
+struct Bf16;
+template <typename T>
+struct IsBf16 {
+  static constexpr bool value = false;
+};
+template <>
+struct IsBf16<Bf16> {
+  static constexpr bool value = true;
+};
+
+template <>
+struct Loader<float> {
+  static constexpr int kAlign = 16;
+  __device__ static float One(const float* p, size_t i) { return __ldg(p + i); }
+  __device__ static void Vec(const float* p, size_t i, float* out) {
+    const float4 x = __ldg(reinterpret_cast<const float4*>(p + i));
+    out[0] = x.x;
+    out[1] = x.y;
+    out[2] = x.z;
+    out[3] = x.w;
+  }
+};
+
+// bfloat16 storage (its bits; converted by shifting into a float). The member
+// gives it its 2-byte size, which the row pointer arithmetic relies on.
+struct Bf16 {
+  unsigned short bits;
+};
+
+__device__ __forceinline__ float Bf16ToF32(unsigned short h) {
+  return __uint_as_float(static_cast<unsigned>(h) << 16);
+}
+
+template <>
+struct Loader<__half> {
+  static constexpr int kAlign = 8;
+  __device__ static float One(const __half* p, size_t i) { return __half2float(p[i]); }
+  __device__ static void Vec(const __half* p, size_t i, float* out) {
+    const uint2 x = __ldg(reinterpret_cast<const uint2*>(p + i));
+    out[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x)));
+    out[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x >> 16)));
+    out[2] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.y)));
+    out[3] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.y >> 16)));
+  }
+};
+
+template <>
+struct Loader<Bf16> {
+  static constexpr int kAlign = 8;
+  __device__ static float One(const Bf16* p, size_t i) {
+    return Bf16ToF32(__ldg(reinterpret_cast<const unsigned short*>(p) + i));
+  }
+  __device__ static void Vec(const Bf16* p, size_t i, float* out) {
+    const uint2 x = __ldg(reinterpret_cast<const uint2*>(p + i));
+    out[0] = __uint_as_float(x.x << 16);
+    out[1] = __uint_as_float(x.x & 0xFFFF0000u);
+    out[2] = __uint_as_float(x.y << 16);
+    out[3] = __uint_as_float(x.y & 0xFFFF0000u);
+  }
+};
+
+// One thread's group of a step (layout above); beyond n elements read as
+// -inf (a token masked on both sides: neutral for every sum, never offered
+// to top-k). `full`: the warp's whole span is inside the row and the row is
+// aligned for vector loads.
+template <typename T>
+__device__ __forceinline__ void LoadGroup(const T* row, size_t warp_base, int lane, size_t n,
+                                          bool full, float* out) {
+  if (full) {
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v) Loader<T>::Vec(row, ElemIndex(warp_base, lane, v * kVec), out + v * kVec);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      const size_t i = ElemIndex(warp_base, lane, j);
+      out[j] = i < n ? Loader<T>::One(row, i) : -Inf();
+    }
+  }
+}
+
+// Asks L2 for this lane's part of the next step (hides part of the DRAM
+// latency: each thread waits on its loads before computing).
+template <typename T>
+__device__ __forceinline__ void PrefetchGroup(const T* row, size_t warp_base, int lane, size_t n) {
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const size_t i = ElemIndex(warp_base, lane, v * kVec);
+    if (i < n) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + i));
+  }
+}
+
+// Main-loop pipeline: each thread copies its own part of the next kStages-1
+// steps into shared memory with cp.async (no registers held while the copy
+// is in flight) and reads back only what it copied, so no barrier is needed.
+// Tried because removing every exp or the cosine sums changed nothing (19% of
+// DRAM bandwidth); measured on the H200 it gave 493k -> 569k rows/s at
+// 512x151936 fp32, so memory latency was one limit but not the main one
+// (docs/gpu.md).
+constexpr int kStages = 4;
+constexpr int kStageBytes = kStep * 4;  // one side, one step, float32 at most
+constexpr int kPipeBytes = kStages * 2 * kStageBytes;
+
+template <typename T>
+__device__ __forceinline__ void CopyGroupAsync(unsigned char* stage, const T* row,
+                                               size_t step_begin, size_t warp_base, int lane) {
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const size_t i = ElemIndex(warp_base, lane, v * kVec);
+    const unsigned dst =
+        static_cast<unsigned>(__cvta_generic_to_shared(stage + (i - step_begin) * sizeof(T)));
+    if (sizeof(T) == 4) {
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(row + i));
+    } else {
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(row + i));
+    }
+  }
+}
+
+__device__ __forceinline__ void CommitAsync() { asm volatile("cp.async.commit_group;"); }
+
+template <typename T>
+__device__ __forceinline__ void ReadGroupShared(const unsigned char* stage, size_t step_begin,
+                                                size_t warp_base, int lane, float* out) {
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const size_t off = ElemIndex(warp_base, lane, v * kVec) - step_begin;
+    float* o = out + v * kVec;
+    if (sizeof(T) == 4) {
+      const float4 x = *reinterpret_cast<const float4*>(stage + off * 4);
+      o[0] = x.x;
+      o[1] = x.y;
+      o[2] = x.z;
+      o[3] = x.w;
+    } else {
+      const uint2 x = *reinterpret_cast<const uint2*>(stage + off * 2);
+      if (Loader<T>::kAlign == 8 && sizeof(T) == 2 && !IsBf16<T>::value) {
+        o[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x)));
+        o[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x >> 16)));
+        o[2] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.y)));
+        o[3] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.y >> 16)));
+      } else {
+        o[0] = __uint_as_float(x.x << 16);
+        o[1] = __uint_as_float(x.x & 0xFFFF0000u);
+        o[2] = __uint_as_float(x.y << 16);
+        o[3] = __uint_as_float(x.y & 0xFFFF0000u);
+      }
+    }
+  }
+}
+
+struct Params {
+  int ks[kMaxTopK];
+  int num_ks;
+  int kmax;  // min(n, max(2, ks.back()))
+  int js;
+};
+
+// (v, i) ranks before (w, j): larger value, or equal value and lower index.
+__device__ __forceinline__ bool Better(float v, int i, float w, int j) {
+  return v > w || (v == w && i < j);
+}
+
+// The top-k state of one warp for one side: a shared buffer, its fill count
+// and the current k-th entry (the admission threshold), all warp-uniform.
+struct WarpTopK {
+  float* v;
+  int* i;
+  int count;
+  float tau_v;
+  int tau_i;
+
+  __device__ void Init(float* vs, int* is) {
+    v = vs;
+    i = is;
+    count = 0;
+    tau_v = -Inf();
+    tau_i = 0x7FFFFFFF;
+  }
+
+  // Keeps the best k of the buffer, sorted, at its start. Out of line: it
+  // runs a few times per row, and inlined at every offer it bloated the main
+  // loop past the instruction cache (measured 10x slower).
+  __device__ __noinline__ void Compact(int k, int lane) {
+    __syncwarp();
+    float ev[kPerLane];
+    int ei[kPerLane], er[kPerLane];
+#pragma unroll
+    for (int u = 0; u < kPerLane; ++u) {
+      const int e = lane + 32 * u;
+      ev[u] = e < count ? v[e] : 0.0f;
+      ei[u] = e < count ? i[e] : 0;
+      er[u] = 0;
+    }
+    for (int f = 0; f < count; ++f) {
+      const float fv = v[f];
+      const int fi = i[f];
+#pragma unroll
+      for (int u = 0; u < kPerLane; ++u) er[u] += Better(fv, fi, ev[u], ei[u]);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int u = 0; u < kPerLane; ++u) {
+      if (lane + 32 * u < count && er[u] < k) {
+        v[er[u]] = ev[u];
+        i[er[u]] = ei[u];
+      }
+    }
+    __syncwarp();
+    count = min(count, k);
+    if (count == k) {
+      tau_v = v[k - 1];
+      tau_i = i[k - 1];
+    }
+  }
+
+  // Every lane offers (x, idx) if `valid`; all lanes of the warp must call.
+  __device__ __forceinline__ void Offer(float x, int idx, bool valid, int k, int lane) {
+    const bool pass = valid && Better(x, idx, tau_v, tau_i);
+    const unsigned m = __ballot_sync(kFull, pass);
+    if (m == 0) return;
+    if (pass) {
+      const int pos = count + __popc(m & ((1u << lane) - 1u));
+      v[pos] = x;
+      i[pos] = idx;
+    }
+    count += __popc(m);
+    if (count > kCap - 32) Compact(k, lane);
+  }
+};
+
+// Float64 sums of one side's softmax weights w = exp(x - M): s = sum w,
+// t = sum w (x - M), e = sum w e_i, g = sum w g(+-e_i).
+struct SideSums {
+  double s, t, e, g;
+};
+
+// Moves the sums to a larger maximum m (m > M, M finite): what RaiseMax does.
+// Rare (a few times per thread and row): out of line.
+// Takes and returns values (no address taken: the sums stay in registers).
+__device__ __noinline__ SideSums Rescale(SideSums x, double shift /* M - m < 0 */) {
+  const double scale = exp(shift);
+  x.t = (x.t + shift * x.s) * scale;
+  x.s *= scale;
+  x.e *= scale;
+  x.g *= scale;
+  return x;
+}
+
+// Deterministic block reductions through shared memory (fixed tree).
+__device__ double BlockSum(double x, double* scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(kFull, x, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  double total = 0;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kWarps; ++w) total += scratch[w];
+    scratch[kWarps] = total;
+  }
+  __syncthreads();
+  return scratch[kWarps];
+}
+
+__device__ float BlockMax(float x, float* scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_down_sync(kFull, x, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float m = scratch[0];
+    for (int w = 1; w < kWarps; ++w) m = fmaxf(m, scratch[w]);
+    scratch[kWarps] = m;
+  }
+  __syncthreads();
+  return scratch[kWarps];
+}
+
+__device__ float BlockMin(float x, float* scratch) { return -BlockMax(-x, scratch); }
+
+__device__ unsigned long long BlockCount(unsigned long long x, unsigned long long* scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(kFull, x, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned long long t = 0;
+    for (int w = 0; w < kWarps; ++w) t += scratch[w];
+    scratch[kWarps] = t;
+  }
+  __syncthreads();
+  return scratch[kWarps];
+}
+
+// (1+u) log(1+u) + (1-u) log(1-u), as JsKernel on the CPU.
+__device__ __forceinline__ float JsTerm(float u) {
+  const float u2 = u * u;
+  if (fabsf(u) < 0.25f) {
+    float s = 1.0f / 66;
+    s = fmaf(s, u2, 1.0f / 45);
+    s = fmaf(s, u2, 1.0f / 28);
+    s = fmaf(s, u2, 1.0f / 15);
+    s = fmaf(s, u2, 1.0f / 6);
+    s = fmaf(s, u2, 1.0f);
+    return s * u2;
+  }
+  const float up = 1.0f + u, um = 1.0f - u;
+  const float lp = up > 0 ? up * logf(up) : 0.0f;
+  const float lm = um > 0 ? um * logf(um) : 0.0f;
+  return lp + lm;
+}
+
+// g terms for |e| > 1/2 (rows that differ by more than half a logit at this
+// token): exp(xa - e) - pa + pa e and exp(xb + e) - pb - pb e. Out of line:
+// close rows never take it.
+__device__ __noinline__ float2 FarTerms(float e, float xa, float xb, float pa, float pb) {
+  const float ea = expf(fminf(fmaxf(xa - e, -104.5f), 80.0f));
+  const float eb = expf(fminf(fmaxf(xb + e, -104.5f), 80.0f));
+  return make_float2(fmaf(pa, e, ea - pa), fmaf(-pb, e, eb - pb));
+}
+
+// Offers the elements of one group whose bits are set in `mask` (those that
+// beat the warp's threshold when the group was read), reloading each value
+// (an L1 hit) instead of indexing the group's registers at run time. Every
+// lane of the warp calls it.
+template <typename T>
+__device__ __noinline__ void OfferMasked(WarpTopK& top, const T* row, size_t warp_base,
+                                         unsigned mask, int k, int lane) {
+  while (__any_sync(kFull, mask != 0)) {
+    const int j = mask ? __ffs(mask) - 1 : 0;
+    const size_t i = ElemIndex(warp_base, lane, j);
+    const float v = mask ? Loader<T>::One(row, i) : 0.0f;
+    top.Offer(v, static_cast<int>(i), mask != 0, k, lane);
+    mask &= mask - 1;
+  }
+}
+
+// Float32 sums of one group (kGroup element pairs of one thread) before they
+// are added to the float64 accumulators, and its extremes and counts.
+struct GroupSums {
+  float abs, d2, x, na, nb, sa, sb, ta, tb, ea, eb, g, h;
+  float max_abs, e_max, e_min;
+  unsigned both_masked, a_only, b_only, bad_a, bad_b;
+};
+
+// The second-order terms pa g(e), pb g(-e) of one element (see the KL form
+// in row_metrics-inl.h): even and odd series for |e| <= 1/2, else FarTerms.
+__device__ __forceinline__ void GTerms(float e, float xa, float xb, float pa, float pb, float& gp,
+                                       float& gq) {
+  if (fabsf(e) <= 0.5f) {
+    const float u = e * e;
+    float even = 1.0f / 479001600;
+    even = fmaf(even, u, 1.0f / 3628800);
+    even = fmaf(even, u, 1.0f / 40320);
+    even = fmaf(even, u, 1.0f / 720);
+    even = fmaf(even, u, 1.0f / 24);
+    even = fmaf(even, u, 0.5f);
+    even *= u;
+    float odd = 1.0f / 39916800;
+    odd = fmaf(odd, u, 1.0f / 362880);
+    odd = fmaf(odd, u, 1.0f / 5040);
+    odd = fmaf(odd, u, 1.0f / 120);
+    odd = fmaf(odd, u, 1.0f / 6);
+    odd *= u * e;
+    gp = pa * (even - odd);
+    gq = pb * (even + odd);
+  } else {
+    const float2 r = FarTerms(e, xa, xb, pa, pb);
+    gp = r.x;
+    gq = r.y;
+  }
+}
+
+// Timing builds only (-DLOGITPARITY_CUDA_ABLATE=bits; results are then
+// wrong): 1 skips the top-k offers, 2 the second-order terms, 4 the cosine
+// and absolute-difference sums, 8 the exps. Used to find where the kernel's
+// time goes (docs/gpu.md); 0 in every real build.
+#ifndef LOGITPARITY_CUDA_ABLATE
+#define LOGITPARITY_CUDA_ABLATE 0
+#endif
+constexpr int kAblate = LOGITPARITY_CUDA_ABLATE;
+
+// pa g(e) and pb g(-e) for |e| > 1/2, for the elements of a group where the
+// series does not apply (their series terms were left at 0). Out of line.
+__device__ __noinline__ float2 FarGroup(const float* va, const float* vb, float Ma, float Mb,
+                                        float c0) {
+  float2 acc = make_float2(0.0f, 0.0f);
+  for (int j = 0; j < kGroup; ++j) {
+    const float e = va[j] - vb[j] - c0;
+    if (fabsf(e) > 0.5f) {
+      const float xa = va[j] - Ma, xb = vb[j] - Mb;
+      const float2 r = FarTerms(e, xa, xb, ExpNonPositive(xa), ExpNonPositive(xb));
+      acc.x += r.x;
+      acc.y += r.y;
+    }
+  }
+  return acc;
+}
+
+// A group with no -inf, NaN, +inf and no element past the row's end (the
+// common case): every token is live on both sides, so no masks, and the
+// second-order terms take their series without a branch; elements with
+// |e| > 1/2 (none on close rows) are added by FarGroup.
+__device__ __forceinline__ void CleanGroup(const float* va, const float* vb, float Ma, float Mb,
+                                           float c0, GroupSums& g) {
+  bool far = false;
+  float gs = 0.0f, hs = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) {
+    const float x = va[j], y = vb[j];
+    const float d = x - y;
+    const float e = d - c0;
+    g.e_max = fmaxf(g.e_max, e);
+    g.e_min = fminf(g.e_min, e);
+    if (!(kAblate & 4)) {
+      g.max_abs = fmaxf(g.max_abs, fabsf(d));
+      g.abs += fabsf(d);
+      g.na = fmaf(x, x, g.na);
+      g.nb = fmaf(y, y, g.nb);
+      g.d2 = fmaf(d, d, g.d2);
+      g.x = fmaf(d, x + y, g.x);
+    }
+    const float xa = x - Ma, xb = y - Mb;
+    const float pa = (kAblate & 8) ? xa : ExpNonPositive(xa);
+    const float pb = (kAblate & 8) ? xb : ExpNonPositive(xb);
+    g.sa += pa;
+    g.sb += pb;
+    g.ta = fmaf(pa, xa, g.ta);
+    g.tb = fmaf(pb, xb, g.tb);
+    g.ea = fmaf(pa, e, g.ea);
+    g.eb = fmaf(pb, e, g.eb);
+    if (!(kAblate & 2)) {
+      const bool near = fabsf(e) <= 0.5f;
+      far |= !near;
+      const float u = e * e;
+      float even = 1.0f / 479001600;
+      even = fmaf(even, u, 1.0f / 3628800);
+      even = fmaf(even, u, 1.0f / 40320);
+      even = fmaf(even, u, 1.0f / 720);
+      even = fmaf(even, u, 1.0f / 24);
+      even = fmaf(even, u, 0.5f);
+      even *= u;
+      float odd = 1.0f / 39916800;
+      odd = fmaf(odd, u, 1.0f / 362880);
+      odd = fmaf(odd, u, 1.0f / 5040);
+      odd = fmaf(odd, u, 1.0f / 120);
+      odd = fmaf(odd, u, 1.0f / 6);
+      odd *= u * e;
+      gs += near ? pa * (even - odd) : 0.0f;
+      hs += near ? pb * (even + odd) : 0.0f;
+    }
+  }
+  if (far) {
+    const float2 r = FarGroup(va, vb, Ma, Mb, c0);
+    gs += r.x;
+    hs += r.y;
+  }
+  g.g += gs;
+  g.h += hs;
+}
+
+// Any other group: masks, NaN / +inf counts and the row's end, element by
+// element. Out of line (rare for real logits; every group of a masked row).
+__device__ __noinline__ GroupSums DirtyGroup(const float* va, const float* vb, float Ma,
+                                             float Mb, float c0, size_t warp_base, int lane,
+                                             size_t n, GroupSums g) {
+  const float ninf = -Inf(), pinf = Inf();
+  for (int j = 0; j < kGroup; ++j) {
+    const bool valid = ElemIndex(warp_base, lane, j) < n;
+    const float x = va[j], y = vb[j];
+    g.bad_a += valid && !(x < pinf);
+    g.bad_b += valid && !(y < pinf);
+    const bool ma = x == ninf, mb = y == ninf;
+    g.both_masked += valid && ma && mb;
+    g.a_only += ma && !mb;
+    g.b_only += mb && !ma;
+    const bool fa = x > ninf, fb = y > ninf, both = fa && fb;
+    const float d = x - y;
+    const float e = both ? d - c0 : 0.0f;
+    if (both) {
+      g.e_max = fmaxf(g.e_max, e);
+      g.e_min = fminf(g.e_min, e);
+    }
+    const float absd = both ? fabsf(d) : 0.0f;
+    g.max_abs = fmaxf(g.max_abs, absd);
+    g.abs += absd;
+    const float az = both ? x : 0.0f, bz = both ? y : 0.0f, dz = both ? d : 0.0f;
+    g.na = fmaf(az, az, g.na);
+    g.nb = fmaf(bz, bz, g.nb);
+    g.d2 = fmaf(dz, dz, g.d2);
+    g.x = fmaf(dz, az + bz, g.x);
+    const float xa = fa ? x - Ma : 0.0f, xb = fb ? y - Mb : 0.0f;
+    const float pa = fa ? ExpNonPositive(xa) : 0.0f;
+    const float pb = fb ? ExpNonPositive(xb) : 0.0f;
+    g.sa += pa;
+    g.sb += pb;
+    g.ta = fmaf(pa, xa, g.ta);
+    g.tb = fmaf(pb, xb, g.tb);
+    g.ea = fmaf(pa, e, g.ea);
+    g.eb = fmaf(pb, e, g.eb);
+    float gp, gq;
+    GTerms(e, xa, xb, pa, pb, gp, gq);
+    g.g += gp;
+    g.h += gq;
+  }
+  return g;
+}
+
+struct Shared {
+  float top_v[2][kWarps][kCap];
+  int top_i[2][kWarps][kCap];
+  int top_count[2][kWarps];
+  double dscratch[kWarps + 1];
+  float fscratch[kWarps + 1];
+  unsigned long long cscratch[kWarps + 1];
+};
+
+template <typename TA, typename TB>
+__global__ void __launch_bounds__(kThreads, 2)
+    CompareRowsKernel(const TA* __restrict__ a_base, size_t a_stride, const TB* __restrict__ b_base,
+                      size_t b_stride, size_t n, const int64_t* __restrict__ targets, Params p,
+                      double* __restrict__ out_fields, int32_t* __restrict__ out_overlap) {
+  __shared__ Shared sh;
+  const size_t row = blockIdx.x;
+  const TA* a = a_base + row * a_stride;
+  const TB* b = b_base + row * b_stride;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const bool aligned = (reinterpret_cast<uintptr_t>(a) % Loader<TA>::kAlign == 0) &&
+                       (reinterpret_cast<uintptr_t>(b) % Loader<TB>::kAlign == 0);
+  const double kNaN = __longlong_as_double(0x7FF8000000000000LL);
+  const double kInfD = __longlong_as_double(0x7FF0000000000000LL);
+  const float ninf = -Inf(), pinf = Inf();
+
+  // The KL shift c0: maxima of the first chunk where both sides have one.
+  // The first chunk's maxima also start every thread's running maxima, so
+  // that later groups rarely raise them (each raise rescales in float64).
+  float c0 = 0.0f, Ma = ninf, Mb = ninf;
+  for (size_t begin = 0; begin < n; begin += kStep) {
+    float va[kGroup], vb[kGroup];
+    const size_t wb = begin + static_cast<size_t>(warp) * kWarpSpan;
+    const bool full = aligned && wb + kWarpSpan <= n;
+    LoadGroup(a, wb, lane, n, full, va);
+    LoadGroup(b, wb, lane, n, full, vb);
+    float ma = ninf, mb = ninf;
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      ma = fmaxf(ma, va[j]);
+      mb = fmaxf(mb, vb[j]);
+    }
+    ma = BlockMax(ma, sh.fscratch);
+    mb = BlockMax(mb, sh.fscratch);
+    if (begin == 0) {
+      Ma = ma;
+      Mb = mb;
+    }
+    if (ma > ninf && mb > ninf) {
+      c0 = ma - mb;
+      break;
+    }
+  }
+
+  WarpTopK top_a, top_b;
+  top_a.Init(sh.top_v[0][warp], sh.top_i[0][warp]);
+  top_b.Init(sh.top_v[1][warp], sh.top_i[1][warp]);
+  const int K = p.kmax;
+
+  SideSums A{0, 0, 0, 0}, B{0, 0, 0, 0};
+  double abs_sum = 0, d2 = 0, xs = 0, na = 0, nb = 0;
+  float max_abs = 0.0f, e_max = ninf, e_min = pinf;
+  unsigned both_masked = 0, a_only = 0, b_only = 0, bad_a = 0, bad_b = 0;
+
+  extern __shared__ __align__(16) unsigned char pipe[];
+  auto stage_a = [&](size_t step) { return pipe + (step % kStages) * 2 * kStageBytes; };
+  auto stage_b = [&](size_t step) { return pipe + (step % kStages) * 2 * kStageBytes + kStageBytes; };
+  // Steps whose warp span is whole and aligned go through the pipeline; the
+  // rest (the row's end, misaligned rows) are read directly.
+  auto piped = [&](size_t step) {
+    const size_t wb = step * kStep + static_cast<size_t>(warp) * kWarpSpan;
+    return aligned && wb + kWarpSpan <= n;
+  };
+  auto issue = [&](size_t step) {
+    if (step * kStep < n && piped(step)) {
+      const size_t begin = step * kStep, wb = begin + static_cast<size_t>(warp) * kWarpSpan;
+      CopyGroupAsync(stage_a(step), a, begin, wb, lane);
+      CopyGroupAsync(stage_b(step), b, begin, wb, lane);
+    }
+    CommitAsync();  // one group per step, empty or not, so the counts line up
+  };
+  for (int st = 0; st < kStages - 1; ++st) issue(st);
+
+  for (size_t begin = 0, step = 0; begin < n; begin += kStep, ++step) {
+    const size_t wb = begin + static_cast<size_t>(warp) * kWarpSpan;
+    issue(step + kStages - 1);
+    asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 1));
+    float va[kGroup], vb[kGroup];
+    if (piped(step)) {
+      ReadGroupShared<TA>(stage_a(step), begin, wb, lane, va);
+      ReadGroupShared<TB>(stage_b(step), begin, wb, lane, vb);
+    } else {
+      LoadGroup(a, wb, lane, n, false, va);
+      LoadGroup(b, wb, lane, n, false, vb);
+    }
+    // Group maxima, and sums that are finite only if no element is -inf,
+    // NaN or +inf (pads past the row's end read as -inf).
+    float ga = ninf, gb = ninf, suma = 0.0f, sumb = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      ga = fmaxf(ga, va[j]);
+      gb = fmaxf(gb, vb[j]);
+      suma += va[j];
+      sumb += vb[j];
+    }
+    // Top-k: offer a group only if its maximum can enter the warp's list,
+    // then only its elements that can.
+    // (Indices fit in int: vocab < 2^31 is checked on the host.)
+    const int wb32 = static_cast<int>(wb), n32 = static_cast<int>(n);
+    if (!(kAblate & 1) && __any_sync(kFull, ga >= top_a.tau_v)) {
+      unsigned mask = 0;
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) {
+        const int i = wb32 + (j / kVec) * 32 * kVec + lane * kVec + j % kVec;
+        mask |= static_cast<unsigned>(i < n32 && Better(va[j], i, top_a.tau_v, top_a.tau_i)) << j;
+      }
+      OfferMasked(top_a, a, wb, mask, K, lane);
+    }
+    if (!(kAblate & 1) && __any_sync(kFull, gb >= top_b.tau_v)) {
+      unsigned mask = 0;
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) {
+        const int i = wb32 + (j / kVec) * 32 * kVec + lane * kVec + j % kVec;
+        mask |= static_cast<unsigned>(i < n32 && Better(vb[j], i, top_b.tau_v, top_b.tau_i)) << j;
+      }
+      OfferMasked(top_b, b, wb, mask, K, lane);
+    }
+    if (ga > Ma) {
+      if (Ma > ninf) A = Rescale(A, static_cast<double>(Ma) - ga);
+      Ma = ga;
+    }
+    if (gb > Mb) {
+      if (Mb > ninf) B = Rescale(B, static_cast<double>(Mb) - gb);
+      Mb = gb;
+    }
+    GroupSums g{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, max_abs, e_max, e_min, 0, 0, 0, 0, 0};
+    if (fabsf(suma) < pinf && fabsf(sumb) < pinf) {
+      CleanGroup(va, vb, Ma, Mb, c0, g);
+    } else {
+      g = DirtyGroup(va, vb, Ma, Mb, c0, wb, lane, n, g);
+      both_masked += g.both_masked;
+      a_only += g.a_only;
+      b_only += g.b_only;
+      bad_a += g.bad_a;
+      bad_b += g.bad_b;
+    }
+    max_abs = g.max_abs;
+    e_max = g.e_max;
+    e_min = g.e_min;
+    abs_sum += g.abs;
+    d2 += g.d2;
+    xs += g.x;
+    na += g.na;
+    nb += g.nb;
+    A.s += g.sa;
+    B.s += g.sb;
+    A.t += g.ta;
+    B.t += g.tb;
+    A.e += g.ea;
+    B.e += g.eb;
+    A.g += g.g;
+    B.g += g.h;
+  }
+
+  // Sort each warp's list, then one warp per side merges the others' lists.
+  top_a.Compact(K, lane);
+  top_b.Compact(K, lane);
+  if (lane == 0) {
+    sh.top_count[0][warp] = top_a.count;
+    sh.top_count[1][warp] = top_b.count;
+  }
+  __syncthreads();
+  // Warp s (0: reference, 1: candidate) merges the other warps' lists of
+  // side s into its own; the results are at [0][0] and [1][1].
+  if (warp < 2) {
+    WarpTopK& t = warp == 0 ? top_a : top_b;
+    for (int w = 0; w < kWarps; ++w) {
+      if (w == warp) continue;
+      const int c = sh.top_count[warp][w];
+      for (int base = 0; base < c; base += 32) {
+        const int e = base + lane;
+        const bool ok = e < c;
+        t.Offer(ok ? sh.top_v[warp][w][e] : 0.0f, ok ? sh.top_i[warp][w][e] : 0, ok, K, lane);
+      }
+    }
+    t.Compact(K, lane);
+    if (lane == 0) sh.top_count[warp][warp] = t.count;
+  }
+
+  // Bring every thread's sums to the block maxima, then reduce.
+  const float Ma_all = BlockMax(Ma, sh.fscratch);
+  const float Mb_all = BlockMax(Mb, sh.fscratch);
+  if (Ma > ninf && Ma < Ma_all) A = Rescale(A, static_cast<double>(Ma) - Ma_all);
+  if (Mb > ninf && Mb < Mb_all) B = Rescale(B, static_cast<double>(Mb) - Mb_all);
+  const double Sa = BlockSum(A.s, sh.dscratch), Sb = BlockSum(B.s, sh.dscratch);
+  const double Ta = BlockSum(A.t, sh.dscratch), Tb = BlockSum(B.t, sh.dscratch);
+  const double Ea = BlockSum(A.e, sh.dscratch), Eb = BlockSum(B.e, sh.dscratch);
+  const double Ga = BlockSum(A.g, sh.dscratch), Gb = BlockSum(B.g, sh.dscratch);
+  const double abs_all = BlockSum(abs_sum, sh.dscratch), d2_all = BlockSum(d2, sh.dscratch);
+  const double x_all = BlockSum(xs, sh.dscratch), na_all = BlockSum(na, sh.dscratch);
+  const double nb_all = BlockSum(nb, sh.dscratch);
+  const float max_abs_all = BlockMax(max_abs, sh.fscratch);
+  const float e_hi_f = BlockMax(e_max, sh.fscratch);
+  const float e_lo_f = BlockMin(e_min, sh.fscratch);
+  const unsigned long long both_all = BlockCount(both_masked, sh.cscratch);
+  const unsigned long long aonly_all = BlockCount(a_only, sh.cscratch);
+  const unsigned long long bonly_all = BlockCount(b_only, sh.cscratch);
+  const unsigned long long bad_a_all = BlockCount(bad_a, sh.cscratch);
+  const unsigned long long bad_b_all = BlockCount(bad_b, sh.cscratch);
+
+  double* out = out_fields + row * kNumRowFields;
+  int32_t* overlap = out_overlap + row * p.num_ks;
+  const float* ta_v = sh.top_v[0][0];
+  const int* ta_i = sh.top_i[0][0];
+  const float* tb_v = sh.top_v[1][1];
+  const int* tb_i = sh.top_i[1][1];
+
+  if (bad_a_all + bad_b_all > 0) {
+    if (tid < kNumRowFields) out[tid] = kNaN;
+    __syncthreads();
+    if (tid == 0) {
+      out[kNonfiniteRef] = static_cast<double>(bad_a_all);
+      out[kNonfiniteCand] = static_cast<double>(bad_b_all);
+      out[kArgmaxRef] = out[kArgmaxCand] = out[kRankOfRefTop1InCand] = -1;
+    }
+    if (tid < p.num_ks) overlap[tid] = -1;
+    return;
+  }
+
+  const bool dist_a = Ma_all > ninf, dist_b = Mb_all > ninf;
+  const double lse_a = dist_a ? Ma_all + log(Sa) : -kInfD;
+  const double lse_b = dist_b ? Mb_all + log(Sb) : -kInfD;
+
+  // Jensen-Shannon: a second sweep now that both log-sum-exps are known.
+  double js = kNaN;
+  if (p.js && dist_a && dist_b) {
+    const float inv_sa = static_cast<float>(1.0 / Sa), inv_sb = static_cast<float>(1.0 / Sb);
+    double js_sum = 0;
+    for (size_t begin = 0; begin < n; begin += kStep) {
+      const size_t wb = begin + static_cast<size_t>(warp) * kWarpSpan;
+      const bool full = aligned && wb + kWarpSpan <= n;
+      float va[kGroup], vb[kGroup];
+      LoadGroup(a, wb, lane, n, full, va);
+      LoadGroup(b, wb, lane, n, full, vb);
+      if (begin + kStep < n) {
+        PrefetchGroup(a, wb + kStep, lane, n);
+        PrefetchGroup(b, wb + kStep, lane, n);
+      }
+      float js_s = 0;
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) {
+        const float x = va[j], y = vb[j];
+        const float pp = x > ninf ? ExpNonPositive(x - Ma_all) * inv_sa : 0.0f;
+        const float qq = y > ninf ? ExpNonPositive(y - Mb_all) * inv_sb : 0.0f;
+        const float sum = pp + qq;
+        const float u = sum > 0 ? (pp - qq) / fmaxf(sum, 1e-38f) : 0.0f;
+        js_s = fmaf(sum, JsTerm(u), js_s);
+      }
+      js_sum += js_s;
+    }
+    js = 0.25 * BlockSum(js_sum, sh.dscratch);
+  }
+
+  // Rank of the reference's top-1 in the candidate: from the candidate's
+  // top-k list, else by counting the entries ranked above it.
+  const int t = ta_i[0];
+  __shared__ int rank_sh;
+  if (tid == 0) {
+    rank_sh = -1;
+    for (int j = 0; j < sh.top_count[1][1]; ++j) {
+      if (tb_i[j] == t) rank_sh = j;
+    }
+  }
+  __syncthreads();
+  long long rank = rank_sh;
+  if (rank < 0) {
+    const float bt = Loader<TB>::One(b, static_cast<size_t>(t));
+    unsigned long long above = 0;
+    for (size_t begin = 0; begin < n; begin += kStep) {
+      const size_t wb = begin + static_cast<size_t>(warp) * kWarpSpan;
+      float vb[kGroup];
+      LoadGroup(b, wb, lane, n, aligned && wb + kWarpSpan <= n, vb);
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) {
+        const size_t i = ElemIndex(wb, lane, j);
+        above += (vb[j] > bt) || (vb[j] == bt && i < static_cast<size_t>(t));
+      }
+    }
+    rank = static_cast<long long>(BlockCount(above, sh.cscratch));
+  }
+
+  // Top-k overlaps: thread x checks entry x of the reference's list.
+  for (int q = 0; q < p.num_ks; ++q) {
+    const int k = p.ks[q];
+    bool found = false;
+    if (tid < k) {
+      for (int y = 0; y < k; ++y) found |= tb_i[y] == ta_i[tid];
+    }
+    const int common = __syncthreads_count(found);
+    if (tid == 0) overlap[q] = common;
+  }
+
+  if (tid != 0) return;
+  out[kNonfiniteRef] = 0;
+  out[kNonfiniteCand] = 0;
+  out[kLseRef] = lse_a;
+  out[kLseCand] = lse_b;
+  out[kEntropyRef] = dist_a ? log(Sa) - Ta / Sa : kNaN;
+  out[kEntropyCand] = dist_b ? log(Sb) - Tb / Sb : kNaN;
+  const unsigned long long compared = n - both_all;
+  const bool one_sided = aonly_all + bonly_all > 0;
+  out[kMaxAbsLogit] = compared > 0 ? (one_sided ? kInfD : static_cast<double>(max_abs_all)) : kNaN;
+  out[kMeanAbsLogit] =
+      compared > 0 ? (one_sided ? kInfD : abs_all / static_cast<double>(compared)) : kNaN;
+  out[kCosine] = kNaN;
+  if (na_all > 0 && nb_all > 0) {
+    const double ra = sqrt(na_all), rb = sqrt(nb_all);
+    const double norm_diff = x_all / (ra + rb);
+    out[kCosine] = 1.0 - (d2_all - norm_diff * norm_diff) / (2.0 * ra * rb);
+  }
+  out[kKlRefCand] = out[kKlCandRef] = out[kMaxAbsLogprob] = kNaN;
+  out[kJs] = js;
+  if (dist_a && dist_b) {
+    const double direct = static_cast<double>(c0) + lse_b - lse_a;
+    const double e_hi = e_hi_f, e_lo = e_lo_f;
+    const bool usable = !one_sided && fmax(e_hi, -e_lo) <= 60.0;
+    const double mean_pe = Ea / Sa, mean_qe = Eb / Sb;
+    const double mean_pg = Ga / Sa, mean_qg = Gb / Sb;
+    const double direct_err = fmax(fmax(fabs(lse_a), fabs(lse_b)), 1.0);
+    const double xp = mean_pg - mean_pe, xq = mean_qg + mean_qe;
+    const bool precise_p =
+        usable && xp > -1 && fmax(fabs(mean_pg), fabs(mean_pe)) / (1 + xp) <= direct_err;
+    const bool precise_q =
+        usable && xq > -1 && fmax(fabs(mean_qg), fabs(mean_qe)) / (1 + xq) <= direct_err;
+    const double L = precise_p ? log1p(xp) : direct;
+    const double L_q = precise_q ? log1p(xq) : -direct;
+    out[kKlRefCand] = bonly_all ? kInfD : mean_pe + L;
+    out[kKlCandRef] = aonly_all ? kInfD : -mean_qe + L_q;
+    out[kMaxAbsLogprob] = one_sided ? kInfD : fmax(fabs(e_hi + L), fabs(e_lo + L));
+  }
+  out[kArgmaxRef] = static_cast<double>(t);
+  out[kArgmaxCand] = static_cast<double>(tb_i[0]);
+  out[kMarginRef] = n > 1 ? static_cast<double>(ta_v[0]) - ta_v[1] : kInfD;
+  out[kMarginCand] = n > 1 ? static_cast<double>(tb_v[0]) - tb_v[1] : kInfD;
+  out[kRankOfRefTop1InCand] = static_cast<double>(rank);
+  out[kNllRef] = out[kNllCand] = out[kDeltaP] = kNaN;
+  if (targets != nullptr && targets[row] >= 0) {
+    const size_t tt = static_cast<size_t>(targets[row]);
+    const double nll_a = dist_a ? lse_a - Loader<TA>::One(a, tt) : kNaN;
+    const double nll_b = dist_b ? lse_b - Loader<TB>::One(b, tt) : kNaN;
+    out[kNllRef] = nll_a;
+    out[kNllCand] = nll_b;
+    out[kDeltaP] = exp(-nll_b) - exp(-nll_a);
+  }
+}
+
+void Check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("CUDA error in ") + what + ": " +
+                             cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+  }
+}
+
+// The device that holds `ptr`; std::invalid_argument for host memory.
+int DeviceOf(const void* ptr, const char* name) {
+  cudaPointerAttributes attr;
+  const cudaError_t err = cudaPointerGetAttributes(&attr, ptr);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error state
+    throw std::invalid_argument(std::string(name) + " is not a CUDA device pointer (" +
+                                cudaGetErrorString(err) + ")");
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
+    throw std::invalid_argument(std::string(name) +
+                                " is host memory, not device memory; pass a CUDA array or use "
+                                "the CPU kernels");
+  }
+  return attr.device;
+}
+
+template <typename TA, typename TB>
+void Launch(const RowsView& ref, const RowsView& cand, const int64_t* targets, const Params& p,
+            double* fields, int32_t* overlap, cudaStream_t stream) {
+  // Per call: the attribute belongs to the current device.
+  Check(cudaFuncSetAttribute(CompareRowsKernel<TA, TB>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, kPipeBytes),
+        "cudaFuncSetAttribute");
+  CompareRowsKernel<TA, TB><<<static_cast<unsigned>(ref.rows), kThreads, kPipeBytes, stream>>>(
+      static_cast<const TA*>(ref.data), ref.row_stride, static_cast<const TB*>(cand.data),
+      cand.row_stride, ref.vocab, targets, p, fields, overlap);
+}
+
+template <typename TA>
+void LaunchB(const RowsView& ref, const RowsView& cand, const int64_t* targets, const Params& p,
+             double* fields, int32_t* overlap, cudaStream_t stream) {
+  switch (cand.dtype) {
+    case Dtype::kF32: return Launch<TA, float>(ref, cand, targets, p, fields, overlap, stream);
+    case Dtype::kF16: return Launch<TA, __half>(ref, cand, targets, p, fields, overlap, stream);
+    case Dtype::kBF16: return Launch<TA, Bf16>(ref, cand, targets, p, fields, overlap, stream);
+  }
+}
+
+// Restores the calling thread's current device on exit.
+struct DeviceGuard {
+  int saved = -1;
+  explicit DeviceGuard(int device) {
+    Check(cudaGetDevice(&saved), "cudaGetDevice");
+    if (saved != device) Check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int now = -1;
+    if (cudaGetDevice(&now) == cudaSuccess && now != saved && saved >= 0) cudaSetDevice(saved);
+  }
+};
+
+std::mutex& ScratchMutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+// At least `bytes` of device memory on `device` (current), kept between
+// calls; call with ScratchMutex held.
+void* DeviceScratch(int device, size_t bytes) {
+  static std::vector<std::pair<void*, size_t>> buffers;
+  if (buffers.size() <= static_cast<size_t>(device)) buffers.resize(device + 1, {nullptr, 0});
+  auto& buf = buffers[device];
+  if (buf.second < bytes) {
+    if (buf.first) Check(cudaFree(buf.first), "cudaFree");
+    buf = {nullptr, 0};
+    const size_t size = std::max<size_t>(bytes, size_t{1} << 20);
+    Check(cudaMalloc(&buf.first, size), "cudaMalloc");
+    buf.second = size;
+  }
+  return buf.first;
+}
+
+}  // namespace
+
+bool CudaBuilt() { return true; }
+
+int CudaDeviceCount() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
+RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
+                                 const RowMetricsOptions& options, uintptr_t stream_handle) {
+  CheckCompareArgs(ref, cand, options);
+  if (ref.vocab > static_cast<size_t>(std::numeric_limits<int>::max())) {
+    throw std::invalid_argument("vocab must be below 2^31 for the CUDA kernels, got " +
+                                std::to_string(ref.vocab));
+  }
+  if (ref.rows > static_cast<size_t>(std::numeric_limits<int>::max())) {
+    throw std::invalid_argument("rows must be below 2^31 for the CUDA kernels, got " +
+                                std::to_string(ref.rows));
+  }
+  if (CudaDeviceCount() == 0) {
+    throw std::runtime_error("no CUDA device is usable (no GPU or no driver)");
+  }
+  const int device = DeviceOf(ref.data, "ref");
+  const int device_b = DeviceOf(cand.data, "cand");
+  if (device != device_b) {
+    throw std::invalid_argument("ref and cand must be on the same CUDA device, got cuda:" +
+                                std::to_string(device) + " and cuda:" +
+                                std::to_string(device_b) + "; move one with .to(other.device)");
+  }
+  DeviceGuard guard(device);
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+
+  Params p{};
+  p.num_ks = static_cast<int>(options.topk.size());
+  for (int q = 0; q < p.num_ks; ++q) p.ks[q] = options.topk[q];
+  p.kmax = static_cast<int>(std::min<size_t>(ref.vocab, std::max(2, options.topk.back())));
+  p.js = options.js ? 1 : 0;
+
+  RowMetricsResult result;
+  result.rows = ref.rows;
+  result.topk = options.topk;
+  result.fields.resize(ref.rows * kNumRowFields);
+  result.topk_overlap.resize(ref.rows * options.topk.size());
+
+  const size_t fields_bytes = result.fields.size() * sizeof(double);
+  const size_t overlap_bytes = result.topk_overlap.size() * sizeof(int32_t);
+  const size_t targets_bytes = options.targets ? ref.rows * sizeof(int64_t) : 0;
+  // One result buffer per device, kept and grown: cudaMallocAsync from the
+  // default pool returned its memory at every synchronize and mapped it again
+  // on the next call. Calls are serialized (they end synchronized).
+  std::lock_guard<std::mutex> lock(ScratchMutex());
+  void* dev = DeviceScratch(device, fields_bytes + overlap_bytes + targets_bytes + 16);
+  double* d_fields = static_cast<double*>(dev);
+  int32_t* d_overlap = reinterpret_cast<int32_t*>(static_cast<char*>(dev) + fields_bytes);
+  int64_t* d_targets = nullptr;
+  cudaError_t err = cudaSuccess;
+  if (options.targets) {
+    // After the int32 overlaps: round up to 8 bytes.
+    const size_t off = (fields_bytes + overlap_bytes + 7) / 8 * 8;
+    d_targets = reinterpret_cast<int64_t*>(static_cast<char*>(dev) + off);
+    err = cudaMemcpyAsync(d_targets, options.targets, targets_bytes, cudaMemcpyHostToDevice,
+                          stream);
+  }
+  if (err == cudaSuccess) {
+    switch (ref.dtype) {
+      case Dtype::kF32:
+        LaunchB<float>(ref, cand, d_targets, p, d_fields, d_overlap, stream);
+        break;
+      case Dtype::kF16:
+        LaunchB<__half>(ref, cand, d_targets, p, d_fields, d_overlap, stream);
+        break;
+      case Dtype::kBF16:
+        LaunchB<Bf16>(ref, cand, d_targets, p, d_fields, d_overlap, stream);
+        break;
+    }
+    err = cudaGetLastError();
+  }
+  if (err == cudaSuccess) {
+    err = cudaMemcpyAsync(result.fields.data(), d_fields, fields_bytes, cudaMemcpyDeviceToHost,
+                          stream);
+  }
+  if (err == cudaSuccess) {
+    err = cudaMemcpyAsync(result.topk_overlap.data(), d_overlap, overlap_bytes,
+                          cudaMemcpyDeviceToHost, stream);
+  }
+  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+  Check(err, "CompareRowsCuda");
+  return result;
+}
+
+}  // namespace logitparity

@@ -1,0 +1,282 @@
+// The CUDA row comparison against the scalar float64 reference (CompareRowRef)
+// with the CPU test's tolerances (test_util.h): lengths around the block's
+// step and group, real vocabulary sizes, every storage dtype pair, misaligned
+// starts (the scalar load path), ties, -inf, NaN and +inf, the tight KL of
+// close rows, row strides and batching, and the argument errors. Every test
+// skips where no CUDA device is usable (the CI machine compiles it only).
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "logitparity/cuda.h"
+#include "src/reference.h"
+#include "src/test_util.h"
+
+namespace logitparity {
+namespace {
+
+#define SKIP_WITHOUT_GPU()                                         \
+  do {                                                             \
+    if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";  \
+  } while (0)
+
+// A device copy of a host buffer, freed on scope exit.
+struct DeviceBuffer {
+  void* ptr = nullptr;
+  explicit DeviceBuffer(const void* host, size_t bytes) {
+    EXPECT_EQ(cudaSuccess, cudaMalloc(&ptr, bytes + 64));
+    EXPECT_EQ(cudaSuccess, cudaMemcpy(ptr, host, bytes, cudaMemcpyHostToDevice));
+  }
+  ~DeviceBuffer() { cudaFree(ptr); }
+};
+
+// One row pair through the CUDA kernel; misalignment is kept (the device
+// buffer holds the TypedRow's bytes with the same offset).
+std::vector<double> RunCuda(const TypedRow& a, const TypedRow& b, int64_t target,
+                            const std::vector<int>& ks, bool js, std::vector<int32_t>* overlap) {
+  DeviceBuffer da(a.bytes.data(), a.bytes.size()), db(b.bytes.data(), b.bytes.size());
+  const size_t n = a.values.size();
+  RowsView va{static_cast<const uint8_t*>(da.ptr) + a.offset * DtypeSize(a.dtype), a.dtype, 1, n,
+              n};
+  RowsView vb{static_cast<const uint8_t*>(db.ptr) + b.offset * DtypeSize(b.dtype), b.dtype, 1, n,
+              n};
+  RowMetricsOptions opt;
+  opt.topk = ks;
+  opt.js = js;
+  std::vector<int64_t> t = {target};
+  opt.targets = target >= 0 ? t.data() : nullptr;
+  const RowMetricsResult res = CompareRowsCuda(va, vb, opt, 0);
+  *overlap = res.topk_overlap;
+  return res.fields;
+}
+
+void CheckCase(const std::string& name, const std::vector<float>& xa, const std::vector<float>& xb,
+               int64_t target, Dtype da, Dtype db, size_t misalign, const std::vector<int>& ks) {
+  const TypedRow a = MakeRow(xa, da, misalign);
+  const TypedRow b = MakeRow(xb, db, (misalign * 3) % 7);
+  std::vector<int> kv;
+  for (int k : ks) {
+    if (static_cast<size_t>(k) <= xa.size()) kv.push_back(k);
+  }
+  if (kv.empty()) kv.push_back(1);
+  std::vector<int32_t> overlap;
+  const std::vector<double> got = RunCuda(a, b, target, kv, true, &overlap);
+  const RefRowResult want =
+      CompareRowRef(a.values.data(), b.values.data(), a.values.size(), target, kv);
+  for (int f = 0; f < kNumRowFields; ++f) {
+    const Tol tol = FieldTol(f);
+    const bool ok =
+        f == kCosine
+            ? Close(got[f], want.fields[f], 1e-12 + 1e-6 * CosineScale(a.values, b.values), 0)
+            : Close(got[f], want.fields[f], tol.atol, tol.rtol);
+    ASSERT_TRUE(ok) << "case " << name << " n=" << xa.size() << " dtypes " << DtypeName(da) << "/"
+                    << DtypeName(db) << " misalign " << misalign << " field " << RowFieldName(f)
+                    << ": got " << got[f] << " want " << want.fields[f];
+  }
+  for (size_t k = 0; k < kv.size(); ++k) {
+    ASSERT_EQ(want.topk_overlap[k], overlap[k])
+        << "case " << name << " n=" << xa.size() << " top-" << kv[k] << " overlap";
+  }
+}
+
+struct Case {
+  std::string name;
+  std::vector<float> a, b;
+  int64_t target;
+};
+
+std::vector<Case> Cases(size_t n, uint64_t seed) {
+  const std::vector<float> a = LmLogits(n, seed);
+  std::vector<Case> cases;
+  const int64_t t = static_cast<int64_t>((seed * 7919) % n);
+  cases.push_back({"identical", a, a, t});
+  cases.push_back({"close", a, Perturb(a, 1e-3f, seed + 1), t});
+  cases.push_back({"noisy", a, Perturb(a, 0.3f, seed + 2), t});
+  std::vector<float> shifted(a);
+  for (auto& v : shifted) v += 3.25f;
+  cases.push_back({"shifted", a, shifted, t});
+  cases.push_back({"far", a, LmLogits(n, seed + 99), -1});
+  return cases;
+}
+
+const Dtype kDtypes[] = {Dtype::kF32, Dtype::kF16, Dtype::kBF16};
+
+// Lengths around a group (8), a warp's span (256), the block's step (2048)
+// and two steps.
+TEST(RowMetricsCuda, AgainstReferenceSmall) {
+  SKIP_WITHOUT_GPU();
+  const std::vector<int> ks = {1, 2, 5, 10, 64};
+  for (size_t n : {1, 2, 3, 7, 8, 9, 17, 255, 256, 257, 2047, 2048, 2049, 4097, 8197}) {
+    for (const Case& c : Cases(n, 1000 + n)) {
+      for (Dtype da : kDtypes) {
+        for (Dtype db : kDtypes) {
+          for (size_t mis : {size_t{0}, size_t{1}, size_t{3}}) {
+            CheckCase(c.name, c.a, c.b, c.target, da, db, mis, ks);
+            if (HasFatalFailure()) return;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(RowMetricsCuda, AgainstReferenceVocabSizes) {
+  SKIP_WITHOUT_GPU();
+  const std::vector<int> ks = {1, 5, 10};
+  for (size_t n : {32000, 49152, 128256, 151936, 262144}) {
+    for (const Case& c : Cases(n, n)) {
+      CheckCase(c.name, c.a, c.b, c.target, Dtype::kF32, Dtype::kF32, 0, ks);
+      CheckCase(c.name, c.a, c.b, c.target, Dtype::kF32, Dtype::kBF16, 1, ks);
+      CheckCase(c.name, c.a, c.b, c.target, Dtype::kBF16, Dtype::kBF16, 0, ks);
+      if (HasFatalFailure()) return;
+    }
+    const Case close = Cases(n, n)[1];
+    CheckCase(close.name, close.a, close.b, close.target, Dtype::kF16, Dtype::kF16, 2, ks);
+  }
+}
+
+TEST(RowMetricsCuda, TiesAndMasks) {
+  SKIP_WITHOUT_GPU();
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const std::vector<int> ks = {1, 2, 3, 5};
+  for (size_t n : {size_t{5}, size_t{17}, size_t{2100}, size_t{9000}}) {
+    std::vector<float> ta(n, 1.5f), tb(n, 1.5f);
+    tb[n - 1] = 1.25f;
+    CheckCase("ties", ta, tb, 0, Dtype::kF32, Dtype::kF32, 0, ks);
+    CheckCase("ties", ta, tb, 0, Dtype::kBF16, Dtype::kF16, 1, ks);
+
+    std::vector<float> oa(n, ninf), ob(n, ninf);
+    oa[n / 2] = 3.0f;
+    ob[n / 2] = -7.0f;
+    CheckCase("all -inf but one", oa, ob, static_cast<int64_t>(n / 2), Dtype::kF32, Dtype::kF32,
+              0, ks);
+    CheckCase("all -inf but one", oa, ob, static_cast<int64_t>(n / 2), Dtype::kF16, Dtype::kBF16,
+              1, ks);
+    CheckCase("all -inf", std::vector<float>(n, ninf), std::vector<float>(n, ninf), -1,
+              Dtype::kF32, Dtype::kF32, 0, ks);
+
+    const std::vector<float> a = LmLogits(n, 5 + n);
+    std::vector<float> ma = a, mb = Perturb(a, 1e-2f, 6);
+    for (size_t i = 0; i < n; i += 3) ma[i] = mb[i] = ninf;
+    CheckCase("masked both sides", ma, mb, 1, Dtype::kF32, Dtype::kF32, 0, ks);
+    CheckCase("masked both sides", ma, mb, 1, Dtype::kBF16, Dtype::kBF16, 2, ks);
+
+    std::vector<float> mc = a;
+    mc[n - 2] = ninf;
+    CheckCase("masked in cand only", a, mc, 1, Dtype::kF32, Dtype::kF32, 0, ks);
+    CheckCase("masked in ref only", mc, a, static_cast<int64_t>(n - 2), Dtype::kF32, Dtype::kF16,
+              0, ks);
+
+    std::vector<float> nan = a;
+    nan[n / 3] = std::numeric_limits<float>::quiet_NaN();
+    CheckCase("NaN", a, nan, 0, Dtype::kF32, Dtype::kF32, 0, ks);
+    CheckCase("NaN", a, nan, 0, Dtype::kF16, Dtype::kBF16, 0, ks);
+    std::vector<float> pinf = a;
+    pinf[n - 1] = std::numeric_limits<float>::infinity();
+    pinf[0] = std::numeric_limits<float>::quiet_NaN();
+    CheckCase("+inf", pinf, a, 0, Dtype::kF32, Dtype::kF32, 0, ks);
+    CheckCase("+inf", pinf, a, 0, Dtype::kBF16, Dtype::kF16, 1, ks);
+    if (HasFatalFailure()) return;
+  }
+}
+
+// Close rows: KL ~ sigma^2 / 2 must still come to a relative 1e-4.
+TEST(RowMetricsCuda, KlTightOnCloseRows) {
+  SKIP_WITHOUT_GPU();
+  const std::vector<int> ks = {1};
+  for (size_t n : {size_t{1000}, size_t{49152}, size_t{151936}}) {
+    const std::vector<float> a = LmLogits(n, 42);
+    for (float sigma : {1e-4f, 1e-3f, 1e-2f}) {
+      const TypedRow ra = MakeRow(a, Dtype::kF32), rb = MakeRow(Perturb(a, sigma, 7), Dtype::kF32);
+      std::vector<int32_t> ov;
+      const std::vector<double> got = RunCuda(ra, rb, -1, ks, false, &ov);
+      const RefRowResult want = CompareRowRef(ra.values.data(), rb.values.data(), n, -1, ks);
+      for (int f : {kKlRefCand, kKlCandRef}) {
+        EXPECT_TRUE(Close(got[f], want.fields[f], 1e-15, 1e-4))
+            << "n=" << n << " sigma=" << sigma << " " << RowFieldName(f) << ": got " << got[f]
+            << " want " << want.fields[f];
+      }
+    }
+  }
+}
+
+// Many rows with a row stride and padding that must not be read; the same
+// rows computed alone give bitwise the same fields (batching invariance), and
+// the CPU kernel agrees within the tolerances.
+TEST(RowMetricsCuda, RowsStrideBatchAndCpuAgreement) {
+  SKIP_WITHOUT_GPU();
+  const size_t rows = 37, vocab = 5003, stride = 5011;
+  std::vector<float> a(rows * stride, 99.0f), b(rows * stride, -99.0f);
+  for (size_t r = 0; r < rows; ++r) {
+    const std::vector<float> x = LmLogits(vocab, r);
+    const std::vector<float> y = Perturb(x, 0.05f, r + 100);
+    std::copy(x.begin(), x.end(), a.begin() + r * stride);
+    std::copy(y.begin(), y.end(), b.begin() + r * stride);
+  }
+  std::vector<int64_t> targets(rows);
+  for (size_t r = 0; r < rows; ++r) targets[r] = static_cast<int64_t>((r * 131) % vocab);
+  DeviceBuffer da(a.data(), a.size() * 4), db(b.data(), b.size() * 4);
+  RowsView va{da.ptr, Dtype::kF32, rows, vocab, stride};
+  RowsView vb{db.ptr, Dtype::kF32, rows, vocab, stride};
+  RowMetricsOptions opt;
+  opt.targets = targets.data();
+  opt.js = true;
+  const RowMetricsResult all = CompareRowsCuda(va, vb, opt, 0);
+  const RowMetricsResult again = CompareRowsCuda(va, vb, opt, 0);
+  ASSERT_EQ(0, std::memcmp(all.fields.data(), again.fields.data(), all.fields.size() * 8));
+  RowsView sa{static_cast<const float*>(da.ptr) + 10 * stride, Dtype::kF32, 10, vocab, stride};
+  RowsView sb{static_cast<const float*>(db.ptr) + 10 * stride, Dtype::kF32, 10, vocab, stride};
+  opt.targets = targets.data() + 10;
+  const RowMetricsResult part = CompareRowsCuda(sa, sb, opt, 0);
+  ASSERT_EQ(0, std::memcmp(all.fields.data() + 10 * kNumRowFields, part.fields.data(),
+                           part.fields.size() * 8));
+  RowsView ha{a.data(), Dtype::kF32, rows, vocab, stride};
+  RowsView hb{b.data(), Dtype::kF32, rows, vocab, stride};
+  opt.targets = targets.data();
+  const RowMetricsResult cpu = CompareRows(ha, hb, opt);
+  for (size_t r = 0; r < rows; ++r) {
+    const RefRowResult want = CompareRowRef(a.data() + r * stride, b.data() + r * stride, vocab,
+                                            targets[r], opt.topk);
+    for (int f = 0; f < kNumRowFields; ++f) {
+      if (f == kCosine) continue;
+      const Tol tol = FieldTol(f);
+      const double got = all.fields[r * kNumRowFields + f];
+      EXPECT_TRUE(Close(got, want.fields[f], tol.atol, tol.rtol))
+          << "row " << r << " " << RowFieldName(f) << ": got " << got << " want "
+          << want.fields[f];
+      EXPECT_TRUE(Close(got, cpu.fields[r * kNumRowFields + f], 2 * tol.atol, 2 * tol.rtol))
+          << "row " << r << " " << RowFieldName(f) << " vs CPU";
+    }
+  }
+  EXPECT_EQ(cpu.topk_overlap, all.topk_overlap);
+}
+
+TEST(RowMetricsCuda, Errors) {
+  SKIP_WITHOUT_GPU();
+  std::vector<float> host(100, 1.0f);
+  DeviceBuffer dev(host.data(), host.size() * 4);
+  RowsView d{dev.ptr, Dtype::kF32, 1, 100, 100};
+  RowsView h{host.data(), Dtype::kF32, 1, 100, 100};
+  EXPECT_THROW(CompareRowsCuda(h, d, RowMetricsOptions(), 0), std::invalid_argument);
+  EXPECT_THROW(CompareRowsCuda(d, h, RowMetricsOptions(), 0), std::invalid_argument);
+  RowsView bad = d;
+  bad.vocab = 99;
+  EXPECT_THROW(CompareRowsCuda(d, bad, RowMetricsOptions(), 0), std::invalid_argument);
+  RowMetricsOptions opt;
+  opt.topk = {65};
+  EXPECT_THROW(CompareRowsCuda(d, d, opt, 0), std::invalid_argument);
+  std::vector<int64_t> t = {100};
+  opt = RowMetricsOptions();
+  opt.targets = t.data();
+  EXPECT_THROW(CompareRowsCuda(d, d, opt, 0), std::invalid_argument);
+}
+
+TEST(RowMetricsCuda, BuiltFlag) { EXPECT_TRUE(CudaBuilt()); }
+
+}  // namespace
+}  // namespace logitparity

@@ -1,0 +1,20 @@
+// The CUDA entry points of a core built without a CUDA toolkit: they exist so
+// that callers need no #ifdef, and say that no CUDA kernels were built.
+#include <stdexcept>
+
+#include "logitparity/cuda.h"
+
+namespace logitparity {
+
+bool CudaBuilt() { return false; }
+
+int CudaDeviceCount() { return 0; }
+
+RowMetricsResult CompareRowsCuda(const RowsView&, const RowsView&, const RowMetricsOptions&,
+                                 uintptr_t) {
+  throw std::runtime_error(
+      "logitparity was built without CUDA kernels (CMake found no CUDA toolkit); "
+      "rebuild with nvcc on the PATH, or pass host arrays");
+}
+
+}  // namespace logitparity
