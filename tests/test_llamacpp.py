@@ -176,25 +176,26 @@ def test_topk_dump_equals_the_full_rows_top_k(dumps):
 @needs_llama
 @pytest.mark.slow
 def test_cross_engine_verdicts_against_hf_fp32(dumps):
-    """Measured on the default model, 4 prompts x 8 tokens (see
-    docs/engines.md for the 18 x 32 run): llama.cpp Q4_1 scored on HF's
-    tokens is within the quantized policy (same top-1 on all but near-ties,
-    mean KL of the order of 1e-2 nats); its own decode-vs-score noise is
-    smaller but not zero."""
+    """Measured on the default model, 4 prompts x 8 tokens, flash attention
+    off (docs/engines.md has the 18 x 32 run): llama.cpp Q4_1 scored on HF
+    fp32's tokens: 32 positions, mean KL 2.47e-3 nats, same top-1 31/32, one
+    near-tie split, so the quantized policy FAILS on greedy match at 10
+    (3/4); free-running the same split; llama.cpp's own decode-vs-score
+    noise: mean KL 6.5e-4, same top-1 32/32, PASS."""
     from logitparity.compare import compare_dumps
 
     tf = compare_dumps(dumps / "hf", dumps / "score-hf", policy="quantized")
-    assert tf.mode == "teacher-forced" and len(tf.tokens) == sum(len(p.ref_tokens) for p in tf.prompts)
-    kl = tf.tokens.kl_ref_cand
-    assert 1e-3 < kl.mean() < 5e-2, kl.mean()
-    assert tf.same_top1().rate >= 0.8
-    self_noise = compare_dumps(dumps / "greedy", dumps / "score-own", policy="quantized")
-    assert self_noise.verdict.passed
-    sk = self_noise.tokens.kl_ref_cand
-    assert 0 < sk.mean() < kl.mean()
-    # the free-running comparison runs and every split it finds is a near-tie
+    assert tf.mode == "teacher-forced" and len(tf.tokens) == 32
+    assert 1e-3 < tf.tokens.kl_ref_cand.mean() < 1e-2, tf.tokens.kl_ref_cand.mean()
+    assert (tf.same_top1().k, tf.same_top1().n) == (31, 32)
+    assert [p.split for p in tf.prompts].count("near-tie") == 1 and "real" not in [p.split for p in tf.prompts]
+    assert not tf.verdict.passed and tf.greedy_match(10).rate == 0.75
     free = compare_dumps(dumps / "hf", dumps / "greedy", policy="quantized")
-    assert all(p.split in (None, "near-tie", "length") for p in free.prompts), [p.split for p in free.prompts]
+    assert [p.split for p in free.prompts] == [p.split for p in tf.prompts]
+    assert not free.verdict.passed
+    self_noise = compare_dumps(dumps / "greedy", dumps / "score-own", policy="quantized")
+    assert self_noise.verdict.passed and self_noise.same_top1().rate == 1.0
+    assert 1e-4 < self_noise.tokens.kl_ref_cand.mean() < 3e-3, self_noise.tokens.kl_ref_cand.mean()
 
 
 @needs_llama
@@ -267,6 +268,10 @@ def test_engine_arguments_are_checked():
         load_engine("llama.cpp", __file__)
     with pytest.raises(ValueError, match="--dtype bf16 applies to --engine hf"):
         load_engine("llama.cpp", None, dtype="bf16")
+    with pytest.raises(ValueError, match=r"unknown llama.cpp engine option\(s\) \['bogus'\]; known: n_ctx, "):
+        load_engine("llama.cpp", None, options={"bogus": 1})
+    with pytest.raises(ValueError, match=r"engine options \['n_ctx'\] apply to --engine llama.cpp only"):
+        load_engine("hf", None, options={"n_ctx": 8})
     with pytest.raises(ValueError, match="engine option must look like KEY=VALUE"):
         parse_engine_options(["n_threads"])
     assert parse_engine_options(["n_threads=2", "flash_attn=on"]) == {"n_threads": 2, "flash_attn": True}
@@ -396,3 +401,26 @@ def test_layer_outputs_from_the_eval_callback_follow_hf_hidden_states(engine, hf
         assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.05, i
     with pytest.raises(ValueError, match="layer_outputs takes 1 to n_batch=512 tokens, got 0"):
         engine.layer_outputs([])
+
+
+@needs_llama
+@pytest.mark.slow
+def test_cli_dump_and_ppl_with_the_llama_cpp_engine(tmp_path, capsys):
+    from logitparity.cli import main
+    from logitparity.dump import load_dump
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Name three colours.\n", encoding="utf-8")
+    assert main(["dump", "--engine", "llama.cpp", "--prompts", str(prompts), "--out", str(tmp_path / "d"),
+                 "--max-new-tokens", "3", "--logits", "topk:5", "--engine-opt", "n_ctx=256",
+                 "--no-progress"]) == 0
+    d = load_dump(tmp_path / "d")
+    assert d.manifest["engine"]["n_ctx"] == 256 and d.storage == "topk:5" and len(d.records[0]["generated_token_ids"]) == 3
+    assert main(["dump", "--engine", "llama.cpp", "--engine-opt", "n_ctx=x=1", "--out", str(tmp_path / "e")]) == 2
+    assert main(["ppl", "--engine", "llama.cpp", "--windows", "llama.cpp", "--ctx", "64", "--max-tokens", "128",
+                 "--no-progress", "--json", str(tmp_path / "p.json")]) == 0
+    out = json.loads((tmp_path / "p.json").read_text())
+    assert out["settings"]["scheme"] == "llama.cpp" and out["settings"]["windows"] == 2
+    assert out["settings"]["scored"] == 2 * (64 - 1 - 32) and out["reference"]["dtype"] == "q4_1"
+    assert main(["ppl", "--engine", "llama.cpp", "--windows", "llama.cpp", "--stride", "3"]) == 2
+    assert "stride applies to windows='hf'" in capsys.readouterr().err

@@ -165,8 +165,11 @@ def load_engine(name: str, model: Any = None, *, dtype: str = "fp32", device: st
             raise ValueError(f"--dtype {dtype} applies to --engine hf; llama.cpp computes in the GGUF's own types")
         if device != "cpu":
             raise ValueError(f"--device {device} applies to --engine hf; this llama.cpp engine runs on the CPU")
-        from logitparity.capture.llamacpp import LlamaCppEngine
+        from logitparity.capture.llamacpp import OPTIONS, LlamaCppEngine
 
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown llama.cpp engine option(s) {unknown}; known: {', '.join(OPTIONS)}")
         return LlamaCppEngine(model, **options)
     raise ValueError(f"engine must be one of {ENGINES}, got {name!r}")
 

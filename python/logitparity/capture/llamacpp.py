@@ -46,9 +46,10 @@ import numpy as np
 
 from logitparity.capture.engine import Output, StopRule
 
-__all__ = ["LlamaCppEngine", "STOP_RULES", "TokenizerView", "llama_cpp_available"]
+__all__ = ["LlamaCppEngine", "OPTIONS", "STOP_RULES", "TokenizerView", "llama_cpp_available"]
 
 STOP_RULES = ("tokenizer", "llama.cpp")
+OPTIONS = ("n_ctx", "n_batch", "n_ubatch", "n_threads", "flash_attn", "stop_rule", "verbose")  # --engine-opt keys
 DEFAULT_N_CTX = 2048
 DEFAULT_N_BATCH = 512
 # The vendored llama.cpp commit of each llama-cpp-python release we have
@@ -71,7 +72,7 @@ def _import():
         import llama_cpp
         from llama_cpp._logger import set_verbose
     except Exception as e:  # noqa: BLE001
-        raise ModuleNotFoundError(
+        raise ValueError(  # a ValueError: the CLI reports it (exit 2) without a traceback
             f"the llama.cpp engine needs llama-cpp-python ({type(e).__name__}: {e}); build it with "
             "`CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install llama-cpp-python==0.3.36` (docs/engines.md)"
         ) from None
