@@ -424,3 +424,47 @@ def test_cli_dump_and_ppl_with_the_llama_cpp_engine(tmp_path, capsys):
     assert out["settings"]["scored"] == 2 * (64 - 1 - 32) and out["reference"]["dtype"] == "q4_1"
     assert main(["ppl", "--engine", "llama.cpp", "--windows", "llama.cpp", "--stride", "3"]) == 2
     assert "stride applies to windows='hf'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------
+# the protocol's driver with the HF adapter (no llama.cpp needed)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+def test_capture_engine_with_the_hf_adapter_writes_what_capture_writes(tmp_path, tiny_model_dir, torch_one_thread,
+                                                                       mode):
+    from logitparity.capture import capture, load_model
+    from logitparity.capture.engine import Engine, HFEngine, capture_engine
+    from logitparity.dump import load_dump
+    from logitparity.prompts import Prompt
+
+    ps = [Prompt(f"p{i}", "default", t) for i, t in enumerate(["The quick brown fox", "def add(a, b):", "Hola"])]
+    lm = load_model(tiny_model_dir)
+    eng = HFEngine(lm)
+    assert isinstance(eng, Engine)
+    capture(lm, ps, tmp_path / "a", mode=mode, max_new_tokens=5, batch_size=1, progress=False)
+    capture_engine(eng, ps, tmp_path / "b", mode=mode, max_new_tokens=5, batch_size=1, progress=False)
+    capture_engine(eng, None, tmp_path / "c", mode="score", reference_dump=tmp_path / "a", progress=False)
+    a, b, c = (load_dump(tmp_path / n) for n in "abc")
+    for key in ("engine", "model", "tokenizer", "dtype", "device", "decoding"):
+        assert a.manifest[key] == b.manifest[key], key
+    for r in a.records:
+        rb = b.record(r["id"])
+        for k in ("prompt_token_ids", "generated_token_ids", "stop_reason", "chat_template"):
+            assert r[k] == rb[k]
+        assert np.array_equal(a.logits(r["id"]), b.logits(r["id"]))
+        assert c.record(r["id"])["generated_token_ids"] == r["generated_token_ids"]
+        np.testing.assert_allclose(c.logits(r["id"]), a.logits(r["id"]), rtol=0, atol=1e-4)
+
+
+@needs_llama
+@pytest.mark.slow
+def test_demo_with_the_llama_cpp_engine(tmp_path, capsys):
+    from logitparity.cli import main
+
+    rc = main(["demo", "--engine", "llama.cpp", "--limit", "2", "--max-new-tokens", "4", "--policy", "quantized",
+               "--out", str(tmp_path / "demo")])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.startswith("PASS: policy 'quantized', 2 prompts"), out
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "llama.cpp 0.3.36" in report and "q4_1 / cpu" in report
