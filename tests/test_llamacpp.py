@@ -128,6 +128,13 @@ def test_tokenizer_identity_and_prompts_match_hf(engine, hf_lm):
     for p in load_prompts()[::5]:  # every category, templated and raw
         assert engine.encode(p.text, None) == hf.encode(p.text, None), p.id
         assert engine.encode(p.text, False) == hf.encode(p.text, False), p.id
+    from logitparity.ppl import DEFAULT_CORPUS, _tokenize
+
+    text = DEFAULT_CORPUS.read_text(encoding="utf-8")  # the whole bundled corpus: 22011 tokens either way
+    ours_ids, ours_text = _tokenize(engine.tokenizer, text, 4096)
+    theirs_ids, theirs_text = _tokenize(hf_lm.tokenizer, text, 4096)
+    assert np.array_equal(ours_ids, theirs_ids) and ours_text == theirs_text
+    assert np.array_equal(_tokenize(engine.tokenizer, text, None)[0], _tokenize(hf_lm.tokenizer, text, None)[0])
 
 
 @needs_llama
