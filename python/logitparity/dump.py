@@ -222,8 +222,12 @@ class Dump:
 
     ``manifest``: dict; ``records``: list of record dicts in capture order;
     ``storage``: 'full' or 'topk:K'; ``logits_dtype``: 'fp32' | 'fp16' | 'bf16';
-    ``vocab_size``: width of the logit rows (None for an empty dump).
+    ``vocab_size``: width of the logit rows (None for an empty dump);
+    ``lse_known``: False for a topk:K dump whose engine did not know each
+    row's log-sum-exp (manifest ``logits.lse = "unknown"``).
     """
+
+    lse_known: bool = True  # a class default, so subclasses that skip __init__ keep it
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
