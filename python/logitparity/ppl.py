@@ -8,7 +8,8 @@ end. Window w scores only the tokens no earlier window scored, i.e. those at
 or after the previous window's end, so every token is scored exactly once,
 with at least span − stride tokens of context (stride = span: disjoint
 windows). Without BOS the first token of the text has no prediction and is
-not scored.
+not scored. ``windows="llama.cpp"`` uses llama-perplexity's disjoint chunks
+instead (``plan_chunks``: the second half of each chunk scored).
 
 Token NLLs, log-sum-exps and KL come from the C++ core; Python only
 gathers rows and summarises. Every figure is defined in docs/perplexity.md.
