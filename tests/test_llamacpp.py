@@ -263,6 +263,10 @@ def test_context_too_small_is_a_clear_error(engine):
     with pytest.raises(ValueError, match=r"needs 1030 positions but the llama.cpp context holds n_ctx=1024; "
                                          r"pass n_ctx >= 1030"):
         engine.generate([[1] * 30], ["p"], max_new_tokens=1001, stop=StopRule((2,)))
+    with pytest.raises(ValueError, match="prompt 'q' has no tokens"):
+        engine.generate([[]], ["q"], max_new_tokens=1, stop=StopRule((2,)))
+    with pytest.raises(ValueError, match="score needs at least one prompt token"):
+        engine.score([[]], [[5]])
 
 
 @needs_llama
@@ -475,3 +479,20 @@ def test_demo_with_the_llama_cpp_engine(tmp_path, capsys):
     assert rc == 0 and out.startswith("PASS: policy 'quantized', 2 prompts"), out
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "llama.cpp 0.3.36" in report and "q4_1 / cpu" in report
+
+
+@needs_llama
+@pytest.mark.slow
+def test_llama_perplexity_printed_figure_is_reproduced():
+    """llama-perplexity -c 256 --chunks 16 -fa on on the bundled text printed
+    PPL = 21.9657 for the default Q4_1 GGUF (the measurement behind issue 12,
+    on a llama.cpp build of the same vendored tree); the engine with flash
+    attention on, ppl's llama.cpp windows on the same 16 chunks reproduce it
+    to its four printed decimals (21.9849 with flash attention off)."""
+    from logitparity.capture.llamacpp import LlamaCppEngine
+    from logitparity.ppl import perplexity
+
+    with LlamaCppEngine(None, n_ctx=512, flash_attn=True) as e:
+        res = perplexity(e, windows="llama.cpp", ctx=256, max_tokens=16 * 256, progress=False, bootstrap=0)
+    assert res.settings["windows"] == 16 and res.settings["scored"] == 16 * 127
+    assert f"{res.ref.ppl:.4f}" == "21.9657"

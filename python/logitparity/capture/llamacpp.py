@@ -425,6 +425,8 @@ class LlamaCppEngine:
 
     def _generate_one(self, prompt: list[int], pid: str, max_new_tokens: int, stop: StopRule,
                       sampler: Any) -> Output:
+        if not prompt:
+            raise ValueError(f"prompt {pid!r} has no tokens; generation needs at least one")
         self._check_fits(len(prompt) + max_new_tokens - 1, f"prompt {pid!r} ({len(prompt)} tokens) + {max_new_tokens} new")
         gen = sampler.generator(pid) if sampler is not None else None
         self._clear()
