@@ -43,7 +43,7 @@ from logitparity.policy import (
     standard_metrics,
 )
 from logitparity.stats import Rate, describe, rate
-from logitparity.topk_rows import TopRows, sorted_top, top_from_full, topk_row_metrics
+from logitparity.topk_rows import TopRows, sorted_top, top_from_full, topk_kl_bounds, topk_row_metrics
 
 __all__ = ["Comparison", "PromptResult", "compare_dumps"]
 
@@ -630,6 +630,7 @@ def compare_dumps(
     tok_prompt: list[np.ndarray] = []
     tok_pos: list[np.ndarray] = []
     mismatch_top1 = {"reference": 0, "candidate": 0}
+    kl_widths: list[np.ndarray] = []
     for pi, (r, c) in enumerate(pairs):
         rid = r["id"]
         rt = [int(t) for t in r["generated_token_ids"]]
@@ -668,6 +669,9 @@ def compare_dumps(
                                   ref_bf16=bf16_a, cand_bf16=bf16_b), a, b
 
         m, A, B = pair(slice(0, n_rows)) if n_rows else (None, None, None)
+        if m is not None and not (ref_d.lse_known and cand_d.lse_known):  # top-K engines without lse
+            wb = topk_kl_bounds(A, B, v)
+            kl_widths.append(wb.width_ref_cand[wb.unknown])
         tgt = tgt_all[:n_rows]
         if mode == "teacher-forced" and m is not None:
             agree = m.argmax_cand == tgt
@@ -719,6 +723,16 @@ def compare_dumps(
                 f"{side}: {count} compared positions where the generated token is not the top-1 of the stored "
                 "logits (ties, or a logit processor was active during capture)"
             )
+    if not (ref_d.lse_known and cand_d.lse_known):
+        w = np.concatenate(kl_widths) if kl_widths else np.zeros(0)
+        sides = " and ".join(n for n, d in (("reference", ref_d), ("candidate", cand_d)) if not d.lse_known)
+        notes.append(
+            f"the {sides} stored top-{k_top} logits without their log-sum-exp (logits.lse = 'unknown'): KL is the "
+            "lowest value over every admissible normalizer (unstored logits at most the K-th, tail mass >= 0), a "
+            f"lower bound; the KL(ref || cand) range width over {w.size} rows: median {np.median(w) if w.size else float('nan'):.4g}, "
+            f"max {w.max() if w.size else float('nan'):.4g} nats (inf: the tail may be empty while the other side has "
+            "mass there); NLL, delta-p and JS are not available for those rows"
+        )
     if only_ref or only_cand:
         notes.append(f"prompts on one side only (not compared): reference {len(only_ref)}, candidate {len(only_cand)}")
     tokens = _concat(parts, ks)

@@ -222,8 +222,12 @@ class Dump:
 
     ``manifest``: dict; ``records``: list of record dicts in capture order;
     ``storage``: 'full' or 'topk:K'; ``logits_dtype``: 'fp32' | 'fp16' | 'bf16';
-    ``vocab_size``: width of the logit rows (None for an empty dump).
+    ``vocab_size``: width of the logit rows (None for an empty dump);
+    ``lse_known``: False for a topk:K dump whose engine did not know each
+    row's log-sum-exp (manifest ``logits.lse = "unknown"``).
     """
+
+    lse_known: bool = True  # a class default, so subclasses that skip __init__ keep it
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -239,6 +243,9 @@ class Dump:
         if self.logits_dtype not in LOGITS_DTYPES:
             raise ValueError(f"{self.path / MANIFEST}: logits dtype must be one of {sorted(LOGITS_DTYPES)}, got {self.logits_dtype!r}")
         self.vocab_size: int | None = logits.get("vocab_size")
+        # top-K engines that do not know a row's log-sum-exp say logits.lse = "unknown"
+        # and write only topk_values and topk_indices (compare then bounds KL)
+        self.lse_known: bool = not (self.k is not None and logits.get("lse") == "unknown")
         self.records = read_records(self.path / RECORDS)
         self._by_id = {r["id"]: r for r in self.records}
         self._headers: dict[str, dict[str, Any]] = {}
@@ -246,7 +253,8 @@ class Dump:
         self._check_tensors()
 
     def _check_tensors(self) -> None:
-        names = ("logits",) if self.k is None else ("topk_values", "topk_indices", "lse", "tail_mass")
+        names = ("logits",) if self.k is None else ("topk_values", "topk_indices", "lse", "tail_mass")[
+            :4 if self.lse_known else 2]
         for r in self.records:
             shard = r["shard"]
             if shard not in self._headers:
@@ -310,6 +318,10 @@ class Dump:
             raise ValueError(f"{self.path} stores full logits; use .logits({prompt_id!r}) (and logitparity.topk for the top-K)")
         r = self.record(prompt_id)
         t = r["tensors"]
+        if not self.lse_known:  # NaN: unknown (with finite values; docs/dump-format.md)
+            unknown = np.full(r["n_positions"], np.nan)
+            return (self._tensor(r["shard"], t["topk_values"]), self._tensor(r["shard"], t["topk_indices"]),
+                    unknown, unknown.copy())
         return tuple(self._tensor(r["shard"], t[n]) for n in ("topk_values", "topk_indices", "lse", "tail_mass"))  # type: ignore[return-value]
 
 

@@ -8,7 +8,8 @@ end. Window w scores only the tokens no earlier window scored, i.e. those at
 or after the previous window's end, so every token is scored exactly once,
 with at least span − stride tokens of context (stride = span: disjoint
 windows). Without BOS the first token of the text has no prediction and is
-not scored.
+not scored. ``windows="llama.cpp"`` uses llama-perplexity's disjoint chunks
+instead (``plan_chunks``: the second half of each chunk scored).
 
 Token NLLs, log-sum-exps and KL come from the C++ core; Python only
 gathers rows and summarises. Every figure is defined in docs/perplexity.md.
@@ -32,8 +33,8 @@ from logitparity.baseline_cache import TOKENIZER_KEYS, BaselineCache, BaselineCa
 from logitparity.metrics import compare_logits, logsumexp, nll as _nll, topk as _topk
 from logitparity.stats import Describe, Rate, describe, format_mean_se, rate
 
-__all__ = ["DEFAULT_CORPUS", "PairFigures", "PerplexityResult", "PplFigures", "Window", "perplexity",
-           "plan_windows"]
+__all__ = ["DEFAULT_CORPUS", "PairFigures", "PerplexityResult", "PplFigures", "WINDOW_SCHEMES", "Window",
+           "perplexity", "plan_chunks", "plan_windows"]
 
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "pride_and_prejudice.txt"
 DEFAULT_CTX = 512
@@ -47,6 +48,13 @@ SCORING_NOTE = (
 
 # --------------------------------------------------------------------------
 # windows
+
+WINDOW_SCHEMES = ("hf", "llama.cpp")
+CHUNK_NOTE = (
+    "llama-perplexity's scheme: disjoint chunks of ctx positions, each chunk's first position BOS (when the "
+    "tokenizer adds one to a text; it replaces the chunk's first token), the positions from score_from on "
+    "scored (default ctx/2: the second half)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +98,43 @@ def plan_windows(n_tokens: int, ctx: int, stride: int, bos: bool) -> list[Window
         if end == n_tokens:
             return windows
         prev_end, begin = end, begin + stride
+
+
+def plan_chunks(n_tokens: int, ctx: int, bos: bool, score_from: int | None = None) -> list[Window]:
+    """llama-perplexity's windows over n_tokens text tokens (BOS excluded).
+
+    llama.cpp tokenizes the whole text (BOS first when the vocabulary adds
+    one), cuts the token array into n_chunk = len // ctx disjoint chunks of
+    ctx positions, overwrites each chunk's first token with BOS (when it adds
+    one), and scores the predictions made at chunk positions score_from …
+    ctx − 2, i.e. the chunk tokens score_from + 1 … ctx − 1 (default
+    score_from = ctx // 2, so ctx − 1 − ctx // 2 tokens per chunk). In text
+    token indices, chunk c feeds BOS + text[c·ctx, (c+1)·ctx − 1) and scores
+    [c·ctx + score_from, (c+1)·ctx − 1) with BOS, or feeds text[c·ctx,
+    (c+1)·ctx) and scores [c·ctx + score_from + 1, (c+1)·ctx) without.
+    Tokens past the last whole chunk are not scored (llama-perplexity further
+    refuses texts of fewer than 2·ctx tokens; one chunk is enough here).
+    """
+    if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2:
+        raise ValueError(f"ctx must be an int >= 2 (one context and one scored position), got {ctx!r}")
+    first = ctx // 2 if score_from is None else score_from
+    if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first <= ctx - 2:
+        raise ValueError(f"score_from must be an int in [0, {ctx - 2}] (ctx − 2: the last position that predicts "
+                         f"a token of the chunk), got {score_from!r}")
+    n_array = n_tokens + (1 if bos else 0)
+    n_chunk = n_array // ctx
+    if n_chunk < 1:
+        raise ValueError(
+            f"the text has {n_tokens} token(s){' (+ BOS)' if bos else ''}, fewer than one chunk of ctx={ctx}; "
+            f"pass a longer text or a smaller ctx (llama-perplexity itself wants at least 2·ctx = {2 * ctx})"
+        )
+    out = []
+    for c in range(n_chunk):
+        if bos:
+            out.append(Window(c * ctx, (c + 1) * ctx - 1, c * ctx + first))
+        else:
+            out.append(Window(c * ctx, (c + 1) * ctx, c * ctx + first + 1))
+    return out
 
 
 def _batches(windows: Sequence[Window], batch_size: int) -> Iterator[list[Window]]:
@@ -321,8 +366,12 @@ def _markdown(r: PerplexityResult) -> str:
                  f"{t['tokens']} tokens")
     bos = f"BOS {s['bos_token']!r} + {s['ctx'] - 1} text tokens" if s["bos_token_id"] is not None else \
         "no BOS: the text's first token is not scored"
-    lines.append(f"- windows: {s['windows']} of ctx {s['ctx']} ({bos}), stride {s['stride']}; "
-                 f"{s['scored']} tokens scored; {SCORING_NOTE}")
+    if s.get("scheme") == "llama.cpp":
+        lines.append(f"- windows: {s['windows']} llama.cpp chunks of ctx {s['ctx']} ({bos}), scored from "
+                     f"position {s['score_from']}; {s['scored']} tokens scored; {CHUNK_NOTE}")
+    else:
+        lines.append(f"- windows: {s['windows']} of ctx {s['ctx']} ({bos}), stride {s['stride']}; "
+                     f"{s['scored']} tokens scored; {SCORING_NOTE}")
     lines += ["", "| figure | | reference | " + ("candidate |" if r.cand else ""),
               "|---|---|---|" + ("---|" if r.cand else "")]
     rows = [
@@ -423,8 +472,8 @@ def _text_counts(covered: str) -> dict[str, int]:
 
 def _load(spec: Any, dtype: str, device: str):
     """A LoadedModel from a path / None (default model) / an already loaded model."""
-    if hasattr(spec, "model") and hasattr(spec, "tokenizer"):
-        return spec
+    if (hasattr(spec, "model") and hasattr(spec, "tokenizer")) or hasattr(spec, "score"):
+        return spec  # a LoadedModel or a capture engine
     from logitparity.capture.hf import load_model
 
     return load_model(spec, dtype=dtype, device=device)
@@ -441,6 +490,9 @@ def _describe_side(lm: Any) -> dict[str, Any]:
 
 
 def _max_context(lm: Any) -> int | None:
+    if not hasattr(lm, "model"):  # a capture engine
+        n = getattr(lm, "max_context", None)
+        return int(n) if isinstance(n, int) else None
     n = getattr(lm.model.config, "max_position_embeddings", None)
     return int(n) if isinstance(n, int) else None
 
@@ -462,6 +514,9 @@ def _forward(lm: Any, token_ids: np.ndarray, group: list[Window], bos_id: int | 
     head = [bos_id] if bos_id is not None else []
     prompts = [head + token_ids[w.begin:w.first].tolist() for w in group]
     conts = [token_ids[w.first:w.end].tolist() for w in group]
+    if not hasattr(lm, "model"):  # a capture engine (capture.engine): numpy rows
+        rows = lm.score(prompts, conts)
+        return rows[0] if len(rows) == 1 else np.concatenate(rows, 0)
     pad = getattr(lm.tokenizer, "pad_token_id", None)
     rows = score_batch(lm.model, prompts, conts, device=lm.device, pad_id=pad if pad is not None else 0)
     return rows[0] if len(rows) == 1 else _cat(rows)
@@ -475,6 +530,8 @@ def _cat(rows: list[Any]):
 
 def _host_rows(logits: Any) -> tuple[np.ndarray, bool]:
     """Torch CPU logits [n, V] -> (numpy fp32/fp16, or uint16 bf16 bits; is_bf16)."""
+    if isinstance(logits, np.ndarray):
+        return logits, False
     import torch
 
     x = logits.contiguous()
@@ -552,17 +609,39 @@ class _Plan:
 
 
 def _make_plan(token_ids: np.ndarray, ctx: int, stride: int, bos_id: int | None, bos_token: str | None,
-               max_tokens: int | None, text: dict[str, Any], tokenizer: dict[str, Any]) -> _Plan:
-    windows = plan_windows(int(token_ids.size), ctx, stride, bos_id is not None)
+               max_tokens: int | None, text: dict[str, Any], tokenizer: dict[str, Any], *,
+               scheme: str = "hf", score_from: int | None = None) -> _Plan:
+    if scheme == "llama.cpp":
+        windows = plan_chunks(int(token_ids.size), ctx, bos_id is not None, score_from)
+        stride = ctx
+    else:
+        windows = plan_windows(int(token_ids.size), ctx, stride, bos_id is not None)
     settings = {"ctx": ctx, "stride": stride, "bos_token_id": bos_id, "bos_token": bos_token,
                 "max_tokens": max_tokens, "windows": len(windows), "scored": sum(w.scored for w in windows),
-                "recipe": SCORING_NOTE}
+                "recipe": SCORING_NOTE if scheme == "hf" else CHUNK_NOTE}
+    if scheme != "hf":
+        settings["scheme"] = scheme
+        settings["score_from"] = ctx // 2 if score_from is None else score_from
     return _Plan(token_ids, windows, bos_id, text, settings, tokenizer)
 
 
+def _adds_bos(tok: Any) -> bool:
+    """Whether the tokenizer starts a plain text with its BOS token (llama.cpp:
+    the vocabulary's add_bos flag), the rule of llama-perplexity's chunks."""
+    if hasattr(tok, "add_bos"):
+        return bool(tok.add_bos)
+    bos = getattr(tok, "bos_token_id", None)
+    return bos is not None and list(tok("a")["input_ids"][:1]) == [bos]
+
+
 def _plan_from_text(ref_lm: Any, cand_lm: Any, txt: str, name: str, *, ctx: int | None, stride: int | None,
-                    max_tokens: int | None, add_bos: bool | None) -> _Plan:
+                    max_tokens: int | None, add_bos: bool | None, scheme: str = "hf",
+                    score_from: int | None = None) -> _Plan:
     ctx = DEFAULT_CTX if ctx is None else ctx
+    if scheme == "llama.cpp" and stride is not None:
+        raise ValueError("stride applies to windows='hf'; llama.cpp's chunks are disjoint (stride = ctx)")
+    if scheme == "hf" and score_from is not None:
+        raise ValueError("score_from applies to windows='llama.cpp'; the HF recipe scores past the previous window")
     stride = max(1, ctx // 2) if stride is None else stride
     tok, ident = ref_lm.tokenizer, ref_lm.identity["tokenizer"]
     if cand_lm is not None:
@@ -573,13 +652,16 @@ def _plan_from_text(ref_lm: Any, cand_lm: Any, txt: str, name: str, *, ctx: int 
                     "compared token by token when both tokenize the text identically"
                 )
     bos_id = getattr(tok, "bos_token_id", None) if add_bos is not False else None
+    if scheme == "llama.cpp" and add_bos is None and not _adds_bos(tok):
+        bos_id = None  # llama-perplexity adds BOS only where the tokenizer adds it to a text
     if add_bos and bos_id is None:
         raise ValueError("add_bos=True but the tokenizer has no BOS token; leave add_bos unset")
     token_ids, covered = _tokenize(tok, txt, max_tokens)
     text = {"name": name, "sha256": text_sha256(txt), "tokens": int(token_ids.size),
             "truncated": covered != txt, **_text_counts(covered)}
     bos_token = getattr(tok, "bos_token", None) if bos_id is not None else None
-    return _make_plan(token_ids, ctx, stride, bos_id, bos_token, max_tokens, text, ident)
+    return _make_plan(token_ids, ctx, stride, bos_id, bos_token, max_tokens, text, ident, scheme=scheme,
+                      score_from=score_from)
 
 
 def _plan_from_cache(cache: BaselineCache, cand_lm: Any, given: tuple[str, str] | None, *, ctx: int | None,
@@ -690,6 +772,8 @@ def perplexity(
     seed: int = 0,
     threads: int | None = None,
     progress: bool = True,
+    windows: str = "hf",
+    score_from: int | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` (the reference) on a text and, with
     ``candidate``, the candidate's perplexity and its distance from the
@@ -713,7 +797,16 @@ def perplexity(
     (None: when it has one; True without one is an error). batch_size:
     windows per forward pass. bootstrap, seed: paired
     bootstrap resamples for the ΔPPL interval. threads: core threads.
+    windows: "hf" (the sliding windows above) or "llama.cpp"
+    (llama-perplexity's disjoint chunks, ``plan_chunks``; stride unused,
+    ``score_from`` the first scored chunk position, default ctx // 2).
+    model and candidate may also be capture engines (capture.engine, e.g.
+    a LlamaCppEngine): their ``score`` produces the rows.
     """
+    if windows not in WINDOW_SCHEMES:
+        raise ValueError(f"windows must be one of {WINDOW_SCHEMES}, got {windows!r}")
+    if windows != "hf" and (baseline_cache is not None or save_baseline is not None):
+        raise ValueError("baseline caches record the HF windows only; use windows='hf' with a baseline cache")
     cache = None
     if baseline_cache is not None:
         if model is not None:
@@ -736,7 +829,7 @@ def perplexity(
                                 add_bos=add_bos)
     else:
         plan = _plan_from_text(ref_lm, cand_lm, *given, ctx=ctx, stride=stride, max_tokens=max_tokens,
-                               add_bos=add_bos)
+                               add_bos=add_bos, scheme=windows, score_from=score_from)
     for lm, role in ((ref_lm, "reference"), (cand_lm, "candidate")):
         if lm is not None:
             _check_context(lm, plan.settings["ctx"], role)

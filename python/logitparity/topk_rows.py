@@ -15,7 +15,8 @@ import numpy as np
 
 from logitparity.metrics import RowMetrics, logsumexp, topk as _topk
 
-__all__ = ["TopRows", "sorted_top", "top_from_full", "topk_row_metrics"]
+__all__ = ["KlBounds", "TopRows", "lse_interval", "sorted_top", "top_from_full", "topk_kl_bounds",
+           "topk_row_metrics", "unknown_lse"]
 
 
 @dataclasses.dataclass
@@ -93,6 +94,126 @@ def _bucket_divergences(lp: np.ndarray, lq: np.ndarray, tp: np.ndarray, tq: np.n
     return np.maximum(kl_pq, 0.0), np.maximum(kl_qp, 0.0), np.maximum(js, 0.0)
 
 
+# --------------------------------------------------------------------------
+# engines that store top-K logits without the row's log-sum-exp
+#
+# Such a row (lse NaN while its K values are finite) fixes the probabilities
+# of its K tokens only up to the normalizer L: every unstored token's logit is
+# at most the K-th value, so L lies in [L_lo, L_hi] with L_lo = log Σ_K exp(v)
+# (no mass outside the K) and L_hi = log(exp(L_lo) + (V − K)·exp(v_K)). With
+# x = exp(−L) the bucket distribution (x·exp(v_i) on the kept tokens, 1 −
+# x·Σ exp(v) for the rest) is affine in x, so each bucket KL is a convex
+# function of (x_ref, x_cand): its minimum over the box (found by nested
+# ternary search) is a lower bound of the full KL for every admissible
+# normalizer, and its maximum sits at a corner. The minimum is what
+# topk_row_metrics reports; the width (max − min) says how much the unknown
+# normalizer leaves open (+inf when the other side has mass outside the
+# shared buckets and the tail may be empty).
+
+_TERNARY_STEPS = 48  # shrinks the x interval by (2/3)^48 ≈ 4e-9 of its width
+
+
+def unknown_lse(side: TopRows) -> np.ndarray:
+    """Rows of a top-K side whose log-sum-exp is unknown: lse NaN while every
+    stored value is finite (a NaN lse with non-finite values is a NaN row)."""
+    if side.full is not None:
+        return np.zeros(side.values.shape[0], dtype=bool)
+    return np.isnan(side.lse) & np.isfinite(side.values).all(-1)
+
+
+def lse_interval(values: np.ndarray, v: int) -> tuple[np.ndarray, np.ndarray]:
+    """[L_lo, L_hi] of rows of K values (sorted descending) from a
+    vocabulary of v tokens (see above), float64."""
+    x = np.asarray(values, np.float64)
+    m = x.max(-1)
+    lo = m + np.log(np.exp(x - m[:, None]).sum(-1))
+    rest = v - x.shape[1]
+    hi = np.logaddexp(lo, np.log(rest) + x[:, -1]) if rest > 0 else lo
+    return lo, hi
+
+
+@dataclasses.dataclass
+class KlBounds:
+    """Per row: the bucket KL both ways at its minimum and maximum over the
+    admissible normalizers, and which rows had an unknown normalizer (rows
+    with known normalizers have lo == hi)."""
+
+    kl_ref_cand_lo: np.ndarray
+    kl_ref_cand_hi: np.ndarray
+    kl_cand_ref_lo: np.ndarray
+    kl_cand_ref_hi: np.ndarray
+    unknown: np.ndarray
+
+    @property
+    def width_ref_cand(self) -> np.ndarray:
+        return self.kl_ref_cand_hi - self.kl_ref_cand_lo
+
+
+def _with_lse(side: TopRows, lse: np.ndarray) -> TopRows:
+    with np.errstate(invalid="ignore", over="ignore"):
+        tail = np.clip(1.0 - np.exp(side.values - lse[:, None]).sum(-1), 0.0, 1.0)
+    return TopRows(side.values, side.indices, lse, tail, side.full, side.bf16)
+
+
+def _bucket_kl(a: TopRows, b: TopRows, v: int) -> tuple[np.ndarray, np.ndarray]:
+    """KL both ways on the shared buckets + tail (as topk_row_metrics)."""
+    u = np.sort(np.concatenate([a.indices, b.indices], axis=1), axis=1)
+    dup = np.zeros_like(u, dtype=bool)
+    dup[:, 1:] = u[:, 1:] == u[:, :-1]
+    u = np.where(dup | (u >= v), -1, u)
+    lpa, ka = _known_logprobs(a, u)
+    lpb, kb = _known_logprobs(b, u)
+    both = ka & kb & (u >= 0)
+    lpa_b, lpb_b = np.where(both, lpa, -np.inf), np.where(both, lpb, -np.inf)
+    kl_ab, kl_ba, _ = _bucket_divergences(lpa_b, lpb_b, _tail_mass(a, lpa_b), _tail_mass(b, lpb_b))
+    return kl_ab, kl_ba
+
+
+def topk_kl_bounds(a: TopRows, b: TopRows, v: int) -> KlBounds:
+    """KL bounds of top-K rows whose log-sum-exp may be unknown on either
+    side (module notes above). Known sides keep their lse."""
+    ua, ub = unknown_lse(a), unknown_lse(b)
+
+    def box(side: TopRows, unk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lse = np.asarray(side.lse, np.float64)
+        if not unk.any():
+            return lse, lse
+        lo, hi = lse_interval(side.values, v)
+        return np.where(unk, lo, lse), np.where(unk, hi, lse)
+
+    la_lo, la_hi = box(a, ua)
+    lb_lo, lb_hi = box(b, ub)
+
+    def at(la: np.ndarray, lb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return _bucket_kl(_with_lse(a, la), _with_lse(b, lb), v)
+
+    corners = [at(x, y) for x in (la_lo, la_hi) for y in (lb_lo, lb_hi)]
+    hi_ab = np.max([c[0] for c in corners], axis=0)
+    hi_ba = np.max([c[1] for c in corners], axis=0)
+
+    def minimize(which: int) -> np.ndarray:
+        def inner(la: np.ndarray) -> np.ndarray:  # min over b's normalizer, ternary search in x = exp(-L)
+            xl, xh = np.exp(-lb_hi), np.exp(-lb_lo)
+            for _ in range(_TERNARY_STEPS if ub.any() else 0):
+                m1, m2 = xl + (xh - xl) / 3, xh - (xh - xl) / 3
+                f1, f2 = at(la, -np.log(m1))[which], at(la, -np.log(m2))[which]
+                left = f1 <= f2  # the minimum lies in [xl, m2]
+                xh, xl = np.where(left, m2, xh), np.where(left, xl, m1)
+            return at(la, -np.log(0.5 * (xl + xh)) if ub.any() else lb_lo)[which]
+
+        xl, xh = np.exp(-la_hi), np.exp(-la_lo)
+        for _ in range(_TERNARY_STEPS if ua.any() else 0):
+            m1, m2 = xl + (xh - xl) / 3, xh - (xh - xl) / 3
+            f1, f2 = inner(-np.log(m1)), inner(-np.log(m2))
+            left = f1 <= f2
+            xh, xl = np.where(left, m2, xh), np.where(left, xl, m1)
+        best = inner(-np.log(0.5 * (xl + xh)) if ua.any() else la_lo)
+        # the corners are admissible too: never report more than their minimum
+        return np.minimum(best, np.min([c[which] for c in corners], axis=0))
+
+    return KlBounds(minimize(0), hi_ab, minimize(1), hi_ba, ua | ub)
+
+
 def topk_row_metrics(a: TopRows, b: TopRows, targets: np.ndarray, ks: Sequence[int], v: int) -> RowMetrics:
     """RowMetrics from top-K data over token ids < v.
 
@@ -105,6 +226,13 @@ def topk_row_metrics(a: TopRows, b: TopRows, targets: np.ndarray, ks: Sequence[i
     known tokens only.
     """
     n = a.values.shape[0]
+    ua, ub = unknown_lse(a), unknown_lse(b)
+    bounds = topk_kl_bounds(a, b, v) if (ua.any() or ub.any()) else None
+    if bounds is not None:  # the rest below uses the normalizer at the low end of the KL range
+        lo_a, _ = lse_interval(a.values, v) if ua.any() else (a.lse, None)
+        lo_b, _ = lse_interval(b.values, v) if ub.any() else (b.lse, None)
+        a = _with_lse(a, np.where(ua, lo_a, a.lse)) if ua.any() else a
+        b = _with_lse(b, np.where(ub, lo_b, b.lse)) if ub.any() else b
     u = np.sort(np.concatenate([a.indices, b.indices], axis=1), axis=1)
     dup = np.zeros_like(u, dtype=bool)
     dup[:, 1:] = u[:, 1:] == u[:, :-1]
@@ -116,6 +244,11 @@ def topk_row_metrics(a: TopRows, b: TopRows, targets: np.ndarray, ks: Sequence[i
     lpb_b = np.where(both, lpb, -np.inf)
     ta, tb = _tail_mass(a, lpa_b), _tail_mass(b, lpb_b)
     kl_ab, kl_ba, js = _bucket_divergences(lpa_b, lpb_b, ta, tb)
+    if bounds is not None:  # lower bounds over every admissible normalizer; JS, NLL, Δp are not defined
+        unk = bounds.unknown
+        kl_ab = np.where(unk, bounds.kl_ref_cand_lo, kl_ab)
+        kl_ba = np.where(unk, bounds.kl_cand_ref_lo, kl_ba)
+        js = np.where(unk, np.nan, js)
     any_both = both.any(-1)
     # -inf on one side only gives +inf; -inf on both sides and tokens not
     # known on both are left out (-1)
@@ -138,6 +271,10 @@ def topk_row_metrics(a: TopRows, b: TopRows, targets: np.ndarray, ks: Sequence[i
     nll_a = np.where(kta[:, 0] & (t >= 0), -lta[:, 0], np.nan)
     nll_b = np.where(ktb[:, 0] & (t >= 0), -ltb[:, 0], np.nan)
     delta_p = np.where(kt, np.exp(ltb[:, 0]) - np.exp(lta[:, 0]), np.nan)
+    if bounds is not None:  # probabilities need the normalizer
+        nll_a, nll_b = np.where(ua, np.nan, nll_a), np.where(ub, np.nan, nll_b)
+        delta_p = np.where(ua | ub, np.nan, delta_p)
+        max_abs_logprob = np.where(ua | ub, np.nan, max_abs_logprob)
     K = min(a.indices.shape[1], b.indices.shape[1])
     overlap = {}
     for k in ks:
@@ -152,7 +289,7 @@ def topk_row_metrics(a: TopRows, b: TopRows, targets: np.ndarray, ks: Sequence[i
         return np.where(bad, np.nan, x)
 
     return RowMetrics(
-        lse_ref=a.lse.astype(np.float64), lse_cand=b.lse.astype(np.float64),
+        lse_ref=np.where(ua, np.nan, a.lse.astype(np.float64)), lse_cand=np.where(ub, np.nan, b.lse.astype(np.float64)),
         kl_ref_cand=fl(kl_ab), kl_cand_ref=fl(kl_ba), js=fl(js), cosine=nan.copy(),
         max_abs_logit=fl(max_abs_logit), mean_abs_logit=nan.copy(), max_abs_logprob=fl(max_abs_logprob),
         entropy_ref=nan.copy(), entropy_cand=nan.copy(), margin_ref=_margin(a.values), margin_cand=_margin(b.values),

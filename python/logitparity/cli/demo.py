@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "6 min 45 s against 38 s for 1 with 12 prompts x 24 tokens, from oversubscribed cores)")
     p.add_argument("--policy", default="fp16", help="fp16 (default), quantized, lossless or a TOML file")
     p.add_argument("--top-worst", type=int, default=5, metavar="N", help="worst prompts in the report (default 5)")
+    p.add_argument("--engine", choices=("hf", "llama.cpp"), default="hf",
+                   help="candidate engine: hf (bf16, default) or llama.cpp (the GGUF run natively, Q4_1)")
 
 
 def spread(prompts: list, limit: int) -> list:
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     policy = load_policy(args.policy)  # fail early on a typo
     out = Path(args.out)
-    ref_dir, cand_dir = out / "reference-fp32", out / "candidate-bf16"
+    ref_dir, cand_dir = out / "reference-fp32", out / ("candidate-bf16" if args.engine == "hf" else "candidate-llama.cpp")
     for d in (ref_dir, cand_dir):
         if d.exists():
             raise ValueError(f"{d} already exists; pass another --out or delete it")
@@ -75,6 +77,13 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     for dtype, path in (("fp32", ref_dir), ("bf16", cand_dir)):
+        if path.name == "candidate-llama.cpp":  # the same GGUF, run by llama.cpp (capture/llamacpp.py)
+            from logitparity.capture.engine import capture_engine, load_engine
+
+            print(f"[demo] capturing the default GGUF with llama.cpp -> {path}", file=sys.stderr)
+            with load_engine("llama.cpp", None, options={"n_threads": args.threads}) as engine:
+                capture_engine(engine, prompts, path, max_new_tokens=args.max_new_tokens, progress=False)
+            continue
         print(f"[demo] capturing the default model in {dtype} on {len(prompts)} prompts x "
               f"{args.max_new_tokens} tokens -> {path}", file=sys.stderr)
         lm = load_model(None, dtype=dtype)

@@ -31,10 +31,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted dump in --out")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N prompts")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--engine", choices=("hf", "llama.cpp"), default="hf",
+                        help="hf (transformers, default) or llama.cpp (llama-cpp-python on a .gguf; docs/engines.md)")
+    parser.add_argument("--engine-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="llama.cpp engine setting (repeatable): n_threads, n_ctx, n_batch, n_ubatch, "
+                             "flash_attn=on|off, stop_rule=tokenizer|llama.cpp")
 
 
 def _terminate(signum, frame):  # SIGTERM flushes finished prompts like Ctrl-C
     raise KeyboardInterrupt
+
+
+def _capture_llamacpp(args: argparse.Namespace):
+    from logitparity.capture.engine import capture_engine, load_engine, parse_engine_options
+
+    if args.engine_opt and args.engine == "hf":
+        raise ValueError("--engine-opt applies to --engine llama.cpp")
+    with load_engine(args.engine, args.model, dtype=args.dtype, device=args.device,
+                     options=parse_engine_options(args.engine_opt)) as engine:
+        return capture_engine(
+            engine, args.prompts, args.out, mode=args.mode, reference_dump=args.reference_dump,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, logits=args.logits,
+            logits_dtype=args.logits_dtype, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+            stop_token_ids=args.stop_token_id, chat_template=False if args.no_chat_template else None,
+            resume=args.resume, progress=not args.no_progress, limit=args.limit,
+            shard_bytes=max(1, int(args.shard_mb * (1 << 20))))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        out = capture(
+        out = _capture_llamacpp(args) if args.engine != "hf" else capture(
             args.model,
             args.prompts,
             args.out,

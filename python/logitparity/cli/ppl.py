@@ -38,19 +38,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="OUT", help="write every figure as JSON")
     p.add_argument("--report", metavar="OUT", help="write the markdown report")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--windows", choices=("hf", "llama.cpp"), default="hf",
+                   help="hf: sliding windows (default); llama.cpp: llama-perplexity's disjoint chunks, "
+                        "second half scored")
+    p.add_argument("--score-from", type=int, metavar="K", help="--windows llama.cpp: first scored chunk "
+                   "position (default ctx/2)")
+    p.add_argument("--engine", choices=("hf", "llama.cpp"), default="hf",
+                   help="engine of the reference (hf default; llama.cpp runs the .gguf natively)")
+    p.add_argument("--candidate-engine", choices=("hf", "llama.cpp"), help="engine of the candidate "
+                   "(default: --engine)")
+    p.add_argument("--engine-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="llama.cpp engine setting (repeatable): n_threads, n_ctx, n_batch, flash_attn=on|off")
 
 
 def run(args: argparse.Namespace) -> int:
     from logitparity.ppl import perplexity
 
+    model, candidate = _engines(args)
     result = perplexity(
-        args.model, text_file=args.text, candidate=args.candidate, ctx=args.ctx, stride=args.stride,
+        model, text_file=args.text, candidate=candidate, ctx=args.ctx, stride=args.stride,
         batch_size=args.batch_size, dtype=args.dtype, device=args.device,
         candidate_dtype=args.candidate_dtype, candidate_device=args.candidate_device,
         baseline_cache=args.baseline_cache, save_baseline=args.save_baseline, cache_topk=args.cache_topk,
         cache_dtype=args.cache_dtype, max_tokens=args.max_tokens,
         add_bos=False if args.no_bos else None, bootstrap=args.bootstrap, seed=args.seed,
         threads=args.threads, progress=not args.no_progress and sys.stderr.isatty(),
+        windows=args.windows, score_from=args.score_from,
     )
     md = result.to_markdown()
     print(md, end="")
@@ -59,3 +72,38 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         result.write_markdown(args.report)
     return 0
+
+
+def _engines(args: argparse.Namespace):
+    """--model / --candidate as paths (hf) or loaded llama.cpp engines. With
+    --candidate-engine and no --candidate, the candidate is the reference's
+    model file run by the other engine (the default model when neither is
+    given: its GGUF for llama.cpp, its fp32 conversion for hf)."""
+    from logitparity.capture.engine import load_engine, parse_engine_options
+
+    cand_engine = args.candidate_engine or args.engine
+    if "llama.cpp" not in (args.engine, cand_engine):
+        if args.engine_opt:
+            raise ValueError("--engine-opt applies to --engine llama.cpp / --candidate-engine llama.cpp")
+        return args.model, args.candidate
+    if args.baseline_cache and args.engine == "llama.cpp":
+        raise ValueError("--engine llama.cpp runs the reference live; leave out --baseline-cache")
+    opts = parse_engine_options(args.engine_opt)
+    opts.setdefault("n_ctx", max(args.ctx or 512, 512))
+
+    def side(engine: str, path, candidate: bool = False):
+        if engine == "llama.cpp":
+            return load_engine("llama.cpp", path, options=opts)
+        if path is None and candidate:  # for the reference, None already means the default model
+            from logitparity.models import default_model_dir
+
+            return str(default_model_dir())
+        return path
+
+    model = side(args.engine, args.model) if not args.baseline_cache else None
+    candidate = args.candidate
+    if candidate is None and args.candidate_engine is not None:
+        candidate = args.model if args.model is not None else "default"
+    if candidate is not None:
+        candidate = side(cand_engine, None if candidate == "default" else candidate, candidate=True)
+    return model, candidate
