@@ -303,23 +303,12 @@ def is_valid_json(text: str) -> bool:
 
 
 def _auto_decoder(manifest: dict) -> Callable[[Sequence[int]], str] | None:
-    """A token-id decoder from the manifest's tokenizer or model directory,
-    local files only; None when there is none."""
-    cands = [_get(manifest, "tokenizer", "path"), _get(manifest, "model", "tokenizer_path"),
-             _get(manifest, "model", "hf_dir"), _get(manifest, "model", "path")]
-    for path in cands:
-        if not path or not Path(str(path)).is_dir():
-            continue
-        if not any((Path(str(path)) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            continue
-        try:
-            from transformers import AutoTokenizer  # lazily: only to decode text
+    """A token-id decoder from the manifest's tokenizer or model directory
+    (its tokenizer.json, checked against tokens_hash; no transformers
+    import); None when there is none."""
+    from logitparity._tokentext import auto_decoder
 
-            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except Exception:  # noqa: BLE001 - any loader failure means: show ids
-            continue
-        return lambda ids, tok=tok: tok.decode(list(ids), skip_special_tokens=False)
-    return None
+    return auto_decoder(manifest)
 
 
 # --------------------------------------------------------------------------
