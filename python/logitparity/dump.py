@@ -50,6 +50,13 @@ RECORDS = "records.jsonl"
 SHARD_RE = re.compile(r"^shard-(\d{5})\.safetensors$")
 DEFAULT_SHARD_BYTES = 256 << 20
 DEFAULT_FLUSH_SECONDS = 60.0  # a killed run loses at most about this much work
+# Rows of different widths (a padded vocabulary) are compared over the common
+# first columns only when the wider rows' mass beyond them is at most this in
+# every row: the renormalised rows then differ from the stored ones by at most
+# this in total variation and every log-probability by at most
+# -log(1 - 1e-6) = 1.0000005e-6 nats, below float32's rounding of a
+# log-probability of magnitude 10 (1.2e-6).
+PAD_MASS_BOUND = 1e-6
 
 LOGITS_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
 # safetensors header dtype -> numpy dtype (BF16 is read as its uint16 bits)
@@ -353,6 +360,29 @@ class Dump:
         if as_float32:
             return bf16_to_float32(x) if self.logits_dtype == "bf16" else np.asarray(x, dtype=np.float32)
         return x
+
+    def mass_beyond(self, prompt_id: str, v: int) -> np.ndarray:
+        """Per row, the probability of token ids >= v (float64 [n]): exact for
+        full rows; for top-K rows an upper bound (the stored entries >= v plus
+        the whole tail, whose tokens are unknown). Used to accept a padded
+        vocabulary only when its pad columns are provably negligible
+        (PAD_MASS_BOUND)."""
+        if not 0 < v <= int(self.vocab_size or 0):
+            raise ValueError(f"v must be in [1, {self.vocab_size}] (the row width), got {v}")
+        if self.k is None:
+            from logitparity.metrics import logsumexp
+
+            x = self.logits(prompt_id)
+            if x.shape[0] == 0 or v == x.shape[1]:
+                return np.zeros(x.shape[0], np.float64)
+            lse = np.asarray(logsumexp(x, bf16=self.logits_dtype == "bf16"), np.float64)
+            pad = bf16_to_float32(x[:, v:]) if self.logits_dtype == "bf16" else x[:, v:]
+            with np.errstate(invalid="ignore", over="ignore"):
+                return np.exp(pad.astype(np.float64) - lse[:, None]).sum(axis=1)
+        values, idx, lse, tail = self.topk(prompt_id)
+        with np.errstate(invalid="ignore", over="ignore"):
+            stored = np.where(idx >= v, np.exp(values.astype(np.float64) - lse[:, None]), 0.0).sum(axis=1)
+            return stored + tail
 
     def topk(self, prompt_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(values float32 [n, K], indices int32 [n, K], lse float64 [n],
