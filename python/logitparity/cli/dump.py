@@ -6,6 +6,8 @@ import argparse
 import signal
 import threading
 
+from logitparity.cli import add_torch_threads_argument, apply_torch_threads
+
 HELP = "capture a model's raw logits on a prompt set into a dump directory"
 
 
@@ -30,7 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-mb", type=float, default=256.0, help="shard size bound in MiB (default 256)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted dump in --out")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N prompts")
+    parser.add_argument("--truncate-prompts", action="store_true",
+                        help="keep the last tokens of a prompt longer than the model's context (minus "
+                             "--max-new-tokens) instead of refusing it; the record says so (truncated_from)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_torch_threads_argument(parser)
 
 
 def _terminate(signum, frame):  # SIGTERM flushes finished prompts like Ctrl-C
@@ -43,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.shard_mb > 0:
         raise ValueError(f"--shard-mb must be > 0, got {args.shard_mb}")
+    apply_torch_threads(args)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
@@ -67,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             limit=args.limit,
             shard_bytes=max(1, int(args.shard_mb * (1 << 20))),
+            truncate_prompts=args.truncate_prompts,
         )
     finally:
         if main_thread:
