@@ -620,13 +620,15 @@ class DumpWriter:
         finally:
             os.close(fd)
         os.replace(tmp, self.path / name)
+        # The manifest (logits.vocab_size) is on disk before the records that
+        # need it: a kill between the two steps leaves a valid dump.
+        self._write_manifest()
         append_text(self.path / RECORDS, "".join(line + "\n" for line in lines))
         self.records.extend(rec for rec, _ in self._pending)
         self._pending.clear()
         self._pending_bytes = 0
         self._last_flush = time.monotonic()
         self._shard_index += 1
-        self._write_manifest()
 
     def _write_manifest(self) -> None:
         write_text_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n")

@@ -157,7 +157,7 @@ def capture(
     eos_ids = lm.identity["tokenizer"]["eos_token_ids"]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     vocab = lm.model.get_output_embeddings().weight.shape[0]
-    for p, ids, _, cont in todo:
+    for p, ids, _, cont, *_ in todo:
         bad = [t for t in ids + cont if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"reference record {p.id!r} holds token id {bad[0]} outside this model's vocabulary "
