@@ -628,27 +628,27 @@ def _check_topk_rows(c: _Checker, f: str, rid: str, values: np.ndarray, idx: np.
         low = finite_lse & ~nan_v & np.isfinite(kept_lse) & (lse < kept_lse - tol)
     if low.any():
         bad("lse", "lse >= log-sum-exp of the kept values (kept mass <= 1)", low,
-            lambda j: f"lse {lse[j]!r}, log-sum-exp of the kept values {kept_lse[j]!r}")
+            lambda j: f"lse {float(lse[j])!r}, log-sum-exp of the kept values {float(kept_lse[j])!r}")
     if (finite_lse & nan_v).any():
-        bad("lse", "NaN for a row holding NaN or +inf", finite_lse & nan_v, lambda j: repr(lse[j]))
+        bad("lse", "NaN for a row holding NaN or +inf", finite_lse & nan_v, lambda j: repr(float(lse[j])))
     posinf = np.isposinf(lse)
     if posinf.any():
-        bad("lse", "a finite number, -inf (every logit -inf) or NaN", posinf, lambda j: repr(lse[j]))
+        bad("lse", "a finite number, -inf (every logit -inf) or NaN", posinf, lambda j: repr(float(lse[j])))
     neginf = np.isneginf(lse) & ~np.isneginf(v).all(-1)
     if neginf.any():
         bad("lse", "-inf only when every logit is -inf", neginf, lambda j: f"-inf with values {_show(v[j].tolist(), 60)}")
     out01 = finite_lse & ~((tail >= 0) & (tail <= 1))
     if out01.any():
-        bad("tail_mass", "a number in [0, 1]", out01, lambda j: repr(tail[j]))
+        bad("tail_mass", "a number in [0, 1]", out01, lambda j: repr(float(tail[j])))
     with np.errstate(invalid="ignore", over="ignore"):
         want = np.maximum(1.0 - np.exp(v - lse[:, None]).sum(-1), 0.0)
         off = finite_lse & ~out01 & ~low & (np.abs(tail - want) > TAIL_TOLERANCE)
     if off.any():
         bad("tail_mass", f"max(0, 1 - sum(exp(value - lse))) within {TAIL_TOLERANCE:g}", off,
-            lambda j: f"{tail[j]!r}, the kept values give {want[j]!r}")
+            lambda j: f"{float(tail[j])!r}, the kept values give {float(want[j])!r}")
     nan_tail = ~finite_lse & ~np.isnan(tail)
     if nan_tail.any():
-        bad("tail_mass", "NaN when lse is not finite", nan_tail, lambda j: repr(tail[j]))
+        bad("tail_mass", "NaN when lse is not finite", nan_tail, lambda j: repr(float(tail[j])))
 
 
 # --------------------------------------------------------------------------- compatibility

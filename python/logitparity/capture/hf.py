@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from logitparity.dump import SPECIAL_TOKEN_NAMES, tokens_hash
 from logitparity.models import SOURCE_FILE, default_model_dir, file_sha256, gguf_model_dir
 
 __all__ = ["DTYPES", "LoadedModel", "convert_gguf", "load_model"]
@@ -106,14 +107,14 @@ def tokenizer_identity(tokenizer: Any, eos_ids: list[int]) -> dict[str, Any]:
     n = len(tokenizer)
     tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
     special = {}
-    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+    for name in SPECIAL_TOKEN_NAMES:
         tok = getattr(tokenizer, name, None)
         if tok is not None:
             special[name] = {"token": str(tok), "id": tokenizer.convert_tokens_to_ids(str(tok))}
     template = getattr(tokenizer, "chat_template", None)
     return {
         "vocab_size": n,
-        "tokens_hash": _sha256_text(json.dumps(tokens, ensure_ascii=False)),
+        "tokens_hash": tokens_hash(tokens),
         "special_tokens": special,
         "eos_token_ids": eos_ids,
         "chat_template_hash": _sha256_text(template) if isinstance(template, str) else None,
