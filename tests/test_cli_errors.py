@@ -169,3 +169,21 @@ def test_torch_threads_flag_everywhere_and_checked(capsys):
     assert main(["dump", "--out", "x", "--torch-threads", "0"]) == 2
     assert "--torch-threads must be an integer >= 1, got 0" in capsys.readouterr().err
     assert default_torch_threads() == len(os.sched_getaffinity(0))
+
+
+def test_torch_threads_default_in_a_fresh_process():
+    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None)\n"
+            "from logitparity.cli import apply_torch_threads, build_parser, default_torch_threads\n"
+            "import torch\n"
+            "print(apply_torch_threads(build_parser().parse_args(['dump', '--out', 'x', '--torch-threads', '1'])))\n")
+    # torch imported first: an explicit flag still applies; the wait policy is only set before torch loads
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split() == ["1"], r.stderr
+    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None)\n"
+            "from logitparity.cli import apply_torch_threads, build_parser, default_torch_threads\n"
+            "n = apply_torch_threads(build_parser().parse_args(['ppl']))\n"
+            "import torch\n"
+            "print(n, torch.get_num_threads(), default_torch_threads(), os.environ['OMP_WAIT_POLICY'])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    n, got, want, policy = r.stdout.split()
+    assert n == got == want and policy == "PASSIVE", r.stderr

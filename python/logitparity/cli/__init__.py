@@ -79,8 +79,13 @@ def add_torch_threads_argument(p: argparse.ArgumentParser) -> None:
 
 def apply_torch_threads(args: argparse.Namespace) -> int:
     """Set torch's thread count from --torch-threads (before the first
-    model runs). Returns the count."""
+    model runs). Without the flag, a process that already imported torch
+    keeps its setting. Returns the count."""
     n = getattr(args, "torch_threads", None)
+    if n is None and "torch" in sys.modules:  # called from Python (a notebook, a test): its choice stands
+        import torch
+
+        return torch.get_num_threads()
     if n is None:
         n = default_torch_threads()
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
