@@ -269,8 +269,8 @@ def mutate_shard_header(data, d: Path) -> tuple[str, bool]:
         p.write_bytes(bytes(b))
         return f"{p.name}: header byte {i}", False
     if op == "length":
-        p.write_bytes(struct.pack("<Q", data.draw(st.sampled_from([0, 1, n - 1, n + 8, len(raw), 2**63, 2**64 - 1])))
-                      + raw[8:])
+        length = data.draw(st.sampled_from([0, 1, n - 1, n + 8, len(raw), 2**63, 2**64 - 1]))
+        p.write_bytes(struct.pack("<Q", min(max(length, 0), 2**64 - 1)) + raw[8:])
         return f"{p.name}: header length", False
     if op == "truncate":
         p.write_bytes(raw[: data.draw(st.integers(0, max(len(raw) - 1, 0)))])

@@ -367,3 +367,11 @@ def test_hf_capture_and_the_example_engine_pass_validate(tiny_model_dir, tmp_pat
         assert p.returncode == 0, p.stderr
         assert validate_dump(out) == [], dtype
         assert validate_dump(out, against=ref) == [], dtype
+
+
+def test_an_unhashable_dtype_is_a_violation_not_a_crash(tmp_path):
+    """Found by benchmarks/fuzz_dumps.py: logits.dtype = [] raised TypeError."""
+    d = make(tmp_path / "d")
+    edit_json(d / "manifest.json", lambda m: m["logits"].update(dtype=[]))
+    v = only(validate_dump(d))
+    assert (v.field, v.found) == ("logits.dtype", "[]")

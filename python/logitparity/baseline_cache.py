@@ -312,9 +312,11 @@ class BaselineCache:
             for key in TOKENIZER_KEYS:
                 a, b = m["tokenizer"].get(key), tokenizer.get(key)
                 if a != b:
+                    from logitparity.validate import set_difference
+
                     raise ValueError(
-                        f"baseline cache {self.path} was made with another tokenizer ({key}: cache "
-                        f"{_short(a)}, candidate {_short(b)}); a cache can only score a candidate "
+                        f"baseline cache {self.path} was made with another tokenizer ({key} differs: "
+                        f"{set_difference(a, b, 'cache', 'candidate')}); a cache can only score a candidate "
                         "that tokenizes the text identically: recreate it with the candidate's tokenizer"
                     )
         if text is not None and text_sha256(text) != m["text"]["sha256"]:
@@ -384,7 +386,7 @@ def _check_manifest_types(m: dict[str, Any], mpath: Path) -> None:
         raise bad("storage.logits", "'full' or 'topk:K'", st.get("logits")) from None
     if not (isinstance(st.get("vocab"), int) and not isinstance(st.get("vocab"), bool) and st["vocab"] >= 1):
         raise bad("storage.vocab", "an integer >= 1", st.get("vocab"))
-    if st.get("logits") == "full" and st.get("dtype") not in CACHE_DTYPES:
+    if st.get("logits") == "full" and not (isinstance(st.get("dtype"), str) and st["dtype"] in CACHE_DTYPES):
         raise bad("storage.dtype", f"one of {sorted(CACHE_DTYPES)}", st.get("dtype"))
     if not isinstance(m["text"].get("sha256"), str):
         raise bad("text.sha256", "a string", m["text"].get("sha256"))

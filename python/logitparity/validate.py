@@ -358,7 +358,7 @@ def _check_logits_section(c: _Checker, m: dict[str, Any], f: str) -> bool:
         c.add(f, None, "logits.storage", '"full" or "topk:K" with K >= 1', _show(storage))
         ok, k = False, None
     dtype = lg.get("dtype")
-    if dtype not in _dump.LOGITS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in _dump.LOGITS_DTYPES:
         c.add(f, None, "logits.dtype", f"one of {sorted(_dump.LOGITS_DTYPES)}", _show(dtype))
         ok = False
     elif k is not None and dtype != "fp32":
