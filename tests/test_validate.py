@@ -375,3 +375,9 @@ def test_an_unhashable_dtype_is_a_violation_not_a_crash(tmp_path):
     edit_json(d / "manifest.json", lambda m: m["logits"].update(dtype=[]))
     v = only(validate_dump(d))
     assert (v.field, v.found) == ("logits.dtype", "[]")
+
+
+def test_one_bad_field_does_not_hide_the_others(tmp_path):
+    d = make(tmp_path / "d")
+    edit_record(d, 0, lambda r: r.update(stop_reason="length", generated_token_ids=[10, 99, 12]))
+    assert sorted(v.field for v in validate_dump(d)) == ["generated_token_ids", "stop_reason"]

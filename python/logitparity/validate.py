@@ -455,6 +455,7 @@ def _check_records(c: _Checker, m: dict[str, Any], path: Path) -> list[dict[str,
         if isinstance(rid, str) and rid:
             where = f"{rid!r} (line {lineno})"
         good = True
+        typed = set()  # fields with their documented type: their own invariants are checked too
         for key, (ok, expected) in _RECORD_TYPES.items():
             if key not in r:
                 c.add(f, where, key, expected, "nothing (the record lacks it)")
@@ -462,6 +463,8 @@ def _check_records(c: _Checker, m: dict[str, Any], path: Path) -> list[dict[str,
             elif not ok(r[key]):
                 c.add(f, where, key, expected, _show(r[key]) if key in ("stop_reason", "shard") else _type(r[key]))
                 good = False
+            else:
+                typed.add(key)
         if "timing" in r:
             t = r["timing"]
             if not isinstance(t, dict):
@@ -478,13 +481,13 @@ def _check_records(c: _Checker, m: dict[str, Any], path: Path) -> list[dict[str,
                 good = False
             else:
                 seen[rid] = lineno
-        if not good:
-            continue
-        n, gen = r["n_positions"], r["generated_token_ids"]
-        if n != len(gen):
-            c.add(f, where, "n_positions", f"len(generated_token_ids) = {len(gen)}", str(n))
+        gen = r["generated_token_ids"] if "generated_token_ids" in typed else None
+        if gen is not None and "n_positions" in typed and r["n_positions"] != len(gen):
+            c.add(f, where, "n_positions", f"len(generated_token_ids) = {len(gen)}", str(r["n_positions"]))
             good = False
         for key in ("prompt_token_ids", "generated_token_ids"):
+            if key not in typed:
+                continue
             ids = r[key]
             for limit, name in ((vocab, "logits.vocab_size"), (tvocab, "tokenizer.vocab_size")):
                 if limit is None or not ids:
@@ -495,9 +498,9 @@ def _check_records(c: _Checker, m: dict[str, Any], path: Path) -> list[dict[str,
                           f"{len(bad)} outside, e.g. {_show(bad[:5])}")
                     good = False
                     break
-        if not r["prompt_token_ids"]:
+        if "prompt_token_ids" in typed and not r["prompt_token_ids"]:
             c.add(f, where, "prompt_token_ids", "at least one token", "[]", "spec")
-        if mode != "score" and gen:
+        if mode != "score" and gen and "stop_reason" in typed:
             last, reason = gen[-1], r["stop_reason"]
             if reason == "eos" and eos is not None and last not in eos:
                 c.add(f, where, "stop_reason", f'"eos" only when the last token is in decoding.eos_token_ids {sorted(eos)}',
@@ -506,15 +509,16 @@ def _check_records(c: _Checker, m: dict[str, Any], path: Path) -> list[dict[str,
                 c.add(f, where, "stop_reason",
                       f'"stop_token" only when the last token is in decoding.stop_token_ids {sorted(stop)}',
                       f'"stop_token" after token {last}', "spec")
-        if mode != "score" and mnt is not None and len(gen) > mnt:
+        if mode != "score" and mnt is not None and gen is not None and len(gen) > mnt:
             c.add(f, where, "generated_token_ids", f"at most decoding.max_new_tokens = {mnt} tokens", str(len(gen)), "spec")
-        for role, key in r["tensors"].items():
-            owner = used.get((r["shard"], key))
-            if owner is not None:
-                c.add(f, where, f"tensors.{role}", "a tensor of its own",
-                      f"{key!r} in {r['shard']}, also used by record {owner!r}")
-                good = False
-            used[(r["shard"], key)] = rid
+        if {"tensors", "shard"} <= typed:
+            for role, key in r["tensors"].items():
+                owner = used.get((r["shard"], key))
+                if owner is not None:
+                    c.add(f, where, f"tensors.{role}", "a tensor of its own",
+                          f"{key!r} in {r['shard']}, also used by record {owner!r}")
+                    good = False
+                used[(r["shard"], key)] = rid
         if good:
             out.append(r)
     return out
