@@ -483,3 +483,16 @@ def test_readable_without_this_package(dump):
     t = load_file(os.fspath(dump / recs[1]["shard"]))
     np.testing.assert_array_equal(t[recs[1]["tensors"]["logits"]], logits(1, 3))
     assert m["logits"]["vocab_size"] == VOCAB
+
+
+def test_header_numbers_of_the_wrong_kind_are_clean_errors(dump):
+    """Found by benchmarks/fuzz_dumps.py: a shape of 1e999 raised OverflowError."""
+    p = dump / "shard-00000.safetensors"
+    raw = p.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = raw[8:8 + n].replace(b'"shape":[2,50]', b'"shape":[2,1e999]')
+    assert header != raw[8:8 + n]
+    header += b" " * (n - len(header)) if len(header) < n else b""
+    p.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n:])
+    with pytest.raises(ValueError, match=r"header entry '000000/logits': expected dtype, shape and data_offsets"):
+        load_dump(dump)

@@ -381,3 +381,11 @@ def test_one_bad_field_does_not_hide_the_others(tmp_path):
     d = make(tmp_path / "d")
     edit_record(d, 0, lambda r: r.update(stop_reason="length", generated_token_ids=[10, 99, 12]))
     assert sorted(v.field for v in validate_dump(d)) == ["generated_token_ids", "stop_reason"]
+
+
+def test_integers_beyond_64_bits_are_violations(tmp_path):
+    """JSON allows any integer; readers in other languages (and float()) do not."""
+    d = make(tmp_path / "d")
+    edit_record(d, 0, lambda r: r["timing"].update(ttft_s=2**1100))
+    v = only(validate_dump(d))
+    assert v.field == "timing.ttft_s" and v.expected == "a number or null"

@@ -237,12 +237,12 @@ def read_header(path: Path) -> dict[str, Any]:
         if key == "__metadata__":
             continue
         try:
-            st = spec["dtype"]
-            shape = tuple(int(s) for s in spec["shape"])
-            start, end = (int(o) for o in spec["data_offsets"])
-            if not isinstance(st, str) or any(s < 0 for s in shape) or any(
-                    isinstance(s, bool) or not isinstance(s, int) for s in [*spec["shape"], *spec["data_offsets"]]):
+            st, dims, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+            if not (isinstance(st, str) and isinstance(dims, list) and isinstance(offsets, list) and len(offsets) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in [*dims, *offsets])):
                 raise TypeError
+            shape = tuple(dims)
+            start, end = offsets
         except (KeyError, TypeError, ValueError):
             raise ShardError(path, f"header entry {key!r}", "dtype, shape and data_offsets", _short_json(spec),
                              _RECAPTURE) from None

@@ -109,12 +109,15 @@ def _type(v: Any) -> str:
     return type(v).__name__
 
 
+_INT64 = 2**63  # JSON integers must fit a signed 64-bit integer (what other languages read)
+
+
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, int) and not isinstance(v, bool) and -_INT64 <= v < _INT64
 
 
 def _is_num(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool))
+    return isinstance(v, float) or _is_int(v)
 
 
 def _int_list(v: Any) -> bool:
