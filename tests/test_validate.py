@@ -389,3 +389,12 @@ def test_integers_beyond_64_bits_are_violations(tmp_path):
     edit_record(d, 0, lambda r: r["timing"].update(ttft_s=2**1100))
     v = only(validate_dump(d))
     assert v.field == "timing.ttft_s" and v.expected == "a number or null"
+
+
+def test_an_integer_too_long_to_parse_is_a_malformed_line(tmp_path):
+    d = make(tmp_path / "d")
+    lines = (d / "records.jsonl").read_text().splitlines()
+    lines[0] = lines[0].replace('"n_positions": 3', '"n_positions": ' + "9" * 5000)
+    (d / "records.jsonl").write_text("\n".join(lines) + "\n")
+    v = only(validate_dump(d))
+    assert (v.record, v.field) == ("line 1", "JSON")

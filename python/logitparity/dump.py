@@ -226,7 +226,7 @@ def read_header(path: Path) -> dict[str, Any]:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSON, UTF-8, or an integer past 4300 digits
         raise ShardError(path, "header", "a JSON object", f"unparsable bytes (corrupt shard header: {e})", _RECAPTURE) from None
     if not isinstance(header, dict):
         raise ShardError(path, "header", "a JSON object", type(header).__name__, _RECAPTURE)
@@ -408,7 +408,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ValueError(f"{mpath}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
                          "dump manifests are UTF-8 JSON") from None
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSON, or an integer past 4300 digits
         raise ValueError(f"{mpath}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         tag = manifest.get("format") if isinstance(manifest, dict) else None
