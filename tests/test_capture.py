@@ -357,8 +357,9 @@ def _prompts_file(path: Path, n: int) -> Path:
 def test_resume_after_kill(tiny_model_dir, tmp_path):
     prompts = _prompts_file(tmp_path / "p.jsonl", 30)
     out = tmp_path / "killed"
+    # default shard bound (256 MiB): each batch must still reach disk as soon as it is done
     args = ["dump", "--model", tiny_model_dir, "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "40",
-            "--batch-size", "1", "--shard-mb", "0.000001", "--no-progress"]
+            "--batch-size", "3", "--no-progress", "--torch-threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(logitparity.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "logitparity.cli", *args], env=env,
@@ -373,8 +374,9 @@ def test_resume_after_kill(tiny_model_dir, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
-    partial = load_dump(out)  # a valid dump of what finished
+    partial = load_dump(out)  # a valid dump of what finished: whole batches
     assert 3 <= len(partial) < 30 and partial.manifest["complete"] is False
+    assert len(partial) % 3 == 0
     done_before = set(partial.ids)
 
     assert cli_main([*args, "--resume"]) == 0
@@ -384,8 +386,9 @@ def test_resume_after_kill(tiny_model_dir, tmp_path):
     assert resumed.manifest["run"]["prompts"] == 30 - len(done_before)
     assert resumed.ids[: len(done_before)] == partial.ids
     fresh = capture(load_model(tiny_model_dir), tmp_path / "fresh", prompts=load_prompts(prompts), max_new_tokens=40,
-                    batch_size=1)
+                    batch_size=3)
     for pid in fresh.ids:
+        assert resumed.record(pid)["timing"]["batch_size"] == fresh.record(pid)["timing"]["batch_size"]
         assert resumed.record(pid)["generated_token_ids"] == fresh.record(pid)["generated_token_ids"]
         np.testing.assert_array_equal(resumed.logits(pid), fresh.logits(pid))
 
@@ -433,3 +436,102 @@ def test_default_model_end_to_end(tmp_path):
     s = capture(lm, tmp_path / "s", mode="score", reference_dump=d, prompts=None, batch_size=3)
     for pid in d.ids:
         np.testing.assert_allclose(s.logits(pid), d.logits(pid), atol=2e-3, rtol=0)
+
+
+# --- durability, context, code from data ------------------------------------------------
+
+def _varied_prompts(n: int) -> list[Prompt]:
+    words = "one two three four five six seven eight nine ten eleven twelve".split()
+    return [Prompt(f"v{i}", "x", " ".join(words[: 1 + (7 * i) % 12])) for i in range(n)]
+
+
+def test_resume_mid_batch_is_bitwise_identical(lm, tmp_path, monkeypatch):
+    """Interrupted after the first prompt of the second batch: the resumed
+    run recomputes that batch whole, so every row is bitwise the uninterrupted
+    run's and every prompt kept its batch (before: batches were cut from what
+    was left, so the resumed prompts shared other batches)."""
+    prompts = _varied_prompts(9)
+    fresh = capture(lm, tmp_path / "fresh", prompts, batch_size=3)
+    real_add = DumpWriter.add
+    calls = {"n": 0}
+
+    def add_then_die(self, record, logits):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        real_add(self, record, logits)
+        self.flush()  # as if each prompt reached disk on its own
+
+    monkeypatch.setattr(DumpWriter, "add", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        capture(lm, tmp_path / "d", prompts, batch_size=3)
+    monkeypatch.setattr(DumpWriter, "add", real_add)
+    assert len(load_dump(tmp_path / "d")) == 4  # one batch and one prompt of the next
+    resumed = capture(lm, tmp_path / "d", prompts, batch_size=3, resume=True)
+    assert sorted(resumed.ids) == sorted(fresh.ids)
+    for pid in fresh.ids:
+        a, b = resumed.record(pid), fresh.record(pid)
+        assert a["generated_token_ids"] == b["generated_token_ids"]
+        assert a["timing"]["batch_size"] == b["timing"]["batch_size"], pid
+        np.testing.assert_array_equal(resumed.logits(pid), fresh.logits(pid))
+
+
+def test_resume_recaptures_a_truncated_shard(lm, tmp_path, capsys):
+    prompts = _varied_prompts(6)
+    fresh = capture(lm, tmp_path / "fresh", prompts, batch_size=2)
+    out = tmp_path / "d"
+    capture(lm, out, prompts, batch_size=2)
+    shards = sorted(out.glob("shard-*.safetensors"))
+    assert len(shards) == 3  # one per batch
+    lost = {r["id"] for r in load_dump(out).records if r["shard"] == shards[1].name}
+    shards[1].write_bytes(shards[1].read_bytes()[:-100])  # a torn copy or a disk error
+    with pytest.raises(ValueError, match=r"size: expected .* bytes .*truncated or corrupt shard"):
+        load_dump(out)
+    resumed = capture(lm, out, prompts, batch_size=2, resume=True)
+    assert "its prompts are recaptured" in capsys.readouterr().err
+    assert sorted(resumed.ids) == sorted(fresh.ids) and len(lost) == 2
+    assert resumed.manifest["run"]["prompts"] == 2 and resumed.manifest["run"]["resumed"] is True
+    for pid in fresh.ids:
+        np.testing.assert_array_equal(resumed.logits(pid), fresh.logits(pid))
+
+
+def test_prompt_longer_than_the_context_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    import logitparity.capture.hf as hf
+
+    long = Prompt("long", "x", "alpha beta gamma delta " * 700)
+    short = Prompt("short", "x", "hello")
+    loads = []
+    real = hf.load_model
+    monkeypatch.setattr(hf, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+    with pytest.raises(ValueError, match=r"1 prompt\(s\) exceed the model's context of 2048 positions: 'long' "
+                                         r"\(\d+ prompt tokens, \d+ positions\); lower --max-new-tokens.*--truncate-prompts"):
+        run_capture(tiny_model_dir, [short, long], tmp_path / "d", max_new_tokens=4, progress=False)
+    assert loads == [] and not (tmp_path / "d").exists()
+    d = load_dump(run_capture(tiny_model_dir, [short, long], tmp_path / "t", max_new_tokens=4, progress=False,
+                              truncate_prompts=True))
+    r = d.record("long")
+    assert len(r["prompt_token_ids"]) == 2048 - 4 + 1 and r["truncated_from"] > 2048
+    assert "truncated_from" not in d.record("short") and loads == [1]
+
+
+def test_model_directory_code_never_runs(tiny_model_dir, tmp_path):
+    """A model directory asking for custom code (auto_map) cannot make the
+    package import it: trust_remote_code is off everywhere."""
+    import shutil
+
+    evil = tmp_path / "evil-model"
+    shutil.copytree(tiny_model_dir, evil)
+    marker = tmp_path / "pwned"
+    (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                  "from transformers import LlamaForCausalLM as EvilModel\n")
+    cfg = json.loads((evil / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel", "AutoConfig": "evil.EvilConfig"}
+    (evil / "config.json").write_text(json.dumps(cfg))
+    tc = json.loads((evil / "tokenizer_config.json").read_text())
+    tc["auto_map"] = {"AutoTokenizer": ["evil.EvilTok", None]}
+    (evil / "tokenizer_config.json").write_text(json.dumps(tc))
+    try:
+        run_capture(str(evil), PROMPTS[:1], tmp_path / "d", max_new_tokens=2, progress=False)
+    except ValueError as e:  # refusing is fine; running the code is not
+        assert "could not load" in str(e)
+    assert not marker.exists()

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from logitparity.compare import IncompatibleRuns, compare_dumps, is_valid_json, repeated_ngrams, run_speed
+from logitparity.compare import IncompatibleRuns, IncompleteRuns, compare_dumps, is_valid_json, repeated_ngrams, run_speed
 from logitparity.dump import DumpWriter, bf16_to_float32, load_dump
 
 V = 40  # vocabulary of the constructed dumps
@@ -371,11 +371,13 @@ def _one(tmp_path, name, man=None, rec=None, toks=(3, 4), logits=None):
     "cand_manifest, match",
     [
         (manifest(tokenizer={"tokens_hash": "sha256:x"}),
-         r"different tokenizers: tokenizer.tokens_hash is 'sha256:tok-1' in the reference and 'sha256:x'"),
-        (manifest(tokenizer={"eos_token_ids": [2]}), r"tokenizer.eos_token_ids is \[1\] in the reference and \[2\]"),
-        (manifest(tokenizer={"vocab_size": 41}), r"tokenizer.vocab_size is 40 in the reference and 41"),
+         r'different tokenizers: tokenizer.tokens_hash differs \(reference "sha256:tok-1", candidate "sha256:x"\)'),
+        (manifest(tokenizer={"eos_token_ids": [2]}),
+         r"stop differently \(same tokenizer, other stop rule\): decoding.eos_token_ids differs \(reference \[1\]; "
+         r"candidate \[2\]; only in the reference: \[1\]; only in the candidate: \[2\]\)"),
+        (manifest(tokenizer={"vocab_size": 41}), r"tokenizer.vocab_size differs \(reference 40, candidate 41\)"),
         (manifest(tokenizer={"special_tokens": {}}), r"tokenizer.special_tokens"),
-        (manifest(decoding={"stop_token_ids": [9]}), r"decoding setting stop_token_ids differs: reference not set, candidate \[9\]"),
+        (manifest(decoding={"stop_token_ids": [9]}), r"stop rule\): decoding.stop_token_ids differs \(reference null, candidate \[9\]\)"),
         (manifest("sample"), r"decoding mode differs: reference 'greedy', candidate 'sample'"),
         (manifest(decoding={"max_new_tokens": 32}), r"decoding setting max_new_tokens differs: reference 16, candidate 32"),
     ],
@@ -434,9 +436,30 @@ def test_prompts_on_one_side_are_listed(tmp_path):
     x = np.stack([peaked_row(rng, t, 2.0) for t in (3, 4)])
     ref = write_dump(tmp_path / "r", [(record(i, [3, 4]), x) for i in range(3)])
     cand = write_dump(tmp_path / "c", [(record(i, [3, 4]), x) for i in (1, 2, 7)])
-    c = compare_dumps(ref, cand)
+    with pytest.raises(IncompleteRuns, match=r"incomplete input: the candidate lacks 1 of the reference's 3 prompts "
+                                            r"\('p0'\); the reference lacks 1 of the candidate's 3 prompts \('p7'\)"):
+        compare_dumps(ref, cand)
+    c = compare_dumps(ref, cand, allow_partial=True)
     assert c.only_ref == ["p0"] and c.only_cand == ["p7"]
     assert [p.id for p in c.prompts] == ["p1", "p2"]
+    assert c.incomplete == ["the candidate lacks 1 of the reference's 3 prompts ('p0')",
+                            "the reference lacks 1 of the candidate's 3 prompts ('p7')"]
+    md = c.to_markdown().splitlines()
+    assert md[2].startswith("**INCOMPLETE INPUT") and "candidate lacks 1" in md[4]
+    assert c.to_dict()["incomplete"] == c.incomplete
+
+
+def test_a_run_marked_incomplete_never_passes(tmp_path):
+    rng = np.random.default_rng(0)
+    x = np.stack([peaked_row(rng, t, 2.0) for t in (3, 4)])
+    ref = write_dump(tmp_path / "r", [(record(0, [3, 4]), x)])
+    cand = write_dump(tmp_path / "c", [(record(0, [3, 4]), x)])
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    m["complete"] = False
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IncompleteRuns, match=r"the candidate run is incomplete \(.*manifest complete is false"):
+        compare_dumps(ref, cand)
+    assert compare_dumps(ref, cand, allow_partial=True).verdict.passed  # identical rows: judged, and flagged
 
 
 @pytest.mark.parametrize(

@@ -94,3 +94,8 @@ def test_malformed_lines_name_the_line(tmp_path, line, message):
     path.write_text('{"id": "a", "text": "ok"}\n\n' + line + "\n")
     with pytest.raises(ValueError, match=message):
         load_prompts(path)
+
+
+def test_a_directory_is_not_a_prompts_file(tmp_path):
+    with pytest.raises(ValueError, match=r"prompts file .* is a directory; pass a JSONL or plain-text file"):
+        load_prompts(tmp_path)

@@ -37,6 +37,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -228,7 +229,7 @@ class BaselineCache:
             )
         try:
             m = json.loads(mpath.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSON, UTF-8, or an integer past 4300 digits
             raise ValueError(f"{mpath} is not valid JSON ({e}); recreate the cache") from e
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             got = m.get("format") if isinstance(m, dict) else type(m).__name__
@@ -242,21 +243,54 @@ class BaselineCache:
         for key in ("text", "settings", "tokenizer", "storage", "rows", "shards"):
             if key not in m:
                 raise ValueError(f"{mpath}: missing {key!r}; the cache is damaged, recreate it")
+        _check_manifest_types(m, mpath)
         self.manifest = m
         self.k = parse_storage(m["storage"]["logits"])
         self.vocab = int(m["storage"]["vocab"])
         self._starts = np.cumsum([0] + [int(s["rows"]) for s in m["shards"]])
+        root = self.path.resolve()
         for s in m["shards"]:
-            if not (self.path / s["file"]).is_file():
-                raise FileNotFoundError(f"baseline cache shard {self.path / s['file']} is missing; recreate the cache")
+            p = self.path / s["file"]
+            if p.is_symlink() or not p.is_file() or p.resolve().parent != root:
+                what = "a symbolic link" if p.is_symlink() else "missing" if not p.exists() else "not a file in the cache"
+                raise FileNotFoundError(f"baseline cache shard {p} is {what}; recreate the cache")
         if int(self._starts[-1]) != int(m["rows"]):
             raise ValueError(f"{mpath}: shards hold {int(self._starts[-1])} rows, manifest says {m['rows']}")
         tpath = self.path / TOKENS
-        if not tpath.is_file():
+        if tpath.is_symlink() or not tpath.is_file():
             raise FileNotFoundError(f"baseline cache tokens {tpath} are missing; recreate the cache")
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        self.token_ids = load_file(str(tpath))["token_ids"]
+        try:
+            tokens = load_file(str(tpath))
+            if "token_ids" not in tokens or tokens["token_ids"].ndim != 1 or tokens["token_ids"].dtype != np.int64:
+                raise ValueError("no int64 [n] tensor 'token_ids'")
+            self._check_shards()
+        except (SafetensorError, ValueError, OSError) as e:
+            raise ValueError(f"baseline cache {self.path} is damaged ({e}); recreate it with --save-baseline") from None
+        self.token_ids = tokens["token_ids"]
+        if self.token_ids.size and not (0 <= int(self.token_ids.min()) and int(self.token_ids.max()) < self.vocab):
+            raise ValueError(f"baseline cache {tpath}: token ids outside [0, {self.vocab}); recreate the cache")
+
+    def _check_shards(self) -> None:
+        """Every shard holds the documented tensors with the manifest's row
+        count and width (header only; raises ValueError)."""
+        from safetensors import safe_open
+
+        width = {"logprobs": self.vocab} if self.k is None else {"topk_values": self.k, "topk_indices": self.k}
+        need = ("position", "target", "nll", "lse", "argmax", *width, *(() if self.k is None else ("tail",)))
+        for s in self.manifest["shards"]:
+            with safe_open(str(self.path / s["file"]), framework="numpy") as f:
+                keys = set(f.keys())
+                missing = [k for k in need if k not in keys]
+                if missing:
+                    raise ValueError(f"shard {s['file']} lacks {missing}")
+                for key in need:
+                    shape = tuple(f.get_slice(key).get_shape())
+                    want = (int(s["rows"]), width[key]) if key in width else (int(s["rows"]),)
+                    if shape != want:
+                        raise ValueError(f"shard {s['file']} tensor {key!r} has shape {list(shape)}, expected {list(want)}")
 
     def __len__(self) -> int:
         return int(self.manifest["rows"])
@@ -278,9 +312,11 @@ class BaselineCache:
             for key in TOKENIZER_KEYS:
                 a, b = m["tokenizer"].get(key), tokenizer.get(key)
                 if a != b:
+                    from logitparity.validate import set_difference
+
                     raise ValueError(
-                        f"baseline cache {self.path} was made with another tokenizer ({key}: cache "
-                        f"{_short(a)}, candidate {_short(b)}); a cache can only score a candidate "
+                        f"baseline cache {self.path} was made with another tokenizer ({key} differs: "
+                        f"{set_difference(a, b, 'cache', 'candidate')}); a cache can only score a candidate "
                         "that tokenizes the text identically: recreate it with the candidate's tokenizer"
                     )
         if text is not None and text_sha256(text) != m["text"]["sha256"]:
@@ -328,6 +364,46 @@ class BaselineCache:
         m = self.manifest
         return (f"BaselineCache({str(self.path)!r}, rows={len(self)}, storage={m['storage']['logits']}, "
                 f"{self.bytes_per_token:.0f} bytes/token)")
+
+
+_SHARD_FILE = re.compile(r"^shard-\d{5}\.safetensors$")
+
+
+def _check_manifest_types(m: dict[str, Any], mpath: Path) -> None:
+    """JSON types of what the reader uses; shard names that stay inside the
+    cache directory (a file name, never a path)."""
+    def bad(field: str, expected: str, found: Any) -> ValueError:
+        return ValueError(f"{mpath}: {field} must be {expected}, got {json.dumps(found, default=str)[:80]}; "
+                          "the cache is damaged or not written by logitparity: recreate it")
+
+    for key in ("text", "settings", "tokenizer", "storage"):
+        if not isinstance(m[key], dict):
+            raise bad(key, "an object", m[key])
+    st = m["storage"]
+    try:
+        parse_storage(st.get("logits"))
+    except ValueError:
+        raise bad("storage.logits", "'full' or 'topk:K'", st.get("logits")) from None
+    if not (isinstance(st.get("vocab"), int) and not isinstance(st.get("vocab"), bool) and st["vocab"] >= 1):
+        raise bad("storage.vocab", "an integer >= 1", st.get("vocab"))
+    if st.get("logits") == "full" and not (isinstance(st.get("dtype"), str) and st["dtype"] in CACHE_DTYPES):
+        raise bad("storage.dtype", f"one of {sorted(CACHE_DTYPES)}", st.get("dtype"))
+    if not isinstance(m["text"].get("sha256"), str):
+        raise bad("text.sha256", "a string", m["text"].get("sha256"))
+    if not (isinstance(m["rows"], int) and not isinstance(m["rows"], bool) and m["rows"] >= 0):
+        raise bad("rows", "an integer >= 0", m["rows"])
+    if not isinstance(m["shards"], list):
+        raise bad("shards", "an array", m["shards"])
+    for s in m["shards"]:
+        if not (isinstance(s, dict) and isinstance(s.get("file"), str) and _SHARD_FILE.match(s["file"])
+                and isinstance(s.get("rows"), int) and not isinstance(s.get("rows"), bool) and s["rows"] >= 0):
+            raise bad("shards[]", '{"file": "shard-NNNNN.safetensors", "rows": integer >= 0}', s)
+    if not _is_number(m.get("bytes_per_token", 0.0)):
+        raise bad("bytes_per_token", "a number", m.get("bytes_per_token"))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _short(v: Any) -> str:

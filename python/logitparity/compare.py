@@ -45,7 +45,7 @@ from logitparity.policy import (
 from logitparity.stats import Rate, describe, rate
 from logitparity.topk_rows import TopRows, sorted_top, top_from_full, topk_kl_bounds, topk_row_metrics
 
-__all__ = ["Comparison", "PromptResult", "compare_dumps"]
+__all__ = ["Comparison", "IncompatibleRuns", "IncompleteRuns", "PromptResult", "compare_dumps"]
 
 REPETITION_N = 4  # n-gram length for the repetition rate
 SPLIT_TOP = 5  # alternatives shown at a split
@@ -81,6 +81,28 @@ class IncompatibleRuns(ValueError):
     """The two dumps cannot be compared (a ValueError: exit 2 in the CLI)."""
 
 
+class IncompleteRuns(ValueError):
+    """A run marked incomplete, or prompts missing on one side, without
+    allow_partial (a ValueError: exit 2 in the CLI). An incomplete run never
+    passes silently."""
+
+
+def incompleteness(ref, cand, only_ref: list[str], only_cand: list[str]) -> list[str]:
+    """Why the comparison does not cover both runs whole (empty: it does)."""
+    out = []
+    for side, d in (("reference", ref), ("candidate", cand)):
+        if d.manifest.get("complete") is False:  # absent (a writer that does not say) is not "marked"
+            out.append(f"the {side} run is incomplete ({d.path}: manifest complete is "
+                       f"{json.dumps(d.manifest.get('complete'))}; an interrupted or running capture)")
+    if only_ref:
+        out.append(f"the candidate lacks {len(only_ref)} of the reference's {len(ref.records)} prompts "
+                   f"({', '.join(repr(i) for i in only_ref[:5])}{', ...' if len(only_ref) > 5 else ''})")
+    if only_cand:
+        out.append(f"the reference lacks {len(only_cand)} of the candidate's {len(cand.records)} prompts "
+                   f"({', '.join(repr(i) for i in only_cand[:5])}{', ...' if len(only_cand) > 5 else ''})")
+    return out
+
+
 def _check_tokenizers(ref, cand, notes: list[str]) -> None:
     a, b = ref.manifest.get("tokenizer") or {}, cand.manifest.get("tokenizer") or {}
     for key in TOKENIZER_KEYS:
@@ -90,9 +112,11 @@ def _check_tokenizers(ref, cand, notes: list[str]) -> None:
                 notes.append(f"tokenizer {key} recorded on one side only; not checked")
             continue
         if va != vb:
+            from logitparity.validate import set_difference
+
             raise IncompatibleRuns(
-                f"the runs used different tokenizers: tokenizer.{key} is {_short(va)} in the reference "
-                f"and {_short(vb)} in the candidate; capture both with the same tokenizer files"
+                f"the runs used different tokenizers: tokenizer.{key} differs ({set_difference(va, vb)}); "
+                "capture both with the same tokenizer files"
             )
 
 
@@ -104,7 +128,7 @@ def _short(v: Any) -> str:
 
 
 # manifest keys that must agree (docs/dump-format.md)
-TOKENIZER_KEYS = ("vocab_size", "tokens_hash", "special_tokens", "eos_token_ids")
+TOKENIZER_KEYS = ("vocab_size", "tokens_hash", "special_tokens")  # the stop rule is decoding's
 _DECODING_KEYS = ("temperature", "top_p", "seed", "max_new_tokens", "stop_token_ids", "eos_token_ids",
                   "repetition_penalty", "logit_processors")
 
@@ -124,9 +148,20 @@ def _check_decoding(ref, cand) -> str:
             f"decoding mode differs: reference {mr!r}, candidate {mc!r}; capture both in the same mode, "
             "or score the candidate on the reference's tokens (dump --mode score --reference-dump REF)"
         )
-    da, db = ref.manifest.get("decoding") or {}, cand.manifest.get("decoding") or {}
+    da, db = dict(ref.manifest.get("decoding") or {}), dict(cand.manifest.get("decoding") or {})
+    for d, m in ((da, ref.manifest), (db, cand.manifest)):  # dumps without a declared stop rule: the tokenizer's
+        if d.get("eos_token_ids") is None and _get(m, "tokenizer", "eos_token_ids") is not None:
+            d["eos_token_ids"] = _get(m, "tokenizer", "eos_token_ids")
     keys = [k for k in _DECODING_KEYS if not (mr == "greedy" and k in ("temperature", "top_p", "seed"))]
     for k in keys:
+        if k in ("eos_token_ids", "stop_token_ids") and da.get(k) != db.get(k):
+            from logitparity.validate import set_difference
+
+            raise IncompatibleRuns(
+                f"the engines stop differently (same tokenizer, other stop rule): decoding.{k} differs "
+                f"({set_difference(da.get(k), db.get(k))}); make both stop on the same ids, or score the "
+                "candidate on the reference's tokens (dump --mode score --reference-dump REF)"
+            )
         if da.get(k) != db.get(k):
             raise IncompatibleRuns(
                 f"decoding setting {k} differs: reference {_short(da.get(k))}, candidate "
@@ -303,23 +338,12 @@ def is_valid_json(text: str) -> bool:
 
 
 def _auto_decoder(manifest: dict) -> Callable[[Sequence[int]], str] | None:
-    """A token-id decoder from the manifest's tokenizer or model directory,
-    local files only; None when there is none."""
-    cands = [_get(manifest, "tokenizer", "path"), _get(manifest, "model", "tokenizer_path"),
-             _get(manifest, "model", "hf_dir"), _get(manifest, "model", "path")]
-    for path in cands:
-        if not path or not Path(str(path)).is_dir():
-            continue
-        if not any((Path(str(path)) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            continue
-        try:
-            from transformers import AutoTokenizer  # lazily: only to decode text
+    """A token-id decoder from the manifest's tokenizer or model directory
+    (its tokenizer.json, checked against tokens_hash; no transformers
+    import); None when there is none."""
+    from logitparity._tokentext import auto_decoder
 
-            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except Exception:  # noqa: BLE001 - any loader failure means: show ids
-            continue
-        return lambda ids, tok=tok: tok.decode(list(ids), skip_special_tokens=False)
-    return None
+    return auto_decoder(manifest)
 
 
 # --------------------------------------------------------------------------
@@ -354,6 +378,8 @@ class Comparison:
     cand_speed: dict[str, float | None]
     verdict: Verdict = dataclasses.field(init=False)
     decode: Callable[[Sequence[int]], str] | None = dataclasses.field(default=None, repr=False)
+    # why the comparison does not cover both runs whole (allow_partial); empty when it does
+    incomplete: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.verdict = self.policy.evaluate(self.metric, self.noise)
@@ -561,6 +587,7 @@ def compare_dumps(
     threads: int | None = None,
     max_positions: int | None = None,
     decode: "Callable[[Sequence[int]], str] | str | None" = "auto",
+    allow_partial: bool = False,
 ) -> Comparison:
     """Compare a candidate dump with a reference dump (paths or Dump objects).
 
@@ -571,7 +598,10 @@ def compare_dumps(
     overlap. max_positions: compare at most this many positions per prompt.
     decode: "auto" (tokenizer from the manifest, local files only), a function
     ids -> text, or None (show ids). Raises IncompatibleRuns (a ValueError)
-    naming what differs when the runs cannot be compared.
+    naming what differs when the runs cannot be compared, and IncompleteRuns
+    when a run is marked incomplete or prompts are missing on one side,
+    unless ``allow_partial`` (then ``Comparison.incomplete`` says why and the
+    report says so first).
     """
     if not isinstance(near_tie_margin, (int, float)) or isinstance(near_tie_margin, bool) or not near_tie_margin >= 0:
         raise ValueError(f"near_tie_margin must be a number >= 0 (logits), got {near_tie_margin!r}")
@@ -589,6 +619,12 @@ def compare_dumps(
     _check_tokenizers(ref_d, cand_d, notes)
     mode = _check_decoding(ref_d, cand_d)
     pairs, only_ref, only_cand = _match_prompts(ref_d, cand_d)
+    incomplete = incompleteness(ref_d, cand_d, only_ref, only_cand)
+    if incomplete and not allow_partial:
+        raise IncompleteRuns(
+            "incomplete input: " + "; ".join(incomplete) + ". Finish the capture (dump --resume), or pass "
+            "--allow-partial (allow_partial=True) to judge only what is there"
+        )
 
     # Dump.k: None for full storage, K for topk:K (checked by load_dump)
     use_topk = ref_d.k is not None or cand_d.k is not None
@@ -625,6 +661,7 @@ def compare_dumps(
             + (f" (the tokenizer has {real} tokens)" if real is not None else "")
         )
 
+    pad_worst = 0.0
     prompts: list[PromptResult] = []
     parts: list[RowMetrics] = []
     tok_prompt: list[np.ndarray] = []
@@ -650,6 +687,20 @@ def compare_dumps(
             n_rows = min(len(rt), len(ct)) if d is None else min(d + 1, len(rt), len(ct))
         if max_positions is not None:
             n_rows = min(n_rows, max_positions)
+        if va != vb:  # a padded vocabulary: only when the cut columns provably hold no mass
+            from logitparity.dump import PAD_MASS_BOUND
+
+            wide, side = (ref_d, "reference") if va > vb else (cand_d, "candidate")
+            mass = wide.mass_beyond(rid, v)
+            worst = float(np.nanmax(mass)) if mass.size and not np.isnan(mass).all() else 0.0
+            if worst > PAD_MASS_BOUND:
+                raise IncompatibleRuns(
+                    f"prompt {rid!r}: the {side}'s rows are wider ({max(va, vb)} vs {v}) and its columns from {v} "
+                    f"on hold up to {worst:.3g} of the probability (row {int(np.nanargmax(mass))}); a padded "
+                    f"vocabulary is compared over the common columns only when that is <= {PAD_MASS_BOUND:g} "
+                    "(top-K rows count their whole tail): capture both with the same vocabulary width"
+                )
+            pad_worst = max(pad_worst, worst)
         tgt_all = np.asarray(rt, dtype=np.int64)
         if tgt_all.size and int(tgt_all.max()) >= v:
             raise IncompatibleRuns(
@@ -712,6 +763,9 @@ def compare_dumps(
             parts.append(m)
             tok_prompt.append(np.full(n_rows, pi, dtype=np.int64))
             tok_pos.append(np.arange(n_rows, dtype=np.int64))
+    if va != vb:
+        notes.append(f"padded vocabulary: the wider rows hold at most {pad_worst:.3g} of the probability beyond "
+                     f"column {v} (accepted up to 1e-06)")
     if mode == "teacher-forced":
         notes.append(
             "teacher-forced: the candidate was scored on the reference's tokens; its first divergence is the "
@@ -746,6 +800,7 @@ def compare_dumps(
         token_position=np.concatenate(tok_pos) if tok_pos else np.zeros(0, np.int64),
         near_tie_margin=float(near_tie_margin), n_values=n_values, topk=ks, notes=notes,
         policy=pol, noise=noise, ref_speed=run_speed(ref_d), cand_speed=run_speed(cand_d), decode=dec,
+        incomplete=incomplete,
     )
 
 

@@ -32,13 +32,14 @@ import math
 import os
 import re
 import struct
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from logitparity._fileio import write_text_atomic
+from logitparity._fileio import append_text, write_text_atomic
 
 __all__ = ["FORMAT", "VERSION", "Dump", "DumpWriter", "load_dump"]
 
@@ -49,17 +50,33 @@ RECORDS = "records.jsonl"
 SHARD_RE = re.compile(r"^shard-(\d{5})\.safetensors$")
 DEFAULT_SHARD_BYTES = 256 << 20
 DEFAULT_FLUSH_SECONDS = 60.0  # a killed run loses at most about this much work
+# Rows of different widths (a padded vocabulary) are compared over the common
+# first columns only when the wider rows' mass beyond them is at most this in
+# every row: the renormalised rows then differ from the stored ones by at most
+# this in total variation and every log-probability by at most
+# -log(1 - 1e-6) = 1.0000005e-6 nats, below float32's rounding of a
+# log-probability of magnitude 10 (1.2e-6).
+PAD_MASS_BOUND = 1e-6
 
 LOGITS_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
 # safetensors header dtype -> numpy dtype (BF16 is read as its uint16 bits)
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16,
               "I32": np.int32, "F64": np.float64, "I64": np.int64}
+# bytes per element of every safetensors dtype (those not read still have their offsets checked)
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 _ST_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 # Fields every record must carry (the writer adds shard, tensors, n_positions).
 RECORD_FIELDS = ("id", "category", "prompt", "chat_template", "prompt_token_ids",
                  "generated_token_ids", "stop_reason")
 STOP_REASONS = ("eos", "max_new_tokens", "stop_token")
+# tokenizer.special_tokens lists exactly these names, each the tokenizer defines
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
+# tokenizer fields that say two runs tokenize identically (the stop rule is
+# decoding.eos_token_ids / stop_token_ids, compared on its own)
+TOKENIZER_IDENTITY = ("vocab_size", "tokens_hash", "special_tokens")
 # Manifest sections that must match when a run is resumed.
 _RESUME_KEYS = ("engine", "model", "tokenizer", "dtype", "device", "decoding", "logits")
 
@@ -88,7 +105,7 @@ def parse_storage(logits: str) -> int | None:
 
 
 def _check_version(version: Any, where: Path) -> None:
-    m = re.fullmatch(r"(\d+)\.(\d+)", str(version))
+    m = re.fullmatch(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None
     if not m:
         raise ValueError(f"{where}: 'version' must look like '1.0', got {version!r}")
     if int(m.group(1)) > int(VERSION.split(".")[0]):
@@ -174,47 +191,103 @@ def _exact_lse(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _read_header(path: Path) -> dict[str, Any]:
-    """Parse and check a safetensors header: {key: (numpy dtype, shape, start, end)}
-    with absolute byte offsets into the file."""
+class ShardError(ValueError):
+    """A shard that is missing, truncated or corrupt: ``field``, ``expected``,
+    ``found`` and ``fix`` say how (the validator lists them)."""
+
+    def __init__(self, path: Path, field: str, expected: str, found: str, fix: str):
+        self.path, self.field, self.expected, self.found, self.fix = path, field, expected, found, fix
+        super().__init__(f"{path}: {field}: expected {expected}, found {found}; {fix}")
+
+
+_RECAPTURE = "re-run the capture with --resume (it recaptures the prompts of a damaged shard)"
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """Parse and check a safetensors header: {key: (numpy dtype, shape, start,
+    end, safetensors dtype)} with absolute byte offsets into the file. Raises
+    ShardError when the file is missing, truncated or its header unsound.
+    Tensors of dtypes this package does not read are listed with dtype None."""
     try:
         size = path.stat().st_size
+        f = open(path, "rb")
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: shard file is missing; the dump is incomplete (re-run the capture with --resume)") from None
-    with open(path, "rb") as f:
+        raise ShardError(path, "file", "a shard named by records.jsonl", "no file", _RECAPTURE) from None
+    except IsADirectoryError:
+        raise ShardError(path, "file", "a safetensors file", "a directory", _RECAPTURE) from None
+    with f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{path}: truncated shard ({size} bytes, no safetensors header); re-run the capture with --resume")
+            raise ShardError(path, "header", "an 8-byte header length", f"a truncated shard ({size} bytes)", _RECAPTURE)
         (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100 << 20:
-            raise ValueError(f"{path}: corrupt or truncated shard (header length {n} bytes, file {size} bytes); re-run the capture")
+        if n > size - 8 or n > MAX_HEADER_BYTES:
+            raise ShardError(path, "header", f"a header length within the file ({size - 8} bytes at most)",
+                             f"{n} bytes (corrupt or truncated shard)", _RECAPTURE)
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: corrupt shard header ({e}); re-run the capture") from None
+    except (ValueError, RecursionError) as e:  # JSON, UTF-8, or an integer past 4300 digits
+        raise ShardError(path, "header", "a JSON object", f"unparsable bytes (corrupt shard header: {e})", _RECAPTURE) from None
+    if not isinstance(header, dict):
+        raise ShardError(path, "header", "a JSON object", type(header).__name__, _RECAPTURE)
     base = 8 + n
     out: dict[str, Any] = {}
-    end_max = 0
+    spans = []
     for key, spec in header.items():
         if key == "__metadata__":
             continue
         try:
-            dtype = _ST_DTYPES[spec["dtype"]]
-            shape = tuple(int(s) for s in spec["shape"])
-            start, end = (int(o) for o in spec["data_offsets"])
+            st, dims, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+            if not (isinstance(st, str) and isinstance(dims, list) and isinstance(offsets, list) and len(offsets) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in [*dims, *offsets])):
+                raise TypeError
+            shape = tuple(dims)
+            start, end = offsets
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: corrupt shard header entry {key!r}: {spec!r}") from None
-        if end - start != math.prod(shape) * np.dtype(dtype).itemsize or start < 0:
-            raise ValueError(f"{path}: corrupt shard header: tensor {key!r} offsets {start}..{end} do not match shape {shape}")
-        out[key] = (dtype, shape, base + start, base + end)
+            raise ShardError(path, f"header entry {key!r}", "dtype, shape and data_offsets", _short_json(spec),
+                             _RECAPTURE) from None
+        dtype = _ST_DTYPES.get(st)
+        itemsize = _ST_ITEMSIZE.get(st)
+        if start < 0 or end < start or (itemsize is not None and end - start != math.prod(shape) * itemsize):
+            raise ShardError(path, f"header entry {key!r}", f"data_offsets spanning shape {list(shape)} of {st}",
+                             f"{start}..{end}", _RECAPTURE)
+        out[key] = (dtype, shape, base + start, base + end, st)
+        spans.append((start, end, key))
+    spans.sort()
+    end_max = 0
+    for start, end, key in spans:
+        if start < end_max:
+            raise ShardError(path, f"header entry {key!r}", "byte ranges that do not overlap another tensor's",
+                             f"{start}..{end}", _RECAPTURE)
         end_max = max(end_max, end)
     if base + end_max != size:
-        raise ValueError(
-            f"{path}: truncated or corrupt shard (header says {base + end_max} bytes, file has {size}); "
-            "re-run the capture with --resume"
-        )
+        raise ShardError(path, "size", f"{base + end_max} bytes (as its header says)",
+                         f"{size} bytes (truncated or corrupt shard)", _RECAPTURE)
     return out
+
+
+def _short_json(v: Any) -> str:
+    s = json.dumps(v, default=str)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def tensor_from(buffer: np.ndarray, entry: tuple) -> np.ndarray:
+    """The tensor an entry of read_header describes, as a view of ``buffer``
+    (a uint8 memmap of the whole shard)."""
+    dtype, shape, start, end = entry[:4]
+    return buffer[start:end].view(dtype).reshape(shape)
+
+
+def tokens_hash(tokens: "list[str | None]") -> str:
+    """tokenizer.tokens_hash: 'sha256:<hex>' of the UTF-8 bytes of the token
+    strings in id order serialised as docs/dump-format.md ("Hashes") defines:
+    a JSON array, elements separated by ", ", JSON escapes only for '"', '\\'
+    and control characters, everything else as raw UTF-8, null for an id
+    without a token."""
+    import hashlib
+
+    text = json.dumps(list(tokens), ensure_ascii=False)
+    return f"sha256:{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()}"
 
 
 class Dump:
@@ -225,53 +298,38 @@ class Dump:
     ``vocab_size``: width of the logit rows (None for an empty dump);
     ``lse_known``: False for a topk:K dump whose engine did not know each
     row's log-sum-exp (manifest ``logits.lse = "unknown"``).
+    Opening checks everything logitparity.validate calls an error (types,
+    dtypes, widths, top-K invariants, record invariants, shard integrity) and
+    raises DumpError (a ValueError) listing them.
     """
 
     lse_known: bool = True  # a class default, so subclasses that skip __init__ keep it
 
     def __init__(self, path: str | os.PathLike):
+        from logitparity.validate import DumpError, inspect_dump
+
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise FileNotFoundError(f"{self.path}: no such dump directory (expected {MANIFEST}, {RECORDS} and shards)")
-        self.manifest = read_manifest(self.path)
-        logits = self.manifest.get("logits")
-        if not isinstance(logits, dict) or "storage" not in logits or "dtype" not in logits:
-            raise ValueError(f"{self.path / MANIFEST}: missing the 'logits' section (storage, dtype, vocab_size)")
+        ins = inspect_dump(self.path)
+        if ins.errors:
+            raise DumpError(ins.errors, self.path)
+        self.manifest = ins.manifest
+        logits = self.manifest["logits"]
         self.storage: str = logits["storage"]
         self.k = parse_storage(self.storage)
         self.logits_dtype: str = logits["dtype"]
-        if self.logits_dtype not in LOGITS_DTYPES:
-            raise ValueError(f"{self.path / MANIFEST}: logits dtype must be one of {sorted(LOGITS_DTYPES)}, got {self.logits_dtype!r}")
         self.vocab_size: int | None = logits.get("vocab_size")
         # top-K engines that do not know a row's log-sum-exp say logits.lse = "unknown"
         # and write only topk_values and topk_indices (compare then bounds KL)
         self.lse_known: bool = not (self.k is not None and logits.get("lse") == "unknown")
-        self.records = read_records(self.path / RECORDS)
+        self.records = ins.records
         self._by_id = {r["id"]: r for r in self.records}
-        self._headers: dict[str, dict[str, Any]] = {}
+        self._headers: dict[str, dict[str, Any]] = ins.headers
         self._maps: dict[str, np.memmap] = {}
-        self._check_tensors()
 
-    def _check_tensors(self) -> None:
-        names = ("logits",) if self.k is None else ("topk_values", "topk_indices", "lse", "tail_mass")[
-            :4 if self.lse_known else 2]
-        for r in self.records:
-            shard = r["shard"]
-            if shard not in self._headers:
-                if not SHARD_RE.match(str(shard)):
-                    raise ValueError(f"{self.path / RECORDS}: record {r['id']!r} names shard {shard!r}, expected shard-NNNNN.safetensors")
-                self._headers[shard] = _read_header(self.path / shard)
-            header = self._headers[shard]
-            for name in names:
-                key = r["tensors"].get(name) if isinstance(r["tensors"], dict) else None
-                if key not in header:
-                    raise ValueError(
-                        f"{self.path / shard}: record {r['id']!r} points at tensor {key!r} ({name}) "
-                        f"which the shard does not hold; the dump is corrupt (re-run the capture)"
-                    )
-                shape = header[key][1]
-                if shape[:1] != (r["n_positions"],):
-                    raise ValueError(f"{self.path / shard}: tensor {key!r} has shape {shape}, record {r['id']!r} says {r['n_positions']} positions")
+    @property
+    def complete(self) -> bool:
+        """Whether the manifest says the run finished."""
+        return self.manifest.get("complete") is True
 
     def __len__(self) -> int:
         return len(self.records)
@@ -296,8 +354,7 @@ class Dump:
     def _tensor(self, shard: str, key: str) -> np.ndarray:
         if shard not in self._maps:
             self._maps[shard] = np.memmap(self.path / shard, dtype=np.uint8, mode="r")
-        dtype, shape, start, end = self._headers[shard][key]
-        return self._maps[shard][start:end].view(dtype).reshape(shape)
+        return tensor_from(self._maps[shard], self._headers[shard][key])
 
     def logits(self, prompt_id: str, *, as_float32: bool = False) -> np.ndarray:
         """[n_positions, vocab] raw logits, memory-mapped read-only: float32,
@@ -310,6 +367,29 @@ class Dump:
         if as_float32:
             return bf16_to_float32(x) if self.logits_dtype == "bf16" else np.asarray(x, dtype=np.float32)
         return x
+
+    def mass_beyond(self, prompt_id: str, v: int) -> np.ndarray:
+        """Per row, the probability of token ids >= v (float64 [n]): exact for
+        full rows; for top-K rows an upper bound (the stored entries >= v plus
+        the whole tail, whose tokens are unknown). Used to accept a padded
+        vocabulary only when its pad columns are provably negligible
+        (PAD_MASS_BOUND)."""
+        if not 0 < v <= int(self.vocab_size or 0):
+            raise ValueError(f"v must be in [1, {self.vocab_size}] (the row width), got {v}")
+        if self.k is None:
+            from logitparity.metrics import logsumexp
+
+            x = self.logits(prompt_id)
+            if x.shape[0] == 0 or v == x.shape[1]:
+                return np.zeros(x.shape[0], np.float64)
+            lse = np.asarray(logsumexp(x, bf16=self.logits_dtype == "bf16"), np.float64)
+            pad = bf16_to_float32(x[:, v:]) if self.logits_dtype == "bf16" else x[:, v:]
+            with np.errstate(invalid="ignore", over="ignore"):
+                return np.exp(pad.astype(np.float64) - lse[:, None]).sum(axis=1)
+        values, idx, lse, tail = self.topk(prompt_id)
+        with np.errstate(invalid="ignore", over="ignore"):
+            stored = np.where(idx >= v, np.exp(values.astype(np.float64) - lse[:, None]), 0.0).sum(axis=1)
+            return stored + tail
 
     def topk(self, prompt_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(values float32 [n, K], indices int32 [n, K], lse float64 [n],
@@ -329,12 +409,17 @@ def read_manifest(path: Path) -> dict[str, Any]:
     """manifest.json of dump directory ``path``, with its tag and version checked."""
     mpath = Path(path) / MANIFEST
     try:
-        text = mpath.read_text(encoding="utf-8")
+        raw = mpath.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"{mpath}: missing; is {path} a logitparity dump directory?") from None
+    except IsADirectoryError:
+        raise ValueError(f"{mpath}: is a directory, expected the dump's manifest file") from None
     try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as e:
+        manifest = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{mpath}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
+                         "dump manifests are UTF-8 JSON") from None
+    except (ValueError, RecursionError) as e:  # JSON, or an integer past 4300 digits
         raise ValueError(f"{mpath}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         tag = manifest.get("format") if isinstance(manifest, dict) else None
@@ -344,28 +429,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """records.jsonl -> list of dicts; malformed lines are errors naming the line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing; the dump is incomplete (re-run the capture with --resume)") from None
-    records = []
-    seen = set()
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: malformed record ({e}); an interrupted write? re-run the capture with --resume") from None
-        missing = [f for f in (*RECORD_FIELDS, "shard", "tensors", "n_positions") if not isinstance(r, dict) or f not in r]
-        if missing:
-            raise ValueError(f"{path}:{lineno}: record lacks {', '.join(missing)}")
-        if r["id"] in seen:
-            raise ValueError(f"{path}:{lineno}: duplicate prompt id {r['id']!r}")
-        seen.add(r["id"])
-        records.append(r)
-    return records
+    """records.jsonl of a dump directory's file ``path`` -> list of dicts,
+    every record checked (logitparity.validate); raises DumpError."""
+    return Dump(Path(path).parent).records
 
 
 def load_dump(path: str | os.PathLike) -> Dump:
@@ -414,6 +480,9 @@ class DumpWriter:
         self._pending_bytes = 0
         self._closed = False
         self.records: list[dict[str, Any]] = []
+        self.recaptured: list[str] = []  # resume: prompts of damaged shards, captured again
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"output {self.path} is a file; a dump is a directory: choose a new directory path")
         self.path.mkdir(parents=True, exist_ok=True)
         if (self.path / MANIFEST).exists():
             if not resume:
@@ -422,40 +491,50 @@ class DumpWriter:
         elif any(self.path.iterdir()):
             raise ValueError(f"{self.path} is not empty and holds no dump; choose an empty or new directory")
         else:
-            (self.path / RECORDS).write_text("", encoding="utf-8")
+            write_text_atomic(self.path / RECORDS, "")
             self._shard_index = 0
             self._write_manifest()
 
     def _open_existing(self) -> None:
+        from logitparity.validate import DumpError, inspect_dump, set_difference
+
         old = read_manifest(self.path)
         for key in _RESUME_KEYS:
             a, b = old.get(key), self.manifest.get(key)
             if key == "logits":
-                a = {k: v for k, v in (a or {}).items() if k != "vocab_size"}
+                a = {k: v for k, v in (a if isinstance(a, dict) else {}).items() if k != "vocab_size"}
                 b = {k: v for k, v in b.items() if k != "vocab_size"}
             if a != b:
                 raise ValueError(
                     f"cannot resume {self.path}: its manifest's {key!r} differs from this run's "
-                    f"({json.dumps(a, sort_keys=True)[:200]} vs {json.dumps(b, sort_keys=True)[:200]}); "
-                    "use the same settings or a new directory"
+                    f"({set_difference(a, b, 'dump', 'run')}); use the same settings or a new directory"
                 )
         self.manifest["created"] = old.get("created", self.manifest["created"])
         self.manifest["logits"]["vocab_size"] = old["logits"].get("vocab_size")
         rpath = self.path / RECORDS
-        if rpath.exists():  # drop a partly written last line, then keep what parses
-            text = rpath.read_text(encoding="utf-8")
-            if text and not text.endswith("\n"):
-                text = text[: text.rfind("\n") + 1]
-                write_text_atomic(rpath, text)
+        if rpath.is_symlink():
+            raise ValueError(f"cannot resume {self.path}: {rpath} is a symbolic link; a dump's files are its own")
+        if rpath.exists():  # drop a partly written last line (a kill during the append)
+            raw = rpath.read_bytes()
+            if raw and not raw.endswith(b"\n"):
+                write_text_atomic(rpath, raw[: raw.rfind(b"\n") + 1].decode("utf-8", "replace"))
         else:
-            rpath.write_text("", encoding="utf-8")
-        self.records = read_records(rpath)
+            write_text_atomic(rpath, "")
+        ins = inspect_dump(self.path)
+        bad_files = {str(self.path / s) for s in ins.bad_shards}
+        others = [v for v in ins.errors if v.file not in bad_files]
+        if others:
+            raise DumpError(others, self.path)
+        self.recaptured = [r["id"] for r in ins.records if r["shard"] in ins.bad_shards]
+        self.records = [r for r in ins.records if r["shard"] not in ins.bad_shards]
+        if ins.bad_shards:  # recapture the prompts of damaged shards rather than refuse to resume
+            write_text_atomic(rpath, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records))
+            for shard, why in sorted(ins.bad_shards.items()):
+                print(f"logitparity: resume: {why}; its prompts are recaptured", file=sys.stderr)
         used = {r["shard"] for r in self.records}
         for p in self.path.iterdir():  # temporaries and shards no record points at
             if p.name.endswith(".tmp") or (SHARD_RE.match(p.name) and p.name not in used):
                 p.unlink()
-        for shard in used:
-            _read_header(self.path / shard)
         self._shard_index = 1 + max((int(SHARD_RE.match(s).group(1)) for s in used), default=-1)
 
     @property
@@ -542,17 +621,25 @@ class DumpWriter:
                 specs[key] = TensorSpec(dtype=st_dtype, shape=arr.shape, data_ptr=arr.ctypes.data, data_len=arr.nbytes)
             lines.append(json.dumps(rec, ensure_ascii=False))
         tmp = self.path / f"{name}.tmp"
+        if os.path.lexists(tmp):  # never write through a link planted at the temporary name
+            os.unlink(tmp)
         serialize_file(specs, str(tmp), metadata={"format": FORMAT, "version": VERSION})
-        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors creates 0600 files
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # safetensors creates 0600 files
+            os.fsync(fd)  # the shard is on disk before any record names it
+        finally:
+            os.close(fd)
         os.replace(tmp, self.path / name)
-        with open(self.path / RECORDS, "a", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
+        # The manifest (logits.vocab_size) is on disk before the records that
+        # need it: a kill between the two steps leaves a valid dump.
+        self._write_manifest()
+        append_text(self.path / RECORDS, "".join(line + "\n" for line in lines))
         self.records.extend(rec for rec, _ in self._pending)
         self._pending.clear()
         self._pending_bytes = 0
         self._last_flush = time.monotonic()
         self._shard_index += 1
-        self._write_manifest()
 
     def _write_manifest(self) -> None:
         write_text_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n")

@@ -39,6 +39,8 @@ def load_prompts(path: str | os.PathLike | None = None) -> list[Prompt]:
             text = p.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise FileNotFoundError(f"prompts file {p} does not exist (pass a JSONL or plain-text file, or omit it for the default set)") from None
+        except IsADirectoryError:
+            raise ValueError(f"prompts file {p} is a directory; pass a JSONL or plain-text file") from None
         except UnicodeDecodeError as e:
             raise ValueError(f"prompts file {p} is not UTF-8 text ({e})") from None
         where = str(p)

@@ -291,6 +291,7 @@ def comparison_dict(comp: "Comparison") -> dict[str, Any]:
         "format": "logitparity.comparison",
         "version": 1,
         "verdict": comp.verdict.to_dict(),
+        "incomplete": list(getattr(comp, "incomplete", [])),
         "noise_floor": None if comp.noise is None else {"source": comp.noise.source, "change": comp.noise.change},
         "reference": describe_run(comp.ref_manifest, comp.ref_path),
         "candidate": describe_run(comp.cand_manifest, comp.cand_path),
@@ -644,6 +645,9 @@ def render_markdown(comp: "Comparison", *, top_worst: int = 5, images: dict[str,
     """The report as markdown (see the module docstring for its order)."""
     images = images or {}
     L: list[str] = ["# logitparity: candidate vs reference", ""]
+    if getattr(comp, "incomplete", None):
+        L += ["**INCOMPLETE INPUT (compared with --allow-partial): the verdict covers only what both runs hold.**", ""]
+        L += [f"- {why}" for why in comp.incomplete] + [""]
     L += _verdict_section(comp) + [""]
     L += ["## Key figures", ""] + _key_figures(comp) + [""]
     if comp.notes:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from logitparity.dump import SPECIAL_TOKEN_NAMES, tokens_hash
 from logitparity.models import SOURCE_FILE, default_model_dir, file_sha256, gguf_model_dir
 
 __all__ = ["DTYPES", "LoadedModel", "convert_gguf", "load_model"]
@@ -54,7 +55,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-    kw = dict(gguf_file=gguf.name, local_files_only=True)
+    kw = dict(gguf_file=gguf.name, local_files_only=True, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kw)
     # The weights are plain fp32 tensors now; drop the GGUF quantizer marker
@@ -106,14 +107,14 @@ def tokenizer_identity(tokenizer: Any, eos_ids: list[int]) -> dict[str, Any]:
     n = len(tokenizer)
     tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
     special = {}
-    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+    for name in SPECIAL_TOKEN_NAMES:
         tok = getattr(tokenizer, name, None)
         if tok is not None:
             special[name] = {"token": str(tok), "id": tokenizer.convert_tokens_to_ids(str(tok))}
     template = getattr(tokenizer, "chat_template", None)
     return {
         "vocab_size": n,
-        "tokens_hash": _sha256_text(json.dumps(tokens, ensure_ascii=False)),
+        "tokens_hash": tokens_hash(tokens),
         "special_tokens": special,
         "eos_token_ids": eos_ids,
         "chat_template_hash": _sha256_text(template) if isinstance(template, str) else None,
@@ -132,13 +133,51 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-def load_model(model: str | os.PathLike | None = None, *, dtype: str = "fp32", device: str = "cpu") -> LoadedModel:
+# config.json keys that give the longest sequence a model was built for, by family
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_length(config: dict[str, Any]) -> int | None:
+    """The model's context (positions it was built for) from its config.json
+    dict, or None when the config does not say."""
+    for src in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else {}):
+        for key in _CONTEXT_KEYS:
+            v = src.get(key)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    return None
+
+
+def load_tokenizer(model: str | os.PathLike | None = None) -> tuple[Any, int | None]:
+    """The tokenizer of ``model`` and its context length, without loading the
+    weights (so prompts can be checked before the model loads)."""
+    path, _ = _resolve(model)
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"could not load the tokenizer in {path} ({type(e).__name__}: {e}); "
+                         "expected a Hugging Face tokenizer (tokenizer.json or tokenizer_config.json)") from None
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path / 'config.json'} is not readable JSON ({e})") from None
+    return tokenizer, context_length(config) if isinstance(config, dict) else None
+
+
+def load_model(model: str | os.PathLike | None = None, *, dtype: str = "fp32", device: str = "cpu",
+               tokenizer: Any = None) -> LoadedModel:
     """Load a causal LM and its tokenizer for capture.
 
     model: None (the embedded default, SmolLM2-135M-Instruct), a Hugging Face
     directory, or a .gguf file (converted once and cached). dtype: fp32 |
     bf16 | fp16. device: cpu | cuda | cuda:N | auto (accelerate device_map,
-    for models larger than one GPU).
+    for models larger than one GPU). tokenizer: one already loaded from the
+    same model (load_tokenizer). Nothing read from the model directory runs
+    code: trust_remote_code is off, so a directory asking for custom code is
+    an error, never a prompt.
     """
     import torch
 
@@ -152,11 +191,16 @@ def load_model(model: str | os.PathLike | None = None, *, dtype: str = "fp32", d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-    kw: dict[str, Any] = {"local_files_only": True}
-    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    if device == "auto":
-        kw["device_map"] = "auto"
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kw)
+    kw: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+    try:
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        if device == "auto":
+            kw["device_map"] = "auto"
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kw)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"could not load the model in {path} ({type(e).__name__}: {e}); expected a Hugging Face "
+                         "causal-LM directory (config.json, weights, tokenizer)") from None
     if device not in ("cpu", "auto"):
         lm = lm.to(device)
     lm.eval()

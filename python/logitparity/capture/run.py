@@ -117,6 +117,7 @@ def capture(
     progress: bool = True,
     limit: int | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    truncate_prompts: bool = False,
 ) -> Path:
     """Capture ``model`` on ``prompts`` into the dump directory ``out``.
 
@@ -128,22 +129,39 @@ def capture(
     Generation stops at an EOS id, one of ``stop_token_ids``, or
     ``max_new_tokens``. chat_template: None applies the tokenizer's template
     when it has one. logits: 'full' or 'topk:K'; logits_dtype: fp32 | fp16 |
-    bf16 (full storage). resume: continue an interrupted dump. limit: only
-    the first N prompts. Returns the dump path.
+    bf16 (full storage). resume: continue an interrupted dump (batches are
+    cut from the whole prompt list, so the logits are bitwise those of an
+    uninterrupted run; prompts of a damaged shard are captured again).
+    limit: only the first N prompts. Prompts longer than the model's context
+    (less the new tokens) are refused before the model loads, or keep their
+    last tokens with ``truncate_prompts`` (the record says ``truncated_from``).
+    Each batch reaches disk (shard, then records) as soon as it is done, so a
+    killed run loses at most the batch in flight. Returns the dump path.
     """
     from logitparity.capture.decode import Sampler
-    from logitparity.capture.hf import LoadedModel, load_model
+    from logitparity.capture.hf import LoadedModel, context_length, load_model, load_tokenizer
 
     _check_args(mode, reference_dump, max_new_tokens, batch_size, temperature, top_p, logits, limit)
     ref = reference_dump if isinstance(reference_dump, Dump) or reference_dump is None else load_dump(reference_dump)
     if prompts is not None and not isinstance(prompts, (list, tuple)):
         prompts = load_prompts(prompts)
     selected = _select(list(prompts) if prompts is not None else load_prompts() if ref is None else None, ref, limit)
-    lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
-    tok = lm.tokenizer
+    if isinstance(model, LoadedModel):
+        lm, tok = model, model.tokenizer
+        n_ctx = context_length(model.model.config.to_dict())
+    else:  # the prompts are checked before the weights load
+        lm, (tok, n_ctx) = None, load_tokenizer(model)
+    todo = _prepare(selected, tok, ref, chat_template, n_ctx, max_new_tokens, truncate_prompts)
+    if lm is None:
+        lm = load_model(model, dtype=dtype, device=device, tokenizer=tok)
     eos_ids = lm.identity["tokenizer"]["eos_token_ids"]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     vocab = lm.model.get_output_embeddings().weight.shape[0]
+    for p, ids, _, cont, *_ in todo:
+        bad = [t for t in ids + cont if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"reference record {p.id!r} holds token id {bad[0]} outside this model's vocabulary "
+                             f"[0, {vocab}); were both runs made with the same tokenizer?")
 
     decoding: dict[str, Any] = {
         "mode": mode,
@@ -171,21 +189,6 @@ def capture(
                                  "mode": ref.manifest.get("decoding", {}).get("mode"), "model": ref.manifest.get("model")}
     sampler = Sampler(float(temperature), top_p, int(seed)) if mode == "sample" else None
 
-    todo = []  # tokenize and check everything before the output directory is touched
-    for p in selected:
-        if ref is None:
-            ids, used = _tokenize(tok, p, chat_template)
-            cont: list[int] = []
-        else:
-            r = ref.record(p.id)
-            ids, used, cont = list(r["prompt_token_ids"]), bool(r["chat_template"]), list(r["generated_token_ids"])
-            bad = [t for t in ids + cont if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"reference record {p.id!r} holds token id {bad[0]} outside this model's vocabulary "
-                                 f"[0, {vocab}); were both runs made with the same tokenizer?")
-        todo.append((p, ids, used, cont))
-    todo.sort(key=lambda t: -(len(t[1]) + len(t[3])))  # similar lengths share a batch: less padding
-
     with DumpWriter(out, manifest, logits=logits, logits_dtype=logits_dtype, shard_bytes=shard_bytes,
                     resume=resume) as writer:
         done = {r["id"]: r["prompt"] for r in writer.records}
@@ -193,15 +196,55 @@ def capture(
             if p.id in done and done[p.id] != p.text:
                 raise ValueError(f"cannot resume {out}: prompt {p.id!r} has a different text than in the dump; "
                                  "use the same prompts file or a new directory")
-        todo = [t for t in todo if t[0].id not in done]
-        _run(writer, todo, lm, mode, ref, batch_size, max_new_tokens, pad_id, eos_ids, stop_token_ids, sampler,
-             progress, resumed=bool(done))
+        # Batches are cut from the whole list, so a resumed prompt shares its
+        # batch (and padding, and matmul shapes) with the same prompts as in
+        # an uninterrupted run; a batch is skipped only when all of it is done.
+        batches = [b for b in _batches(todo, batch_size) if any(t[0].id not in done for t in b)]
+        _run(writer, batches, set(done), lm, mode, ref, max_new_tokens, pad_id, eos_ids, stop_token_ids, sampler,
+             progress, resumed=bool(done) or bool(writer.recaptured), batch_size=batch_size)
     return Path(out)
 
 
-def _run(writer: DumpWriter, todo: list, lm: Any, mode: str, ref: Dump | None, batch_size: int,
+def _prepare(selected: list[Prompt], tok: Any, ref: Dump | None, chat_template: bool | None, n_ctx: int | None,
+             max_new_tokens: int, truncate: bool) -> list:
+    """Tokenize (or take the reference's tokens) and check every prompt
+    against the context; -> work list sorted longest first."""
+    todo = []
+    too_long = []
+    for p in selected:
+        if ref is None:
+            ids, used = _tokenize(tok, p, chat_template)
+            cont: list[int] = []
+            need = len(ids) + max_new_tokens - 1  # the last new token is never fed back
+        else:
+            r = ref.record(p.id)
+            ids, used, cont = list(r["prompt_token_ids"]), bool(r["chat_template"]), list(r["generated_token_ids"])
+            need = len(ids) + max(len(cont), 1) - 1
+        extra = {}
+        if n_ctx is not None and need > n_ctx:
+            room = n_ctx - (need - len(ids))
+            if not truncate or ref is not None or room < 1:
+                too_long.append((p.id, len(ids), need))
+                continue
+            extra = {"truncated_from": len(ids)}
+            ids = ids[-room:]
+        todo.append((p, ids, used, cont, extra))
+    if too_long:
+        shown = ", ".join(f"{i!r} ({n} prompt tokens, {need} positions)" for i, n, need in too_long[:5])
+        more = f" and {len(too_long) - 5} more" if len(too_long) > 5 else ""
+        fix = ("score mode cannot truncate the reference's prompts: use a model with a longer context"
+               if ref is not None else
+               "lower --max-new-tokens, shorten the prompts, or pass --truncate-prompts (truncate_prompts=True) "
+               "to keep each prompt's last tokens")
+        raise ValueError(f"{len(too_long)} prompt(s) exceed the model's context of {n_ctx} positions: {shown}{more}; "
+                         f"{fix}")
+    todo.sort(key=lambda t: -(len(t[1]) + len(t[3])))  # similar lengths share a batch: less padding
+    return [(p, ids, used, cont) if not extra else (p, ids, used, cont, extra) for p, ids, used, cont, extra in todo]
+
+
+def _run(writer: DumpWriter, batches: list, done: set, lm: Any, mode: str, ref: Dump | None,
          max_new_tokens: int, pad_id: int, eos_ids: list[int], stop_ids: Sequence[int], sampler: Any,
-         progress: bool, resumed: bool) -> None:
+         progress: bool, resumed: bool, batch_size: int) -> None:
     from tqdm import tqdm  # tqdm.auto warns in Jupyter without ipywidgets
 
     from logitparity.capture.decode import generate_batch, score_batch
@@ -209,10 +252,11 @@ def _run(writer: DumpWriter, todo: list, lm: Any, mode: str, ref: Dump | None, b
     t0 = time.perf_counter()
     n_tokens = 0
     n_prompts = 0
-    bar = tqdm(total=len(todo), unit="prompt", disable=not progress, desc=f"dump {mode}", dynamic_ncols=True)
+    total = sum(1 for b in batches for t in b if t[0].id not in done)
+    bar = tqdm(total=total, unit="prompt", disable=not progress, desc=f"dump {mode}", dynamic_ncols=True)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     try:
-        for batch in _batches(todo, batch_size):
+        for batch in batches:
             tb = time.perf_counter()
             if mode == "score":
                 rows = score_batch(lm.model, [b[1] for b in batch], [b[3] for b in batch], device=lm.device, pad_id=pad_id)
@@ -225,13 +269,22 @@ def _run(writer: DumpWriter, todo: list, lm: Any, mode: str, ref: Dump | None, b
                                       max_new_tokens=max_new_tokens, sampler=sampler)
                 outs = [(g.tokens, g.logits, g.stop_reason, {"ttft_s": g.ttft_s, "decode_tokens_per_s": g.decode_tokens_per_s})
                         for g in gens]
-            for (p, ids, used, _), (tokens, logit_rows, reason, timing) in zip(batch, outs):
-                writer.add({"id": p.id, "category": p.category, "prompt": p.text, "chat_template": used,
-                            "prompt_token_ids": ids, "generated_token_ids": list(tokens), "stop_reason": reason,
-                            "timing": {**timing, "batch_size": len(batch)}}, logit_rows)
+            added = 0
+            for item, (tokens, logit_rows, reason, timing) in zip(batch, outs):
+                p, ids, used = item[0], item[1], item[2]
+                if p.id in done:  # finished before the interruption: its batch ran again only for the others
+                    continue
+                rec = {"id": p.id, "category": p.category, "prompt": p.text, "chat_template": used,
+                       "prompt_token_ids": ids, "generated_token_ids": list(tokens), "stop_reason": reason,
+                       "timing": {**timing, "batch_size": len(batch)}}
+                if len(item) > 4:
+                    rec.update(item[4])
+                writer.add(rec, logit_rows)
                 n_tokens += len(tokens)
-            n_prompts += len(batch)
-            bar.update(len(batch))
+                added += 1
+            writer.flush()  # the batch reaches disk now: a kill loses at most the next one
+            n_prompts += added
+            bar.update(added)
             bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.1f}")
     finally:
         bar.close()

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from logitparity._fileio import write_text_atomic
+from logitparity.cli import add_torch_threads_argument, apply_torch_threads
 
 HELP = "Measure the noise floor between two benign reference runs (e.g. batch size 1 vs 8) for noise-relative policies."
 
@@ -30,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the two batch sizes of the captures (default 1 8)")
     p.add_argument("--limit", type=int, default=16, metavar="N", help="first N prompts (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="M", help="default 32")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for both captures (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="threads of the C++ core (default: all cores)")
+    add_torch_threads_argument(p)
     p.add_argument("--keep", metavar="DIR", default=None, help="keep the two captured dumps in DIR")
 
 
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dumps:
         a, b = args.dumps
         change = args.change or "two reference dumps given with --dumps"
-        comp = compare_dumps(a, b, decode=None)
+        comp = compare_dumps(a, b, decode=None, threads=args.threads)
     else:
         from logitparity.capture import capture, load_model
 
@@ -50,11 +52,7 @@ def run(args: argparse.Namespace) -> int:
         if ba == bb:
             raise ValueError(f"--batch-sizes must differ to be a change, got {ba} and {bb}")
         change = f"batch size {ba} vs {bb}"
-        import torch  # the captures run here; both with the same thread count
-
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+        apply_torch_threads(args)  # the captures run here; both with the same thread count
         work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="logitparity-calibrate-"))
         lm = load_model(args.model, dtype=args.dtype, device=args.device)
         dumps = []
@@ -63,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"capturing the reference with batch size {bs} -> {out}", file=sys.stderr)
             capture(lm, args.prompts, out, batch_size=bs, max_new_tokens=args.max_new_tokens, limit=args.limit)
             dumps.append(out)
-        comp = compare_dumps(dumps[0], dumps[1], decode=None)
+        comp = compare_dumps(dumps[0], dumps[1], decode=None, threads=args.threads)
         if not args.keep:
             import shutil
 

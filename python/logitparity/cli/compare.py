@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-positions", type=int, default=None, metavar="N",
                    help="compare at most the first N positions of each prompt")
     p.add_argument("--threads", type=int, default=None, help="core threads (default: all cores)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="judge a run marked incomplete, or prompts missing on one side (default: exit 2); "
+                        "the report then says INCOMPLETE first")
 
 
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +37,8 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
 def summary_lines(comp) -> list[str]:
     """A few lines for the terminal: verdict, thresholds, key figures."""
     v = comp.verdict
-    lines = [f"{'PASS' if v.passed else 'FAIL'}: policy {v.policy!r}, {len(comp.prompts)} prompts, "
+    lines = [f"INCOMPLETE (--allow-partial): {why}" for why in getattr(comp, "incomplete", [])]
+    lines += [f"{'PASS' if v.passed else 'FAIL'}: policy {v.policy!r}, {len(comp.prompts)} prompts, "
              f"{len(comp.tokens)} compared positions ({comp.mode})"]
     for r in v.results:
         meas = "not measured" if r.measured != r.measured else f"{r.measured:.4g}"
@@ -70,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     comp = compare_dumps(
         args.ref, args.cand, policy=args.policy, noise_floor=args.noise_floor,
         near_tie_margin=args.near_tie_margin, threads=args.threads, max_positions=args.max_positions,
+        allow_partial=args.allow_partial,
     )
     out = sys.stderr if args.report == "-" else sys.stdout
     print("\n".join(summary_lines(comp)), file=out)

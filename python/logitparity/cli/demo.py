@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from logitparity.cli import add_torch_threads_argument, apply_torch_threads
 from logitparity.cli.compare import summary_lines
 
 HELP = ("Capture the default model in fp32 (reference) and bf16 (candidate), compare them, and write the "
@@ -23,7 +24,7 @@ DEFAULT_NEW_TOKENS = 32
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
         f"{HELP} The defaults ({DEFAULT_LIMIT} prompts, one or two per category, {DEFAULT_NEW_TOKENS} new tokens, "
-        "batches of 4, one torch thread) took 83 s on a busy 2-core machine, model loading included. "
+        "batches of 4) took 83 s on a busy 2-core machine with one torch thread, model loading included. "
         "Exit 0 when the candidate passes the policy, 1 when it fails, 2 on errors."
     )
     p.add_argument("--out", default="logitparity-demo", help="output directory (default ./logitparity-demo)")
@@ -32,9 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_NEW_TOKENS, metavar="M",
                    help=f"tokens generated per prompt (default {DEFAULT_NEW_TOKENS})")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per batch (default 4)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for the captures (default 1: on a shared 2-core machine 2 threads took "
-                        "6 min 45 s against 38 s for 1 with 12 prompts x 24 tokens, from oversubscribed cores)")
+    p.add_argument("--threads", type=int, default=None, help="threads of the C++ core for the comparison "
+                   "(default: all cores)")
+    add_torch_threads_argument(p)
     p.add_argument("--policy", default="fp16", help="fp16 (default), quantized, lossless or a TOML file")
     p.add_argument("--top-worst", type=int, default=5, metavar="N", help="worst prompts in the report (default 5)")
     p.add_argument("--engine", choices=("hf", "llama.cpp"), default="hf",
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from logitparity.prompts import load_prompts
     from logitparity.report import write_report
 
-    for name in ("limit", "max_new_tokens", "batch_size", "threads"):
+    for name in ("limit", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     policy = load_policy(args.policy)  # fail early on a typo
@@ -72,9 +73,7 @@ def run(args: argparse.Namespace) -> int:
         if d.exists():
             raise ValueError(f"{d} already exists; pass another --out or delete it")
     prompts = spread(load_prompts(), args.limit)
-    import torch  # the captures run here; their thread count is the demo's choice
-
-    torch.set_num_threads(args.threads)
+    apply_torch_threads(args)  # the captures run here
     t0 = time.perf_counter()
     for dtype, path in (("fp32", ref_dir), ("bf16", cand_dir)):
         if path.name == "candidate-llama.cpp":  # the same GGUF, run by llama.cpp (capture/llamacpp.py)
@@ -90,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         capture(lm, prompts, path, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                 logits_dtype=dtype)
         del lm
-    comp = compare_dumps(ref_dir, cand_dir, policy=policy)
+    comp = compare_dumps(ref_dir, cand_dir, policy=policy, threads=args.threads)
     written = write_report(comp, out / "report.md", out / "report.json", out / "plots", top_worst=args.top_worst)
     print("\n".join(summary_lines(comp)))
     print(f"report: {written['markdown']} (JSON {written['json']}, plots in {out / 'plots'}); "

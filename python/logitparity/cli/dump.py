@@ -6,6 +6,8 @@ import argparse
 import signal
 import threading
 
+from logitparity.cli import add_torch_threads_argument, apply_torch_threads
+
 HELP = "capture a model's raw logits on a prompt set into a dump directory"
 
 
@@ -30,12 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-mb", type=float, default=256.0, help="shard size bound in MiB (default 256)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted dump in --out")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N prompts")
+    parser.add_argument("--truncate-prompts", action="store_true",
+                        help="keep the last tokens of a prompt longer than the model's context (minus "
+                             "--max-new-tokens) instead of refusing it; the record says so (truncated_from)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--engine", choices=("hf", "llama.cpp"), default="hf",
                         help="hf (transformers, default) or llama.cpp (llama-cpp-python on a .gguf; docs/engines.md)")
     parser.add_argument("--engine-opt", action="append", default=[], metavar="KEY=VALUE",
                         help="llama.cpp engine setting (repeatable): n_threads, n_ctx, n_batch, n_ubatch, "
                              "flash_attn=on|off, stop_rule=tokenizer|llama.cpp")
+    add_torch_threads_argument(parser)
 
 
 def _terminate(signum, frame):  # SIGTERM flushes finished prompts like Ctrl-C
@@ -47,6 +53,9 @@ def _capture_llamacpp(args: argparse.Namespace):
 
     if args.engine_opt and args.engine == "hf":
         raise ValueError("--engine-opt applies to --engine llama.cpp")
+    if args.truncate_prompts:
+        raise ValueError("--truncate-prompts is not supported with --engine llama.cpp yet; shorten the prompts "
+                         "or raise the engine's context with --engine-opt n_ctx=N")
     with load_engine(args.engine, args.model, dtype=args.dtype, device=args.device,
                      options=parse_engine_options(args.engine_opt)) as engine:
         return capture_engine(
@@ -64,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.shard_mb > 0:
         raise ValueError(f"--shard-mb must be > 0, got {args.shard_mb}")
+    apply_torch_threads(args)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
@@ -88,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             limit=args.limit,
             shard_bytes=max(1, int(args.shard_mb * (1 << 20))),
+            truncate_prompts=args.truncate_prompts,
         )
     finally:
         if main_thread:

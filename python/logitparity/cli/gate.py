@@ -19,6 +19,7 @@ from pathlib import Path
 HELP = "Bisect/CI oracle: candidate vs a baseline cache; exit 0 good, 1 bad, 125 could not run."
 
 GOOD, BAD, SKIP = 0, 1, 125
+ERROR_EXIT = SKIP  # every error, usage errors included, is "could not run" for git bisect
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,12 +27,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline-cache", metavar="DIR", help="the reference (logitparity ppl --save-baseline)")
     p.add_argument("--model", metavar="CAND", help="candidate: a Hugging Face directory or .gguf file")
     p.add_argument("--max-ppl-increase", metavar="X", help="largest allowed PPL_cand − PPL_ref, in PPL "
-                   "units (0.1), or relative with a % sign (1%%)")
+                   "units (0.1), or relative with a %% sign (1%%)")
     p.add_argument("--max-mean-kl", metavar="X", help="largest allowed mean KL(ref ‖ cand), nats")
     p.add_argument("--dtype", default="fp32", help="candidate dtype: fp32 | bf16 | fp16")
     p.add_argument("--device", default="cpu", help="candidate device: cpu | cuda | cuda:N | auto")
     p.add_argument("--batch-size", default="1", help="windows per forward pass")
     p.add_argument("--threads", help="threads of the C++ core (default: all cores)")
+    p.add_argument("--torch-threads", metavar="N", help="threads torch uses to run the candidate (default: the CPUs "
+                   "this process may use, idle threads sleeping); distinct from --threads")
     p.add_argument("--json", metavar="OUT", help="write the verdict and every figure as JSON")
 
 
@@ -82,7 +85,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("give at least one limit: --max-ppl-increase X and/or --max-mean-kl X")
         ppl_limit = None if args.max_ppl_increase is None else parse_limit(args.max_ppl_increase, "--max-ppl-increase")
         kl_limit = None if args.max_mean_kl is None else parse_limit(args.max_mean_kl, "--max-mean-kl")[0]
+        from logitparity.cli import apply_torch_threads
         from logitparity.ppl import perplexity
+
+        args.torch_threads = _int(args.torch_threads, "--torch-threads")
+        apply_torch_threads(args)
 
         result = perplexity(
             candidate=args.model, baseline_cache=args.baseline_cache, candidate_dtype=args.dtype,

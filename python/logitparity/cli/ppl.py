@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from logitparity.cli import add_torch_threads_argument, apply_torch_threads
+
 HELP = "Perplexity on a text (sliding windows); with --candidate also PPL ratio, ΔPPL and KL in both directions."
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -35,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples for ΔPPL (0: none)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--threads", type=int, help="threads of the C++ core (default: all cores)")
+    add_torch_threads_argument(p)
     p.add_argument("--json", metavar="OUT", help="write every figure as JSON")
     p.add_argument("--report", metavar="OUT", help="write the markdown report")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -54,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from logitparity.ppl import perplexity
 
+    if args.text is not None:  # fail before any model loads, naming the file
+        _check_text_file(args.text)
+    apply_torch_threads(args)
     model, candidate = _engines(args)
     result = perplexity(
         model, text_file=args.text, candidate=candidate, ctx=args.ctx, stride=args.stride,
@@ -107,3 +113,18 @@ def _engines(args: argparse.Namespace):
     if candidate is not None:
         candidate = side(cand_engine, None if candidate == "default" else candidate, candidate=True)
     return model, candidate
+def _check_text_file(path: str) -> None:
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"--text {p} is a directory; pass a UTF-8 text file")
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"--text {p} does not exist; pass a UTF-8 text file (or leave it out for the bundled corpus)") from None
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text {p} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
+                         "convert it, e.g. iconv -f latin1 -t utf-8") from None
