@@ -3,7 +3,8 @@
 A policy is a name, a description and named thresholds; each threshold says
 which metric (see ``parse_metric`` and docs/report.md), which comparison
 (``>=`` or ``<=``) and which limit. Built-ins: ``fp16`` (the default),
-``quantized`` and ``lossless``; users write the same thing as a TOML file::
+``bf16``, ``quantized`` and ``lossless`` (with a version-2 noise floor they
+judge the candidate against it instead, see floor.judge and FLOOR_FACTORS); users write the same thing as a TOML file::
 
     name = "my-port"
     description = "what this policy guards"
@@ -231,6 +232,11 @@ class ThresholdResult:
     measured: float
     passed: bool
     note: str = ""
+    # statistical thresholds (noise-floor verdict, two-sided gate): the
+    # interval of ``measured`` and the p-value of the test; NaN otherwise
+    ci_low: float = math.nan
+    ci_high: float = math.nan
+    p_value: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -262,6 +268,16 @@ class Verdict:
         return f"{word} under policy {self.policy!r}: " + "; ".join(parts)
 
     __repr__ = __str__
+
+    def lines(self) -> list[str]:
+        """The verdict for a terminal: a PASS/FAIL line, then one line per
+        threshold with its measured value, limit and note."""
+        out = [f"{'PASS' if self.passed else 'FAIL'}: {self.policy}" + (f" ({self.description})" if self.description else "")]
+        for r in self.results:
+            meas = "not measured" if math.isnan(r.measured) else f"{r.measured:.4g}"
+            out.append(f"  {'ok  ' if r.passed else 'FAIL'} {r.metric} = {meas} (limit {r.comparison} {r.limit:.4g})"
+                       + (f" [{r.note}]" if r.note else ""))
+        return out
 
 
 def _num(x: float) -> str:
@@ -311,6 +327,18 @@ metric = "kl_ref_cand.mean@100"
 comparison = "<="
 limit = 0.01
 """,
+    "bf16": """
+name = "bf16"
+description = "bfloat16 candidate: same greedy tokens almost always, tiny KL"
+[thresholds.greedy_match]
+metric = "greedy_match@10"
+comparison = ">="
+limit = 0.99
+[thresholds.mean_kl]
+metric = "kl_ref_cand.mean@100"
+comparison = "<="
+limit = 0.01
+""",
     "quantized": """
 name = "quantized"
 description = "quantized candidate: same first 10 greedy tokens on 95% of prompts"
@@ -332,6 +360,53 @@ comparison = ">="
 limit = 1.0
 """,
 }
+
+
+# With a version-2 noise floor the built-ins judge the candidate against it
+# (floor.judge): FAIL when worse than this many times the floor.
+FLOOR_FACTORS: dict[str, float] = {"lossless": 2.0, "fp16": 2.0, "bf16": 2.0, "quantized": 4.0}
+
+# Ranges of metric values: a limit outside them can never be met.
+def _value_range(spec: "MetricSpec") -> tuple[float, float]:
+    if spec.kind in ("greedy_match", "exact_match", "same_top1"):
+        return 0.0, 1.0
+    if spec.kind == "length_ratio":
+        return 0.0, math.inf
+    f = spec.field
+    if f == "cosine":
+        return -1.0, 1.0
+    if f.endswith("_overlap"):
+        return 0.0, 1.0
+    if f == "delta_p":
+        return -1.0, 1.0
+    if f == "abs_delta_p":
+        return 0.0, 1.0
+    if f in ("entropy_shift", "margin_shift"):
+        return -math.inf, math.inf
+    return 0.0, math.inf  # KL, JS, |Δ| figures
+
+
+def _check_satisfiable(thresholds: list["Threshold"], source: str) -> None:
+    """A limit no value can meet, or two thresholds on one metric that no
+    value meets together, is an error naming them."""
+    for t in thresholds:
+        if t.limit is None:
+            continue
+        lo, hi = _value_range(t.spec)
+        if (t.comparison == ">=" and t.limit > hi) or (t.comparison == "<=" and t.limit < lo):
+            raise ValueError(
+                f"{source}: threshold {t.name!r} ({t.metric} {t.comparison} {t.limit:g}) can never be met: "
+                f"{t.metric} lies in [{lo:g}, {hi:g}]; fix the limit"
+            )
+    for a in thresholds:
+        for b in thresholds:
+            if a is b or a.metric != b.metric or a.limit is None or b.limit is None:
+                continue
+            if a.comparison == ">=" and b.comparison == "<=" and a.limit > b.limit and not (a.noise_factor or b.noise_factor):
+                raise ValueError(
+                    f"{source}: thresholds {a.name!r} ({a.metric} >= {a.limit:g}) and {b.name!r} "
+                    f"({b.metric} <= {b.limit:g}) contradict each other: no value meets both; fix one of them"
+                )
 
 
 def _policy_from_toml(data: Mapping[str, Any], source: str) -> Policy:
@@ -382,6 +457,7 @@ def _policy_from_toml(data: Mapping[str, Any], source: str) -> Policy:
             None if limit is None else float(limit),
             None if factor is None else float(factor),
         ))
+    _check_satisfiable(out, source)
     name = data.get("name", Path(source).stem)
     return Policy(str(name), str(data.get("description", "")), tuple(out))
 
@@ -430,26 +506,11 @@ class NoiseFloor:
 
 
 def load_noise_floor(path: "str | os.PathLike[str]") -> NoiseFloor:
-    """Read a noise-floor file written by ``logitparity calibrate``."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"noise-floor file {str(p)!r} does not exist; write one with `logitparity calibrate`")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"noise-floor file {str(p)!r} is not valid JSON: {e}") from None
-    if not isinstance(data, dict) or data.get("format") != NOISE_FORMAT:
-        got = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ValueError(
-            f"{str(p)!r} is not a noise-floor file: expected format {NOISE_FORMAT!r}, got {got!r}; "
-            "write one with `logitparity calibrate`"
-        )
-    if data.get("version") != NOISE_VERSION:
-        raise ValueError(
-            f"noise-floor file {str(p)!r} has version {data.get('version')!r}, this logitparity reads "
-            f"version {NOISE_VERSION}; re-run `logitparity calibrate`"
-        )
-    metrics = {}
-    for k, v in (data.get("metrics") or {}).items():
-        metrics[str(k)] = float("nan") if v is None else float(v)
-    return NoiseFloor(metrics, str(data.get("change", "")), str(p))
+    """Read a noise-floor file written by ``logitparity calibrate`` (version
+    1, or version 2 whose per-position figures floor.load_floor reads; both
+    give the aggregate metrics that noise_factor thresholds use)."""
+    from logitparity.floor import load_floor
+
+    f = load_floor(path)
+    return NoiseFloor(dict(f.metrics), f.change, f.source)
+
