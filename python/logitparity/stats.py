@@ -163,7 +163,9 @@ def ratio_test(x: Any, f: Any, *, factor: float, confidence: float = 0.95, resam
     if index is None:
         index = np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))
     r = x[index].sum(1) / f[index].sum(1)
-    lo, hi = np.percentile(r, [50 * (1 - confidence), 50 * (1 + confidence)])
+    # inverted_cdf: no interpolation, so an infinite ratio (a candidate with
+    # infinite KL) gives an infinite bound, not inf - inf
+    lo, hi = np.percentile(r, [50 * (1 - confidence), 50 * (1 + confidence)], method="inverted_cdf")
     p = (1.0 + float(np.sum(r <= factor))) / (r.size + 1.0)
     return RatioTest(ratio, float(lo), float(hi), float(confidence), p, float(factor), int(x.size),
                      int(r.size), int(seed))
