@@ -13,7 +13,7 @@ thread unless --threads), on a spread of the default prompts:
 3. print one row per candidate: plant, kind, layer, mode, mean KL, ratio to
    the floor with its 95% bootstrap interval, p-value, the default verdict,
    and the raw fp16-policy verdict beside it;
-4. the two-sided perplexity gate on causal_leak (it lowers PPL);
+4. the two-sided perplexity gate on causal_leak (in layer 20 it lowers PPL);
 5. costs: calibrate (captures + floor), and today's compare vs the
    statistical verdict on the same pairs, printed as a ratio (target <= 1.5x).
 
@@ -37,6 +37,8 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=8, help="prompts, round-robin over categories (default 8)")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the reference (default 1)")
+    ap.add_argument("--ppl-layer", type=int, default=20,
+                    help="layer of the perplexity-gate plants (default 20: there causal_leak lowers PPL)")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 half")
     ap.add_argument("--no-ppl", action="store_true", help="skip the perplexity gate")
     ap.add_argument("--keep", default=None, help="keep the dumps in this directory")
@@ -119,7 +121,7 @@ def main() -> int:
         base = work / "ppl-base"
         perplexity(lm, max_tokens=512, ctx=256, save_baseline=base, progress=False)
         for name in ("causal_leak", "down_proj_roll", "weights_cloned"):
-            with planted(lm, name, layer=args.layer):
+            with planted(lm, name, layer=args.ppl_layer):
                 r = perplexity(candidate=lm, baseline_cache=base, progress=False)
             ppl_rows.append((name, r, gate(r, max_ppl_change="1%", direction="both"),
                              gate(r, max_ppl_change="1%", direction="increase")))
@@ -167,7 +169,7 @@ def main() -> int:
     print(head)
     print("\n".join(rows))
     if ppl_rows:
-        print("\n## Two-sided perplexity gate (512 tokens, ctx 256, limit 1%)\n")
+        print(f"\n## Two-sided perplexity gate (plants in layer {args.ppl_layer}, 512 tokens, ctx 256, limit 1%)\n")
         print("| plant | PPL ref → cand | ΔPPL [95% CI] | --direction both | --direction increase |\n|---|---|---|---|---|")
         for name, r, both, inc in ppl_rows:
             lo, hi = r.pair.delta_ppl_ci95

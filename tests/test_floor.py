@@ -318,10 +318,10 @@ torch = pytest.importorskip("torch")
 
 PROMPTS = ["Hello there", "What is 12 times 7?", "Once upon a time", "def add(a, b):", "Bonjour le monde",
            "The quick brown fox", "A lighthouse keeper", "Name three colors"]
-# rope_offset rotates queries and keys by the same extra angle, which leaves
-# q·k unchanged (RoPE is relative), and the random tiny model's norm weights
-# are already ones: both are no-ops here, so they are left out of this test.
-TINY_BUGS = ["down_proj_roll", "attn_scale", "head_swap", "fp16_down_proj_input", "int8_gate_proj", "causal_leak"]
+# The random tiny model's norm weights are already ones, so norm_weight_missing
+# is a no-op here and is left out of this test (it fails on the default model).
+TINY_BUGS = ["down_proj_roll", "attn_scale", "head_swap", "rope_offset", "fp16_down_proj_input", "int8_gate_proj",
+             "causal_leak"]
 LAYER = 0
 NEW = 12
 
