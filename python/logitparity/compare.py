@@ -682,8 +682,9 @@ def compare_dumps(
             raise ValueError(f"continuation {cont_d.path} must be a score-mode dump of the candidate on the "
                              f"reference's tokens (dump --mode score --reference-dump REF), got mode "
                              f"{_mode(cont_d.manifest)!r}")
-        if cont_d.k is not None or ref_d.k is not None:
-            raise ValueError("continuation needs full logits in the reference and the continuation dump")
+        if cont_d.k is not None or ref_d.k is not None or cand_d.k is not None:
+            raise ValueError("continuation needs full logits in the reference, the candidate and the continuation "
+                             "dump (they store top-K)")
         _check_tokenizers(ref_d, cont_d, [])
         cont_records = {r["id"]: r for r in cont_d.records}
     tie_dtype = str(cand_d.manifest.get("dtype", "fp32"))

@@ -403,7 +403,8 @@ def _verdict_section(comp: "Comparison") -> list[str]:
         note = f" — {r.note}" if r.note else ""
         src = "" if r.limit_source == "absolute" else f" ({r.limit_source})"
         res = "✅ pass" if r.passed else "❌ fail"
-        lines.append(f"| {r.name} | `{r.metric}` | {arrow} | {meas} | {r.comparison} {r.limit:.6g}{src} | {res}{note} |")
+        lines.append(f"| {_cell(r.name)} | `{r.metric}` | {arrow} | {meas} | {r.comparison} {r.limit:.6g}{src} | "
+                     f"{res}{_cell(note, 400)} |")
     return lines
 
 
