@@ -410,3 +410,50 @@ def test_report_names_floor_changes_and_size(tiny_runs):
     assert f"Noise floor from `{tiny_runs['floor32']}`: 2 benign pair(s), 8 prompts" in md
     assert "| batch 1 vs 8 | free-running | fp32 / fp32 |" in md and "| greedy vs score | teacher-forced |" in md
     assert math.isfinite(c.verdict.results[0].p_value)
+
+
+def test_real_divergence_is_a_policy_metric(tmp_path):
+    from test_compare import planted as planted_dumps
+
+    ref, cand, _, _ = planted_dumps(tmp_path)
+    c = compare_dumps(ref, cand, decode=None)
+    # SPLITS/NEAR of test_compare: real splits at 3, 9, 12 and 15; near-ties at 0 and 5
+    assert c.metric("real_divergence@10")[0] == pytest.approx(2 / 8)
+    assert c.metric("real_divergence@100")[0] == pytest.approx(4 / 8)
+    pol = tmp_path / "rd.toml"
+    pol.write_text('[thresholds.rd]\nmetric = "real_divergence@10"\ncomparison = "<="\nlimit = 0.25\n')
+    assert compare_dumps(ref, cand, policy=str(pol), decode=None).verdict.passed
+    pol.write_text('[thresholds.rd]\nmetric = "real_divergence@10"\ncomparison = "<="\nlimit = 0.2\n')
+    assert not compare_dumps(ref, cand, policy=str(pol), decode=None).verdict.passed
+    with pytest.raises(ValueError, match="N in real_divergence@N must be >= 1"):
+        from logitparity.policy import parse_metric
+
+        parse_metric("real_divergence@0")
+
+
+def test_calibrate_vary_captures_the_pairs(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("What is 2+2?\nName a colour.\nWrite a haiku about rain.\n")
+    out = tmp_path / "floor.json"
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["calibrate", "--model", tiny_model_dir, "--prompts", str(prompts), "--limit", "3",
+                   "--max-new-tokens", "5", "--vary", "batch,mode,dtype=bf16", "--batch-sizes", "1", "3",
+                   "--out", str(out), "--keep", str(tmp_path / "k")])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "precision twin: the reference model in bf16, scored on the reference's tokens: 3 prompts" in text
+    fl = load_floor(out)
+    assert [p.mode for p in fl.pairs] == ["free-running", "teacher-forced", "teacher-forced"]
+    assert fl.twin_dtype == "bf16" and fl.pairs[2].dtype_b == "bf16"
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["batch", "dtype-bf16", "mode", "reference"]
+    # the envelope is at least the twin's figure at every position
+    twin = compare_dumps(tmp_path / "k" / "reference", tmp_path / "k" / "dtype-bf16", decode=None)
+    for i, p in enumerate(twin.prompts):
+        v = twin.tokens.kl_ref_cand[twin.token_prompt == i]
+        assert np.all(fl.prompts[p.id].values["kl_ref_cand"][: v.size] >= v)
+    assert main(["calibrate", "--model", tiny_model_dir, "--vary", "dtype=fp32", "--prompts", str(prompts),
+                 "--limit", "1", "--max-new-tokens", "2", "--out", str(tmp_path / "x.json")]) == 2
+    assert "is the reference's own dtype" in capsys.readouterr().err

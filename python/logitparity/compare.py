@@ -520,6 +520,10 @@ class Comparison:
             # do is read from the top-1 of both at every scored position
             return self.forced_top1_match(s.n if s.kind == "greedy_match" else None).rate, \
                 "teacher-forced pair: share of prompts whose top-1 agrees at every position < N"
+        if s.kind == "real_divergence":
+            if not self.free_running_available:
+                return float("nan"), "needs generated tokens: the reference is a score-mode dump"
+            return self.real_divergence(s.n).rate, ""
         if s.kind in ("greedy_match", "exact_match", "length_ratio"):
             if not self.free_running_available:
                 return float("nan"), "needs generated tokens: the reference is a score-mode dump"

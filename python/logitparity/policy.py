@@ -76,13 +76,14 @@ STATS = ("mean", "median", "p90", "p95", "p99", "p999", "min", "max")
 # Whole-run metrics with higher_is_better.
 RUN_METRICS: dict[str, bool | None] = {
     "greedy_match@N": True,
+    "real_divergence@N": False,
     "exact_match": True,
     "same_top1": True,
     "length_ratio": None,
 }
 
 _METRIC_RE = re.compile(
-    r"^(?:(?P<greedy>greedy_match)@(?P<n>\d+)"
+    r"^(?:(?P<greedy>greedy_match|real_divergence)@(?P<n>\d+)"
     r"|(?P<run>exact_match|length_ratio)"
     r"|(?P<rate>same_top1)(?:@(?P<rp>\d+))?"
     r"|(?P<field>[a-z0-9_]+)\.(?P<stat>[a-z0-9]+)(?:@(?P<fp>\d+))?)$"
@@ -102,7 +103,7 @@ def standard_metrics() -> list[str]:
 
 
 def _examples() -> list[str]:
-    names = ["greedy_match@10", "greedy_match@50", "exact_match", "same_top1", "length_ratio"]
+    names = ["greedy_match@10", "greedy_match@50", "real_divergence@10", "exact_match", "same_top1", "length_ratio"]
     names += [f"{f}.{s}" for f in TOKEN_FIELDS for s in STATS]
     return names
 
@@ -118,7 +119,7 @@ def _suggest(name: str, choices: list[str]) -> str:
 class MetricSpec:
     """A parsed metric name.
 
-    kind: "greedy_match" (n = N), "exact_match", "length_ratio",
+    kind: "greedy_match" (n = N), "real_divergence" (n = N), "exact_match", "length_ratio",
     "same_top1" or "field" (field, stat). positions: only positions < this
     (None = all compared positions).
     """
@@ -136,6 +137,8 @@ class MetricSpec:
             return TOKEN_FIELDS[self.field]
         if self.kind == "greedy_match":
             return True
+        if self.kind == "real_divergence":
+            return False
         return RUN_METRICS[self.kind]
 
 
@@ -148,7 +151,7 @@ def parse_metric(name: str) -> MetricSpec:
         raise TypeError(f"metric must be a string such as 'greedy_match@10', got {name!r}")
     m = _METRIC_RE.match(name.strip())
     hint = (
-        "; metrics are greedy_match@N, exact_match, same_top1[@P], length_ratio "
+        "; metrics are greedy_match@N, real_divergence@N, exact_match, same_top1[@P], length_ratio "
         "or FIELD.STAT[@P] (see docs/report.md)"
     )
     if m is None:
@@ -156,8 +159,8 @@ def parse_metric(name: str) -> MetricSpec:
     if m["greedy"]:
         n = int(m["n"])
         if n < 1:
-            raise ValueError(f"metric {name!r}: N in greedy_match@N must be >= 1, got {n}")
-        return MetricSpec(name, "greedy_match", n=n)
+            raise ValueError(f"metric {name!r}: N in {m['greedy']}@N must be >= 1, got {n}")
+        return MetricSpec(name, m["greedy"], n=n)
     if m["run"]:
         return MetricSpec(name, m["run"])
     if m["rate"]:
@@ -368,7 +371,7 @@ FLOOR_FACTORS: dict[str, float] = {"lossless": 2.0, "fp16": 2.0, "bf16": 2.0, "q
 
 # Ranges of metric values: a limit outside them can never be met.
 def _value_range(spec: "MetricSpec") -> tuple[float, float]:
-    if spec.kind in ("greedy_match", "exact_match", "same_top1"):
+    if spec.kind in ("greedy_match", "real_divergence", "exact_match", "same_top1"):
         return 0.0, 1.0
     if spec.kind == "length_ratio":
         return 0.0, math.inf

@@ -77,6 +77,11 @@ def capture_pairs(args: argparse.Namespace, work: Path) -> list[tuple[str, str, 
 
     vary = parse_vary(args.vary)
     ba, bb = args.batch_sizes
+    for name, value in vary:  # check everything before the first capture
+        if name == "dtype" and value == args.dtype:
+            raise ValueError(f"--vary dtype={value} is the reference's own dtype; name another")
+        if name == "batch" and ba == bb:
+            raise ValueError(f"--batch-sizes must differ to be a change, got {ba} and {bb}")
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     kw = dict(max_new_tokens=args.max_new_tokens, limit=args.limit, progress=False)
@@ -91,8 +96,6 @@ def capture_pairs(args: argparse.Namespace, work: Path) -> list[tuple[str, str, 
         out = work / (f"dtype-{value}" if name == "dtype" else name)
         t0 = time.perf_counter()
         if name == "batch":
-            if ba == bb:
-                raise ValueError(f"--batch-sizes must differ to be a change, got {ba} and {bb}")
             capture(lm, args.prompts, out, batch_size=bb, **kw)
             change = f"batch size {ba} vs {bb}"
         elif name == "threads":
@@ -106,8 +109,6 @@ def capture_pairs(args: argparse.Namespace, work: Path) -> list[tuple[str, str, 
             capture(lm, None, out, mode="score", reference_dump=ref, batch_size=ba, progress=False)
             change = "greedy (KV cache) vs score (one forward pass on the reference's tokens)"
         else:
-            if value == args.dtype:
-                raise ValueError(f"--vary dtype={value} is the reference's own dtype; name another")
             twin = load_model(args.model, dtype=value, device=args.device)
             capture(twin, None, out, mode="score", reference_dump=ref, batch_size=ba, progress=False)
             del twin
