@@ -95,11 +95,11 @@ def test_calibrate_captures_twice(tiny_model_dir, tmp_path, capsys):
     rc = main(["calibrate", "--model", tiny_model_dir, "--prompts", str(prompts), "--limit", "3",
                "--max-new-tokens", "4", "--batch-sizes", "1", "3", "--out", str(noise), "--keep", str(tmp_path / "k")])
     assert rc == 0
-    assert "noise floor (batch size 1 vs 3, 3 prompts" in capsys.readouterr().out
+    assert "noise floor (batch size 1 vs 3; 3 prompts" in capsys.readouterr().out
     nf = load_noise_floor(noise)
     assert nf.change == "batch size 1 vs 3"
     assert 0 <= nf.get("kl_ref_cand.mean") < 1e-6  # benign: padding and matmul shapes only
-    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["reference-batch1", "reference-batch3"]
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["batch", "reference"]
     assert main(["calibrate", "--batch-sizes", "2", "2"]) == 2
     assert "--batch-sizes must differ" in capsys.readouterr().err
 
@@ -189,8 +189,12 @@ def test_default_model_fp32_vs_bf16_end_to_end(tmp_path, capsys):
                "--batch-size", "3"])
     assert rc in (0, 1)
     out = capsys.readouterr().out
-    assert re.search(r"^(PASS|FAIL): policy 'fp16', 3 prompts", out, re.M)
+    assert re.search(r"^  (PASS|FAIL): policy 'fp16', 3 prompts", out, re.M)  # the raw verdict
+    assert re.search(r"^  (PASS|FAIL): policy 'noise-floor', 3 prompts", out, re.M)  # the calibrated one
+    assert (rc == 0) == ("  PASS: policy 'noise-floor'" in out)
     md = (tmp_path / "demo" / "report.md").read_text()
+    assert "precision twin: the reference model in bf16" in md and "benign pair(s)" in md
+    assert (tmp_path / "demo" / "report-raw.md").is_file() and (tmp_path / "demo" / "noise-floor.json").is_file()
     for head in ("## Key figures", "## Speed", "## The two runs", "## Free-running agreement",
                  "## Per-token distributions", "## By category", "## Behaviour drift", "## Every prompt"):
         assert head in md

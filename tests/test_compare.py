@@ -513,12 +513,24 @@ def test_infinite_kl_is_reported_not_averaged_away(tmp_path):
     assert not c.verdict.passed
 
 
-def test_greedy_metrics_unavailable_with_a_score_reference(tmp_path):
+def test_teacher_forced_pair_judged_on_its_top1(tmp_path):
+    # two score-mode dumps: greedy match at N is what greedy decoding of each
+    # would do, read from both top-1s at every position < N
     ref = _one(tmp_path, "r", man=manifest("score"))
     c = compare_dumps(ref, ref)
     value, note = c.metric("greedy_match@10")
-    assert math.isnan(value) and "score-mode" in note
-    assert not c.verdict.passed  # an unmeasured threshold never passes
+    assert value == 1.0 and "teacher-forced pair" in note
+    assert c.verdict.passed  # fp16 no longer fails for "greedy_match@10 not measured"
+    assert math.isnan(c.metric("length_ratio")[0])
+    rng = np.random.default_rng(1)
+    x = np.stack([peaked_row(rng, 3, 2.0), peaked_row(rng, 4, 2.0)])
+    y = x.copy()
+    y[1] = peaked_row(rng, 7, 2.0)  # the top-1 changes at position 1
+    a = write_dump(tmp_path / "a", [(record(0, [3, 4]), x)], man=manifest("score"))
+    b = write_dump(tmp_path / "b", [(record(0, [3, 4]), y)], man=manifest("score"))
+    c = compare_dumps(a, b)
+    assert c.metric("greedy_match@1")[0] == 1.0 and c.metric("greedy_match@2")[0] == 0.0
+    assert c.metric("exact_match")[0] == 0.0 and not c.verdict.passed
 
 
 def test_run_speed_from_records_and_run(tmp_path):

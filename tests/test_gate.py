@@ -49,13 +49,13 @@ def test_identical_model_is_good(cache, tiny_model_dir, capsys):
     assert gate("--baseline-cache", cache, "--model", tiny_model_dir, "--max-ppl-increase", "0.1",
                 "--max-mean-kl", "1e-4") == 0
     out = capsys.readouterr().out
-    assert out.startswith("logitparity gate: GOOD") and "ΔPPL +0.00000" in out
+    assert out.startswith("logitparity gate: GOOD") and "ΔPPL +0.00000" in out and "includes 0" in out
 
 
 def test_planted_bug_is_bad_on_ppl(cache, sharper_dir, capsys):
     assert gate("--baseline-cache", cache, "--model", sharper_dir, "--max-ppl-increase", "1%") == 1
     out = capsys.readouterr().out
-    assert "BAD ΔPPL" in out and "limit +1%" in out
+    assert "FAIL ΔPPL / PPL_ref = 2.896 (limit <= 0.01)" in out and "excludes 0" in out
 
 
 def test_planted_bug_is_bad_on_kl(cache, sharper_dir, tmp_path, capsys):
@@ -70,6 +70,13 @@ def test_planted_bug_is_bad_on_kl(cache, sharper_dir, tmp_path, capsys):
 @pytest.mark.parametrize("args,match", [
     (["--model", "M", "--max-ppl-increase", "0.1"], "both required"),
     (["--baseline-cache", "C", "--model", "M"], "at least one limit"),
+    (["--baseline-cache", "C", "--model", "M", "--max-ppl-change", "1", "--max-ppl-increase", "1"], "give one"),
+    (["--baseline-cache", "C", "--model", "M", "--max-ppl-increase", "1", "--direction", "both"],
+     "contradicts --direction both"),
+    (["--baseline-cache", "C", "--model", "M", "--max-ppl-change", "1", "--direction", "down"],
+     "--direction must be both or increase"),
+    (["--baseline-cache", "C", "--model", "M", "--max-mean-kl", "1", "--direction", "both"],
+     "give that limit too"),
     (["--baseline-cache", "C", "--model", "M", "--max-ppl-increase", "ten"], "non-negative number"),
     (["--baseline-cache", "C", "--model", "M", "--max-mean-kl", "-1"], "non-negative number"),
 ])
@@ -101,3 +108,57 @@ def test_parse_limit():
     assert parse_limit("1e-3", "x") == (1e-3, False)
     with pytest.raises(ValueError, match="x must be a non-negative number"):
         parse_limit("1%%", "x")
+
+
+@pytest.fixture(scope="module")
+def flatter_dir(tiny_model_dir, tmp_path_factory):
+    """A change that lowers PPL on the random tiny model: logits scaled by 0.1
+    bring its distribution towards uniform (PPL of the reference > vocab)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("flatter")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.1)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True).save_pretrained(out)
+    return str(out)
+
+
+def test_lower_ppl_is_flagged_two_sided_only(cache, flatter_dir, capsys):
+    assert gate("--baseline-cache", cache, "--model", flatter_dir, "--max-ppl-change", "0.5") == 1
+    out = capsys.readouterr().out
+    assert "FAIL |ΔPPL|" in out and "excludes 0" in out
+    # the one-sided spellings let a drop through
+    assert gate("--baseline-cache", cache, "--model", flatter_dir, "--max-ppl-change", "0.5",
+                "--direction", "increase") == 0
+    assert gate("--baseline-cache", cache, "--model", flatter_dir, "--max-ppl-increase", "0.5") == 0
+
+
+def test_python_gate_returns_the_compare_verdict(cache, flatter_dir):
+    from logitparity import gate as lp_gate
+    from logitparity.policy import Verdict
+
+    r = perplexity(candidate=flatter_dir, baseline_cache=cache, progress=False)
+    lo, hi = r.pair.delta_ppl_ci95
+    assert r.pair.delta_ppl < 0 and hi < 0  # the drop is significant
+    v = lp_gate(r, max_ppl_change=0.5, direction="both")
+    assert isinstance(v, Verdict) and not v.passed
+    res = v.results[0]
+    assert res.measured == pytest.approx(abs(r.pair.delta_ppl)) and (res.ci_low, res.ci_high) == (lo, hi)
+    assert v.lines()[0].startswith("FAIL: perplexity gate")
+    assert lp_gate(r, max_ppl_change=0.5, direction="increase").passed
+    big = abs(r.pair.delta_ppl) * 2
+    assert lp_gate(r, max_ppl_change=big).passed  # significant but within the limit
+    rel = lp_gate(r, max_ppl_change="1%")
+    assert rel.results[0].measured == pytest.approx(abs(r.pair.delta_ppl) / r.ref.ppl)
+    kl = lp_gate(r, max_mean_kl=1e-9)
+    assert not kl.passed and kl.results[0].measured == pytest.approx(r.pair.kl_ref_cand.mean)
+    with pytest.raises(ValueError, match="direction must be one of"):
+        lp_gate(r, max_ppl_change=1, direction="down")
+    with pytest.raises(ValueError, match="at least one limit"):
+        lp_gate(r)
+    with pytest.raises(ValueError, match="max_ppl_change must be a non-negative number"):
+        lp_gate(r, max_ppl_change=-1)
+    with pytest.raises(TypeError, match="gate needs a PerplexityResult"):
+        lp_gate("r", max_ppl_change=1)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -37,7 +38,6 @@ from logitparity.policy import (
     NoiseFloor,
     Policy,
     Verdict,
-    load_noise_floor,
     load_policy,
     parse_metric,
     standard_metrics,
@@ -372,17 +372,31 @@ class Comparison:
     n_values: tuple[int, ...]
     topk: tuple[int, ...]
     notes: list[str]
-    policy: Policy
-    noise: NoiseFloor | None
+    policy: Policy | None  # None: judged against the noise floor (judge_settings)
+    noise: NoiseFloor | None  # a floor.Floor when loaded from a file
     ref_speed: dict[str, float | None]
     cand_speed: dict[str, float | None]
     verdict: Verdict = dataclasses.field(init=False)
     decode: Callable[[Sequence[int]], str] | None = dataclasses.field(default=None, repr=False)
     # why the comparison does not cover both runs whole (allow_partial); empty when it does
     incomplete: list[str] = dataclasses.field(default_factory=list)
+    # floor.judge settings (factor, confidence, resamples, seed, name) of the statistical verdict
+    judge_settings: dict[str, Any] | None = None
+    # per compared position: True where the row is past a free-running split,
+    # from the teacher-forced continuation (the candidate scored on the reference's tokens)
+    token_forced: np.ndarray | None = None
+    tie_aware: bool = False  # splits classified against the noise floor (else near_tie_margin)
+    floor_judgement: Any = dataclasses.field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.verdict = self.policy.evaluate(self.metric, self.noise)
+        if self.token_forced is None:
+            self.token_forced = np.zeros(len(self.tokens), dtype=bool)
+        if self.judge_settings is not None:
+            from logitparity.floor import judge
+
+            self.verdict, self.floor_judgement = judge(self, self.noise, **self.judge_settings)
+        else:
+            self.verdict = self.policy.evaluate(self.metric, self.noise)
 
     # ---- free-running
     @property
@@ -425,6 +439,22 @@ class Comparison:
     def splits(self) -> dict[str, int]:
         c = collections.Counter(p.split for p in self.prompts if p.split is not None)
         return {k: int(c.get(k, 0)) for k in ("near-tie", "real", "length")}
+
+    def real_divergence(self, n: int | None = None) -> Rate:
+        """Share of prompts with a real divergence (a split that is not a
+        tie, nor one run stopping) before position n (anywhere when None)."""
+        k = sum(1 for p in self.prompts if p.split == "real" and (n is None or p.first_divergence < n))
+        return rate(k, len(self.prompts))
+
+    @property
+    def sampled(self) -> bool:
+        """True when the runs were sampled (mode sample): splits are then
+        sampling splits, not greedy ones."""
+        return _mode(self.ref_manifest) == "sample" or _mode(self.cand_manifest) == "sample"
+
+    @property
+    def match_label(self) -> str:
+        return "sampled" if self.sampled else "greedy"
 
     # ---- per token
     def _token_mask(self, positions: int | None = None, prompts: Iterable[int] | None = None) -> np.ndarray:
@@ -511,6 +541,15 @@ class Comparison:
         """-> (value, note) for a metric name (see policy.parse_metric); NaN
         with a note when these dumps cannot give it."""
         s = parse_metric(name)
+        if s.kind in ("greedy_match", "exact_match") and not self.free_running_available:
+            # two teacher-forced dumps: what greedy decoding of each would
+            # do is read from the top-1 of both at every scored position
+            return self.forced_top1_match(s.n if s.kind == "greedy_match" else None).rate, \
+                "teacher-forced pair: share of prompts whose top-1 agrees at every position < N"
+        if s.kind == "real_divergence":
+            if not self.free_running_available:
+                return float("nan"), "needs generated tokens: the reference is a score-mode dump"
+            return self.real_divergence(s.n).rate, ""
         if s.kind in ("greedy_match", "exact_match", "length_ratio"):
             if not self.free_running_available:
                 return float("nan"), "needs generated tokens: the reference is a score-mode dump"
@@ -538,11 +577,22 @@ class Comparison:
             return float("inf"), f"{d.n_inf} positions are +inf"
         return float(getattr(d, s.stat)), (f"{n_nan} positions undefined" if n_nan else "")
 
+    def forced_top1_match(self, n: int | None) -> Rate:
+        """Share of prompts whose two top-1 tokens agree at every compared
+        position < n (all positions when None)."""
+        k = 0
+        for i in range(len(self.prompts)):
+            m = self.token_prompt == i
+            if n is not None:
+                m &= self.token_position < n
+            k += bool(np.all(self.tokens.same_top1[m]))
+        return rate(k, len(self.prompts))
+
     def metrics(self, names: Iterable[str] | None = None) -> dict[str, float]:
         """{metric name: value} (NaN where not measurable) for the given names,
         by default policy.standard_metrics() plus the policy's own."""
         if names is None:
-            names = list(dict.fromkeys([*standard_metrics(), *self.policy.metrics()]))
+            names = list(dict.fromkeys([*standard_metrics(), *(self.policy.metrics() if self.policy else [])]))
         return {n: self.metric(n)[0] for n in names}
 
     def to_dict(self) -> dict[str, Any]:
@@ -579,7 +629,7 @@ def compare_dumps(
     ref: Any,
     cand: Any,
     *,
-    policy: "str | os.PathLike[str] | Policy" = "fp16",
+    policy: "str | os.PathLike[str] | Policy | None" = None,
     noise_floor: "str | os.PathLike[str] | NoiseFloor | None" = None,
     near_tie_margin: float = 0.5,
     n_values: Sequence[int] = (10, 50),
@@ -588,12 +638,26 @@ def compare_dumps(
     max_positions: int | None = None,
     decode: "Callable[[Sequence[int]], str] | str | None" = "auto",
     allow_partial: bool = False,
+    continuation: Any = None,
+    factor: float | None = None,
+    confidence: float | None = None,
+    resamples: int | None = None,
+    seed: int = 0,
 ) -> Comparison:
     """Compare a candidate dump with a reference dump (paths or Dump objects).
 
-    policy: built-in name, TOML path or Policy; noise_floor: a calibrate file
-    or NoiseFloor for noise-relative thresholds. near_tie_margin: a split where
-    the reference's top-1 minus top-2 logit is below this is a near-tie.
+    policy: built-in name, TOML path or Policy; None (the default) means
+    "fp16" without a noise floor and the statistical verdict with one.
+    noise_floor: a calibrate file (floor.Floor) or NoiseFloor. With a
+    version-2 floor and no policy (or a built-in one) the candidate is judged
+    against the floor, paired by position (floor.judge; factor, confidence,
+    resamples and seed set the test: default 2x at 95%, 2000 resamples, seed
+    0), and free-running splits are classified against the floor's margin
+    spread and the candidate dtype's rounding step. near_tie_margin: without
+    a floor, a split where the reference's top-1 minus top-2 logit is below
+    this is a near-tie. continuation: a score-mode dump of the candidate on
+    the reference's tokens; past each free-running split its rows are
+    compared too (teacher-forced), so a bug behind a tie is still seen.
     n_values: the N of greedy match at N reported. topk: k values of the top-k
     overlap. max_positions: compare at most this many positions per prompt.
     decode: "auto" (tokenizer from the manifest, local files only), a function
@@ -610,11 +674,36 @@ def compare_dumps(
         raise ValueError(f"n_values must be positive token counts, got {n_values}")
     if max_positions is not None and (isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions < 1):
         raise ValueError(f"max_positions must be a positive int or None, got {max_positions!r}")
-    pol = load_policy(policy)
-    noise = noise_floor if isinstance(noise_floor, NoiseFloor) or noise_floor is None else load_noise_floor(noise_floor)
-    for t in pol.thresholds:  # fail before the expensive part
-        t.effective_limit(noise.get(t.metric) if noise else None)
+    from logitparity.floor import (DEFAULT_CONFIDENCE, DEFAULT_FACTOR, DEFAULT_RESAMPLES, TIE_FACTOR, _check_settings,
+                                   load_floor, tie_tolerance)
+    from logitparity.policy import FLOOR_FACTORS
+
+    noise = None if noise_floor is None else load_floor(noise_floor)
+    settings = None
+    if noise is not None and (policy is None or (isinstance(policy, str) and policy in FLOOR_FACTORS)):
+        if noise.version < 2:
+            raise ValueError(
+                f"noise-floor file {noise.source!r} is version 1 (aggregate metrics only, no per-position "
+                "figures); the statistical verdict needs version 2: re-run `logitparity calibrate`, or pass a "
+                "TOML policy with noise_factor thresholds to use the old file"
+            )
+        settings = {
+            "factor": float(factor if factor is not None else FLOOR_FACTORS.get(policy, DEFAULT_FACTOR)),
+            "confidence": float(confidence if confidence is not None else DEFAULT_CONFIDENCE),
+            "resamples": int(resamples if resamples is not None else DEFAULT_RESAMPLES), "seed": int(seed),
+            "name": "noise-floor" if policy is None else f"{policy} (noise-floor relative)",
+        }
+        _check_settings(settings["factor"], settings["confidence"], settings["resamples"])
+        pol = None
+    else:
+        if factor is not None or confidence is not None or resamples is not None:
+            raise ValueError("factor, confidence and resamples set the noise-floor verdict: pass noise_floor=FILE "
+                             "(a version-2 file from `logitparity calibrate`) and no TOML policy")
+        pol = load_policy("fp16" if policy is None else policy)
+        for t in pol.thresholds:  # fail before the expensive part
+            t.effective_limit(noise.get(t.metric) if noise else None)
     ref_d, cand_d = _load(ref, "ref"), _load(cand, "cand")
+    cont_d = None if continuation is None else _load(continuation, "continuation")
     notes: list[str] = []
     _check_tokenizers(ref_d, cand_d, notes)
     mode = _check_decoding(ref_d, cand_d)
@@ -625,6 +714,21 @@ def compare_dumps(
             "incomplete input: " + "; ".join(incomplete) + ". Finish the capture (dump --resume), or pass "
             "--allow-partial (allow_partial=True) to judge only what is there"
         )
+    if cont_d is not None:
+        if mode != "free-running":
+            raise ValueError("continuation is for a free-running candidate; this candidate is already "
+                             "teacher-forced (every position is compared)")
+        if _mode(cont_d.manifest) != "score":
+            raise ValueError(f"continuation {cont_d.path} must be a score-mode dump of the candidate on the "
+                             f"reference's tokens (dump --mode score --reference-dump REF), got mode "
+                             f"{_mode(cont_d.manifest)!r}")
+        if cont_d.k is not None or ref_d.k is not None or cand_d.k is not None:
+            raise ValueError("continuation needs full logits in the reference, the candidate and the continuation "
+                             "dump (they store top-K)")
+        _check_tokenizers(ref_d, cont_d, [])
+        cont_records = {r["id"]: r for r in cont_d.records}
+    tie_dtype = str(cand_d.manifest.get("dtype", "fp32"))
+    tie_aware = noise is not None and noise.version >= 2
 
     # Dump.k: None for full storage, K for topk:K (checked by load_dump)
     use_topk = ref_d.k is not None or cand_d.k is not None
@@ -666,6 +770,7 @@ def compare_dumps(
     parts: list[RowMetrics] = []
     tok_prompt: list[np.ndarray] = []
     tok_pos: list[np.ndarray] = []
+    tok_forced: list[np.ndarray] = []
     mismatch_top1 = {"reference": 0, "candidate": 0}
     kl_widths: list[np.ndarray] = []
     for pi, (r, c) in enumerate(pairs):
@@ -740,9 +845,15 @@ def compare_dumps(
             # own when max_positions stopped short of it)
             ms, As, Bs, j = (m, A, B, d) if d < n_rows else (*pair(slice(d, d + 1)), 0)
             mr_s, mc_s = float(ms.margin_ref[j]), float(ms.margin_cand[j])
-            split = "near-tie" if mr_s < near_tie_margin else "real"
             top_r = _split_top(As, j, bf16_a, float(ms.lse_ref[j]), threads)
             top_c = _split_top(Bs, j, bf16_b, float(ms.lse_cand[j]), threads)
+            if tie_aware:
+                # the reference's top-1 logit: lse + log p(top-1)
+                top1 = float(ms.lse_ref[j]) + math.log(top_r[0][1]) if top_r and top_r[0][1] > 0 else 0.0
+                tol = tie_tolerance(noise, str(rid), rt, d, top1, tie_dtype)
+                split = "near-tie" if mr_s <= tol else "real"
+            else:
+                split = "near-tie" if mr_s < near_tie_margin else "real"
         if mode == "teacher-forced":
             # the candidate's would-be greedy continuation: the reference's
             # tokens up to the split, then its own top-1 there
@@ -763,6 +874,26 @@ def compare_dumps(
             parts.append(m)
             tok_prompt.append(np.full(n_rows, pi, dtype=np.int64))
             tok_pos.append(np.arange(n_rows, dtype=np.int64))
+            tok_forced.append(np.zeros(n_rows, dtype=bool))
+        if cont_d is not None and d is not None and split != "length" and d + 1 < len(rt):
+            cr = cont_records.get(rid)
+            if cr is None or [int(t) for t in cr["generated_token_ids"]] != rt:
+                raise IncompatibleRuns(
+                    f"prompt {rid!r}: the continuation dump {cont_d.path} did not score this reference's tokens; "
+                    "make it with dump --mode score --reference-dump REF"
+                )
+            hi = len(rt) if max_positions is None else min(len(rt), max_positions)
+            if d + 1 < hi:
+                rows = slice(d + 1, hi)
+                a = full_a[rows, :v]
+                b = cont_d.logits(rid)[rows, :v]
+                mc = compare_logits(a, b, targets=tgt_all[rows], topk=ks, threads=threads, js=True,
+                                    ref_bf16=bf16_a, cand_bf16=cont_d.logits_dtype == "bf16")
+                parts.append(mc)
+                tok_prompt.append(np.full(hi - d - 1, pi, dtype=np.int64))
+                tok_pos.append(np.arange(d + 1, hi, dtype=np.int64))
+                tok_forced.append(np.ones(hi - d - 1, dtype=bool))
+                pr.n_compared += hi - d - 1
     if va != vb:
         notes.append(f"padded vocabulary: the wider rows hold at most {pad_worst:.3g} of the probability beyond "
                      f"column {v} (accepted up to 1e-06)")
@@ -789,6 +920,14 @@ def compare_dumps(
         )
     if only_ref or only_cand:
         notes.append(f"prompts on one side only (not compared): reference {len(only_ref)}, candidate {len(only_cand)}")
+    if cont_d is not None:
+        n_forced = int(sum(int(f.sum()) for f in tok_forced))
+        notes.append(f"past each free-running split the candidate is compared teacher-forced on the reference's "
+                     f"tokens ({n_forced} positions from {cont_d.path})")
+    if tie_aware:
+        notes.append(f"splits classified against the noise floor: a near-tie when the reference's top-1 margin is "
+                     f"within {TIE_FACTOR:g}x the floor's margin movement (at the split, or its p99) or the {tie_dtype} "
+                     "rounding step at the top-1 logit")
     tokens = _concat(parts, ks)
     storage = "full" if not use_topk else f"topk:{k_top}"
     return Comparison(
@@ -801,6 +940,8 @@ def compare_dumps(
         near_tie_margin=float(near_tie_margin), n_values=n_values, topk=ks, notes=notes,
         policy=pol, noise=noise, ref_speed=run_speed(ref_d), cand_speed=run_speed(cand_d), decode=dec,
         incomplete=incomplete,
+        judge_settings=settings, token_forced=np.concatenate(tok_forced) if tok_forced else np.zeros(0, bool),
+        tie_aware=tie_aware,
     )
 
 

@@ -3,7 +3,8 @@
 A policy is a name, a description and named thresholds; each threshold says
 which metric (see ``parse_metric`` and docs/report.md), which comparison
 (``>=`` or ``<=``) and which limit. Built-ins: ``fp16`` (the default),
-``quantized`` and ``lossless``; users write the same thing as a TOML file::
+``bf16``, ``quantized`` and ``lossless`` (with a version-2 noise floor they
+judge the candidate against it instead, see floor.judge and FLOOR_FACTORS); users write the same thing as a TOML file::
 
     name = "my-port"
     description = "what this policy guards"
@@ -75,13 +76,14 @@ STATS = ("mean", "median", "p90", "p95", "p99", "p999", "min", "max")
 # Whole-run metrics with higher_is_better.
 RUN_METRICS: dict[str, bool | None] = {
     "greedy_match@N": True,
+    "real_divergence@N": False,
     "exact_match": True,
     "same_top1": True,
     "length_ratio": None,
 }
 
 _METRIC_RE = re.compile(
-    r"^(?:(?P<greedy>greedy_match)@(?P<n>\d+)"
+    r"^(?:(?P<greedy>greedy_match|real_divergence)@(?P<n>\d+)"
     r"|(?P<run>exact_match|length_ratio)"
     r"|(?P<rate>same_top1)(?:@(?P<rp>\d+))?"
     r"|(?P<field>[a-z0-9_]+)\.(?P<stat>[a-z0-9]+)(?:@(?P<fp>\d+))?)$"
@@ -101,7 +103,7 @@ def standard_metrics() -> list[str]:
 
 
 def _examples() -> list[str]:
-    names = ["greedy_match@10", "greedy_match@50", "exact_match", "same_top1", "length_ratio"]
+    names = ["greedy_match@10", "greedy_match@50", "real_divergence@10", "exact_match", "same_top1", "length_ratio"]
     names += [f"{f}.{s}" for f in TOKEN_FIELDS for s in STATS]
     return names
 
@@ -117,7 +119,7 @@ def _suggest(name: str, choices: list[str]) -> str:
 class MetricSpec:
     """A parsed metric name.
 
-    kind: "greedy_match" (n = N), "exact_match", "length_ratio",
+    kind: "greedy_match" (n = N), "real_divergence" (n = N), "exact_match", "length_ratio",
     "same_top1" or "field" (field, stat). positions: only positions < this
     (None = all compared positions).
     """
@@ -135,6 +137,8 @@ class MetricSpec:
             return TOKEN_FIELDS[self.field]
         if self.kind == "greedy_match":
             return True
+        if self.kind == "real_divergence":
+            return False
         return RUN_METRICS[self.kind]
 
 
@@ -147,7 +151,7 @@ def parse_metric(name: str) -> MetricSpec:
         raise TypeError(f"metric must be a string such as 'greedy_match@10', got {name!r}")
     m = _METRIC_RE.match(name.strip())
     hint = (
-        "; metrics are greedy_match@N, exact_match, same_top1[@P], length_ratio "
+        "; metrics are greedy_match@N, real_divergence@N, exact_match, same_top1[@P], length_ratio "
         "or FIELD.STAT[@P] (see docs/report.md)"
     )
     if m is None:
@@ -155,8 +159,8 @@ def parse_metric(name: str) -> MetricSpec:
     if m["greedy"]:
         n = int(m["n"])
         if n < 1:
-            raise ValueError(f"metric {name!r}: N in greedy_match@N must be >= 1, got {n}")
-        return MetricSpec(name, "greedy_match", n=n)
+            raise ValueError(f"metric {name!r}: N in {m['greedy']}@N must be >= 1, got {n}")
+        return MetricSpec(name, m["greedy"], n=n)
     if m["run"]:
         return MetricSpec(name, m["run"])
     if m["rate"]:
@@ -231,6 +235,11 @@ class ThresholdResult:
     measured: float
     passed: bool
     note: str = ""
+    # statistical thresholds (noise-floor verdict, two-sided gate): the
+    # interval of ``measured`` and the p-value of the test; NaN otherwise
+    ci_low: float = math.nan
+    ci_high: float = math.nan
+    p_value: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -262,6 +271,16 @@ class Verdict:
         return f"{word} under policy {self.policy!r}: " + "; ".join(parts)
 
     __repr__ = __str__
+
+    def lines(self) -> list[str]:
+        """The verdict for a terminal: a PASS/FAIL line, then one line per
+        threshold with its measured value, limit and note."""
+        out = [f"{'PASS' if self.passed else 'FAIL'}: {self.policy}" + (f" ({self.description})" if self.description else "")]
+        for r in self.results:
+            meas = "not measured" if math.isnan(r.measured) else f"{r.measured:.4g}"
+            out.append(f"  {'ok  ' if r.passed else 'FAIL'} {r.metric} = {meas} (limit {r.comparison} {r.limit:.4g})"
+                       + (f" [{r.note}]" if r.note else ""))
+        return out
 
 
 def _num(x: float) -> str:
@@ -311,6 +330,18 @@ metric = "kl_ref_cand.mean@100"
 comparison = "<="
 limit = 0.01
 """,
+    "bf16": """
+name = "bf16"
+description = "bfloat16 candidate: same greedy tokens almost always, tiny KL"
+[thresholds.greedy_match]
+metric = "greedy_match@10"
+comparison = ">="
+limit = 0.99
+[thresholds.mean_kl]
+metric = "kl_ref_cand.mean@100"
+comparison = "<="
+limit = 0.01
+""",
     "quantized": """
 name = "quantized"
 description = "quantized candidate: same first 10 greedy tokens on 95% of prompts"
@@ -332,6 +363,53 @@ comparison = ">="
 limit = 1.0
 """,
 }
+
+
+# With a version-2 noise floor the built-ins judge the candidate against it
+# (floor.judge): FAIL when worse than this many times the floor.
+FLOOR_FACTORS: dict[str, float] = {"lossless": 2.0, "fp16": 2.0, "bf16": 2.0, "quantized": 4.0}
+
+# Ranges of metric values: a limit outside them can never be met.
+def _value_range(spec: "MetricSpec") -> tuple[float, float]:
+    if spec.kind in ("greedy_match", "real_divergence", "exact_match", "same_top1"):
+        return 0.0, 1.0
+    if spec.kind == "length_ratio":
+        return 0.0, math.inf
+    f = spec.field
+    if f == "cosine":
+        return -1.0, 1.0
+    if f.endswith("_overlap"):
+        return 0.0, 1.0
+    if f == "delta_p":
+        return -1.0, 1.0
+    if f == "abs_delta_p":
+        return 0.0, 1.0
+    if f in ("entropy_shift", "margin_shift"):
+        return -math.inf, math.inf
+    return 0.0, math.inf  # KL, JS, |Δ| figures
+
+
+def _check_satisfiable(thresholds: list["Threshold"], source: str) -> None:
+    """A limit no value can meet, or two thresholds on one metric that no
+    value meets together, is an error naming them."""
+    for t in thresholds:
+        if t.limit is None:
+            continue
+        lo, hi = _value_range(t.spec)
+        if (t.comparison == ">=" and t.limit > hi) or (t.comparison == "<=" and t.limit < lo):
+            raise ValueError(
+                f"{source}: threshold {t.name!r} ({t.metric} {t.comparison} {t.limit:g}) can never be met: "
+                f"{t.metric} lies in [{lo:g}, {hi:g}]; fix the limit"
+            )
+    for a in thresholds:
+        for b in thresholds:
+            if a is b or a.metric != b.metric or a.limit is None or b.limit is None:
+                continue
+            if a.comparison == ">=" and b.comparison == "<=" and a.limit > b.limit and not (a.noise_factor or b.noise_factor):
+                raise ValueError(
+                    f"{source}: thresholds {a.name!r} ({a.metric} >= {a.limit:g}) and {b.name!r} "
+                    f"({b.metric} <= {b.limit:g}) contradict each other: no value meets both; fix one of them"
+                )
 
 
 def _policy_from_toml(data: Mapping[str, Any], source: str) -> Policy:
@@ -382,6 +460,7 @@ def _policy_from_toml(data: Mapping[str, Any], source: str) -> Policy:
             None if limit is None else float(limit),
             None if factor is None else float(factor),
         ))
+    _check_satisfiable(out, source)
     name = data.get("name", Path(source).stem)
     return Policy(str(name), str(data.get("description", "")), tuple(out))
 
@@ -430,26 +509,11 @@ class NoiseFloor:
 
 
 def load_noise_floor(path: "str | os.PathLike[str]") -> NoiseFloor:
-    """Read a noise-floor file written by ``logitparity calibrate``."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"noise-floor file {str(p)!r} does not exist; write one with `logitparity calibrate`")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"noise-floor file {str(p)!r} is not valid JSON: {e}") from None
-    if not isinstance(data, dict) or data.get("format") != NOISE_FORMAT:
-        got = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ValueError(
-            f"{str(p)!r} is not a noise-floor file: expected format {NOISE_FORMAT!r}, got {got!r}; "
-            "write one with `logitparity calibrate`"
-        )
-    if data.get("version") != NOISE_VERSION:
-        raise ValueError(
-            f"noise-floor file {str(p)!r} has version {data.get('version')!r}, this logitparity reads "
-            f"version {NOISE_VERSION}; re-run `logitparity calibrate`"
-        )
-    metrics = {}
-    for k, v in (data.get("metrics") or {}).items():
-        metrics[str(k)] = float("nan") if v is None else float(v)
-    return NoiseFloor(metrics, str(data.get("change", "")), str(p))
+    """Read a noise-floor file written by ``logitparity calibrate`` (version
+    1, or version 2 whose per-position figures floor.load_floor reads; both
+    give the aggregate metrics that noise_factor thresholds use)."""
+    from logitparity.floor import load_floor
+
+    f = load_floor(path)
+    return NoiseFloor(dict(f.metrics), f.change, f.source)
+

@@ -352,6 +352,17 @@ def _g(x: float) -> str:
     return "nan" if math.isnan(x) else f"{x:.4g}"
 
 
+def _two_sided(lo: float, hi: float) -> str:
+    """The two-sided test of ΔPPL = 0 from its 95% interval."""
+    if math.isnan(lo) or math.isnan(hi):
+        return "not tested (no bootstrap interval)"
+    if lo > 0:
+        return "yes: the candidate's PPL is higher"
+    if hi < 0:
+        return "yes: the candidate's PPL is lower (too good to be true? e.g. attention that sees the next token)"
+    return "no: the interval includes 0"
+
+
 def _side_label(side: dict[str, Any]) -> str:
     return f"{side.get('name')} ({side.get('dtype')}, {side.get('device')})"
 
@@ -392,6 +403,7 @@ def _markdown(r: PerplexityResult) -> str:
             f"| ln(PPL ratio) | ↓ | {_fmt(p.ln_ppl_ratio, 6)} ± {_fmt(p.ln_ppl_ratio_se, 6)} |",
             f"| ΔPPL | ↓ | {p.delta_ppl:+.5f} ± {_fmt(p.delta_ppl_se, 5)} "
             f"(paired bootstrap 95%: [{lo:+.5f}, {hi:+.5f}], {p.bootstrap} resamples, seed {p.seed}) |",
+            f"| ΔPPL ≠ 0, two-sided at 95% | | {_two_sided(lo, hi)} |",
             f"| Pearson r of token NLLs | ↑ | {_fmt(p.nll_pearson, 6)} |",
             f"| same top-1 | ↑ | {p.same_top1} |",
             f"| RMS Δp of the true token | ↓ | {_g(p.delta_p_rms)} ± {_g(p.delta_p_rms_se)} |",
@@ -876,3 +888,92 @@ def perplexity(
         settings=plan.settings, ref=ref_fig, cand=cand_fig, pair=pair, cache=cache_info, timing=timing,
         tokens=tokens,
     )
+
+
+# --------------------------------------------------------------------------
+# the gate: a verdict on a perplexity result
+
+DIRECTIONS = ("both", "increase")
+
+
+def _parse_change(value: Any, name: str) -> tuple[float, bool]:
+    """0.1 -> (0.1, False); "1%" -> (0.01, True)."""
+    if isinstance(value, str):
+        import re
+
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%?)\s*", value)
+        if not m:
+            raise ValueError(f"{name} must be a non-negative number, optionally with a % sign, got {value!r}")
+        x = float(m.group(1))
+        return (x / 100.0, True) if m.group(2) else (x, False)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a non-negative number (PPL units) or a string like '1%', got {value!r}")
+    return float(value), False
+
+
+def gate(result: PerplexityResult, *, max_ppl_change: Any = None, direction: str = "both",
+         max_mean_kl: float | None = None):
+    """The verdict of a candidate's perplexity result (``perplexity(...,
+    candidate=...)``), as the policy.Verdict that ``compare`` returns.
+
+    max_ppl_change: the largest allowed ΔPPL = PPL_cand − PPL_ref, in PPL
+    units (0.1) or relative to the reference's PPL ("1%"). A ΔPPL is flagged
+    when its 95% interval (the paired bootstrap, or ±1.96 se without one)
+    excludes zero *and* its size passes the limit: in either direction with
+    direction="both" (a bug that lowers PPL, such as attention that sees the
+    next token, is flagged), only upwards with "increase". max_mean_kl: the
+    largest allowed mean KL(ref ‖ cand), nats. NaN figures fail."""
+    from logitparity.policy import ThresholdResult, Verdict
+
+    if not isinstance(result, PerplexityResult):
+        raise TypeError(f"gate needs a PerplexityResult (from perplexity(...)), got {type(result).__name__}")
+    if result.pair is None:
+        raise ValueError("gate needs a perplexity result with a candidate: perplexity(..., candidate=CAND)")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if max_ppl_change is None and max_mean_kl is None:
+        raise ValueError("give at least one limit: max_ppl_change and/or max_mean_kl")
+    results = []
+    p = result.pair
+    if max_ppl_change is not None:
+        limit, relative = _parse_change(max_ppl_change, "max_ppl_change")
+        lo, hi = p.delta_ppl_ci95
+        src = f"paired bootstrap 95% ({p.bootstrap} resamples)"
+        if math.isnan(lo) or math.isnan(hi):
+            lo, hi = p.delta_ppl - 1.96 * p.delta_ppl_se, p.delta_ppl + 1.96 * p.delta_ppl_se
+            src = "±1.96 se"
+        scale = 1.0 / result.ref.ppl if relative else 1.0
+        delta, lo, hi = p.delta_ppl * scale, lo * scale, hi * scale
+        if direction == "both":
+            measured = abs(delta)
+            significant = lo > 0 or hi < 0
+            bad = significant and measured > limit
+        else:
+            measured = delta
+            significant = lo > 0
+            bad = significant and delta > limit
+        unit = "relative" if relative else "PPL"
+        shown = (lambda x: f"{100 * x:+.4f}%") if relative else (lambda x: f"{x:+.5f}")
+        note = (f"ΔPPL {shown(delta)}, 95% interval [{shown(lo)}, {shown(hi)}] ({src}) "
+                f"{'excludes' if significant else 'includes'} 0; PPL {result.ref.ppl:.4f} -> {result.cand.ppl:.4f}")
+        ok = not bad and not math.isnan(delta) and not (math.isnan(lo) or math.isnan(hi))
+        if math.isnan(delta) or math.isnan(lo) or math.isnan(hi):
+            note += "; not measured (non-finite NLL)"
+        name = "|ΔPPL|" if direction == "both" else "ΔPPL"
+        results.append(ThresholdResult(
+            name=f"ppl_change ({direction})", metric=name + (" / PPL_ref" if relative else ""), comparison="<=",
+            limit=limit, limit_source=f"{unit}, flagged only when the interval excludes 0", measured=measured,
+            passed=ok, note=note, ci_low=lo, ci_high=hi,
+        ))
+    if max_mean_kl is not None:
+        if isinstance(max_mean_kl, bool) or not isinstance(max_mean_kl, (int, float)) or not max_mean_kl >= 0:
+            raise ValueError(f"max_mean_kl must be a non-negative number of nats, got {max_mean_kl!r}")
+        kl = p.kl_ref_cand
+        mean = kl.mean if kl.n_nan == 0 and kl.n_inf == 0 else math.nan
+        results.append(ThresholdResult(
+            name="mean_kl", metric="kl_ref_cand.mean", comparison="<=", limit=float(max_mean_kl),
+            limit_source="absolute", measured=mean, passed=bool(mean <= max_mean_kl),
+            note=f"KL {p.kl}; ± {kl.se:.2g}" if not math.isnan(kl.se) else f"KL {p.kl}",
+        ))
+    desc = f"{result.settings.get('scored')} tokens scored; candidate {_side_label(result.candidate or {})}"
+    return Verdict(all(r.passed for r in results), "perplexity gate", desc, tuple(results))

@@ -292,7 +292,16 @@ def comparison_dict(comp: "Comparison") -> dict[str, Any]:
         "version": 1,
         "verdict": comp.verdict.to_dict(),
         "incomplete": list(getattr(comp, "incomplete", [])),
-        "noise_floor": None if comp.noise is None else {"source": comp.noise.source, "change": comp.noise.change},
+        "noise_floor": None if comp.noise is None else {
+            "source": comp.noise.source, "change": comp.noise.change, "version": getattr(comp.noise, "version", 1),
+            "pairs": [p.to_dict() for p in getattr(comp.noise, "pairs", ())],
+            "prompts": len(getattr(comp.noise, "prompts", {})),
+            "positions": comp.noise.n_positions if hasattr(comp.noise, "n_positions") else None,
+            "judgement": None if comp.floor_judgement is None else comp.floor_judgement.to_dict(),
+        },
+        "tie_aware": comp.tie_aware,
+        "match_label": comp.match_label,
+        "forced_positions": int(comp.token_forced.sum()),
         "reference": describe_run(comp.ref_manifest, comp.ref_path),
         "candidate": describe_run(comp.cand_manifest, comp.cand_path),
         "mode": comp.mode,
@@ -311,6 +320,7 @@ def comparison_dict(comp: "Comparison") -> dict[str, Any]:
             "exact_match": comp.exact_match().to_dict(),
             "first_divergence_histogram": comp.divergence_histogram(),
             "splits": comp.splits(),
+            "real_divergence": {str(n): comp.real_divergence(n).to_dict() for n in comp.n_values},
         },
         "tokens": _field_summaries(comp),
         "categories": _category_rows(comp),
@@ -381,17 +391,43 @@ def _verdict_section(comp: "Comparison") -> list[str]:
     mark = "✅ PASS" if v.passed else "❌ FAIL"
     lines = [f"**Verdict: {mark}** under policy `{v.policy}`" + (f" — {v.description}" if v.description else ""), ""]
     if comp.noise is not None:
-        lines += [f"Noise floor from `{comp.noise.source}`" + (f" ({comp.noise.change})" if comp.noise.change else "") + ".", ""]
+        lines += _floor_lines(comp) + [""]
     lines += ["| threshold | metric | | measured | limit | result |", "|---|---|---|---|---|---|"]
     from logitparity.policy import parse_metric
 
     for r in v.results:
-        arrow = _ARROW[parse_metric(r.metric).higher_is_better]
+        try:
+            arrow = _ARROW[parse_metric(r.metric).higher_is_better]
+        except ValueError:  # a ratio to the noise floor: lower is better
+            arrow = _ARROW[False]
         meas = "not measured" if _isnan(r.measured) else f"{r.measured:.6g}"
         note = f" — {r.note}" if r.note else ""
         src = "" if r.limit_source == "absolute" else f" ({r.limit_source})"
         res = "✅ pass" if r.passed else "❌ fail"
-        lines.append(f"| {r.name} | `{r.metric}` | {arrow} | {meas} | {r.comparison} {r.limit:.6g}{src} | {res}{note} |")
+        lines.append(f"| {_cell(r.name)} | `{r.metric}` | {arrow} | {meas} | {r.comparison} {r.limit:.6g}{src} | "
+                     f"{res}{_cell(note, 400)} |")
+    return lines
+
+
+def _floor_lines(comp: "Comparison") -> list[str]:
+    """The floor used: its file, benign changes and size; with the
+    statistical verdict, what was paired."""
+    f = comp.noise
+    if getattr(f, "version", 1) < 2:
+        return [f"Noise floor from `{f.source}`" + (f" ({f.change})" if f.change else "") + "."]
+    lines = [f"Noise floor from `{f.source}`: {len(f.pairs)} benign pair(s), {len(f.prompts)} prompts, "
+             f"{f.n_positions} positions.", "",
+             "| benign change | mode | dtypes | prompts | positions | mean KL (nats) |", "|---|---|---|---|---|---|"]
+    for p in f.pairs:
+        lines.append(f"| {_cell(p.change, 120)} | {p.mode} | {p.dtype_a} / {p.dtype_b} | {p.prompts} | "
+                     f"{p.positions} | {_sci(p.mean_kl)} |")
+    j = comp.floor_judgement
+    if j is not None:
+        lines += ["", f"Paired by position: {j.positions} positions over {j.prompts} prompts "
+                  f"({j.unpaired} compared positions have no floor value and are not judged). Each figure is "
+                  f"the ratio Σ candidate / Σ floor over the paired positions; its interval is a bootstrap over "
+                  f"prompts; FAIL when p < {j.alpha_each:.3g}. Top-1 changed: candidate {_pct(j.top1_cand)}, "
+                  f"floor {_pct(j.top1_floor)}."]
     return lines
 
 
@@ -399,7 +435,8 @@ def _key_figures(comp: "Comparison") -> list[str]:
     lines = ["| figure | | value |", "|---|---|---|"]
     if comp.free_running_available:
         for n in comp.n_values:
-            lines.append(f"| greedy match at N = {n} (share of prompts) | ↑ | {_pct(comp.greedy_match(n))} |")
+            lines.append(f"| {comp.match_label} match at N = {n} (share of prompts) | ↑ | {_pct(comp.greedy_match(n))} |")
+            lines.append(f"| real divergence before N = {n} (share of prompts) | ↓ | {_pct(comp.real_divergence(n))} |")
         lines.append(f"| full-sequence exact match | ↑ | {_pct(comp.exact_match())} |")
         sp = comp.splits()
         lines.append(f"| splits: real divergences / near-ties / one run stopped | ↓ | "
@@ -464,17 +501,20 @@ def _free_running_section(comp: "Comparison", images: dict[str, str]) -> list[st
     if comp.mode == "teacher-forced":
         lines += ["Derived from the teacher-forced top-1: the candidate diverges where its top-1 on the "
                   "reference's prefix differs from the reference token.", ""]
-    lines += ["| N | greedy match at N | ↑ |", "|---|---|---|"]
+    lines += [f"| N | {comp.match_label} match at N ↑ | real divergence before N ↓ |", "|---|---|---|"]
     for n in comp.n_values:
-        lines.append(f"| {n} | {_pct(comp.greedy_match(n))} | |")
+        lines.append(f"| {n} | {_pct(comp.greedy_match(n))} | {_pct(comp.real_divergence(n))} |")
     budget = _get(comp.ref_manifest, "decoding", "max_new_tokens")
     over = [n for n in comp.n_values if budget is not None and n > int(budget)]
     if over:
         lines += ["", f"N = {', '.join(map(str, over))} exceeds the {budget}-token budget: these count the prompts "
                   "identical over their whole output."]
     sp = comp.splits()
+    tie_rule = ("reference top-1 − top-2 margin within the noise floor's margin movement or the dtype's rounding "
+                "step at the split" if comp.tie_aware else
+                f"reference top-1 − top-2 margin < {comp.near_tie_margin:g} logits at the split")
     lines += ["", f"Splits: **{sp['real']} real divergence(s)**, {sp['near-tie']} near-tie(s) "
-              f"(reference top-1 − top-2 margin < {comp.near_tie_margin:g} logits at the split)"
+              f"({tie_rule})"
               + (f", {sp['length']} where one run stopped and the other went on" if sp["length"] else "") + ".", ""]
     lines += ["First divergence (position of the first differing generated token):", "", "```text"]
     lines += histogram_bars(comp.divergence_histogram())

@@ -10,6 +10,9 @@ definitions live here once:
   counted, excluded from mean/se, and make ``max``/``min`` infinite.
 - ``rate``: k successes out of n, with the binomial standard error
   sqrt(p (1 - p) / n).
+- ``ratio_test``: the ratio of two paired per-group sums (candidate over
+  noise floor), a percentile bootstrap interval over groups (prompts) and a
+  one-sided bootstrap p-value against a stated factor.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Describe", "Rate", "describe", "rate"]
+__all__ = ["Describe", "Rate", "RatioTest", "describe", "rate", "ratio_test"]
 
 PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 
@@ -116,3 +119,53 @@ def format_mean_se(mean: float, se: float, digits: int = 4) -> str:
     if math.isnan(se):
         return f"{mean:.{digits}g}"
     return f"{mean:.{digits}g} ± {se:.2g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RatioTest:
+    """R = sum(x) / sum(f) over groups, its bootstrap interval and the
+    one-sided p-value of "the true ratio is at most ``factor``"."""
+
+    ratio: float
+    ci_low: float
+    ci_high: float
+    confidence: float  # of the two-sided interval
+    p_value: float  # H0: ratio <= factor
+    factor: float
+    groups: int
+    resamples: int
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def ratio_test(x: Any, f: Any, *, factor: float, confidence: float = 0.95, resamples: int = 2000,
+               seed: int = 0, index: Any = None) -> RatioTest:
+    """x, f: per-group sums (candidate, floor), paired; f > 0. The groups are
+    resampled with replacement ``resamples`` times (numpy default_rng(seed),
+    or the given ``index`` matrix [resamples, groups] so several tests share
+    one resampling); R* = sum(x*) / sum(f*). Interval: the (1 - c)/2 and
+    (1 + c)/2 percentiles of R*. p = (1 + #{R* <= factor}) / (resamples + 1),
+    the bootstrap p-value of H0 "ratio <= factor" (small p: the candidate is
+    worse than factor x its floor). Deterministic for a given seed."""
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    f = np.asarray(f, dtype=np.float64).reshape(-1)
+    if x.shape != f.shape or x.size == 0:
+        raise ValueError(f"ratio_test needs two non-empty paired arrays of equal length, got {x.size} and {f.size}")
+    if not np.all(f > 0):
+        raise ValueError("ratio_test: every floor sum must be > 0 (regularise zero floors first)")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise ValueError(f"resamples must be a positive int, got {resamples!r}")
+    ratio = float(x.sum() / f.sum())
+    if index is None:
+        index = np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))
+    r = x[index].sum(1) / f[index].sum(1)
+    # inverted_cdf: no interpolation, so an infinite ratio (a candidate with
+    # infinite KL) gives an infinite bound, not inf - inf
+    lo, hi = np.percentile(r, [50 * (1 - confidence), 50 * (1 + confidence)], method="inverted_cdf")
+    p = (1.0 + float(np.sum(r <= factor))) / (r.size + 1.0)
+    return RatioTest(ratio, float(lo), float(hi), float(confidence), p, float(factor), int(x.size),
+                     int(r.size), int(seed))

@@ -111,21 +111,25 @@ def _head_swap(hf, layer: int):
 
 
 def _rope_offset(hf, layer: int):
-    # Rotary embedding one position ahead in this layer only: cos/sin of
-    # angle(p + 1) = angle(p) + inv_freq, by the angle-sum identities.
+    # Rotary embedding one position ahead for the queries only (the keys keep
+    # their own positions), so every relative distance is off by one. (Moving
+    # both queries and keys would change nothing: RoPE scores depend only on
+    # the distance.) The extra rotation by angle(1) = inv_freq is applied to
+    # q_proj's output; rotations of one pair commute, so this is RoPE at p + 1.
     import torch
 
     attn = _layer(hf, layer).self_attn
     inv_freq = hf.model.rotary_emb.inv_freq
+    d = attn.head_dim
 
-    def pre_hook(module, args, kwargs):
-        cos, sin = kwargs["position_embeddings"]
+    def hook(module, args, out):
         step = torch.cat([inv_freq, inv_freq]).to(torch.float32)
-        cb, sb = torch.cos(step).to(cos.dtype), torch.sin(step).to(cos.dtype)
-        kwargs["position_embeddings"] = (cos * cb - sin * sb, sin * cb + cos * sb)
-        return args, kwargs
+        cb, sb = torch.cos(step).to(out.dtype), torch.sin(step).to(out.dtype)
+        q = out.view(*out.shape[:-1], -1, d)
+        half = torch.cat([-q[..., d // 2:], q[..., : d // 2]], dim=-1)  # rotate_half
+        return (q * cb + half * sb).view(out.shape)
 
-    return attn.register_forward_pre_hook(pre_hook, with_kwargs=True).remove
+    return attn.q_proj.register_forward_hook(hook).remove
 
 
 def _fp16_down_proj_input(hf, layer: int):
@@ -266,7 +270,8 @@ PLANTS: dict[str, Plant] = {p.name: p for p in [
           _attn_scale),
     Plant("head_swap", "bug", "self_attn", "attention heads 0 and 1 swapped before o_proj (a stride bug)",
           _head_swap),
-    Plant("rope_offset", "bug", "self_attn", "rotary embedding one position ahead", _rope_offset),
+    Plant("rope_offset", "bug", "self_attn",
+          "rotary embedding one position ahead for the queries only (relative distances off by one)", _rope_offset),
     Plant("fp16_down_proj_input", "bug", "mlp",
           "MLP intermediate activation rounded to fp16 (a dtype slip; overflows to inf past 65504)",
           _fp16_down_proj_input),

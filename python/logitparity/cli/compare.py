@@ -12,10 +12,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ref", metavar="REF", help="reference dump directory")
     p.add_argument("cand", metavar="CAND", help="candidate dump directory")
     add_report_arguments(p)
-    p.add_argument("--policy", default="fp16",
-                   help="built-in policy (fp16, quantized, lossless) or a TOML file (default: fp16)")
+    p.add_argument("--policy", default=None,
+                   help="built-in policy (fp16, bf16, quantized, lossless) or a TOML file (default: fp16 without "
+                        "--noise-floor; with it, the statistical verdict against the floor)")
     p.add_argument("--noise-floor", metavar="FILE", default=None,
-                   help="noise-floor file from `logitparity calibrate`, for noise-relative thresholds")
+                   help="noise-floor file from `logitparity calibrate`: without --policy (or with a built-in one) "
+                        "the candidate is judged against it, paired by position; a TOML policy uses it for "
+                        "noise_factor thresholds")
+    p.add_argument("--factor", type=float, default=None, metavar="F",
+                   help="with --noise-floor: FAIL when the candidate is worse than F x its floor (default 2)")
+    p.add_argument("--confidence", type=float, default=None, metavar="C",
+                   help="with --noise-floor: confidence of the test (default 0.95)")
+    p.add_argument("--continuation", metavar="CAND_TF", default=None,
+                   help="a score-mode dump of the candidate on the reference's tokens: past each free-running "
+                        "split the comparison continues teacher-forced with it")
     p.add_argument("--near-tie-margin", type=float, default=0.5, metavar="X",
                    help="a split where the reference's top-1 minus top-2 logit is below X is a near-tie (default 0.5)")
     p.add_argument("--max-positions", type=int, default=None, metavar="N",
@@ -40,13 +50,20 @@ def summary_lines(comp) -> list[str]:
     lines = [f"INCOMPLETE (--allow-partial): {why}" for why in getattr(comp, "incomplete", [])]
     lines += [f"{'PASS' if v.passed else 'FAIL'}: policy {v.policy!r}, {len(comp.prompts)} prompts, "
              f"{len(comp.tokens)} compared positions ({comp.mode})"]
+    if comp.floor_judgement is not None:
+        j = comp.floor_judgement
+        lines.append(f"  noise floor {comp.noise.source}: {comp.noise.describe()}")
+        lines.append(f"  paired {j.positions} positions over {j.prompts} prompts ({j.unpaired} without a floor value); "
+                     f"top-1 changed: candidate {j.top1_cand}, floor {j.top1_floor}")
     for r in v.results:
         meas = "not measured" if r.measured != r.measured else f"{r.measured:.4g}"
         lines.append(f"  {'ok  ' if r.passed else 'FAIL'} {r.metric} = {meas} (limit {r.comparison} {r.limit:.4g})"
                      + (f" [{r.note}]" if r.note else ""))
     if comp.free_running_available:
+        label = comp.match_label
         for n in comp.n_values:
-            lines.append(f"  greedy match at {n}: {comp.greedy_match(n)}")
+            lines.append(f"  {label} match at {n}: {comp.greedy_match(n)}; real divergence before {n}: "
+                         f"{comp.real_divergence(n)}")
     for note in comp.notes:
         lines.append(f"  note: {note}")
     return lines
@@ -75,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         args.ref, args.cand, policy=args.policy, noise_floor=args.noise_floor,
         near_tie_margin=args.near_tie_margin, threads=args.threads, max_positions=args.max_positions,
         allow_partial=args.allow_partial,
+        continuation=args.continuation, factor=args.factor, confidence=args.confidence,
     )
     out = sys.stderr if args.report == "-" else sys.stdout
     print("\n".join(summary_lines(comp)), file=out)
