@@ -128,6 +128,30 @@ def _rope_offset(hf, layer: int):
     return attn.register_forward_pre_hook(pre_hook, with_kwargs=True).remove
 
 
+def _rope_q_offset(hf, layer: int):
+    # Queries rotated one position further than keys (an off-by-one position
+    # id on the query side only): every query-key pair sees a relative
+    # distance one too large. Rotations in RoPE's planes commute, so rotating
+    # q_proj's output by one step of every frequency before the rotary
+    # embedding is the same as rotating the query at position p + 1. (Shifting
+    # both q and k, as rope_offset does, leaves every relative distance
+    # unchanged: lossless in exact arithmetic.)
+    import torch
+
+    attn = _layer(hf, layer).self_attn
+    inv_freq = hf.model.rotary_emb.inv_freq
+    d = attn.head_dim
+
+    def hook(module, args, out):
+        step = torch.cat([inv_freq, inv_freq]).to(torch.float32)
+        cos, sin = torch.cos(step).to(out.dtype), torch.sin(step).to(out.dtype)
+        q = out.view(*out.shape[:-1], -1, d)
+        half = torch.cat([-q[..., d // 2:], q[..., : d // 2]], dim=-1)
+        return (q * cos + half * sin).reshape(out.shape)
+
+    return attn.q_proj.register_forward_hook(hook).remove
+
+
 def _fp16_down_proj_input(hf, layer: int):
     # The MLP's intermediate activation kept in fp16 (a dtype slip in one
     # fused kernel): rounded to 11 significant bits, |x| > 65504 -> inf.
@@ -267,6 +291,8 @@ PLANTS: dict[str, Plant] = {p.name: p for p in [
     Plant("head_swap", "bug", "self_attn", "attention heads 0 and 1 swapped before o_proj (a stride bug)",
           _head_swap),
     Plant("rope_offset", "bug", "self_attn", "rotary embedding one position ahead", _rope_offset),
+    Plant("rope_q_offset", "bug", "self_attn",
+          "queries rotated one position ahead of keys (an off-by-one query position id)", _rope_q_offset),
     Plant("fp16_down_proj_input", "bug", "mlp",
           "MLP intermediate activation rounded to fp16 (a dtype slip; overflows to inf past 65504)",
           _fp16_down_proj_input),
