@@ -34,6 +34,7 @@ import datetime
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -49,9 +50,11 @@ __all__ = [
     "ModuleError",
     "ReferenceTrace",
     "bisect_layers",
+    "compare_activation_dumps",
     "compare_layers",
     "default_band",
     "load_floor",
+    "module_kind",
     "save_floor",
     "trace_reference",
 ]
@@ -77,6 +80,18 @@ PER_POSITION_FACTOR = 4.0
 # than the fp32 default: a bitwise-equal benign pair must not make every
 # rounding difference a divergence).
 FLOOR_MARGIN = 3.0
+
+
+_LAYER_RE = re.compile(r"^(?P<prefix>.*\.layers)\.(?P<idx>\d+)(?:\.(?P<rest>.+))?$")
+
+
+def module_kind(path: str) -> tuple[int | None, str]:
+    """'model.layers.10.mlp' -> (10, 'mlp'); 'model.layers.3' -> (3, 'layer');
+    anything outside the decoder layers -> (None, path)."""
+    m = _LAYER_RE.match(path)
+    if not m:
+        return None, path
+    return int(m.group("idx")), m.group("rest") or "layer"
 
 
 def _core():
@@ -500,7 +515,7 @@ def compare_layers(reference: Any, candidate: Any, prompts: Any = None, *, mode:
     comps = []
     for key in order:
         path = key.split("#")[0]
-        layer, kind = hooks.module_kind(path)
+        layer, kind = module_kind(path)
         band = (floor.band(path) if floor is not None else None) or default
         c = ModuleComparison(path=key, layer=layer, kind=kind, band=band)
         for m in ("propagated", "isolated"):
@@ -606,3 +621,58 @@ def bisect_layers(reference: Any, candidate: Any, prompts: Any = None, *, thresh
         else:
             lo = mid
     return Bisection(hi - 1, False, len(steps), float(threshold), steps)
+
+
+# --------------------------------------------------------------------------
+# Two dumps with activations (any engine): propagated only
+
+
+def compare_activation_dumps(reference: Any, candidate: Any, *, noise_floor: Any = None) -> LayerComparison:
+    """Compare the activation rows of two dumps (docs/dump-format.md,
+    'Activations'), module by module, matched by canonical path (aliases
+    resolved) and prompt id. Dumps hold each run on its own inputs, so the
+    comparison is propagated; the band is the floor's, or the dtype default
+    of the recorded dtypes."""
+    from logitparity.activations import Activations, load_activations
+
+    ref = reference if isinstance(reference, Activations) else load_activations(reference)
+    cand = candidate if isinstance(candidate, Activations) else load_activations(candidate)
+    floor = _resolve_floor(noise_floor)
+    common = [p for p in ref.records if p in cand.records and ref.has_rows(p) and cand.has_rows(p)]
+    if not common:
+        raise ValueError(f"no prompt has activation rows in both {ref.root} and {cand.root}; capture both with "
+                         "--activations rows on the same prompts")
+    cand_modules = {cand.canonical(m) for m in cand.modules} | set(cand.aliases.values())
+    paths = [m for m in ref.modules if m in cand_modules]
+    if not paths:
+        raise ValueError(f"the dumps share no module path (reference: {ref.modules[:3]}…, candidate: "
+                         f"{cand.modules[:3]}…); add an alias map to the candidate's activations part")
+    core = _core()
+    dtypes = {}
+    for side, acts in (("ref", ref), ("cand", cand)):
+        ds = {m["dtype"] for m in acts.manifest["modules"] if m.get("dtype")}
+        dtypes[side] = max(ds, key=lambda d: UNIT_ROUNDOFF.get(d, 0)) if ds else "fp32"
+    default = default_band(dtypes["ref"], dtypes["cand"])
+    comps, n_positions = [], 0
+    for pid in common:
+        n_positions += int(ref.records[pid]["positions"] or 0)
+    for path in paths:
+        merged, per_rows = [], []
+        for pid in common:
+            a, abf = ref.rows(pid, path)
+            b, bbf = cand.rows(pid, path)
+            if a.shape != b.shape:
+                raise ValueError(f"module {path}, prompt {pid!r}: reference rows {a.shape}, candidate {b.shape}; "
+                                 "were both captured at the same positions?")
+            per_row, m = core.activation_diff(a, abf, b, bbf, 1)
+            merged.append(m)
+            per_rows.append(per_row)
+        layer, kind = module_kind(path)
+        band = (floor.band(path) if floor is not None else None) or default
+        comps.append(ModuleComparison(path=path, layer=layer, kind=kind, band=band,
+                                      propagated=ModuleError.from_parts(merged, per_rows)))
+    first, evidence = _first_divergent(comps, "propagated")
+    return LayerComparison(mode="propagated", judged_by="propagated", modules=comps, first_divergent=first,
+                           evidence=evidence, prompts=common, positions=n_positions, ref_dtype=dtypes["ref"],
+                           cand_dtype=dtypes["cand"],
+                           band_source=default.source if floor is None else f"floor {floor.path}")

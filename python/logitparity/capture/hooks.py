@@ -16,13 +16,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import re
 from typing import Any, Iterator, Sequence
 
 import torch
 
+from logitparity.layers import module_kind
+
 __all__ = [
     "DEFAULT_KINDS",
+    "capture_activations",
     "ModuleRecord",
     "Trace",
     "decoder_layers",
@@ -40,7 +42,6 @@ __all__ = [
 # What the layer comparison looks at by default: per decoder layer its two
 # norms, attention, MLP and the layer's output (the residual stream).
 DEFAULT_KINDS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp", "layer")
-_LAYER_RE = re.compile(r"^(?P<prefix>.*\.layers)\.(?P<idx>\d+)(?:\.(?P<rest>.+))?$")
 
 
 def hf_module(model: Any, name: str = "model") -> Any:
@@ -59,15 +60,6 @@ def decoder_layers(hf: Any, name: str = "model") -> Any:
         raise TypeError(f"{name} must be a Llama-style causal LM with decoder layers at .model.layers, "
                         f"got {type(hf).__name__}")
     return layers
-
-
-def module_kind(path: str) -> tuple[int | None, str]:
-    """'model.layers.10.mlp' -> (10, 'mlp'); 'model.layers.3' -> (3, 'layer');
-    anything outside the decoder layers -> (None, path)."""
-    m = _LAYER_RE.match(path)
-    if not m:
-        return None, path
-    return int(m.group("idx")), m.group("rest") or "layer"
 
 
 def select_modules(hf: Any, modules: str | Sequence[str] | None = None) -> list[str]:
@@ -272,3 +264,40 @@ def to_numpy_rows(t: torch.Tensor):
     if t.dtype in (torch.float32, torch.float16):
         return t.numpy(), False
     return t.float().numpy(), False
+
+
+def capture_activations(model: Any, dump_dir: Any, *, modules: str | Sequence[str] | None = "layers",
+                        limit: int | None = None, generated: int = 0, storage: str = "stats",
+                        budget_mb: float | None = None, aliases: dict[str, str] | None = None) -> Any:
+    """Record module outputs of ``model`` into the activations part of the
+    dump ``dump_dir`` (captured from the same model), one forward pass per
+    prompt over the prompt tokens and the first ``generated`` generated
+    tokens (teacher-forced: the positions of the prefill and of the first
+    decode steps). modules: 'layers' (every decoder layer's output), None or
+    'default' (DEFAULT_KINDS), 'all', or a list of paths. limit: the first N
+    records. Returns the activations manifest path."""
+    from logitparity.activations import DEFAULT_BUDGET_MB, ActivationWriter
+    from logitparity.dump import load_dump
+
+    hf = hf_module(model)
+    dump = load_dump(dump_dir)
+    if modules == "layers":
+        paths = [p for p in select_modules(hf, None) if module_kind(p)[1] == "layer"]
+    else:
+        paths = select_modules(hf, modules)
+    if isinstance(generated, bool) or not isinstance(generated, int) or generated < 0:
+        raise ValueError(f"generated must be an int >= 0 (generated tokens to include), got {generated!r}")
+    records = list(dump.records)[:limit] if limit else list(dump.records)
+    writer = None
+    for r in records:
+        ids = list(r["prompt_token_ids"]) + list(r["generated_token_ids"])[:generated]
+        tr = trace(hf, ids, paths)
+        if writer is None:  # modules listed in execution order, as the first pass ran them
+            writer = ActivationWriter(dump.path, list(dict.fromkeys(rec.path for rec in tr.modules)),
+                                      storage=storage, budget_mb=DEFAULT_BUDGET_MB if budget_mb is None else budget_mb,
+                                      aliases=aliases,
+                                      positions={"prefill": True, "generated": generated, "kv_cache": False})
+        writer.add(r["id"], {rec.path: to_numpy_rows(rec.output) for rec in tr.modules})
+    if writer is None:
+        raise ValueError(f"dump {dump.path} has no records to record activations of")
+    return writer.close()

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "calibrate": "logitparity.cli.calibrate",
     "ppl": "logitparity.cli.ppl",
     "gate": "logitparity.cli.gate",
+    "layers": "logitparity.cli.layers",
 }
 
 

@@ -31,6 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted dump in --out")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N prompts")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--activations", choices=("stats", "rows"), default=None,
+                        help="also record module activations (docs/layers.md): statistics only, or rows too")
+    parser.add_argument("--activations-modules", default="layers",
+                        help="layers (every decoder layer's output, default) | default | all | comma-separated paths")
+    parser.add_argument("--activations-budget", type=float, default=256.0, metavar="MB",
+                        help="most MB of activation rows kept (rows mode; statistics continue past it)")
+    parser.add_argument("--activations-prompts", type=int, default=None, metavar="N",
+                        help="record activations of the first N prompts (default: all)")
+    parser.add_argument("--activations-generated", type=int, default=0, metavar="M",
+                        help="include the first M generated tokens after the prefill (default 0)")
 
 
 def _terminate(signum, frame):  # SIGTERM flushes finished prompts like Ctrl-C
@@ -45,9 +55,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--shard-mb must be > 0, got {args.shard_mb}")
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    model = args.model
+    if args.activations:
+        from logitparity.capture import load_model
+
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
     try:
         out = capture(
-            args.model,
+            model,
             args.prompts,
             args.out,
             mode=args.mode,
@@ -71,6 +86,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+    if args.activations:
+        from logitparity.capture.hooks import capture_activations
+
+        mods = args.activations_modules
+        mods = mods if mods in ("layers", "default", "all") else [m.strip() for m in mods.split(",") if m.strip()]
+        act = capture_activations(model, out, modules=mods, limit=args.activations_prompts,
+                                  generated=args.activations_generated, storage=args.activations,
+                                  budget_mb=args.activations_budget)
+        print(f"activations: {act}")
     dump = load_dump(out)
     r = dump.manifest.get("run", {})
     tokens = sum(len(rec["generated_token_ids"]) for rec in dump.records)
