@@ -45,6 +45,8 @@ _LAZY = {
     "write_report": "logitparity.report",
     "perplexity": "logitparity.ppl",
     "PerplexityResult": "logitparity.ppl",
+    "compare_layers": "logitparity.layers",
+    "LayerComparison": "logitparity.layers",
     "assert_logits_match": "logitparity.testing",
     "assert_dumps_match": "logitparity.testing",
     "logits_comparison": "logitparity.testing",
