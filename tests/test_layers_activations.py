@@ -17,7 +17,7 @@ from logitparity.capture import capture, load_model  # noqa: E402
 from logitparity.capture.hooks import capture_activations  # noqa: E402
 from logitparity.capture.plants import planted  # noqa: E402
 from logitparity.cli import main  # noqa: E402
-from logitparity.report_layers import layers_markdown, write_layers_json, write_layers_plot  # noqa: E402
+from logitparity.report_layers import layers_markdown  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -153,3 +153,20 @@ def test_renderers(lm):
     assert md == c.to_markdown()
     assert len([line for line in md.splitlines() if line.startswith("| `") or line.startswith("| **`")]) == 10
     assert "first divergent module: none" in layers_markdown(L.compare_layers(rt, lm))
+
+
+def test_dump_cli_records_activations(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(["dump", "--model", tiny_model_dir, "--out", str(out), "--limit", "2", "--max-new-tokens", "3",
+                 "--no-progress", "--activations", "rows", "--activations-modules", "default",
+                 "--activations-generated", "1", "--activations-budget", "8"]) == 0
+    assert "activations: " in capsys.readouterr().out
+    acts = load_activations(out)
+    assert len(acts.records) == 2 and all(acts.has_rows(r) for r in acts.records)
+    assert len(acts.modules) == 10 and acts.manifest["budget_mb"] == 8.0
+    from logitparity.dump import VERSION, load_dump
+
+    d = load_dump(out)
+    assert d.manifest["version"] == VERSION == "1.1"
+    r = d.records[0]
+    assert acts.records[r["id"]]["positions"] == len(r["prompt_token_ids"]) + 1
