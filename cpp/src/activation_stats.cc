@@ -36,9 +36,11 @@ HWY_EXPORT(DiffRowsT);
 HWY_EXPORT(AddBlockT);
 
 namespace {
-// Whole vectors of the widest target: the per-channel max is updated with
-// full-vector loads and stores.
-constexpr size_t kChannelPad = HWY_MAX_BYTES / sizeof(float);
+// The per-channel max is updated with full-vector loads and stores, so its
+// storage is padded to whole vectors of any target: 64 floats (2048 bits). Not
+// HWY_MAX_BYTES: here, after foreach_target, it holds the last compiled
+// target's width (8 bytes for HWY_SCALAR), which made AVX2 write past the end.
+constexpr size_t kChannelPad = 64;
 
 size_t PaddedChannels(size_t channels) {
   return (channels + kChannelPad - 1) / kChannelPad * kChannelPad + kChannelPad;

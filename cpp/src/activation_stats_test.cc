@@ -368,5 +368,24 @@ TEST(ActivationStatsPublic, AccumulatorQuantilesAndMerge) {
   EXPECT_TRUE(std::isnan(empty.mean()));
   EXPECT_TRUE(std::isnan(empty.AbsQuantile(0.99)));
 }
+// The public accumulator on channel counts that are not whole vectors (its
+// per-channel storage is padded; the best target's full-vector stores must
+// stay inside it).
+TEST(ActivationStatsPublic, AccumulatorOddChannelCounts) {
+  for (size_t channels : {size_t{1}, size_t{5}, size_t{17}, size_t{63}, size_t{577}, size_t{2051}}) {
+    const size_t rows = 3;
+    std::vector<float> x = Activations(rows * channels, channels, -2.0f);
+    DistributionAccumulator acc(channels);
+    acc.Add(RowsView{x.data(), Dtype::kF32, rows, channels, channels});
+    const DistributionRef want = DistributionOfRef(x, channels);
+    EXPECT_EQ(acc.finite(), want.finite);
+    EXPECT_EQ(acc.min(), want.min);
+    EXPECT_EQ(acc.max(), want.max);
+    const std::vector<float> cm = acc.channel_max_abs();
+    ASSERT_EQ(cm.size(), channels);
+    for (size_t c = 0; c < channels; ++c) EXPECT_EQ(cm[c], want.channel_max_abs[c]) << channels;
+    EXPECT_NEAR(acc.mean(), want.mean, 1e-12 * (1 + std::fabs(want.mean)));
+  }
+}
 }  // namespace logitparity
 #endif  // HWY_ONCE
