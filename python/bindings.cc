@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "logitparity/cuda.h"
+#include "logitparity/activation_stats.h"
 #include "logitparity/row_metrics.h"
 #include "logitparity/rows.h"
 
@@ -231,4 +232,121 @@ PYBIND11_MODULE(_core, m) {
       "Fused row comparison of rows in CUDA device memory (pointers as integers, strides in "
       "elements), queued on `stream`; same result tuple as compare_rows.");
   // --- end CUDA kernels -----------------------------------------------------
+  // ---------------------------------------------------------------------
+  // Activation statistics (logitparity.layers / logitparity.activations):
+  // difference sums of two activation tensors and the distribution
+  // accumulator. Derived figures come from the core's DiffSums methods.
+  {
+    static const char* kDiffFields[] = {"cosine", "rel_l2", "max_abs", "sqnr_db", "nonfinite_ref",
+                                        "nonfinite_cand", "count", "dot", "ref_sq", "cand_sq",
+                                        "diff_sq"};
+    constexpr size_t kNumDiff = sizeof(kDiffFields) / sizeof(kDiffFields[0]);
+    py::list diff_names;
+    for (const char* f : kDiffFields) diff_names.append(f);
+    m.attr("DIFF_FIELDS") = diff_names;
+    m.attr("ABS_HIST_MANTISSA_BITS") = logitparity::kAbsHistMantissaBits;
+
+    const auto put = [](const logitparity::DiffSums& s, double* o) {
+      const double v[] = {s.Cosine(), s.RelL2(), s.max_abs, s.SqnrDb(),
+                          static_cast<double>(s.nonfinite_ref),
+                          static_cast<double>(s.nonfinite_cand), static_cast<double>(s.count),
+                          s.dot, s.ref_sq, s.cand_sq, s.diff_sq};
+      std::copy(v, v + kNumDiff, o);
+    };
+
+    m.def(
+        "activation_diff",
+        [put](const py::array& ref, bool ref_bf16, const py::array& cand, bool cand_bf16,
+              int threads) {
+          const RowsView a = AsRows(ref, ref_bf16, "reference");
+          const RowsView b = AsRows(cand, cand_bf16, "candidate");
+          std::vector<logitparity::DiffSums> rows(a.rows);
+          logitparity::DiffSums merged;
+          {
+            py::gil_scoped_release release;
+            merged = logitparity::CompareActivations(a, b, rows.data(), threads);
+          }
+          py::array_t<double> per_row({rows.size(), kNumDiff});
+          for (size_t r = 0; r < rows.size(); ++r) put(rows[r], per_row.mutable_data(r, 0));
+          py::array_t<double> total(kNumDiff);
+          put(merged, total.mutable_data());
+          return py::make_tuple(per_row, total);
+        },
+        py::arg("ref"), py::arg("ref_bf16"), py::arg("cand"), py::arg("cand_bf16"),
+        py::arg("threads"),
+        "Difference statistics of two [rows, width] activation tensors -> (per row [rows, F], "
+        "merged [F]) float64, F = DIFF_FIELDS.");
+
+    m.def(
+        "merge_diff",
+        [put](py::array_t<double, py::array::c_style | py::array::forcecast> parts) {
+          if (parts.ndim() != 2 || static_cast<size_t>(parts.shape(1)) != kNumDiff) {
+            throw py::value_error("parts must be [k, " + std::to_string(kNumDiff) +
+                                  "] rows of DIFF_FIELDS (as activation_diff returns them)");
+          }
+          logitparity::DiffSums merged;
+          for (ssize_t i = 0; i < parts.shape(0); ++i) {
+            const double* p = parts.data(i, 0);
+            logitparity::DiffSums s;
+            s.max_abs = p[2];
+            s.nonfinite_ref = static_cast<uint64_t>(p[4]);
+            s.nonfinite_cand = static_cast<uint64_t>(p[5]);
+            s.count = static_cast<uint64_t>(p[6]);
+            s.dot = p[7];
+            s.ref_sq = p[8];
+            s.cand_sq = p[9];
+            s.diff_sq = p[10];
+            merged.Merge(s);
+          }
+          py::array_t<double> total(kNumDiff);
+          put(merged, total.mutable_data());
+          return total;
+        },
+        py::arg("parts"), "Merge rows of DIFF_FIELDS (in order) -> [F] with the figures re-derived.");
+
+    using logitparity::DistributionAccumulator;
+    py::class_<DistributionAccumulator>(m, "DistributionAccumulator")
+        .def(py::init<size_t>(), py::arg("channels"))
+        .def(
+            "add",
+            [](DistributionAccumulator& acc, const py::array& block, bool bf16) {
+              const RowsView v = AsRows(block, bf16, "block");
+              py::gil_scoped_release release;
+              acc.Add(v);
+            },
+            py::arg("block"), py::arg("bf16"))
+        .def("merge", &DistributionAccumulator::Merge, py::arg("other"))
+        .def_property_readonly("channels", &DistributionAccumulator::channels)
+        .def_property_readonly("count", &DistributionAccumulator::count)
+        .def_property_readonly("finite", &DistributionAccumulator::finite)
+        .def_property_readonly("zeros", &DistributionAccumulator::zeros)
+        .def_property_readonly("nans", &DistributionAccumulator::nans)
+        .def_property_readonly("infs", &DistributionAccumulator::infs)
+        .def_property_readonly("mean", &DistributionAccumulator::mean)
+        .def_property_readonly("variance", &DistributionAccumulator::variance)
+        .def_property_readonly("skewness", &DistributionAccumulator::skewness)
+        .def_property_readonly("kurtosis", &DistributionAccumulator::kurtosis)
+        .def_property_readonly("min", &DistributionAccumulator::min)
+        .def_property_readonly("max", &DistributionAccumulator::max)
+        .def_property_readonly("channel_max_abs",
+                               [](const DistributionAccumulator& acc) {
+                                 const std::vector<float> v = acc.channel_max_abs();
+                                 return py::array_t<float>(v.size(), v.data());
+                               })
+        .def_property_readonly("abs_histogram",
+                               [](const DistributionAccumulator& acc) {
+                                 const auto& h = acc.abs_histogram();
+                                 return py::array_t<uint64_t>(h.size(), h.data());
+                               })
+        .def("abs_quantile", &DistributionAccumulator::AbsQuantile, py::arg("q"));
+
+    m.def(
+        "exact_abs_quantiles",
+        [](const py::array& x, bool bf16, std::vector<double> qs) {
+          const RowsView v = AsRows(x, bf16, "x");
+          py::gil_scoped_release release;
+          return logitparity::ExactAbsQuantiles(v, qs);
+        },
+        py::arg("x"), py::arg("bf16"), py::arg("qs"));
+  }
 }

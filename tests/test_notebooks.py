@@ -60,5 +60,8 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     else:
         assert text.count("FAIL under policy 'fp16'") == 2  # free-running and teacher-forced
         assert "## Perplexity" in markdown and "| ΔPPL |" in markdown
-        assert "first decoder layer whose output differs: 10 " in text
+        assert "first decoder layer whose output differs (propagated): 10\n" in text
+        assert "first divergent module (isolated): model.layers.10.mlp — relative L2 " in text
+        assert "isolated error of every module after layer 10: max 0;" in text
+        assert "**first divergent module: `model.layers.10.mlp`**" in markdown
         assert len(images) == 3

@@ -95,6 +95,15 @@ def test_benign_split_gate_up_agrees_to_float32_rounding(lm, ids):
     assert diff <= 1e-5 * clean["logits"].abs().max().item()
 
 
+def test_benign_rope_shift_both_agrees_to_float32_rounding(lm, ids):
+    clean = _outputs(lm, ids)
+    with planted(lm, "rope_shift_both", layer=LAYER):
+        other = _outputs(lm, ids)
+    assert not torch.equal(clean["logits"], other["logits"])  # rounding differs
+    diff = (clean["logits"] - other["logits"]).abs().max().item()
+    assert diff <= 1e-5 * clean["logits"].abs().max().item()
+
+
 def test_causal_leak_lets_a_position_see_the_next_token(lm, ids):
     """Changing token 1 changes the leaky layer's attention output at
     position 0, and does not without the plant (an independent check of the

@@ -147,4 +147,61 @@ RefRowResult CompareRowRef(const float* a, const float* b, size_t n,
   return r;
 }
 
+DiffSums DiffSumsRef(const float* a, const float* b, size_t n) {
+  DiffSums s;
+  for (size_t i = 0; i < n; ++i) {
+    const bool fa = std::isfinite(a[i]), fb = std::isfinite(b[i]);
+    if (!fa) ++s.nonfinite_ref;
+    if (!fb) ++s.nonfinite_cand;
+    if (!fa || !fb) continue;
+    const double x = a[i], y = b[i];
+    ++s.count;
+    s.dot += x * y;
+    s.ref_sq += x * x;
+    s.cand_sq += y * y;
+    s.diff_sq += (y - x) * (y - x);
+    s.max_abs = std::max(s.max_abs, std::fabs(y - x));
+  }
+  return s;
+}
+
+DistributionRef DistributionOfRef(const std::vector<float>& values, size_t channels) {
+  DistributionRef d;
+  d.count = values.size();
+  d.channel_max_abs.assign(channels, 0.0);
+  d.min = HUGE_VAL;
+  d.max = -HUGE_VAL;
+  double sum = 0;
+  for (size_t i = 0; i < values.size(); ++i) {
+    const float v = values[i];
+    if (std::isnan(v)) ++d.nans;
+    if (std::isinf(v)) ++d.infs;
+    if (v == 0.0f) ++d.zeros;
+    if (!std::isfinite(v)) continue;
+    ++d.finite;
+    sum += v;
+    d.min = std::min(d.min, static_cast<double>(v));
+    d.max = std::max(d.max, static_cast<double>(v));
+    double& cm = d.channel_max_abs[i % channels];
+    cm = std::max(cm, std::fabs(static_cast<double>(v)));
+    d.sorted_abs.push_back(std::fabs(static_cast<double>(v)));
+  }
+  std::sort(d.sorted_abs.begin(), d.sorted_abs.end());
+  if (d.finite == 0) return d;
+  d.mean = sum / static_cast<double>(d.finite);
+  for (float v : values) {
+    if (!std::isfinite(v)) continue;
+    const double e = v - d.mean;
+    d.m2 += e * e;
+    d.m3 += e * e * e;
+    d.m4 += e * e * e * e;
+  }
+  return d;
+}
+
+double DistributionRef::AbsQuantile(double q) const {
+  if (sorted_abs.empty()) return NAN;
+  return sorted_abs[NearestRank(q, sorted_abs.size()) - 1];
+}
+
 }  // namespace logitparity

@@ -48,6 +48,8 @@ _LAZY = {
     "gate": "logitparity.ppl",
     "Floor": "logitparity.floor",
     "load_floor": "logitparity.floor",
+    "compare_layers": "logitparity.layers",
+    "LayerComparison": "logitparity.layers",
     "assert_logits_match": "logitparity.testing",
     "assert_dumps_match": "logitparity.testing",
     "logits_comparison": "logitparity.testing",

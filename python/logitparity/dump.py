@@ -44,7 +44,7 @@ from logitparity._fileio import append_text, write_text_atomic
 __all__ = ["FORMAT", "VERSION", "Dump", "DumpWriter", "load_dump"]
 
 FORMAT = "logitparity-dump"
-VERSION = "1.0"
+VERSION = "1.1"  # 1.1: the optional activations part (logitparity.activations)
 MANIFEST = "manifest.json"
 RECORDS = "records.jsonl"
 SHARD_RE = re.compile(r"^shard-(\d{5})\.safetensors$")

@@ -241,6 +241,26 @@ def _weights_cloned(hf, layer: int):
     return undo
 
 
+def _rope_shift_both(hf, layer: int):
+    # Queries and keys both rotated one position ahead: RoPE scores depend only
+    # on the relative distance, so this is lossless in exact arithmetic and
+    # changes rounding only (a change the judge must pass). cos/sin of
+    # angle(p + 1) = angle(p) + inv_freq, by the angle-sum identities.
+    import torch
+
+    attn = _layer(hf, layer).self_attn
+    inv_freq = hf.model.rotary_emb.inv_freq
+
+    def pre_hook(module, args, kwargs):
+        cos, sin = kwargs["position_embeddings"]
+        step = torch.cat([inv_freq, inv_freq]).to(torch.float32)
+        cb, sb = torch.cos(step).to(cos.dtype), torch.sin(step).to(cos.dtype)
+        kwargs["position_embeddings"] = (cos * cb - sin * sb, sin * cb + cos * sb)
+        return args, kwargs
+
+    return attn.register_forward_pre_hook(pre_hook, with_kwargs=True).remove
+
+
 def _split_gate_up(hf, layer: int):
     # gate_proj and up_proj run as one fused matmul whose output is split: the
     # same arithmetic per output element, other matmul shapes (may reorder
@@ -285,6 +305,9 @@ PLANTS: dict[str, Plant] = {p.name: p for p in [
           _weights_cloned),
     Plant("split_gate_up", "benign", None, "gate_proj and up_proj fused into one matmul, output split",
           _split_gate_up),
+    Plant("rope_shift_both", "benign", None,
+          "queries and keys rotated one position ahead together (relative distances kept: rounding only)",
+          _rope_shift_both),
 ]}
 
 

@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "ppl": "logitparity.cli.ppl",
     "gate": "logitparity.cli.gate",
     "tasks": "logitparity.cli.tasks",
+    "layers": "logitparity.cli.layers",
 }
 ERROR = 2
 

@@ -42,6 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="llama.cpp engine setting (repeatable): n_threads, n_ctx, n_batch, n_ubatch, "
                              "flash_attn=on|off, stop_rule=tokenizer|llama.cpp")
     add_torch_threads_argument(parser)
+    parser.add_argument("--activations", choices=("stats", "rows"), default=None,
+                        help="also record module activations (docs/layers.md): statistics only, or rows too")
+    parser.add_argument("--activations-modules", default="layers",
+                        help="layers (every decoder layer's output, default) | default | all | comma-separated paths")
+    parser.add_argument("--activations-budget", type=float, default=256.0, metavar="MB",
+                        help="most MB of activation rows kept (rows mode; statistics continue past it)")
+    parser.add_argument("--activations-prompts", type=int, default=None, metavar="N",
+                        help="record activations of the first N prompts (default: all)")
+    parser.add_argument("--activations-generated", type=int, default=0, metavar="M",
+                        help="include the first M generated tokens after the prefill (default 0)")
 
 
 def _terminate(signum, frame):  # SIGTERM flushes finished prompts like Ctrl-C
@@ -76,9 +86,17 @@ def run(args: argparse.Namespace) -> int:
     apply_torch_threads(args)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    model = args.model
+    if args.activations and args.engine != "hf":
+        raise ValueError("--activations records HF module outputs; with --engine llama.cpp use "
+                         "LlamaCppEngine.layer_outputs (docs/engines.md) or capture the reference with --engine hf")
+    if args.activations:
+        from logitparity.capture import load_model
+
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
     try:
         out = _capture_llamacpp(args) if args.engine != "hf" else capture(
-            args.model,
+            model,
             args.prompts,
             args.out,
             mode=args.mode,
@@ -103,6 +121,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+    if args.activations:
+        from logitparity.capture.hooks import capture_activations
+
+        mods = args.activations_modules
+        mods = mods if mods in ("layers", "default", "all") else [m.strip() for m in mods.split(",") if m.strip()]
+        act = capture_activations(model, out, modules=mods, limit=args.activations_prompts,
+                                  generated=args.activations_generated, storage=args.activations,
+                                  budget_mb=args.activations_budget)
+        print(f"activations: {act}")
     dump = load_dump(out)
     r = dump.manifest.get("run", {})
     tokens = sum(len(rec["generated_token_ids"]) for rec in dump.records)

@@ -1,0 +1,93 @@
+"""``logitparity layers``: where in the model a candidate first leaves the
+noise band, module by module (docs/layers.md).
+
+REF and CAND are each a model (Hugging Face directory, .gguf, or 'default'
+for the embedded SmolLM2-135M-Instruct) or a dump with an activations part.
+Two models: isolated (default), propagated or both, optionally a bisect over
+decoder layers from the logits alone. Two dumps: propagated. Exit 0 when no
+module leaves the band, 1 when one does, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "localize a regression: compare two models (or two dumps with activations) module by module"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("reference", help="reference: HF directory, .gguf, 'default', or a dump with activations")
+    p.add_argument("candidate", help="candidate: HF directory, .gguf, 'default', or a dump with activations")
+    p.add_argument("--mode", choices=("isolated", "propagated", "both"), default="isolated",
+                   help="isolated: candidate modules on the reference's inputs (default); two dumps: propagated")
+    p.add_argument("--reference-dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="candidate dtype")
+    p.add_argument("--prompts", default=None, help="prompts file (default: the embedded set's first --limit)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N prompts (default 4)")
+    p.add_argument("--modules", default="default",
+                   help="default (norms, attention, MLP, layer output) | all (plus every Linear) | comma-separated paths")
+    p.add_argument("--floor", default=None, metavar="FILE", help="layer floor file (the band); default: dtype default")
+    p.add_argument("--save-floor", default=None, metavar="FILE",
+                   help="write this (benign) comparison as a floor file for later runs")
+    p.add_argument("--bisect", action="store_true", help="also bisect over decoder layers from the logits alone")
+    p.add_argument("--report", default=None, metavar="MD", help="write the layer table (markdown)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write every number (JSON)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write the per-layer error plot")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+
+
+def _is_dump(path: str) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def run(args: argparse.Namespace) -> int:
+    from logitparity import layers
+    from logitparity.report_layers import layers_markdown, write_layers_json, write_layers_plot
+
+    dumps = [_is_dump(args.reference), _is_dump(args.candidate)]
+    if any(dumps) and not all(dumps):
+        raise ValueError("reference and candidate must both be models or both be dumps with activations, "
+                         f"got {'a dump' if dumps[0] else 'a model'} and {'a dump' if dumps[1] else 'a model'}")
+    bisection = None
+    if all(dumps):
+        if args.bisect:
+            raise ValueError("--bisect needs two models (it swaps layers); dumps hold only outputs")
+        c = layers.compare_activation_dumps(args.reference, args.candidate, noise_floor=args.floor)
+    else:
+        import torch
+
+        from logitparity.capture import load_model
+
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+        ref = load_model(None if args.reference == "default" else args.reference, dtype=args.reference_dtype)
+        cand = load_model(None if args.candidate == "default" else args.candidate, dtype=args.dtype)
+        mods = args.modules if args.modules in ("default", "all") else [m.strip() for m in args.modules.split(",")]
+        c = layers.compare_layers(ref, cand, args.prompts, mode=args.mode, noise_floor=args.floor, modules=mods,
+                                  limit=args.limit)
+        if args.bisect:
+            bisection = layers.bisect_layers(ref, cand, args.prompts, limit=args.limit)
+    if args.save_floor:
+        layers.save_floor(c, args.save_floor, description=f"{args.reference} vs {args.candidate}")
+    md = layers_markdown(c, only_out_of_band=False, max_rows=None)
+    if args.report:
+        Path(args.report).write_text(md, encoding="utf-8")
+    if args.json:
+        write_layers_json(c, args.json)
+    if args.plot:
+        write_layers_plot(c, args.plot)
+    if c.first_divergent is None:
+        print(f"no module leaves the noise band ({c.judged_by}; {len(c.modules)} modules, {len(c.prompts)} prompts; "
+              f"band: {c.band_source})")
+    else:
+        ev = c.evidence
+        print(f"first divergent module: {c.first_divergent} (layer {ev['layer']}, {ev['kind']}, {c.judged_by}): "
+              f"{ev['why']}")
+    if bisection is not None:
+        where = ("outside the decoder layers" if bisection.outside_layers else
+                 f"layer {bisection.first_bad_layer}" if bisection.first_bad_layer is not None else "none")
+        print(f"bisect over decoder layers: first bad {where} in {bisection.passes} passes "
+              f"(threshold {bisection.threshold:.3g} relative L2 of the logits)")
+    return 0 if c.first_divergent is None else 1
