@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     from logitparity.floor import build_floor, write_floor
 
     t0 = time.perf_counter()
-    kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    # progress bars only on a terminal, not in a log
+    kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=sys.stderr.isatty())
     for dtype, path in (("fp32", ref_dir), ("bf16", cand_dir)):
         if path.name == "candidate-llama.cpp":  # the same GGUF, run by llama.cpp (capture/llamacpp.py)
             from logitparity.capture.engine import capture_engine, load_engine
@@ -101,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         # this dtype (fp32: greedy vs score; bf16: the precision twin)
         scored = mode_dir if dtype == "fp32" else twin_dir
         print(f"[demo] calibrating: the {dtype} model scored on the reference's tokens -> {scored}", file=sys.stderr)
-        capture(lm, None, scored, mode="score", reference_dump=ref_dir, batch_size=args.batch_size)
+        capture(lm, None, scored, mode="score", reference_dump=ref_dir, batch_size=args.batch_size,
+                progress=kw["progress"])
         del lm
     # The floor: greedy vs score in fp32 and, for the bf16 candidate, the precision
     # twin. A llama.cpp (Q4_1) candidate has no twin on the reference engine:

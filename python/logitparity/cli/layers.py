@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from logitparity.cli import add_torch_threads_argument, apply_torch_threads
+
 HELP = "localize a regression: compare two models (or two dumps with activations) module by module"
 
 
@@ -34,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", default=None, metavar="MD", help="write the layer table (markdown)")
     p.add_argument("--json", default=None, metavar="FILE", help="write every number (JSON)")
     p.add_argument("--plot", default=None, metavar="PNG", help="write the per-layer error plot")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    add_torch_threads_argument(p)
 
 
 def _is_dump(path: str) -> bool:
@@ -43,6 +45,7 @@ def _is_dump(path: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from logitparity import layers
+    from logitparity._fileio import write_text_atomic
     from logitparity.report_layers import layers_markdown, write_layers_json, write_layers_plot
 
     dumps = [_is_dump(args.reference), _is_dump(args.candidate)]
@@ -55,13 +58,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--bisect needs two models (it swaps layers); dumps hold only outputs")
         c = layers.compare_activation_dumps(args.reference, args.candidate, noise_floor=args.floor)
     else:
-        import torch
-
         from logitparity.capture import load_model
 
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+        apply_torch_threads(args)
         ref = load_model(None if args.reference == "default" else args.reference, dtype=args.reference_dtype)
         cand = load_model(None if args.candidate == "default" else args.candidate, dtype=args.dtype)
         mods = args.modules if args.modules in ("default", "all") else [m.strip() for m in args.modules.split(",")]
@@ -73,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         layers.save_floor(c, args.save_floor, description=f"{args.reference} vs {args.candidate}")
     md = layers_markdown(c, only_out_of_band=False, max_rows=None)
     if args.report:
-        Path(args.report).write_text(md, encoding="utf-8")
+        write_text_atomic(args.report, md)
     if args.json:
         write_layers_json(c, args.json)
     if args.plot:
