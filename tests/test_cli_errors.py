@@ -132,6 +132,18 @@ def test_non_utf8_files(pair, tmp_path, capsys):
     assert "--text" in capsys.readouterr().err
 
 
+def test_non_utf8_policy_and_floor_files_are_named(pair, tmp_path, capsys):
+    ref, cand = pair
+    policy = tmp_path / "p.toml"
+    policy.write_bytes(b'name = "caf\xe9"\n')
+    assert main(["compare", ref, cand, "--policy", str(policy)]) == 2
+    assert f"policy file {str(policy)!r} is not UTF-8 text (byte 0xe9 at offset 11)" in capsys.readouterr().err
+    floor = tmp_path / "floor.json"
+    floor.write_bytes(b'{"format": "\xff"}')
+    assert main(["compare", ref, cand, "--noise-floor", str(floor)]) == 2
+    assert f"noise-floor file {str(floor)!r} is not UTF-8 text (byte 0xff at offset 12)" in capsys.readouterr().err
+
+
 def test_incomplete_runs_exit_2_unless_allow_partial(tmp_path, capsys):
     ref = dump(tmp_path / "ref")
     cand = dump(tmp_path / "cand", complete=False)

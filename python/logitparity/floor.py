@@ -282,6 +282,9 @@ def load_floor(path: "str | os.PathLike[str] | Floor | NoiseFloor") -> Floor:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"noise-floor file {str(p)!r} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"noise-floor file {str(p)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                         f"{e.start}); write it again with `logitparity calibrate`") from None
     if not isinstance(data, dict) or data.get("format") != NOISE_FORMAT:
         got = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise ValueError(

@@ -480,6 +480,9 @@ def load_policy(name_or_path: "str | os.PathLike[str] | Policy") -> Policy:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"policy file {text!r} is not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"policy file {text!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                             f"{e.start}); save it as UTF-8") from None
         return _policy_from_toml(data, text)
     raise ValueError(
         f"unknown policy {text!r}{_suggest(text, list(BUILTIN_POLICIES))} "
