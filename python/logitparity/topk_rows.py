@@ -155,8 +155,11 @@ def _with_lse(side: TopRows, lse: np.ndarray) -> TopRows:
     return TopRows(side.values, side.indices, lse, tail, side.full, side.bf16)
 
 
-def _bucket_kl(a: TopRows, b: TopRows, v: int) -> tuple[np.ndarray, np.ndarray]:
-    """KL both ways on the shared buckets + tail (as topk_row_metrics)."""
+def _shared_buckets(a: TopRows, b: TopRows, v: int):
+    """The union of both sides' top-K ids per row (-1 for duplicates and ids
+    past the common width v), each side's log-probs there, which of them both
+    sides know, and each side's tail mass outside the shared buckets. ->
+    (lpa, lpb, both, tail_a, tail_b); lpa/lpb are -inf where not known."""
     u = np.sort(np.concatenate([a.indices, b.indices], axis=1), axis=1)
     dup = np.zeros_like(u, dtype=bool)
     dup[:, 1:] = u[:, 1:] == u[:, :-1]
@@ -165,7 +168,13 @@ def _bucket_kl(a: TopRows, b: TopRows, v: int) -> tuple[np.ndarray, np.ndarray]:
     lpb, kb = _known_logprobs(b, u)
     both = ka & kb & (u >= 0)
     lpa_b, lpb_b = np.where(both, lpa, -np.inf), np.where(both, lpb, -np.inf)
-    kl_ab, kl_ba, _ = _bucket_divergences(lpa_b, lpb_b, _tail_mass(a, lpa_b), _tail_mass(b, lpb_b))
+    return lpa, lpb, both, _tail_mass(a, lpa_b), _tail_mass(b, lpb_b)
+
+
+def _bucket_kl(a: TopRows, b: TopRows, v: int) -> tuple[np.ndarray, np.ndarray]:
+    """KL both ways on the shared buckets + tail (as topk_row_metrics)."""
+    lpa, lpb, both, ta, tb = _shared_buckets(a, b, v)
+    kl_ab, kl_ba, _ = _bucket_divergences(np.where(both, lpa, -np.inf), np.where(both, lpb, -np.inf), ta, tb)
     return kl_ab, kl_ba
 
 
@@ -233,17 +242,8 @@ def topk_row_metrics(a: TopRows, b: TopRows, targets: np.ndarray, ks: Sequence[i
         lo_b, _ = lse_interval(b.values, v) if ub.any() else (b.lse, None)
         a = _with_lse(a, np.where(ua, lo_a, a.lse)) if ua.any() else a
         b = _with_lse(b, np.where(ub, lo_b, b.lse)) if ub.any() else b
-    u = np.sort(np.concatenate([a.indices, b.indices], axis=1), axis=1)
-    dup = np.zeros_like(u, dtype=bool)
-    dup[:, 1:] = u[:, 1:] == u[:, :-1]
-    u = np.where(dup | (u >= v), -1, u)
-    lpa, ka = _known_logprobs(a, u)
-    lpb, kb = _known_logprobs(b, u)
-    both = ka & kb & (u >= 0)
-    lpa_b = np.where(both, lpa, -np.inf)
-    lpb_b = np.where(both, lpb, -np.inf)
-    ta, tb = _tail_mass(a, lpa_b), _tail_mass(b, lpb_b)
-    kl_ab, kl_ba, js = _bucket_divergences(lpa_b, lpb_b, ta, tb)
+    lpa, lpb, both, ta, tb = _shared_buckets(a, b, v)
+    kl_ab, kl_ba, js = _bucket_divergences(np.where(both, lpa, -np.inf), np.where(both, lpb, -np.inf), ta, tb)
     if bounds is not None:  # lower bounds over every admissible normalizer; JS, NLL, Δp are not defined
         unk = bounds.unknown
         kl_ab = np.where(unk, bounds.kl_ref_cand_lo, kl_ab)
