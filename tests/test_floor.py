@@ -457,3 +457,55 @@ def test_calibrate_vary_captures_the_pairs(tiny_model_dir, tmp_path, capsys):
     assert main(["calibrate", "--model", tiny_model_dir, "--vary", "dtype=fp32", "--prompts", str(prompts),
                  "--limit", "1", "--max-new-tokens", "2", "--out", str(tmp_path / "x.json")]) == 2
     assert "is the reference's own dtype" in capsys.readouterr().err
+
+
+def test_calibrate_layers_records_a_per_module_floor_that_layers_reads(tiny_model_dir, tmp_path, capsys):
+    """`calibrate --vary mode,dtype=bf16 --layers` stores the reference
+    against its bf16 twin module by module (on prompts after the first 4) in
+    the floor file; compare_layers reads the band from it: a clean bf16
+    candidate is named nowhere, one with a planted bug is named at its module,
+    and the per-module figures are those of a direct comparison."""
+    from logitparity.capture import load_model
+    from logitparity.capture.plants import planted
+    from logitparity.layers import compare_layers, load_floor as load_layer_floor
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("What is 2+2?\nName a colour.\nWrite a haiku about rain.\nCount to five.\n"
+                       "Say hello in French.\nList three fruits.\n")
+    out = tmp_path / "floor.json"
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["calibrate", "--model", tiny_model_dir, "--prompts", str(prompts), "--limit", "2",
+                   "--max-new-tokens", "3", "--vary", "mode,dtype=bf16", "--layers", "--layers-prompts", "2",
+                   "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    assert "per-module floor: 10 modules (precision twin fp32 vs bf16, 2 prompts after the first 4)" in \
+        capsys.readouterr().out
+    assert load_floor(out).layers["cand_dtype"] == "bf16"
+    band = load_layer_floor(out)
+    ref, twin = load_model(tiny_model_dir), load_model(tiny_model_dir, dtype="bf16")
+    direct = compare_layers(ref, twin, [l for l in prompts.read_text().splitlines()[4:6]])
+    for m in direct.modules:
+        assert band.modules[m.path] == (m.isolated.rel_l2, m.isolated.rel_l2_max), m.path
+    firsts = prompts.read_text().splitlines()[:4]
+    clean = compare_layers(ref, twin, firsts, noise_floor=str(out))
+    assert clean.first_divergent is None and "floor" in clean.band_source
+    with planted(twin, "down_proj_roll", layer=1):
+        bad = compare_layers(ref, twin, firsts, noise_floor=str(out))
+    assert bad.first_divergent == "model.layers.1.mlp"
+
+
+def test_calibrate_layers_needs_a_dtype_change(tiny_model_dir, tmp_path, capsys):
+    assert main(["calibrate", "--model", tiny_model_dir, "--vary", "mode", "--layers",
+                 "--out", str(tmp_path / "f.json")]) == 2
+    assert "--layers measures the reference against its precision twin: give --vary with a dtype change" in \
+        capsys.readouterr().err
+
+
+def test_a_floor_without_layers_is_a_clear_layer_floor_error(tiny_runs, tmp_path):
+    from logitparity.layers import load_floor as load_layer_floor
+
+    with pytest.raises(ValueError, match=r"has no per-module figures; re-run `logitparity calibrate --layers`"):
+        load_layer_floor(tiny_runs["floor32"])

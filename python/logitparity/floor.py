@@ -125,6 +125,9 @@ class Floor(NoiseFloor):
     prompts: dict[str, FloorPrompt] = dataclasses.field(default_factory=dict)
     reference: dict[str, Any] = dataclasses.field(default_factory=dict)
     version: int = FLOOR_VERSION
+    # per-module figures (`calibrate --layers`): a layer floor document
+    # (docs/layers.md) that logitparity.layers reads from this same file
+    layers: dict[str, Any] | None = None
 
     @property
     def twin_dtype(self) -> str | None:
@@ -183,6 +186,7 @@ class Floor(NoiseFloor):
             "prompts": {pid: {"tokens": list(p.tokens), **{f: [None if not math.isfinite(x) else float(x)
                                                                 for x in p.values[f]] for f in p.values}}
                         for pid, p in self.prompts.items()},
+            **({"layers": self.layers} if self.layers is not None else {}),
         }
 
 
@@ -320,8 +324,12 @@ def load_floor(path: "str | os.PathLike[str] | Floor | NoiseFloor") -> Floor:
                          "re-run `logitparity calibrate`") from None
     if not pairs:
         raise ValueError(f"noise-floor file {str(p)!r} lists no benign pairs; re-run `logitparity calibrate`")
+    layers = data.get("layers")
+    if layers is not None and not isinstance(layers, dict):
+        raise ValueError(f"noise-floor file {str(p)!r}: 'layers' must be a layer floor object, got "
+                         f"{type(layers).__name__}; re-run `logitparity calibrate --layers`")
     return Floor(metrics, str(data.get("change", "")), str(p), pairs=pairs, prompts=prompts,
-                 reference=dict(data.get("reference") or {}), version=FLOOR_VERSION)
+                 reference=dict(data.get("reference") or {}), version=FLOOR_VERSION, layers=layers)
 
 
 # --------------------------------------------------------------------------

@@ -276,6 +276,16 @@ def save_floor(comparison: LayerComparison, path: str | os.PathLike, *, descript
                margin: float = FLOOR_MARGIN) -> Path:
     """Write the per-module figures of a benign comparison (judged mode:
     isolated where computed) as a floor file."""
+    from logitparity._fileio import write_text_atomic
+
+    doc = floor_document(comparison, description=description, margin=margin)
+    return write_text_atomic(Path(path), json.dumps(doc, indent=1) + "\n")
+
+
+def floor_document(comparison: LayerComparison, *, description: str = "", margin: float = FLOOR_MARGIN) -> dict:
+    """The layer floor of a benign comparison as a JSON object (the file
+    save_floor writes; `logitparity calibrate --layers` stores it in the
+    noise-floor file under "layers")."""
     if not isinstance(comparison, LayerComparison):
         raise TypeError(f"comparison must be a LayerComparison (from compare_layers), got {type(comparison).__name__}")
     if not (isinstance(margin, (int, float)) and margin >= 1):
@@ -284,18 +294,14 @@ def save_floor(comparison: LayerComparison, path: str | os.PathLike, *, descript
     modules = {}
     for m in comparison.modules:
         e = m.error(mode)
-        if e is not None:
+        if e is not None and not (math.isnan(e.rel_l2) or math.isnan(e.rel_l2_max)):  # NaN: default band
             modules[m.path] = {"rel_l2": e.rel_l2, "rel_l2_max": e.rel_l2_max, "nonfinite_cand": e.nonfinite_cand}
     doc = {"format": FLOOR_FORMAT, "version": FLOOR_VERSION,
            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "description": description, "mode": mode, "margin": float(margin),
            "ref_dtype": comparison.ref_dtype, "cand_dtype": comparison.cand_dtype,
            "prompts": comparison.prompts, "positions": comparison.positions, "modules": modules}
-    p = Path(path)
-    from logitparity._fileio import write_text_atomic
-
-    write_text_atomic(p, json.dumps(doc, indent=1) + "\n")
-    return p
+    return json.loads(json.dumps(doc))  # JSON types only (what a reader gets back)
 
 
 def load_floor(path: str | os.PathLike) -> LayerFloor:
@@ -308,6 +314,12 @@ def load_floor(path: str | os.PathLike) -> LayerFloor:
                                 "logitparity.layers.save_floor(compare_layers(ref, benign_twin), path)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"floor file {p} is not JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(doc, dict) and doc.get("format") == "logitparity.noise-floor":
+        # a noise-floor file from `logitparity calibrate --layers` carries one
+        if not isinstance(doc.get("layers"), dict):
+            raise ValueError(f"noise-floor file {p} has no per-module figures; re-run "
+                             "`logitparity calibrate --layers` (with a dtype change in --vary)")
+        doc = doc["layers"]
     if not isinstance(doc, dict) or doc.get("format") != FLOOR_FORMAT:
         got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise ValueError(f"{p} is not a layer floor file: 'format' must be {FLOOR_FORMAT!r}, got {got!r}")

@@ -11,6 +11,7 @@ the reference is captured with batch sizes 1 and 8 (the old default).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -46,6 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", metavar="DIR", default=None,
                    help="with --vary: an existing reference dump to vary instead of capturing one")
     p.add_argument("--keep", metavar="DIR", default=None, help="keep the captured dumps in DIR")
+    p.add_argument("--layers", action="store_true",
+                   help="with --vary ...,dtype=X: also record per-module figures (the reference against its "
+                        "precision twin, module by module) in the floor file, for `logitparity layers --floor` "
+                        "and compare_layers(noise_floor=FILE)")
+    p.add_argument("--layers-prompts", type=int, default=4, metavar="N",
+                   help="prompts for --layers, taken after the first 4 of the prompt set so that `layers`' "
+                        "default prompts stay unseen (default 4)")
 
 
 def parse_vary(text: str) -> list[tuple[str, str | None]]:
@@ -71,8 +79,24 @@ def parse_vary(text: str) -> list[tuple[str, str | None]]:
     return out
 
 
+def layer_floor(args: argparse.Namespace, lm, twin, dtype: str) -> dict:
+    """--layers: the reference against its precision twin module by module,
+    on prompts the layer comparison does not use by default."""
+    from logitparity.layers import DEFAULT_PROMPT_COUNT, compare_layers, floor_document
+    from logitparity.prompts import load_prompts
+
+    prompts = load_prompts(args.prompts)[DEFAULT_PROMPT_COUNT:DEFAULT_PROMPT_COUNT + args.layers_prompts]
+    if not prompts:
+        raise ValueError(f"--layers needs prompts after the first {DEFAULT_PROMPT_COUNT} of the prompt set; "
+                         f"it has {len(load_prompts(args.prompts))}")
+    c = compare_layers(lm, twin, prompts)
+    return floor_document(c, description=f"precision twin {args.dtype} vs {dtype}, {len(prompts)} prompts "
+                                         f"after the first {DEFAULT_PROMPT_COUNT}")
+
+
 def capture_pairs(args: argparse.Namespace, work: Path) -> list[tuple[str, str, str]]:
-    """Capture the reference and its --vary variants; -> [(a, b, change)]."""
+    """Capture the reference and its --vary variants; -> [(a, b, change)].
+    With --layers, ``args.layer_floor`` receives the per-module floor."""
     import torch
 
     from logitparity.capture import capture, load_model
@@ -111,6 +135,8 @@ def capture_pairs(args: argparse.Namespace, work: Path) -> list[tuple[str, str, 
         else:
             twin = load_model(args.model, dtype=value, device=args.device)
             capture(twin, None, out, mode="score", reference_dump=ref, batch_size=ba, progress=False)
+            if args.layers:
+                args.layer_floor = layer_floor(args, lm, twin, value)
             del twin
             change = f"precision twin: the reference model in {value}, scored on the reference's tokens"
         print(f"[calibrate] {change} -> {out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
@@ -132,6 +158,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give either --dumps A B (existing pairs) or --vary LIST (capture them here), not both")
     if args.change and not args.dumps:
         raise ValueError("--change names the change of each --dumps pair; with --vary the changes are named for you")
+    if args.layers and not (args.vary and any(n == "dtype" for n, _ in parse_vary(args.vary))):
+        raise ValueError("--layers measures the reference against its precision twin: give --vary with a dtype "
+                         "change, e.g. --vary mode,dtype=bf16 --layers")
+    if args.layers_prompts < 1:
+        raise ValueError(f"--layers-prompts must be >= 1, got {args.layers_prompts}")
+    args.layer_floor = None
     if args.reference and not args.vary:
         raise ValueError("--reference is the dump that --vary varies; pass --vary LIST too")
     work = None
@@ -154,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         pairs = capture_pairs(args, work)
     try:
         comps = [(compare_dumps(a, b, decode=None, threads=args.threads), change) for a, b, change in pairs]
-        floor = build_floor(comps)
+        floor = dataclasses.replace(build_floor(comps), layers=args.layer_floor)
     finally:
         if work is not None and not args.keep:
             import shutil
@@ -167,4 +199,6 @@ def run(args: argparse.Namespace) -> int:
           f"p99 KL {m['kl_ref_cand.p99']:.3e} nats -> {out}")
     for p in floor.pairs:
         print(f"  {p.change}: {p.prompts} prompts, {p.positions} positions ({p.mode}), mean KL {p.mean_kl:.3e} nats")
+    if floor.layers is not None:
+        print(f"  per-module floor: {len(floor.layers['modules'])} modules ({floor.layers['description']})")
     return 0
