@@ -162,3 +162,86 @@ def test_python_gate_returns_the_compare_verdict(cache, flatter_dir):
         lp_gate(r, max_ppl_change=-1)
     with pytest.raises(TypeError, match="gate needs a PerplexityResult"):
         lp_gate("r", max_ppl_change=1)
+
+
+# --------------------------------------------------------------------------
+# the dump gate: an engine's dump (given, or written by a command) vs a reference dump
+
+
+@pytest.fixture(scope="module")
+def engine_dumps(tiny_model_dir, tmp_path_factory):
+    """A reference, a benign candidate (batch 1 vs 3), a bugged one, and an
+    fp32 noise floor (the reference greedy vs scored)."""
+    from logitparity.capture import capture, load_model
+    from logitparity.capture.plants import planted
+    from logitparity.compare import compare_dumps
+    from logitparity.floor import build_floor, write_floor
+
+    w = tmp_path_factory.mktemp("engine-gate")
+    lm = load_model(tiny_model_dir)
+    kw = dict(limit=4, max_new_tokens=6, progress=False)
+    capture(lm, None, w / "ref", batch_size=3, **kw)
+    capture(lm, None, w / "ref-scored", mode="score", reference_dump=w / "ref", progress=False)
+    capture(lm, None, w / "benign", batch_size=1, **kw)
+    with planted(lm, "down_proj_roll", layer=1):
+        capture(lm, None, w / "bug", batch_size=3, **kw)
+    write_floor(build_floor([(compare_dumps(w / "ref", w / "ref-scored", decode=None), "greedy vs score")]),
+                w / "floor.json")
+    return w
+
+
+def test_dump_gate_good_and_bad(engine_dumps, capsys):
+    w = engine_dumps
+    base = ["gate", "--reference-dump", str(w / "ref"), "--noise-floor", str(w / "floor.json")]
+    assert main(base + ["--candidate-dump", str(w / "benign")]) == 0
+    assert "logitparity gate: GOOD (4 prompts" in capsys.readouterr().out
+    assert main(base + ["--candidate-dump", str(w / "bug")]) == 1
+    assert "logitparity gate: BAD (4 prompts" in capsys.readouterr().out
+
+
+def test_dump_gate_runs_the_candidate_command(engine_dumps, tmp_path, capsys):
+    """{prompts} and {out} are substituted (and exported); the prompts file
+    holds the reference's prompts with their token ids; a failing command is
+    'could not run'."""
+    import shlex
+    import sys
+
+    w = engine_dumps
+    script = tmp_path / "engine.py"
+    script.write_text(
+        "import json, os, shutil, sys\n"
+        "prompts, out, src = sys.argv[1], sys.argv[2], sys.argv[3]\n"
+        "assert prompts == os.environ['LP_PROMPTS'] and out == os.environ['LP_OUT']\n"
+        "rows = [json.loads(l) for l in open(prompts, encoding='utf-8')]\n"
+        "assert all(set(r) == {'id', 'category', 'text', 'chat_template', 'prompt_token_ids'} for r in rows)\n"
+        "shutil.copytree(src, out)\n", encoding="utf-8")
+    cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} {{prompts}} {{out}}"
+    base = ["gate", "--reference-dump", str(w / "ref"), "--noise-floor", str(w / "floor.json"), "--work",
+            str(tmp_path / "work")]
+    assert main(base + ["--candidate-command", f"{cmd} {shlex.quote(str(w / 'bug'))}"]) == 1
+    rows = [json.loads(l) for l in (tmp_path / "work" / "prompts.jsonl").read_text().splitlines()]
+    from logitparity.dump import load_dump
+
+    ref = load_dump(w / "ref")
+    assert [r["prompt_token_ids"] for r in rows] == [r["prompt_token_ids"] for r in ref.records]
+    capsys.readouterr()
+    assert main(["gate", "--reference-dump", str(w / "ref"), "--policy", "fp16", "--candidate-command", "exit 3"]) == 125
+    assert "could not run (RuntimeError): the candidate command exited 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,match", [
+    ([], "give exactly one of --candidate-dump DIR or --candidate-command CMD"),
+    (["--candidate-dump", "x", "--candidate-command", "y"], "give exactly one of"),
+    (["--candidate-dump", "x", "--max-mean-kl", "0.1"], "--max-mean-kl belong to the perplexity gate"),
+])
+def test_dump_gate_argument_errors_exit_125(engine_dumps, capsys, extra, match):
+    assert main(["gate", "--reference-dump", str(engine_dumps / "ref"), "--policy", "fp16", *extra]) == 125
+    assert match in capsys.readouterr().err
+
+
+def test_dump_gate_needs_a_yardstick_and_dump_options_need_a_reference(engine_dumps, capsys):
+    assert main(["gate", "--reference-dump", str(engine_dumps / "ref"), "--candidate-dump",
+                 str(engine_dumps / "benign")]) == 125
+    assert "give --noise-floor FILE (preferred) or --policy P" in capsys.readouterr().err
+    assert main(["gate", "--candidate-dump", str(engine_dumps / "benign"), "--policy", "fp16"]) == 125
+    assert "give --reference-dump REF with them" in capsys.readouterr().err
