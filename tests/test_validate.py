@@ -398,3 +398,24 @@ def test_an_integer_too_long_to_parse_is_a_malformed_line(tmp_path):
     (d / "records.jsonl").write_text("\n".join(lines) + "\n")
     v = only(validate_dump(d))
     assert (v.record, v.field) == ("line 1", "JSON")
+
+
+def test_llama_cpp_engine_dumps_pass_validate(tmp_path, capsys):
+    """Every mode and storage of the llama.cpp engine writes a dump that
+    passes `validate` (spec findings included), and its score-mode dump on
+    an HF reference passes `validate --against` it."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (scripts/setup.sh installs it)")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Name three colours.\nWhat is 2 + 2?\n", encoding="utf-8")
+    common = ["--prompts", str(prompts), "--max-new-tokens", "4", "--no-progress", "--torch-threads", "1"]
+    llama = ["--engine", "llama.cpp", "--engine-opt", "n_ctx=256"]
+    assert cli_main(["dump", *common, "--out", str(tmp_path / "hf")]) == 0
+    assert cli_main(["dump", *common, *llama, "--out", str(tmp_path / "greedy")]) == 0
+    assert cli_main(["dump", *common, *llama, "--logits", "topk:8", "--out", str(tmp_path / "topk")]) == 0
+    assert cli_main(["dump", *llama, "--mode", "score", "--reference-dump", str(tmp_path / "hf"), "--no-progress",
+                     "--out", str(tmp_path / "score")]) == 0
+    for name in ("greedy", "topk", "score"):
+        capsys.readouterr()
+        assert cli_main(["validate", str(tmp_path / name)]) == 0, capsys.readouterr().out
+    assert cli_main(["validate", str(tmp_path / "score"), "--against", str(tmp_path / "hf")]) == 0, \
+        capsys.readouterr().out
