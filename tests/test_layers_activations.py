@@ -170,3 +170,34 @@ def test_dump_cli_records_activations(tiny_model_dir, tmp_path, capsys):
     assert d.manifest["version"] == VERSION == "1.1"
     r = d.records[0]
     assert acts.records[r["id"]]["positions"] == len(r["prompt_token_ids"]) + 1
+
+
+def test_llama_cpp_layer_outputs_go_into_the_dump_and_layers_names_the_first_disagreeing_layer(tmp_path, capsys):
+    """The llama.cpp engine's decoder layer outputs (its eval callback) are
+    written as the dump's activations part under canonical paths, so
+    `logitparity layers HF_DUMP LLAMA_DUMP` compares the two engines layer by
+    layer: Q4_1 weights against the de-quantized fp32 ones leave the fp32
+    band from the first layer on, and llama.cpp against itself leaves it
+    nowhere."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (scripts/setup.sh installs it)")
+    from logitparity.capture.hooks import capture_activations
+    from logitparity.capture.llamacpp import LlamaCppEngine
+    from logitparity.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Name three colours.\n", encoding="utf-8")
+    common = ["--prompts", str(prompts), "--max-new-tokens", "2", "--no-progress", "--torch-threads", "1"]
+    llama = ["--engine", "llama.cpp", "--engine-opt", "n_ctx=256"]
+    assert main(["dump", *common, "--out", str(tmp_path / "hf"), "--activations", "rows"]) == 0
+    for name in ("llama", "llama2"):
+        assert main(["dump", *common, *llama, "--out", str(tmp_path / name)]) == 0
+    with LlamaCppEngine(None, n_ctx=256) as e:
+        for name in ("llama", "llama2"):
+            capture_activations(e, tmp_path / name, storage="rows")
+    capsys.readouterr()
+    assert main(["layers", str(tmp_path / "hf"), str(tmp_path / "llama")]) == 1
+    assert "first divergent module: model.layers.0 (layer 0" in capsys.readouterr().out
+    assert main(["layers", str(tmp_path / "llama"), str(tmp_path / "llama2")]) == 0
+    with pytest.raises(ValueError, match="records decoder layer outputs only"):
+        with LlamaCppEngine(None, n_ctx=256) as e:
+            capture_activations(e, tmp_path / "llama2", modules="all")

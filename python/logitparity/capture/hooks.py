@@ -18,6 +18,7 @@ import copy
 import dataclasses
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from logitparity.layers import module_kind
@@ -279,6 +280,10 @@ def capture_activations(model: Any, dump_dir: Any, *, modules: str | Sequence[st
     from logitparity.activations import DEFAULT_BUDGET_MB, ActivationWriter
     from logitparity.dump import load_dump
 
+    if hasattr(model, "layer_outputs"):  # an engine that reads its own compute graph (llama.cpp)
+        return _engine_activations(model, load_dump(dump_dir), modules=modules, limit=limit, generated=generated,
+                                   storage=storage, budget_mb=DEFAULT_BUDGET_MB if budget_mb is None else budget_mb,
+                                   aliases=aliases)
     hf = hf_module(model)
     dump = load_dump(dump_dir)
     if modules == "layers":
@@ -298,6 +303,33 @@ def capture_activations(model: Any, dump_dir: Any, *, modules: str | Sequence[st
                                       aliases=aliases,
                                       positions={"prefill": True, "generated": generated, "kv_cache": False})
         writer.add(r["id"], {rec.path: to_numpy_rows(rec.output) for rec in tr.modules})
+    if writer is None:
+        raise ValueError(f"dump {dump.path} has no records to record activations of")
+    return writer.close()
+
+
+def _engine_activations(engine: Any, dump: Any, *, modules: Any, limit: int | None, generated: int, storage: str,
+                        budget_mb: float, aliases: dict[str, str] | None) -> Any:
+    """capture_activations for an engine with ``layer_outputs(tokens)`` (the
+    llama.cpp engine: decoder layer outputs from its graph, already under
+    their canonical paths ``model.layers.i``)."""
+    from logitparity.activations import ActivationWriter
+
+    if modules not in ("layers", None, "default"):
+        raise ValueError(f"{type(engine).__name__} records decoder layer outputs only (modules='layers'), "
+                         f"got modules={modules!r}")
+    if isinstance(generated, bool) or not isinstance(generated, int) or generated < 0:
+        raise ValueError(f"generated must be an int >= 0 (generated tokens to include), got {generated!r}")
+    records = list(dump.records)[:limit] if limit else list(dump.records)
+    writer = None
+    for r in records:
+        ids = list(r["prompt_token_ids"]) + list(r["generated_token_ids"])[:generated]
+        outs = {k: v for k, v in engine.layer_outputs(ids).items() if k.startswith("model.layers.")}
+        order = sorted(outs, key=lambda p: int(p.rsplit(".", 1)[1]))
+        if writer is None:
+            writer = ActivationWriter(dump.path, order, storage=storage, budget_mb=budget_mb, aliases=aliases,
+                                      positions={"prefill": True, "generated": generated, "kv_cache": False})
+        writer.add(r["id"], {p: (np.ascontiguousarray(outs[p], dtype=np.float32), False) for p in order})
     if writer is None:
         raise ValueError(f"dump {dump.path} has no records to record activations of")
     return writer.close()
