@@ -104,14 +104,13 @@ def dumps(tmp_path_factory, engine, hf_lm, prompts):
     """HF fp32 greedy, llama.cpp greedy / top-K greedy / score on HF's
     tokens / score on its own tokens, PROMPTS x NEW_TOKENS each."""
     from logitparity.capture import capture
-    from logitparity.capture.engine import capture_engine
 
     d = tmp_path_factory.mktemp("llamacpp")
     capture(hf_lm, prompts, d / "hf", max_new_tokens=NEW_TOKENS, batch_size=4, progress=False)
-    capture_engine(engine, prompts, d / "greedy", max_new_tokens=NEW_TOKENS, progress=False)
-    capture_engine(engine, prompts, d / "topk", max_new_tokens=NEW_TOKENS, logits="topk:16", progress=False)
-    capture_engine(engine, None, d / "score-hf", mode="score", reference_dump=d / "hf", progress=False)
-    capture_engine(engine, None, d / "score-own", mode="score", reference_dump=d / "greedy", progress=False)
+    capture(engine, prompts, d / "greedy", max_new_tokens=NEW_TOKENS, batch_size=1, progress=False)
+    capture(engine, prompts, d / "topk", max_new_tokens=NEW_TOKENS, batch_size=1, logits="topk:16", progress=False)
+    capture(engine, None, d / "score-hf", mode="score", reference_dump=d / "hf", batch_size=1, progress=False)
+    capture(engine, None, d / "score-own", mode="score", reference_dump=d / "greedy", batch_size=1, progress=False)
     return d
 
 
@@ -211,11 +210,11 @@ def test_sampled_tokens_replay_from_the_stored_rows(tmp_path, engine, prompts):
     import torch
 
     from logitparity.capture.decode import Sampler
-    from logitparity.capture.engine import capture_engine
+    from logitparity.capture import capture
     from logitparity.dump import load_dump
 
-    capture_engine(engine, prompts[:2], tmp_path / "s", mode="sample", temperature=0.7, seed=3,
-                   max_new_tokens=6, progress=False)
+    capture(engine, prompts[:2], tmp_path / "s", mode="sample", temperature=0.7, seed=3, max_new_tokens=6,
+            progress=False)
     d = load_dump(tmp_path / "s")
     assert d.manifest["decoding"]["temperature"] == 0.7 and d.manifest["decoding"]["seed"] == 3
     s = Sampler(0.7, None, 3)
@@ -228,12 +227,12 @@ def test_sampled_tokens_replay_from_the_stored_rows(tmp_path, engine, prompts):
 @needs_llama
 @pytest.mark.slow
 def test_stop_rule_llama_cpp_is_recorded_apart_from_the_tokenizer(tmp_path, prompts):
-    from logitparity.capture.engine import capture_engine
+    from logitparity.capture import capture
     from logitparity.capture.llamacpp import LlamaCppEngine
     from logitparity.dump import load_dump
 
     with LlamaCppEngine(None, n_ctx=256, stop_rule="llama.cpp") as e:
-        capture_engine(e, prompts[:1], tmp_path / "d", max_new_tokens=2, progress=False)
+        capture(e, prompts[:1], tmp_path / "d", max_new_tokens=2, progress=False)
     m = load_dump(tmp_path / "d").manifest
     assert m["decoding"]["eos_token_ids"] == [0, 2, 4]
     assert m["tokenizer"]["eos_token_ids"] == [2] and m["engine"]["stop_rule"] == "llama.cpp"
@@ -242,7 +241,8 @@ def test_stop_rule_llama_cpp_is_recorded_apart_from_the_tokenizer(tmp_path, prom
 @needs_llama
 @pytest.mark.slow
 def test_score_against_a_reference_with_another_tokenizer_is_a_clear_error(tmp_path, dumps, engine):
-    from logitparity.capture.engine import TokenizerMismatch, capture_engine
+    from logitparity.capture import capture
+    from logitparity.capture.engine import TokenizerMismatch
 
     bad = tmp_path / "ref"
     shutil.copytree(dumps / "hf", bad)
@@ -252,7 +252,7 @@ def test_score_against_a_reference_with_another_tokenizer_is_a_clear_error(tmp_p
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(TokenizerMismatch, match=r"tokenizer\.tokens_hash: this engine \(llama\.cpp\) \"sha256:bee0.*"
                                                 r"tokenizer\.special_tokens: .*unk_token"):
-        capture_engine(engine, None, tmp_path / "out", mode="score", reference_dump=bad, progress=False)
+        capture(engine, None, tmp_path / "out", mode="score", reference_dump=bad, progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -442,10 +442,10 @@ def test_cli_dump_and_ppl_with_the_llama_cpp_engine(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("mode", ["greedy", "sample"])
-def test_capture_engine_with_the_hf_adapter_writes_what_capture_writes(tmp_path, tiny_model_dir, torch_one_thread,
-                                                                       mode):
+def test_capture_of_the_hf_adapter_writes_what_capture_of_the_model_writes(tmp_path, tiny_model_dir,
+                                                                           torch_one_thread, mode):
     from logitparity.capture import capture, load_model
-    from logitparity.capture.engine import Engine, HFEngine, capture_engine
+    from logitparity.capture.engine import Engine, HFEngine
     from logitparity.dump import load_dump
     from logitparity.prompts import Prompt
 
@@ -454,8 +454,8 @@ def test_capture_engine_with_the_hf_adapter_writes_what_capture_writes(tmp_path,
     eng = HFEngine(lm)
     assert isinstance(eng, Engine)
     capture(lm, ps, tmp_path / "a", mode=mode, max_new_tokens=5, batch_size=1, progress=False)
-    capture_engine(eng, ps, tmp_path / "b", mode=mode, max_new_tokens=5, batch_size=1, progress=False)
-    capture_engine(eng, None, tmp_path / "c", mode="score", reference_dump=tmp_path / "a", progress=False)
+    capture(eng, ps, tmp_path / "b", mode=mode, max_new_tokens=5, batch_size=1, progress=False)
+    capture(eng, None, tmp_path / "c", mode="score", reference_dump=tmp_path / "a", progress=False)
     a, b, c = (load_dump(tmp_path / n) for n in "abc")
     for key in ("engine", "model", "tokenizer", "dtype", "device", "decoding"):
         assert a.manifest[key] == b.manifest[key], key
