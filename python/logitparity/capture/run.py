@@ -83,6 +83,15 @@ def _select(prompts: list[Prompt], ref: Dump | None, limit: int | None) -> list[
     return prompts[:limit] if limit else prompts
 
 
+def _tokenize(tokenizer: Any, prompt: Prompt, chat_template: bool | None) -> tuple[list[int], bool]:
+    """A prompt's ids with a transformers tokenizer (``hf_encode``); kept for
+    benchmarks/bench_capture.py."""
+    ids, used = hf_encode(tokenizer, prompt.text, chat_template)
+    if not ids:
+        raise ValueError(f"prompt {prompt.id!r} tokenizes to no tokens; give it some text")
+    return ids, used
+
+
 def capture(
     model: Any = None,
     prompts: str | os.PathLike | Sequence[Prompt] | None = None,
