@@ -1,14 +1,15 @@
-"""The engine protocol: what a capture engine provides, and one driver that
-turns any engine into a dump.
+"""The engine protocol: what a capture engine provides (the one driver that
+turns any engine into a dump is ``capture.run.capture``).
 
-An engine is loaded once (its constructor) and then answers four things:
+An engine is loaded once (its constructor) and then answers:
 
 - ``identity`` (a property): the manifest sections that say what ran: ``engine`` (name,
   version, build and run settings), ``model``, ``tokenizer`` (the identity
   that ``compare`` checks, computed as docs/dump-format.md defines it),
   ``dtype`` and ``device``;
 - ``encode(text, chat_template)``: a prompt's input token ids, and whether a
-  chat template was applied;
+  chat template was applied; ``max_context``: the positions one sequence may
+  use (None when unknown), against which capture checks every prompt;
 - ``generate(prompts, ids, ...)``: greedy (no sampler) or seeded sampled
   continuations of a batch of prompts, with the raw logit row of every step;
 - ``score(prompts, continuations)``: teacher-forced rows, row j predicting
@@ -185,8 +186,8 @@ def hf_encode(tokenizer: Any, text: str, chat_template: bool | None) -> tuple[li
 
 
 class HFEngine:
-    """A ``LoadedModel`` (capture.hf) behind the engine protocol; the loops
-    are capture.decode's, so its rows equal capture()'s."""
+    """A ``LoadedModel`` (capture.hf) behind the engine protocol, its loops
+    capture.decode's; ``capture()`` wraps a LoadedModel or a path in one."""
 
     name = "hf-transformers"
 

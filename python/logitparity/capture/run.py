@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from logitparity.capture.engine import Engine, StopRule, check_tokenizer, hf_encode
+from logitparity.capture.engine import Engine, HFEngine, StopRule, check_tokenizer, hf_encode
 from logitparity.dump import DEFAULT_SHARD_BYTES, Dump, DumpWriter, load_dump, parse_storage
 from logitparity.prompts import Prompt, load_prompts
 
@@ -143,7 +143,6 @@ def capture(
     killed run loses at most the batch in flight. Returns the dump path.
     """
     from logitparity.capture.decode import Sampler
-    from logitparity.capture.engine import HFEngine
     from logitparity.capture.hf import LoadedModel, load_model, load_tokenizer
 
     _check_args(mode, reference_dump, max_new_tokens, batch_size, temperature, top_p, logits, limit)
