@@ -106,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from logitparity.capture import capture, load_model
-    from logitparity.capture.engine import capture_engine
     from logitparity.capture.llamacpp import LlamaCppEngine
     from logitparity.cli.demo import spread
     from logitparity.compare import compare_dumps
@@ -123,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     ref, lg, ls_ref, ls_own = (out / n for n in ("hf-fp32", "llama-greedy", "llama-score-hf", "llama-score-own"))
     capture(lm, prompts, ref, max_new_tokens=args.max_new_tokens, batch_size=4, progress=False)
     t1 = time.perf_counter()
-    capture_engine(eng, prompts, lg, max_new_tokens=args.max_new_tokens, progress=False)
+    capture(eng, prompts, lg, max_new_tokens=args.max_new_tokens, batch_size=1, progress=False)
     t2 = time.perf_counter()
-    capture_engine(eng, None, ls_ref, mode="score", reference_dump=ref, progress=False)
-    capture_engine(eng, None, ls_own, mode="score", reference_dump=lg, progress=False)
+    capture(eng, None, ls_ref, mode="score", reference_dump=ref, batch_size=1, progress=False)
+    capture(eng, None, ls_own, mode="score", reference_dump=lg, batch_size=1, progress=False)
     free = compare_dumps(ref, lg, policy="quantized")
     tf = compare_dumps(ref, ls_ref, policy="quantized")
     self_noise = compare_dumps(lg, ls_own, policy="quantized")

@@ -158,6 +158,22 @@ def test_score_subset_and_mismatches(greedy, lm, tmp_path):
         capture(lm, tmp_path / "u", mode="score", reference_dump=greedy, prompts=[Prompt("a", "x", "other")])
 
 
+def test_score_against_a_reference_with_another_tokenizer_is_refused(greedy, lm, tmp_path):
+    import shutil
+
+    from logitparity.capture.engine import TokenizerMismatch
+
+    bad = tmp_path / "ref"
+    shutil.copytree(greedy.path, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["tokenizer"]["vocab_size"] += 1
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(TokenizerMismatch, match=r"tokenizer\.vocab_size: this engine \(hf-transformers\) 384, "
+                                                r"the reference dump .* 385"):
+        run_capture(lm, None, tmp_path / "s", mode="score", reference_dump=bad, progress=False)
+    assert not (tmp_path / "s").exists()
+
+
 def test_score_rejects_tokens_outside_the_vocabulary(lm, tmp_path):
     with DumpWriter(tmp_path / "ref", {"decoding": {"mode": "greedy", "max_new_tokens": 2}}) as w:
         w.add({"id": "a", "category": "x", "prompt": "hi", "chat_template": False, "prompt_token_ids": [5, 6],

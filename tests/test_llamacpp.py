@@ -104,14 +104,13 @@ def dumps(tmp_path_factory, engine, hf_lm, prompts):
     """HF fp32 greedy, llama.cpp greedy / top-K greedy / score on HF's
     tokens / score on its own tokens, PROMPTS x NEW_TOKENS each."""
     from logitparity.capture import capture
-    from logitparity.capture.engine import capture_engine
 
     d = tmp_path_factory.mktemp("llamacpp")
     capture(hf_lm, prompts, d / "hf", max_new_tokens=NEW_TOKENS, batch_size=4, progress=False)
-    capture_engine(engine, prompts, d / "greedy", max_new_tokens=NEW_TOKENS, progress=False)
-    capture_engine(engine, prompts, d / "topk", max_new_tokens=NEW_TOKENS, logits="topk:16", progress=False)
-    capture_engine(engine, None, d / "score-hf", mode="score", reference_dump=d / "hf", progress=False)
-    capture_engine(engine, None, d / "score-own", mode="score", reference_dump=d / "greedy", progress=False)
+    capture(engine, prompts, d / "greedy", max_new_tokens=NEW_TOKENS, batch_size=1, progress=False)
+    capture(engine, prompts, d / "topk", max_new_tokens=NEW_TOKENS, batch_size=1, logits="topk:16", progress=False)
+    capture(engine, None, d / "score-hf", mode="score", reference_dump=d / "hf", batch_size=1, progress=False)
+    capture(engine, None, d / "score-own", mode="score", reference_dump=d / "greedy", batch_size=1, progress=False)
     return d
 
 
@@ -211,11 +210,11 @@ def test_sampled_tokens_replay_from_the_stored_rows(tmp_path, engine, prompts):
     import torch
 
     from logitparity.capture.decode import Sampler
-    from logitparity.capture.engine import capture_engine
+    from logitparity.capture import capture
     from logitparity.dump import load_dump
 
-    capture_engine(engine, prompts[:2], tmp_path / "s", mode="sample", temperature=0.7, seed=3,
-                   max_new_tokens=6, progress=False)
+    capture(engine, prompts[:2], tmp_path / "s", mode="sample", temperature=0.7, seed=3, max_new_tokens=6,
+            progress=False)
     d = load_dump(tmp_path / "s")
     assert d.manifest["decoding"]["temperature"] == 0.7 and d.manifest["decoding"]["seed"] == 3
     s = Sampler(0.7, None, 3)
@@ -228,12 +227,12 @@ def test_sampled_tokens_replay_from_the_stored_rows(tmp_path, engine, prompts):
 @needs_llama
 @pytest.mark.slow
 def test_stop_rule_llama_cpp_is_recorded_apart_from_the_tokenizer(tmp_path, prompts):
-    from logitparity.capture.engine import capture_engine
+    from logitparity.capture import capture
     from logitparity.capture.llamacpp import LlamaCppEngine
     from logitparity.dump import load_dump
 
     with LlamaCppEngine(None, n_ctx=256, stop_rule="llama.cpp") as e:
-        capture_engine(e, prompts[:1], tmp_path / "d", max_new_tokens=2, progress=False)
+        capture(e, prompts[:1], tmp_path / "d", max_new_tokens=2, progress=False)
     m = load_dump(tmp_path / "d").manifest
     assert m["decoding"]["eos_token_ids"] == [0, 2, 4]
     assert m["tokenizer"]["eos_token_ids"] == [2] and m["engine"]["stop_rule"] == "llama.cpp"
@@ -242,7 +241,8 @@ def test_stop_rule_llama_cpp_is_recorded_apart_from_the_tokenizer(tmp_path, prom
 @needs_llama
 @pytest.mark.slow
 def test_score_against_a_reference_with_another_tokenizer_is_a_clear_error(tmp_path, dumps, engine):
-    from logitparity.capture.engine import TokenizerMismatch, capture_engine
+    from logitparity.capture import capture
+    from logitparity.capture.engine import TokenizerMismatch
 
     bad = tmp_path / "ref"
     shutil.copytree(dumps / "hf", bad)
@@ -252,7 +252,7 @@ def test_score_against_a_reference_with_another_tokenizer_is_a_clear_error(tmp_p
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(TokenizerMismatch, match=r"tokenizer\.tokens_hash: this engine \(llama\.cpp\) \"sha256:bee0.*"
                                                 r"tokenizer\.special_tokens: .*unk_token"):
-        capture_engine(engine, None, tmp_path / "out", mode="score", reference_dump=bad, progress=False)
+        capture(engine, None, tmp_path / "out", mode="score", reference_dump=bad, progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -267,6 +267,72 @@ def test_context_too_small_is_a_clear_error(engine):
         engine.generate([[]], ["q"], max_new_tokens=1, stop=StopRule((2,)))
     with pytest.raises(ValueError, match="score needs at least one prompt token"):
         engine.score([[]], [[5]])
+
+
+@needs_llama
+@pytest.mark.slow
+def test_llama_cpp_capture_resumes_bitwise_and_recaptures_a_damaged_shard(tmp_path, engine, prompts, monkeypatch):
+    """The one driver gives llama.cpp dumps run.py's durability: a shard per
+    batch, a killed run resumed to the uninterrupted run's rows bit for bit,
+    a torn shard's prompts captured again."""
+    from logitparity.capture import capture
+    from logitparity.dump import DumpWriter, load_dump
+
+    kw = dict(max_new_tokens=4, batch_size=2, progress=False)
+    fresh = load_dump(capture(engine, prompts, tmp_path / "fresh", **kw))
+    real_add = DumpWriter.add
+    calls = {"n": 0}
+
+    def add_then_die(self, record, logits):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first batch is on disk, the second is in flight
+            raise KeyboardInterrupt
+        real_add(self, record, logits)
+
+    monkeypatch.setattr(DumpWriter, "add", add_then_die)
+    out = tmp_path / "d"
+    with pytest.raises(KeyboardInterrupt):
+        capture(engine, prompts, out, **kw)
+    monkeypatch.setattr(DumpWriter, "add", real_add)
+    assert len(load_dump(out)) == 2
+    resumed = load_dump(capture(engine, prompts, out, resume=True, **kw))
+    assert resumed.manifest["run"]["resumed"] is True and resumed.manifest["run"]["prompts"] == 2
+    shards = sorted(out.glob("shard-*.safetensors"))
+    assert len(shards) == 2  # one per batch
+    lost = {r["id"] for r in resumed.records if r["shard"] == shards[0].name}
+    shards[0].write_bytes(shards[0].read_bytes()[:-100])
+    again = load_dump(capture(engine, prompts, out, resume=True, **kw))
+    assert again.manifest["run"]["prompts"] == len(lost) == 2
+    assert sorted(again.ids) == sorted(fresh.ids)
+    for pid in fresh.ids:
+        assert again.record(pid)["generated_token_ids"] == fresh.record(pid)["generated_token_ids"]
+        np.testing.assert_array_equal(again.logits(pid), fresh.logits(pid))
+
+
+@needs_llama
+@pytest.mark.slow
+def test_llama_cpp_context_is_checked_before_the_output_and_truncate_prompts_keeps_the_last_tokens(tmp_path, engine):
+    from logitparity.capture import capture
+    from logitparity.cli import main
+    from logitparity.dump import load_dump
+    from logitparity.prompts import Prompt
+
+    long = Prompt("long", "x", "alpha beta gamma delta " * 300)
+    with pytest.raises(ValueError, match=r"1 prompt\(s\) exceed the model's context of 1024 positions: 'long' "
+                                         r"\(\d+ prompt tokens, \d+ positions\); lower --max-new-tokens"):
+        capture(engine, [long], tmp_path / "d", max_new_tokens=2, progress=False)
+    assert not (tmp_path / "d").exists()
+    d = load_dump(capture(engine, [long], tmp_path / "t", max_new_tokens=2, truncate_prompts=True, progress=False))
+    r = d.record("long")
+    ids, used = engine.encode(long.text, None)
+    assert r["truncated_from"] == len(ids) > 1024 and r["prompt_token_ids"] == ids[-(1024 - 2 + 1):]
+    assert len(r["generated_token_ids"]) == 2
+    # the CLI passes --truncate-prompts to a llama.cpp capture (it refused it before the drivers were one)
+    (tmp_path / "p.txt").write_text(long.text + "\n", encoding="utf-8")
+    rc = main(["dump", "--engine", "llama.cpp", "--engine-opt", "n_ctx=256", "--prompts", str(tmp_path / "p.txt"),
+               "--max-new-tokens", "2", "--truncate-prompts", "--no-progress", "--out", str(tmp_path / "cli")])
+    rec = load_dump(tmp_path / "cli").records[0]
+    assert rc == 0 and len(rec["prompt_token_ids"]) == 256 - 2 + 1 and rec["truncated_from"] == len(ids)
 
 
 @needs_llama
@@ -442,10 +508,10 @@ def test_cli_dump_and_ppl_with_the_llama_cpp_engine(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("mode", ["greedy", "sample"])
-def test_capture_engine_with_the_hf_adapter_writes_what_capture_writes(tmp_path, tiny_model_dir, torch_one_thread,
-                                                                       mode):
+def test_capture_of_the_hf_adapter_writes_what_capture_of_the_model_writes(tmp_path, tiny_model_dir,
+                                                                           torch_one_thread, mode):
     from logitparity.capture import capture, load_model
-    from logitparity.capture.engine import Engine, HFEngine, capture_engine
+    from logitparity.capture.engine import Engine, HFEngine
     from logitparity.dump import load_dump
     from logitparity.prompts import Prompt
 
@@ -453,17 +519,21 @@ def test_capture_engine_with_the_hf_adapter_writes_what_capture_writes(tmp_path,
     lm = load_model(tiny_model_dir)
     eng = HFEngine(lm)
     assert isinstance(eng, Engine)
+    assert eng.max_context == 2048
     capture(lm, ps, tmp_path / "a", mode=mode, max_new_tokens=5, batch_size=1, progress=False)
-    capture_engine(eng, ps, tmp_path / "b", mode=mode, max_new_tokens=5, batch_size=1, progress=False)
-    capture_engine(eng, None, tmp_path / "c", mode="score", reference_dump=tmp_path / "a", progress=False)
-    a, b, c = (load_dump(tmp_path / n) for n in "abc")
-    for key in ("engine", "model", "tokenizer", "dtype", "device", "decoding"):
-        assert a.manifest[key] == b.manifest[key], key
+    capture(eng, ps, tmp_path / "b", mode=mode, max_new_tokens=5, batch_size=1, progress=False)
+    capture(eng, None, tmp_path / "c", mode="score", reference_dump=tmp_path / "a", progress=False)
+    capture(tiny_model_dir, ps, tmp_path / "p", mode=mode, max_new_tokens=5, batch_size=1, progress=False)
+    a, b, c, p = (load_dump(tmp_path / n) for n in "abcp")
+    for other in (b, p):  # the engine passed as is, and a path wrapped after its prompts are checked
+        for key in ("engine", "model", "tokenizer", "dtype", "device", "decoding", "libraries"):
+            assert a.manifest[key] == other.manifest[key], key
+        for r in a.records:
+            ro = other.record(r["id"])
+            for k in ("prompt_token_ids", "generated_token_ids", "stop_reason", "chat_template"):
+                assert r[k] == ro[k]
+            assert np.array_equal(a.logits(r["id"]), other.logits(r["id"]))
     for r in a.records:
-        rb = b.record(r["id"])
-        for k in ("prompt_token_ids", "generated_token_ids", "stop_reason", "chat_template"):
-            assert r[k] == rb[k]
-        assert np.array_equal(a.logits(r["id"]), b.logits(r["id"]))
         assert c.record(r["id"])["generated_token_ids"] == r["generated_token_ids"]
         np.testing.assert_allclose(c.logits(r["id"]), a.logits(r["id"]), rtol=0, atol=1e-4)
 

@@ -1,14 +1,15 @@
-"""The engine protocol: what a capture engine provides, and one driver that
-turns any engine into a dump.
+"""The engine protocol: what a capture engine provides (the one driver that
+turns any engine into a dump is ``capture.run.capture``).
 
-An engine is loaded once (its constructor) and then answers four things:
+An engine is loaded once (its constructor) and then answers:
 
 - ``identity`` (a property): the manifest sections that say what ran: ``engine`` (name,
   version, build and run settings), ``model``, ``tokenizer`` (the identity
   that ``compare`` checks, computed as docs/dump-format.md defines it),
   ``dtype`` and ``device``;
 - ``encode(text, chat_template)``: a prompt's input token ids, and whether a
-  chat template was applied;
+  chat template was applied; ``max_context``: the positions one sequence may
+  use (None when unknown), against which capture checks every prompt;
 - ``generate(prompts, ids, ...)``: greedy (no sampler) or seeded sampled
   continuations of a batch of prompts, with the raw logit row of every step;
 - ``score(prompts, continuations)``: teacher-forced rows, row j predicting
@@ -20,36 +21,27 @@ first index of the row's maximum; a sampled token comes from
 ``decode.Sampler`` (seeded by run seed and prompt id, so every engine draws
 the same way from the same distribution).
 
-``capture_engine(engine, ...)`` is the driver: it tokenizes every prompt
-(or takes a reference dump's tokens in score mode), checks the engine's
-tokenizer against the reference dump's, and streams rows through
-``DumpWriter``, so every engine writes the same dumps. ``HFEngine`` adapts a
-``LoadedModel`` to the protocol; ``load_engine(name, model, ...)`` builds an
-engine by name ("hf" or "llama.cpp").
+``capture.run.capture(engine, ...)`` is the one driver: it takes any engine
+(a ``LoadedModel``, a path or None wrapped in ``HFEngine``), tokenizes every
+prompt with ``encode`` (or takes a reference dump's tokens in score mode),
+checks the prompts against ``max_context`` and the engine's tokenizer against
+the reference dump's, and streams rows through ``DumpWriter`` batch by batch
+(durable shards, ``resume``), so every engine writes the same dumps.
+``HFEngine`` adapts a ``LoadedModel`` to the protocol; ``load_engine(name,
+model, ...)`` builds an engine by name ("hf" or "llama.cpp").
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import importlib.metadata
 import json
-import os
-import platform
-import time
-from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-import numpy as np
-
-from logitparity.dump import DEFAULT_SHARD_BYTES, Dump, DumpWriter, load_dump, parse_storage
-from logitparity.prompts import Prompt, load_prompts
-
-__all__ = ["ENGINES", "Engine", "HFEngine", "Output", "StopRule", "TokenizerMismatch", "capture_engine",
-           "check_tokenizer", "load_engine", "parse_engine_options"]
+__all__ = ["ENGINES", "Engine", "HFEngine", "Output", "StopRule", "TokenizerMismatch", "check_tokenizer",
+           "hf_encode", "load_engine", "parse_engine_options"]
 
 ENGINES = ("hf", "llama.cpp")
-MODES = ("greedy", "sample", "score")
 # The tokenizer identity keys two runs must share (docs/dump-format.md).
 TOKENIZER_KEYS = ("vocab_size", "tokens_hash", "special_tokens")
 
@@ -91,6 +83,7 @@ class Engine(Protocol):
     vocab_size: int  # width of a logit row
     dtype: str  # the manifest's dtype: fp32 | bf16 | fp16 or the engine's own name (q4_1)
     device: str
+    max_context: int | None  # positions one sequence may use (prompt + new tokens), None when unknown
 
     @property
     def identity(self) -> dict[str, Any]: ...
@@ -178,9 +171,23 @@ def load_engine(name: str, model: Any = None, *, dtype: str = "fp32", device: st
 # the Hugging Face engine behind the protocol
 
 
+def hf_encode(tokenizer: Any, text: str, chat_template: bool | None) -> tuple[list[int], bool]:
+    """A prompt's input ids with a transformers tokenizer, and whether its
+    chat template was applied (None: when it has one)."""
+    has = isinstance(getattr(tokenizer, "chat_template", None), str)
+    use = has if chat_template is None else chat_template
+    if use and not has:
+        raise ValueError("chat_template=True but the tokenizer has no chat template; pass chat_template=None (auto) or False")
+    if use:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"]), True
+    return list(tokenizer(text)["input_ids"]), False
+
+
 class HFEngine:
-    """A ``LoadedModel`` (capture.hf) behind the engine protocol; the loops
-    are capture.decode's, so its rows equal capture()'s."""
+    """A ``LoadedModel`` (capture.hf) behind the engine protocol, its loops
+    capture.decode's; ``capture()`` wraps a LoadedModel or a path in one."""
 
     name = "hf-transformers"
 
@@ -202,17 +209,15 @@ class HFEngine:
     def eos_token_ids(self) -> list[int]:
         return list(self.lm.identity["tokenizer"]["eos_token_ids"])
 
+    @property
+    def max_context(self) -> int | None:
+        """The model's context from its config (None when it does not say)."""
+        from logitparity.capture.hf import context_length
+
+        return context_length(self.lm.model.config.to_dict())
+
     def encode(self, text: str, chat_template: bool | None) -> tuple[list[int], bool]:
-        tok = self.tokenizer
-        has = isinstance(getattr(tok, "chat_template", None), str)
-        use = has if chat_template is None else chat_template
-        if use and not has:
-            raise ValueError("chat_template=True but the tokenizer has no chat template; pass None (auto) or False")
-        if use:
-            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                           add_generation_prompt=True)
-            return list(tok(text, add_special_tokens=False)["input_ids"]), True
-        return list(tok(text)["input_ids"]), False
+        return hf_encode(self.tokenizer, text, chat_template)
 
     def generate(self, prompts, ids, *, max_new_tokens, stop, sampler=None) -> list[Output]:
         from logitparity.capture.decode import generate_batch
@@ -226,194 +231,3 @@ class HFEngine:
         from logitparity.capture.decode import score_batch
 
         return score_batch(self.lm.model, prompts, continuations, device=self.lm.device, pad_id=self._pad)
-
-
-# --------------------------------------------------------------------------
-# the driver
-
-
-def _libraries(extra: Sequence[str]) -> dict[str, str | None]:
-    import logitparity
-
-    out: dict[str, str | None] = {"python": platform.python_version(), "logitparity": logitparity.__version__}
-    for name in ("numpy", "safetensors", "torch", "transformers", *extra):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def _peak_rss_bytes() -> int:
-    import resource
-    import sys
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
-def _check_args(mode: str, ref: Any, max_new_tokens: int, batch_size: int, temperature: float,
-                top_p: float | None, logits: str, limit: int | None) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "score" and ref is None:
-        raise ValueError("mode 'score' needs reference_dump (--reference-dump DIR): the dump whose tokens are scored")
-    if mode != "score" and ref is not None:
-        raise ValueError(f"reference_dump is only used with mode 'score', got mode {mode!r}")
-    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
-    if mode == "sample" and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 for sampling, got {temperature!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    parse_storage(logits)
-
-
-def capture_engine(
-    engine: Engine,
-    prompts: str | os.PathLike | Sequence[Prompt] | None = None,
-    out: str | os.PathLike = "dump",
-    *,
-    mode: str = "greedy",
-    reference_dump: str | os.PathLike | Dump | None = None,
-    max_new_tokens: int = 64,
-    batch_size: int = 1,
-    logits: str = "full",
-    logits_dtype: str = "fp32",
-    temperature: float = 0.7,
-    top_p: float | None = None,
-    seed: int = 0,
-    stop_token_ids: Sequence[int] = (),
-    chat_template: bool | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    limit: int | None = None,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-) -> Path:
-    """Capture ``engine`` on ``prompts`` into the dump directory ``out``
-    (same arguments and manifest as ``capture``; see its docstring). In
-    score mode the engine's tokenizer identity must equal the reference
-    dump's (TokenizerMismatch otherwise), and prompts default to its records.
-    The decoding section's ``eos_token_ids`` is the engine's own stop rule
-    (``engine.eos_token_ids()``), ``stop_token_ids`` the extra ids."""
-    from logitparity.capture.decode import Sampler
-
-    _check_args(mode, reference_dump, max_new_tokens, batch_size, temperature, top_p, logits, limit)
-    ref = reference_dump if isinstance(reference_dump, Dump) or reference_dump is None else load_dump(reference_dump)
-    ident = engine.identity
-    if ref is not None:
-        check_tokenizer(ident["tokenizer"], ref.manifest.get("tokenizer") or {},
-                        ours_name=f"this engine ({ident['engine']['name']})",
-                        theirs_name=f"the reference dump {ref.path}")
-    if prompts is not None and not isinstance(prompts, (list, tuple)):
-        prompts = load_prompts(prompts)
-    if ref is not None:
-        by_id = {r["id"]: r for r in ref.records}
-        chosen = [Prompt(r["id"], r["category"], r["prompt"]) for r in ref.records] if prompts is None else list(prompts)
-        for p in chosen:
-            r = by_id.get(p.id)
-            if r is None or r["prompt"] != p.text:
-                raise ValueError(f"prompt {p.id!r} is not in the reference dump {ref.path} with the same text; "
-                                 "use the reference's prompts")
-    else:
-        chosen = list(prompts) if prompts is not None else load_prompts()
-    if len({p.id for p in chosen}) != len(chosen):
-        raise ValueError("prompt ids must be unique")
-    chosen = chosen[:limit] if limit else chosen
-    vocab = int(engine.vocab_size)
-    eos_ids = sorted(int(t) for t in engine.eos_token_ids())
-    stop = StopRule(tuple(eos_ids), tuple(sorted(int(t) for t in stop_token_ids)))
-    decoding = {
-        "mode": mode,
-        "temperature": temperature if mode == "sample" else None,
-        "top_p": top_p if mode == "sample" else None,
-        "seed": seed if mode == "sample" else None,
-        "max_new_tokens": max_new_tokens if ref is None else (ref.manifest.get("decoding") or {}).get("max_new_tokens"),
-        "stop_token_ids": list(stop.stop_ids),
-        "eos_token_ids": eos_ids,
-        "repetition_penalty": 1.0,
-        "logit_processors": [],
-        "chat_template": "auto" if chat_template is None else bool(chat_template),
-    }
-    manifest = {**ident, "decoding": decoding,
-                "libraries": _libraries(ident.get("engine", {}).get("libraries", ())),
-                "host": {"platform": platform.platform(), "cpu_count": os.cpu_count()}}
-    manifest["engine"] = {k: v for k, v in manifest["engine"].items() if k != "libraries"}
-    if ref is not None:
-        manifest["reference"] = {"path": str(ref.path.resolve()), "created": ref.manifest.get("created"),
-                                 "mode": (ref.manifest.get("decoding") or {}).get("mode"),
-                                 "model": ref.manifest.get("model")}
-    todo = []
-    for p in chosen:  # tokenize and check everything before the output directory is touched
-        if ref is None:
-            ids, used = engine.encode(p.text, chat_template)
-            if not ids:
-                raise ValueError(f"prompt {p.id!r} tokenizes to no tokens; give it some text")
-            cont: list[int] = []
-        else:
-            r = ref.record(p.id)
-            ids, used, cont = list(r["prompt_token_ids"]), bool(r["chat_template"]), list(r["generated_token_ids"])
-        bad = [t for t in ids + cont if not 0 <= int(t) < vocab]
-        if bad:
-            raise ValueError(f"prompt {p.id!r} holds token id {bad[0]} outside the engine's vocabulary [0, {vocab}); "
-                             "were both runs made with the same tokenizer?")
-        todo.append((p, ids, used, cont))
-    sampler = Sampler(float(temperature), top_p, int(seed)) if mode == "sample" else None
-
-    with DumpWriter(out, manifest, logits=logits, logits_dtype=logits_dtype, shard_bytes=shard_bytes,
-                    resume=resume) as writer:
-        done = {r["id"]: r["prompt"] for r in writer.records}
-        for p, *_ in todo:
-            if p.id in done and done[p.id] != p.text:
-                raise ValueError(f"cannot resume {out}: prompt {p.id!r} has a different text than in the dump")
-        todo = [t for t in todo if t[0].id not in done]
-        _run(writer, engine, todo, mode, ref, batch_size, max_new_tokens, stop, sampler, progress, bool(done))
-    return Path(out)
-
-
-def _run(writer: DumpWriter, engine: Engine, todo: list, mode: str, ref: Dump | None, batch_size: int,
-         max_new_tokens: int, stop: StopRule, sampler: Any, progress: bool, resumed: bool) -> None:
-    from tqdm import tqdm
-
-    t0 = time.perf_counter()
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    n_tokens = n_prompts = 0
-    bar = tqdm(total=len(todo), unit="prompt", disable=not progress, desc=f"dump {mode}", dynamic_ncols=True)
-    try:
-        for lo in range(0, len(todo), batch_size):
-            batch = todo[lo:lo + batch_size]
-            tb = time.perf_counter()
-            if mode == "score":
-                rows = engine.score([b[1] for b in batch], [b[3] for b in batch])
-                forward_s = time.perf_counter() - tb
-                outs = [Output(b[3], r, ref.record(b[0].id)["stop_reason"]) for b, r in zip(batch, rows)]
-                timings = [{"ttft_s": None, "decode_tokens_per_s": None, "forward_s": forward_s}] * len(batch)
-            else:
-                outs = engine.generate([b[1] for b in batch], [b[0].id for b in batch],
-                                       max_new_tokens=max_new_tokens, stop=stop, sampler=sampler)
-                timings = [{"ttft_s": o.ttft_s, "decode_tokens_per_s": o.decode_tokens_per_s} for o in outs]
-            for (p, ids, used, _), o, timing in zip(batch, outs, timings):
-                writer.add({"id": p.id, "category": p.category, "prompt": p.text, "chat_template": used,
-                            "prompt_token_ids": list(ids), "generated_token_ids": [int(t) for t in o.tokens],
-                            "stop_reason": o.stop_reason, "timing": {**timing, "batch_size": len(batch)}},
-                           o.logits)
-                n_tokens += len(o.tokens)
-            n_prompts += len(batch)
-            bar.update(len(batch))
-    finally:
-        bar.close()
-        wall = time.perf_counter() - t0
-        writer.manifest["run"] = {"started": started, "wall_s": wall, "prompts": n_prompts, "tokens": n_tokens,
-                                  "tokens_per_s": n_tokens / wall if wall > 0 else None, "batch_size": batch_size,
-                                  "peak_host_rss_bytes": _peak_rss_bytes(), "peak_gpu_bytes": None,
-                                  "resumed": resumed}
-
-
-def as_float32_rows(x: Any) -> np.ndarray:
-    """Rows (numpy or torch) -> float32 numpy [n, V] (a view when possible)."""
-    if type(x).__module__.startswith("torch"):
-        return x.detach().to("cpu").float().numpy()
-    return np.asarray(x, dtype=np.float32)

@@ -95,13 +95,16 @@ def select_modules(hf: Any, modules: str | Sequence[str] | None = None) -> list[
 def tokenize_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
     """Prompt objects (or strings) -> token ids, with the same chat-template
     rule as capture (the template when the tokenizer has one)."""
-    from logitparity.capture.run import _tokenize
+    from logitparity.capture.engine import hf_encode
     from logitparity.prompts import Prompt
 
     out = []
     for i, p in enumerate(prompts):
         prompt = p if isinstance(p, Prompt) else Prompt(f"prompt-{i}", "default", p)
-        out.append(_tokenize(tokenizer, prompt, None)[0])
+        ids = hf_encode(tokenizer, prompt.text, None)[0]
+        if not ids:
+            raise ValueError(f"prompt {prompt.id!r} tokenizes to no tokens; give it some text")
+        out.append(ids)
     return out
 
 

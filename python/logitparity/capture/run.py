@@ -1,4 +1,5 @@
-"""capture(): run a model over a prompt set and stream the result into a dump."""
+"""capture(): run an engine (a Hugging Face model, llama.cpp, any ``Engine``)
+over a prompt set and stream the result into a dump."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from logitparity.capture.engine import Engine, HFEngine, StopRule, check_tokenizer, hf_encode
 from logitparity.dump import DEFAULT_SHARD_BYTES, Dump, DumpWriter, load_dump, parse_storage
 from logitparity.prompts import Prompt, load_prompts
 
@@ -21,11 +23,13 @@ MODES = ("greedy", "sample", "score")
 _LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "gguf", "numpy")
 
 
-def _libraries() -> dict[str, str | None]:
+def _libraries(extra: Sequence[str] = ()) -> dict[str, str | None]:
+    """Versions of python, logitparity, the HF stack and ``extra`` (an
+    engine's own libraries, ``identity["engine"]["libraries"]``)."""
     import logitparity
 
     out: dict[str, str | None] = {"python": platform.python_version(), "logitparity": logitparity.__version__}
-    for name in _LIBRARIES:
+    for name in (*_LIBRARIES, *(n for n in extra if n not in _LIBRARIES)):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -80,19 +84,12 @@ def _select(prompts: list[Prompt], ref: Dump | None, limit: int | None) -> list[
 
 
 def _tokenize(tokenizer: Any, prompt: Prompt, chat_template: bool | None) -> tuple[list[int], bool]:
-    has = isinstance(getattr(tokenizer, "chat_template", None), str)
-    use = has if chat_template is None else chat_template
-    if use and not has:
-        raise ValueError("chat_template=True but the tokenizer has no chat template; pass chat_template=None (auto) or False")
-    if use:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}], tokenize=False,
-                                             add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(prompt.text)["input_ids"]
+    """A prompt's ids with a transformers tokenizer (``hf_encode``); kept for
+    benchmarks/bench_capture.py."""
+    ids, used = hf_encode(tokenizer, prompt.text, chat_template)
     if not ids:
         raise ValueError(f"prompt {prompt.id!r} tokenizes to no tokens; give it some text")
-    return list(ids), use
+    return ids, used
 
 
 def capture(
@@ -122,66 +119,80 @@ def capture(
     """Capture ``model`` on ``prompts`` into the dump directory ``out``.
 
     model: None (the embedded default), a Hugging Face directory, a .gguf
-    file, or a LoadedModel. prompts: None (the embedded default set), a
+    file, or a LoadedModel (these run on transformers, through HFEngine;
+    ``dtype`` and ``device`` apply when this call loads the weights), or any
+    engine of the protocol in capture.engine (a LlamaCppEngine, an HFEngine),
+    used as it is. prompts: None (the embedded default set), a
     prompts file, or a list of Prompt. mode: greedy | sample (seeded,
     ``temperature``, optional ``top_p``) | score (teacher-forced on the
-    generated tokens of ``reference_dump``; prompts default to its records).
-    Generation stops at an EOS id, one of ``stop_token_ids``, or
+    generated tokens of ``reference_dump``; prompts default to its records;
+    the engine's tokenizer identity must equal the reference's when the
+    reference records one, TokenizerMismatch otherwise).
+    Generation stops at one of the engine's EOS ids (``engine.eos_token_ids()``,
+    the manifest's ``decoding.eos_token_ids``), one of ``stop_token_ids``, or
     ``max_new_tokens``. chat_template: None applies the tokenizer's template
     when it has one. logits: 'full' or 'topk:K'; logits_dtype: fp32 | fp16 |
     bf16 (full storage). resume: continue an interrupted dump (batches are
     cut from the whole prompt list, so the logits are bitwise those of an
     uninterrupted run; prompts of a damaged shard are captured again).
-    limit: only the first N prompts. Prompts longer than the model's context
-    (less the new tokens) are refused before the model loads, or keep their
-    last tokens with ``truncate_prompts`` (the record says ``truncated_from``).
+    limit: only the first N prompts. Prompts longer than the engine's context
+    (``max_context``, less the new tokens) are refused before the model loads
+    (before the output directory is touched), or keep their last tokens with
+    ``truncate_prompts`` (the record says ``truncated_from``).
     Each batch reaches disk (shard, then records) as soon as it is done, so a
     killed run loses at most the batch in flight. Returns the dump path.
     """
     from logitparity.capture.decode import Sampler
-    from logitparity.capture.hf import LoadedModel, context_length, load_model, load_tokenizer
+    from logitparity.capture.hf import LoadedModel, load_model, load_tokenizer
 
     _check_args(mode, reference_dump, max_new_tokens, batch_size, temperature, top_p, logits, limit)
     ref = reference_dump if isinstance(reference_dump, Dump) or reference_dump is None else load_dump(reference_dump)
     if prompts is not None and not isinstance(prompts, (list, tuple)):
         prompts = load_prompts(prompts)
     selected = _select(list(prompts) if prompts is not None else load_prompts() if ref is None else None, ref, limit)
+    tok = None
     if isinstance(model, LoadedModel):
-        lm, tok = model, model.tokenizer
-        n_ctx = context_length(model.model.config.to_dict())
-    else:  # the prompts are checked before the weights load
-        lm, (tok, n_ctx) = None, load_tokenizer(model)
-    todo = _prepare(selected, tok, ref, chat_template, n_ctx, max_new_tokens, truncate_prompts)
-    if lm is None:
-        lm = load_model(model, dtype=dtype, device=device, tokenizer=tok)
-    eos_ids = lm.identity["tokenizer"]["eos_token_ids"]
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-    vocab = lm.model.get_output_embeddings().weight.shape[0]
+        engine = HFEngine(model)
+    elif isinstance(model, Engine):
+        engine = model
+    else:  # a path or None: the prompts are checked before the weights load
+        engine, (tok, n_ctx) = None, load_tokenizer(model)
+    if engine is not None:
+        n_ctx = getattr(engine, "max_context", None)
+        _check_reference_tokenizer(engine, ref)
+    encode = engine.encode if engine is not None else lambda text, use: hf_encode(tok, text, use)
+    todo = _prepare(selected, encode, ref, chat_template, n_ctx, max_new_tokens, truncate_prompts)
+    if engine is None:
+        engine = HFEngine(load_model(model, dtype=dtype, device=device, tokenizer=tok))
+        _check_reference_tokenizer(engine, ref)
+    eos_ids = list(engine.eos_token_ids())
+    vocab = int(engine.vocab_size)
     for p, ids, _, cont, *_ in todo:
         bad = [t for t in ids + cont if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"reference record {p.id!r} holds token id {bad[0]} outside this model's vocabulary "
                              f"[0, {vocab}); were both runs made with the same tokenizer?")
 
+    stop = StopRule(tuple(eos_ids), tuple(sorted(int(t) for t in stop_token_ids)))
     decoding: dict[str, Any] = {
         "mode": mode,
         "temperature": temperature if mode == "sample" else None,
         "top_p": top_p if mode == "sample" else None,
         "seed": seed if mode == "sample" else None,
         "max_new_tokens": max_new_tokens if ref is None else ref.manifest.get("decoding", {}).get("max_new_tokens"),
-        "stop_token_ids": sorted(int(t) for t in stop_token_ids),
+        "stop_token_ids": list(stop.stop_ids),
         "eos_token_ids": eos_ids,
         "repetition_penalty": 1.0,
         "logit_processors": [],
         "chat_template": "auto" if chat_template is None else bool(chat_template),
     }
+    ident = engine.identity  # engine, model, tokenizer, dtype, device
+    extra = ident["engine"].get("libraries", ())
+    ident["engine"] = {k: v for k, v in ident["engine"].items() if k != "libraries"}
     manifest: dict[str, Any] = {
-        "engine": {"name": "hf-transformers", "version": importlib.metadata.version("transformers")},
-        **lm.identity,
-        "dtype": lm.dtype,
-        "device": lm.device,
+        **ident,
         "decoding": decoding,
-        "libraries": _libraries(),
+        "libraries": _libraries(extra),
         "host": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
     }
     if ref is not None:
@@ -200,20 +211,33 @@ def capture(
         # batch (and padding, and matmul shapes) with the same prompts as in
         # an uninterrupted run; a batch is skipped only when all of it is done.
         batches = [b for b in _batches(todo, batch_size) if any(t[0].id not in done for t in b)]
-        _run(writer, batches, set(done), lm, mode, ref, max_new_tokens, pad_id, eos_ids, stop_token_ids, sampler,
+        _run(writer, batches, set(done), engine, mode, ref, max_new_tokens, stop, sampler,
              progress, resumed=bool(done) or bool(writer.recaptured), batch_size=batch_size)
     return Path(out)
 
 
-def _prepare(selected: list[Prompt], tok: Any, ref: Dump | None, chat_template: bool | None, n_ctx: int | None,
+def _check_reference_tokenizer(engine: Any, ref: Dump | None) -> None:
+    """Score mode: the engine's tokenizer must be the reference's (when the
+    reference records one; the vocabulary range is checked either way)."""
+    theirs = ref.manifest.get("tokenizer") if ref is not None else None
+    if theirs:
+        check_tokenizer(engine.identity["tokenizer"], theirs, ours_name=f"this engine ({engine.name})",
+                        theirs_name=f"the reference dump {ref.path}")
+
+
+def _prepare(selected: list[Prompt], encode: Any, ref: Dump | None, chat_template: bool | None, n_ctx: int | None,
              max_new_tokens: int, truncate: bool) -> list:
-    """Tokenize (or take the reference's tokens) and check every prompt
-    against the context; -> work list sorted longest first."""
+    """Tokenize (``encode(text, chat_template)``, or take the reference's
+    tokens) and check every prompt against the context; -> work list sorted
+    longest first."""
     todo = []
     too_long = []
     for p in selected:
         if ref is None:
-            ids, used = _tokenize(tok, p, chat_template)
+            ids, used = encode(p.text, chat_template)
+            ids = list(ids)
+            if not ids:
+                raise ValueError(f"prompt {p.id!r} tokenizes to no tokens; give it some text")
             cont: list[int] = []
             need = len(ids) + max_new_tokens - 1  # the last new token is never fed back
         else:
@@ -242,12 +266,9 @@ def _prepare(selected: list[Prompt], tok: Any, ref: Dump | None, chat_template: 
     return [(p, ids, used, cont) if not extra else (p, ids, used, cont, extra) for p, ids, used, cont, extra in todo]
 
 
-def _run(writer: DumpWriter, batches: list, done: set, lm: Any, mode: str, ref: Dump | None,
-         max_new_tokens: int, pad_id: int, eos_ids: list[int], stop_ids: Sequence[int], sampler: Any,
-         progress: bool, resumed: bool, batch_size: int) -> None:
+def _run(writer: DumpWriter, batches: list, done: set, engine: Any, mode: str, ref: Dump | None,
+         max_new_tokens: int, stop: StopRule, sampler: Any, progress: bool, resumed: bool, batch_size: int) -> None:
     from tqdm import tqdm  # tqdm.auto warns in Jupyter without ipywidgets
-
-    from logitparity.capture.decode import generate_batch, score_batch
 
     t0 = time.perf_counter()
     n_tokens = 0
@@ -259,14 +280,13 @@ def _run(writer: DumpWriter, batches: list, done: set, lm: Any, mode: str, ref: 
         for batch in batches:
             tb = time.perf_counter()
             if mode == "score":
-                rows = score_batch(lm.model, [b[1] for b in batch], [b[3] for b in batch], device=lm.device, pad_id=pad_id)
+                rows = engine.score([b[1] for b in batch], [b[3] for b in batch])
                 forward_s = time.perf_counter() - tb
                 outs = [(b[3], r, ref.record(b[0].id)["stop_reason"], {"ttft_s": None, "decode_tokens_per_s": None,
                                                                         "forward_s": forward_s}) for b, r in zip(batch, rows)]
             else:
-                gens = generate_batch(lm.model, [b[1] for b in batch], [b[0].id for b in batch], device=lm.device,
-                                      pad_id=pad_id, eos_ids=eos_ids, stop_ids=stop_ids,
-                                      max_new_tokens=max_new_tokens, sampler=sampler)
+                gens = engine.generate([b[1] for b in batch], [b[0].id for b in batch], max_new_tokens=max_new_tokens,
+                                       stop=stop, sampler=sampler)
                 outs = [(g.tokens, g.logits, g.stop_reason, {"ttft_s": g.ttft_s, "decode_tokens_per_s": g.decode_tokens_per_s})
                         for g in gens]
             added = 0
@@ -275,7 +295,7 @@ def _run(writer: DumpWriter, batches: list, done: set, lm: Any, mode: str, ref: 
                 if p.id in done:  # finished before the interruption: its batch ran again only for the others
                     continue
                 rec = {"id": p.id, "category": p.category, "prompt": p.text, "chat_template": used,
-                       "prompt_token_ids": ids, "generated_token_ids": list(tokens), "stop_reason": reason,
+                       "prompt_token_ids": ids, "generated_token_ids": [int(t) for t in tokens], "stop_reason": reason,
                        "timing": {**timing, "batch_size": len(batch)}}
                 if len(item) > 4:
                     rec.update(item[4])
@@ -291,7 +311,7 @@ def _run(writer: DumpWriter, batches: list, done: set, lm: Any, mode: str, ref: 
         wall = time.perf_counter() - t0
         run = {"started": started, "wall_s": wall, "prompts": n_prompts, "tokens": n_tokens,
                "tokens_per_s": n_tokens / wall if wall > 0 else None, "batch_size": batch_size,
-               "peak_host_rss_bytes": _peak_rss_bytes(), "peak_gpu_bytes": _peak_gpu_bytes(lm),
+               "peak_host_rss_bytes": _peak_rss_bytes(), "peak_gpu_bytes": _peak_gpu_bytes(engine.device),
                "resumed": resumed}
         writer.manifest["run"] = run
 
@@ -310,9 +330,11 @@ def _batches(todo: list, batch_size: int) -> list[list]:
     return out
 
 
-def _peak_gpu_bytes(lm: Any) -> int | None:
+def _peak_gpu_bytes(device: str) -> int | None:
+    if device == "cpu":  # llama.cpp's CPU engine too: torch need not load
+        return None
     import torch
 
-    if lm.device == "cpu" or not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         return None
     return int(max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())))

@@ -88,11 +88,11 @@ def run(args: argparse.Namespace) -> int:
     kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=sys.stderr.isatty())
     for dtype, path in (("fp32", ref_dir), ("bf16", cand_dir)):
         if path.name == "candidate-llama.cpp":  # the same GGUF, run by llama.cpp (capture/llamacpp.py)
-            from logitparity.capture.engine import capture_engine, load_engine
+            from logitparity.capture.engine import load_engine
 
             print(f"[demo] capturing the default GGUF with llama.cpp -> {path}", file=sys.stderr)
             with load_engine("llama.cpp", None, options={"n_threads": torch_threads}) as engine:
-                capture_engine(engine, prompts, path, max_new_tokens=args.max_new_tokens, progress=False)
+                capture(engine, prompts, path, max_new_tokens=args.max_new_tokens, batch_size=1, progress=False)
             continue
         print(f"[demo] capturing the default model in {dtype} on {len(prompts)} prompts x "
               f"{args.max_new_tokens} tokens -> {path}", file=sys.stderr)

@@ -58,25 +58,6 @@ def _terminate(signum, frame):  # SIGTERM flushes finished prompts like Ctrl-C
     raise KeyboardInterrupt
 
 
-def _capture_llamacpp(args: argparse.Namespace):
-    from logitparity.capture.engine import capture_engine, load_engine, parse_engine_options
-
-    if args.engine_opt and args.engine == "hf":
-        raise ValueError("--engine-opt applies to --engine llama.cpp")
-    if args.truncate_prompts:
-        raise ValueError("--truncate-prompts is not supported with --engine llama.cpp yet; shorten the prompts "
-                         "or raise the engine's context with --engine-opt n_ctx=N")
-    with load_engine(args.engine, args.model, dtype=args.dtype, device=args.device,
-                     options=parse_engine_options(args.engine_opt)) as engine:
-        return capture_engine(
-            engine, args.prompts, args.out, mode=args.mode, reference_dump=args.reference_dump,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, logits=args.logits,
-            logits_dtype=args.logits_dtype, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-            stop_token_ids=args.stop_token_id, chat_template=False if args.no_chat_template else None,
-            resume=args.resume, progress=not args.no_progress, limit=args.limit,
-            shard_bytes=max(1, int(args.shard_mb * (1 << 20))))
-
-
 def run(args: argparse.Namespace) -> int:
     from logitparity.capture import capture
     from logitparity.dump import load_dump
@@ -90,34 +71,27 @@ def run(args: argparse.Namespace) -> int:
     if args.activations and args.engine != "hf":
         raise ValueError("--activations records HF module outputs; with --engine llama.cpp use "
                          "LlamaCppEngine.layer_outputs (docs/engines.md) or capture the reference with --engine hf")
+    if args.engine_opt and args.engine == "hf":
+        raise ValueError("--engine-opt applies to --engine llama.cpp")
     if args.activations:
         from logitparity.capture import load_model
 
         model = load_model(args.model, dtype=args.dtype, device=args.device)
+    kw = dict(mode=args.mode, reference_dump=args.reference_dump, dtype=args.dtype, device=args.device,
+              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, logits=args.logits,
+              logits_dtype=args.logits_dtype, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+              stop_token_ids=args.stop_token_id, chat_template=False if args.no_chat_template else None,
+              resume=args.resume, progress=not args.no_progress, limit=args.limit,
+              shard_bytes=max(1, int(args.shard_mb * (1 << 20))), truncate_prompts=args.truncate_prompts)
     try:
-        out = _capture_llamacpp(args) if args.engine != "hf" else capture(
-            model,
-            args.prompts,
-            args.out,
-            mode=args.mode,
-            reference_dump=args.reference_dump,
-            dtype=args.dtype,
-            device=args.device,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            logits=args.logits,
-            logits_dtype=args.logits_dtype,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            stop_token_ids=args.stop_token_id,
-            chat_template=False if args.no_chat_template else None,
-            resume=args.resume,
-            progress=not args.no_progress,
-            limit=args.limit,
-            shard_bytes=max(1, int(args.shard_mb * (1 << 20))),
-            truncate_prompts=args.truncate_prompts,
-        )
+        if args.engine == "hf":
+            out = capture(model, args.prompts, args.out, **kw)
+        else:  # the same driver, on the engine's own calls (capture/engine.py)
+            from logitparity.capture.engine import load_engine, parse_engine_options
+
+            with load_engine(args.engine, args.model, dtype=args.dtype, device=args.device,
+                             options=parse_engine_options(args.engine_opt)) as engine:
+                out = capture(engine, args.prompts, args.out, **kw)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
