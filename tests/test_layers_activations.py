@@ -189,15 +189,17 @@ def test_llama_cpp_layer_outputs_go_into_the_dump_and_layers_names_the_first_dis
     common = ["--prompts", str(prompts), "--max-new-tokens", "2", "--no-progress", "--torch-threads", "1"]
     llama = ["--engine", "llama.cpp", "--engine-opt", "n_ctx=256"]
     assert main(["dump", *common, "--out", str(tmp_path / "hf"), "--activations", "rows"]) == 0
-    for name in ("llama", "llama2"):
-        assert main(["dump", *common, *llama, "--out", str(tmp_path / name)]) == 0
-    with LlamaCppEngine(None, n_ctx=256) as e:
-        for name in ("llama", "llama2"):
-            capture_activations(e, tmp_path / name, storage="rows")
+    assert main(["dump", *common, *llama, "--out", str(tmp_path / "llama"), "--activations", "rows"]) == 0
+    assert main(["dump", *common, *llama, "--out", str(tmp_path / "llama2")]) == 0
+    with LlamaCppEngine(None, n_ctx=256) as e:  # the Python call, on an existing dump
+        capture_activations(e, tmp_path / "llama2", storage="rows")
     capsys.readouterr()
     assert main(["layers", str(tmp_path / "hf"), str(tmp_path / "llama")]) == 1
     assert "first divergent module: model.layers.0 (layer 0" in capsys.readouterr().out
     assert main(["layers", str(tmp_path / "llama"), str(tmp_path / "llama2")]) == 0
+    assert main(["dump", *common, *llama, "--out", str(tmp_path / "x"), "--activations", "rows",
+                 "--activations-modules", "all"]) == 2
+    assert "--engine llama.cpp records decoder layer outputs only" in capsys.readouterr().err
     with pytest.raises(ValueError, match="records decoder layer outputs only"):
         with LlamaCppEngine(None, n_ctx=256) as e:
             capture_activations(e, tmp_path / "llama2", modules="all")

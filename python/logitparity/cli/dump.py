@@ -58,6 +58,17 @@ def _terminate(signum, frame):  # SIGTERM flushes finished prompts like Ctrl-C
     raise KeyboardInterrupt
 
 
+def _activations(args: argparse.Namespace, model, out) -> None:
+    from logitparity.capture.hooks import capture_activations
+
+    mods = args.activations_modules
+    mods = mods if mods in ("layers", "default", "all") else [m.strip() for m in mods.split(",") if m.strip()]
+    act = capture_activations(model, out, modules=mods, limit=args.activations_prompts,
+                              generated=args.activations_generated, storage=args.activations,
+                              budget_mb=args.activations_budget)
+    print(f"activations: {act}")
+
+
 def run(args: argparse.Namespace) -> int:
     from logitparity.capture import capture
     from logitparity.dump import load_dump
@@ -68,12 +79,12 @@ def run(args: argparse.Namespace) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     model = args.model
-    if args.activations and args.engine != "hf":
-        raise ValueError("--activations records HF module outputs; with --engine llama.cpp use "
-                         "LlamaCppEngine.layer_outputs (docs/engines.md) or capture the reference with --engine hf")
+    if args.activations and args.engine != "hf" and args.activations_modules != "layers":
+        raise ValueError(f"--engine {args.engine} records decoder layer outputs only (its eval callback): "
+                         f"--activations-modules layers, got {args.activations_modules!r}")
     if args.engine_opt and args.engine == "hf":
         raise ValueError("--engine-opt applies to --engine llama.cpp")
-    if args.activations:
+    if args.activations and args.engine == "hf":
         from logitparity.capture import load_model
 
         model = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -92,18 +103,13 @@ def run(args: argparse.Namespace) -> int:
             with load_engine(args.engine, args.model, dtype=args.dtype, device=args.device,
                              options=parse_engine_options(args.engine_opt)) as engine:
                 out = capture(engine, args.prompts, args.out, **kw)
+                if args.activations:  # from the engine's own graph, while it is loaded
+                    _activations(args, engine, out)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
-    if args.activations:
-        from logitparity.capture.hooks import capture_activations
-
-        mods = args.activations_modules
-        mods = mods if mods in ("layers", "default", "all") else [m.strip() for m in mods.split(",") if m.strip()]
-        act = capture_activations(model, out, modules=mods, limit=args.activations_prompts,
-                                  generated=args.activations_generated, storage=args.activations,
-                                  budget_mb=args.activations_budget)
-        print(f"activations: {act}")
+    if args.activations and args.engine == "hf":
+        _activations(args, model, out)
     dump = load_dump(out)
     r = dump.manifest.get("run", {})
     tokens = sum(len(rec["generated_token_ids"]) for rec in dump.records)
