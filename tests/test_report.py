@@ -88,7 +88,20 @@ def test_speed_is_valid_only_when_the_verdict_passes(tmp_path, planted_dumps):
     assert "**Not a valid speedup:**" in md
     assert "| wall time (s) | ↓ | 2.0 | 2.0 | 1.00× |" in md
     md = compare_dumps(ref, ref, policy="lossless").to_markdown()
-    assert "valid speedup at equal quality" in md
+    assert "**Not a speedup:** the candidate passes the verdict but takes 1.00× the reference's wall time" in md
+
+
+def test_a_faster_passing_candidate_is_a_valid_speedup_and_a_slower_one_is_not(planted_dumps):
+    ref, _ = planted_dumps
+    c = compare_dumps(ref, ref, policy="lossless")
+    assert c.speedup == 1.0 and not c.speedup_valid
+    c.cand_speed = {**c.cand_speed, "wall_s": c.ref_speed["wall_s"] / 2}  # the same run, twice as fast
+    assert c.speedup == pytest.approx(2.0) and c.speedup_valid
+    assert "a valid speedup of 2.00× in wall time" in c.to_markdown()
+    c.cand_speed = {**c.cand_speed, "wall_s": c.ref_speed["wall_s"] * 2.6}
+    assert not c.speedup_valid and "takes 2.60× the reference's wall time" in c.to_markdown()
+    c.cand_speed = {**c.cand_speed, "wall_s": None}
+    assert c.speedup is None and "a wall time is missing on one side" in c.to_markdown()
 
 
 def test_worst_prompts_real_divergences_first(planted_dumps):

@@ -485,6 +485,19 @@ class Comparison:
         v = np.asarray(v, dtype=np.float64)
         return v if mask is None else v[mask]
 
+    @property
+    def speedup(self) -> float | None:
+        """Reference wall time / candidate wall time for the same prompts
+        (> 1: the candidate is faster; length drift included, since more
+        generated tokens cost more time); None when either run lacks it."""
+        a, b = self.ref_speed.get("wall_s"), self.cand_speed.get("wall_s")
+        return a / b if a and b else None
+
+    @property
+    def speedup_valid(self) -> bool:
+        """A speedup counts only when the candidate passes and is faster."""
+        return bool(self.verdict.passed and self.speedup is not None and self.speedup > 1.0)
+
     def same_top1(self, mask: np.ndarray | None = None) -> Rate:
         """Share of the selected positions (all by default) where the
         candidate's top-1 token is the reference's."""

@@ -314,7 +314,8 @@ def comparison_dict(comp: "Comparison") -> dict[str, Any]:
         "only_candidate": comp.only_cand,
         "near_tie_margin": comp.near_tie_margin,
         "speed": speed(comp),
-        "speedup_valid": comp.verdict.passed,
+        "speedup": comp.speedup,
+        "speedup_valid": comp.speedup_valid,
         "free_running": None if not free else {
             "greedy_match": {str(n): comp.greedy_match(n).to_dict() for n in comp.n_values},
             "exact_match": comp.exact_match().to_dict(),
@@ -461,10 +462,18 @@ def _speed_section(comp: "Comparison") -> list[str]:
         lines.append(f"| {r['figure']} ({r['unit']}) | {_ARROW[r['higher_is_better']]} | {f(r['reference'])} | "
                      f"{f(r['candidate'])} | {ratio} |")
     lines.append("")
-    if comp.verdict.passed:
-        lines.append("The verdict passes, so these ratios are a valid speedup at equal quality.")
-    else:
+    s = comp.speedup
+    if not comp.verdict.passed:
         lines.append("**Not a valid speedup:** the candidate fails the quality verdict, so its speed does not count.")
+    elif s is None:
+        lines.append("The verdict passes, but a wall time is missing on one side, so no speedup is stated.")
+    elif comp.speedup_valid:
+        lines.append(f"The verdict passes and the candidate is faster: a valid speedup of {s:.2f}× in wall time for "
+                     "the same prompts, at equal quality (length drift included: more generated tokens cost more "
+                     "time).")
+    else:
+        lines.append(f"**Not a speedup:** the candidate passes the verdict but takes {1 / s:.2f}× the reference's wall "
+                     "time for the same prompts.")
     return lines
 
 
