@@ -58,3 +58,22 @@ def test_documented_defaults_are_the_functions_defaults(name, defaults):
         want = params[key].default
         got = ast.literal_eval(text)
         assert got == want, f"docs/python-api.md: {name}({key}={text}) but the function's default is {want!r}"
+
+
+def test_metrics_doc_lists_exactly_the_registry_row_fields():
+    """docs/metrics.md's field table names every field of the registry's
+    row and integer fields, and nothing else (plus topk_overlap[k])."""
+    from logitparity.fields import INT_FIELDS, ROW_FIELDS
+
+    text = (DOC.parent / "metrics.md").read_text(encoding="utf-8")
+    cells = re.findall(r"^\| ((?:`[^`]+`(?:, )?)+) \|", text, re.M)
+    listed = {name for cell in cells for name in re.findall(r"`([^`]+)`", cell)}
+    want = {f.name for f in ROW_FIELDS + INT_FIELDS} | {"topk_overlap[k]"}
+    assert listed == want, f"only in docs/metrics.md: {sorted(listed - want)}; only in fields.py: {sorted(want - listed)}"
+
+
+def test_every_registry_field_has_a_known_unit_and_a_label():
+    from logitparity.fields import REGISTRY, UNITS
+
+    for f in REGISTRY.values():
+        assert f.unit in UNITS and f.label and f.higher_is_better in (True, False, None), f

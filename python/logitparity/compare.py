@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from logitparity.metrics import FIELDS, RowMetrics, compare_logits, topk as _topk
+from logitparity.fields import INT_FIELDS, ROW_FIELDS, values as _field_values
+from logitparity.metrics import RowMetrics, compare_logits, topk as _topk
 from logitparity.policy import (
     NoiseFloor,
     Policy,
@@ -284,8 +285,7 @@ class PromptResult:
 
 # --------------------------------------------------------------------------
 def _concat(parts: list[RowMetrics], ks: Iterable[int]) -> RowMetrics:
-    names = list(FIELDS) + ["argmax_ref", "argmax_cand", "rank_of_ref_top1_in_cand", "nonfinite_ref",
-                            "nonfinite_cand"]
+    names = [f.name for f in ROW_FIELDS + INT_FIELDS]
     kw = {}
     for name in names:
         arrs = [getattr(p, name) for p in parts]
@@ -466,23 +466,8 @@ class Comparison:
         return m
 
     def token_values(self, field: str, mask: np.ndarray | None = None) -> np.ndarray:
-        """Per-token values of a policy field (policy.TOKEN_FIELDS)."""
-        t = self.tokens
-        if field == "abs_delta_p":
-            v = np.abs(t.delta_p)
-        elif field == "entropy_shift":
-            v = t.entropy_cand - t.entropy_ref
-        elif field == "margin_shift":
-            v = t.margin_cand - t.margin_ref
-        elif field.endswith("_overlap") and field.startswith("top"):
-            k = int(field[3:-len("_overlap")])
-            if k not in t.topk_overlap:
-                v = np.full(len(t), np.nan)
-            else:
-                v = np.where(t.argmax_ref >= 0, t.topk_overlap[k] / k, np.nan)
-        else:
-            v = getattr(t, field)
-        v = np.asarray(v, dtype=np.float64)
+        """Per-token values of a field (logitparity.fields.values)."""
+        v = _field_values(self.tokens, field)
         return v if mask is None else v[mask]
 
     @property

@@ -21,6 +21,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from logitparity import fields as _fields
+
 from logitparity.stats import Describe, Rate, describe, rate
 
 __all__ = [
@@ -38,31 +40,10 @@ MAX_TOPK = 64
 DEFAULT_TOPK = (1, 5, 10)
 
 # name -> (unit, higher_is_better or None when neither direction is better)
-FIELDS: dict[str, tuple[str, bool | None]] = {
-    "lse_ref": ("nats", None),
-    "lse_cand": ("nats", None),
-    "kl_ref_cand": ("nats", False),
-    "kl_cand_ref": ("nats", False),
-    "js": ("nats", False),
-    "cosine": ("", True),
-    "max_abs_logit": ("logits", False),
-    "mean_abs_logit": ("logits", False),
-    "max_abs_logprob": ("nats", False),
-    "entropy_ref": ("nats", None),
-    "entropy_cand": ("nats", None),
-    "margin_ref": ("logits", None),
-    "margin_cand": ("logits", None),
-    "nll_ref": ("nats", None),
-    "nll_cand": ("nats", False),
-    "delta_p": ("probability", None),
-}
-INT_FIELDS = (
-    "argmax_ref",
-    "argmax_cand",
-    "rank_of_ref_top1_in_cand",
-    "nonfinite_ref",
-    "nonfinite_cand",
-)
+# Per-row fields of compare_logits with (unit, higher_is_better), from the one
+# registry (logitparity.fields).
+FIELDS: dict[str, tuple[str, bool | None]] = {f.name: (f.unit, f.higher_is_better) for f in _fields.ROW_FIELDS}
+INT_FIELDS = tuple(f.name for f in _fields.INT_FIELDS)
 
 
 def _core():

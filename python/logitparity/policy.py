@@ -41,6 +41,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from logitparity.fields import POLICY_FIELDS, REGISTRY
+
 __all__ = [
     "MetricSpec",
     "NoiseFloor",
@@ -56,22 +58,8 @@ __all__ = [
 ]
 
 # Per-token fields a policy may summarise, with higher_is_better.
-TOKEN_FIELDS: dict[str, bool | None] = {
-    "kl_ref_cand": False,
-    "kl_cand_ref": False,
-    "js": False,
-    "cosine": True,
-    "max_abs_logit": False,
-    "mean_abs_logit": False,
-    "max_abs_logprob": False,
-    "delta_p": None,
-    "abs_delta_p": False,
-    "entropy_shift": None,
-    "margin_shift": None,
-    "top1_overlap": True,
-    "top5_overlap": True,
-    "top10_overlap": True,
-}
+# Per-token fields a policy may summarise, with higher_is_better (logitparity.fields).
+TOKEN_FIELDS: dict[str, bool | None] = {n: REGISTRY[n].higher_is_better for n in POLICY_FIELDS}
 STATS = ("mean", "median", "p90", "p95", "p99", "p999", "min", "max")
 # Whole-run metrics with higher_is_better.
 RUN_METRICS: dict[str, bool | None] = {

@@ -20,6 +20,7 @@ import numpy as np
 
 from logitparity._fileio import write_text_atomic
 
+from logitparity.fields import REGISTRY, REPORT_FIELDS
 from logitparity.stats import Describe, Rate, describe, rate
 
 if TYPE_CHECKING:
@@ -30,21 +31,10 @@ __all__ = ["comparison_dict", "describe_run", "jsonable", "render_markdown", "sp
 HIST_WIDTH = 30  # characters of the longest text bar
 SHOW_TOKENS = 24  # tokens shown after a split
 
-# Per-token rows of the distribution table: (field, label, unit, higher_is_better).
-TOKEN_ROWS: tuple[tuple[str, str, str, bool | None], ...] = (
-    ("kl_ref_cand", "KL(ref ‖ cand)", "nats", False),
-    ("kl_cand_ref", "KL(cand ‖ ref)", "nats", False),
-    ("js", "Jensen–Shannon", "nats", False),
-    ("delta_p", "Δp of the reference token", "prob.", None),
-    ("abs_delta_p", "|Δp| of the reference token", "prob.", False),
-    ("top5_overlap", "top-5 overlap", "share", True),
-    ("top10_overlap", "top-10 overlap", "share", True),
-    ("cosine", "cosine of the logits", "cosine", True),
-    ("max_abs_logit", "max |Δ logit|", "logits", False),
-    ("max_abs_logprob", "max |Δ log-prob|", "nats", False),
-    ("entropy_shift", "entropy shift (cand − ref)", "nats", None),
-    ("margin_shift", "top-1 margin shift (cand − ref)", "logits", None),
-)
+# Per-token rows of the distribution table: (field, label, unit, higher_is_better),
+# from the one registry (logitparity.fields).
+TOKEN_ROWS: tuple[tuple[str, str, str, bool | None], ...] = tuple(
+    (n, REGISTRY[n].label, REGISTRY[n].unit, REGISTRY[n].higher_is_better) for n in REPORT_FIELDS)
 _ARROW = {True: "↑", False: "↓", None: ""}
 
 

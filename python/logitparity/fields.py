@@ -1,0 +1,105 @@
+"""One registry of the per-token fields: name, unit, direction, label and
+where it is defined. Metrics, policies, the comparison, the report and a
+docs test read it; adding a field is a change in one place.
+
+Units: ``nats`` (natural-log information), ``logits`` (raw logit units),
+``probability``, ``share`` (a fraction in [0, 1]), ``cosine`` (in [-1, 1]).
+``higher_is_better`` is True, False, or None (a signed shift: neither
+direction is better).
+
+- ``ROW_FIELDS``: the float fields of one fused row comparison, as the C++
+  core returns them (``compare_logits``; docs/metrics.md).
+- ``INT_FIELDS``: its integer fields.
+- ``DERIVED_FIELDS``: per-token figures computed from the row fields
+  (``values`` below), which policies and the report use beside them.
+- ``POLICY_FIELDS``: the per-token fields a policy threshold may summarise.
+- ``REPORT_FIELDS``: the rows of the report's per-token table, in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DERIVED_FIELDS", "Field", "INT_FIELDS", "POLICY_FIELDS", "REGISTRY", "REPORT_FIELDS", "ROW_FIELDS",
+           "values"]
+
+UNITS = ("nats", "logits", "probability", "share", "cosine", "count", "token id", "rank")
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    name: str
+    unit: str
+    higher_is_better: bool | None
+    label: str
+    definition: str = "docs/metrics.md"
+
+
+ROW_FIELDS: tuple[Field, ...] = (
+    Field("lse_ref", "nats", None, "log-sum-exp of the reference row"),
+    Field("lse_cand", "nats", None, "log-sum-exp of the candidate row"),
+    Field("kl_ref_cand", "nats", False, "KL(ref ‖ cand)"),
+    Field("kl_cand_ref", "nats", False, "KL(cand ‖ ref)"),
+    Field("js", "nats", False, "Jensen–Shannon"),
+    Field("cosine", "cosine", True, "cosine of the logits"),
+    Field("max_abs_logit", "logits", False, "max |Δ logit|"),
+    Field("mean_abs_logit", "logits", False, "mean |Δ logit|"),
+    Field("max_abs_logprob", "nats", False, "max |Δ log-prob|"),
+    Field("entropy_ref", "nats", None, "entropy of the reference"),
+    Field("entropy_cand", "nats", None, "entropy of the candidate"),
+    Field("margin_ref", "logits", None, "top-1 margin of the reference"),
+    Field("margin_cand", "logits", None, "top-1 margin of the candidate"),
+    Field("nll_ref", "nats", None, "NLL of the target under the reference"),
+    Field("nll_cand", "nats", False, "NLL of the target under the candidate"),
+    Field("delta_p", "probability", None, "Δp of the reference token"),
+)
+INT_FIELDS: tuple[Field, ...] = (
+    Field("argmax_ref", "token id", None, "reference top-1"),
+    Field("argmax_cand", "token id", None, "candidate top-1"),
+    Field("rank_of_ref_top1_in_cand", "rank", False, "rank of the reference top-1 in the candidate"),
+    Field("nonfinite_ref", "count", False, "NaN and +inf entries of the reference row"),
+    Field("nonfinite_cand", "count", False, "NaN and +inf entries of the candidate row"),
+)
+DERIVED_FIELDS: tuple[Field, ...] = (
+    Field("abs_delta_p", "probability", False, "|Δp| of the reference token", "docs/report.md"),
+    Field("entropy_shift", "nats", None, "entropy shift (cand − ref)", "docs/report.md"),
+    Field("margin_shift", "logits", None, "top-1 margin shift (cand − ref)", "docs/report.md"),
+    *(Field(f"top{k}_overlap", "share", True, f"top-{k} overlap", "docs/report.md") for k in (1, 5, 10)),
+)
+REGISTRY: dict[str, Field] = {f.name: f for f in ROW_FIELDS + INT_FIELDS + DERIVED_FIELDS}
+
+POLICY_FIELDS: tuple[str, ...] = (
+    "kl_ref_cand", "kl_cand_ref", "js", "cosine", "max_abs_logit", "mean_abs_logit", "max_abs_logprob",
+    "delta_p", "abs_delta_p", "entropy_shift", "margin_shift", "top1_overlap", "top5_overlap", "top10_overlap",
+)
+REPORT_FIELDS: tuple[str, ...] = (
+    "kl_ref_cand", "kl_cand_ref", "js", "delta_p", "abs_delta_p", "top5_overlap", "top10_overlap", "cosine",
+    "max_abs_logit", "max_abs_logprob", "entropy_shift", "margin_shift",
+)
+
+
+def values(rows: Any, name: str) -> np.ndarray:
+    """Per-token float64 values of field ``name`` from a ``RowMetrics``:
+    row fields as stored, derived fields computed (a top-k overlap is the
+    share of the k tokens, NaN where the reference row is not usable or k
+    was not computed)."""
+    if name == "abs_delta_p":
+        v = np.abs(rows.delta_p)
+    elif name == "entropy_shift":
+        v = rows.entropy_cand - rows.entropy_ref
+    elif name == "margin_shift":
+        v = rows.margin_cand - rows.margin_ref
+    elif name.startswith("top") and name.endswith("_overlap"):
+        k = int(name[3:-len("_overlap")])
+        if k not in rows.topk_overlap:
+            v = np.full(len(rows), np.nan)
+        else:
+            v = np.where(rows.argmax_ref >= 0, rows.topk_overlap[k] / k, np.nan)
+    elif name in REGISTRY:
+        v = getattr(rows, name)
+    else:
+        raise KeyError(f"unknown field {name!r}; fields: {', '.join(REGISTRY)}")
+    return np.asarray(v, dtype=np.float64)
