@@ -283,56 +283,51 @@ def capture_activations(model: Any, dump_dir: Any, *, modules: str | Sequence[st
     from logitparity.activations import DEFAULT_BUDGET_MB, ActivationWriter
     from logitparity.dump import load_dump
 
-    if hasattr(model, "layer_outputs"):  # an engine that reads its own compute graph (llama.cpp)
-        return _engine_activations(model, load_dump(dump_dir), modules=modules, limit=limit, generated=generated,
-                                   storage=storage, budget_mb=DEFAULT_BUDGET_MB if budget_mb is None else budget_mb,
-                                   aliases=aliases)
-    hf = hf_module(model)
+    if isinstance(generated, bool) or not isinstance(generated, int) or generated < 0:
+        raise ValueError(f"generated must be an int >= 0 (generated tokens to include), got {generated!r}")
+    rows_of = _engine_rows(model, modules) if hasattr(model, "layer_outputs") else _hf_rows(model, modules)
     dump = load_dump(dump_dir)
+    records = list(dump.records)[:limit] if limit else list(dump.records)
+    writer = None
+    for r in records:
+        ids = list(r["prompt_token_ids"]) + list(r["generated_token_ids"])[:generated]
+        rows = rows_of(ids)
+        if writer is None:  # modules listed in execution order, as the first pass ran them
+            writer = ActivationWriter(dump.path, list(rows), storage=storage,
+                                      budget_mb=DEFAULT_BUDGET_MB if budget_mb is None else budget_mb,
+                                      aliases=aliases,
+                                      positions={"prefill": True, "generated": generated, "kv_cache": False})
+        writer.add(r["id"], rows)
+    if writer is None:
+        raise ValueError(f"dump {dump.path} has no records to record activations of")
+    return writer.close()
+
+
+def _hf_rows(model: Any, modules: Any):
+    """-> ids -> {path: (rows, bf16)} of an HF model's modules, in execution order."""
+    hf = hf_module(model)
     if modules == "layers":
         paths = [p for p in select_modules(hf, None) if module_kind(p)[1] == "layer"]
     else:
         paths = select_modules(hf, modules)
-    if isinstance(generated, bool) or not isinstance(generated, int) or generated < 0:
-        raise ValueError(f"generated must be an int >= 0 (generated tokens to include), got {generated!r}")
-    records = list(dump.records)[:limit] if limit else list(dump.records)
-    writer = None
-    for r in records:
-        ids = list(r["prompt_token_ids"]) + list(r["generated_token_ids"])[:generated]
-        tr = trace(hf, ids, paths)
-        if writer is None:  # modules listed in execution order, as the first pass ran them
-            writer = ActivationWriter(dump.path, list(dict.fromkeys(rec.path for rec in tr.modules)),
-                                      storage=storage, budget_mb=DEFAULT_BUDGET_MB if budget_mb is None else budget_mb,
-                                      aliases=aliases,
-                                      positions={"prefill": True, "generated": generated, "kv_cache": False})
-        writer.add(r["id"], {rec.path: to_numpy_rows(rec.output) for rec in tr.modules})
-    if writer is None:
-        raise ValueError(f"dump {dump.path} has no records to record activations of")
-    return writer.close()
+
+    def rows_of(ids: list[int]) -> dict[str, Any]:
+        return {rec.path: to_numpy_rows(rec.output) for rec in trace(hf, ids, paths).modules}
+
+    return rows_of
 
 
-def _engine_activations(engine: Any, dump: Any, *, modules: Any, limit: int | None, generated: int, storage: str,
-                        budget_mb: float, aliases: dict[str, str] | None) -> Any:
-    """capture_activations for an engine with ``layer_outputs(tokens)`` (the
-    llama.cpp engine: decoder layer outputs from its graph, already under
-    their canonical paths ``model.layers.i``)."""
-    from logitparity.activations import ActivationWriter
-
+def _engine_rows(engine: Any, modules: Any):
+    """The same for an engine with ``layer_outputs(tokens)`` (the llama.cpp
+    engine: decoder layer outputs from its graph, already under their
+    canonical paths ``model.layers.i``)."""
     if modules not in ("layers", None, "default"):
         raise ValueError(f"{type(engine).__name__} records decoder layer outputs only (modules='layers'), "
                          f"got modules={modules!r}")
-    if isinstance(generated, bool) or not isinstance(generated, int) or generated < 0:
-        raise ValueError(f"generated must be an int >= 0 (generated tokens to include), got {generated!r}")
-    records = list(dump.records)[:limit] if limit else list(dump.records)
-    writer = None
-    for r in records:
-        ids = list(r["prompt_token_ids"]) + list(r["generated_token_ids"])[:generated]
+
+    def rows_of(ids: list[int]) -> dict[str, Any]:
         outs = {k: v for k, v in engine.layer_outputs(ids).items() if k.startswith("model.layers.")}
         order = sorted(outs, key=lambda p: int(p.rsplit(".", 1)[1]))
-        if writer is None:
-            writer = ActivationWriter(dump.path, order, storage=storage, budget_mb=budget_mb, aliases=aliases,
-                                      positions={"prefill": True, "generated": generated, "kv_cache": False})
-        writer.add(r["id"], {p: (np.ascontiguousarray(outs[p], dtype=np.float32), False) for p in order})
-    if writer is None:
-        raise ValueError(f"dump {dump.path} has no records to record activations of")
-    return writer.close()
+        return {p: (np.ascontiguousarray(outs[p], dtype=np.float32), False) for p in order}
+
+    return rows_of
