@@ -13,7 +13,7 @@ import pytest
 
 import logitparity as lp
 from logitparity import _core
-from test_metrics import NINF, assert_row_matches, lm_logits, ref_row
+from test_metrics import NINF, adversarial_rows, assert_row_matches, lm_logits, ref_row
 
 torch = pytest.importorskip("torch")
 
@@ -44,26 +44,7 @@ def test_every_field_matches_float64_reference_on_gpu(dtype, vocab, sigma):
 
 @gpu
 def test_adversarial_rows_on_gpu():
-    rng = np.random.default_rng(0)
-    v = 5003
-    base = lm_logits(rng, 1, v)[0]
-    rows_a, rows_b = [], []
-    rows_a.append(np.full(v, 2.0, np.float32)); rows_b.append(np.full(v, 2.0, np.float32))
-    x = np.full(v, NINF, np.float32); x[17] = 3.0
-    y = np.full(v, NINF, np.float32); y[17] = -5.0
-    rows_a.append(x); rows_b.append(y)
-    x = base.copy(); x[::3] = NINF
-    y = (base + 0.01).astype(np.float32); y[::3] = NINF
-    rows_a.append(x); rows_b.append(y)
-    y = base.copy(); y[5] = NINF
-    rows_a.append(base.copy()); rows_b.append(y)
-    y = base.copy(); y[9] = np.nan
-    rows_a.append(base.copy()); rows_b.append(y)
-    x = base.copy(); x[3] = np.inf
-    rows_a.append(x); rows_b.append(base.copy())
-    rows_a.append(base.copy()); rows_b.append((base + 5.5).astype(np.float32))
-    rows_a.append(base.copy()); rows_b.append(lm_logits(rng, 1, v)[0])  # far: rank by recount
-    a, b = np.stack(rows_a), np.stack(rows_b)
+    a, b = adversarial_rows(np.random.default_rng(0), 5003, far=True)
     targets = np.array([0, 17, 1, 2, 4, 4, 8, 9])
     m = lp.compare_logits(torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda(), targets=targets,
                           js=True)

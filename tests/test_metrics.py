@@ -140,32 +140,34 @@ def test_every_field_matches_float64_reference(vocab, sigma):
         assert_row_matches(m, i, ref_row(a[i], b[i], int(targets[i]), ks=m.topk_overlap))
 
 
-def test_adversarial_rows():
-    rng = np.random.default_rng(0)
-    v = 300
+def adversarial_rows(rng, v: int, *, far: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Row pairs that exercise every special case of the row kernel, in this
+    order: ties everywhere; all -inf but one; masked on both sides; masked
+    in cand only (KL(P||Q) = inf); NaN in cand; +inf in ref; shifted logits
+    (same distribution); with ``far``, an unrelated row (rank by recount)."""
     base = lm_logits(rng, 1, v)[0]
     rows_a, rows_b = [], []
-    # ties everywhere
     rows_a.append(np.full(v, 2.0, np.float32)); rows_b.append(np.full(v, 2.0, np.float32))
-    # all -inf but one
     x = np.full(v, NINF, np.float32); x[17] = 3.0
     y = np.full(v, NINF, np.float32); y[17] = -5.0
     rows_a.append(x); rows_b.append(y)
-    # masked on both sides
     x = base.copy(); x[::3] = NINF
     y = (base + 0.01).astype(np.float32); y[::3] = NINF
     rows_a.append(x); rows_b.append(y)
-    # masked in cand only: KL(P||Q) = inf
     y = base.copy(); y[5] = NINF
     rows_a.append(base.copy()); rows_b.append(y)
-    # NaN in cand, +inf in ref
     y = base.copy(); y[9] = np.nan
     rows_a.append(base.copy()); rows_b.append(y)
     x = base.copy(); x[3] = np.inf
     rows_a.append(x); rows_b.append(base.copy())
-    # shifted logits: same distribution
     rows_a.append(base.copy()); rows_b.append((base + 5.5).astype(np.float32))
-    a, b = np.stack(rows_a), np.stack(rows_b)
+    if far:
+        rows_a.append(base.copy()); rows_b.append(lm_logits(rng, 1, v)[0])
+    return np.stack(rows_a), np.stack(rows_b)
+
+
+def test_adversarial_rows():
+    a, b = adversarial_rows(np.random.default_rng(0), 300)
     targets = np.array([0, 17, 1, 2, 4, 4, 8])
     m = lp.compare_logits(a, b, targets=targets, js=True)
     for i in range(len(a)):
