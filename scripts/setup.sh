@@ -32,13 +32,7 @@ if ! "$PY" -c 'import llama_cpp' >/dev/null 2>&1; then
 fi
 
 echo "[setup] build: C++ core, Python module and C++ tests (build/)"
-TORCH_DIR=$("$PY" -c 'import torch, os; print(os.path.join(torch.utils.cmake_prefix_path, "Torch"))')
-# --no-build-isolation: the build uses the pinned pybind11/scikit-build-core
-# above and never fetches torch. The tests and the libtorch oracle are built in
-# the same tree as the module, so the core compiles once.
-"$PY" -m pip install -q --no-build-isolation -e . \
-  --config-settings=cmake.define.LOGITPARITY_TESTS=ON \
-  --config-settings=cmake.define.Torch_DIR="$TORCH_DIR" \
-  --config-settings=build.verbose=false 2>&1 | { grep -v "^WARNING" || true; }
+source scripts/_build_settings.sh
+"$PY" -m pip install -q --no-build-isolation -e . "${BUILD_SETTINGS[@]}" 2>&1 | { grep -v "^WARNING" || true; }
 "$PY" -c 'import logitparity._core' || { echo "[setup] the C++ module did not build" >&2; exit 1; }
 echo "[setup] done"
