@@ -174,7 +174,7 @@ def main() -> int:
         for name, r, both, inc in ppl_rows:
             lo, hi = r.pair.delta_ppl_ci95
             print(f"| {name} | {r.ref.ppl:.3f} → {r.cand.ppl:.3f} | {r.pair.delta_ppl:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
-                  f"{'GOOD' if both.passed else 'BAD'} | {'GOOD' if inc.passed else 'BAD'} |")
+                  f"{'PASS' if both.passed else 'FAIL'} | {'PASS' if inc.passed else 'FAIL'} |")
     print("\n## Cost\n")
     print(f"calibrate fp32 floor (reference + 3 benign captures + floor): {t_cal:.1f} s"
           + ("" if args.no_bf16 else f"; bf16 floor (twin + floor): {t_cal16:.1f} s"))

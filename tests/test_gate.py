@@ -49,7 +49,7 @@ def test_identical_model_is_good(cache, tiny_model_dir, capsys):
     assert gate("--baseline-cache", cache, "--model", tiny_model_dir, "--max-ppl-increase", "0.1",
                 "--max-mean-kl", "1e-4") == 0
     out = capsys.readouterr().out
-    assert out.startswith("logitparity gate: GOOD") and "ΔPPL +0.00000" in out and "includes 0" in out
+    assert out.startswith("logitparity gate: PASS") and "ΔPPL +0.00000" in out and "includes 0" in out
 
 
 def test_planted_bug_is_bad_on_ppl(cache, sharper_dir, capsys):
@@ -63,7 +63,7 @@ def test_planted_bug_is_bad_on_kl(cache, sharper_dir, tmp_path, capsys):
               "--json", str(tmp_path / "g.json"))
     assert rc == 1
     doc = json.loads((tmp_path / "g.json").read_text())
-    assert doc["verdict"] == "bad" and doc["exit_code"] == 1
+    assert doc["verdict"] == "fail" and doc["exit_code"] == 1
     assert doc["result"]["pair"]["kl_ref_cand"]["mean"] > 0.01
 
 
@@ -194,9 +194,9 @@ def test_dump_gate_good_and_bad(engine_dumps, capsys):
     w = engine_dumps
     base = ["gate", "--reference-dump", str(w / "ref"), "--noise-floor", str(w / "floor.json")]
     assert main(base + ["--candidate-dump", str(w / "benign")]) == 0
-    assert "logitparity gate: GOOD (4 prompts" in capsys.readouterr().out
+    assert "logitparity gate: PASS (4 prompts" in capsys.readouterr().out
     assert main(base + ["--candidate-dump", str(w / "bug")]) == 1
-    assert "logitparity gate: BAD (4 prompts" in capsys.readouterr().out
+    assert "logitparity gate: FAIL (4 prompts" in capsys.readouterr().out
 
 
 def test_dump_gate_runs_the_candidate_command(engine_dumps, tmp_path, capsys):

@@ -1,7 +1,8 @@
 """``logitparity gate``: a ``git bisect run`` / CI oracle. Scores a candidate
-model against a baseline cache and exits 0 (good: within the limits), 1
-(bad), or 125 (could not run: bad arguments, a missing or incompatible cache,
-a model that does not load), which ``git bisect run`` treats as "skip".
+model against a baseline cache and exits 0 (PASS: within the limits, which
+``git bisect run`` reads as good), 1 (FAIL: bad), or 125 (could not run: bad
+arguments, a missing or incompatible cache, a model that does not load), which
+``git bisect run`` treats as "skip".
 
     logitparity ppl --model REF --save-baseline base/ --max-tokens 4096
     git bisect run logitparity gate --baseline-cache base/ --model CAND --max-ppl-change 0.1 --max-mean-kl 0.01
@@ -24,9 +25,9 @@ import sys
 from pathlib import Path
 
 HELP = ("Bisect/CI oracle: a candidate model vs a baseline cache (perplexity), or a candidate engine's dump vs a "
-        "reference dump; exit 0 good, 1 bad, 125 could not run.")
+        "reference dump; exit 0 PASS (bisect: good), 1 FAIL (bad), 125 could not run (skip).")
 
-GOOD, BAD, SKIP = 0, 1, 125
+PASS, FAIL, SKIP = 0, 1, 125  # git bisect run reads 0 as good, 1 as bad, 125 as skip
 ERROR_EXIT = SKIP  # every error, usage errors included, is "could not run" for git bisect
 
 
@@ -138,8 +139,8 @@ def _run_dumps(args: argparse.Namespace) -> int:
         if work is not None and not args.work:
             shutil.rmtree(work, ignore_errors=True)
     v = comp.verdict
-    code = GOOD if v.passed else BAD
-    print(f"logitparity gate: {'GOOD' if code == GOOD else 'BAD'} ({len(comp.prompts)} prompts, "
+    code = PASS if v.passed else FAIL
+    print(f"logitparity gate: {'PASS' if code == PASS else 'FAIL'} ({len(comp.prompts)} prompts, "
           f"{len(comp.tokens)} positions, {comp.mode}, reference {args.reference_dump})")
     for line in v.lines()[1:]:
         print(f"  {line.strip()}")
@@ -147,7 +148,7 @@ def _run_dumps(args: argparse.Namespace) -> int:
         from logitparity._fileio import write_text_atomic
         from logitparity.report import comparison_dict
 
-        out = {"verdict": "good" if code == GOOD else "bad", "exit_code": code, "comparison": comparison_dict(comp)}
+        out = {"verdict": "pass" if code == PASS else "fail", "exit_code": code, "comparison": comparison_dict(comp)}
         write_text_atomic(Path(args.json), json.dumps(out, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
     return code
 
@@ -199,9 +200,9 @@ def run(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - a result the gate cannot judge: skip
         print(f"logitparity gate: could not run ({type(e).__name__}): {e}", file=sys.stderr)
         return SKIP
-    code = GOOD if v.passed else BAD
+    code = PASS if v.passed else FAIL
     lines = [line.strip() for line in v.lines()[1:]]
-    print(f"logitparity gate: {'GOOD' if code == GOOD else 'BAD'} ({result.settings['scored']} tokens, "
+    print(f"logitparity gate: {'PASS' if code == PASS else 'FAIL'} ({result.settings['scored']} tokens, "
           f"cache {args.baseline_cache})")
     for line in lines:
         print(f"  {line}")
@@ -209,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         from logitparity._fileio import write_text_atomic
         from logitparity.report import jsonable
 
-        out = {"verdict": "good" if code == GOOD else "bad", "exit_code": code, "checks": lines,
+        out = {"verdict": "pass" if code == PASS else "fail", "exit_code": code, "checks": lines,
                "gate": jsonable(v.to_dict()), "result": result.to_dict()}
         write_text_atomic(Path(args.json), json.dumps(out, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
     return code
