@@ -10,7 +10,9 @@
 
 #include "logitparity/cuda.h"
 #include "logitparity/activation_stats.h"
+#include "logitparity/log_softmax.h"
 #include "logitparity/row_metrics.h"
+#include "logitparity/topk.h"
 #include "logitparity/rows.h"
 
 namespace py = pybind11;

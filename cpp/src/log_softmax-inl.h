@@ -1,5 +1,5 @@
-// Standalone per-row kernels: log-sum-exp, log-softmax, NLL of a target and
-// top-k. Input domain: raw logits (float32, float16 or bfloat16). Units: nats.
+// Standalone per-row kernels: log-sum-exp, log-softmax and the NLL of a
+// target (top-k: topk-inl.h). Input domain: raw logits (float32, float16 or bfloat16). Units: nats.
 // Log-sum-exp accumulates exp(x - running max) in float64 (online softmax,
 // one read of the row); log-softmax subtracts it in float64 and rounds once
 // to float32. Tolerances against the references: log_softmax_test.cc.
@@ -23,7 +23,7 @@
 
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
-#include "src/row_metrics-inl.h"
+#include "src/row_load-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace logitparity {
@@ -88,54 +88,6 @@ HWY_NOINLINE void LogSoftmaxRow(DF df, Dtype dtype, const void* row, size_t n, f
       hn::StoreU(SubF64(df, dd, hn::Load(df, buf + i), vlse), df, out + begin + i);
     }
     for (; i < len; ++i) out[begin + i] = static_cast<float>(buf[i] - lse);
-  }
-}
-
-// Top-k of one row into values/indices (k entries). A row holding NaN gets
-// NaN values and -1 indices.
-template <class DF>
-HWY_NOINLINE void TopKRow(DF df, Dtype dtype, const void* row, size_t n, size_t k, float* buf,
-                          float* values, int64_t* indices) {
-  using V = hn::Vec<DF>;
-  const size_t N = hn::Lanes(df);
-  TopKState state;
-  // k may exceed kMaxTopK for the standalone function: select in blocks of
-  // kMaxTopK is not needed for the sizes used here, so larger k falls back to
-  // a partial sort of (value, index) pairs.
-  if (k > kMaxTopK) {
-    std::vector<std::pair<float, int64_t>> all(n);
-    for (size_t i = 0; i < n; ++i) all[i] = {ScalarAt(dtype, row, i), static_cast<int64_t>(i)};
-    for (const auto& p : all) {
-      if (std::isnan(p.first)) {
-        for (size_t j = 0; j < k; ++j) { values[j] = NAN; indices[j] = -1; }
-        return;
-      }
-    }
-    std::partial_sort(all.begin(), all.begin() + k, all.end(),
-                      [](const std::pair<float, int64_t>& x, const std::pair<float, int64_t>& y) {
-                        return x.first > y.first || (x.first == y.first && x.second < y.second);
-                      });
-    for (size_t j = 0; j < k; ++j) { values[j] = all[j].first; indices[j] = all[j].second; }
-    return;
-  }
-  state.Reset(k);
-  for (size_t begin = 0; begin < n; begin += kChunk) {
-    const size_t len = std::min(kChunk, n - begin);
-    const size_t padded = LoadChunk(df, dtype, row, begin, len, buf);
-    auto nan = hn::FirstN(df, 0);
-    for (size_t i = 0; i < padded; i += N) {
-      const V v = hn::Load(df, buf + i);
-      nan = hn::Or(nan, hn::Not(hn::Eq(v, v)));  // Ne is an ordered compare
-    }
-    if (!hn::AllFalse(df, nan)) {
-      for (size_t j = 0; j < k; ++j) { values[j] = NAN; indices[j] = -1; }
-      return;
-    }
-    TopKOffer(df, buf, len, static_cast<int64_t>(begin), state);
-  }
-  for (size_t j = 0; j < k; ++j) {
-    values[j] = state.values[j];
-    indices[j] = state.indices[j];
   }
 }
 

@@ -1,4 +1,4 @@
-// Standalone kernels (log-sum-exp, log-softmax, NLL, top-k) on every compiled
+// Standalone kernels (log-sum-exp, log-softmax, NLL) on every compiled
 // target against the scalar float64 references.
 #include <cmath>
 #include <limits>
@@ -9,6 +9,7 @@
 #include "hwy/foreach_target.h"  // must come before highway.h
 #include "hwy/highway.h"
 #include "hwy/tests/hwy_gtest.h"
+#include "logitparity/log_softmax.h"
 #include "src/log_softmax-inl.h"
 #include "src/reference.h"
 #include "src/test_util.h"
@@ -18,20 +19,6 @@ namespace logitparity {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-std::vector<std::vector<float>> Rows(size_t n) {
-  const float ninf = -std::numeric_limits<float>::infinity();
-  std::vector<std::vector<float>> rows;
-  rows.push_back(LmLogits(n, n));
-  std::vector<float> masked = LmLogits(n, n + 1);
-  for (size_t i = 1; i < n; i += 2) masked[i] = ninf;
-  rows.push_back(masked);
-  rows.push_back(std::vector<float>(n, 0.5f));  // all tied
-  std::vector<float> one(n, ninf);
-  one[n - 1] = -3.0f;
-  rows.push_back(one);
-  return rows;
-}
-
 void TestStandaloneKernels() {
   const hn::ScalableTag<float> df;
   const size_t N = hn::Lanes(df);
@@ -39,7 +26,7 @@ void TestStandaloneKernels() {
   for (size_t n : {size_t{1}, N - 1, N, N + 1, 3 * N + 2, kChunk + 3, size_t{49152},
                    size_t{151936}}) {
     if (n == 0) continue;
-    for (const auto& x : Rows(n)) {
+    for (const auto& x : KernelTestRows(n)) {
       for (Dtype dt : {Dtype::kF32, Dtype::kF16, Dtype::kBF16}) {
         const TypedRow row = MakeRow(x, dt, 1);
         const float* v = row.values.data();
@@ -67,33 +54,15 @@ void TestStandaloneKernels() {
           HWY_ABORT("%s nll n=%zu: got %.12g want %.12g", hwy::TargetName(HWY_TARGET), n,
                     got_nll, want_nll);
         }
-        for (size_t k : {size_t{1}, size_t{2}, size_t{5}, size_t{64}, size_t{100}}) {
-          if (k > n) continue;
-          std::vector<float> vals(k);
-          std::vector<int64_t> idx(k);
-          TopKRow(df, dt, row.data(), n, k, buf.get(), vals.data(), idx.data());
-          const std::vector<int64_t> want_idx = TopKRef(v, n, k);
-          for (size_t j = 0; j < k; ++j) {
-            if (idx[j] != want_idx[j] || !(vals[j] == v[want_idx[j]])) {
-              HWY_ABORT("%s topk n=%zu k=%zu j=%zu: got %lld (%g) want %lld (%g)",
-                        hwy::TargetName(HWY_TARGET), n, k, j, static_cast<long long>(idx[j]),
-                        vals[j], static_cast<long long>(want_idx[j]), v[want_idx[j]]);
-            }
-          }
-        }
       }
     }
   }
-  // NaN: NaN log-sum-exp, -1 top-k indices.
+  // NaN: NaN log-sum-exp.
   std::vector<float> x = LmLogits(100, 3);
   x[50] = NAN;
   if (!std::isnan(LogSumExpRow(df, Dtype::kF32, x.data(), x.size(), buf.get()))) {
     HWY_ABORT("lse of a NaN row must be NaN");
   }
-  float val[3];
-  int64_t idx[3];
-  TopKRow(df, Dtype::kF32, x.data(), x.size(), 3, buf.get(), val, idx);
-  if (idx[0] != -1 || !std::isnan(val[0])) HWY_ABORT("topk of a NaN row must be NaN/-1");
 }
 
 // ExpNonPositive against std::exp in double on a dense grid of [-87, 0]:
@@ -151,10 +120,6 @@ TEST(LogSoftmaxPublic, InPlaceAndErrors) {
   std::vector<double> nll(rows);
   RowsView cv{copy.data(), Dtype::kF32, rows, vocab, vocab};
   EXPECT_THROW(Nll(cv, t.data(), nll.data()), std::invalid_argument);
-  std::vector<float> vals(rows * 2);
-  std::vector<int64_t> idx(rows * 2);
-  EXPECT_THROW(TopK(cv, 0, vals.data(), idx.data()), std::invalid_argument);
-  EXPECT_THROW(TopK(cv, vocab + 1, vals.data(), idx.data()), std::invalid_argument);
   RowsView strided{copy.data(), Dtype::kF32, 2, vocab, 2 * vocab};
   EXPECT_THROW(LogSoftmax(strided, copy.data()), std::invalid_argument);
 }

@@ -1,5 +1,6 @@
 // Per-target helpers shared by every row kernel: loading a chunk of a row in
-// any storage dtype as float32, and the running top-k selection.
+// any storage dtype as float32, exp of max-subtracted logits, and the float64
+// accumulation of float vectors.
 //
 // Chunks are converted into a small float buffer (L1-resident) padded to a
 // whole number of vectors with -inf, the neutral element of every kernel
@@ -21,7 +22,6 @@
 
 #include "hwy/aligned_allocator.h"
 #include "hwy/highway.h"
-#include "logitparity/row_metrics.h"
 #include "logitparity/rows.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -109,6 +109,30 @@ HWY_INLINE size_t LoadChunkAsF32(DF df, const void* HWY_RESTRICT src, size_t len
   return i + N;
 }
 
+// Converts [begin, begin + len) of a row stored as `dtype` into out.
+template <class DF>
+HWY_INLINE size_t LoadChunk(DF df, Dtype dtype, const void* row, size_t begin, size_t len,
+                            float* HWY_RESTRICT out) {
+  switch (dtype) {
+    case Dtype::kF16:
+      return LoadChunkAsF32<Dtype::kF16>(df, static_cast<const uint16_t*>(row) + begin, len, out);
+    case Dtype::kBF16:
+      return LoadChunkAsF32<Dtype::kBF16>(df, static_cast<const uint16_t*>(row) + begin, len, out);
+    case Dtype::kF32:
+    default:
+      return LoadChunkAsF32<Dtype::kF32>(df, static_cast<const float*>(row) + begin, len, out);
+  }
+}
+
+HWY_INLINE float ScalarAt(Dtype dtype, const void* row, size_t i) {
+  switch (dtype) {
+    case Dtype::kF16: return ::logitparity::F16BitsToF32(static_cast<const uint16_t*>(row)[i]);
+    case Dtype::kBF16: return ::logitparity::BF16BitsToF32(static_cast<const uint16_t*>(row)[i]);
+    case Dtype::kF32:
+    default: return static_cast<const float*>(row)[i];
+  }
+}
+
 // e^x for x <= 0, including -inf (masked tokens). The range reduction
 // (x = q ln2 + r, ln2 in two parts) and the degree-6 polynomial are those of
 // Highway's Exp (<= 1 ulp), but every argument here has been max-subtracted,
@@ -134,59 +158,6 @@ HWY_INLINE hn::Vec<DF> ExpNonPositive(DF df, hn::Vec<DF> x) {
   const auto q = hn::ConvertTo(di, qf);
   const auto scale = hn::BitCast(df, hn::ShiftLeft<23>(hn::Add(q, hn::Set(di, 127))));
   return hn::IfThenElseZero(hn::Gt(x, lo), hn::MulAdd(em1, scale, scale));
-}
-
-// The k largest (value, index) pairs seen so far, sorted by value descending
-// then index ascending. Elements must be offered in increasing index order:
-// an element equal to the current k-th value then has a higher index and
-// does not qualify, which is exactly the "ties to the lower index" rule.
-struct TopKState {
-  size_t k = 0;
-  size_t size = 0;
-  float values[kMaxTopK];
-  int64_t indices[kMaxTopK];
-
-  void Reset(size_t new_k) {
-    k = new_k;
-    size = 0;
-  }
-  bool Full() const { return size == k; }
-  float Threshold() const { return values[k - 1]; }
-
-  void Offer(float v, int64_t idx) {
-    if (size == k && !(v > values[k - 1])) return;
-    // First position whose value is smaller than v (equal values stay ahead).
-    size_t pos = size < k ? size : k - 1;
-    while (pos > 0 && values[pos - 1] < v) --pos;
-    const size_t last = size < k ? size : k - 1;
-    for (size_t j = last; j > pos; --j) {
-      values[j] = values[j - 1];
-      indices[j] = indices[j - 1];
-    }
-    values[pos] = v;
-    indices[pos] = idx;
-    if (size < k) ++size;
-  }
-};
-
-// Offers the `len` floats at x (indices base, base+1, ...) to the state,
-// skipping whole vectors that cannot enter once the state is full. NaN never
-// enters (callers treat rows holding NaN separately).
-template <class DF>
-HWY_INLINE void TopKOffer(DF df, const float* HWY_RESTRICT x, size_t len, int64_t base,
-                          TopKState& state) {
-  const size_t N = hn::Lanes(df);
-  size_t i = 0;
-  while (i < len && !state.Full()) {
-    state.Offer(x[i], base + static_cast<int64_t>(i));
-    ++i;
-  }
-  for (; i + N <= len; i += N) {
-    const auto v = hn::LoadU(df, x + i);
-    if (hn::AllFalse(df, hn::Gt(v, hn::Set(df, state.Threshold())))) continue;
-    for (size_t j = 0; j < N; ++j) state.Offer(x[i + j], base + static_cast<int64_t>(i + j));
-  }
-  for (; i < len; ++i) state.Offer(x[i], base + static_cast<int64_t>(i));
 }
 
 // Tag of the float64 accumulators paired with float tag DF: half as many

@@ -50,35 +50,12 @@
 #include "hwy/highway.h"
 #include "logitparity/row_metrics.h"
 #include "src/row_load-inl.h"
+#include "src/topk-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace logitparity {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
-
-// Converts [begin, begin + len) of a row stored as `dtype` into out.
-template <class DF>
-HWY_INLINE size_t LoadChunk(DF df, Dtype dtype, const void* row, size_t begin, size_t len,
-                            float* HWY_RESTRICT out) {
-  switch (dtype) {
-    case Dtype::kF16:
-      return LoadChunkAsF32<Dtype::kF16>(df, static_cast<const uint16_t*>(row) + begin, len, out);
-    case Dtype::kBF16:
-      return LoadChunkAsF32<Dtype::kBF16>(df, static_cast<const uint16_t*>(row) + begin, len, out);
-    case Dtype::kF32:
-    default:
-      return LoadChunkAsF32<Dtype::kF32>(df, static_cast<const float*>(row) + begin, len, out);
-  }
-}
-
-HWY_INLINE float ScalarAt(Dtype dtype, const void* row, size_t i) {
-  switch (dtype) {
-    case Dtype::kF16: return ::logitparity::F16BitsToF32(static_cast<const uint16_t*>(row)[i]);
-    case Dtype::kBF16: return ::logitparity::BF16BitsToF32(static_cast<const uint16_t*>(row)[i]);
-    case Dtype::kF32:
-    default: return static_cast<const float*>(row)[i];
-  }
-}
 
 HWY_INLINE bool IsNanOrPosInf(float x) { return !(x < std::numeric_limits<float>::infinity()); }
 

@@ -70,6 +70,22 @@ inline std::vector<float> Perturb(const std::vector<float>& a, float sigma, uint
 }
 
 // got vs want within atol + rtol |want|; inf must match inf, NaN must match NaN.
+// Rows of length n for the standalone kernels: LM-like logits, every other
+// entry masked (-inf), all tied, and a single finite entry at the end.
+inline std::vector<std::vector<float>> KernelTestRows(size_t n) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  std::vector<std::vector<float>> rows;
+  rows.push_back(LmLogits(n, n));
+  std::vector<float> masked = LmLogits(n, n + 1);
+  for (size_t i = 1; i < n; i += 2) masked[i] = ninf;
+  rows.push_back(masked);
+  rows.push_back(std::vector<float>(n, 0.5f));  // all tied
+  std::vector<float> one(n, ninf);
+  one[n - 1] = -3.0f;
+  rows.push_back(one);
+  return rows;
+}
+
 inline bool Close(double got, double want, double atol, double rtol) {
   if (std::isnan(want)) return std::isnan(got);
   if (std::isinf(want)) return got == want;

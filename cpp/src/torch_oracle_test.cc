@@ -7,7 +7,9 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "logitparity/log_softmax.h"
 #include "logitparity/row_metrics.h"
+#include "logitparity/topk.h"
 #include "src/test_util.h"
 
 namespace logitparity {

@@ -8,19 +8,18 @@
 #include <vector>
 
 #include "logitparity/rows.h"
+#include "logitparity/topk.h"
 
 namespace logitparity {
-
-constexpr size_t kMaxTopK = 64;
 
 struct RowMetricsOptions {
   // Sorted, unique, each in [1, min(kMaxTopK, vocab)].
   std::vector<int> topk = {1, 5, 10};
   // Target token per row, or -1 for none; empty = no targets.
   const int64_t* targets = nullptr;
-  // Jensen-Shannon costs a third sweep with two logs per element; off skips it
-  // (js is then NaN).
-  bool js = true;
+  // Jensen-Shannon costs a second sweep with two logs per element; off (the
+  // default, as in the Python API) skips it and js is NaN.
+  bool js = false;
   // 0 = all cores; at most MaxThreads().
   int threads = 0;
 };
@@ -78,23 +77,6 @@ void CheckCompareArgs(const RowsView& ref, const RowsView& cand,
 // identical for any thread count and any row batching.
 RowMetricsResult CompareRows(const RowsView& ref, const RowsView& cand,
                              const RowMetricsOptions& options);
-
-// Row-wise log-softmax into out (rows x vocab, contiguous, float32). out may
-// alias ref.data when ref is float32 with row_stride == vocab (in place).
-void LogSoftmax(const RowsView& logits, float* out, int threads = 0);
-
-// Top-k values (as float32) and indices per row, sorted by value descending,
-// ties to the lower index. values/indices are rows x k.
-void TopK(const RowsView& logits, size_t k, float* values, int64_t* indices,
-          int threads = 0);
-
-// Per-row negative log-likelihood of targets[r] in nats (lse - logit_t).
-// A row holding NaN or +inf gives NaN; a -inf target logit gives +inf.
-void Nll(const RowsView& logits, const int64_t* targets, double* out,
-         int threads = 0);
-
-// Per-row log-sum-exp (natural log). -inf for a row of only -inf.
-void LogSumExp(const RowsView& logits, double* out, int threads = 0);
 
 }  // namespace logitparity
 
