@@ -59,31 +59,101 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 HWY_INLINE bool IsNanOrPosInf(float x) { return !(x < std::numeric_limits<float>::infinity()); }
 
+// Vectors per float32 partial sum before it is added to a float64 total.
+constexpr size_t kBlockVectors = 8;
+// Beyond this |e| = |a_i - b_i - c0| exp(-e) could overflow float32 and the
+// rows are far apart anyway: KL takes the direct form c0 + lse_b - lse_a.
+constexpr double kMaxShiftForCloseForm = 60.0;
+
+// The float64 totals of one sweep. p = exp(a - Ma), q = exp(b - Mb) (relative
+// to the running maxima), x = a - Ma, y = b - Mb, d = a - b, e = d - c0 and g
+// as in SecondOrderTerms; the rest are summed where both sides are finite.
+enum Total : size_t {
+  kSumP,      // sum p                 -> lse_a
+  kSumQ,      // sum q                 -> lse_b
+  kSumPX,     // sum p x               -> entropy_a = log S - T / S, no
+  kSumQY,     // sum q y                  cancellation against lse
+  kSumPE,     // sum p e               -> E_p[e]
+  kSumQE,     // sum q e               -> E_q[e]
+  kSumPG,     // sum p g(e)            -> E_p[g(e)]
+  kSumQG,     // sum q g(-e)           -> E_q[g(-e)]
+  kSumAbsD,   // sum |d|               -> mean |Δ logit|
+  // Cosine from |a|^2, |b|^2, |d|^2 and sum d (a + b) = |a|^2 - |b|^2, so
+  // that 1 - cosine keeps its relative precision when the rows are close.
+  kSumD2,     // sum d^2
+  kSumDSum,   // sum d (a + b)
+  kSumA2,     // sum a^2
+  kSumB2,     // sum b^2
+  kNumTotals
+};
+
+// Totals accumulate in float64 lanes kept in memory: a block's float32
+// partial sum is promoted and added once per kBlockVectors vectors, so the
+// extra load and store cost nothing measurable, 13 x 2 vector accumulators
+// no longer compete for registers, and no vector is a struct member (SVE and
+// RVV vectors are sizeless).
+struct Totals {
+  static constexpr size_t kLanes = HWY_MAX_BYTES / sizeof(double);
+  alignas(HWY_MAX_BYTES) double lo[kNumTotals][kLanes];
+  alignas(HWY_MAX_BYTES) double hi[kNumTotals][kLanes];
+
+  template <class DF>
+  HWY_INLINE void Zero(DF df) {
+    const F64Tag<DF> dd;
+    for (size_t i = 0; i < kNumTotals; ++i) {
+      hn::Store(hn::Zero(dd), dd, lo[i]);
+      hn::Store(hn::Zero(dd), dd, hi[i]);
+    }
+  }
+  // Adds the lanes of a float32 partial sum to total i.
+  template <class DF>
+  HWY_INLINE void Add(DF df, size_t i, hn::Vec<DF> v) {
+    const F64Tag<DF> dd;
+    auto l = hn::Load(dd, lo[i]), h = hn::Load(dd, hi[i]);
+    AddF64(df, dd, v, l, h);
+    hn::Store(l, dd, lo[i]);
+    hn::Store(h, dd, hi[i]);
+  }
+  template <class DF>
+  HWY_INLINE double Sum(DF /*df*/, size_t i) const {
+    const F64Tag<DF> dd;
+    return SumF64(dd, hn::Load(dd, lo[i]), hn::Load(dd, hi[i]));
+  }
+  template <class DF>
+  HWY_INLINE void Scale(DF /*df*/, size_t i, double factor) {
+    const F64Tag<DF> dd;
+    const auto f = hn::Set(dd, factor);
+    hn::Store(hn::Mul(hn::Load(dd, lo[i]), f), dd, lo[i]);
+    hn::Store(hn::Mul(hn::Load(dd, hi[i]), f), dd, hi[i]);
+  }
+  // total[t] = (total[s] * shift + total[t]) * factor
+  template <class DF>
+  HWY_INLINE void ShiftScale(DF /*df*/, size_t t, size_t s, double shift, double factor) {
+    const F64Tag<DF> dd;
+    const auto vs = hn::Set(dd, shift), f = hn::Set(dd, factor);
+    hn::Store(hn::Mul(hn::MulAdd(hn::Load(dd, lo[s]), vs, hn::Load(dd, lo[t])), f), dd, lo[t]);
+    hn::Store(hn::Mul(hn::MulAdd(hn::Load(dd, hi[s]), vs, hn::Load(dd, hi[t])), f), dd, hi[t]);
+  }
+};
+
 // Online softmax for one side: when the chunk maximum m exceeds the running
-// maximum M, every sum of w = exp(x - M) is rescaled by exp(M - m), and the
-// sum of w (x - M) first gains (M - m) sum w because its offset moved.
-// s: sum w, t: sum w (x - M), e and g: other sums weighted by w.
-template <class DD, class VD>
-HWY_INLINE void RaiseMax(DD dd, float m, float& M, VD& s_lo, VD& s_hi, VD& t_lo, VD& t_hi,
-                         VD& e_lo, VD& e_hi, VD& g_lo, VD& g_hi) {
+// maximum M, every sum weighted by w = exp(x - M) is rescaled by exp(M - m),
+// and the sum of w (x - M) first gains (M - m) sum w because its offset
+// moved. sum_w, sum_wx: that side's sum w and sum w (x - M); others: its
+// other w-weighted totals.
+template <class DF>
+HWY_INLINE void RaiseMax(DF df, float m, float& M, Totals& tot, size_t sum_w, size_t sum_wx,
+                         size_t other0, size_t other1) {
   if (!(m > M)) return;
   if (M > -std::numeric_limits<float>::infinity()) {
-    const double shift = static_cast<double>(M) - m;
-    const VD vshift = hn::Set(dd, shift), scale = hn::Set(dd, exp(shift));
-    t_lo = hn::Mul(hn::MulAdd(s_lo, vshift, t_lo), scale);
-    t_hi = hn::Mul(hn::MulAdd(s_hi, vshift, t_hi), scale);
-    s_lo = hn::Mul(s_lo, scale);
-    s_hi = hn::Mul(s_hi, scale);
-    e_lo = hn::Mul(e_lo, scale);
-    e_hi = hn::Mul(e_hi, scale);
-    g_lo = hn::Mul(g_lo, scale);
-    g_hi = hn::Mul(g_hi, scale);
+    const double shift = static_cast<double>(M) - m, factor = exp(shift);
+    tot.ShiftScale(df, sum_wx, sum_w, shift, factor);
+    tot.Scale(df, sum_w, factor);
+    tot.Scale(df, other0, factor);
+    tot.Scale(df, other1, factor);
   }
   M = m;
 }
-
-// Vectors per float32 partial sum before it is added to a float64 total.
-constexpr size_t kBlockVectors = 8;
 
 // Scratch owned by one worker: two chunk buffers.
 struct ChunkScratch {
@@ -164,63 +234,252 @@ HWY_INLINE void SecondOrderTerms(DF df, hn::Vec<DF> e, hn::Vec<DF> xa, hn::Vec<D
   gq = hn::IfThenElse(big, hn::NegMulAdd(pb, e, hn::Sub(eb, pb)), gq);
 }
 
+// Per-row state of the sweep besides the float64 totals: running maxima, the
+// KL shift c0, masks, extremes of e and |d|, and both top-k selections.
+struct SweepState {
+  float Ma = -std::numeric_limits<float>::infinity();  // running maxima
+  float Mb = -std::numeric_limits<float>::infinity();
+  float c0 = 0.0f;  // a - b maxima difference of the first chunk where both are finite
+  bool have_c0 = false;
+  size_t both_masked = 0, a_only_masked = 0, b_only_masked = 0, pads = 0;
+  float max_abs = 0.0f, e_max = -std::numeric_limits<float>::infinity(),
+        e_min = std::numeric_limits<float>::infinity();
+  TopKState top_a, top_b;
+};
+
+// Loop 1 over a chunk: its maxima (raising the running ones) and the mask
+// counts. Returns false if a NaN or +inf was found (the row has no metrics).
+template <class DF>
+HWY_INLINE bool ChunkMaxima(DF df, const float* HWY_RESTRICT a, const float* HWY_RESTRICT b,
+                            size_t padded, Totals& tot, SweepState& st) {
+  using V = hn::Vec<DF>;
+  const size_t N = hn::Lanes(df);
+  const float kInfF = std::numeric_limits<float>::infinity();
+  const V ninf = hn::Set(df, -kInfF), pinf = hn::Set(df, kInfF);
+  V vma = ninf, vmb = ninf;
+  auto bad = hn::FirstN(df, 0);
+  auto masked = hn::FirstN(df, 0);
+  for (size_t i = 0; i < padded; i += N) {
+    const V va = hn::Load(df, a + i), vb = hn::Load(df, b + i);
+    vma = hn::Max(vma, va);
+    vmb = hn::Max(vmb, vb);
+    bad = hn::Or(bad, hn::Or(hn::Not(hn::Lt(va, pinf)), hn::Not(hn::Lt(vb, pinf))));
+    masked = hn::Or(masked, hn::Or(hn::Eq(va, ninf), hn::Eq(vb, ninf)));
+  }
+  if (!hn::AllFalse(df, bad)) return false;
+  if (!hn::AllFalse(df, masked)) {
+    for (size_t i = 0; i < padded; i += N) {
+      const auto ma = hn::Eq(hn::Load(df, a + i), ninf);
+      const auto mb = hn::Eq(hn::Load(df, b + i), ninf);
+      st.both_masked += hn::CountTrue(df, hn::And(ma, mb));
+      st.a_only_masked += hn::CountTrue(df, hn::AndNot(mb, ma));
+      st.b_only_masked += hn::CountTrue(df, hn::AndNot(ma, mb));
+    }
+  }
+  const float chunk_ma = hn::GetLane(hn::MaxOfLanes(df, vma));
+  const float chunk_mb = hn::GetLane(hn::MaxOfLanes(df, vmb));
+  RaiseMax(df, chunk_ma, st.Ma, tot, kSumP, kSumPX, kSumPE, kSumPG);
+  RaiseMax(df, chunk_mb, st.Mb, tot, kSumQ, kSumQY, kSumQE, kSumQG);
+  if (!st.have_c0 && chunk_ma > -kInfF && chunk_mb > -kInfF) {
+    st.c0 = chunk_ma - chunk_mb;
+    st.have_c0 = true;
+  }
+  return true;
+}
+
+// Loop 2 over a chunk: every total. Sums run in float32 over blocks of
+// kBlockVectors vectors (at most 8 terms per lane) and are then added to the
+// float64 totals: this halves the cost of the sweep, and the relative error
+// of a block sum stays ~1e-7, below that of exp.
+template <class DF>
+HWY_INLINE void ChunkSums(DF df, const float* HWY_RESTRICT a, const float* HWY_RESTRICT b,
+                          size_t padded, Totals& tot, SweepState& st) {
+  using V = hn::Vec<DF>;
+  const size_t N = hn::Lanes(df);
+  const float kInfF = std::numeric_limits<float>::infinity();
+  const V ninf = hn::Set(df, -kInfF), pinf = hn::Set(df, kInfF);
+  const V vMa = hn::Set(df, st.Ma), vMb = hn::Set(df, st.Mb), vc0 = hn::Set(df, st.c0);
+  V max_abs = hn::Set(df, st.max_abs), e_max = hn::Set(df, st.e_max), e_min = hn::Set(df, st.e_min);
+  for (size_t block = 0; block < padded; block += kBlockVectors * N) {
+    const size_t block_end = std::min(padded, block + kBlockVectors * N);
+    const V z = hn::Zero(df);
+    V abs_s = z, d2_s = z, x_s = z, na_s = z, nb_s = z, sa_s = z, sb_s = z;
+    V ta_s = z, tb_s = z, ea_s = z, eb_s = z, g_s = z, h_s = z;
+    for (size_t i = block; i < block_end; i += N) {
+      const V va = hn::Load(df, a + i), vb = hn::Load(df, b + i);
+      const auto fa = hn::Gt(va, ninf), fb = hn::Gt(vb, ninf);
+      const auto both = hn::And(fa, fb);
+      const V d = hn::Sub(va, vb);
+      const V e = hn::IfThenElseZero(both, hn::Sub(d, vc0));
+      e_max = hn::Max(e_max, hn::IfThenElse(both, e, ninf));
+      e_min = hn::Min(e_min, hn::IfThenElse(both, e, pinf));
+      const V absd = hn::IfThenElseZero(both, hn::Abs(d));
+      max_abs = hn::Max(max_abs, absd);
+      abs_s = hn::Add(abs_s, absd);
+      const V az = hn::IfThenElseZero(both, va), bz = hn::IfThenElseZero(both, vb);
+      const V dz = hn::IfThenElseZero(both, d);
+      na_s = hn::MulAdd(az, az, na_s);
+      nb_s = hn::MulAdd(bz, bz, nb_s);
+      d2_s = hn::MulAdd(dz, dz, d2_s);
+      x_s = hn::MulAdd(dz, hn::Add(az, bz), x_s);
+
+      const V xa = hn::Sub(va, vMa), xb = hn::Sub(vb, vMb);
+      const V pa = ExpNonPositive(df, xa);
+      const V pb = ExpNonPositive(df, xb);
+      sa_s = hn::Add(sa_s, pa);
+      sb_s = hn::Add(sb_s, pb);
+      ta_s = hn::MulAdd(pa, hn::IfThenElseZero(fa, xa), ta_s);
+      tb_s = hn::MulAdd(pb, hn::IfThenElseZero(fb, xb), tb_s);
+      ea_s = hn::MulAdd(pa, e, ea_s);
+      eb_s = hn::MulAdd(pb, e, eb_s);
+      V gp, gq;
+      SecondOrderTerms(df, e, hn::IfThenElseZero(fa, xa), hn::IfThenElseZero(fb, xb), pa, pb, gp,
+                       gq);
+      g_s = hn::Add(g_s, gp);
+      h_s = hn::Add(h_s, gq);
+    }
+    tot.Add(df, kSumAbsD, abs_s);
+    tot.Add(df, kSumD2, d2_s);
+    tot.Add(df, kSumDSum, x_s);
+    tot.Add(df, kSumA2, na_s);
+    tot.Add(df, kSumB2, nb_s);
+    tot.Add(df, kSumP, sa_s);
+    tot.Add(df, kSumQ, sb_s);
+    tot.Add(df, kSumPX, ta_s);
+    tot.Add(df, kSumQY, tb_s);
+    tot.Add(df, kSumPE, ea_s);
+    tot.Add(df, kSumQE, eb_s);
+    tot.Add(df, kSumPG, g_s);
+    tot.Add(df, kSumQG, h_s);
+  }
+  st.max_abs = hn::GetLane(hn::MaxOfLanes(df, max_abs));
+  st.e_max = hn::GetLane(hn::MaxOfLanes(df, e_max));
+  st.e_min = hn::GetLane(hn::MinOfLanes(df, e_min));
+}
+
+// Both KL directions (and the largest |Δ log-prob|) from the totals, each in
+// the form with the smaller rounding error: the log1p form loses
+// max(|E[g]|, |E[e]|) / (1 + x) ulps to cancellation inside x, the direct
+// form about max(|lse_a|, |lse_b|, 1) ulps. e is 0 wherever a side is masked,
+// so max |e| comes from e's extremes.
+template <class DF>
+HWY_INLINE void FinishKl(DF df, const Totals& tot, const SweepState& st, double Sa, double Sb,
+                         double lse_a, double lse_b, double* out) {
+  const double kInf = std::numeric_limits<double>::infinity();
+  const bool one_sided = st.a_only_masked + st.b_only_masked > 0;
+  const double direct = static_cast<double>(st.c0) + lse_b - lse_a;
+  const double e_hi = st.e_max, e_lo = st.e_min;
+  const bool usable = !one_sided && std::max(e_hi, -e_lo) <= kMaxShiftForCloseForm;
+  const double mean_pe = tot.Sum(df, kSumPE) / Sa;  // E_p[e]
+  const double mean_qe = tot.Sum(df, kSumQE) / Sb;  // E_q[e]
+  const double mean_pg = tot.Sum(df, kSumPG) / Sa;  // E_p[g(e)]
+  const double mean_qg = tot.Sum(df, kSumQG) / Sb;  // E_q[g(-e)]
+  const double direct_err = std::max({fabs(lse_a), fabs(lse_b), 1.0});
+  const double xp = mean_pg - mean_pe, xq = mean_qg + mean_qe;
+  const bool precise_p =
+      usable && xp > -1 && std::max(fabs(mean_pg), fabs(mean_pe)) / (1 + xp) <= direct_err;
+  const bool precise_q =
+      usable && xq > -1 && std::max(fabs(mean_qg), fabs(mean_qe)) / (1 + xq) <= direct_err;
+  // L from the p side; -L = log E_q[exp(e)] from the q side, so that each
+  // direction uses the weights of its own expectation.
+  const double L = precise_p ? log1p(xp) : direct;
+  const double L_q = precise_q ? log1p(xq) : -direct;
+  out[kKlRefCand] = st.b_only_masked ? kInf : mean_pe + L;
+  out[kKlCandRef] = st.a_only_masked ? kInf : -mean_qe + L_q;
+  out[kMaxAbsLogprob] = one_sided ? kInf : std::max(fabs(e_hi + L), fabs(e_lo + L));
+}
+
+// Jensen-Shannon: a second sweep now that both log-sum-exps are known.
+template <class DF>
+HWY_INLINE double JensenShannon(DF df, const RowArgs& r, ChunkScratch s, float Ma, float Mb,
+                                double Sa, double Sb) {
+  using V = hn::Vec<DF>;
+  const F64Tag<DF> dd;
+  const size_t N = hn::Lanes(df);
+  const V vMa = hn::Set(df, Ma), vMb = hn::Set(df, Mb);
+  const V inv_sa = hn::Set(df, static_cast<float>(1.0 / Sa));
+  const V inv_sb = hn::Set(df, static_cast<float>(1.0 / Sb));
+  auto js_lo = hn::Zero(dd), js_hi = hn::Zero(dd);
+  for (size_t begin = 0; begin < r.n; begin += kChunk) {
+    const size_t len = std::min(kChunk, r.n - begin);
+    const size_t padded = LoadChunk(df, r.a_dtype, r.a, begin, len, s.a);
+    LoadChunk(df, r.b_dtype, r.b, begin, len, s.b);
+    for (size_t block = 0; block < padded; block += kBlockVectors * N) {
+      const size_t block_end = std::min(padded, block + kBlockVectors * N);
+      V js_s = hn::Zero(df);
+      for (size_t i = block; i < block_end; i += N) {
+        const V va = hn::Load(df, s.a + i), vb = hn::Load(df, s.b + i);
+        const V p = hn::Mul(ExpNonPositive(df, hn::Sub(va, vMa)), inv_sa);
+        const V q = hn::Mul(ExpNonPositive(df, hn::Sub(vb, vMb)), inv_sb);
+        const V sum = hn::Add(p, q);
+        const auto live = hn::Gt(sum, hn::Zero(df));
+        const V u = hn::IfThenElseZero(
+            live, hn::Div(hn::Sub(p, q), hn::Max(sum, hn::Set(df, 1e-38f))));
+        js_s = hn::MulAdd(sum, JsKernel(df, u), js_s);
+      }
+      AddF64(df, dd, js_s, js_lo, js_hi);
+    }
+  }
+  return 0.25 * SumF64(dd, js_lo, js_hi);
+}
+
+// Rank of token t in the candidate row: its position in the candidate's
+// top-k if there, else the count of entries ranked above it (greater, or
+// equal at a lower index) from one more sweep of the candidate row.
+template <class DF>
+HWY_INLINE int64_t RankInCand(DF df, const RowArgs& r, ChunkScratch s, const TopKState& top_b,
+                              int64_t t) {
+  using V = hn::Vec<DF>;
+  const size_t N = hn::Lanes(df);
+  for (size_t j = 0; j < top_b.size; ++j) {
+    if (top_b.indices[j] == t) return static_cast<int64_t>(j);
+  }
+  const float bt = ScalarAt(r.b_dtype, r.b, static_cast<size_t>(t));
+  const V vbt = hn::Set(df, bt);
+  size_t above = 0;
+  for (size_t begin = 0; begin < r.n; begin += kChunk) {
+    const size_t len = std::min(kChunk, r.n - begin);
+    const size_t padded = LoadChunk(df, r.b_dtype, r.b, begin, len, s.b);
+    for (size_t i = 0; i < padded; i += N) {
+      const V vb = hn::Load(df, s.b + i);
+      above += hn::CountTrue(df, hn::Gt(vb, vbt));
+      const size_t gi = begin + i;  // ties count only below index t
+      if (gi + N <= static_cast<size_t>(t)) {
+        above += hn::CountTrue(df, hn::Eq(vb, vbt));
+      } else if (gi < static_cast<size_t>(t)) {
+        for (size_t j = 0; gi + j < static_cast<size_t>(t); ++j) above += s.b[i + j] == bt;
+      }
+    }
+  }
+  return static_cast<int64_t>(above);
+}
+
 // Computes every field of one row pair into out[kNumRowFields] and
-// overlap[num_ks].
+// overlap[num_ks]: one sweep (ChunkMaxima, ChunkSums and the top-k offers per
+// chunk), then the fields from the totals; JS and a rank outside the top-k
+// take one more sweep each.
 template <class DF>
 HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double* out,
                                  int32_t* overlap) {
-  using V = hn::Vec<DF>;
-  const F64Tag<DF> dd;
-  using VD = hn::Vec<decltype(dd)>;
-  const size_t N = hn::Lanes(df);
   const size_t n = r.n;
   const float kInfF = std::numeric_limits<float>::infinity();
   const double kInf = std::numeric_limits<double>::infinity();
   const double kNaN = std::numeric_limits<double>::quiet_NaN();
-  const V ninf = hn::Set(df, -kInfF), pinf = hn::Set(df, kInfF);
 
   for (int i = 0; i < kNumRowFields; ++i) out[i] = kNaN;
   const size_t kmax = std::min<size_t>(n, std::max<size_t>(2, r.ks[r.num_ks - 1]));
-  TopKState top_a, top_b;
-  top_a.Reset(kmax);
-  top_b.Reset(kmax);
-
-  float Ma = -kInfF, Mb = -kInfF;  // running maxima
-  float c0 = 0.0f;
-  bool have_c0 = false;
-  const VD zd = hn::Zero(dd);
-  VD sa_lo = zd, sa_hi = zd, sb_lo = zd, sb_hi = zd;  // sum exp(a - Ma), exp(b - Mb)
-  // sum exp(a - Ma) (a - Ma), exp(b - Mb) (b - Mb): relative to the running
-  // maxima so that entropy = log S - T / S has no cancellation against lse.
-  VD ta_lo = zd, ta_hi = zd, tb_lo = zd, tb_hi = zd;
-  VD ea_lo = zd, ea_hi = zd, eb_lo = zd, eb_hi = zd;  // sum exp(a - Ma) e, exp(b - Mb) e
-  VD g_lo = zd, g_hi = zd;                            // sum exp(a - Ma) g(e)
-  VD h_lo = zd, h_hi = zd;                            // sum exp(b - Mb) g(-e)
-  // Cosine from |a|^2, |b|^2, |a-b|^2 and sum (a-b)(a+b) = |a|^2 - |b|^2, so
-  // that 1 - cosine keeps its relative precision when the rows are close.
-  VD d2_lo = zd, d2_hi = zd, x_lo = zd, x_hi = zd, na_lo = zd, na_hi = zd, nb_lo = zd, nb_hi = zd;
-  VD abs_lo = zd, abs_hi = zd;
-  V max_abs = hn::Zero(df), e_max = ninf, e_min = pinf;
-  size_t both_masked = 0, a_only_masked = 0, b_only_masked = 0, pads = 0;
+  SweepState st;
+  st.top_a.Reset(kmax);
+  st.top_b.Reset(kmax);
+  Totals tot;
+  tot.Zero(df);
 
   for (size_t begin = 0; begin < n; begin += kChunk) {
     const size_t len = std::min(kChunk, n - begin);
     const size_t padded = LoadChunk(df, r.a_dtype, r.a, begin, len, s.a);
     LoadChunk(df, r.b_dtype, r.b, begin, len, s.b);
-    pads += padded - len;
-
-    // Loop 1: chunk maxima and flags.
-    V vma = ninf, vmb = ninf;
-    auto bad = hn::FirstN(df, 0);
-    auto masked = hn::FirstN(df, 0);
-    for (size_t i = 0; i < padded; i += N) {
-      const V va = hn::Load(df, s.a + i), vb = hn::Load(df, s.b + i);
-      vma = hn::Max(vma, va);
-      vmb = hn::Max(vmb, vb);
-      bad = hn::Or(bad, hn::Or(hn::Not(hn::Lt(va, pinf)), hn::Not(hn::Lt(vb, pinf))));
-      masked = hn::Or(masked, hn::Or(hn::Eq(va, ninf), hn::Eq(vb, ninf)));
-    }
-    if (!hn::AllFalse(df, bad)) {
+    st.pads += padded - len;
+    if (!ChunkMaxima(df, s.a, s.b, padded, tot, st)) {
       // NaN or +inf: every field is NaN; count them so the caller sees why.
       double bad_a = 0, bad_b = 0;
       for (size_t i = 0; i < n; ++i) {
@@ -233,209 +492,51 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
       for (size_t k = 0; k < r.num_ks; ++k) overlap[k] = -1;
       return;
     }
-    if (!hn::AllFalse(df, masked)) {
-      for (size_t i = 0; i < padded; i += N) {
-        const auto ma = hn::Eq(hn::Load(df, s.a + i), ninf);
-        const auto mb = hn::Eq(hn::Load(df, s.b + i), ninf);
-        both_masked += hn::CountTrue(df, hn::And(ma, mb));
-        a_only_masked += hn::CountTrue(df, hn::AndNot(mb, ma));
-        b_only_masked += hn::CountTrue(df, hn::AndNot(ma, mb));
-      }
-    }
-    const float chunk_ma = hn::GetLane(hn::MaxOfLanes(df, vma));
-    const float chunk_mb = hn::GetLane(hn::MaxOfLanes(df, vmb));
-    RaiseMax(dd, chunk_ma, Ma, sa_lo, sa_hi, ta_lo, ta_hi, ea_lo, ea_hi, g_lo, g_hi);
-    RaiseMax(dd, chunk_mb, Mb, sb_lo, sb_hi, tb_lo, tb_hi, eb_lo, eb_hi, h_lo, h_hi);
-    if (!have_c0 && chunk_ma > -kInfF && chunk_mb > -kInfF) {
-      c0 = chunk_ma - chunk_mb;
-      have_c0 = true;
-    }
-
-    // Loop 2: everything else. Sums run in float32 over blocks of
-    // kBlockVectors vectors (at most 8 terms per lane) and are then added to
-    // the float64 accumulators: this halves the cost of the sweep, and the
-    // relative error of a block sum stays ~1e-7, below that of exp.
-    const V vMa = hn::Set(df, Ma), vMb = hn::Set(df, Mb), vc0 = hn::Set(df, c0);
-    for (size_t block = 0; block < padded; block += kBlockVectors * N) {
-      const size_t block_end = std::min(padded, block + kBlockVectors * N);
-      const V z = hn::Zero(df);
-      V abs_s = z, d2_s = z, x_s = z, na_s = z, nb_s = z, sa_s = z, sb_s = z;
-      V ta_s = z, tb_s = z, ea_s = z, eb_s = z, g_s = z, h_s = z;
-      for (size_t i = block; i < block_end; i += N) {
-        const V va = hn::Load(df, s.a + i), vb = hn::Load(df, s.b + i);
-        const auto fa = hn::Gt(va, ninf), fb = hn::Gt(vb, ninf);
-        const auto both = hn::And(fa, fb);
-        const V d = hn::Sub(va, vb);
-        const V e = hn::IfThenElseZero(both, hn::Sub(d, vc0));
-        e_max = hn::Max(e_max, hn::IfThenElse(both, e, ninf));
-        e_min = hn::Min(e_min, hn::IfThenElse(both, e, pinf));
-        const V absd = hn::IfThenElseZero(both, hn::Abs(d));
-        max_abs = hn::Max(max_abs, absd);
-        abs_s = hn::Add(abs_s, absd);
-        const V az = hn::IfThenElseZero(both, va), bz = hn::IfThenElseZero(both, vb);
-        const V dz = hn::IfThenElseZero(both, d);
-        na_s = hn::MulAdd(az, az, na_s);
-        nb_s = hn::MulAdd(bz, bz, nb_s);
-        d2_s = hn::MulAdd(dz, dz, d2_s);
-        x_s = hn::MulAdd(dz, hn::Add(az, bz), x_s);
-
-        const V xa = hn::Sub(va, vMa), xb = hn::Sub(vb, vMb);
-        const V pa = ExpNonPositive(df, xa);
-        const V pb = ExpNonPositive(df, xb);
-        sa_s = hn::Add(sa_s, pa);
-        sb_s = hn::Add(sb_s, pb);
-        ta_s = hn::MulAdd(pa, hn::IfThenElseZero(fa, xa), ta_s);
-        tb_s = hn::MulAdd(pb, hn::IfThenElseZero(fb, xb), tb_s);
-        ea_s = hn::MulAdd(pa, e, ea_s);
-        eb_s = hn::MulAdd(pb, e, eb_s);
-        V gp, gq;
-        SecondOrderTerms(df, e, hn::IfThenElseZero(fa, xa), hn::IfThenElseZero(fb, xb), pa, pb,
-                         gp, gq);
-        g_s = hn::Add(g_s, gp);
-        h_s = hn::Add(h_s, gq);
-      }
-      AddF64(df, dd, abs_s, abs_lo, abs_hi);
-      AddF64(df, dd, d2_s, d2_lo, d2_hi);
-      AddF64(df, dd, x_s, x_lo, x_hi);
-      AddF64(df, dd, na_s, na_lo, na_hi);
-      AddF64(df, dd, nb_s, nb_lo, nb_hi);
-      AddF64(df, dd, sa_s, sa_lo, sa_hi);
-      AddF64(df, dd, sb_s, sb_lo, sb_hi);
-      AddF64(df, dd, ta_s, ta_lo, ta_hi);
-      AddF64(df, dd, tb_s, tb_lo, tb_hi);
-      AddF64(df, dd, ea_s, ea_lo, ea_hi);
-      AddF64(df, dd, eb_s, eb_lo, eb_hi);
-      AddF64(df, dd, g_s, g_lo, g_hi);
-      AddF64(df, dd, h_s, h_lo, h_hi);
-    }
-    TopKOffer(df, s.a, len, static_cast<int64_t>(begin), top_a);
-    TopKOffer(df, s.b, len, static_cast<int64_t>(begin), top_b);
+    ChunkSums(df, s.a, s.b, padded, tot, st);
+    TopKOffer(df, s.a, len, static_cast<int64_t>(begin), st.top_a);
+    TopKOffer(df, s.b, len, static_cast<int64_t>(begin), st.top_b);
   }
-  both_masked -= pads;
+  st.both_masked -= st.pads;
 
   out[kNonfiniteRef] = 0;
   out[kNonfiniteCand] = 0;
-  const double Sa = SumF64(dd, sa_lo, sa_hi), Sb = SumF64(dd, sb_lo, sb_hi);
-  const bool dist_a = Ma > -kInfF, dist_b = Mb > -kInfF;
-  const double lse_a = dist_a ? Ma + log(Sa) : -kInf;
-  const double lse_b = dist_b ? Mb + log(Sb) : -kInf;
+  const double Sa = tot.Sum(df, kSumP), Sb = tot.Sum(df, kSumQ);
+  const bool dist_a = st.Ma > -kInfF, dist_b = st.Mb > -kInfF;
+  const double lse_a = dist_a ? st.Ma + log(Sa) : -kInf;
+  const double lse_b = dist_b ? st.Mb + log(Sb) : -kInf;
   out[kLseRef] = lse_a;
   out[kLseCand] = lse_b;
-  if (dist_a) out[kEntropyRef] = log(Sa) - SumF64(dd, ta_lo, ta_hi) / Sa;
-  if (dist_b) out[kEntropyCand] = log(Sb) - SumF64(dd, tb_lo, tb_hi) / Sb;
+  if (dist_a) out[kEntropyRef] = log(Sa) - tot.Sum(df, kSumPX) / Sa;
+  if (dist_b) out[kEntropyCand] = log(Sb) - tot.Sum(df, kSumQY) / Sb;
 
-  const size_t compared = n - both_masked;
-  const bool one_sided = a_only_masked + b_only_masked > 0;
+  const size_t compared = n - st.both_masked;
+  const bool one_sided = st.a_only_masked + st.b_only_masked > 0;
   if (compared > 0) {
-    out[kMaxAbsLogit] = one_sided ? kInf : hn::GetLane(hn::MaxOfLanes(df, max_abs));
-    out[kMeanAbsLogit] = one_sided ? kInf : SumF64(dd, abs_lo, abs_hi) / compared;
+    out[kMaxAbsLogit] = one_sided ? kInf : st.max_abs;
+    out[kMeanAbsLogit] = one_sided ? kInf : tot.Sum(df, kSumAbsD) / compared;
   }
-  const double na = SumF64(dd, na_lo, na_hi), nb = SumF64(dd, nb_lo, nb_hi);
+  const double na = tot.Sum(df, kSumA2), nb = tot.Sum(df, kSumB2);
   if (na > 0 && nb > 0) {
     // 1 - cos = (|a-b|^2 - (|a| - |b|)^2) / (2 |a| |b|), |a| - |b| = (na - nb) / (|a| + |b|).
     const double ra = sqrt(na), rb = sqrt(nb);
-    const double norm_diff = SumF64(dd, x_lo, x_hi) / (ra + rb);
-    out[kCosine] = 1.0 - (SumF64(dd, d2_lo, d2_hi) - norm_diff * norm_diff) / (2.0 * ra * rb);
+    const double norm_diff = tot.Sum(df, kSumDSum) / (ra + rb);
+    out[kCosine] = 1.0 - (tot.Sum(df, kSumD2) - norm_diff * norm_diff) / (2.0 * ra * rb);
   }
-
-  if (dist_a && dist_b) {
-    const double direct = static_cast<double>(c0) + lse_b - lse_a;
-    // Each direction takes the form with the smaller rounding error: the
-    // log1p form loses max(|E[g]|, |E[e]|) / (1 + x) ulps to cancellation
-    // inside x, the direct form about max(|lse_a|, |lse_b|, 1) ulps.
-    // e is 0 wherever a side is masked, so max |e| comes from e's extremes.
-    const double e_hi = hn::GetLane(hn::MaxOfLanes(df, e_max));
-    const double e_lo = hn::GetLane(hn::MinOfLanes(df, e_min));
-    const bool usable = !one_sided && std::max(e_hi, -e_lo) <= 60.0;
-    const double mean_pe = SumF64(dd, ea_lo, ea_hi) / Sa;  // E_p[e]
-    const double mean_qe = SumF64(dd, eb_lo, eb_hi) / Sb;  // E_q[e]
-    const double mean_pg = SumF64(dd, g_lo, g_hi) / Sa;    // E_p[g(e)]
-    const double mean_qg = SumF64(dd, h_lo, h_hi) / Sb;    // E_q[g(-e)]
-    const double direct_err = std::max({fabs(lse_a), fabs(lse_b), 1.0});
-    const double xp = mean_pg - mean_pe, xq = mean_qg + mean_qe;
-    const bool precise_p =
-        usable && xp > -1 && std::max(fabs(mean_pg), fabs(mean_pe)) / (1 + xp) <= direct_err;
-    const bool precise_q =
-        usable && xq > -1 && std::max(fabs(mean_qg), fabs(mean_qe)) / (1 + xq) <= direct_err;
-    // L from the p side; -L = log E_q[exp(e)] from the q side, so that each
-    // direction uses the weights of its own expectation.
-    const double L = precise_p ? log1p(xp) : direct;
-    const double L_q = precise_q ? log1p(xq) : -direct;
-    out[kKlRefCand] = b_only_masked ? kInf : mean_pe + L;
-    out[kKlCandRef] = a_only_masked ? kInf : -mean_qe + L_q;
-    if (one_sided) {
-      out[kMaxAbsLogprob] = kInf;
-    } else {
-      out[kMaxAbsLogprob] = std::max(fabs(e_hi + L), fabs(e_lo + L));
-    }
-  }
-
-  // Jensen-Shannon: a second sweep now that both log-sum-exps are known.
-  if (r.js && dist_a && dist_b) {
-    const V vMa = hn::Set(df, Ma), vMb = hn::Set(df, Mb);
-    const V inv_sa = hn::Set(df, static_cast<float>(1.0 / Sa));
-    const V inv_sb = hn::Set(df, static_cast<float>(1.0 / Sb));
-    VD js_lo = zd, js_hi = zd;
-    for (size_t begin = 0; begin < n; begin += kChunk) {
-      const size_t len = std::min(kChunk, n - begin);
-      const size_t padded = LoadChunk(df, r.a_dtype, r.a, begin, len, s.a);
-      LoadChunk(df, r.b_dtype, r.b, begin, len, s.b);
-      for (size_t block = 0; block < padded; block += kBlockVectors * N) {
-        const size_t block_end = std::min(padded, block + kBlockVectors * N);
-        V js_s = hn::Zero(df);
-        for (size_t i = block; i < block_end; i += N) {
-          const V va = hn::Load(df, s.a + i), vb = hn::Load(df, s.b + i);
-          const V p = hn::Mul(ExpNonPositive(df, hn::Sub(va, vMa)), inv_sa);
-          const V q = hn::Mul(ExpNonPositive(df, hn::Sub(vb, vMb)), inv_sb);
-          const V sum = hn::Add(p, q);
-          const auto live = hn::Gt(sum, hn::Zero(df));
-          const V u = hn::IfThenElseZero(
-              live, hn::Div(hn::Sub(p, q), hn::Max(sum, hn::Set(df, 1e-38f))));
-          js_s = hn::MulAdd(sum, JsKernel(df, u), js_s);
-        }
-        AddF64(df, dd, js_s, js_lo, js_hi);
-      }
-    }
-    out[kJs] = 0.25 * SumF64(dd, js_lo, js_hi);
-  }
+  if (dist_a && dist_b) FinishKl(df, tot, st, Sa, Sb, lse_a, lse_b, out);
+  if (r.js && dist_a && dist_b) out[kJs] = JensenShannon(df, r, s, st.Ma, st.Mb, Sa, Sb);
 
   // Top-k derived fields.
-  const int64_t t = top_a.indices[0];
+  const int64_t t = st.top_a.indices[0];
   out[kArgmaxRef] = static_cast<double>(t);
-  out[kArgmaxCand] = static_cast<double>(top_b.indices[0]);
-  out[kMarginRef] = n > 1 ? static_cast<double>(top_a.values[0]) - top_a.values[1] : kInf;
-  out[kMarginCand] = n > 1 ? static_cast<double>(top_b.values[0]) - top_b.values[1] : kInf;
-  int64_t rank = -1;
-  for (size_t j = 0; j < top_b.size; ++j) {
-    if (top_b.indices[j] == t) rank = static_cast<int64_t>(j);
-  }
-  if (rank < 0) {
-    // Not in the candidate's top-kmax: count the entries ranked above it.
-    const float bt = ScalarAt(r.b_dtype, r.b, static_cast<size_t>(t));
-    const V vbt = hn::Set(df, bt);
-    size_t above = 0;
-    for (size_t begin = 0; begin < n; begin += kChunk) {
-      const size_t len = std::min(kChunk, n - begin);
-      const size_t padded = LoadChunk(df, r.b_dtype, r.b, begin, len, s.b);
-      for (size_t i = 0; i < padded; i += N) {
-        const V vb = hn::Load(df, s.b + i);
-        above += hn::CountTrue(df, hn::Gt(vb, vbt));
-        const size_t gi = begin + i;  // ties count only below index t
-        if (gi + N <= static_cast<size_t>(t)) {
-          above += hn::CountTrue(df, hn::Eq(vb, vbt));
-        } else if (gi < static_cast<size_t>(t)) {
-          for (size_t j = 0; gi + j < static_cast<size_t>(t); ++j) above += s.b[i + j] == bt;
-        }
-      }
-    }
-    rank = static_cast<int64_t>(above);
-  }
-  out[kRankOfRefTop1InCand] = static_cast<double>(rank);
+  out[kArgmaxCand] = static_cast<double>(st.top_b.indices[0]);
+  out[kMarginRef] = n > 1 ? static_cast<double>(st.top_a.values[0]) - st.top_a.values[1] : kInf;
+  out[kMarginCand] = n > 1 ? static_cast<double>(st.top_b.values[0]) - st.top_b.values[1] : kInf;
+  out[kRankOfRefTop1InCand] = static_cast<double>(RankInCand(df, r, s, st.top_b, t));
   for (size_t q = 0; q < r.num_ks; ++q) {
     const size_t k = static_cast<size_t>(r.ks[q]);
     int32_t common = 0;
     for (size_t x = 0; x < k; ++x) {
-      for (size_t y = 0; y < k; ++y) common += top_a.indices[x] == top_b.indices[y];
+      for (size_t y = 0; y < k; ++y) common += st.top_a.indices[x] == st.top_b.indices[y];
     }
     overlap[q] = common;
   }
