@@ -185,9 +185,6 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("x"), py::arg("bf16"), py::arg("k"), py::arg("threads"));
 
-  m.def("f16_bits_to_f32", &logitparity::F16BitsToF32, py::arg("bits"));
-  m.def("bf16_bits_to_f32", &logitparity::BF16BitsToF32, py::arg("bits"));
-
   // --- CUDA kernels (rows in device memory, in place) ----------------------
   // The Python side (metrics.py) reads pointer, dtype and strides off a torch
   // tensor or a __cuda_array_interface__ and passes them here as integers.
