@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from logitparity._fileio import write_text_atomic
+from logitparity._native import core as _core
 
 __all__ = ["ACTIVATIONS_DIR", "FORMAT", "VERSION", "Activations", "ActivationWriter", "load_activations"]
 
@@ -38,12 +39,6 @@ STORAGES = ("stats", "rows")
 QUANTILES = {"abs_p99": 0.99, "abs_p999": 0.999, "abs_p9999": 0.9999}
 DEFAULT_BUDGET_MB = 256.0
 DEFAULT_SHARD_BYTES = 64 << 20
-
-
-def _core():
-    from logitparity.metrics import _core as core
-
-    return core()
 
 
 def _key(prompt_id: str, path: str) -> str:

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from logitparity.dump import float32_to_bf16_bits, parse_storage
+from logitparity.dump import TOKENIZER_IDENTITY, float32_to_bf16_bits, parse_storage
 from logitparity.metrics import log_softmax, topk as _topk
 
 __all__ = ["FORMAT", "VERSION", "BaselineCache", "BaselineCacheWriter", "CacheRows", "load_baseline_cache"]
@@ -58,7 +58,6 @@ CACHE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
 # Window settings that must match for a cache to be reused.
 SETTING_KEYS = ("ctx", "stride", "bos_token_id", "max_tokens")
 # Tokenizer identity fields that decide whether two tokenizations agree.
-TOKENIZER_KEYS = ("vocab_size", "tokens_hash", "special_tokens")
 
 
 def text_sha256(text: str) -> str:
@@ -309,7 +308,7 @@ class BaselineCache:
         a candidate's tokenizer identity, text, window settings or vocab."""
         m = self.manifest
         if tokenizer is not None:
-            for key in TOKENIZER_KEYS:
+            for key in TOKENIZER_IDENTITY:
                 a, b = m["tokenizer"].get(key), tokenizer.get(key)
                 if a != b:
                     from logitparity.validate import set_difference

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from logitparity.dump import TOKENIZER_IDENTITY
 from logitparity.fields import INT_FIELDS, ROW_FIELDS, values as _field_values
 from logitparity.metrics import RowMetrics, compare_logits, topk as _topk
 from logitparity.policy import (
@@ -106,7 +107,7 @@ def incompleteness(ref, cand, only_ref: list[str], only_cand: list[str]) -> list
 
 def _check_tokenizers(ref, cand, notes: list[str]) -> None:
     a, b = ref.manifest.get("tokenizer") or {}, cand.manifest.get("tokenizer") or {}
-    for key in TOKENIZER_KEYS:
+    for key in TOKENIZER_IDENTITY:
         va, vb = a.get(key), b.get(key)
         if va is None or vb is None:
             if va != vb:
@@ -129,7 +130,6 @@ def _short(v: Any) -> str:
 
 
 # manifest keys that must agree (docs/dump-format.md)
-TOKENIZER_KEYS = ("vocab_size", "tokens_hash", "special_tokens")  # the stop rule is decoding's
 _DECODING_KEYS = ("temperature", "top_p", "seed", "max_new_tokens", "stop_token_ids", "eos_token_ids",
                   "repetition_penalty", "logit_processors")
 
@@ -672,7 +672,7 @@ def compare_dumps(
         raise ValueError(f"n_values must be positive token counts, got {n_values}")
     if max_positions is not None and (isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions < 1):
         raise ValueError(f"max_positions must be a positive int or None, got {max_positions!r}")
-    from logitparity.floor import (DEFAULT_CONFIDENCE, DEFAULT_FACTOR, DEFAULT_RESAMPLES, TIE_FACTOR, _check_settings,
+    from logitparity.floor import (DEFAULT_CONFIDENCE, DEFAULT_FACTOR, DEFAULT_RESAMPLES, TIE_FACTOR, check_settings,
                                    load_floor, tie_tolerance)
     from logitparity.policy import FLOOR_FACTORS
 
@@ -691,7 +691,7 @@ def compare_dumps(
             "resamples": int(resamples if resamples is not None else DEFAULT_RESAMPLES), "seed": int(seed),
             "name": "noise-floor" if policy is None else f"{policy} (noise-floor relative)",
         }
-        _check_settings(settings["factor"], settings["confidence"], settings["resamples"])
+        check_settings(settings["factor"], settings["confidence"], settings["resamples"])
         pol = None
     else:
         if factor is not None or confidence is not None or resamples is not None:

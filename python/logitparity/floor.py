@@ -357,7 +357,7 @@ class FloorJudgement:
                 "nonfinite_rows": self.nonfinite}
 
 
-def _check_settings(factor: float, confidence: float, resamples: int) -> None:
+def check_settings(factor: float, confidence: float, resamples: int) -> None:
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
         raise ValueError(f"factor must be a number >= 1 (the candidate may be this many times its floor), "
                          f"got {factor!r}")
@@ -372,7 +372,7 @@ def judge(comp: "Comparison", floor: Floor, *, factor: float = DEFAULT_FACTOR,
           name: str = "noise-floor") -> tuple[Verdict, FloorJudgement]:
     """The statistical verdict of a comparison against a version-2 floor
     (see the module docstring)."""
-    _check_settings(factor, confidence, resamples)
+    check_settings(factor, confidence, resamples)
     if floor.version < 2:
         raise ValueError(
             f"noise-floor file {floor.source!r} is version 1 (aggregate metrics only, no per-position figures); "

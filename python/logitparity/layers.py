@@ -40,6 +40,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from logitparity._native import core as _core
+
 __all__ = [
     "Band",
     "Bisection",
@@ -92,12 +94,6 @@ def module_kind(path: str) -> tuple[int | None, str]:
     if not m:
         return None, path
     return int(m.group("idx")), m.group("rest") or "layer"
-
-
-def _core():
-    from logitparity.metrics import _core as core  # one place names the build fix
-
-    return core()
 
 
 # --------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from logitparity import fields as _fields
+from logitparity._native import core as _core
 
 from logitparity.stats import Describe, Rate, describe, rate
 
@@ -46,20 +47,6 @@ FIELDS: dict[str, tuple[str, bool | None]] = {f.name: (f.unit, f.higher_is_bette
 INT_FIELDS = tuple(f.name for f in _fields.INT_FIELDS)
 
 
-def _core():
-    # Imported lazily so that modules which only read dumps work without the
-    # compiled extension (and its error names the fix).
-    try:
-        from logitparity import _core as core
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError(
-            "logitparity._core (the compiled C++ core) is not importable: "
-            f"{e}. Build it with `pip install --no-build-isolation -e .` "
-            "after installing libhwy-dev (see README)."
-        ) from e
-    return core
-
-
 def _threads(threads: int | None) -> int:
     if threads is None:
         return 0  # the core's default: all cores
@@ -74,7 +61,7 @@ def _threads(threads: int | None) -> int:
     return int(threads)
 
 
-def _as_rows(x: Any, name: str, bf16: bool = False) -> tuple[np.ndarray, bool, tuple[int, ...]]:
+def as_rows(x: Any, name: str, bf16: bool = False) -> tuple[np.ndarray, bool, tuple[int, ...]]:
     """-> (2-D array of float32/float16/uint16 with a contiguous last dim,
     is_bf16, leading shape)."""
     mod = type(x).__module__
@@ -351,8 +338,8 @@ def compare_logits(
         if core.cuda_built() and core.cuda_device_count() > 0:
             return _compare_cuda(ref, cand, targets, topk, js, ref_bf16, cand_bf16)
         # No CUDA kernels or no GPU: torch tensors are copied to the host below.
-    a, a_bf16, lead = _as_rows(ref, "ref", ref_bf16)
-    b, b_bf16, lead_b = _as_rows(cand, "cand", cand_bf16)
+    a, a_bf16, lead = as_rows(ref, "ref", ref_bf16)
+    b, b_bf16, lead_b = as_rows(cand, "cand", cand_bf16)
     _check_vocab(a, b, "ref", "cand")
     _check_lead(lead, lead_b, "ref", "cand")
     if len(lead_b) > len(lead):
@@ -536,14 +523,14 @@ def log_softmax(
             )
         _core().log_softmax_(arr.reshape(-1, arr.shape[-1]), _threads(threads))
         return x
-    a, is_bf16, lead = _as_rows(x, "x", bf16)
+    a, is_bf16, lead = as_rows(x, "x", bf16)
     return _reshape(_core().log_softmax(a, is_bf16, _threads(threads)), lead)
 
 
 def topk(x: Any, k: int, *, threads: int | None = None, bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (values as float32, indices as int64) per row, by value descending,
     ties broken by the lower index."""
-    a, is_bf16, lead = _as_rows(x, "x", bf16)
+    a, is_bf16, lead = as_rows(x, "x", bf16)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be an int, got {k!r}")
     if not 1 <= k <= a.shape[1]:
@@ -554,7 +541,7 @@ def topk(x: Any, k: int, *, threads: int | None = None, bf16: bool = False) -> t
 
 def nll(x: Any, targets: Any, *, threads: int | None = None, bf16: bool = False) -> np.ndarray:
     """Negative log-likelihood (nats) of targets[r] under softmax(x[r]), float64."""
-    a, is_bf16, lead = _as_rows(x, "x", bf16)
+    a, is_bf16, lead = as_rows(x, "x", bf16)
     t = _targets(targets, a.shape[0], a.shape[1], lead)
     if (t < 0).any():
         raise ValueError(f"targets must be in [0, {a.shape[1]}) for nll, got -1 at row {int(np.argmax(t < 0))}")
@@ -564,6 +551,6 @@ def nll(x: Any, targets: Any, *, threads: int | None = None, bf16: bool = False)
 
 def logsumexp(x: Any, *, threads: int | None = None, bf16: bool = False) -> np.ndarray:
     """Row-wise log-sum-exp (natural log), float64."""
-    a, is_bf16, lead = _as_rows(x, "x", bf16)
+    a, is_bf16, lead = as_rows(x, "x", bf16)
     out = _core().logsumexp(a, is_bf16, _threads(threads))
     return out.reshape(lead) if lead else out.reshape(())

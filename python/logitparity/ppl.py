@@ -29,7 +29,8 @@ import numpy as np
 
 from logitparity._fileio import write_text_atomic
 
-from logitparity.baseline_cache import TOKENIZER_KEYS, BaselineCache, BaselineCacheWriter, CacheRows, text_sha256
+from logitparity.baseline_cache import BaselineCache, BaselineCacheWriter, CacheRows, text_sha256
+from logitparity.dump import TOKENIZER_IDENTITY
 from logitparity.metrics import compare_logits, logsumexp, nll as _nll, topk as _topk
 from logitparity.stats import Describe, Rate, describe, format_mean_se, rate
 
@@ -657,7 +658,7 @@ def _plan_from_text(ref_lm: Any, cand_lm: Any, txt: str, name: str, *, ctx: int 
     stride = max(1, ctx // 2) if stride is None else stride
     tok, ident = ref_lm.tokenizer, ref_lm.identity["tokenizer"]
     if cand_lm is not None:
-        for key in TOKENIZER_KEYS:
+        for key in TOKENIZER_IDENTITY:
             if ident.get(key) != cand_lm.identity["tokenizer"].get(key):
                 raise ValueError(
                     f"reference and candidate tokenizers differ ({key}); perplexity can only be "

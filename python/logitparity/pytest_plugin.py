@@ -187,7 +187,7 @@ class LogitSnapshot:
         with a new snapshot; tokenizer, input_ids: as in
         assert_logits_match, for the failure message."""
         __tracebackhide__ = True
-        from logitparity.testing import _assert_against_dump
+        from logitparity.testing import assert_against_dump
 
         path = self._path(name)
         action = self._need_write(path)
@@ -195,7 +195,7 @@ class LogitSnapshot:
             _write_arrays(path, logits, storage or _storage(self._config), prompt_ids, self._node.nodeid)
             self._config.stash[_STATS][action].append(path)
             return
-        _assert_against_dump(_open(path), logits, self._policy(policy, limits), tokenizer=tokenizer,
+        assert_against_dump(_open(path), logits, self._policy(policy, limits), tokenizer=tokenizer,
                              input_ids=input_ids, hint=_UPDATE_HINT)
 
     def dump(self, dump_dir: "str | os.PathLike[str]", *, name: str | None = None,
@@ -270,10 +270,10 @@ def _fits(storage: str, vocab: int) -> bool:
 def _write_arrays(path: Path, logits: Any, storage: str, prompt_ids: Sequence[str] | None, test: str) -> None:
     from logitparity.dump import DumpWriter, bf16_to_float32
     from logitparity.metrics import topk
-    from logitparity.testing import _prompt_ids, _sequences
+    from logitparity.testing import as_sequences, prompt_ids_for
 
-    x, bf16, shape = _sequences(logits, "logits")
-    ids = _prompt_ids(prompt_ids, x.shape[0])
+    x, bf16, shape = as_sequences(logits, "logits")
+    ids = prompt_ids_for(prompt_ids, x.shape[0])
     _, top1 = topk(x.reshape(-1, x.shape[2]), 1, bf16=bf16)
     tokens = top1.reshape(x.shape[:2])
     dtype = "bf16" if bf16 else "fp16" if x.dtype == np.float16 else "fp32"

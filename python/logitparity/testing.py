@@ -41,7 +41,7 @@ import numpy as np
 
 from logitparity.compare import Comparison, compare_dumps
 from logitparity.dump import Dump, bf16_to_float32, load_dump
-from logitparity.metrics import _as_rows, logsumexp, topk as _topk
+from logitparity.metrics import as_rows, logsumexp, topk as _topk
 from logitparity.policy import Policy, Threshold, load_policy, parse_metric
 
 __all__ = ["apply_limits", "assert_dumps_match", "assert_logits_match", "logits_comparison"]
@@ -140,14 +140,14 @@ class ArrayDump(Dump):
         return x
 
 
-def _sequences(x: Any, name: str) -> tuple[np.ndarray, bool, tuple[int, ...]]:
+def as_sequences(x: Any, name: str) -> tuple[np.ndarray, bool, tuple[int, ...]]:
     """-> ([batch, positions, vocab] array, is_bf16, the input's shape)."""
     if isinstance(x, np.ndarray) and x.dtype == np.uint16:
         raise TypeError(
             f"{name} is uint16: pass bfloat16 logits as a torch.bfloat16 tensor or an ml_dtypes bfloat16 array, "
             "or convert bit patterns with logitparity.dump.bf16_to_float32"
         )
-    arr, bf16, lead = _as_rows(x, name)
+    arr, bf16, lead = as_rows(x, name)
     shape = (*lead, arr.shape[1])
     if len(lead) > 2:
         raise ValueError(
@@ -158,7 +158,7 @@ def _sequences(x: Any, name: str) -> tuple[np.ndarray, bool, tuple[int, ...]]:
     return arr.reshape(b, s, arr.shape[1]), bf16, shape
 
 
-def _prompt_ids(prompt_ids: Sequence[str] | None, batch: int) -> list[str]:
+def prompt_ids_for(prompt_ids: Sequence[str] | None, batch: int) -> list[str]:
     if prompt_ids is None:
         return [str(i) for i in range(batch)]
     ids = [str(p) for p in prompt_ids]
@@ -200,12 +200,12 @@ def _input_ids(input_ids: Any, batch: int, positions: int) -> np.ndarray | None:
 def _compare_arrays(ref: Any, cand: Any, pol: Policy, topk: Sequence[int], prompt_ids: Sequence[str] | None,
                     tokenizer: Any, threads: int | None) -> tuple[Comparison, ArrayDump, ArrayDump, tuple[int, ...]]:
     _check_no_generation(pol)
-    a, a16, sa = _sequences(ref, "ref")
-    b, b16, sb = _sequences(cand, "cand")
+    a, a16, sa = as_sequences(ref, "ref")
+    b, b16, sb = as_sequences(cand, "cand")
     if sa != sb:
         hint = "; one side may use a padded vocabulary: slice both to the real one" if sa[:-1] == sb[:-1] else ""
         raise ValueError(f"ref and cand must have the same shape, got {sa} and {sb}{hint}")
-    ids = _prompt_ids(prompt_ids, a.shape[0])
+    ids = prompt_ids_for(prompt_ids, a.shape[0])
     topk = [k for k in topk if k <= a.shape[2]]  # a k above the vocabulary is no overlap to measure
     _, top1 = _topk(a.reshape(-1, a.shape[2]), 1, threads=threads, bf16=a16)
     tokens = top1.reshape(a.shape[0], a.shape[1])
@@ -255,14 +255,14 @@ def assert_logits_match(ref: Any, cand: Any, policy: "str | os.PathLike[str] | P
     return comp
 
 
-def _assert_against_dump(ref: Dump, cand: Any, pol: Policy, *, topk: Sequence[int] = (1, 5, 10),
+def assert_against_dump(ref: Dump, cand: Any, pol: Policy, *, topk: Sequence[int] = (1, 5, 10),
                          tokenizer: Any = None, input_ids: Any = None, hint: str = "") -> Comparison:
     """Assert that logits ``cand`` match a dump ``ref`` of the same shape
     written from logits (a golden-logit snapshot: one record per sequence,
     the reference's top-1 tokens as its generated tokens)."""
     __tracebackhide__ = True
     _check_no_generation(pol)
-    b, b16, shape = _sequences(cand, "logits")
+    b, b16, shape = as_sequences(cand, "logits")
     want = (len(ref.records), *sorted({int(r["n_positions"]) for r in ref.records}), ref.vocab_size)
     if want != tuple(b.shape):
         raise AssertionError(

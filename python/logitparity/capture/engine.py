@@ -38,12 +38,12 @@ import importlib.metadata
 import json
 from typing import Any, Protocol, Sequence, runtime_checkable
 
+from logitparity.dump import TOKENIZER_IDENTITY
+
 __all__ = ["ENGINES", "Engine", "HFEngine", "Output", "StopRule", "TokenizerMismatch", "check_tokenizer",
            "hf_encode", "load_engine", "parse_engine_options"]
 
 ENGINES = ("hf", "llama.cpp")
-# The tokenizer identity keys two runs must share (docs/dump-format.md).
-TOKENIZER_KEYS = ("vocab_size", "tokens_hash", "special_tokens")
 
 
 @dataclasses.dataclass
@@ -107,7 +107,7 @@ def check_tokenizer(ours: dict[str, Any], theirs: dict[str, Any], *, ours_name: 
     tokens_hash, special_tokens) whose values differ, with both values in
     full."""
     diffs = []
-    for key in TOKENIZER_KEYS:
+    for key in TOKENIZER_IDENTITY:
         a, b = ours.get(key), theirs.get(key)
         if a != b:
             diffs.append(f"tokenizer.{key}: {ours_name} {json.dumps(a, sort_keys=True, ensure_ascii=False)}, "
