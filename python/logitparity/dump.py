@@ -35,7 +35,7 @@ import struct
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -303,7 +303,7 @@ class Dump:
     raises DumpError (a ValueError) listing them.
     """
 
-    lse_known: bool = True  # a class default, so subclasses that skip __init__ keep it
+    _arrays: dict[str, np.ndarray] | None = None  # rows of an in-memory dump (from_arrays)
 
     def __init__(self, path: str | os.PathLike):
         from logitparity.validate import DumpError, inspect_dump
@@ -325,6 +325,39 @@ class Dump:
         self._by_id = {r["id"]: r for r in self.records}
         self._headers: dict[str, dict[str, Any]] = ins.headers
         self._maps: dict[str, np.memmap] = {}
+
+    @classmethod
+    def from_arrays(cls, rows: Sequence[np.ndarray], ids: Sequence[str], tokens: Sequence[Sequence[int]], *,
+                    bf16: bool = False, mode: str = "greedy", label: str = "<arrays>") -> "Dump":
+        """Logits held in memory as a full-storage dump that is never written
+        to disk (``compare_dumps`` reads it like any other). One record per
+        sequence: ``rows[i]`` its [positions, vocab] logits (float32, float16,
+        or uint16 bfloat16 bits with ``bf16=True``), ``tokens[i]`` the token
+        ids recorded as generated (one per position); ``mode`` greedy (a
+        reference) or score (a candidate scored on the reference's tokens)."""
+        if not (len(rows) == len(ids) == len(tokens)) or not rows:
+            raise ValueError(f"from_arrays needs one id and one token list per row array and at least one row "
+                             f"array, got {len(rows)} arrays, {len(ids)} ids, {len(tokens)} token lists")
+        self = cls.__new__(cls)
+        self.path = Path(label)
+        self.storage, self.k, self.lse_known = "full", None, True
+        self.vocab_size = int(rows[0].shape[1])
+        self.logits_dtype = "bf16" if bf16 else ("fp16" if rows[0].dtype == np.float16 else "fp32")
+        self.manifest = {
+            "engine": {"name": "arrays"},
+            "decoding": {"mode": mode},
+            "logits": {"storage": "full", "dtype": self.logits_dtype, "vocab_size": self.vocab_size},
+        }
+        self.records = [
+            {"id": i, "category": "", "prompt": "", "chat_template": False, "prompt_token_ids": [],
+             "generated_token_ids": [int(t) for t in tok], "stop_reason": "max_new_tokens",
+             "n_positions": len(tok)}
+            for i, tok in zip(ids, tokens)
+        ]
+        self._by_id = {r["id"]: r for r in self.records}
+        self._headers, self._maps = {}, {}
+        self._arrays = dict(zip(ids, rows))
+        return self
 
     @property
     def complete(self) -> bool:
@@ -363,7 +396,7 @@ class Dump:
         if self.k is not None:
             raise ValueError(f"{self.path} stores {self.storage} logits, not full rows; use .topk({prompt_id!r})")
         r = self.record(prompt_id)
-        x = self._tensor(r["shard"], r["tensors"]["logits"])
+        x = self._arrays[r["id"]] if self._arrays is not None else self._tensor(r["shard"], r["tensors"]["logits"])
         if as_float32:
             return bf16_to_float32(x) if self.logits_dtype == "bf16" else np.asarray(x, dtype=np.float32)
         return x

@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from logitparity.compare import Comparison, compare_dumps
-from logitparity.dump import Dump, bf16_to_float32, load_dump
+from logitparity.dump import Dump, load_dump
 from logitparity.metrics import as_rows, logsumexp, topk as _topk
 from logitparity.policy import Policy, Threshold, load_policy, parse_metric
 
@@ -99,45 +99,6 @@ def _check_no_generation(pol: Policy) -> None:
                 "bare logits have none: use assert_dumps_match, or a policy without it"
             )
 
-
-# --------------------------------------------------------------------------
-# Logit arrays as an in-memory dump
-
-
-class ArrayDump(Dump):
-    """Logits held in memory: a full-storage Dump that is never written to
-    disk (``compare_dumps`` reads it like any other). One record per
-    sequence: ``rows[i]`` its [positions, vocab] logits (float32, float16 or
-    uint16 bfloat16 bits), ``tokens[i]`` the token ids recorded as generated
-    (one per position); ``mode`` greedy (a reference) or score (a candidate
-    scored on the reference's tokens)."""
-
-    def __init__(self, rows: Sequence[np.ndarray], ids: Sequence[str], tokens: Sequence[Sequence[int]],
-                 *, bf16: bool, mode: str, label: str):
-        self.path = Path(label)
-        self.k = None
-        self.storage = "full"
-        self._rows = dict(zip(ids, rows))
-        self.vocab_size = int(rows[0].shape[1])
-        self.logits_dtype = "bf16" if bf16 else ("fp16" if rows[0].dtype == np.float16 else "fp32")
-        self.manifest: dict[str, Any] = {
-            "engine": {"name": "arrays"},
-            "decoding": {"mode": mode},
-            "logits": {"storage": "full", "dtype": self.logits_dtype, "vocab_size": self.vocab_size},
-        }
-        self.records = [
-            {"id": i, "category": "", "prompt": "", "chat_template": False, "prompt_token_ids": [],
-             "generated_token_ids": [int(t) for t in tok], "stop_reason": "max_new_tokens",
-             "n_positions": len(tok)}
-            for i, tok in zip(ids, tokens)
-        ]
-        self._by_id = {r["id"]: r for r in self.records}
-
-    def logits(self, prompt_id: str, *, as_float32: bool = False) -> np.ndarray:
-        x = self._rows[self.record(prompt_id)["id"]]
-        if as_float32:
-            return bf16_to_float32(x) if self.logits_dtype == "bf16" else np.asarray(x, dtype=np.float32)
-        return x
 
 
 def as_sequences(x: Any, name: str) -> tuple[np.ndarray, bool, tuple[int, ...]]:
@@ -198,7 +159,7 @@ def _input_ids(input_ids: Any, batch: int, positions: int) -> np.ndarray | None:
 
 
 def _compare_arrays(ref: Any, cand: Any, pol: Policy, topk: Sequence[int], prompt_ids: Sequence[str] | None,
-                    tokenizer: Any, threads: int | None) -> tuple[Comparison, ArrayDump, ArrayDump, tuple[int, ...]]:
+                    tokenizer: Any, threads: int | None) -> tuple[Comparison, Dump, Dump, tuple[int, ...]]:
     _check_no_generation(pol)
     a, a16, sa = as_sequences(ref, "ref")
     b, b16, sb = as_sequences(cand, "cand")
@@ -209,8 +170,8 @@ def _compare_arrays(ref: Any, cand: Any, pol: Policy, topk: Sequence[int], promp
     topk = [k for k in topk if k <= a.shape[2]]  # a k above the vocabulary is no overlap to measure
     _, top1 = _topk(a.reshape(-1, a.shape[2]), 1, threads=threads, bf16=a16)
     tokens = top1.reshape(a.shape[0], a.shape[1])
-    ref_d = ArrayDump(list(a), ids, tokens, bf16=a16, mode="greedy", label="<ref>")
-    cand_d = ArrayDump(list(b), ids, tokens, bf16=b16, mode="score", label="<cand>")
+    ref_d = Dump.from_arrays(list(a), ids, tokens, bf16=a16, mode="greedy", label="<ref>")
+    cand_d = Dump.from_arrays(list(b), ids, tokens, bf16=b16, mode="score", label="<cand>")
     comp = compare_dumps(ref_d, cand_d, policy=pol, topk=topk, threads=threads, decode=_decoder(tokenizer))
     return comp, ref_d, cand_d, sa
 
@@ -271,7 +232,7 @@ def assert_against_dump(ref: Dump, cand: Any, pol: Policy, *, topk: Sequence[int
         )
     ids = [r["id"] for r in ref.records]
     topk = [k for k in topk if k <= b.shape[2]]
-    cand_d = ArrayDump(list(b), ids, [r["generated_token_ids"] for r in ref.records], bf16=b16, mode="score",
+    cand_d = Dump.from_arrays(list(b), ids, [r["generated_token_ids"] for r in ref.records], bf16=b16, mode="score",
                        label="<logits>")
     comp = compare_dumps(ref, cand_d, policy=pol, topk=topk, decode=_decoder(tokenizer))
     ctx = _input_ids(input_ids, b.shape[0], b.shape[1])
@@ -312,7 +273,7 @@ class _Sides:
 
     comp: Comparison
     kind: str  # "logits" | "dumps"
-    dumps: tuple[Any, Any]  # (reference, candidate): Dump or ArrayDump
+    dumps: tuple[Any, Any]  # (reference, candidate): on disk or Dump.from_arrays
     context: np.ndarray | None = None  # [batch, positions] input ids (logits)
     shape: tuple[int, ...] = ()  # the input's shape (logits)
 
