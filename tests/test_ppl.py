@@ -489,3 +489,30 @@ def _default(dtype):
     from logitparity.capture.hf import load_model
 
     return load_model(None, dtype=dtype)
+
+
+def test_topk_cache_tail_mass_is_float64_exact_like_the_dump(tmp_path):
+    """A cache's top-K tail comes from a float64 log-sum-exp, as a dump's does:
+    a tail of ~1e-12 (far below float32's epsilon) survives, matching a
+    float64 numpy reference, and equals what a topk dump stores for the same rows."""
+    from logitparity.baseline_cache import BaselineCache, BaselineCacheWriter
+    from logitparity.topk_rows import exact_lse, tail_mass
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(6, 301)).astype(np.float32) - 40.0
+    x[:, :4] = rng.normal(size=(6, 4)).astype(np.float32) * 0.1  # four tokens hold all but ~1e-15 of the mass
+    x64 = x.astype(np.float64)
+    lse64 = np.log(np.exp(x64 - x64.max(1, keepdims=True)).sum(1)) + x64.max(1)
+    top = np.sort(x64, axis=1)[:, ::-1][:, :4]
+    want = 1.0 - np.exp(top - lse64[:, None]).sum(1)
+    assert (want > 1e-16).all() and (want < 1e-12).all()
+
+    n = x.shape[0]
+    w = BaselineCacheWriter(tmp_path / "c", storage="topk:4")
+    w.add(x, position=np.arange(n), target=np.zeros(n, np.int64), nll=np.zeros(n),
+          lse=np.zeros(n), argmax=x.argmax(1))  # the given lse is not what the tail uses
+    w.close({"text": {"sha256": "0" * 64}, "settings": {}, "tokenizer": {}, "model": {}}, np.arange(n + 1))
+    rows = BaselineCache(tmp_path / "c").rows(0, n)
+    np.testing.assert_allclose(rows.tail, want, rtol=1e-6)
+    np.testing.assert_allclose(rows.lse, lse64, rtol=1e-15, atol=0)
+    np.testing.assert_array_equal(tail_mass(rows.topk_values, exact_lse(x)), rows.tail)

@@ -44,8 +44,9 @@ from typing import Any
 
 import numpy as np
 
-from logitparity.dump import TOKENIZER_IDENTITY, float32_to_bf16_bits, parse_storage
+from logitparity.dump import TOKENIZER_IDENTITY, float32_to_bf16_bits, logits_as_array, parse_storage
 from logitparity.metrics import log_softmax, topk as _topk
+from logitparity.topk_rows import exact_lse, tail_mass
 
 __all__ = ["FORMAT", "VERSION", "BaselineCache", "BaselineCacheWriter", "CacheRows", "load_baseline_cache"]
 
@@ -147,9 +148,10 @@ class BaselineCacheWriter:
             v, i = _topk(logits, k, threads=self.threads)
             rows["topk_values"] = v.astype(np.float32, copy=False)
             rows["topk_indices"] = i.astype(np.int32)
-            with np.errstate(over="ignore"):
-                kept = np.exp(v.astype(np.float64) - rows["lse"][:, None]).sum(-1)
-            rows["tail"] = np.clip(1.0 - kept, 0.0, 1.0)
+            # The tail from a float64 log-sum-exp (exp included), as in dumps:
+            # the given lse sums float32 exps and would floor the tail at ~1e-7.
+            rows["lse"] = exact_lse(logits_as_array(logits, "fp32"))
+            rows["tail"] = tail_mass(v, rows["lse"])
         self._pending.append(rows)
         self._pending_bytes += sum(a.nbytes for a in rows.values())
         self.rows += len(rows["target"])

@@ -136,7 +136,7 @@ def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-def _to_numpy(logits: Any, dtype: str) -> np.ndarray:
+def logits_as_array(logits: Any, dtype: str) -> np.ndarray:
     """Raw logits [n, vocab] (torch or numpy) -> contiguous array in the storage dtype."""
     if type(logits).__module__.startswith("torch"):
         import torch  # only when a tensor was passed
@@ -172,23 +172,6 @@ def _to_numpy(logits: Any, dtype: str) -> np.ndarray:
                 "store them with logits_dtype='fp32' or 'bf16'"
             )
     return arr
-
-
-def _exact_lse(x: np.ndarray) -> np.ndarray:
-    """Row-wise log-sum-exp [n] in float64 throughout (exp included), so
-    that the tail mass 1 - sum(exp(v - lse)) keeps its small values: -inf for
-    an all -inf row, NaN for a row holding NaN or +inf."""
-    out = np.empty(x.shape[0], np.float64)
-    for start in range(0, x.shape[0], 64):  # bounded float64 temporaries
-        c = x[start:start + 64].astype(np.float64)
-        m = c.max(axis=1)
-        bad = ~np.isfinite(m)
-        m_safe = np.where(bad, 0.0, m)
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            s = np.exp(c - m_safe[:, None]).sum(axis=1)
-            lse = m_safe + np.log(s)
-        out[start:start + 64] = np.where(bad, np.where(m == -np.inf, -np.inf, np.nan), lse)
-    return out
 
 
 class ShardError(ValueError):
@@ -617,19 +600,19 @@ class DumpWriter:
 
     def _storage_tensors(self, logits: Any) -> dict[str, np.ndarray]:
         if self.k is None:
-            return {"logits": _to_numpy(logits, self.manifest["logits"]["dtype"])}
+            return {"logits": logits_as_array(logits, self.manifest["logits"]["dtype"])}
         from logitparity.metrics import topk
 
-        x = _to_numpy(logits, "fp32")
+        x = logits_as_array(logits, "fp32")
         n = x.shape[0]
         if n == 0:
             return {"topk_values": np.zeros((0, self.k), np.float32), "topk_indices": np.zeros((0, self.k), np.int32),
                     "lse": np.zeros(0, np.float64), "tail_mass": np.zeros(0, np.float64)}
+        from logitparity.topk_rows import exact_lse, tail_mass
+
         values, indices = topk(x, self.k)
-        lse = _exact_lse(x)
-        with np.errstate(invalid="ignore"):
-            kept = np.exp(values.astype(np.float64) - lse[:, None]).sum(axis=1)
-        tail = np.maximum(1.0 - kept, 0.0)  # NaN stays NaN
+        lse = exact_lse(x)
+        tail = tail_mass(values, lse)
         return {"topk_values": np.ascontiguousarray(values, np.float32),
                 "topk_indices": np.ascontiguousarray(indices, np.int32), "lse": lse, "tail_mass": tail}
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from logitparity.metrics import RowMetrics, logsumexp, topk as _topk
 
-__all__ = ["KlBounds", "TopRows", "lse_interval", "sorted_top", "top_from_full", "topk_kl_bounds",
+__all__ = ["KlBounds", "TopRows", "exact_lse", "lse_interval", "sorted_top", "top_from_full", "topk_kl_bounds",
            "topk_row_metrics", "unknown_lse"]
 
 
@@ -149,10 +149,35 @@ class KlBounds:
         return self.kl_ref_cand_hi - self.kl_ref_cand_lo
 
 
-def _with_lse(side: TopRows, lse: np.ndarray) -> TopRows:
+def exact_lse(x: np.ndarray) -> np.ndarray:
+    """Row-wise log-sum-exp [n] in float64 throughout (exp included), so
+    that the tail mass 1 - sum(exp(v - lse)) keeps its small values: -inf for
+    an all -inf row, NaN for a row holding NaN or +inf."""
+    out = np.empty(x.shape[0], np.float64)
+    for start in range(0, x.shape[0], 64):  # bounded float64 temporaries
+        c = x[start:start + 64].astype(np.float64)
+        m = c.max(axis=1)
+        bad = ~np.isfinite(m)
+        m_safe = np.where(bad, 0.0, m)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            s = np.exp(c - m_safe[:, None]).sum(axis=1)
+            lse = m_safe + np.log(s)
+        out[start:start + 64] = np.where(bad, np.where(m == -np.inf, -np.inf, np.nan), lse)
+    return out
+
+
+def tail_mass(values: np.ndarray, lse: np.ndarray) -> np.ndarray:
+    """The probability outside the stored top-K, 1 - sum exp(values - lse),
+    in float64 and clipped to [0, 1] (NaN stays NaN). The one definition the
+    dump writer, the baseline cache and the top-K comparison share; with
+    ``lse`` from exact_lse it keeps tail masses far below float32's epsilon."""
     with np.errstate(invalid="ignore", over="ignore"):
-        tail = np.clip(1.0 - np.exp(side.values - lse[:, None]).sum(-1), 0.0, 1.0)
-    return TopRows(side.values, side.indices, lse, tail, side.full, side.bf16)
+        kept = np.exp(np.asarray(values, np.float64) - np.asarray(lse, np.float64)[:, None]).sum(-1)
+    return np.clip(1.0 - kept, 0.0, 1.0)
+
+
+def _with_lse(side: TopRows, lse: np.ndarray) -> TopRows:
+    return TopRows(side.values, side.indices, lse, tail_mass(side.values, lse), side.full, side.bf16)
 
 
 def _shared_buckets(a: TopRows, b: TopRows, v: int):
