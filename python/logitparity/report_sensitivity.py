@@ -217,13 +217,13 @@ def write_sensitivity_plot(m: "SensitivityMap", path: str | os.PathLike) -> Path
                 acc[c.layer] = acc.get(c.layer, 0.0) + d[c.label]
             return [acc[x] for x in m.layers]
 
-        from logitparity.sensitivity import _ranks
+        from logitparity.sensitivity import average_ranks
 
         y = np.arange(len(m.layers))
-        ax2.plot(_ranks(-np.array([lk[x] for x in m.layers])) + 1, y, "o-", ms=3, lw=1, label="measured KL")
-        ax2.plot(_ranks(-np.array(per_layer(sal.weight_grad))) + 1, y, "s--", ms=3, lw=1,
+        ax2.plot(average_ranks(-np.array([lk[x] for x in m.layers])) + 1, y, "o-", ms=3, lw=1, label="measured KL")
+        ax2.plot(average_ranks(-np.array(per_layer(sal.weight_grad))) + 1, y, "s--", ms=3, lw=1,
                  label=f"|W⊙∇| (ρ {sal.spearman_weight_grad:.2f})")
-        ax2.plot(_ranks(-np.array(per_layer(sal.act_weight))) + 1, y, "^:", ms=3, lw=1,
+        ax2.plot(average_ranks(-np.array(per_layer(sal.act_weight))) + 1, y, "^:", ms=3, lw=1,
                  label=f"act·|W| (ρ {sal.spearman_act_weight:.2f})")
         ax2.set_ylim(len(m.layers) - 0.5, -0.5)
         ax2.set_yticks([])

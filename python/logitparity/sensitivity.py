@@ -41,7 +41,8 @@ from logitparity.metrics import compare_logits
 from logitparity.ppl import DEFAULT_CORPUS, PairFigures, PplFigures, plan_windows
 from logitparity.stats import Describe, Rate, describe, rate
 
-__all__ = ["Cell", "MixedPrecisionPlan", "RISK_CUTOFFS", "SaliencyResult", "SensitivityMap", "risk_of",
+__all__ = ["ALL", "Cell", "Figures", "MixedPrecisionPlan", "RISK_CUTOFFS", "SaliencyResult", "SensitivityMap", "average_ranks",
+           "check_budget", "check_cutoffs", "risk_of",
            "sensitivity_map", "spearman"]
 
 # Mean KL (nats) cut-offs of the risk classes: L below 1e-3, M below 1e-2,
@@ -58,7 +59,7 @@ ALL = "all"  # a cell's module when every selected module of its layer is transf
 # small numerics
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
+def average_ranks(x: np.ndarray) -> np.ndarray:
     """0-based ranks, ties given their average rank."""
     x = np.asarray(x, dtype=np.float64)
     order = np.argsort(x, kind="stable")
@@ -80,7 +81,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
         raise ValueError(f"spearman needs two sequences of the same length, got {a.size} and {b.size}")
     if a.size < 2:
         return math.nan
-    ra, rb = _ranks(a) - (a.size - 1) / 2, _ranks(b) - (b.size - 1) / 2
+    ra, rb = average_ranks(a) - (a.size - 1) / 2, average_ranks(b) - (b.size - 1) / 2
     den = math.sqrt(float(ra @ ra) * float(rb @ rb))
     return float(ra @ rb) / den if den > 0 else math.nan
 
@@ -398,7 +399,7 @@ def _resolve_layers(n_layers: int, layers: Any) -> list[int]:
     return sorted({int(i) for i in layers})
 
 
-def _check_budget(budget: Any) -> float | None:
+def check_budget(budget: Any) -> float | None:
     if budget is None:
         return None
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (budget > 0) or \
@@ -408,7 +409,7 @@ def _check_budget(budget: Any) -> float | None:
     return float(budget)
 
 
-def _check_cutoffs(cutoffs: Any) -> tuple[float, float]:
+def check_cutoffs(cutoffs: Any) -> tuple[float, float]:
     try:
         lo, hi = (float(x) for x in cutoffs)
     except (TypeError, ValueError):
@@ -488,8 +489,8 @@ def sensitivity_map(model: Any, transform: Any, *, prompts: Any = None, text: An
     n_layers = len(decoder_layers(hf))
     kinds = _resolve_kinds(layerwise.linear_kinds(hf), modules)
     layer_list = _resolve_layers(n_layers, layers)
-    budget = _check_budget(budget)
-    cut = _check_cutoffs(cutoffs)
+    budget = check_budget(budget)
+    cut = check_cutoffs(cutoffs)
     for path, mod in layerwise.target_modules(hf, layer_list, kinds):
         tf.check(path, mod.weight)
     inp = _inputs(model, prompts, text, max_tokens, ctx, limit)

@@ -153,7 +153,7 @@ class SaliencyFigures:
     act_weight: dict[str, float]  # Σ_ij |W_ij| · ‖X_:,j‖₂ over the scored positions
     loss: float
     tokens: int
-    saved_bytes_peak: int  # largest set of tensors autograd saved for one sequence's backward
+    saved_bytes_peak: int  # distinct storages autograd saved for one sequence's backward (parameters excluded), max
     grad_bytes: int  # the weight gradients kept
     seconds: float
 
@@ -166,7 +166,7 @@ def saliency(model: Any, sequences: Sequence[Sequence[int]], rows: Sequence[slic
     the listed weights only (every other parameter is frozen for the pass
     and restored after). Memory is measured, not estimated: the bytes of the
     distinct tensors autograd saves for backward (saved-tensor hooks) and
-    of the weight gradients."""
+    of the weight gradients (float32 per weight, the float64 sums aside)."""
     import time
 
     hf = hf_module(model)
@@ -178,6 +178,7 @@ def saliency(model: Any, sequences: Sequence[Sequence[int]], rows: Sequence[slic
     n_total = int(sum(len(t) for t in targets))
     loss_sum = 0.0
     peak = 0
+    param_storages = {p.untyped_storage().data_ptr() for p in hf.parameters()}
 
     def act_hook(path):
         def hook(module, args, kwargs=None):
@@ -197,8 +198,9 @@ def saliency(model: Any, sequences: Sequence[Sequence[int]], rows: Sequence[slic
             saved: dict[int, int] = {}
 
             def pack(t):
-                key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
-                saved[key] = max(saved.get(key, 0), t.untyped_storage().nbytes())
+                key = t.untyped_storage().data_ptr()
+                if key not in param_storages:  # a weight saved for backward costs nothing extra
+                    saved[key] = max(saved.get(key, 0), t.untyped_storage().nbytes())
                 return t
 
             ids = torch.tensor([list(seq)], dtype=torch.long, device=_device(hf))
