@@ -166,14 +166,13 @@ def saliency(model: Any, sequences: Sequence[Sequence[int]], rows: Sequence[slic
     the listed weights only (every other parameter is frozen for the pass
     and restored after). Memory is measured, not estimated: the bytes of the
     distinct tensors autograd saves for backward (saved-tensor hooks) and
-    of the weight gradients (float32 per weight, the float64 sums aside)."""
+    of the weight gradients (one per weight, in its dtype)."""
     import time
 
     hf = hf_module(model)
     t0 = time.perf_counter()
     weights = {path: mod.weight for path, mod in modules}
     flags = {p: p.requires_grad for p in hf.parameters()}
-    grads = {path: torch.zeros_like(w, dtype=torch.float64) for path, w in weights.items()}
     sq = {path: torch.zeros(w.shape[1], dtype=torch.float64) for path, w in weights.items()}
     n_total = int(sum(len(t) for t in targets))
     loss_sum = 0.0
@@ -210,18 +209,16 @@ def saliency(model: Any, sequences: Sequence[Sequence[int]], rows: Sequence[slic
                 t = torch.as_tensor(np.asarray(tgt), dtype=torch.long, device=logp.device)
                 nll = -logp.gather(1, t[:, None]).sum()
             peak = max(peak, sum(saved.values()))
-            (nll / n_total).backward()
+            (nll / n_total).backward()  # torch sums the sequences' gradients in .grad
             loss_sum += float(nll.detach())
-            for path, w in weights.items():
-                grads[path] += w.grad.to(torch.float64)
-                w.grad = None
+        wg = {path: float((w.detach().to(torch.float64) * w.grad.to(torch.float64)).abs().sum())
+              for path, w in weights.items()}
     finally:
         for h in handles:
             h.remove()
         for p, f in flags.items():
             p.requires_grad_(f)
             p.grad = None
-    wg = {path: float((weights[path].detach().to(torch.float64) * grads[path]).abs().sum()) for path in weights}
     aw = {path: float((weights[path].detach().to(torch.float64).abs() * sq[path].sqrt()[None, :]).sum())
           for path in weights}
     grad_bytes = sum(w.numel() * w.element_size() for w in weights.values())
