@@ -179,6 +179,8 @@ def write_sensitivity_plot(m: "SensitivityMap", path: str | os.PathLike) -> Path
     import numpy as np
     from matplotlib.figure import Figure
 
+    from logitparity.sensitivity import RISK_MARKS, average_ranks, risk_of
+
     cols = m.kinds if m.by_module else ["all"]
     grid = np.full((len(m.layers), len(cols)), np.nan)
     row_of = {layer: i for i, layer in enumerate(m.layers)}
@@ -199,8 +201,6 @@ def write_sensitivity_plot(m: "SensitivityMap", path: str | os.PathLike) -> Path
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             if not np.isnan(grid[i, j]):
-                from logitparity.sensitivity import RISK_MARKS, risk_of
-
                 ax.text(j, i, RISK_MARKS[risk_of(float(grid[i, j]), m.cutoffs)], ha="center", va="center",
                         fontsize=7, color="#2ecc71")
     ax.set_ylabel("decoder layer")
@@ -216,8 +216,6 @@ def write_sensitivity_plot(m: "SensitivityMap", path: str | os.PathLike) -> Path
             for c in m.cells:
                 acc[c.layer] = acc.get(c.layer, 0.0) + d[c.label]
             return [acc[x] for x in m.layers]
-
-        from logitparity.sensitivity import average_ranks
 
         y = np.arange(len(m.layers))
         ax2.plot(average_ranks(-np.array([lk[x] for x in m.layers])) + 1, y, "o-", ms=3, lw=1, label="measured KL")

@@ -39,7 +39,7 @@ import numpy as np
 
 from logitparity.metrics import compare_logits
 from logitparity.ppl import DEFAULT_CORPUS, PairFigures, PplFigures, plan_windows
-from logitparity.stats import Describe, Rate, describe, rate
+from logitparity.stats import Describe, Rate, describe
 
 __all__ = ["ALL", "Cell", "Figures", "MixedPrecisionPlan", "RISK_CUTOFFS", "SaliencyResult", "SensitivityMap", "average_ranks",
            "check_budget", "check_cutoffs", "risk_of",
@@ -224,11 +224,10 @@ class SensitivityMap:
         return out
 
     def strip(self) -> str:
-        """One mark per layer (`.` L, `*` M, `#` H by the layer's mean KL),
-        with the layer numbers above every tenth."""
+        """One mark per measured layer, in layer order: `.` L, `*` M, `#` H
+        by the layer's mean KL (the markdown puts layer numbers above it)."""
         kl = self.layer_kl()
-        marks = "".join(RISK_MARKS[risk_of(kl[i], self.cutoffs)] for i in self.layers)
-        return marks
+        return "".join(RISK_MARKS[risk_of(kl[i], self.cutoffs)] for i in self.layers)
 
     def to_dict(self) -> dict[str, Any]:
         from logitparity.report_sensitivity import sensitivity_dict

@@ -25,7 +25,6 @@ import torch
 
 from logitparity.capture.hooks import decoder_layers, hf_module
 from logitparity.capture.quantize import Transform
-from logitparity.layers import module_kind
 
 __all__ = ["ReferencePass", "SaliencyFigures", "linear_kinds", "logits_from_layer", "reference_pass", "saliency",
            "target_modules", "transformed"]
@@ -224,7 +223,3 @@ def saliency(model: Any, sequences: Sequence[Sequence[int]], rows: Sequence[slic
     grad_bytes = sum(w.numel() * w.element_size() for w in weights.values())
     return SaliencyFigures(wg, aw, loss_sum / max(n_total, 1), n_total, int(peak), int(grad_bytes),
                            time.perf_counter() - t0)
-
-
-def layer_of(path: str) -> int:
-    return int(module_kind(path)[0])
