@@ -190,7 +190,7 @@ def write_sensitivity_plot(m: "SensitivityMap", path: str | os.PathLike) -> Path
     with np.errstate(divide="ignore", invalid="ignore"):
         logk = np.log10(np.where(grid > 0, grid, np.nan))
     fig = Figure(figsize=(1.2 + 0.9 * len(cols) + (2.6 if m.saliency is not None else 0),
-                          1.4 + 0.22 * len(m.layers)))
+                          1.4 + 0.22 * len(m.layers)), layout="constrained")
     axes = fig.subplots(1, 2 if m.saliency is not None else 1, squeeze=False,
                         gridspec_kw={"width_ratios": [len(cols), 2.2]} if m.saliency is not None else None)[0]
     ax = axes[0]
@@ -205,7 +205,8 @@ def write_sensitivity_plot(m: "SensitivityMap", path: str | os.PathLike) -> Path
                         fontsize=7, color="#2ecc71")
     ax.set_ylabel("decoder layer")
     ax.set_title(f"{m.transform}: log10 mean KL (nats)", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.08, pad=0.02)
+    cb = fig.colorbar(im, ax=ax, fraction=0.08, pad=0.02)
+    cb.ax.tick_params(labelsize=7)
     if m.saliency is not None:
         ax2 = axes[1]
         lk = m.layer_kl()
