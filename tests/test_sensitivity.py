@@ -501,6 +501,31 @@ def test_cli_runs(tiny_model_dir, tmp_path, capsys):
     assert (tmp_path / "s.png").is_file() and (tmp_path / "s.json").is_file()
 
 
+def test_cli_exit_1_when_the_measured_plan_is_over_budget(tiny_model_dir, tmp_path, capsys):
+    """On this model and text the module cells' int4 effects add
+    super-additively: a budget just above the predicted total keeps nothing,
+    and the measured plan is over it."""
+    from pathlib import Path
+
+    from logitparity.capture import load_model
+
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+    m = sensitivity_map(load_model(tiny_model_dir), "int4", group_size=16, text=Path(text), ctx=64, by_module=True,
+                        budget=1.0)
+    total = m.plan.predicted_all_kl
+    assert m.plan.measured.kl.mean > 1.05 * total  # what makes the case
+    rc, out, err = _cli([tiny_model_dir, "--transform", "int4", "--group-size", "16", "--text-file", str(text),
+                         "--ctx", "64", "--by-module", "--budget", repr(1.01 * total), "--json",
+                         str(tmp_path / "s.json"), "--quiet"], capsys)
+    assert rc == 1, err
+    assert "keep 0 at reference precision" in out
+    import json
+
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["plan"]["within_budget"] is False
+
+
 def _prompts_file(tmp_path):
     p = tmp_path / "prompts.jsonl"
     p.write_text('{"id": "a", "category": "prose", "text": "Once upon a time, in a quiet village by the sea."}\n'
