@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-NAMES = ["quickstart", "numerics_debugging"]
+NAMES = ["quickstart", "numerics_debugging", "sensitivity"]
 
 
 def _outputs(nb, mime: str) -> list[str]:
@@ -56,6 +56,11 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
         assert "| kl_ref_cand | ↓ |" in markdown  # the summary table
         assert "# logitparity: candidate vs reference" in markdown  # the full report
         assert "| run | generated text |" in markdown or "No divergence" in markdown
+        assert len(images) == 2
+    elif name == "sensitivity":
+        assert "strip, layers 0…29: " in text and "most fragile module: layer " in text
+        assert "predicted mean KL " in text and "Spearman vs measured KL: weight×grad " in text
+        assert "| rank | layer | module | risk | mean KL ± se ↓ |" in markdown
         assert len(images) == 2
     else:
         assert text.count("FAIL under policy 'fp16'") == 2  # free-running and teacher-forced

@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "gate": "logitparity.cli.gate",
     "tasks": "logitparity.cli.tasks",
     "layers": "logitparity.cli.layers",
+    "sensitivity": "logitparity.cli.sensitivity",
 }
 ERROR = 2
 
