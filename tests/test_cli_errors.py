@@ -119,7 +119,7 @@ def test_non_utf8_files(pair, tmp_path, capsys):
     m = Path(cand) / "manifest.json"
     m.write_bytes(m.read_bytes().replace(b'"t"', b'"\xff"'))
     assert main(["compare", ref, cand]) == 2
-    assert "manifest.json: not UTF-8 text (byte 0xff" in capsys.readouterr().err
+    assert "manifest.json is not UTF-8 text (byte 0xff" in capsys.readouterr().err
     r = Path(ref) / "records.jsonl"
     r.write_bytes(r.read_bytes().replace(b"text 1", b"text \xe9"))
     assert main(["validate", ref]) == 2
@@ -141,7 +141,7 @@ def test_non_utf8_policy_and_floor_files_are_named(pair, tmp_path, capsys):
     floor = tmp_path / "floor.json"
     floor.write_bytes(b'{"format": "\xff"}')
     assert main(["compare", ref, cand, "--noise-floor", str(floor)]) == 2
-    assert f"noise-floor file {str(floor)!r} is not UTF-8 text (byte 0xff at offset 12)" in capsys.readouterr().err
+    assert f"noise-floor file {floor} is not UTF-8 text (byte 0xff at offset 12)" in capsys.readouterr().err
 
 
 def test_incomplete_runs_exit_2_unless_allow_partial(tmp_path, capsys):

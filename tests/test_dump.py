@@ -337,13 +337,13 @@ def test_missing_directory(tmp_path):
 
 def test_missing_manifest(dump):
     (dump / "manifest.json").unlink()
-    with pytest.raises(FileNotFoundError, match=r"manifest.json: missing; is .* a logitparity dump directory"):
+    with pytest.raises(FileNotFoundError, match=r"dump manifest .*manifest.json does not exist; is .* a dump directory written by `logitparity dump`"):
         load_dump(dump)
 
 
 def test_manifest_not_json(dump):
     (dump / "manifest.json").write_text("{not json")
-    with pytest.raises(ValueError, match="manifest.json: not valid JSON"):
+    with pytest.raises(ValueError, match=r"dump manifest .*manifest.json is not valid JSON \(Expecting"):
         load_dump(dump)
 
 
@@ -355,7 +355,7 @@ def _edit_manifest(dump, **changes):
 
 def test_unknown_format_tag(dump):
     _edit_manifest(dump, format="llama-logits")
-    with pytest.raises(ValueError, match="manifest.json: unknown format tag 'llama-logits'"):
+    with pytest.raises(ValueError, match="manifest.json: expected format 'logitparity-dump', found format 'llama-logits'; is"):
         load_dump(dump)
 
 

@@ -257,17 +257,17 @@ def test_floor_errors(tmp_path):
         L.load_floor(tmp_path / "nope.json")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "logitparity-dump"}))
-    with pytest.raises(ValueError, match=r"is not a layer floor file: 'format' must be 'logitparity-layer-floor', "
-                                         r"got 'logitparity-dump'"):
+    with pytest.raises(ValueError, match=r"layer floor file .*bad.json: expected format 'logitparity-layer-floor', "
+                                         r"found format 'logitparity-dump', which is a dump manifest"):
         L.load_floor(bad)
     bad.write_text(json.dumps({"format": "logitparity-layer-floor", "version": "2.0", "modules": {}}))
-    with pytest.raises(ValueError, match=r"layer floor version '2.0' is not readable by this logitparity"):
+    with pytest.raises(ValueError, match=r"bad.json: version 2.0 is newer than this logitparity reads \(1.0\); upgrade logitparity"):
         L.load_floor(bad)
     bad.write_text(json.dumps({"format": "logitparity-layer-floor", "version": "1.0", "modules": {"m": {}}}))
     with pytest.raises(ValueError, match=r"module 'm' needs numeric 'rel_l2' and 'rel_l2_max'"):
         L.load_floor(bad)
     bad.write_text("{")
-    with pytest.raises(ValueError, match=r"is not JSON"):
+    with pytest.raises(ValueError, match=r"bad.json is not valid JSON \(Expecting"):
         L.load_floor(bad)
     with pytest.raises(TypeError, match=r"noise_floor must be None, a floor file path or a LayerFloor, got int"):
         L._resolve_floor(3)

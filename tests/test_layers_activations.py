@@ -131,13 +131,13 @@ def test_activations_errors(lm, tmp_path):
     m = d / "activations" / "activations.json"
     doc = json.loads(m.read_text())
     m.write_text(json.dumps({**doc, "version": "2.0"}))
-    with pytest.raises(ValueError, match=r"activations format version 2.0 is newer than this logitparity reads"):
+    with pytest.raises(ValueError, match=r"activations manifest .* version 2.0 is newer than this logitparity reads \(1.0\); upgrade"):
         load_activations(d)
     m.write_text(json.dumps({**doc, "complete": False}))
     with pytest.raises(ValueError, match=r"the activations capture did not finish"):
         load_activations(d)
     m.write_text(json.dumps({**doc, "format": "x"}))
-    with pytest.raises(ValueError, match=r"'format' must be 'logitparity-activations', got 'x'"):
+    with pytest.raises(ValueError, match=r"expected format 'logitparity-activations', found format 'x'; the activations part is damaged"):
         load_activations(d)
     with pytest.raises(ValueError, match=r"generated must be an int >= 0"):
         capture_activations(lm, d, generated=-1)

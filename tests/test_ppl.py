@@ -322,7 +322,7 @@ def test_cache_rejects_wrong_format_tag(caches, tmp_path):
     m = json.loads((d / "manifest.json").read_text())
     m["format"] = "logitparity-dump"
     (d / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ValueError, match="format must be 'logitparity-ppl-baseline'.*that is a dump"):
+    with pytest.raises(ValueError, match="expected format 'logitparity-ppl-baseline', found format 'logitparity-dump', which is a dump manifest"):
         BaselineCache(d)
 
 

@@ -2,6 +2,9 @@
 
 ``write_text_atomic``: a file is either the old one or the complete new one,
 never a torn mix. ``append_text``: one write appended to a file, synced.
+``read_tagged_json``: the one reader of every JSON file logitparity tags with
+a format and a version (dump, activations and baseline-cache manifests, noise
+and layer floors), with one message per failure.
 Neither follows a symbolic link: the temporary file is created exclusively
 (O_EXCL | O_NOFOLLOW), the rename replaces a link at the target instead of
 writing through it, and appends refuse a link (O_NOFOLLOW), so a hostile
@@ -11,10 +14,25 @@ naming the path; a failed write leaves no temporary behind.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
+from typing import Any
 
-__all__ = ["append_text", "make_parent", "write_text_atomic"]
+__all__ = ["FORMAT_NAMES", "append_text", "check_version", "make_parent", "read_tagged_json", "write_text_atomic"]
+
+# Every format tag logitparity writes, and what a file with it is: a reader
+# handed another kind of file says which kind it got.
+FORMAT_NAMES = {
+    "logitparity-dump": "a dump manifest (read by `logitparity compare` and `validate`)",
+    "logitparity-activations": "a dump's activations manifest (`logitparity layers`)",
+    "logitparity-ppl-baseline": "a baseline-cache manifest (`logitparity gate --baseline-cache`)",
+    "logitparity.noise-floor": "a noise-floor file (`logitparity compare --noise-floor`)",
+    "logitparity-layer-floor": "a layer floor file (`logitparity layers --floor`)",
+    "logitparity-sensitivity": "a sensitivity map (`logitparity sensitivity --json`)",
+    "logitparity.comparison": "a comparison report (`logitparity compare --json`)",
+}
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
@@ -96,3 +114,55 @@ def append_text(path: str | os.PathLike, text: str) -> None:
         raise _named(e, Path(path)) from None
     finally:
         os.close(fd)
+
+
+def check_version(version: Any, reads: "str | tuple[int, ...]", where: str, fix: str) -> None:
+    if isinstance(reads, str):  # "M.m": any minor of major M (a newer minor only adds fields)
+        m = re.fullmatch(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None
+        if not m:
+            raise ValueError(f"{where}: 'version' must look like '1.0', got {version!r}; {fix}")
+        major, ours = int(m.group(1)), int(reads.split(".")[0])
+        if major > ours:
+            raise ValueError(f"{where}: version {version} is newer than this logitparity reads ({reads}); "
+                             "upgrade logitparity (pip install -U logitparity)")
+        if major < ours:
+            raise ValueError(f"{where}: version {version} is older than this logitparity reads ({reads}); {fix}")
+    elif isinstance(version, bool) or version not in reads:
+        said = ", ".join(map(str, reads))
+        raise ValueError(f"{where}: version {version!r} is not supported (this logitparity reads {said}); {fix}")
+
+
+def read_tagged_json(path: "str | os.PathLike[str]", *, fmt: str, what: str, fix: str,
+                     reads: "str | tuple[int, ...]", accept: "tuple[str, ...]" = ()) -> dict[str, Any]:
+    """The JSON object at ``path``, after checking it is UTF-8 JSON, an object
+    tagged ``format: fmt`` (or one of ``accept``, returned as is for the
+    caller to unwrap) and a ``version`` this logitparity reads: ``reads`` is
+    "M.m" (any M.x is read; a newer major says to upgrade) or a tuple of
+    accepted integer versions. Every failure names ``what`` and the path,
+    what was expected and what was found, and ends with ``fix``:
+    FileNotFoundError for a missing file, ValueError otherwise."""
+    p = Path(path)
+    where = f"{what} {p}"
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{where} does not exist; {fix}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{where} is a directory, expected a JSON file; {fix}") from None
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); {fix}") from None
+    except (ValueError, RecursionError) as e:  # JSON, or an integer past 4300 digits
+        raise ValueError(f"{where} is not valid JSON ({e}); {fix}") from None
+    got = doc.get("format") if isinstance(doc, dict) else None
+    if got in accept:
+        return doc
+    if got != fmt:
+        found = f"format {got!r}" if isinstance(doc, dict) else f"a JSON {type(doc).__name__}, not an object"
+        kind = FORMAT_NAMES.get(got) if isinstance(got, str) else None
+        raise ValueError(f"{where}: expected format {fmt!r}, found {found}"
+                         f"{f', which is {kind}' if kind else ''}; {fix}")
+    check_version(doc.get("version"), reads, where, fix)
+    return doc
+

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from logitparity._fileio import write_text_atomic
+from logitparity._fileio import read_tagged_json, write_text_atomic
 from logitparity._native import core as _core
 
 __all__ = ["ACTIVATIONS_DIR", "FORMAT", "VERSION", "Activations", "ActivationWriter", "load_activations"]
@@ -176,19 +176,9 @@ class Activations:
             raise FileNotFoundError(
                 f"dump {self.root} has no activations part ({ACTIVATIONS_DIR}/{MANIFEST}); dumps of format 1.0 and "
                 "dumps captured without activations have none: recapture with `logitparity dump --activations`")
-        try:
-            doc = json.loads(mpath.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{mpath} is not JSON ({e.msg} at line {e.lineno}); the activations part is damaged, "
-                             "recapture it") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise ValueError(f"{mpath}: 'format' must be {FORMAT!r}, got {doc.get('format') if isinstance(doc, dict) else doc!r}")
-        m = re.fullmatch(r"(\d+)\.(\d+)", str(doc.get("version")))
-        if not m:
-            raise ValueError(f"{mpath}: 'version' must look like '1.0', got {doc.get('version')!r}")
-        if int(m.group(1)) > int(VERSION.split(".")[0]):
-            raise ValueError(f"{mpath}: activations format version {doc['version']} is newer than this logitparity "
-                             f"reads ({VERSION}); upgrade logitparity (pip install -U logitparity)")
+        doc = read_tagged_json(mpath, fmt=FORMAT, what="activations manifest", reads=VERSION,
+                               fix="the activations part is damaged or foreign: recapture it with "
+                                   "`logitparity dump --activations`")
         if not doc.get("complete"):
             raise ValueError(f"{mpath}: the activations capture did not finish (complete is false); recapture it")
         self.manifest = doc

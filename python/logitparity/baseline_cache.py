@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from logitparity._fileio import read_tagged_json
 from logitparity.dump import TOKENIZER_IDENTITY, float32_to_bf16_bits, logits_as_array, parse_storage
 from logitparity.metrics import log_softmax, topk as _topk
 from logitparity.topk_rows import exact_lse, tail_mass
@@ -228,19 +229,8 @@ class BaselineCache:
                 f"{mpath} not found: {self.path} is not a baseline cache (or it was not written "
                 "completely); recreate it with `logitparity ppl --model REF --save-baseline DIR`"
             )
-        try:
-            m = json.loads(mpath.read_text(encoding="utf-8"))
-        except (ValueError, RecursionError) as e:  # JSON, UTF-8, or an integer past 4300 digits
-            raise ValueError(f"{mpath} is not valid JSON ({e}); recreate the cache") from e
-        if not isinstance(m, dict) or m.get("format") != FORMAT:
-            got = m.get("format") if isinstance(m, dict) else type(m).__name__
-            hint = " (that is a dump: use `logitparity compare`)" if got == "logitparity-dump" else ""
-            raise ValueError(f"{mpath}: format must be {FORMAT!r}, got {got!r}{hint}")
-        if m.get("version") != VERSION:
-            raise ValueError(
-                f"{mpath}: baseline cache version {m.get('version')!r} is not supported by this "
-                f"logitparity (reads version {VERSION}); recreate the cache with --save-baseline"
-            )
+        m = read_tagged_json(mpath, fmt=FORMAT, what="baseline-cache manifest", reads=(VERSION,),
+                             fix="recreate the cache with `logitparity ppl --model REF --save-baseline DIR`")
         for key in ("text", "settings", "tokenizer", "storage", "rows", "shards"):
             if key not in m:
                 raise ValueError(f"{mpath}: missing {key!r}; the cache is damaged, recreate it")

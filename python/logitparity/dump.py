@@ -39,7 +39,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from logitparity._fileio import append_text, write_text_atomic
+from logitparity._fileio import append_text, read_tagged_json, write_text_atomic
 
 __all__ = ["FORMAT", "VERSION", "Dump", "DumpWriter", "load_dump"]
 
@@ -102,19 +102,6 @@ def parse_storage(logits: str) -> int | None:
     if not m or int(m.group(1)) < 1:
         raise ValueError(f"logits storage must be 'full' or 'topk:K' with K >= 1 (e.g. 'topk:64'), got {logits!r}")
     return int(m.group(1))
-
-
-def _check_version(version: Any, where: Path) -> None:
-    m = re.fullmatch(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None
-    if not m:
-        raise ValueError(f"{where}: 'version' must look like '1.0', got {version!r}")
-    if int(m.group(1)) > int(VERSION.split(".")[0]):
-        raise ValueError(
-            f"{where}: dump format version {version} is newer than this logitparity reads "
-            f"({VERSION}); upgrade logitparity (pip install -U logitparity)"
-        )
-    if int(m.group(1)) < 1:
-        raise ValueError(f"{where}: dump format version {version} predates 1.0 and is not supported")
 
 
 def _now() -> str:
@@ -423,25 +410,8 @@ class Dump:
 
 def read_manifest(path: Path) -> dict[str, Any]:
     """manifest.json of dump directory ``path``, with its tag and version checked."""
-    mpath = Path(path) / MANIFEST
-    try:
-        raw = mpath.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{mpath}: missing; is {path} a logitparity dump directory?") from None
-    except IsADirectoryError:
-        raise ValueError(f"{mpath}: is a directory, expected the dump's manifest file") from None
-    try:
-        manifest = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{mpath}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
-                         "dump manifests are UTF-8 JSON") from None
-    except (ValueError, RecursionError) as e:  # JSON, or an integer past 4300 digits
-        raise ValueError(f"{mpath}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        tag = manifest.get("format") if isinstance(manifest, dict) else None
-        raise ValueError(f"{mpath}: unknown format tag {tag!r}, expected {FORMAT!r}; this is not a logitparity dump")
-    _check_version(manifest.get("version"), mpath)
-    return manifest
+    return read_tagged_json(Path(path) / MANIFEST, fmt=FORMAT, what="dump manifest", reads=VERSION,
+                            fix=f"is {path} a dump directory written by `logitparity dump`? capture it again")
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from logitparity._fileio import read_tagged_json
 from logitparity.policy import NOISE_FORMAT, NoiseFloor, ThresholdResult, Verdict, parse_metric, standard_metrics
 from logitparity.stats import RatioTest, rate, ratio_test
 
@@ -280,27 +281,9 @@ def load_floor(path: "str | os.PathLike[str] | Floor | NoiseFloor") -> Floor:
     if isinstance(path, NoiseFloor):
         return Floor(dict(path.metrics), path.change, path.source, version=1)
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"noise-floor file {str(p)!r} does not exist; write one with `logitparity calibrate`")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"noise-floor file {str(p)!r} is not valid JSON: {e}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"noise-floor file {str(p)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
-                         f"{e.start}); write it again with `logitparity calibrate`") from None
-    if not isinstance(data, dict) or data.get("format") != NOISE_FORMAT:
-        got = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ValueError(
-            f"{str(p)!r} is not a noise-floor file: expected format {NOISE_FORMAT!r}, got {got!r}; "
-            "write one with `logitparity calibrate`"
-        )
-    version = data.get("version")
-    if version not in (1, FLOOR_VERSION):
-        raise ValueError(
-            f"noise-floor file {str(p)!r} has version {version!r}, this logitparity reads versions 1 and "
-            f"{FLOOR_VERSION}; re-run `logitparity calibrate`"
-        )
+    data = read_tagged_json(p, fmt=NOISE_FORMAT, what="noise-floor file", reads=(1, FLOOR_VERSION),
+                            fix="write one with `logitparity calibrate`")
+    version = data["version"]
     metrics = {str(k): math.nan if v is None else float(v) for k, v in (data.get("metrics") or {}).items()}
     if version == 1:
         return Floor(metrics, str(data.get("change", "")), str(p), version=1)

@@ -40,6 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from logitparity._fileio import check_version, read_tagged_json
 from logitparity._native import core as _core
 
 __all__ = [
@@ -303,26 +304,19 @@ def floor_document(comparison: LayerComparison, *, description: str = "", margin
 def load_floor(path: str | os.PathLike) -> LayerFloor:
     """Read a floor file written by save_floor (tag and version checked)."""
     p = Path(path)
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"floor file {p} does not exist; write one with "
-                                "logitparity.layers.save_floor(compare_layers(ref, benign_twin), path)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"floor file {p} is not JSON ({e.msg} at line {e.lineno})") from None
-    if isinstance(doc, dict) and doc.get("format") == "logitparity.noise-floor":
+    fix = "write one with logitparity.layers.save_floor(compare_layers(ref, benign_twin), path)"
+    doc = read_tagged_json(p, fmt=FLOOR_FORMAT, what="layer floor file", reads=FLOOR_VERSION, fix=fix,
+                           accept=("logitparity.noise-floor",))
+    if doc.get("format") == "logitparity.noise-floor":
         # a noise-floor file from `logitparity calibrate --layers` carries one
         if not isinstance(doc.get("layers"), dict):
             raise ValueError(f"noise-floor file {p} has no per-module figures; re-run "
                              "`logitparity calibrate --layers` (with a dtype change in --vary)")
         doc = doc["layers"]
-    if not isinstance(doc, dict) or doc.get("format") != FLOOR_FORMAT:
-        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise ValueError(f"{p} is not a layer floor file: 'format' must be {FLOOR_FORMAT!r}, got {got!r}")
-    major = str(doc.get("version", "")).split(".")[0]
-    if major != FLOOR_VERSION.split(".")[0]:
-        raise ValueError(f"{p}: layer floor version {doc.get('version')!r} is not readable by this logitparity "
-                         f"(reads {FLOOR_VERSION}); re-measure the floor with this version")
+        if doc.get("format") != FLOOR_FORMAT:
+            raise ValueError(f"noise-floor file {p}: its 'layers' part has format {doc.get('format')!r}, expected "
+                             f"{FLOOR_FORMAT!r}; re-run `logitparity calibrate --layers`")
+        check_version(doc.get("version"), FLOOR_VERSION, f"layer floor in {p}", "re-run `logitparity calibrate --layers`")
     mods = doc.get("modules")
     if not isinstance(mods, dict) or not mods:
         raise ValueError(f"{p}: 'modules' must map module paths to their figures, got {type(mods).__name__}")
