@@ -418,6 +418,10 @@ def test_cli_dump_and_summary(tiny_model_dir, tmp_path, capsys):
     assert line.startswith(f"dump {out}: 3 prompts, 9 tokens, full bf16") and "tok/s" in line
     assert load_dump(out).logits_dtype == "bf16"
     assert cli_main(["dump", "--model", tiny_model_dir, "--prompts", str(prompts), "--out", str(out)]) == 2
+    for flag, name in (("--storage", "s"), ("--logits", "l")):  # --logits: the old name of --storage
+        assert cli_main(["dump", "--model", tiny_model_dir, "--prompts", str(prompts), "--out", str(tmp_path / name),
+                         "--max-new-tokens", "2", flag, "topk:5", "--no-progress"]) == 0
+        assert load_dump(tmp_path / name).storage == "topk:5"
     assert "already holds a dump; pass resume=True (--resume)" in capsys.readouterr().err
 
 

@@ -436,6 +436,23 @@ def test_cli_ppl_writes_json_and_report(tiny_model_dir, tmp_path, capsys):
     assert doc["pair"]["delta_ppl"] == 0.0 and doc["settings"]["ctx"] == 64
 
 
+def test_cli_ppl_storage_names_the_cache_storage_like_dump(tiny_model_dir, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT[:400], encoding="utf-8")
+    base = ["ppl", "--model", tiny_model_dir, "--text", str(text), "--ctx", "64", "--stride", "32", "--bootstrap", "0"]
+    for flags, name in ((["--storage", "topk:4"], "new"), (["--cache-topk", "4"], "old")):
+        assert main(base + ["--save-baseline", str(tmp_path / name)] + flags) == 0
+    new, old = BaselineCache(tmp_path / "new"), BaselineCache(tmp_path / "old")
+    assert new.manifest["storage"] == old.manifest["storage"] == {"logits": "topk:4", "dtype": None, "vocab": new.vocab}
+    np.testing.assert_array_equal(new.rows(0, len(new)).tail, old.rows(0, len(old)).tail)
+    capsys.readouterr()
+    assert main(base + ["--save-baseline", str(tmp_path / "x"), "--storage", "topk:4", "--cache-topk", "4"]) == 2
+    assert "--storage topk:4 and --cache-topk 4 both set the cache's storage; pass only --storage" in capsys.readouterr().err
+    assert main(base + ["--save-baseline", str(tmp_path / "x"), "--storage", "top4"]) == 2
+    assert "--storage: logits storage must be 'full' or 'topk:K' with K >= 1 (e.g. 'topk:64'), got 'top4'" in \
+        capsys.readouterr().err
+
+
 def test_cli_ppl_bad_input_exits_2(tiny_model_dir, tmp_path, capsys):
     rc = main(["ppl", "--model", tiny_model_dir, "--text", str(tmp_path / "none.txt")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err

@@ -21,7 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (accelerate device_map)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--logits", default="full", help="storage: full | topk:K (default full)")
+    parser.add_argument("--storage", "--logits", dest="storage", default="full", metavar="full|topk:K",
+                        help="what the dump keeps of each logit row: full rows, or the top K with the exact "
+                             "log-sum-exp and tail mass (default full; --logits is the old name)")
     parser.add_argument("--logits-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of full logit rows")
     parser.add_argument("--temperature", type=float, default=0.7, help="sample mode temperature")
     parser.add_argument("--top-p", type=float, default=None, help="sample mode nucleus (default: off)")
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
         model = load_model(args.model, dtype=args.dtype, device=args.device)
     kw = dict(mode=args.mode, reference_dump=args.reference_dump, dtype=args.dtype, device=args.device,
-              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, logits=args.logits,
+              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, logits=args.storage,
               logits_dtype=args.logits_dtype, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
               stop_token_ids=args.stop_token_id, chat_template=False if args.no_chat_template else None,
               resume=args.resume, progress=not args.no_progress, limit=args.limit,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from logitparity.cli import add_torch_threads_argument, apply_torch_threads
+from logitparity.cli import UserError, add_torch_threads_argument, apply_torch_threads
 
 HELP = "Perplexity on a text (sliding windows); with --candidate also PPL ratio, ΔPPL and KL in both directions."
 
@@ -29,8 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--candidate-device", help="candidate device (default: --device)")
     p.add_argument("--baseline-cache", metavar="DIR", help="read the reference from this baseline cache")
     p.add_argument("--save-baseline", metavar="DIR", help="save the reference's rows as a baseline cache")
-    p.add_argument("--cache-topk", type=int, metavar="K", help="cache only the top K logits + tail mass "
-                   "(KL then becomes a lower bound); default: full log-probs")
+    p.add_argument("--storage", metavar="full|topk:K", help="what --save-baseline keeps of each row: full "
+                   "log-probs (default) or the top K logits + tail mass (KL then becomes a lower bound); the "
+                   "same values as `dump --storage`")
+    p.add_argument("--cache-topk", type=int, metavar="K", help="the old spelling of --storage topk:K")
     p.add_argument("--cache-dtype", choices=DTYPES, default="fp16", help="dtype of cached full log-probs")
     p.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens of the text")
     p.add_argument("--no-bos", action="store_true", help="do not start windows with the tokenizer's BOS token")
@@ -57,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from logitparity.ppl import perplexity
 
+    cache_topk = _cache_topk(args)
     if args.text is not None:  # fail before any model loads, naming the file
         _check_text_file(args.text)
     apply_torch_threads(args)
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         model, text_file=args.text, candidate=candidate, ctx=args.ctx, stride=args.stride,
         batch_size=args.batch_size, dtype=args.dtype, device=args.device,
         candidate_dtype=args.candidate_dtype, candidate_device=args.candidate_device,
-        baseline_cache=args.baseline_cache, save_baseline=args.save_baseline, cache_topk=args.cache_topk,
+        baseline_cache=args.baseline_cache, save_baseline=args.save_baseline, cache_topk=cache_topk,
         cache_dtype=args.cache_dtype, max_tokens=args.max_tokens,
         add_bos=False if args.no_bos else None, bootstrap=args.bootstrap, seed=args.seed,
         threads=args.threads, progress=not args.no_progress and sys.stderr.isatty(),
@@ -128,3 +131,19 @@ def _check_text_file(path: str) -> None:
     except UnicodeDecodeError as e:
         raise ValueError(f"--text {p} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
                          "convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _cache_topk(args) -> int | None:
+    """--storage full|topk:K (or the old --cache-topk K) -> K or None."""
+    from logitparity.dump import parse_storage
+
+    if args.storage is not None and args.cache_topk is not None:
+        raise UserError(f"--storage {args.storage} and --cache-topk {args.cache_topk} both set the cache's storage; "
+                        "pass only --storage")
+    if args.storage is None:
+        return args.cache_topk
+    try:
+        return parse_storage(args.storage)
+    except ValueError as e:
+        raise UserError(f"--storage: {e}") from None
+
