@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--logits", default="full")
+    parser.add_argument("--storage", "--logits", dest="logits", default="full")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--rss-prompts", default="64,256", help="comma-separated prompt counts for the RSS runs ('' to skip)")

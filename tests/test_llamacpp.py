@@ -489,7 +489,7 @@ def test_cli_dump_and_ppl_with_the_llama_cpp_engine(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Name three colours.\n", encoding="utf-8")
     assert main(["dump", "--engine", "llama.cpp", "--prompts", str(prompts), "--out", str(tmp_path / "d"),
-                 "--max-new-tokens", "3", "--logits", "topk:5", "--engine-opt", "n_ctx=256",
+                 "--max-new-tokens", "3", "--storage", "topk:5", "--engine-opt", "n_ctx=256",
                  "--no-progress"]) == 0
     d = load_dump(tmp_path / "d")
     assert d.manifest["engine"]["n_ctx"] == 256 and d.storage == "topk:5" and len(d.records[0]["generated_token_ids"]) == 3

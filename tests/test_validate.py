@@ -411,7 +411,7 @@ def test_llama_cpp_engine_dumps_pass_validate(tmp_path, capsys):
     llama = ["--engine", "llama.cpp", "--engine-opt", "n_ctx=256"]
     assert cli_main(["dump", *common, "--out", str(tmp_path / "hf")]) == 0
     assert cli_main(["dump", *common, *llama, "--out", str(tmp_path / "greedy")]) == 0
-    assert cli_main(["dump", *common, *llama, "--logits", "topk:8", "--out", str(tmp_path / "topk")]) == 0
+    assert cli_main(["dump", *common, *llama, "--storage", "topk:8", "--out", str(tmp_path / "topk")]) == 0
     assert cli_main(["dump", *llama, "--mode", "score", "--reference-dump", str(tmp_path / "hf"), "--no-progress",
                      "--out", str(tmp_path / "score")]) == 0
     for name in ("greedy", "topk", "score"):

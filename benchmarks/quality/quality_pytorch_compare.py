@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--logits", default="full", help="full | topk:K")
+    ap.add_argument("--storage", "--logits", dest="logits", default="full", help="full | topk:K")
     args = ap.parse_args(argv)
     out = capture(args.model, args.prompts, args.out, dtype=args.dtype, device=args.device, limit=args.limit,
                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, logits=args.logits,
