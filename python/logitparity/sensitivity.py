@@ -550,10 +550,8 @@ def _plan(hf: Any, tf: Any, cells: list[Cell], ref: Any, inp: _Inputs, budget: f
         predicted = float(sum(c.mean_kl for c in rest))
     measured = None
     if rest:
-        mods: list[tuple[str, Any]] = []
-        for c in rest:
-            names = dict(hf.named_modules())
-            mods += [(p, names[p]) for p in c.modules]
+        names = dict(hf.named_modules())
+        mods = [(p, names[p]) for c in rest for p in c.modules]
         start = min(c.layer for c in rest)
         with layerwise.transformed(mods, tf):
             cand = _run_candidate(hf, ref, inp, start, suffix)
