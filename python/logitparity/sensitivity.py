@@ -229,6 +229,14 @@ class SensitivityMap:
         kl = self.layer_kl()
         return "".join(RISK_MARKS[risk_of(kl[i], self.cutoffs)] for i in self.layers)
 
+    @property
+    def layers_label(self) -> str:
+        """'0…29' for a contiguous run of layers, else '0, 11, 29'."""
+        a, b = self.layers[0], self.layers[-1]
+        if self.layers == list(range(a, b + 1)):
+            return f"{a}…{b}" if b > a else str(a)
+        return ", ".join(map(str, self.layers))
+
     def to_dict(self) -> dict[str, Any]:
         from logitparity.report_sensitivity import sensitivity_dict
 
