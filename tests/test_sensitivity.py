@@ -279,7 +279,8 @@ def _kl_by_hand(model, seqs, layer, bits=4, group=32, symmetric=True):
 def test_map_kl_matches_by_hand_for_every_layer(four_layer):
     seqs = _seqs()
     m = sensitivity_map(four_layer, "int4", group_size=32, prompts=seqs, layers=[0, 2, 3])
-    assert [c.layer for c in m.cells] == [0, 2, 3]
+    assert [c.layer for c in m.cells] == [0, 2, 3] and m.layers_label == "0, 2, 3"
+    assert "Strip, layers 0, 2, 3:" in m.to_markdown()
     for c in m.cells:
         hand = _kl_by_hand(four_layer, seqs, c.layer)
         assert c.figures.tokens == hand.size == 3 * 39

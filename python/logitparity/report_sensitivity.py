@@ -88,7 +88,7 @@ def sensitivity_markdown(m: "SensitivityMap", *, max_rows: int | None = None) ->
     lines.append(f"- time: {m.timings['total_s']:.1f} s (reference pass {m.timings['reference_s']:.1f} s, "
                  f"{len(m.cells)} cells {m.timings['cells_s']:.1f} s)")
     lines.append("")
-    lines.append(f"Strip, layers {m.layers[0]}…{m.layers[-1]}:")
+    lines.append(f"Strip, layers {m.layers_label}:")
     lines.append("")
     lines.append("```")
     lines.append(_ruler(m.layers))

@@ -229,6 +229,14 @@ class SensitivityMap:
         kl = self.layer_kl()
         return "".join(RISK_MARKS[risk_of(kl[i], self.cutoffs)] for i in self.layers)
 
+    @property
+    def layers_label(self) -> str:
+        """'0…29' for a contiguous run of layers, else '0, 11, 29'."""
+        a, b = self.layers[0], self.layers[-1]
+        if self.layers == list(range(a, b + 1)):
+            return f"{a}…{b}" if b > a else str(a)
+        return ", ".join(map(str, self.layers))
+
     def to_dict(self) -> dict[str, Any]:
         from logitparity.report_sensitivity import sensitivity_dict
 
@@ -550,10 +558,8 @@ def _plan(hf: Any, tf: Any, cells: list[Cell], ref: Any, inp: _Inputs, budget: f
         predicted = float(sum(c.mean_kl for c in rest))
     measured = None
     if rest:
-        mods: list[tuple[str, Any]] = []
-        for c in rest:
-            names = dict(hf.named_modules())
-            mods += [(p, names[p]) for p in c.modules]
+        names = dict(hf.named_modules())
+        mods = [(p, names[p]) for c in rest for p in c.modules]
         start = min(c.layer for c in rest)
         with layerwise.transformed(mods, tf):
             cand = _run_candidate(hf, ref, inp, start, suffix)

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         write_sensitivity_plot(m, args.plot)
     top = m.ranked()[:3]
     print(f"{m.transform}: {len(m.cells)} cells, {m.inputs['tokens']} tokens, {m.timings['total_s']:.1f} s")
-    print(f"strip (layers {m.layers[0]}…{m.layers[-1]}; . L  * M  # H): {m.strip()}")
+    print(f"strip (layers {m.layers_label}; . L  * M  # H): {m.strip()}")
     print("most fragile: " + ", ".join(f"{c.label} (mean KL {c.mean_kl:.3g})" for c in top))
     if m.saliency is not None:
         print(f"saliency vs measured, Spearman: weight×grad {m.saliency.spearman_weight_grad:.3f}, "
