@@ -19,6 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-dump", help="score mode: the dump whose generated tokens are scored")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="model dtype")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (accelerate device_map)")
+    parser.add_argument("--device-map", default=None, metavar="SPEC",
+                        help="accelerate placement for a model larger than one device: auto | balanced | "
+                             "balanced_low_0 | sequential | a JSON file {module: device} (device: a GPU index, "
+                             "cpu or disk); docs/distributed.md")
+    parser.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                        help="with --device-map STRATEGY: the most it places per device, e.g. 0=20GiB,cpu=64GiB")
+    parser.add_argument("--offload-folder", default=None, metavar="DIR",
+                        help="where the weights of modules placed on 'disk' live")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--logits", default="full", help="storage: full | topk:K (default full)")
@@ -92,7 +100,19 @@ def run(args: argparse.Namespace) -> int:
 
     env = launched()
     distributed = env is not None or args.rank is not None or args.world_size is not None
-    if args.activations and args.engine == "hf" and not distributed:
+    placed = args.device_map is not None or args.max_memory is not None or args.offload_folder is not None
+    if placed and (distributed or args.engine != "hf"):
+        raise ValueError("--device-map/--max-memory/--offload-folder place one model across devices with "
+                         "--engine hf in a one-process run (not under torchrun or --rank)")
+    if placed:
+        from logitparity.capture import load_model
+        from logitparity.capture.hf import parse_device_map, parse_max_memory
+
+        model = load_model(args.model, dtype=args.dtype, device=args.device,
+                           device_map=None if args.device_map is None else parse_device_map(args.device_map),
+                           max_memory=None if args.max_memory is None else parse_max_memory(args.max_memory),
+                           offload_folder=args.offload_folder)
+    elif args.activations and args.engine == "hf" and not distributed:
         from logitparity.capture import load_model
 
         model = load_model(args.model, dtype=args.dtype, device=args.device)
