@@ -82,8 +82,28 @@ def _group():
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
+        with _killable():  # waits for every rank to connect
+            dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
     return dist
+
+
+@contextlib.contextmanager
+def _killable():
+    """While waiting for the other ranks, SIGTERM ends the process at once:
+    torchrun sends it when a rank died, and a Python handler (the capture's
+    flush-on-SIGTERM) would not run until the collective returned, which
+    gloo does only at its timeout. Everything finished is on disk by then."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _check_rank(rank: Any, world_size: Any) -> tuple[int, int]:
@@ -222,7 +242,8 @@ def capture_ranks(model: Any = None, prompts: Any = None, out: str | os.PathLike
         return RankOutcome(rank, world_size, part.path, merge_parts(out, world_size), [])
     dist = _group()
     statuses: list[Any] = [None] * world_size
-    dist.all_gather_object(statuses, (rank, None if error is None else f"{type(error).__name__}: {error}"))
+    with _killable():
+        dist.all_gather_object(statuses, (rank, None if error is None else f"{type(error).__name__}: {error}"))
     failed = [(r, msg) for r, msg in statuses if msg is not None]
     if failed:
         detail = _failures(failed)
@@ -230,7 +251,8 @@ def capture_ranks(model: Any = None, prompts: Any = None, out: str | os.PathLike
                           f"finished are on disk in {Path(out) / PARTS_DIR}: fix the cause and run the same "
                           "command with --resume") from error
     merged = merge_parts(out, world_size) if rank == 0 else None
-    dist.barrier()  # the other ranks exit once the merged dump is complete
+    with _killable():
+        dist.barrier()  # the other ranks exit once the merged dump is complete
     return RankOutcome(rank, world_size, part.path, merged, [])
 
 
@@ -419,12 +441,14 @@ def compare_ranks(ref: Any, cand: Any, **kw: Any):
 
     def gather(obj):
         got = [None] * world if rank == 0 else None
-        dist.gather_object(obj, got, dst=0)
+        with _killable():
+            dist.gather_object(obj, got, dst=0)
         return got
 
     def bcast(obj):
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        with _killable():
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     share = Share(rank, world, gather, bcast)
@@ -441,7 +465,8 @@ def broadcast(obj: Any) -> Any:
     if launched() is None:
         return obj
     box = [obj]
-    _group().broadcast_object_list(box, src=0)
+    with _killable():
+        _group().broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -450,7 +475,8 @@ def barrier() -> None:
     the other ranks as soon as one exits non-zero, so rank 0 must be done
     writing before any rank returns a FAIL."""
     if launched() is not None:
-        _group().barrier()
+        with _killable():
+            _group().barrier()
 
 
 def say(message: str) -> None:
