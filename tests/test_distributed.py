@@ -397,3 +397,16 @@ def test_device_map_cli_parsing(tiny_model_dir, prompts_file, tmp_path, capsys):
         parse_device_map(str(tmp_path / "list.json"))
     assert cli_main(dump_args(tiny_model_dir, prompts_file, tmp_path / "d", "--device-map", str(m))) == 2
     assert "device_map puts modules on 'disk': pass offload_folder (--offload-folder DIR)" in capsys.readouterr().err
+
+
+def test_more_ranks_than_batches(lm, tiny_model_dir, prompts_file, tmp_path):
+    """--limit 4 makes 2 batches for 3 ranks: rank 2's part is an empty dump, and the merge is still the
+    one-process dump."""
+    one = load_dump(capture(lm, prompts_file, tmp_path / "one", max_new_tokens=NEW, batch_size=BATCH, limit=4,
+                            progress=False))
+    out = tmp_path / "three"
+    for r in (2, 0, 1):
+        assert cli_main(dump_args(tiny_model_dir, prompts_file, out, "--limit", "4", "--rank", str(r),
+                                  "--world-size", "3")) == 0
+    assert len(load_dump(part_dir(out, 2, 3))) == 0
+    assert_same_content(one, load_dump(out))
