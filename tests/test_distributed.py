@@ -412,3 +412,19 @@ def test_more_ranks_than_batches(lm, tiny_model_dir, prompts_file, tmp_path):
                                   "--world-size", "3")) == 0
     assert len(load_dump(part_dir(out, 2, 3))) == 0
     assert_same_content(one, load_dump(out))
+
+
+def test_topk_storage_and_sampling_by_hand(lm, tiny_model_dir, prompts_file, tmp_path):
+    """Any storage and mode: top-K rows (values, indices, lse, tail mass) of seeded sampling merge bitwise."""
+    opts = ["--logits", "topk:8", "--mode", "sample", "--seed", "3"]
+    one = load_dump(capture(lm, prompts_file, tmp_path / "one", max_new_tokens=NEW, batch_size=BATCH,
+                            logits="topk:8", mode="sample", seed=3, progress=False))
+    out = tmp_path / "ranks"
+    for r in (0, 1):
+        assert cli_main(dump_args(tiny_model_dir, prompts_file, out, *opts, "--rank", str(r), "--world-size", "2")) == 0
+    merged = load_dump(out)
+    assert merged.ids == one.ids and merged.storage == "topk:8"
+    for pid in one.ids:
+        assert merged.record(pid)["generated_token_ids"] == one.record(pid)["generated_token_ids"]
+        for x, y in zip(one.topk(pid), merged.topk(pid)):
+            assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
