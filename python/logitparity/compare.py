@@ -641,6 +641,7 @@ def compare_dumps(
     confidence: float | None = None,
     resamples: int | None = None,
     seed: int = 0,
+    _share: Any = None,
 ) -> Comparison:
     """Compare a candidate dump with a reference dump (paths or Dump objects).
 
@@ -663,7 +664,9 @@ def compare_dumps(
     naming what differs when the runs cannot be compared, and IncompleteRuns
     when a run is marked incomplete or prompts are missing on one side,
     unless ``allow_partial`` (then ``Comparison.incomplete`` says why and the
-    report says so first).
+    report says so first). Split across torchrun's ranks with
+    ``logitparity.distributed.compare_ranks`` (``_share``: this rank's
+    prompts; rank 0 gathers and returns the same Comparison, the others None).
     """
     if not isinstance(near_tie_margin, (int, float)) or isinstance(near_tie_margin, bool) or not near_tie_margin >= 0:
         raise ValueError(f"near_tie_margin must be a number >= 0 (logits), got {near_tie_margin!r}")
@@ -772,6 +775,8 @@ def compare_dumps(
     mismatch_top1 = {"reference": 0, "candidate": 0}
     kl_widths: list[np.ndarray] = []
     for pi, (r, c) in enumerate(pairs):
+        if _share is not None and not _share.mine(pi):
+            continue  # another rank's prompt
         rid = r["id"]
         rt = [int(t) for t in r["generated_token_ids"]]
         ct = [int(t) for t in c["generated_token_ids"]]
@@ -892,6 +897,22 @@ def compare_dumps(
                 tok_pos.append(np.arange(d + 1, hi, dtype=np.int64))
                 tok_forced.append(np.ones(hi - d - 1, dtype=bool))
                 pr.n_compared += hi - d - 1
+    if _share is not None:  # every rank's results, back in the one-process order, on rank 0
+        mine = [pi for pi in range(len(pairs)) if _share.mine(pi)]
+        got = _share.collect((list(zip(mine, prompts)), list(zip(parts, tok_prompt, tok_pos, tok_forced)),
+                              mismatch_top1, kl_widths, pad_worst))
+        if got is None:
+            return None  # type: ignore[return-value]  # not rank 0
+        indexed, chunks, kl_widths = [], [], []
+        mismatch_top1 = {side: sum(g[2][side] for g in got) for side in mismatch_top1}
+        for ps, cs, _, widths, pw in got:
+            indexed += ps
+            chunks += cs
+            kl_widths += widths
+            pad_worst = max(pad_worst, pw)
+        prompts = [pr for _, pr in sorted(indexed, key=lambda t: t[0])]
+        chunks.sort(key=lambda ch: int(ch[1][0]))  # stable: a prompt's own rows, then its continuation's
+        parts, tok_prompt, tok_pos, tok_forced = (list(x) for x in zip(*chunks)) if chunks else ([], [], [], [])
     if va != vb:
         notes.append(f"padded vocabulary: the wider rows hold at most {pad_worst:.3g} of the probability beyond "
                      f"column {v} (accepted up to 1e-06)")

@@ -49,6 +49,7 @@ MANIFEST = "manifest.json"
 RECORDS = "records.jsonl"
 SHARD_RE = re.compile(r"^shard-(\d{5})\.safetensors$")
 DEFAULT_SHARD_BYTES = 256 << 20
+PARTS_DIR = "ranks"  # a data-parallel capture's per-rank dumps (logitparity.distributed), inside the merged one
 DEFAULT_FLUSH_SECONDS = 60.0  # a killed run loses at most about this much work
 # Rows of different widths (a padded vocabulary) are compared over the common
 # first columns only when the wider rows' mass beyond them is at most this in
@@ -474,7 +475,7 @@ class DumpWriter:
             if not resume:
                 raise ValueError(f"{self.path} already holds a dump; pass resume=True (--resume) to continue it, or choose another directory")
             self._open_existing()
-        elif any(self.path.iterdir()):
+        elif any(p.name != PARTS_DIR for p in self.path.iterdir()):
             raise ValueError(f"{self.path} is not empty and holds no dump; choose an empty or new directory")
         else:
             write_text_atomic(self.path / RECORDS, "")
@@ -626,6 +627,58 @@ class DumpWriter:
         self._pending_bytes = 0
         self._last_flush = time.monotonic()
         self._shard_index += 1
+
+    def adopt(self, items: "list[tuple[dict[str, Any], Path]]", vocab_size: int | None) -> None:
+        """Add records whose tensors already lie in complete shards written
+        by other writers (the ranks of a data-parallel capture), without
+        copying: ``items`` is (record as read, with its ``tensors`` keys and
+        ``n_positions``; the source shard file) in the order the records are
+        to appear. Each source shard is hard-linked (copied where the file
+        system cannot link) under this dump's next shard name through a
+        temporary name and a rename; then the manifest (``vocab_size``, the
+        sources' row width) is written, then the records in one append: the
+        order ``flush`` keeps, so a kill at any point leaves a valid dump."""
+        import shutil
+
+        if self._closed:
+            raise ValueError("DumpWriter is closed")
+        self.flush()
+        done = self.done_ids
+        names: dict[Path, str] = {}
+        lines, recs = [], []
+        for rec, src in items:
+            if rec["id"] in done:
+                raise ValueError(f"prompt id {rec['id']!r} is already in {self.path}; ids must be unique")
+            done.add(rec["id"])
+            if src not in names:
+                name = shard_name(self._shard_index)
+                tmp = self.path / f"{name}.tmp"
+                if os.path.lexists(tmp):
+                    os.unlink(tmp)
+                try:
+                    os.link(src, tmp, follow_symlinks=False)
+                except OSError:  # no hard links here (another file system, FAT, some network mounts): copy
+                    shutil.copyfile(src, tmp, follow_symlinks=False)
+                    fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                os.replace(tmp, self.path / name)
+                names[src] = name
+                self._shard_index += 1
+            rec = {**rec, "shard": names[src]}
+            recs.append(rec)
+            lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+        if vocab_size is not None:
+            have = self.manifest["logits"]["vocab_size"]
+            if have is not None and have != vocab_size:
+                raise ValueError(f"the adopted rows have vocab {vocab_size}, the dump's rows have {have}")
+            self.manifest["logits"]["vocab_size"] = int(vocab_size)
+        self._write_manifest()
+        if lines:
+            append_text(self.path / RECORDS, "".join(lines))
+        self.records.extend(recs)
 
     def _write_manifest(self) -> None:
         write_text_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n")

@@ -11,6 +11,7 @@ ids count only real tokens, so a prompt's positions are the same in any batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import time
 import zlib
@@ -19,6 +20,25 @@ from typing import Any, Sequence
 import torch
 
 __all__ = ["Generated", "Sampler", "generate_batch", "score_batch"]
+
+
+def _grad_off(fn):
+    """Run a decode loop under torch.inference_mode(), or torch.no_grad()
+    for a model placed by an accelerate device map: the weights accelerate
+    brings in from an offload for each forward pass would otherwise be
+    inference tensors, and torch's CPU linear takes another kernel for an
+    inference-tensor weight on a strided input (the prefill's last-position
+    slice) than for the resident Parameter, so the prefill row differed in
+    its last bits from the single-device run. Under no_grad they are
+    ordinary tensors and every row is bitwise the single-device one
+    (tests/test_distributed.py)."""
+
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        with torch.no_grad() if getattr(model, "hf_device_map", None) else torch.inference_mode():
+            return fn(model, *args, **kwargs)
+
+    return run
 
 
 @dataclasses.dataclass
@@ -79,7 +99,7 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: str) -> tuple[
     return ids.to(device), mask.to(device)
 
 
-@torch.inference_mode()
+@_grad_off
 def generate_batch(
     model: Any,
     prompts: Sequence[Sequence[int]],
@@ -149,7 +169,7 @@ def generate_batch(
     return results
 
 
-@torch.inference_mode()
+@_grad_off
 def score_batch(
     model: Any,
     prompts: Sequence[Sequence[int]],

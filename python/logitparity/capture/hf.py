@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -167,14 +168,117 @@ def load_tokenizer(model: str | os.PathLike | None = None) -> tuple[Any, int | N
     return tokenizer, context_length(config) if isinstance(config, dict) else None
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _check_placement(device: str, device_map: Any, max_memory: Any, offload_folder: Any) -> Any:
+    """The device_map to pass to from_pretrained (None: one device), its
+    arguments checked (accelerate's own errors name no argument)."""
+    import torch
+
+    if device_map is None:
+        if device != "auto":
+            if max_memory is not None or offload_folder is not None:
+                raise ValueError("max_memory and offload_folder apply to a device map: pass device_map='auto' "
+                                 "(--device-map auto) or an explicit map, or device='auto'")
+            return None
+        device_map = "auto"
+    elif device not in ("cpu", "auto"):
+        raise ValueError(f"pass either device ({device!r}) or device_map, not both: a device map places every "
+                         "module itself (its GPU entries are indices or 'cuda:N')")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise ValueError(f"device_map must be one of {DEVICE_MAP_STRATEGIES} or a dict module -> device "
+                             f"(e.g. {{'model.layers.0': 0, 'lm_head': 'cpu'}}), got {device_map!r}")
+    elif isinstance(device_map, dict) and device_map:
+        for mod, dev in device_map.items():
+            ok = isinstance(mod, str) and (
+                dev in ("cpu", "disk") or (isinstance(dev, int) and not isinstance(dev, bool) and 0 <= dev < max(gpus, 1))
+                or (isinstance(dev, str) and re.fullmatch(r"cuda(:\d+)?", dev) is not None))
+            if not ok:
+                raise ValueError(f"device_map[{mod!r}] must be 'cpu', 'disk', a GPU index or 'cuda:N', got {dev!r}")
+            if (isinstance(dev, int) or str(dev).startswith("cuda")) and not gpus:
+                raise ValueError(f"device_map[{mod!r}] is {dev!r} but torch sees no CUDA device; map it to 'cpu' "
+                                 "or 'disk'")
+        if "disk" in device_map.values() and offload_folder is None:
+            raise ValueError("device_map puts modules on 'disk': pass offload_folder (--offload-folder DIR), the "
+                             "directory accelerate keeps their weights in")
+    else:
+        raise ValueError(f"device_map must be a strategy name {DEVICE_MAP_STRATEGIES} or a non-empty dict module "
+                         f"-> device, got {device_map!r}")
+    if max_memory is not None:
+        if not isinstance(device_map, str):
+            raise ValueError("max_memory bounds what an automatic device map places; an explicit map ignores it")
+        if not isinstance(max_memory, dict) or not max_memory:
+            raise ValueError(f"max_memory must be a dict device -> bytes or size string (e.g. {{0: '20GiB', "
+                             f"'cpu': '64GiB'}}), got {max_memory!r}")
+        for dev, size in max_memory.items():
+            if not (dev in ("cpu", "disk") or (isinstance(dev, int) and not isinstance(dev, bool) and dev >= 0)):
+                raise ValueError(f"max_memory key must be 'cpu', 'disk' or a GPU index, got {dev!r}")
+            if not ((isinstance(size, int) and not isinstance(size, bool) and size > 0)
+                    or (isinstance(size, str) and re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", size, re.I))):
+                raise ValueError(f"max_memory[{dev!r}] must be a positive byte count or a size like '20GiB', "
+                                 f"got {size!r}")
+    return device_map
+
+
+def parse_device_map(spec: str) -> Any:
+    """--device-map: a strategy name, or a JSON file {module: device}."""
+    if spec in DEVICE_MAP_STRATEGIES:
+        return spec
+    p = Path(spec)
+    if not p.is_file():
+        raise ValueError(f"--device-map must be one of {', '.join(DEVICE_MAP_STRATEGIES)} or a JSON file "
+                         f"{{module: device}}, got {spec!r} (no such file)")
+    try:
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--device-map {p}: not readable JSON ({e}); expected an object module -> device") from None
+    if not isinstance(m, dict):
+        raise ValueError(f"--device-map {p}: expected a JSON object module -> device, got {type(m).__name__}")
+    return m
+
+
+def parse_max_memory(spec: str) -> dict[Any, Any]:
+    """--max-memory '0=20GiB,cpu=64GiB' -> {0: '20GiB', 'cpu': '64GiB'}."""
+    out: dict[Any, Any] = {}
+    for item in str(spec).split(","):
+        dev, sep, size = item.strip().partition("=")
+        if not sep or not dev or not size:
+            raise ValueError(f"--max-memory must look like DEVICE=SIZE[,DEVICE=SIZE] (e.g. 0=20GiB,cpu=64GiB), "
+                             f"got {spec!r}")
+        out[int(dev) if dev.isdigit() else dev] = int(size) if size.isdigit() else size
+    return out
+
+
+def _input_device(lm: Any) -> str:
+    """Where a device-mapped model takes its input ids: the device its
+    embedding executes on (accelerate's hook), cpu for offloaded weights."""
+    emb = lm.get_input_embeddings()
+    hook = getattr(emb, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is None:
+        dev = emb.weight.device
+    dev = str(dev) if not isinstance(dev, int) else f"cuda:{dev}"
+    return "cpu" if dev in ("meta", "disk") else dev
+
+
 def load_model(model: str | os.PathLike | None = None, *, dtype: str = "fp32", device: str = "cpu",
-               tokenizer: Any = None) -> LoadedModel:
+               tokenizer: Any = None, device_map: Any = None, max_memory: Any = None,
+               offload_folder: str | os.PathLike | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer for capture.
 
     model: None (the embedded default, SmolLM2-135M-Instruct), a Hugging Face
     directory, or a .gguf file (converted once and cached). dtype: fp32 |
-    bf16 | fp16. device: cpu | cuda | cuda:N | auto (accelerate device_map,
-    for models larger than one GPU). tokenizer: one already loaded from the
+    bf16 | fp16. device: cpu | cuda | cuda:N | auto (accelerate
+    ``device_map="auto"``, for models larger than one GPU). device_map:
+    accelerate's placement instead of one device: a strategy ("auto",
+    "balanced", "balanced_low_0", "sequential") or a dict module -> device
+    ('cpu', 'disk', a GPU index); max_memory: the strategy's bound per device
+    ({0: '20GiB', 'cpu': '64GiB'}); offload_folder: where weights placed on
+    'disk' live (docs/distributed.md). The manifest's ``placement`` records
+    the map used. tokenizer: one already loaded from the
     same model (load_tokenizer). Nothing read from the model directory runs
     code: trust_remote_code is off, so a directory asking for custom code is
     an error, never a prompt.
@@ -187,6 +291,7 @@ def load_model(model: str | os.PathLike | None = None, *, dtype: str = "fp32", d
     if device != "cpu" and not torch.cuda.is_available():
         if device != "auto":
             raise ValueError(f"device {device!r} requested but torch sees no CUDA device; use --device cpu")
+    placement = _check_placement(device, device_map, max_memory, offload_folder)
     path, source = _resolve(model)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -195,13 +300,17 @@ def load_model(model: str | os.PathLike | None = None, *, dtype: str = "fp32", d
     try:
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-        if device == "auto":
-            kw["device_map"] = "auto"
+        if placement is not None:
+            kw["device_map"] = placement
+            if max_memory is not None:
+                kw["max_memory"] = max_memory
+            if offload_folder is not None:
+                kw["offload_folder"] = str(offload_folder)
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kw)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise ValueError(f"could not load the model in {path} ({type(e).__name__}: {e}); expected a Hugging Face "
                          "causal-LM directory (config.json, weights, tokenizer)") from None
-    if device not in ("cpu", "auto"):
+    if placement is None and device != "cpu":
         lm = lm.to(device)
     lm.eval()
     if device != "cpu":
@@ -224,5 +333,14 @@ def load_model(model: str | os.PathLike | None = None, *, dtype: str = "fp32", d
         },
         "tokenizer": tokenizer_identity(tokenizer, eos_ids),
     }
-    input_device = "cpu" if device == "cpu" else str(lm.get_input_embeddings().weight.device)
+    if placement is not None:
+        hf_map = getattr(lm, "hf_device_map", None) or {}
+        identity["placement"] = {
+            "device_map": placement if isinstance(placement, str) else {k: str(v) for k, v in placement.items()},
+            "modules": {k: v if isinstance(v, str) else f"cuda:{v}" for k, v in hf_map.items()},
+            "max_memory": None if max_memory is None else {str(k): v for k, v in max_memory.items()},
+            "offload_folder": None if offload_folder is None else str(Path(offload_folder).resolve()),
+        }
+    input_device = "cpu" if placement is None and device == "cpu" else (
+        _input_device(lm) if placement is not None else str(lm.get_input_embeddings().weight.device))
     return LoadedModel(lm, tokenizer, identity, dtype, input_device)

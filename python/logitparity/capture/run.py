@@ -115,6 +115,7 @@ def capture(
     limit: int | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     truncate_prompts: bool = False,
+    part: Any = None,
 ) -> Path:
     """Capture ``model`` on ``prompts`` into the dump directory ``out``.
 
@@ -139,6 +140,11 @@ def capture(
     (``max_context``, less the new tokens) are refused before the model loads
     (before the output directory is touched), or keep their last tokens with
     ``truncate_prompts`` (the record says ``truncated_from``).
+    part: one rank's share of a data-parallel capture (a
+    ``logitparity.distributed.Part``; use ``distributed.capture_ranks``):
+    the batches are cut from the whole list as here, the rank keeps every
+    world_size-th, and writes them as its own dump under ``out/ranks/``
+    (returned); a part already complete returns before the model loads.
     Each batch reaches disk (shard, then records) as soon as it is done, so a
     killed run loses at most the batch in flight. Returns the dump path.
     """
@@ -162,6 +168,12 @@ def capture(
         _check_reference_tokenizer(engine, ref)
     encode = engine.encode if engine is not None else lambda text, use: hf_encode(tok, text, use)
     todo = _prepare(selected, encode, ref, chat_template, n_ctx, max_new_tokens, truncate_prompts)
+    mine = None
+    if part is not None:  # a rank of a data-parallel capture: its share of the one-process batches
+        mine = part.select(_batches(todo, batch_size))
+        if part.finished(mine):
+            return part.path
+        out = part.path
     if engine is None:
         engine = HFEngine(load_model(model, dtype=dtype, device=device, tokenizer=tok))
         _check_reference_tokenizer(engine, ref)
@@ -195,6 +207,8 @@ def capture(
         "libraries": _libraries(extra),
         "host": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
     }
+    if part is not None:
+        manifest["distributed"] = part.manifest_entry()
     if ref is not None:
         manifest["reference"] = {"path": str(ref.path.resolve()), "created": ref.manifest.get("created"),
                                  "mode": ref.manifest.get("decoding", {}).get("mode"), "model": ref.manifest.get("model")}
@@ -210,7 +224,8 @@ def capture(
         # Batches are cut from the whole list, so a resumed prompt shares its
         # batch (and padding, and matmul shapes) with the same prompts as in
         # an uninterrupted run; a batch is skipped only when all of it is done.
-        batches = [b for b in _batches(todo, batch_size) if any(t[0].id not in done for t in b)]
+        batches = [b for b in (_batches(todo, batch_size) if mine is None else mine)
+                   if any(t[0].id not in done for t in b)]
         _run(writer, batches, set(done), engine, mode, ref, max_new_tokens, stop, sampler,
              progress, resumed=bool(done) or bool(writer.recaptured), batch_size=batch_size)
     return Path(out)

@@ -86,15 +86,25 @@ def write_outputs(comp, args) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from logitparity.compare import compare_dumps
+    from logitparity.distributed import barrier, broadcast, compare_ranks, launched
 
-    comp = compare_dumps(
+    comp = compare_ranks(  # one process, or split across torchrun's ranks (docs/distributed.md)
         args.ref, args.cand, policy=args.policy, noise_floor=args.noise_floor,
         near_tie_margin=args.near_tie_margin, threads=args.threads, max_positions=args.max_positions,
         allow_partial=args.allow_partial,
         continuation=args.continuation, factor=args.factor, confidence=args.confidence,
     )
+    if comp is None:  # another rank of a distributed comparison: rank 0 reports; the same exit code
+        code = broadcast(None)
+        barrier()
+        return code
+    code = 0 if comp.verdict.passed else 1
+    if launched():
+        broadcast(code)
     out = sys.stderr if args.report == "-" else sys.stdout
     print("\n".join(summary_lines(comp)), file=out)
-    write_outputs(comp, args)
-    return 0 if comp.verdict.passed else 1
+    try:
+        write_outputs(comp, args)
+    finally:
+        barrier()
+    return code

@@ -19,6 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-dump", help="score mode: the dump whose generated tokens are scored")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="model dtype")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (accelerate device_map)")
+    parser.add_argument("--device-map", default=None, metavar="SPEC",
+                        help="accelerate placement for a model larger than one device: auto | balanced | "
+                             "balanced_low_0 | sequential | a JSON file {module: device} (device: a GPU index, "
+                             "cpu or disk); docs/distributed.md")
+    parser.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                        help="with --device-map STRATEGY: the most it places per device, e.g. 0=20GiB,cpu=64GiB")
+    parser.add_argument("--offload-folder", default=None, metavar="DIR",
+                        help="where the weights of modules placed on 'disk' live")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--storage", "--logits", dest="storage", default="full", metavar="full|topk:K",
@@ -44,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="llama.cpp engine setting (repeatable): n_threads, n_ctx, n_batch, n_ubatch, "
                              "flash_attn=on|off, stop_rule=tokenizer|llama.cpp")
     add_torch_threads_argument(parser)
+    parser.add_argument("--rank", type=int, default=None, metavar="R",
+                        help="data-parallel capture without torchrun: capture rank R's share (resume one killed "
+                             "rank alone; docs/distributed.md); under torchrun the rank comes from it")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="with --rank: the number of ranks of the data-parallel capture")
     parser.add_argument("--activations", choices=("stats", "rows"), default=None,
                         help="also record module activations (docs/layers.md): statistics only, or rows too")
     parser.add_argument("--activations-modules", default="layers",
@@ -73,7 +86,6 @@ def _activations(args: argparse.Namespace, model, out) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from logitparity.capture import capture
-    from logitparity.dump import load_dump
 
     if not args.shard_mb > 0:
         raise ValueError(f"--shard-mb must be > 0, got {args.shard_mb}")
@@ -86,7 +98,23 @@ def run(args: argparse.Namespace) -> int:
                          f"--activations-modules layers, got {args.activations_modules!r}")
     if args.engine_opt and args.engine == "hf":
         raise ValueError("--engine-opt applies to --engine llama.cpp")
-    if args.activations and args.engine == "hf":
+    from logitparity.distributed import launched
+
+    env = launched()
+    distributed = env is not None or args.rank is not None or args.world_size is not None
+    placed = args.device_map is not None or args.max_memory is not None or args.offload_folder is not None
+    if placed and (distributed or args.engine != "hf"):
+        raise ValueError("--device-map/--max-memory/--offload-folder place one model across devices with "
+                         "--engine hf in a one-process run (not under torchrun or --rank)")
+    if placed:
+        from logitparity.capture import load_model
+        from logitparity.capture.hf import parse_device_map, parse_max_memory
+
+        model = load_model(args.model, dtype=args.dtype, device=args.device,
+                           device_map=None if args.device_map is None else parse_device_map(args.device_map),
+                           max_memory=None if args.max_memory is None else parse_max_memory(args.max_memory),
+                           offload_folder=args.offload_folder)
+    elif args.activations and args.engine == "hf" and not distributed:
         from logitparity.capture import load_model
 
         model = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -96,6 +124,12 @@ def run(args: argparse.Namespace) -> int:
               stop_token_ids=args.stop_token_id, chat_template=False if args.no_chat_template else None,
               resume=args.resume, progress=not args.no_progress, limit=args.limit,
               shard_bytes=max(1, int(args.shard_mb * (1 << 20))), truncate_prompts=args.truncate_prompts)
+    if distributed:
+        try:
+            return _run_ranks(args, kw, env)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
     try:
         if args.engine == "hf":
             out = capture(model, args.prompts, args.out, **kw)
@@ -112,6 +146,48 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
     if args.activations and args.engine == "hf":
         _activations(args, model, out)
+    _summary(out)
+    return 0
+
+
+def _run_ranks(args: argparse.Namespace, kw: dict, env) -> int:
+    """A data-parallel capture (torchrun, or one rank by --rank/--world-size)."""
+    from logitparity.distributed import capture_ranks, say
+
+    if env is None and (args.rank is None or args.world_size is None):
+        raise ValueError("--rank and --world-size go together (one rank of a data-parallel capture, "
+                         f"docs/distributed.md), got --rank {args.rank} --world-size {args.world_size}")
+    if args.activations:
+        raise ValueError("--activations is not supported in a data-parallel capture; record activations with "
+                         "a one-process run (logitparity dump --activations on the same prompts)")
+    device = args.device
+    if device == "auto":
+        raise ValueError("--device auto spreads one model over every GPU, which a data-parallel rank must not do; "
+                         "use --device cuda (rank r runs on cuda:LOCAL_RANK) or cpu")
+    if device == "cuda" and env is not None:
+        device = f"cuda:{env[2]}"
+    kw = {**kw, "device": device}
+    where = dict(rank=args.rank, world_size=args.world_size)
+    if args.engine == "hf":
+        outcome = capture_ranks(args.model, args.prompts, args.out, **where, **kw)
+    else:
+        from logitparity.capture.engine import load_engine, parse_engine_options
+
+        with load_engine(args.engine, args.model, dtype=args.dtype, device=device,
+                         options=parse_engine_options(args.engine_opt)) as engine:
+            outcome = capture_ranks(engine, args.prompts, args.out, **where, **kw)
+    if outcome.merged is not None:
+        say(f"merged the {outcome.world_size} ranks' parts into {outcome.merged}")
+        _summary(outcome.merged)
+    elif outcome.pending:
+        say(f"part {outcome.part} is complete; the merge into {args.out} waits for rank(s) {outcome.pending} "
+            f"(run each with --resume --rank R --world-size {outcome.world_size})")
+    return 0
+
+
+def _summary(out) -> None:
+    from logitparity.dump import load_dump
+
     dump = load_dump(out)
     r = dump.manifest.get("run", {})
     tokens = sum(len(rec["generated_token_ids"]) for rec in dump.records)
@@ -119,6 +195,5 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"dump {out}: {len(dump)} prompts, {tokens} tokens, {dump.storage} {dump.logits_dtype}, "
         f"{size / 1e6:.1f} MB; this run {r.get('prompts', 0)} prompts in {r.get('wall_s', 0):.1f} s "
-        f"({r.get('tokens_per_s') or 0:.1f} tok/s), peak RSS {r.get('peak_host_rss_bytes', 0) / 2**20:.0f} MiB"
+        f"({r.get('tokens_per_s') or 0:.1f} tok/s), peak RSS {(r.get('peak_host_rss_bytes') or 0) / 2**20:.0f} MiB"
     )
-    return 0
