@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from logitparity._fileio import write_text_atomic
-from logitparity.dump import PARTS_DIR, _RESUME_KEYS, DumpWriter, load_dump
+from logitparity.dump import PARTS_DIR, RESUME_KEYS, DumpWriter, load_dump
 
 __all__ = ["Part", "RankOutcome", "RanksFailed", "capture_ranks", "compare_ranks", "launched", "merge_parts"]
 
@@ -315,7 +315,7 @@ def merge_parts(out: str | os.PathLike, world_size: int) -> Path:
     parts = [load_dump(part_dir(out, r, world_size)) for r in range(world_size)]
     first = parts[0].manifest
     for d in parts[1:]:
-        for key in _RESUME_KEYS:
+        for key in RESUME_KEYS:
             if key == "device":
                 continue
             a, b = first.get(key), d.manifest.get(key)

@@ -79,7 +79,7 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 # decoding.eos_token_ids / stop_token_ids, compared on its own)
 TOKENIZER_IDENTITY = ("vocab_size", "tokens_hash", "special_tokens")
 # Manifest sections that must match when a run is resumed.
-_RESUME_KEYS = ("engine", "model", "tokenizer", "dtype", "device", "decoding", "logits")
+RESUME_KEYS = ("engine", "model", "tokenizer", "dtype", "device", "decoding", "logits")
 
 
 def _umask() -> int:
@@ -486,7 +486,7 @@ class DumpWriter:
         from logitparity.validate import DumpError, inspect_dump, set_difference
 
         old = read_manifest(self.path)
-        for key in _RESUME_KEYS:
+        for key in RESUME_KEYS:
             a, b = old.get(key), self.manifest.get(key)
             if key == "logits":
                 a = {k: v for k, v in (a if isinstance(a, dict) else {}).items() if k != "vocab_size"}
