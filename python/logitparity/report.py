@@ -238,38 +238,40 @@ def _category_rows(comp: "Comparison") -> list[dict[str, Any]]:
 
 
 def drift(comp: "Comparison") -> dict[str, Any]:
-    """Behaviour drift figures (see docs/report.md); free-running only for
-    lengths, stop reasons, repetition and JSON validity."""
+    """Behaviour drift figures (see docs/report.md and logitparity.drift);
+    free-running only for lengths, stop reasons, repetition and JSON
+    validity. ``by_category``: the same per category."""
     ent = describe(comp.tokens.entropy_ref), describe(comp.tokens.entropy_cand)
     mar = describe(comp.tokens.margin_ref), describe(comp.tokens.margin_cand)
+    dr = comp.drift
+    full = dr.to_dict()
     out: dict[str, Any] = {
         "entropy_ref": ent[0].to_dict(), "entropy_cand": ent[1].to_dict(),
         "entropy_shift": describe(comp.token_values("entropy_shift")).to_dict(),
         "margin_ref": mar[0].to_dict(), "margin_cand": mar[1].to_dict(),
         "margin_shift": describe(comp.token_values("margin_shift")).to_dict(),
+        "stop_rank": full["stop_rank"], "tests": full["tests"],
+        "by_category": {cat: dr.to_dict(cat) for cat in dr.categories()} if comp.mode == "free-running" else {},
     }
     if comp.mode != "free-running":
         return out
-    n_ref = [len(p.ref_tokens) for p in comp.prompts]
-    n_cand = [len(p.cand_tokens) for p in comp.prompts]
-    rep = comp.repetition()
-    js = comp.json_validity()
     out.update({
-        "length_ref": describe(n_ref).to_dict(),
-        "length_cand": describe(n_cand).to_dict(),
+        "length_ref": full["length_ref"],
+        "length_cand": full["length_cand"],
         "length_ratio": comp.length_ratio(),
-        "stop_reasons": comp.stop_reasons(),
-        "repetition_ref": rep[0].to_dict(),
-        "repetition_cand": rep[1].to_dict(),
+        "length_ratio_stats": full["length_ratio"],
+        "stop_reasons": full["stop_reasons"],
+        "repetition_ref": full["repetition_ref"],
+        "repetition_cand": full["repetition_cand"],
         "repetition_n": _repetition_n(),
-        "json_valid_ref": None if js is None else js[0].to_dict(),
-        "json_valid_cand": None if js is None else js[1].to_dict(),
+        "json_valid_ref": full["json_valid_ref"],
+        "json_valid_cand": full["json_valid_cand"],
     })
     return out
 
 
 def _repetition_n() -> int:
-    from logitparity.compare import REPETITION_N
+    from logitparity.drift import REPETITION_N
 
     return REPETITION_N
 
@@ -578,34 +580,79 @@ def describe_from(d: dict[str, Any]) -> Describe:
     return Describe(**d)
 
 
+def _p(t: dict[str, Any] | None) -> str:
+    """A test result as 'p = …' (— when the test was not run)."""
+    if t is None:
+        return "—"
+    return f"p = {t['p_value']:.3g}"
+
+
 def _drift_section(comp: "Comparison") -> list[str]:
     dr = drift(comp)
-    lines = ["| figure | reference | candidate | shift (cand − ref) |", "|---|---|---|---|"]
+    tests = dr["tests"]
+    lines = ["| figure | reference | candidate | shift (cand − ref) | two-sample test |", "|---|---|---|---|---|"]
     e_r, e_c = describe_from(dr["entropy_ref"]), describe_from(dr["entropy_cand"])
     m_r, m_c = describe_from(dr["margin_ref"]), describe_from(dr["margin_cand"])
     if comp.mode == "free-running":
         l_r, l_c = describe_from(dr["length_ref"]), describe_from(dr["length_cand"])
+        st = dr["length_ratio_stats"]
         lines.append(f"| generated tokens per prompt (mean ± se) | {l_r.mean:.2f} ± {_fix(l_r.se, 2)} | "
-                     f"{l_c.mean:.2f} ± {_fix(l_c.se, 2)} | length ratio {_ratio(dr['length_ratio'])} |")
+                     f"{l_c.mean:.2f} ± {_fix(l_c.se, 2)} | length ratio {_ratio(dr['length_ratio'])} (per prompt: "
+                     f"mean {_ratio(st['mean'])}, p95 {_ratio(st['p95'])}) | paired {_p(tests['length'])}; "
+                     f"Mann–Whitney {_p(tests['length_mw'])} |")
+        first = True
         for reason, c in dr["stop_reasons"].items():
+            t = tests["stop_reason"]
+            test = (f"TV {t['statistic']:.3f}, {_p(t)}" if t else "—") if first else ""
             lines.append(f"| stop reason `{reason}` | {c['reference']} | {c['candidate']} | "
-                         f"{c['candidate'] - c['reference']:+d} |")
+                         f"{c['candidate'] - c['reference']:+d} | {test} |")
+            first = False
         rr, rc = Rate(**dr["repetition_ref"]), Rate(**dr["repetition_cand"])
         lines.append(f"| repeated {dr['repetition_n']}-grams ↓ | {_pct(rr)} | {_pct(rc)} | "
-                     f"{_fix(100 * (rc.rate - rr.rate), 2) + ' pts' if rr.n and rc.n else '—'} |")
+                     f"{_fix(100 * (rc.rate - rr.rate), 2) + ' pts' if rr.n and rc.n else '—'} | "
+                     f"{_p(tests['repetition'])} |")
         if dr["json_valid_ref"] is not None:
             jr, jc = Rate(**dr["json_valid_ref"]), Rate(**dr["json_valid_cand"])
             lines.append(f"| valid JSON (category `json`) ↑ | {_pct(jr)} | {_pct(jc)} | "
-                         f"{_fix(100 * (jc.rate - jr.rate), 2)} pts |")
+                         f"{_fix(100 * (jc.rate - jr.rate), 2)} pts | McNemar {_p(tests['json_valid'])} |")
         elif any(p.category == "json" for p in comp.prompts):
-            lines.append("| valid JSON (category `json`) | — | — | no tokenizer to decode the text |")
+            lines.append("| valid JSON (category `json`) | — | — | no tokenizer to decode the text | |")
+        t = tests["token_frequency"]
+        if t is not None:
+            lines.append(f"| token-frequency divergence (JS of unigram counts, nats) ↓ | | | {_sci(t['statistic'])} | "
+                         f"{_p(t)} |")
+    sr = dr["stop_rank"]
+    if sr["n"]:
+        a, b = describe_from(sr["ref"]), describe_from(sr["cand"])
+        lines.append(f"| stop token rank at the end of an answer ({sr['n']} positions; mean / max) ↓ | "
+                     f"{_fix(a.mean, 2)} / {a.max:.0f} | {_fix(b.mean, 2)} / {b.max:.0f} | "
+                     f"{b.mean - a.mean:+.2f} | |")
     sh_e, sh_m = describe_from(dr["entropy_shift"]), describe_from(dr["margin_shift"])
     if e_r.n:
-        lines.append(f"| entropy per position (nats) | {_fix(e_r.mean, 4)} | {_fix(e_c.mean, 4)} | {_mean_se(sh_e)} |")
-    lines.append(f"| top-1 margin per position (logits) | {_fix(m_r.mean, 4)} | {_fix(m_c.mean, 4)} | {_mean_se(sh_m)} |")
+        lines.append(f"| entropy per position (nats) | {_fix(e_r.mean, 4)} | {_fix(e_c.mean, 4)} | {_mean_se(sh_e)} | "
+                     f"{_p(tests['entropy_shift'])} |")
+    lines.append(f"| top-1 margin per position (logits) | {_fix(m_r.mean, 4)} | {_fix(m_c.mean, 4)} | {_mean_se(sh_m)} | "
+                 f"{_p(tests['margin_shift'])} |")
     if comp.mode != "free-running":
         lines += ["", "Output lengths, stop reasons, repetition and JSON validity need a free-running candidate "
                   "(this one was teacher-forced)."]
+    else:
+        lines += ["", "Tests: paired permutation over prompts (the two outputs of a prompt swapped; exact up to "
+                  "12 prompts), Mann–Whitney on the two length samples, exact McNemar for JSON validity. Each "
+                  "figure can gate as a policy metric (docs/report.md), per category with `[category]`.", ""]
+        lines += ["| category | prompts | length ratio (total / mean / p95) | length test | stop-reason TV | "
+                  "repetition shift | valid JSON ref / cand |", "|---|---|---|---|---|---|---|"]
+        for cat, d in dr["by_category"].items():
+            lr = d["length_ratio"]
+            tv = d["tests"]["stop_reason"]
+            rr, rc = Rate(**d["repetition_ref"]), Rate(**d["repetition_cand"])
+            rep = f"{100 * (rc.rate - rr.rate):+.2f} pts" if rr.n and rc.n else "—"
+            js = ("—" if d["json_valid_ref"] is None else
+                  f"{Rate(**d['json_valid_ref']).k}/{Rate(**d['json_valid_ref']).n} / "
+                  f"{Rate(**d['json_valid_cand']).k}/{Rate(**d['json_valid_cand']).n}")
+            tv_s = "—" if tv is None else f"{tv['statistic']:.3f} ({_p(tv)})"
+            lines.append(f"| {_cell(cat, 40)} | {d['units']} | {_ratio(lr['total'])} / {_ratio(lr['mean'])} / "
+                         f"{_ratio(lr['p95'])} | {_p(d['tests']['length'])} | {tv_s} | {rep} | {js} |")
     return lines
 
 
