@@ -362,6 +362,26 @@ metric = "greedy_match@10"
 comparison = ">="
 limit = 0.95
 """,
+    "sampled": """
+name = "sampled"
+description = "sampled candidate: the sampled-from distributions agree, and outputs drawn from them keep their lengths, tokens and stop reasons"
+[thresholds.sampled_js]
+metric = "js.mean"
+comparison = "<="
+limit = 0.0025
+[thresholds.length]
+metric = "length_p"
+comparison = ">="
+limit = 0.01
+[thresholds.token_frequency]
+metric = "token_frequency_p"
+comparison = ">="
+limit = 0.01
+[thresholds.stop_reasons]
+metric = "stop_reason_p"
+comparison = ">="
+limit = 0.01
+""",
     "lossless": """
 name = "lossless"
 description = "bit-for-bit port: identical tokens, log-probs within 1e-5 nats"

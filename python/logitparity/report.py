@@ -26,7 +26,8 @@ from logitparity.stats import Describe, Rate, describe, rate
 if TYPE_CHECKING:
     from logitparity.compare import Comparison, PromptResult
 
-__all__ = ["comparison_dict", "describe_run", "jsonable", "render_markdown", "speed", "write_json", "write_report"]
+__all__ = ["comparison_dict", "describe_run", "jsonable", "render_markdown", "render_sampled_markdown", "sampled_dict",
+           "speed", "write_json", "write_report"]
 
 HIST_WIDTH = 30  # characters of the longest text bar
 SHOW_TOKENS = 24  # tokens shown after a split
@@ -757,3 +758,137 @@ def render_markdown(comp: "Comparison", *, top_worst: int = 5, images: dict[str,
     L += ["Definitions of every figure: docs/report.md in the logitparity repository. ↑ higher is better, "
           "↓ lower is better; ± is one standard error.", ""]
     return "\n".join(L)
+
+
+# --------------------------------------------------------------------------
+# sampled runs (logitparity.sampling.SampledComparison)
+
+_PATHS = (("reference", "the reference's sampled path (candidate scored on its draws)"),
+          ("candidate", "the candidate's sampled path (reference scored on its draws)"))
+
+
+def _sampled_paths(sc: Any) -> dict[str, Any]:
+    out = {}
+    for path, _ in _PATHS:
+        m = sc.path_mask(path)
+        if not m.any():
+            out[path] = None
+            continue
+        out[path] = {
+            "positions": int(m.sum()),
+            "scored_whole_path": sc.paths[path],
+            "sampled": {f: describe(sc.token_values(f, m)).to_dict() for f in ("kl_ref_cand", "kl_cand_ref", "js")},
+            "raw": {f: describe(sc.token_values(f, m, raw=True)).to_dict() for f in ("kl_ref_cand", "kl_cand_ref")},
+            "same_top1": rate(int(sc.tokens.same_top1[m].sum()), int(m.sum())).to_dict(),
+            "impossible_draws": sc.impossible_draws(path).to_dict(),
+        }
+    return out
+
+
+def sampled_dict(sc: Any) -> dict[str, Any]:
+    """Every number of a sampled comparison as JSON types."""
+    dr = sc.drift
+    d = {
+        "format": "logitparity.sampled-comparison",
+        "version": 1,
+        "verdict": sc.verdict.to_dict(),
+        "incomplete": list(sc.incomplete),
+        "match_label": sc.match_label,
+        "reference": describe_run(sc.ref_manifest, sc.ref_path),
+        "candidate": describe_run(sc.cand_manifest, sc.cand_path),
+        "temperature": sc.temperature,
+        "top_p": sc.top_p,
+        "seeds": sc.seeds,
+        "pairs": len(sc.units),
+        "positions": len(sc.token_path),
+        "notes": sc.notes,
+        "sampled_match": {str(n): sc.sampled_match(n).to_dict() for n in sc.n_values},
+        "sampled_exact_match": sc.sampled_match(None).to_dict(),
+        "paths": _sampled_paths(sc),
+        "drift": dr.to_dict(),
+        "by_category": {cat: dr.to_dict(cat) for cat in dr.categories()},
+        "metrics": {t.metric: sc.metric(t.metric)[0] for t in sc.policy.thresholds},
+    }
+    return jsonable(d)
+
+
+def render_sampled_markdown(sc: Any) -> str:
+    """The report of a sampled comparison: verdict, the sampled-from
+    distributions along each path, the distribution-level tests, by category."""
+    v = sc.verdict
+    mark = "✅ PASS" if v.passed else "❌ FAIL"
+    L = ["# logitparity: sampled candidate vs sampled reference", ""]
+    if sc.incomplete:
+        L += ["**INCOMPLETE INPUT (compared with --allow-partial): the verdict covers only what both runs hold.**", ""]
+        L += [f"- {why}" for why in sc.incomplete] + [""]
+    L += [f"**Verdict: {mark}** under policy `{v.policy}`" + (f" — {v.description}" if v.description else ""), ""]
+    L += ["| threshold | metric | measured | limit | result |", "|---|---|---|---|---|"]
+    for r in v.results:
+        meas = "not measured" if _isnan(r.measured) else f"{r.measured:.6g}"
+        L.append(f"| {_cell(r.name)} | `{r.metric}` | {meas} | {r.comparison} {r.limit:.6g} | "
+                 f"{'✅ pass' if r.passed else '❌ fail'}{(' — ' + _cell(r.note, 300)) if r.note else ''} |")
+    top_p = "off" if sc.top_p in (None, 1, 1.0) else f"{sc.top_p:g}"
+    L += ["", f"Sampled at temperature {sc.temperature:g}, top-p {top_p}, seeds {', '.join(map(str, sc.seeds))}: "
+          f"{len(sc.units)} (prompt, seed) pairs, {len(sc.token_path)} compared positions. Both sides draw with "
+          "the same seeded u's, so identical distributions give identical draws.", ""]
+    if sc.notes:
+        L += ["Notes:", ""] + [f"- {n}" for n in sc.notes] + [""]
+    L += ["## The two runs", ""] + _runs_section(sc) + [""]
+    L += ["## Sampled agreement", "", "| N | sampled match at N ↑ |", "|---|---|"]
+    for n in sc.n_values:
+        L.append(f"| {n} | {_pct(sc.sampled_match(n))} |")
+    L += [f"| whole output | {_pct(sc.sampled_match(None))} |", ""]
+    L += ["## The sampled-from distributions", "",
+          "Per position, softmax(logits / T) restricted to the top-p nucleus and renormalized, on both sides "
+          "(docs/report.md); raw-logit KL beside it.", "",
+          "| path | positions | KL(ref ‖ cand) ↓ | KL(cand ‖ ref) ↓ | JS ↓ | raw KL(ref ‖ cand) ↓ | same top-1 ↑ | "
+          "impossible draws ↓ |", "|---|---|---|---|---|---|---|---|"]
+    for path, label in _PATHS:
+        m = sc.path_mask(path)
+        if not m.any():
+            L.append(f"| {label} | 0 | — | — | — | — | — | not scored |")
+            continue
+        f = lambda name, raw=False: _mean_se(describe(sc.token_values(name, m, raw=raw)))
+        st = rate(int(sc.tokens.same_top1[m].sum()), int(m.sum()))
+        whole = "" if sc.paths[path] else " (before the first differing draw)"
+        L.append(f"| {label}{whole} | {int(m.sum())} | {f('kl_ref_cand')} | {f('kl_cand_ref')} | {f('js')} | "
+                 f"{f('kl_ref_cand', True)} | {_pct(st)} | {_pct(sc.impossible_draws(path))} |")
+    dr = sc.drift
+    t = dr.tests()
+    r_len, c_len = dr.lengths()
+    L += ["", "## Output distributions over seeds", "",
+          "| figure | reference | candidate | shift | two-sample test |", "|---|---|---|---|---|"]
+    dl, dc = describe(r_len), describe(c_len)
+    L.append(f"| output length (mean ± se) | {dl.mean:.2f} ± {_fix(dl.se, 2)} | {dc.mean:.2f} ± {_fix(dc.se, 2)} | "
+             f"ratio {_ratio(dr.length_ratio('total'))} | paired {_p(_td(t['length']))}; Mann–Whitney "
+             f"{_p(_td(t['length_mw']))} |")
+    first = True
+    for reason, c in dr.stop_reasons().items():
+        tv = t["stop_reason"]
+        L.append(f"| stop reason `{reason}` | {c['reference']} | {c['candidate']} | {c['candidate'] - c['reference']:+d} | "
+                 + (f"TV {tv.statistic:.3f}, p = {tv.p_value:.3g}" if first and tv else "") + " |")
+        first = False
+    tf = t["token_frequency"]
+    if tf is not None:
+        L.append(f"| token-frequency divergence (JS, nats) | | | {_sci(tf.statistic)} | p = {tf.p_value:.3g} |")
+    rr, rc = dr.repetition()
+    L.append(f"| repeated {_repetition_n()}-grams | {_pct(rr)} | {_pct(rc)} | | {_p(_td(t['repetition']))} |")
+    jv = dr.json_validity()
+    if jv is not None:
+        L.append(f"| valid JSON (category `json`) | {_pct(jv[0])} | {_pct(jv[1])} | | McNemar {_p(_td(t['json_valid']))} |")
+    L += ["", "Paired permutation tests swap the two outputs of a (prompt, seed) pair (exact up to 12 pairs).", ""]
+    L += ["## By category", "", "| category | pairs | length ratio | length test | stop-reason TV | token-frequency JS |",
+          "|---|---|---|---|---|---|"]
+    for cat in dr.categories():
+        tt = dr.tests(cat)
+        tv, tk = tt["stop_reason"], tt["token_frequency"]
+        L.append(f"| {_cell(cat, 40)} | {len(dr._idx(cat))} | {_ratio(dr.length_ratio('total', cat))} | "
+                 f"{_p(_td(tt['length']))} | {'—' if tv is None else f'{tv.statistic:.3f} (p = {tv.p_value:.3g})'} | "
+                 f"{'—' if tk is None else f'{_sci(tk.statistic)} (p = {tk.p_value:.3g})'} |")
+    L += ["", "Definitions of every figure: docs/report.md. ↑ higher is better, ↓ lower is better; ± is one standard "
+          "error. Labels say sampled: these runs were drawn, not decoded greedily.", ""]
+    return "\n".join(L)
+
+
+def _td(t: Any) -> dict[str, Any] | None:
+    return None if t is None else t.to_dict()

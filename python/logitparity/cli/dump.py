@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.7, help="sample mode temperature")
     parser.add_argument("--top-p", type=float, default=None, help="sample mode nucleus (default: off)")
     parser.add_argument("--seed", type=int, default=0, help="sample mode seed")
+    parser.add_argument("--seeds", default=None, metavar="LIST",
+                        help="sample mode: one dump per seed (0,1,2 or 0-3) under --out, with a samples.json index "
+                             "(a sample set for compare; docs/report.md)")
     parser.add_argument("--stop-token-id", type=int, action="append", default=[], metavar="ID",
                         help="extra stop token id (repeatable); EOS always stops")
     parser.add_argument("--no-chat-template", action="store_true", help="tokenize the raw prompt text")
@@ -69,6 +72,35 @@ def _activations(args: argparse.Namespace, model, out) -> None:
     print(f"activations: {act}")
 
 
+def _is_sample_set(path) -> bool:
+    from logitparity.sampling import is_sample_set
+
+    return path is not None and is_sample_set(path)
+
+
+def _sample_set(args: argparse.Namespace, model, kw: dict) -> int:
+    """--seeds (one sampled dump per seed) or score mode on a sample set."""
+    from logitparity.capture.seeds import capture_samples, parse_seeds, score_samples
+
+    if args.engine != "hf" or args.activations:
+        raise ValueError("--seeds and scoring a sample set run on --engine hf without --activations")
+    if args.seeds is not None:
+        if args.mode != "sample":
+            raise ValueError(f"--seeds needs --mode sample (one sampled dump per seed), got --mode {args.mode}")
+        kw = {k: v for k, v in kw.items() if k not in ("mode", "seed", "reference_dump")}
+        out = capture_samples(model, args.prompts, args.out, seeds=parse_seeds(args.seeds), **kw)
+        what = "sampled"
+    else:
+        if args.mode != "score":
+            raise ValueError(f"--reference-dump {args.reference_dump} is a sample set: score it with --mode score")
+        kw = {k: v for k, v in kw.items() if k not in ("mode", "reference_dump", "temperature", "top_p", "seed",
+                                                       "max_new_tokens")}
+        out = score_samples(model, args.reference_dump, args.out, **kw)
+        what = "scored"
+    print(f"sample set {out}: {what}, one dump per seed (samples.json)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from logitparity.capture import capture
     from logitparity.dump import load_dump
@@ -94,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
               stop_token_ids=args.stop_token_id, chat_template=False if args.no_chat_template else None,
               resume=args.resume, progress=not args.no_progress, limit=args.limit,
               shard_bytes=max(1, int(args.shard_mb * (1 << 20))), truncate_prompts=args.truncate_prompts)
+    if args.seeds is not None or _is_sample_set(args.reference_dump):
+        return _sample_set(args, model, kw)
     try:
         if args.engine == "hf":
             out = capture(model, args.prompts, args.out, **kw)
