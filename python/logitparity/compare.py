@@ -130,7 +130,7 @@ def _short(v: Any) -> str:
 
 # manifest keys that must agree (docs/dump-format.md)
 TOKENIZER_KEYS = ("vocab_size", "tokens_hash", "special_tokens")  # the stop rule is decoding's
-_DECODING_KEYS = ("temperature", "top_p", "seed", "max_new_tokens", "stop_token_ids", "eos_token_ids",
+_DECODING_KEYS = ("temperature", "top_p", "seed", "max_new_tokens", "category_budgets", "stop_token_ids", "eos_token_ids",
                   "repetition_penalty", "logit_processors")
 
 

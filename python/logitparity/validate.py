@@ -517,8 +517,9 @@ def _check_records(c: _Checker, m: dict[str, Any], path: Path) -> list[dict[str,
                 c.add(f, where, "stop_reason",
                       f'"stop_token" only when the last token is in decoding.stop_token_ids {sorted(stop)}',
                       f'"stop_token" after token {last}', "spec")
-        if mode != "score" and mnt is not None and gen is not None and len(gen) > mnt:
-            c.add(f, where, "generated_token_ids", f"at most decoding.max_new_tokens = {mnt} tokens", str(len(gen)), "spec")
+        lim = r.get("max_new_tokens") if _is_int(r.get("max_new_tokens")) else mnt  # a category's own budget
+        if mode != "score" and lim is not None and gen is not None and len(gen) > lim:
+            c.add(f, where, "generated_token_ids", f"at most decoding.max_new_tokens = {lim} tokens", str(len(gen)), "spec")
         if {"tensors", "shard"} <= typed:
             for role, key in r["tensors"].items():
                 owner = used.get((r["shard"], key))

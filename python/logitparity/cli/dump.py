@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="model dtype")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (accelerate device_map)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--category-budget", action="append", default=[], metavar="CATEGORY=N",
+                        help="new-token budget of one prompt category instead of --max-new-tokens (repeatable), "
+                             "e.g. json=96 so JSON answers can close")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--logits", default="full", help="storage: full | topk:K (default full)")
     parser.add_argument("--logits-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of full logit rows")
@@ -55,6 +58,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="record activations of the first N prompts (default: all)")
     parser.add_argument("--activations-generated", type=int, default=0, metavar="M",
                         help="include the first M generated tokens after the prefill (default 0)")
+
+
+def parse_budgets(items: list[str]) -> dict[str, int]:
+    """['json=96', ...] -> {'json': 96}."""
+    out: dict[str, int] = {}
+    for item in items:
+        cat, sep, n = item.partition("=")
+        try:
+            value = int(n)
+        except ValueError:
+            value = 0
+        if not sep or not cat.strip() or value < 1:
+            raise ValueError(f"--category-budget must be CATEGORY=N with N >= 1 new tokens, got {item!r}")
+        out[cat.strip()] = value
+    return out
 
 
 def _terminate(signum, frame):  # SIGTERM flushes finished prompts like Ctrl-C
@@ -94,7 +112,7 @@ def _sample_set(args: argparse.Namespace, model, kw: dict) -> int:
         if args.mode != "score":
             raise ValueError(f"--reference-dump {args.reference_dump} is a sample set: score it with --mode score")
         kw = {k: v for k, v in kw.items() if k not in ("mode", "reference_dump", "temperature", "top_p", "seed",
-                                                       "max_new_tokens")}
+                                                       "max_new_tokens", "category_budgets")}
         out = score_samples(model, args.reference_dump, args.out, **kw)
         what = "scored"
     print(f"sample set {out}: {what}, one dump per seed (samples.json)")
@@ -121,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
 
         model = load_model(args.model, dtype=args.dtype, device=args.device)
     kw = dict(mode=args.mode, reference_dump=args.reference_dump, dtype=args.dtype, device=args.device,
-              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, logits=args.logits,
+              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+              category_budgets=parse_budgets(args.category_budget) or None, logits=args.logits,
               logits_dtype=args.logits_dtype, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
               stop_token_ids=args.stop_token_id, chat_template=False if args.no_chat_template else None,
               resume=args.resume, progress=not args.no_progress, limit=args.limit,
