@@ -186,7 +186,7 @@ def test_default_model_fp32_vs_bf16_end_to_end(tmp_path, capsys):
 
     torch.set_num_threads(1)
     rc = main(["demo", "--out", str(tmp_path / "demo"), "--limit", "3", "--max-new-tokens", "8",
-               "--batch-size", "3"])
+               "--batch-size", "3", "--tasks", "6"])
     assert rc in (0, 1)
     out = capsys.readouterr().out
     assert re.search(r"^  (PASS|FAIL): policy 'fp16', 3 prompts", out, re.M)  # the raw verdict
@@ -208,3 +208,7 @@ def test_default_model_fp32_vs_bf16_end_to_end(tmp_path, capsys):
     # decoded text in the report (the tokenizer comes from the model directory)
     assert d["per_prompt"][0]["ref_text"]
     assert len(list((tmp_path / "demo" / "plots").glob("*.png"))) == 3
+    # the task-accuracy section: both models on 6 questions, round-robin over subjects
+    assert "## Task accuracy (multiple choice)" in md and "Task accuracy (6 questions" in out
+    t = json.loads((tmp_path / "demo" / "tasks.json").read_text())
+    assert t["questions"] == 6 and len({s["subject"] for s in t["by_subject"]}) == 5

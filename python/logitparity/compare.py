@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from logitparity.drift import REPETITION_N, Drift, StopRank, Unit, is_valid_json, json_complete_at, repeated_ngrams, token_rank
+from logitparity.drift import REPETITION_N, Drift, StopRank, Unit, answer_tokens, is_valid_json, json_complete_at, repeated_ngrams, token_rank
 from logitparity.fields import INT_FIELDS, ROW_FIELDS, values as _field_values
 from logitparity.metrics import RowMetrics, compare_logits, topk as _topk
 from logitparity.policy import (
@@ -490,12 +490,21 @@ class Comparison:
                 m = self.token_prompt == i
                 e, g = es[m], ms[m]
                 e, g = e[np.isfinite(e)], g[np.isfinite(g)]
+                ra, ca = self.answer_texts(p)
                 units.append(Unit(p.id, p.category, p.ref_tokens, p.cand_tokens, p.stop_ref, p.stop_cand,
-                                  p.ref_text, p.cand_text, float(e.mean()) if e.size else float("nan"),
+                                  ra, ca, float(e.mean()) if e.size else float("nan"),
                                   float(g.mean()) if g.size else float("nan")))
             self._drift = Drift(units, self.stop_ranks, free_running=self.mode == "free-running",
                                 decoded=self.decode is not None, resamples=self.drift_resamples, seed=self.drift_seed)
         return self._drift
+
+    def answer_texts(self, p: PromptResult) -> tuple[str | None, str | None]:
+        """Both decoded answers without the stop token that ended them (None
+        without a decoder)."""
+        if self.decode is None:
+            return None, None
+        return (self.decode(answer_tokens(p.ref_tokens, p.stop_ref)),
+                self.decode(answer_tokens(p.cand_tokens, p.stop_cand)))
 
     def length_ratio(self, idx: Sequence[int] | None = None) -> float:
         idx = range(len(self.prompts)) if idx is None else idx
@@ -523,11 +532,8 @@ class Comparison:
 
     def json_validity(self) -> tuple[Rate, Rate] | None:
         """Over prompts of category "json"; None without decoded text."""
-        ps = [p for p in self.prompts if p.category == "json"]
-        if not ps or any(p.ref_text is None or p.cand_text is None for p in ps):
-            return None
-        return (rate(sum(is_valid_json(p.ref_text) for p in ps), len(ps)),
-                rate(sum(is_valid_json(p.cand_text) for p in ps), len(ps)))
+        jv = self.drift.json_validity()
+        return None if jv is None else (jv[0], jv[1])
 
     # ---- metrics by name (policies)
     def metric(self, name: str) -> tuple[float, str]:

@@ -49,7 +49,7 @@ from logitparity.stats import describe, rate
 from logitparity.twosample import (DEFAULT_RESAMPLES, TestResult, js_frequencies, mann_whitney, mean_difference,
                                    paired_permutation, total_variation)
 
-__all__ = ["Drift", "Unit", "is_valid_json", "json_complete_at", "repeated_ngrams", "token_rank", "REPETITION_N"]
+__all__ = ["Drift", "Unit", "answer_tokens", "is_valid_json", "json_complete_at", "repeated_ngrams", "token_rank", "REPETITION_N"]
 
 REPETITION_N = 4  # n-gram length for the repetition rate
 JSON_CATEGORY = "json"
@@ -57,7 +57,9 @@ JSON_CATEGORY = "json"
 
 @dataclasses.dataclass
 class Unit:
-    """One pair of outputs (see the module docstring)."""
+    """One pair of outputs (see the module docstring). ref_text, cand_text:
+    the decoded answers without the stop token that ended them
+    (answer_tokens)."""
 
     id: str
     category: str
@@ -103,6 +105,16 @@ def is_valid_json(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+STOP_REASONS_WITH_TOKEN = ("eos", "stop_token")
+
+
+def answer_tokens(tokens: Sequence[int], stop_reason: str) -> list[int]:
+    """The answer without the stop token that ended it (the text a user sees:
+    an EOS decodes to a special-token string that no JSON parser accepts)."""
+    t = list(tokens)
+    return t[:-1] if t and stop_reason in STOP_REASONS_WITH_TOKEN else t
 
 
 def json_complete_at(tokens: Sequence[int], decode: Any) -> int | None:

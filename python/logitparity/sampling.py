@@ -53,7 +53,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from logitparity.drift import Drift, Unit
+from logitparity.drift import Drift, Unit, answer_tokens
 from logitparity.stats import Rate, describe, rate
 
 __all__ = ["SAMPLE_SET_FORMAT", "SampleSet", "SampledComparison", "compare_sampled", "is_sample_set",
@@ -468,7 +468,9 @@ def compare_sampled(
             es = np.concatenate(e_shift) if e_shift else np.zeros(0)
             es = es[np.isfinite(es)]
             units.append(Unit(f"{rid}@seed={s}", str(r.get("category", "")), rt, ct, str(r["stop_reason"]),
-                              str(c["stop_reason"]), dec(rt) if dec else None, dec(ct) if dec else None,
+                              str(c["stop_reason"]),
+                              dec(answer_tokens(rt, str(r["stop_reason"]))) if dec else None,
+                              dec(answer_tokens(ct, str(c["stop_reason"]))) if dec else None,
                               float(es.mean()) if es.size else float("nan")))
             firsts.append(d)
     if incomplete and not allow_partial:
