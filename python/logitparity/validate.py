@@ -444,7 +444,9 @@ def _check_records(c: _Checker, m: dict[str, Any], path: Path) -> list[dict[str,
     out: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     used: dict[tuple[str, str], str] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # records end at "\n" only (str.splitlines also cuts at U+2028 and U+0085,
+    # which a prompt's text holds raw: the writer does not escape non-ASCII)
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         where = f"line {lineno}"

@@ -262,7 +262,9 @@ def _prepare(selected: list[Prompt], encode: Any, ref: Dump | None, chat_templat
             ids, used = encode(p.text, chat_template)
             ids = list(ids)
             if not ids:
-                raise ValueError(f"prompt {p.id!r} tokenizes to no tokens; give it some text")
+                raise ValueError(f"prompt {p.id!r} tokenizes to no tokens; give it some text"
+                                 + (" (an empty prompt has tokens only with the chat template: drop "
+                                    "--no-chat-template / chat_template=False, or leave it out)" if not p.text else ""))
             cont: list[int] = []
             budget = (budgets or {}).get(p.category, max_new_tokens)
             need = len(ids) + budget - 1  # the last new token is never fed back
