@@ -190,3 +190,19 @@ def test_cli_dump_seeds_and_compare_sampled(sampled_runs, tiny_model_dir, tmp_pa
     assert main(["dump", "--model", tiny_model_dir, "--out", str(tmp_path / "g"), "--seeds", "0,1"]) == 2
     err = capsys.readouterr().err
     assert "--seeds needs --mode sample" in err
+
+
+def test_compare_dumps_labels_sampled_splits_sampled(sampled_runs):
+    """Two sample dumps through compare_dumps: a split is a different draw,
+    never classified near-tie or real by the greedy margins."""
+    from logitparity.compare import compare_dumps
+
+    a, b = load_sample_set(sampled_runs["ref"]).dumps[0], load_sample_set(sampled_runs["bug"]).dumps[0]
+    c = compare_dumps(a, b, decode=None)
+    kinds = {p.split for p in c.prompts if p.split is not None}
+    assert kinds and kinds <= {"sampled", "length"}
+    assert c.splits()["sampled"] == sum(p.split == "sampled" for p in c.prompts) and c.splits()["real"] == 0
+    v, note = c.metric("real_divergence@10")
+    assert math.isnan(v) and "a split is a different draw" in note
+    md = c.to_markdown()
+    assert "sampled match at N" in md and "greedy match" not in md and "both runs were sampled" in md

@@ -430,11 +430,15 @@ def _key_figures(comp: "Comparison") -> list[str]:
     if comp.free_running_available:
         for n in comp.n_values:
             lines.append(f"| {comp.match_label} match at N = {n} (share of prompts) | ↑ | {_pct(comp.greedy_match(n))} |")
-            lines.append(f"| real divergence before N = {n} (share of prompts) | ↓ | {_pct(comp.real_divergence(n))} |")
+            if not comp.sampled:
+                lines.append(f"| real divergence before N = {n} (share of prompts) | ↓ | {_pct(comp.real_divergence(n))} |")
         lines.append(f"| full-sequence exact match | ↑ | {_pct(comp.exact_match())} |")
         sp = comp.splits()
-        lines.append(f"| splits: real divergences / near-ties / one run stopped | ↓ | "
-                     f"{sp['real']} / {sp['near-tie']} / {sp['length']} |")
+        if "sampled" in sp:
+            lines.append(f"| splits: different draws / one run stopped | | {sp['sampled']} / {sp['length']} |")
+        else:
+            lines.append(f"| splits: real divergences / near-ties / one run stopped | ↓ | "
+                         f"{sp['real']} / {sp['near-tie']} / {sp['length']} |")
     kl = describe(comp.tokens.kl_ref_cand)
     bound = " (lower bound)" if comp.kl_is_bound else ""
     lines.append(f"| mean KL(ref ‖ cand) per token{bound}, nats | ↓ | {_mean_se(kl)} |")
@@ -503,9 +507,14 @@ def _free_running_section(comp: "Comparison", images: dict[str, str]) -> list[st
     if comp.mode == "teacher-forced":
         lines += ["Derived from the teacher-forced top-1: the candidate diverges where its top-1 on the "
                   "reference's prefix differs from the reference token.", ""]
-    lines += [f"| N | {comp.match_label} match at N ↑ | real divergence before N ↓ |", "|---|---|---|"]
-    for n in comp.n_values:
-        lines.append(f"| {n} | {_pct(comp.greedy_match(n))} | {_pct(comp.real_divergence(n))} |")
+    if comp.splits().get("sampled") is not None:  # both sampled: a split is a draw, never a divergence
+        lines += [f"| N | {comp.match_label} match at N ↑ |", "|---|---|"]
+        for n in comp.n_values:
+            lines.append(f"| {n} | {_pct(comp.greedy_match(n))} |")
+    else:
+        lines += [f"| N | {comp.match_label} match at N ↑ | real divergence before N ↓ |", "|---|---|---|"]
+        for n in comp.n_values:
+            lines.append(f"| {n} | {_pct(comp.greedy_match(n))} | {_pct(comp.real_divergence(n))} |")
     budget = _get(comp.ref_manifest, "decoding", "max_new_tokens")
     over = [n for n in comp.n_values if budget is not None and n > int(budget)]
     if over:
@@ -515,9 +524,14 @@ def _free_running_section(comp: "Comparison", images: dict[str, str]) -> list[st
     tie_rule = ("reference top-1 − top-2 margin within the noise floor's margin movement or the dtype's rounding "
                 "step at the split" if comp.tie_aware else
                 f"reference top-1 − top-2 margin < {comp.near_tie_margin:g} logits at the split")
-    lines += ["", f"Splits: **{sp['real']} real divergence(s)**, {sp['near-tie']} near-tie(s) "
-              f"({tie_rule})"
-              + (f", {sp['length']} where one run stopped and the other went on" if sp["length"] else "") + ".", ""]
+    if "sampled" in sp:
+        lines += ["", f"Splits: {sp['sampled']} different draw(s) (both runs sampled: a split is where the two "
+                  "draws part, not a divergence; the sampled comparison judges the distributions)"
+                  + (f", {sp['length']} where one run stopped and the other went on" if sp["length"] else "") + ".", ""]
+    else:
+        lines += ["", f"Splits: **{sp['real']} real divergence(s)**, {sp['near-tie']} near-tie(s) "
+                  f"({tie_rule})"
+                  + (f", {sp['length']} where one run stopped and the other went on" if sp["length"] else "") + ".", ""]
     lines += ["First divergence (position of the first differing generated token):", "", "```text"]
     lines += histogram_bars(comp.divergence_histogram())
     lines += ["```"]
@@ -665,7 +679,7 @@ def worst_prompts(comp: "Comparison", n: int) -> list[int]:
         v = comp.tokens.kl_ref_cand[comp.token_prompt == i]
         v = v[~np.isnan(v)]
         means[i] = float(v.mean()) if v.size else 0.0
-    order = {"real": 0, "near-tie": 1, "length": 1, None: 2}
+    order = {"real": 0, "near-tie": 1, "length": 1, "sampled": 1, None: 2}
 
     def key(i: int) -> tuple:
         p = comp.prompts[i]
@@ -689,9 +703,10 @@ def _worst_section(comp: "Comparison", n: int) -> list[str]:
         if d is None:
             lines += [f"### {rank}. `{_cell(p.id, 60)}` ({_cell(p.category, 30)}) — no divergence, mean KL {kl_s} nats", ""]
             continue
-        what = {"real": "**real divergence**", "near-tie": "near-tie", "length": "one run stopped"}[p.split]
+        what = {"real": "**real divergence**", "near-tie": "near-tie", "length": "one run stopped",
+                "sampled": "a different draw (sampled)"}[p.split]
         lines += [f"### {rank}. `{_cell(p.id, 60)}` ({_cell(p.category, 30)}) — split at token {d}: {what}", ""]
-        if p.split in ("real", "near-tie"):
+        if p.split in ("real", "near-tie", "sampled"):
             lines += [f"Top-1 margin at the split: reference {_fix(p.margin_ref_at_split)} logits, candidate "
                       f"{_fix(p.margin_cand_at_split)} logits; mean KL over its {p.n_compared} compared positions {kl_s} nats.", ""]
         prefix = _tokens_text(comp, p.ref_tokens[:d])

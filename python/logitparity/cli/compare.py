@@ -67,8 +67,8 @@ def summary_lines(comp) -> list[str]:
     if comp.free_running_available:
         label = comp.match_label
         for n in comp.n_values:
-            lines.append(f"  {label} match at {n}: {comp.greedy_match(n)}; real divergence before {n}: "
-                         f"{comp.real_divergence(n)}")
+            lines.append(f"  {label} match at {n}: {comp.greedy_match(n)}" + ("" if comp.sampled else
+                         f"; real divergence before {n}: {comp.real_divergence(n)}"))
     for note in comp.notes:
         lines.append(f"  note: {note}")
     return lines
