@@ -136,3 +136,15 @@ def test_helpers():
     assert json_complete_at([3, 5, 7], dec) == 2 and json_complete_at([3, 7], dec) is None
     row = np.array([1.0, 3.0, 3.0, 2.0])
     assert [token_rank(row, t) for t in range(4)] == [3, 0, 1, 2]  # ties by lower index
+
+
+def test_stop_ranks_of_bf16_rows_are_ranks_of_their_values(runs, tmp_path):
+    # bf16 dumps store uint16 bit patterns: negative logits sort above positive ones as integers
+    from logitparity.dump import load_dump
+
+    ref, cand = runs
+    c16 = load_dump(cand)
+    items = [(c16.record(pid), c16.logits(pid)) for pid in c16.ids]
+    bf = write_dump(tmp_path / "bf16", items, logits_dtype="bf16")
+    c = compare_dumps(ref, bf, decode=dec)
+    assert [(s.rank_ref, s.rank_cand) for s in c.stop_ranks] == [(0, 2), (0, 0)]

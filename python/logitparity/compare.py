@@ -908,7 +908,10 @@ def compare_dumps(
             cont_rows = None
             if cont_d is not None and d is not None and split != "length" and d + 1 < len(rt):
                 cont_rows = (d + 1, cont_d.logits(rid))
-            stop_ranks += _stop_ranks(pi, r, rt, full_a, full_b, n_rows, cont_rows, stop_ids, v, dec)
+            stop_ranks += _stop_ranks(pi, r, rt, _float_rows(full_a, bf16_a), _float_rows(full_b, bf16_b), n_rows,
+                                      None if cont_rows is None else
+                                      (cont_rows[0], _float_rows(cont_rows[1], cont_d.logits_dtype == "bf16")),
+                                      stop_ids, v, dec)
     if sampled:
         notes.append("both runs were sampled: splits are different draws (labelled sampled, not classified by "
                      "greedy margins); compare the sampled-from distributions with compare_sampled "
@@ -962,6 +965,21 @@ def compare_dumps(
         judge_settings=settings, token_forced=np.concatenate(tok_forced) if tok_forced else np.zeros(0, bool),
         tie_aware=tie_aware, stop_ranks=stop_ranks,
     )
+
+
+class _float_rows:
+    """Rows of a dump as float32 on access (bf16 dumps store uint16 bit
+    patterns, which do not order like the values)."""
+
+    def __init__(self, x, bf16: bool):
+        self.x, self.bf16 = x, bf16
+        self.shape = x.shape
+
+    def __getitem__(self, key):
+        from logitparity.dump import bf16_to_float32
+
+        y = self.x[key]
+        return bf16_to_float32(np.asarray(y)) if self.bf16 else np.asarray(y, dtype=np.float32)
 
 
 def _stop_ranks(pi: int, rec: dict, rt: list[int], full_a, full_b, n_rows: int, cont_rows, stop_ids: list[int],
