@@ -39,12 +39,12 @@ def main() -> int:
     from logitparity.capture.plants import planted
     from logitparity.capture.seeds import capture_samples, parse_seeds, score_samples
     from logitparity.cli.demo import spread
-    from logitparity.prompts import HEAVY_CATEGORIES, load_prompts
+    from logitparity.prompts import load_prompts
     from logitparity.sampling import compare_sampled
 
     torch.set_num_threads(args.threads)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-sampled-"))
-    prompts = spread([p for p in load_prompts() if p.category not in HEAVY_CATEGORIES], args.prompts)
+    prompts = spread(load_prompts(), args.prompts)
     seeds = parse_seeds(args.seeds)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, batch_size=4,
               progress=False)

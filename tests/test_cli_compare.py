@@ -116,6 +116,9 @@ def test_demo_spread_is_round_robin_over_categories():
     ps = [Prompt(f"{c}{i}", c, "t") for c in "abc" for i in range(3)]
     assert [p.id for p in spread(ps, 5)] == ["a0", "b0", "c0", "a1", "b1"]
     assert len(spread(ps, 100)) == 9
+    # the near-context-limit category is left out (its prefill takes minutes on a CPU)
+    heavy = ps + [Prompt("z0", "context_limit", "t")]
+    assert "z0" not in [p.id for p in spread(heavy, 100)] and [p.id for p in spread(heavy, 100, skip=())][-1] == "z0"
 
 
 def test_demo_refuses_to_overwrite(tmp_path, capsys):

@@ -56,11 +56,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="candidate engine: hf (bf16, default) or llama.cpp (the GGUF run natively, Q4_1)")
 
 
-def spread(prompts: list, limit: int) -> list:
+def spread(prompts: list, limit: int, skip: tuple[str, ...] | None = None) -> list:
     """Up to ``limit`` prompts, round-robin over categories in file order, so
-    every category appears before any appears twice."""
+    every category appears before any appears twice; categories in ``skip``
+    (default prompts.HEAVY_CATEGORIES: a near-context-limit prefill takes
+    minutes on a CPU) are left out."""
+    from logitparity.prompts import HEAVY_CATEGORIES
+
+    skip = HEAVY_CATEGORIES if skip is None else skip
     by_cat: dict[str, list] = {}
-    for p in prompts:
+    for p in (p for p in prompts if p.category not in skip):
         by_cat.setdefault(p.category, []).append(p)
     out: list = []
     i = 0
@@ -89,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from logitparity.capture import capture, load_model
     from logitparity.compare import compare_dumps
     from logitparity.policy import load_policy
-    from logitparity.prompts import CATEGORY_BUDGETS, HEAVY_CATEGORIES, load_prompts
+    from logitparity.prompts import CATEGORY_BUDGETS, load_prompts
     from logitparity.report import write_report
 
     for name in ("limit", "max_new_tokens", "batch_size"):
@@ -104,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     for d in (ref_dir, cand_dir, twin_dir, mode_dir):
         if d.exists():
             raise ValueError(f"{d} already exists; pass another --out or delete it")
-    prompts = spread([p for p in load_prompts() if p.category not in HEAVY_CATEGORIES], args.limit)
+    prompts = spread(load_prompts(), args.limit)
     torch_threads = apply_torch_threads(args)  # the captures run here
     from logitparity.floor import build_floor, write_floor
 
