@@ -118,7 +118,7 @@ def test_demo_spread_is_round_robin_over_categories():
     assert len(spread(ps, 100)) == 9
     # the near-context-limit category is left out (its prefill takes minutes on a CPU)
     heavy = ps + [Prompt("z0", "context_limit", "t")]
-    assert "z0" not in [p.id for p in spread(heavy, 100)] and [p.id for p in spread(heavy, 100, skip=())][-1] == "z0"
+    assert "z0" not in [p.id for p in spread(heavy, 100)] and "z0" in [p.id for p in spread(heavy, 100, skip=())]
 
 
 def test_demo_refuses_to_overwrite(tmp_path, capsys):
