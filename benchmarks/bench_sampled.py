@@ -31,6 +31,7 @@ def main() -> int:
     ap.add_argument("--layer", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--keep", default=None, help="keep the dumps in this directory")
+    ap.add_argument("--compare-only", action="store_true", help="reuse the dumps in --keep; only compare")
     args = ap.parse_args()
 
     import torch
@@ -58,21 +59,23 @@ def main() -> int:
 
     print(f"[bench] {len(prompts)} prompts x {args.max_new_tokens} tokens, seeds {seeds}, T={args.temperature}, "
           f"top-p {args.top_p}; dumps in {work}", file=sys.stderr)
-    ref_lm = load_model(None)
-    ref = timed("sample fp32 reference", capture_samples, ref_lm, prompts, work / "ref", seeds=seeds, **kw)
-    bf = load_model(None, dtype="bf16")
-    cand = timed("sample bf16 candidate", capture_samples, bf, prompts, work / "bf16", seeds=seeds, **kw)
-    timed("score bf16 on the reference's samples", score_samples, bf, ref, work / "bf16-on-ref", batch_size=4,
-          progress=False)
-    del bf
-    timed("score fp32 on the bf16 samples", score_samples, ref_lm, cand, work / "ref-on-bf16", batch_size=4,
-          progress=False)
-    with planted(ref_lm, args.plant, layer=args.layer):
-        bug = timed(f"sample fp32 + {args.plant}", capture_samples, ref_lm, prompts, work / "bug", seeds=seeds, **kw)
-        timed(f"score fp32 + {args.plant} on the reference's samples", score_samples, ref_lm, ref,
-              work / "bug-on-ref", batch_size=4, progress=False)
-    timed(f"score fp32 on the {args.plant} samples", score_samples, ref_lm, bug, work / "ref-on-bug", batch_size=4,
-          progress=False)
+    ref, cand, bug = work / "ref", work / "bf16", work / "bug"
+    if not args.compare_only:
+        ref_lm = load_model(None)
+        ref = timed("sample fp32 reference", capture_samples, ref_lm, prompts, work / "ref", seeds=seeds, **kw)
+        bf = load_model(None, dtype="bf16")
+        cand = timed("sample bf16 candidate", capture_samples, bf, prompts, work / "bf16", seeds=seeds, **kw)
+        timed("score bf16 on the reference's samples", score_samples, bf, ref, work / "bf16-on-ref", batch_size=4,
+              progress=False)
+        del bf
+        timed("score fp32 on the bf16 samples", score_samples, ref_lm, cand, work / "ref-on-bf16", batch_size=4,
+              progress=False)
+        with planted(ref_lm, args.plant, layer=args.layer):
+            bug = timed(f"sample fp32 + {args.plant}", capture_samples, ref_lm, prompts, work / "bug", seeds=seeds, **kw)
+            timed(f"score fp32 + {args.plant} on the reference's samples", score_samples, ref_lm, ref,
+                  work / "bug-on-ref", batch_size=4, progress=False)
+        timed(f"score fp32 on the {args.plant} samples", score_samples, ref_lm, bug, work / "ref-on-bug", batch_size=4,
+              progress=False)
     rows = []
     for name, c, cor, roc in (("bf16 (benign)", cand, "bf16-on-ref", "ref-on-bf16"),
                               (f"fp32 + {args.plant} (layer {args.layer})", bug, "bug-on-ref", "ref-on-bug")):

@@ -206,3 +206,16 @@ def test_compare_dumps_labels_sampled_splits_sampled(sampled_runs):
     assert math.isnan(v) and "a split is a different draw" in note
     md = c.to_markdown()
     assert "sampled match at N" in md and "greedy match" not in md and "both runs were sampled" in md
+
+
+def test_the_fast_nucleus_is_the_full_sort_bitwise():
+    from logitparity import sampling
+
+    rng = np.random.default_rng(5)
+    rows = [rng.normal(0, 3, 5000), np.round(rng.normal(0, 1, 5000), 1), np.zeros(300), rng.normal(0, 0.01, 3000)]
+    rows.append(np.r_[[5.0] * 3, rng.normal(-2, 0.5, 997)])  # a tie at the top
+    for x in rows:
+        for T in (0.5, 1.0, 2.0):
+            p = sampling_probs(x, T)[None, :]
+            for top_p in (0.05, 0.5, 0.9, 0.999, 1 - 1e-12):
+                np.testing.assert_array_equal(sampling._nucleus(p, top_p), sampling._nucleus_full(p, top_p))

@@ -368,7 +368,7 @@ description = "sampled candidate: the sampled-from distributions agree, and outp
 [thresholds.sampled_js]
 metric = "js.mean"
 comparison = "<="
-limit = 0.0025
+limit = 0.005
 [thresholds.length]
 metric = "length_p"
 comparison = ">="
