@@ -116,6 +116,9 @@ def test_demo_spread_is_round_robin_over_categories():
     ps = [Prompt(f"{c}{i}", c, "t") for c in "abc" for i in range(3)]
     assert [p.id for p in spread(ps, 5)] == ["a0", "b0", "c0", "a1", "b1"]
     assert len(spread(ps, 100)) == 9
+    # the near-context-limit category is left out (its prefill takes minutes on a CPU)
+    heavy = ps + [Prompt("z0", "context_limit", "t")]
+    assert "z0" not in [p.id for p in spread(heavy, 100)] and "z0" in [p.id for p in spread(heavy, 100, skip=())]
 
 
 def test_demo_refuses_to_overwrite(tmp_path, capsys):
@@ -186,7 +189,7 @@ def test_default_model_fp32_vs_bf16_end_to_end(tmp_path, capsys):
 
     torch.set_num_threads(1)
     rc = main(["demo", "--out", str(tmp_path / "demo"), "--limit", "3", "--max-new-tokens", "8",
-               "--batch-size", "3"])
+               "--batch-size", "3", "--tasks", "6"])
     assert rc in (0, 1)
     out = capsys.readouterr().out
     assert re.search(r"^  (PASS|FAIL): policy 'fp16', 3 prompts", out, re.M)  # the raw verdict
@@ -208,3 +211,7 @@ def test_default_model_fp32_vs_bf16_end_to_end(tmp_path, capsys):
     # decoded text in the report (the tokenizer comes from the model directory)
     assert d["per_prompt"][0]["ref_text"]
     assert len(list((tmp_path / "demo" / "plots").glob("*.png"))) == 3
+    # the task-accuracy section: both models on 6 questions, round-robin over subjects
+    assert "## Task accuracy (multiple choice)" in md and "Task accuracy (6 questions" in out
+    t = json.loads((tmp_path / "demo" / "tasks.json").read_text())
+    assert t["questions"] == 6 and len({s["subject"] for s in t["by_subject"]}) == 5

@@ -30,7 +30,7 @@ def test_builtins_have_the_documented_thresholds():
         ("max_abs_logprob.max", "<=", 1e-5),
         ("exact_match", ">=", 1.0),
     ]
-    assert set(BUILTIN_POLICIES) == {"fp16", "bf16", "quantized", "lossless"}
+    assert set(BUILTIN_POLICIES) == {"fp16", "bf16", "quantized", "lossless", "sampled"}
     assert load_policy("bf16").thresholds == load_policy("fp16").thresholds
 
 

@@ -10,7 +10,7 @@ import pytest
 from logitparity.prompts import Prompt, load_prompts
 
 REQUIRED_CATEGORIES = {"instruction", "code", "math", "factual", "creative", "json", "long_context",
-                       "multilingual", "edge"}
+                       "multilingual", "edge", "minimal", "rare_tokens", "shapes", "context_limit"}
 
 
 def test_default_set_covers_every_category():
@@ -20,7 +20,7 @@ def test_default_set_covers_every_category():
     assert REQUIRED_CATEGORIES <= set(counts)
     assert counts["json"] >= 4 and counts["multilingual"] >= 4 and counts["edge"] >= 4
     assert len({p.id for p in prompts}) == len(prompts)
-    assert all(isinstance(p, Prompt) and p.text for p in prompts)
+    assert all(isinstance(p, Prompt) and (p.text or p.category == "minimal") for p in prompts)
 
 
 def test_default_set_edge_cases():
@@ -41,6 +41,33 @@ def test_default_long_context_prompt_is_long():
     # test_capture's slow test); ~4 characters per token for English.
     (long,) = [p for p in load_prompts() if p.category == "long_context"]
     assert len(long.text) >= 5000
+
+
+@pytest.mark.slow
+def test_default_set_edge_categories_with_the_default_tokenizer():
+    """Token counts of the edge categories, exactly, with the default model's
+    tokenizer and chat template (what capture feeds the model)."""
+    from logitparity.capture.engine import hf_encode
+    from logitparity.capture.hf import load_tokenizer
+    from logitparity.prompts import EDGE_CATEGORIES, HEAVY_CATEGORIES
+
+    tok, n_ctx = load_tokenizer(None)
+    by_cat: dict[str, list] = {}
+    for p in load_prompts():
+        by_cat.setdefault(p.category, []).append(p)
+    assert set(EDGE_CATEGORIES) <= set(by_cat) and set(HEAVY_CATEGORIES) <= set(EDGE_CATEGORIES)
+    n = lambda p, chat=None: len(hf_encode(tok, p.text, chat)[0])
+    minimal = {p.id: p for p in by_cat["minimal"]}
+    assert minimal["minimal-empty"].text == "" and n(minimal["minimal-empty"], False) == 0
+    assert n(minimal["minimal-empty"]) > 0  # the chat template alone
+    assert [n(p, False) for p in by_cat["minimal"] if p.text] == [1, 1]
+    shapes = sorted(n(p) for p in by_cat["shapes"])
+    assert shapes == [47, 63, 65, 127, 129, 257] and all(k % 8 for k in shapes)
+    # rare scripts and byte-fallback characters: byte-level BPE splits them into many tokens
+    rare = {p.id: p for p in by_cat["rare_tokens"]}
+    assert n(rare["rare-byte-fallback"], False) > len(rare["rare-byte-fallback"].text) // 2
+    (limit,) = by_cat["context_limit"]
+    assert n_ctx == 8192 and 7000 <= n(limit) <= 7168  # near the limit, room for 1024 new tokens
 
 
 def test_jsonl_file(tmp_path):
@@ -80,14 +107,13 @@ def test_empty_file(tmp_path):
     [
         ('{"id": "b", "text": "x"', r"p.jsonl:3: malformed JSON"),
         ('["a", "b"]', r"p.jsonl:3: expected a JSON object with id, category, text, got list"),
-        ('{"id": "b"}', r"p.jsonl:3: 'text' must be a non-empty string, got None"),
-        ('{"id": "b", "text": ""}', r"p.jsonl:3: 'text' must be a non-empty string"),
+        ('{"id": "b"}', r"p.jsonl:3: 'text' must be a string, got None"),
         ('{"id": 7, "text": "x"}', r"p.jsonl:3: 'id' must be a non-empty string, got 7"),
         ('{"id": "b", "category": null, "text": "x"}', r"p.jsonl:3: 'category' must be a non-empty string"),
         ('{"id": "b", "txt": "x", "text": "y"}', r"p.jsonl:3: unknown keys \['txt'\]"),
         ('{"id": "a", "text": "again"}', r"p.jsonl:3: duplicate prompt id 'a' \(first on line 1\)"),
     ],
-    ids=["truncated", "array", "no-text", "empty-text", "int-id", "null-category", "unknown-key", "duplicate"],
+    ids=["truncated", "array", "no-text", "int-id", "null-category", "unknown-key", "duplicate"],
 )
 def test_malformed_lines_name_the_line(tmp_path, line, message):
     path = tmp_path / "p.jsonl"
@@ -96,6 +122,31 @@ def test_malformed_lines_name_the_line(tmp_path, line, message):
         load_prompts(path)
 
 
+def test_lines_end_only_at_newlines(tmp_path):
+    # U+2028 and U+0085 are line breaks to str.splitlines, not to JSONL
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "text": "x\u2028y\u0085z"}\r\n{"id": "b", "text": "w"}\n', encoding="utf-8")
+    assert load_prompts(path) == [Prompt("a", "default", "x\u2028y\u0085z"), Prompt("b", "default", "w")]
+
+
+def test_an_empty_prompt_is_allowed(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "e", "category": "minimal", "text": ""}\n')
+    assert load_prompts(path) == [Prompt("e", "minimal", "")]
+
+
 def test_a_directory_is_not_a_prompts_file(tmp_path):
     with pytest.raises(ValueError, match=r"prompts file .* is a directory; pass a JSONL or plain-text file"):
         load_prompts(tmp_path)
+
+
+def test_a_prompt_with_unicode_line_separators_survives_a_dump(tmp_path):
+    import numpy as np
+
+    from logitparity.dump import DumpWriter, load_dump
+    from test_compare import manifest, record
+
+    text = "a\u2028b\u2029c\u0085d\x1ce"
+    with DumpWriter(tmp_path / "d", manifest()) as w:
+        w.add(record(0, [3], prompt=text), np.zeros((1, 40), np.float32))
+    assert load_dump(tmp_path / "d").record("p0")["prompt"] == text

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from logitparity.drift import REPETITION_N, Drift, StopRank, Unit, answer_tokens, is_valid_json, json_complete_at, repeated_ngrams, token_rank
 from logitparity.dump import TOKENIZER_IDENTITY
 from logitparity.fields import INT_FIELDS, ROW_FIELDS, values as _field_values
 from logitparity.metrics import RowMetrics, compare_logits, topk as _topk
@@ -49,7 +50,6 @@ from logitparity.topk_rows import TopRows, sorted_top, top_from_full, topk_kl_bo
 
 __all__ = ["Comparison", "IncompatibleRuns", "IncompleteRuns", "PromptResult", "compare_dumps"]
 
-REPETITION_N = 4  # n-gram length for the repetition rate
 SPLIT_TOP = 5  # alternatives shown at a split
 
 
@@ -130,7 +130,7 @@ def _short(v: Any) -> str:
 
 
 # manifest keys that must agree (docs/dump-format.md)
-_DECODING_KEYS = ("temperature", "top_p", "seed", "max_new_tokens", "stop_token_ids", "eos_token_ids",
+_DECODING_KEYS = ("temperature", "top_p", "seed", "max_new_tokens", "category_budgets", "stop_token_ids", "eos_token_ids",
                   "repetition_penalty", "logit_processors")
 
 
@@ -305,38 +305,6 @@ def _take(m: RowMetrics, mask: np.ndarray) -> RowMetrics:
 # Behaviour drift helpers
 
 
-def repeated_ngrams(tokens: Sequence[int], n: int = REPETITION_N) -> tuple[int, int]:
-    """-> (repeated, total): n-grams of ``tokens`` that occurred earlier in
-    the same sequence, out of all n-grams (len - n + 1)."""
-    seen: set[tuple[int, ...]] = set()
-    rep = 0
-    total = max(0, len(tokens) - n + 1)
-    for i in range(total):
-        g = tuple(tokens[i:i + n])
-        if g in seen:
-            rep += 1
-        else:
-            seen.add(g)
-    return rep, total
-
-
-_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n(.*?)\n?```\s*$", re.S)
-
-
-def is_valid_json(text: str) -> bool:
-    """The text parses as JSON after stripping whitespace and one optional
-    markdown code fence (```json ... ```)."""
-    s = text.strip()
-    m = _FENCE.match(s)
-    if m:
-        s = m.group(1).strip()
-    try:
-        json.loads(s)
-    except ValueError:
-        return False
-    return True
-
-
 def _auto_decoder(manifest: dict) -> Callable[[Sequence[int]], str] | None:
     """A token-id decoder from the manifest's tokenizer or model directory
     (its tokenizer.json, checked against tokens_hash; no transformers
@@ -387,6 +355,11 @@ class Comparison:
     token_forced: np.ndarray | None = None
     tie_aware: bool = False  # splits classified against the noise floor (else near_tie_margin)
     floor_judgement: Any = dataclasses.field(init=False, default=None)
+    # end-of-answer positions with both sides' rank of the stop token (drift.StopRank)
+    stop_ranks: list = dataclasses.field(default_factory=list)
+    drift_resamples: int = 4096
+    drift_seed: int = 0
+    _drift: Any = dataclasses.field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.token_forced is None:
@@ -437,8 +410,11 @@ class Comparison:
         return out
 
     def splits(self) -> dict[str, int]:
+        """Counts of split kinds: near-tie, real, length; and sampled (both
+        runs sampled: a split is a different draw, neither kind)."""
         c = collections.Counter(p.split for p in self.prompts if p.split is not None)
-        return {k: int(c.get(k, 0)) for k in ("near-tie", "real", "length")}
+        kinds = ("near-tie", "real", "length") + (("sampled",) if self.sampled else ())
+        return {k: int(c.get(k, 0)) for k in kinds}
 
     def real_divergence(self, n: int | None = None) -> Rate:
         """Share of prompts with a real divergence (a split that is not a
@@ -502,6 +478,34 @@ class Comparison:
         return sorted({p.category for p in self.prompts})
 
     # ---- drift
+    @property
+    def drift(self) -> Drift:
+        """The behaviour-drift figures and their two-sample tests (drift.Drift),
+        one unit per prompt."""
+        if self._drift is None:
+            units = []
+            es = self.token_values("entropy_shift")
+            ms = self.token_values("margin_shift")
+            for i, p in enumerate(self.prompts):
+                m = self.token_prompt == i
+                e, g = es[m], ms[m]
+                e, g = e[np.isfinite(e)], g[np.isfinite(g)]
+                ra, ca = self.answer_texts(p)
+                units.append(Unit(p.id, p.category, p.ref_tokens, p.cand_tokens, p.stop_ref, p.stop_cand,
+                                  ra, ca, float(e.mean()) if e.size else float("nan"),
+                                  float(g.mean()) if g.size else float("nan")))
+            self._drift = Drift(units, self.stop_ranks, free_running=self.mode == "free-running",
+                                decoded=self.decode is not None, resamples=self.drift_resamples, seed=self.drift_seed)
+        return self._drift
+
+    def answer_texts(self, p: PromptResult) -> tuple[str | None, str | None]:
+        """Both decoded answers without the stop token that ended them (None
+        without a decoder)."""
+        if self.decode is None:
+            return None, None
+        return (self.decode(answer_tokens(p.ref_tokens, p.stop_ref)),
+                self.decode(answer_tokens(p.cand_tokens, p.stop_cand)))
+
     def length_ratio(self, idx: Sequence[int] | None = None) -> float:
         idx = range(len(self.prompts)) if idx is None else idx
         r = sum(len(self.prompts[i].ref_tokens) for i in idx)
@@ -528,11 +532,8 @@ class Comparison:
 
     def json_validity(self) -> tuple[Rate, Rate] | None:
         """Over prompts of category "json"; None without decoded text."""
-        ps = [p for p in self.prompts if p.category == "json"]
-        if not ps or any(p.ref_text is None or p.cand_text is None for p in ps):
-            return None
-        return (rate(sum(is_valid_json(p.ref_text) for p in ps), len(ps)),
-                rate(sum(is_valid_json(p.cand_text) for p in ps), len(ps)))
+        jv = self.drift.json_validity()
+        return None if jv is None else (jv[0], jv[1])
 
     # ---- metrics by name (policies)
     def metric(self, name: str) -> tuple[float, str]:
@@ -544,7 +545,11 @@ class Comparison:
             # do is read from the top-1 of both at every scored position
             return self.forced_top1_match(s.n if s.kind == "greedy_match" else None).rate, \
                 "teacher-forced pair: share of prompts whose top-1 agrees at every position < N"
+        if s.kind == "drift":
+            return self.drift.metric(s.field, s.stat, s.category)
         if s.kind == "real_divergence":
+            if self.sampled:
+                return float("nan"), "sampled runs: a split is a different draw, not a divergence (compare_sampled)"
             if not self.free_running_available:
                 return float("nan"), "needs generated tokens: the reference is a score-mode dump"
             return self.real_divergence(s.n).rate, ""
@@ -729,6 +734,11 @@ def compare_dumps(
         _check_tokenizers(ref_d, cont_d, [])
         cont_records = {r["id"]: r for r in cont_d.records}
     tie_dtype = str(cand_d.manifest.get("dtype", "fp32"))
+    sampled = _mode(ref_d.manifest) == "sample" and _mode(cand_d.manifest) == "sample"
+    stop_ids = sorted({int(t) for t in (_get(ref_d.manifest, "decoding", "eos_token_ids")
+                                          or _get(ref_d.manifest, "tokenizer", "eos_token_ids") or [])}
+                      | {int(t) for t in (_get(ref_d.manifest, "decoding", "stop_token_ids") or [])})
+    stop_ranks: list[StopRank] = []
     tie_aware = noise is not None and noise.version >= 2
 
     # Dump.k: None for full storage, K for topk:K (checked by load_dump)
@@ -850,7 +860,9 @@ def compare_dumps(
             mr_s, mc_s = float(ms.margin_ref[j]), float(ms.margin_cand[j])
             top_r = _split_top(As, j, bf16_a, float(ms.lse_ref[j]), threads)
             top_c = _split_top(Bs, j, bf16_b, float(ms.lse_cand[j]), threads)
-            if tie_aware:
+            if sampled:
+                split = "sampled"  # a different draw: margins of the raw logits do not classify it
+            elif tie_aware:
                 # the reference's top-1 logit: lse + log p(top-1)
                 top1 = float(ms.lse_ref[j]) + math.log(top_r[0][1]) if top_r and top_r[0][1] > 0 else 0.0
                 tol = tie_tolerance(noise, str(rid), rt, d, top1, tie_dtype)
@@ -897,22 +909,36 @@ def compare_dumps(
                 tok_pos.append(np.arange(d + 1, hi, dtype=np.int64))
                 tok_forced.append(np.ones(hi - d - 1, dtype=bool))
                 pr.n_compared += hi - d - 1
+        if not use_topk and stop_ids and m is not None:
+            cont_rows = None
+            if cont_d is not None and d is not None and split != "length" and d + 1 < len(rt):
+                cont_rows = (d + 1, cont_d.logits(rid))
+            stop_ranks += _stop_ranks(pi, r, rt, _float_rows(full_a, bf16_a), _float_rows(full_b, bf16_b), n_rows,
+                                      None if cont_rows is None else
+                                      (cont_rows[0], _float_rows(cont_rows[1], cont_d.logits_dtype == "bf16")),
+                                      stop_ids, v, dec)
     if _share is not None:  # every rank's results, back in the one-process order, on rank 0
         mine = [pi for pi in range(len(pairs)) if _share.mine(pi)]
         got = _share.collect((list(zip(mine, prompts)), list(zip(parts, tok_prompt, tok_pos, tok_forced)),
-                              mismatch_top1, kl_widths, pad_worst))
+                              mismatch_top1, kl_widths, pad_worst, stop_ranks))
         if got is None:
             return None  # type: ignore[return-value]  # not rank 0
-        indexed, chunks, kl_widths = [], [], []
+        indexed, chunks, kl_widths, stop_ranks = [], [], [], []
         mismatch_top1 = {side: sum(g[2][side] for g in got) for side in mismatch_top1}
-        for ps, cs, _, widths, pw in got:
+        for ps, cs, _, widths, pw, sr in got:
             indexed += ps
             chunks += cs
             kl_widths += widths
             pad_worst = max(pad_worst, pw)
+            stop_ranks += sr
         prompts = [pr for _, pr in sorted(indexed, key=lambda t: t[0])]
         chunks.sort(key=lambda ch: int(ch[1][0]))  # stable: a prompt's own rows, then its continuation's
         parts, tok_prompt, tok_pos, tok_forced = (list(x) for x in zip(*chunks)) if chunks else ([], [], [], [])
+        stop_ranks.sort(key=lambda s: (s.unit, s.position))  # the one-process order: by prompt, then position
+    if sampled:
+        notes.append("both runs were sampled: splits are different draws (labelled sampled, not classified by "
+                     "greedy margins); compare the sampled-from distributions with compare_sampled "
+                     "(logitparity compare on sample sets, docs/report.md)")
     if va != vb:
         notes.append(f"padded vocabulary: the wider rows hold at most {pad_worst:.3g} of the probability beyond "
                      f"column {v} (accepted up to 1e-06)")
@@ -960,8 +986,53 @@ def compare_dumps(
         policy=pol, noise=noise, ref_speed=run_speed(ref_d), cand_speed=run_speed(cand_d), decode=dec,
         incomplete=incomplete,
         judge_settings=settings, token_forced=np.concatenate(tok_forced) if tok_forced else np.zeros(0, bool),
-        tie_aware=tie_aware,
+        tie_aware=tie_aware, stop_ranks=stop_ranks,
     )
+
+
+class _float_rows:
+    """Rows of a dump as float32 on access (bf16 dumps store uint16 bit
+    patterns, which do not order like the values)."""
+
+    def __init__(self, x, bf16: bool):
+        self.x, self.bf16 = x, bf16
+        self.shape = x.shape
+
+    def __getitem__(self, key):
+        from logitparity.dump import bf16_to_float32
+
+        y = self.x[key]
+        return bf16_to_float32(np.asarray(y)) if self.bf16 else np.asarray(y, dtype=np.float32)
+
+
+def _stop_ranks(pi: int, rec: dict, rt: list[int], full_a, full_b, n_rows: int, cont_rows, stop_ids: list[int],
+                v: int, dec) -> list[StopRank]:
+    """End-of-answer positions of one prompt where both sides' rows come from
+    the same prefix (compared rows, or the teacher-forced continuation):
+    where the reference emitted a stop token (the rank of that token), and in
+    a json prompt the first row after complete JSON (the best rank of any
+    stop id on each side)."""
+    def rows(j: int):
+        if j < n_rows:
+            return full_a[j, :v], full_b[j, :v]
+        if cont_rows is not None and j >= cont_rows[0] and j < cont_rows[1].shape[0]:
+            return full_a[j, :v], cont_rows[1][j, :v]
+        return None
+
+    out = []
+    ids = [t for t in stop_ids if t < v]
+    if rt and str(rec.get("stop_reason")) in ("eos", "stop_token") and rt[-1] in ids:
+        ab = rows(len(rt) - 1)
+        if ab is not None:
+            out.append(StopRank(pi, len(rt) - 1, token_rank(ab[0], rt[-1]), token_rank(ab[1], rt[-1]), "eos"))
+    if dec is not None and str(rec.get("category", "")) == "json" and ids:
+        j = json_complete_at(rt, dec)
+        if j is not None and j < len(rt) and not (out and out[-1].position == j):
+            ab = rows(j)
+            if ab is not None:
+                out.append(StopRank(pi, j, min(token_rank(ab[0], t) for t in ids),
+                                    min(token_rank(ab[1], t) for t in ids), "json"))
+    return out
 
 
 def _tokenizer_size(manifest: dict) -> int | None:

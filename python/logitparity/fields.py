@@ -14,6 +14,10 @@ direction is better).
   (``values`` below), which policies and the report use beside them.
 - ``POLICY_FIELDS``: the per-token fields a policy threshold may summarise.
 - ``REPORT_FIELDS``: the rows of the report's per-token table, in order.
+- ``DRIFT_FIELDS``: behaviour-drift metrics of whole outputs (lengths, stop
+  reasons, repetition, JSON validity, the stop token's rank, two-sample test
+  p-values), computed by logitparity.drift; ``DRIFT_STATS`` the statistics a
+  policy may ask of the per-prompt ones (``length_ratio.p95``).
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DERIVED_FIELDS", "Field", "INT_FIELDS", "POLICY_FIELDS", "REGISTRY", "REPORT_FIELDS", "ROW_FIELDS",
+__all__ = ["DERIVED_FIELDS", "DRIFT_FIELDS", "DRIFT_STATS", "Field", "INT_FIELDS", "POLICY_FIELDS", "REGISTRY", "REPORT_FIELDS", "ROW_FIELDS",
            "values"]
 
-UNITS = ("nats", "logits", "probability", "share", "cosine", "count", "token id", "rank")
+UNITS = ("nats", "logits", "probability", "share", "cosine", "count", "token id", "rank", "ratio", "p-value",
+         "tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +74,38 @@ DERIVED_FIELDS: tuple[Field, ...] = (
     Field("margin_shift", "logits", None, "top-1 margin shift (cand − ref)", "docs/report.md"),
     *(Field(f"top{k}_overlap", "share", True, f"top-{k} overlap", "docs/report.md") for k in (1, 5, 10)),
 )
-REGISTRY: dict[str, Field] = {f.name: f for f in ROW_FIELDS + INT_FIELDS + DERIVED_FIELDS}
+_DRIFT = "docs/report.md"
+DRIFT_FIELDS: tuple[Field, ...] = (
+    Field("length_ratio", "ratio", None, "output length ratio (cand / ref)", _DRIFT),
+    Field("length_p", "p-value", True, "p of the paired test of output lengths", _DRIFT),
+    Field("length_mw_p", "p-value", True, "p of the Mann–Whitney test of output lengths", _DRIFT),
+    Field("stop_reason_tv", "share", False, "stop-reason shift (total variation)", _DRIFT),
+    Field("stop_reason_p", "p-value", True, "p of the paired test of stop reasons", _DRIFT),
+    Field("repetition_ref", "share", False, "repeated n-grams of the reference", _DRIFT),
+    Field("repetition_cand", "share", False, "repeated n-grams of the candidate", _DRIFT),
+    Field("repetition_shift", "share", False, "repetition shift (cand − ref)", _DRIFT),
+    Field("repetition_p", "p-value", True, "p of the paired test of repetition", _DRIFT),
+    Field("json_valid_ref", "share", True, "valid JSON, reference", _DRIFT),
+    Field("json_valid_cand", "share", True, "valid JSON, candidate", _DRIFT),
+    Field("json_valid_shift", "share", True, "valid-JSON shift (cand − ref)", _DRIFT),
+    Field("json_valid_p", "p-value", True, "p of the exact McNemar test of JSON validity", _DRIFT),
+    Field("token_frequency_js", "nats", False, "token-frequency divergence (JS of unigram counts)", _DRIFT),
+    Field("token_frequency_p", "p-value", True, "p of the paired test of token frequencies", _DRIFT),
+    Field("stop_rank", "rank", False, "candidate's rank of the stop token at the end of an answer", _DRIFT),
+    Field("stop_rank_ref", "rank", False, "reference's rank of the stop token at the end of an answer", _DRIFT),
+    Field("stop_rank_shift", "rank", False, "stop-token rank shift (cand − ref)", _DRIFT),
+    Field("entropy_shift_p", "p-value", True, "p of the paired test of the entropy shift", _DRIFT),
+    Field("margin_shift_p", "p-value", True, "p of the paired test of the top-1 margin shift", _DRIFT),
+)
+# statistics over prompts (length_ratio: per-prompt ratios) or end-of-answer
+# positions (stop ranks); "total" is the ratio of sums
+DRIFT_STATS: dict[str, tuple[str, ...]] = {
+    "length_ratio": ("total", "mean", "median", "p95", "min", "max"),
+    "stop_rank": ("mean", "median", "p95", "max"),
+    "stop_rank_ref": ("mean", "median", "p95", "max"),
+    "stop_rank_shift": ("mean", "median", "p95", "max"),
+}
+REGISTRY: dict[str, Field] = {f.name: f for f in ROW_FIELDS + INT_FIELDS + DERIVED_FIELDS + DRIFT_FIELDS}
 
 POLICY_FIELDS: tuple[str, ...] = (
     "kl_ref_cand", "kl_cand_ref", "js", "cosine", "max_abs_logit", "mean_abs_logit", "max_abs_logprob",

@@ -48,7 +48,7 @@ def _bin_label(b: dict) -> str:
 def plot_first_divergence(comp: "Comparison", path: Path) -> None:
     hist = comp.divergence_histogram()
     labels = [_bin_label(b) for b in hist]
-    kinds = {"real": np.zeros(len(hist)), "near-tie": np.zeros(len(hist)), "length": np.zeros(len(hist))}
+    kinds = {k: np.zeros(len(hist)) for k in ("real", "near-tie", "sampled", "length")}
     for p in comp.prompts:
         if p.first_divergence is None:
             continue
@@ -59,10 +59,11 @@ def plot_first_divergence(comp: "Comparison", path: Path) -> None:
     x = np.arange(len(hist))
     fig, ax = _figure()
     bottom = np.zeros(len(hist))
-    colors = {"real": "#c0392b", "near-tie": "#f39c12", "length": "#8e44ad"}
+    colors = {"real": "#c0392b", "near-tie": "#f39c12", "sampled": "#2980b9", "length": "#8e44ad"}
     for k, v in kinds.items():
         if v.any():
-            ax.bar(x, v, bottom=bottom, color=colors[k], label=f"{k} divergence" if k != "length" else "one run stopped")
+            label = {"length": "one run stopped", "sampled": "different draw (sampled)"}.get(k, f"{k} divergence")
+            ax.bar(x, v, bottom=bottom, color=colors[k], label=label)
             bottom += v
     ax.bar(x[-1:], [hist[-1]["count"]], color="#27ae60", label="no divergence")
     ax.set_xticks(x, labels)

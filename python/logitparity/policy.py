@@ -41,7 +41,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from logitparity.fields import POLICY_FIELDS, REGISTRY
+from logitparity.fields import DRIFT_FIELDS, DRIFT_STATS, POLICY_FIELDS, REGISTRY
 
 __all__ = [
     "MetricSpec",
@@ -70,9 +70,16 @@ RUN_METRICS: dict[str, bool | None] = {
     "length_ratio": None,
 }
 
+# Behaviour-drift metrics (logitparity.drift) with higher_is_better; a
+# statistic where DRIFT_STATS allows one, and an optional [category].
+DRIFT_METRICS: dict[str, bool | None] = {f.name: f.higher_is_better for f in DRIFT_FIELDS}
+_DRIFT_NAMES = "|".join(sorted(DRIFT_METRICS, key=len, reverse=True))
+
 _METRIC_RE = re.compile(
     r"^(?:(?P<greedy>greedy_match|real_divergence)@(?P<n>\d+)"
-    r"|(?P<run>exact_match|length_ratio)"
+    r"|(?P<lr>length_ratio)"
+    r"|(?P<drift>" + _DRIFT_NAMES + r")(?:\.(?P<dstat>[a-z0-9]+))?(?:\[(?P<cat>[^\]]+)\])?"
+    r"|(?P<run>exact_match)"
     r"|(?P<rate>same_top1)(?:@(?P<rp>\d+))?"
     r"|(?P<field>[a-z0-9_]+)\.(?P<stat>[a-z0-9]+)(?:@(?P<fp>\d+))?)$"
 )
@@ -92,6 +99,7 @@ def standard_metrics() -> list[str]:
 
 def _examples() -> list[str]:
     names = ["greedy_match@10", "greedy_match@50", "real_divergence@10", "exact_match", "same_top1", "length_ratio"]
+    names += [f"{d}.{s}" if s else d for d in DRIFT_METRICS for s in DRIFT_STATS.get(d, ("",))]
     names += [f"{f}.{s}" for f in TOKEN_FIELDS for s in STATS]
     return names
 
@@ -108,8 +116,10 @@ class MetricSpec:
     """A parsed metric name.
 
     kind: "greedy_match" (n = N), "real_divergence" (n = N), "exact_match", "length_ratio",
-    "same_top1" or "field" (field, stat). positions: only positions < this
-    (None = all compared positions).
+    "same_top1", "field" (field, stat) or "drift" (field, stat, category: a
+    behaviour-drift metric of logitparity.drift, over one category when
+    category is set). positions: only positions < this (None = all compared
+    positions).
     """
 
     name: str
@@ -118,11 +128,14 @@ class MetricSpec:
     stat: str | None = None
     n: int | None = None
     positions: int | None = None
+    category: str | None = None
 
     @property
     def higher_is_better(self) -> bool | None:
         if self.kind == "field":
             return TOKEN_FIELDS[self.field]
+        if self.kind == "drift":
+            return DRIFT_METRICS[self.field]
         if self.kind == "greedy_match":
             return True
         if self.kind == "real_divergence":
@@ -139,8 +152,8 @@ def parse_metric(name: str) -> MetricSpec:
         raise TypeError(f"metric must be a string such as 'greedy_match@10', got {name!r}")
     m = _METRIC_RE.match(name.strip())
     hint = (
-        "; metrics are greedy_match@N, real_divergence@N, exact_match, same_top1[@P], length_ratio "
-        "or FIELD.STAT[@P] (see docs/report.md)"
+        "; metrics are greedy_match@N, real_divergence@N, exact_match, same_top1[@P], length_ratio, "
+        "FIELD.STAT[@P] or a drift metric such as length_ratio.p95[json] (see docs/report.md)"
     )
     if m is None:
         raise ValueError(f"unknown metric {name!r}{_suggest(name, _examples()) or hint}")
@@ -149,6 +162,17 @@ def parse_metric(name: str) -> MetricSpec:
         if n < 1:
             raise ValueError(f"metric {name!r}: N in {m['greedy']}@N must be >= 1, got {n}")
         return MetricSpec(name, m["greedy"], n=n)
+    if m["lr"]:
+        return MetricSpec(name, "length_ratio")
+    if m["drift"]:
+        field, stat, cat = m["drift"], m["dstat"], m["cat"]
+        allowed = DRIFT_STATS.get(field, ())
+        if stat is not None and stat not in allowed:
+            takes = f"the statistics {', '.join(allowed)}" if allowed else f"no statistic (write {field})"
+            raise ValueError(f"unknown metric {name!r}: {field} takes {takes}, got {stat!r}")
+        if stat is None and allowed:
+            stat = allowed[0]
+        return MetricSpec(name, "drift", field=field, stat=stat, category=cat)
     if m["run"]:
         return MetricSpec(name, m["run"])
     if m["rate"]:
@@ -338,6 +362,26 @@ metric = "greedy_match@10"
 comparison = ">="
 limit = 0.95
 """,
+    "sampled": """
+name = "sampled"
+description = "sampled candidate: the sampled-from distributions agree, and outputs drawn from them keep their lengths, tokens and stop reasons"
+[thresholds.sampled_js]
+metric = "js.mean"
+comparison = "<="
+limit = 0.005
+[thresholds.length]
+metric = "length_p"
+comparison = ">="
+limit = 0.01
+[thresholds.token_frequency]
+metric = "token_frequency_p"
+comparison = ">="
+limit = 0.01
+[thresholds.stop_reasons]
+metric = "stop_reason_p"
+comparison = ">="
+limit = 0.01
+""",
     "lossless": """
 name = "lossless"
 description = "bit-for-bit port: identical tokens, log-probs within 1e-5 nats"
@@ -364,6 +408,13 @@ def _value_range(spec: "MetricSpec") -> tuple[float, float]:
     if spec.kind == "length_ratio":
         return 0.0, math.inf
     f = spec.field
+    if spec.kind == "drift":
+        unit = REGISTRY[f].unit
+        if unit in ("p-value", "share"):
+            return (-1.0, 1.0) if f.endswith("_shift") else (0.0, 1.0)
+        if f == "stop_rank_shift":
+            return -math.inf, math.inf
+        return 0.0, math.inf
     if f == "cosine":
         return -1.0, 1.0
     if f.endswith("_overlap"):

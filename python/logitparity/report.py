@@ -26,7 +26,8 @@ from logitparity.stats import Describe, Rate, describe, rate
 if TYPE_CHECKING:
     from logitparity.compare import Comparison, PromptResult
 
-__all__ = ["comparison_dict", "describe_run", "jsonable", "render_markdown", "speed", "write_json", "write_report"]
+__all__ = ["comparison_dict", "describe_run", "jsonable", "render_markdown", "render_sampled_markdown", "sampled_dict",
+           "speed", "write_json", "write_report"]
 
 HIST_WIDTH = 30  # characters of the longest text bar
 SHOW_TOKENS = 24  # tokens shown after a split
@@ -238,38 +239,40 @@ def _category_rows(comp: "Comparison") -> list[dict[str, Any]]:
 
 
 def drift(comp: "Comparison") -> dict[str, Any]:
-    """Behaviour drift figures (see docs/report.md); free-running only for
-    lengths, stop reasons, repetition and JSON validity."""
+    """Behaviour drift figures (see docs/report.md and logitparity.drift);
+    free-running only for lengths, stop reasons, repetition and JSON
+    validity. ``by_category``: the same per category."""
     ent = describe(comp.tokens.entropy_ref), describe(comp.tokens.entropy_cand)
     mar = describe(comp.tokens.margin_ref), describe(comp.tokens.margin_cand)
+    dr = comp.drift
+    full = dr.to_dict()
     out: dict[str, Any] = {
         "entropy_ref": ent[0].to_dict(), "entropy_cand": ent[1].to_dict(),
         "entropy_shift": describe(comp.token_values("entropy_shift")).to_dict(),
         "margin_ref": mar[0].to_dict(), "margin_cand": mar[1].to_dict(),
         "margin_shift": describe(comp.token_values("margin_shift")).to_dict(),
+        "stop_rank": full["stop_rank"], "tests": full["tests"],
+        "by_category": {cat: dr.to_dict(cat) for cat in dr.categories()} if comp.mode == "free-running" else {},
     }
     if comp.mode != "free-running":
         return out
-    n_ref = [len(p.ref_tokens) for p in comp.prompts]
-    n_cand = [len(p.cand_tokens) for p in comp.prompts]
-    rep = comp.repetition()
-    js = comp.json_validity()
     out.update({
-        "length_ref": describe(n_ref).to_dict(),
-        "length_cand": describe(n_cand).to_dict(),
+        "length_ref": full["length_ref"],
+        "length_cand": full["length_cand"],
         "length_ratio": comp.length_ratio(),
-        "stop_reasons": comp.stop_reasons(),
-        "repetition_ref": rep[0].to_dict(),
-        "repetition_cand": rep[1].to_dict(),
+        "length_ratio_stats": full["length_ratio"],
+        "stop_reasons": full["stop_reasons"],
+        "repetition_ref": full["repetition_ref"],
+        "repetition_cand": full["repetition_cand"],
         "repetition_n": _repetition_n(),
-        "json_valid_ref": None if js is None else js[0].to_dict(),
-        "json_valid_cand": None if js is None else js[1].to_dict(),
+        "json_valid_ref": full["json_valid_ref"],
+        "json_valid_cand": full["json_valid_cand"],
     })
     return out
 
 
 def _repetition_n() -> int:
-    from logitparity.compare import REPETITION_N
+    from logitparity.drift import REPETITION_N
 
     return REPETITION_N
 
@@ -427,11 +430,15 @@ def _key_figures(comp: "Comparison") -> list[str]:
     if comp.free_running_available:
         for n in comp.n_values:
             lines.append(f"| {comp.match_label} match at N = {n} (share of prompts) | ↑ | {_pct(comp.greedy_match(n))} |")
-            lines.append(f"| real divergence before N = {n} (share of prompts) | ↓ | {_pct(comp.real_divergence(n))} |")
+            if not comp.sampled:
+                lines.append(f"| real divergence before N = {n} (share of prompts) | ↓ | {_pct(comp.real_divergence(n))} |")
         lines.append(f"| full-sequence exact match | ↑ | {_pct(comp.exact_match())} |")
         sp = comp.splits()
-        lines.append(f"| splits: real divergences / near-ties / one run stopped | ↓ | "
-                     f"{sp['real']} / {sp['near-tie']} / {sp['length']} |")
+        if "sampled" in sp:
+            lines.append(f"| splits: different draws / one run stopped | | {sp['sampled']} / {sp['length']} |")
+        else:
+            lines.append(f"| splits: real divergences / near-ties / one run stopped | ↓ | "
+                         f"{sp['real']} / {sp['near-tie']} / {sp['length']} |")
     kl = describe(comp.tokens.kl_ref_cand)
     bound = " (lower bound)" if comp.kl_is_bound else ""
     lines.append(f"| mean KL(ref ‖ cand) per token{bound}, nats | ↓ | {_mean_se(kl)} |")
@@ -500,9 +507,14 @@ def _free_running_section(comp: "Comparison", images: dict[str, str]) -> list[st
     if comp.mode == "teacher-forced":
         lines += ["Derived from the teacher-forced top-1: the candidate diverges where its top-1 on the "
                   "reference's prefix differs from the reference token.", ""]
-    lines += [f"| N | {comp.match_label} match at N ↑ | real divergence before N ↓ |", "|---|---|---|"]
-    for n in comp.n_values:
-        lines.append(f"| {n} | {_pct(comp.greedy_match(n))} | {_pct(comp.real_divergence(n))} |")
+    if comp.splits().get("sampled") is not None:  # both sampled: a split is a draw, never a divergence
+        lines += [f"| N | {comp.match_label} match at N ↑ |", "|---|---|"]
+        for n in comp.n_values:
+            lines.append(f"| {n} | {_pct(comp.greedy_match(n))} |")
+    else:
+        lines += [f"| N | {comp.match_label} match at N ↑ | real divergence before N ↓ |", "|---|---|---|"]
+        for n in comp.n_values:
+            lines.append(f"| {n} | {_pct(comp.greedy_match(n))} | {_pct(comp.real_divergence(n))} |")
     budget = _get(comp.ref_manifest, "decoding", "max_new_tokens")
     over = [n for n in comp.n_values if budget is not None and n > int(budget)]
     if over:
@@ -512,9 +524,14 @@ def _free_running_section(comp: "Comparison", images: dict[str, str]) -> list[st
     tie_rule = ("reference top-1 − top-2 margin within the noise floor's margin movement or the dtype's rounding "
                 "step at the split" if comp.tie_aware else
                 f"reference top-1 − top-2 margin < {comp.near_tie_margin:g} logits at the split")
-    lines += ["", f"Splits: **{sp['real']} real divergence(s)**, {sp['near-tie']} near-tie(s) "
-              f"({tie_rule})"
-              + (f", {sp['length']} where one run stopped and the other went on" if sp["length"] else "") + ".", ""]
+    if "sampled" in sp:
+        lines += ["", f"Splits: {sp['sampled']} different draw(s) (both runs sampled: a split is where the two "
+                  "draws part, not a divergence; the sampled comparison judges the distributions)"
+                  + (f", {sp['length']} where one run stopped and the other went on" if sp["length"] else "") + ".", ""]
+    else:
+        lines += ["", f"Splits: **{sp['real']} real divergence(s)**, {sp['near-tie']} near-tie(s) "
+                  f"({tie_rule})"
+                  + (f", {sp['length']} where one run stopped and the other went on" if sp["length"] else "") + ".", ""]
     lines += ["First divergence (position of the first differing generated token):", "", "```text"]
     lines += histogram_bars(comp.divergence_histogram())
     lines += ["```"]
@@ -578,34 +595,79 @@ def describe_from(d: dict[str, Any]) -> Describe:
     return Describe(**d)
 
 
+def _p(t: dict[str, Any] | None) -> str:
+    """A test result as 'p = …' (— when the test was not run)."""
+    if t is None:
+        return "—"
+    return f"p = {t['p_value']:.3g}"
+
+
 def _drift_section(comp: "Comparison") -> list[str]:
     dr = drift(comp)
-    lines = ["| figure | reference | candidate | shift (cand − ref) |", "|---|---|---|---|"]
+    tests = dr["tests"]
+    lines = ["| figure | reference | candidate | shift (cand − ref) | two-sample test |", "|---|---|---|---|---|"]
     e_r, e_c = describe_from(dr["entropy_ref"]), describe_from(dr["entropy_cand"])
     m_r, m_c = describe_from(dr["margin_ref"]), describe_from(dr["margin_cand"])
     if comp.mode == "free-running":
         l_r, l_c = describe_from(dr["length_ref"]), describe_from(dr["length_cand"])
+        st = dr["length_ratio_stats"]
         lines.append(f"| generated tokens per prompt (mean ± se) | {l_r.mean:.2f} ± {_fix(l_r.se, 2)} | "
-                     f"{l_c.mean:.2f} ± {_fix(l_c.se, 2)} | length ratio {_ratio(dr['length_ratio'])} |")
+                     f"{l_c.mean:.2f} ± {_fix(l_c.se, 2)} | length ratio {_ratio(dr['length_ratio'])} (per prompt: "
+                     f"mean {_ratio(st['mean'])}, p95 {_ratio(st['p95'])}) | paired {_p(tests['length'])}; "
+                     f"Mann–Whitney {_p(tests['length_mw'])} |")
+        first = True
         for reason, c in dr["stop_reasons"].items():
+            t = tests["stop_reason"]
+            test = (f"TV {t['statistic']:.3f}, {_p(t)}" if t else "—") if first else ""
             lines.append(f"| stop reason `{reason}` | {c['reference']} | {c['candidate']} | "
-                         f"{c['candidate'] - c['reference']:+d} |")
+                         f"{c['candidate'] - c['reference']:+d} | {test} |")
+            first = False
         rr, rc = Rate(**dr["repetition_ref"]), Rate(**dr["repetition_cand"])
         lines.append(f"| repeated {dr['repetition_n']}-grams ↓ | {_pct(rr)} | {_pct(rc)} | "
-                     f"{_fix(100 * (rc.rate - rr.rate), 2) + ' pts' if rr.n and rc.n else '—'} |")
+                     f"{_fix(100 * (rc.rate - rr.rate), 2) + ' pts' if rr.n and rc.n else '—'} | "
+                     f"{_p(tests['repetition'])} |")
         if dr["json_valid_ref"] is not None:
             jr, jc = Rate(**dr["json_valid_ref"]), Rate(**dr["json_valid_cand"])
             lines.append(f"| valid JSON (category `json`) ↑ | {_pct(jr)} | {_pct(jc)} | "
-                         f"{_fix(100 * (jc.rate - jr.rate), 2)} pts |")
+                         f"{_fix(100 * (jc.rate - jr.rate), 2)} pts | McNemar {_p(tests['json_valid'])} |")
         elif any(p.category == "json" for p in comp.prompts):
-            lines.append("| valid JSON (category `json`) | — | — | no tokenizer to decode the text |")
+            lines.append("| valid JSON (category `json`) | — | — | no tokenizer to decode the text | |")
+        t = tests["token_frequency"]
+        if t is not None:
+            lines.append(f"| token-frequency divergence (JS of unigram counts, nats) ↓ | | | {_sci(t['statistic'])} | "
+                         f"{_p(t)} |")
+    sr = dr["stop_rank"]
+    if sr["n"]:
+        a, b = describe_from(sr["ref"]), describe_from(sr["cand"])
+        lines.append(f"| stop token rank at the end of an answer ({sr['n']} positions; mean / max) ↓ | "
+                     f"{_fix(a.mean, 2)} / {a.max:.0f} | {_fix(b.mean, 2)} / {b.max:.0f} | "
+                     f"{b.mean - a.mean:+.2f} | |")
     sh_e, sh_m = describe_from(dr["entropy_shift"]), describe_from(dr["margin_shift"])
     if e_r.n:
-        lines.append(f"| entropy per position (nats) | {_fix(e_r.mean, 4)} | {_fix(e_c.mean, 4)} | {_mean_se(sh_e)} |")
-    lines.append(f"| top-1 margin per position (logits) | {_fix(m_r.mean, 4)} | {_fix(m_c.mean, 4)} | {_mean_se(sh_m)} |")
+        lines.append(f"| entropy per position (nats) | {_fix(e_r.mean, 4)} | {_fix(e_c.mean, 4)} | {_mean_se(sh_e)} | "
+                     f"{_p(tests['entropy_shift'])} |")
+    lines.append(f"| top-1 margin per position (logits) | {_fix(m_r.mean, 4)} | {_fix(m_c.mean, 4)} | {_mean_se(sh_m)} | "
+                 f"{_p(tests['margin_shift'])} |")
     if comp.mode != "free-running":
         lines += ["", "Output lengths, stop reasons, repetition and JSON validity need a free-running candidate "
                   "(this one was teacher-forced)."]
+    else:
+        lines += ["", "Tests: paired permutation over prompts (the two outputs of a prompt swapped; exact up to "
+                  "12 prompts), Mann–Whitney on the two length samples, exact McNemar for JSON validity. Each "
+                  "figure can gate as a policy metric (docs/report.md), per category with `[category]`.", ""]
+        lines += ["| category | prompts | length ratio (total / mean / p95) | length test | stop-reason TV | "
+                  "repetition shift | valid JSON ref / cand |", "|---|---|---|---|---|---|---|"]
+        for cat, d in dr["by_category"].items():
+            lr = d["length_ratio"]
+            tv = d["tests"]["stop_reason"]
+            rr, rc = Rate(**d["repetition_ref"]), Rate(**d["repetition_cand"])
+            rep = f"{100 * (rc.rate - rr.rate):+.2f} pts" if rr.n and rc.n else "—"
+            js = ("—" if d["json_valid_ref"] is None else
+                  f"{Rate(**d['json_valid_ref']).k}/{Rate(**d['json_valid_ref']).n} / "
+                  f"{Rate(**d['json_valid_cand']).k}/{Rate(**d['json_valid_cand']).n}")
+            tv_s = "—" if tv is None else f"{tv['statistic']:.3f} ({_p(tv)})"
+            lines.append(f"| {_cell(cat, 40)} | {d['units']} | {_ratio(lr['total'])} / {_ratio(lr['mean'])} / "
+                         f"{_ratio(lr['p95'])} | {_p(d['tests']['length'])} | {tv_s} | {rep} | {js} |")
     return lines
 
 
@@ -617,7 +679,7 @@ def worst_prompts(comp: "Comparison", n: int) -> list[int]:
         v = comp.tokens.kl_ref_cand[comp.token_prompt == i]
         v = v[~np.isnan(v)]
         means[i] = float(v.mean()) if v.size else 0.0
-    order = {"real": 0, "near-tie": 1, "length": 1, None: 2}
+    order = {"real": 0, "near-tie": 1, "length": 1, "sampled": 1, None: 2}
 
     def key(i: int) -> tuple:
         p = comp.prompts[i]
@@ -641,9 +703,10 @@ def _worst_section(comp: "Comparison", n: int) -> list[str]:
         if d is None:
             lines += [f"### {rank}. `{_cell(p.id, 60)}` ({_cell(p.category, 30)}) — no divergence, mean KL {kl_s} nats", ""]
             continue
-        what = {"real": "**real divergence**", "near-tie": "near-tie", "length": "one run stopped"}[p.split]
+        what = {"real": "**real divergence**", "near-tie": "near-tie", "length": "one run stopped",
+                "sampled": "a different draw (sampled)"}[p.split]
         lines += [f"### {rank}. `{_cell(p.id, 60)}` ({_cell(p.category, 30)}) — split at token {d}: {what}", ""]
-        if p.split in ("real", "near-tie"):
+        if p.split in ("real", "near-tie", "sampled"):
             lines += [f"Top-1 margin at the split: reference {_fix(p.margin_ref_at_split)} logits, candidate "
                       f"{_fix(p.margin_cand_at_split)} logits; mean KL over its {p.n_compared} compared positions {kl_s} nats.", ""]
         prefix = _tokens_text(comp, p.ref_tokens[:d])
@@ -710,3 +773,137 @@ def render_markdown(comp: "Comparison", *, top_worst: int = 5, images: dict[str,
     L += ["Definitions of every figure: docs/report.md in the logitparity repository. ↑ higher is better, "
           "↓ lower is better; ± is one standard error.", ""]
     return "\n".join(L)
+
+
+# --------------------------------------------------------------------------
+# sampled runs (logitparity.sampling.SampledComparison)
+
+_PATHS = (("reference", "the reference's sampled path (candidate scored on its draws)"),
+          ("candidate", "the candidate's sampled path (reference scored on its draws)"))
+
+
+def _sampled_paths(sc: Any) -> dict[str, Any]:
+    out = {}
+    for path, _ in _PATHS:
+        m = sc.path_mask(path)
+        if not m.any():
+            out[path] = None
+            continue
+        out[path] = {
+            "positions": int(m.sum()),
+            "scored_whole_path": sc.paths[path],
+            "sampled": {f: describe(sc.token_values(f, m)).to_dict() for f in ("kl_ref_cand", "kl_cand_ref", "js")},
+            "raw": {f: describe(sc.token_values(f, m, raw=True)).to_dict() for f in ("kl_ref_cand", "kl_cand_ref")},
+            "same_top1": rate(int(sc.tokens.same_top1[m].sum()), int(m.sum())).to_dict(),
+            "impossible_draws": sc.impossible_draws(path).to_dict(),
+        }
+    return out
+
+
+def sampled_dict(sc: Any) -> dict[str, Any]:
+    """Every number of a sampled comparison as JSON types."""
+    dr = sc.drift
+    d = {
+        "format": "logitparity.sampled-comparison",
+        "version": 1,
+        "verdict": sc.verdict.to_dict(),
+        "incomplete": list(sc.incomplete),
+        "match_label": sc.match_label,
+        "reference": describe_run(sc.ref_manifest, sc.ref_path),
+        "candidate": describe_run(sc.cand_manifest, sc.cand_path),
+        "temperature": sc.temperature,
+        "top_p": sc.top_p,
+        "seeds": sc.seeds,
+        "pairs": len(sc.units),
+        "positions": len(sc.token_path),
+        "notes": sc.notes,
+        "sampled_match": {str(n): sc.sampled_match(n).to_dict() for n in sc.n_values},
+        "sampled_exact_match": sc.sampled_match(None).to_dict(),
+        "paths": _sampled_paths(sc),
+        "drift": dr.to_dict(),
+        "by_category": {cat: dr.to_dict(cat) for cat in dr.categories()},
+        "metrics": {t.metric: sc.metric(t.metric)[0] for t in sc.policy.thresholds},
+    }
+    return jsonable(d)
+
+
+def render_sampled_markdown(sc: Any) -> str:
+    """The report of a sampled comparison: verdict, the sampled-from
+    distributions along each path, the distribution-level tests, by category."""
+    v = sc.verdict
+    mark = "✅ PASS" if v.passed else "❌ FAIL"
+    L = ["# logitparity: sampled candidate vs sampled reference", ""]
+    if sc.incomplete:
+        L += ["**INCOMPLETE INPUT (compared with --allow-partial): the verdict covers only what both runs hold.**", ""]
+        L += [f"- {why}" for why in sc.incomplete] + [""]
+    L += [f"**Verdict: {mark}** under policy `{v.policy}`" + (f" — {v.description}" if v.description else ""), ""]
+    L += ["| threshold | metric | measured | limit | result |", "|---|---|---|---|---|"]
+    for r in v.results:
+        meas = "not measured" if _isnan(r.measured) else f"{r.measured:.6g}"
+        L.append(f"| {_cell(r.name)} | `{r.metric}` | {meas} | {r.comparison} {r.limit:.6g} | "
+                 f"{'✅ pass' if r.passed else '❌ fail'}{(' — ' + _cell(r.note, 300)) if r.note else ''} |")
+    top_p = "off" if sc.top_p in (None, 1, 1.0) else f"{sc.top_p:g}"
+    L += ["", f"Sampled at temperature {sc.temperature:g}, top-p {top_p}, seeds {', '.join(map(str, sc.seeds))}: "
+          f"{len(sc.units)} (prompt, seed) pairs, {len(sc.token_path)} compared positions. Both sides draw with "
+          "the same seeded u's, so identical distributions give identical draws.", ""]
+    if sc.notes:
+        L += ["Notes:", ""] + [f"- {n}" for n in sc.notes] + [""]
+    L += ["## The two runs", ""] + _runs_section(sc) + [""]
+    L += ["## Sampled agreement", "", "| N | sampled match at N ↑ |", "|---|---|"]
+    for n in sc.n_values:
+        L.append(f"| {n} | {_pct(sc.sampled_match(n))} |")
+    L += [f"| whole output | {_pct(sc.sampled_match(None))} |", ""]
+    L += ["## The sampled-from distributions", "",
+          "Per position, softmax(logits / T) restricted to the top-p nucleus and renormalized, on both sides "
+          "(docs/report.md); raw-logit KL beside it.", "",
+          "| path | positions | KL(ref ‖ cand) ↓ | KL(cand ‖ ref) ↓ | JS ↓ | raw KL(ref ‖ cand) ↓ | same top-1 ↑ | "
+          "impossible draws ↓ |", "|---|---|---|---|---|---|---|---|"]
+    for path, label in _PATHS:
+        m = sc.path_mask(path)
+        if not m.any():
+            L.append(f"| {label} | 0 | — | — | — | — | — | not scored |")
+            continue
+        f = lambda name, raw=False: _mean_se(describe(sc.token_values(name, m, raw=raw)))
+        st = rate(int(sc.tokens.same_top1[m].sum()), int(m.sum()))
+        whole = "" if sc.paths[path] else " (before the first differing draw)"
+        L.append(f"| {label}{whole} | {int(m.sum())} | {f('kl_ref_cand')} | {f('kl_cand_ref')} | {f('js')} | "
+                 f"{f('kl_ref_cand', True)} | {_pct(st)} | {_pct(sc.impossible_draws(path))} |")
+    dr = sc.drift
+    t = dr.tests()
+    r_len, c_len = dr.lengths()
+    L += ["", "## Output distributions over seeds", "",
+          "| figure | reference | candidate | shift | two-sample test |", "|---|---|---|---|---|"]
+    dl, dc = describe(r_len), describe(c_len)
+    L.append(f"| output length (mean ± se) | {dl.mean:.2f} ± {_fix(dl.se, 2)} | {dc.mean:.2f} ± {_fix(dc.se, 2)} | "
+             f"ratio {_ratio(dr.length_ratio('total'))} | paired {_p(_td(t['length']))}; Mann–Whitney "
+             f"{_p(_td(t['length_mw']))} |")
+    first = True
+    for reason, c in dr.stop_reasons().items():
+        tv = t["stop_reason"]
+        L.append(f"| stop reason `{reason}` | {c['reference']} | {c['candidate']} | {c['candidate'] - c['reference']:+d} | "
+                 + (f"TV {tv.statistic:.3f}, p = {tv.p_value:.3g}" if first and tv else "") + " |")
+        first = False
+    tf = t["token_frequency"]
+    if tf is not None:
+        L.append(f"| token-frequency divergence (JS, nats) | | | {_sci(tf.statistic)} | p = {tf.p_value:.3g} |")
+    rr, rc = dr.repetition()
+    L.append(f"| repeated {_repetition_n()}-grams | {_pct(rr)} | {_pct(rc)} | | {_p(_td(t['repetition']))} |")
+    jv = dr.json_validity()
+    if jv is not None:
+        L.append(f"| valid JSON (category `json`) | {_pct(jv[0])} | {_pct(jv[1])} | | McNemar {_p(_td(t['json_valid']))} |")
+    L += ["", "Paired permutation tests swap the two outputs of a (prompt, seed) pair (exact up to 12 pairs).", ""]
+    L += ["## By category", "", "| category | pairs | length ratio | length test | stop-reason TV | token-frequency JS |",
+          "|---|---|---|---|---|---|"]
+    for cat in dr.categories():
+        tt = dr.tests(cat)
+        tv, tk = tt["stop_reason"], tt["token_frequency"]
+        L.append(f"| {_cell(cat, 40)} | {len(dr._idx(cat))} | {_ratio(dr.length_ratio('total', cat))} | "
+                 f"{_p(_td(tt['length']))} | {'—' if tv is None else f'{tv.statistic:.3f} (p = {tv.p_value:.3g})'} | "
+                 f"{'—' if tk is None else f'{_sci(tk.statistic)} (p = {tk.p_value:.3g})'} |")
+    L += ["", "Definitions of every figure: docs/report.md. ↑ higher is better, ↓ lower is better; ± is one standard "
+          "error. Labels say sampled: these runs were drawn, not decoded greedily.", ""]
+    return "\n".join(L)
+
+
+def _td(t: Any) -> dict[str, Any] | None:
+    return None if t is None else t.to_dict()

@@ -93,7 +93,7 @@ def apply_limits(policy: "str | os.PathLike[str] | Policy", limits: Mapping[str,
 
 def _check_no_generation(pol: Policy) -> None:
     for t in pol.thresholds:
-        if t.spec.kind == "length_ratio":
+        if t.spec.kind in ("length_ratio", "drift"):
             raise ValueError(
                 f"policy {pol.name!r} has threshold {t.name!r} on {t.metric}, which needs generated sequences; "
                 "bare logits have none: use assert_dumps_match, or a policy without it"

@@ -444,7 +444,9 @@ def _check_records(c: _Checker, m: dict[str, Any], path: Path) -> list[dict[str,
     out: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     used: dict[tuple[str, str], str] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # records end at "\n" only (str.splitlines also cuts at U+2028 and U+0085,
+    # which a prompt's text holds raw: the writer does not escape non-ASCII)
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         where = f"line {lineno}"
@@ -517,8 +519,9 @@ def _check_records(c: _Checker, m: dict[str, Any], path: Path) -> list[dict[str,
                 c.add(f, where, "stop_reason",
                       f'"stop_token" only when the last token is in decoding.stop_token_ids {sorted(stop)}',
                       f'"stop_token" after token {last}', "spec")
-        if mode != "score" and mnt is not None and gen is not None and len(gen) > mnt:
-            c.add(f, where, "generated_token_ids", f"at most decoding.max_new_tokens = {mnt} tokens", str(len(gen)), "spec")
+        lim = r.get("max_new_tokens") if _is_int(r.get("max_new_tokens")) else mnt  # a category's own budget
+        if mode != "score" and lim is not None and gen is not None and len(gen) > lim:
+            c.add(f, where, "generated_token_ids", f"at most decoding.max_new_tokens = {lim} tokens", str(len(gen)), "spec")
         if {"tensors", "shard"} <= typed:
             for role, key in r["tensors"].items():
                 owner = used.get((r["shard"], key))

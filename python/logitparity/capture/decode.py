@@ -55,10 +55,13 @@ class Generated:
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """Seeded sampling: softmax(logits / temperature), optionally restricted
-    to the top-p nucleus. Each prompt draws from its own generator seeded by
-    (seed, prompt id), so the sampled tokens do not depend on batching; the
-    draw is an inverse-CDF lookup in float64 on the CPU."""
+    """Seeded sampling from the sampled-from distribution of
+    logitparity.sampling (softmax(logits / temperature) in float64, the top-p
+    nucleus with ties at its boundary kept by lower token id, renormalized):
+    the one definition that compare_sampled compares. Each prompt draws from
+    its own generator seeded by (seed, prompt id), so the sampled tokens do
+    not depend on batching; the draw is an inverse-CDF lookup (token-id
+    order) of u ~ U[0, 1) from that generator."""
 
     temperature: float
     top_p: float | None
@@ -68,18 +71,12 @@ class Sampler:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(prompt_id.encode())) % (2**63))
 
     def choose(self, logits: torch.Tensor, gen: torch.Generator) -> int:
-        x = logits.detach().to("cpu", torch.float64) / self.temperature
-        p = torch.softmax(x, dim=-1)
-        if self.top_p is not None and self.top_p < 1.0:
-            order = torch.argsort(p, descending=True, stable=True)
-            cum = torch.cumsum(p[order], 0)
-            keep = int(torch.searchsorted(cum, torch.tensor([self.top_p], dtype=torch.float64)).item()) + 1
-            mask = torch.zeros_like(p, dtype=torch.bool)
-            mask[order[:keep]] = True
-            p = torch.where(mask, p, torch.zeros_like(p))
-        cdf = torch.cumsum(p, 0)
-        u = torch.rand(1, generator=gen, dtype=torch.float64) * cdf[-1]
-        return min(int(torch.searchsorted(cdf, u, right=True).item()), p.numel() - 1)
+        from logitparity.sampling import draw, sampling_probs
+
+        row = logits.detach().to("cpu", torch.float64).numpy()
+        p = sampling_probs(row, self.temperature, self.top_p)
+        u = float(torch.rand(1, generator=gen, dtype=torch.float64).item())
+        return draw(p, u)
 
 
 def _cache_kwarg(model: Any) -> str:

@@ -11,7 +11,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from logitparity.capture.engine import Engine, HFEngine, StopRule, check_tokenizer, hf_encode
 from logitparity.dump import DEFAULT_SHARD_BYTES, Dump, DumpWriter, load_dump, parse_storage
@@ -102,6 +102,7 @@ def capture(
     dtype: str = "fp32",
     device: str = "cpu",
     max_new_tokens: int = 64,
+    category_budgets: Mapping[str, int] | None = None,
     batch_size: int = 8,
     logits: str = "full",
     logits_dtype: str = "fp32",
@@ -131,7 +132,10 @@ def capture(
     reference records one, TokenizerMismatch otherwise).
     Generation stops at one of the engine's EOS ids (``engine.eos_token_ids()``,
     the manifest's ``decoding.eos_token_ids``), one of ``stop_token_ids``, or
-    ``max_new_tokens``. chat_template: None applies the tokenizer's template
+    ``max_new_tokens``; ``category_budgets`` ({category: tokens}) gives the
+    prompts of a category their own budget instead (JSON answers need room to
+    close; the manifest's ``decoding.category_budgets``, and each such record's
+    ``max_new_tokens``). chat_template: None applies the tokenizer's template
     when it has one. logits: 'full' or 'topk:K'; logits_dtype: fp32 | fp16 |
     bf16 (full storage). resume: continue an interrupted dump (batches are
     cut from the whole prompt list, so the logits are bitwise those of an
@@ -152,6 +156,7 @@ def capture(
     from logitparity.capture.hf import LoadedModel, load_model, load_tokenizer
 
     _check_args(mode, reference_dump, max_new_tokens, batch_size, temperature, top_p, logits, limit)
+    budgets = _check_budgets(category_budgets, mode)
     ref = reference_dump if isinstance(reference_dump, Dump) or reference_dump is None else load_dump(reference_dump)
     if prompts is not None and not isinstance(prompts, (list, tuple)):
         prompts = load_prompts(prompts)
@@ -167,7 +172,7 @@ def capture(
         n_ctx = getattr(engine, "max_context", None)
         _check_reference_tokenizer(engine, ref)
     encode = engine.encode if engine is not None else lambda text, use: hf_encode(tok, text, use)
-    todo = _prepare(selected, encode, ref, chat_template, n_ctx, max_new_tokens, truncate_prompts)
+    todo = _prepare(selected, encode, ref, chat_template, n_ctx, max_new_tokens, truncate_prompts, budgets)
     mine = None
     if part is not None:  # a rank of a data-parallel capture: its share of the one-process batches
         mine = part.select(_batches(todo, batch_size))
@@ -198,6 +203,8 @@ def capture(
         "logit_processors": [],
         "chat_template": "auto" if chat_template is None else bool(chat_template),
     }
+    if budgets:
+        decoding["category_budgets"] = budgets
     ident = engine.identity  # engine, model, tokenizer, dtype, device
     extra = ident["engine"].get("libraries", ())
     ident["engine"] = {k: v for k, v in ident["engine"].items() if k != "libraries"}
@@ -240,8 +247,26 @@ def _check_reference_tokenizer(engine: Any, ref: Dump | None) -> None:
                         theirs_name=f"the reference dump {ref.path}")
 
 
+def _check_budgets(budgets: Mapping[str, int] | None, mode: str) -> dict[str, int]:
+    if budgets is None:
+        return {}
+    if not isinstance(budgets, Mapping):
+        raise ValueError(f"category_budgets must map a category to a token budget, got {type(budgets).__name__}")
+    if mode == "score" and budgets:
+        raise ValueError("category_budgets apply to generation; score mode scores the reference's tokens")
+    for k, n in budgets.items():
+        if not isinstance(k, str) or isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"category_budgets must map a category name to a positive int, got {k!r}: {n!r}")
+    return dict(sorted(budgets.items()))
+
+
+def _budget(item: tuple) -> int | None:
+    """A work item's own token budget (category_budgets), None for the run's."""
+    return item[4].get("max_new_tokens") if len(item) > 4 else None
+
+
 def _prepare(selected: list[Prompt], encode: Any, ref: Dump | None, chat_template: bool | None, n_ctx: int | None,
-             max_new_tokens: int, truncate: bool) -> list:
+             max_new_tokens: int, truncate: bool, budgets: Mapping[str, int] | None = None) -> list:
     """Tokenize (``encode(text, chat_template)``, or take the reference's
     tokens) and check every prompt against the context; -> work list sorted
     longest first."""
@@ -252,20 +277,24 @@ def _prepare(selected: list[Prompt], encode: Any, ref: Dump | None, chat_templat
             ids, used = encode(p.text, chat_template)
             ids = list(ids)
             if not ids:
-                raise ValueError(f"prompt {p.id!r} tokenizes to no tokens; give it some text")
+                raise ValueError(f"prompt {p.id!r} tokenizes to no tokens; give it some text"
+                                 + (" (an empty prompt has tokens only with the chat template: drop "
+                                    "--no-chat-template / chat_template=False, or leave it out)" if not p.text else ""))
             cont: list[int] = []
-            need = len(ids) + max_new_tokens - 1  # the last new token is never fed back
+            budget = (budgets or {}).get(p.category, max_new_tokens)
+            need = len(ids) + budget - 1  # the last new token is never fed back
         else:
             r = ref.record(p.id)
             ids, used, cont = list(r["prompt_token_ids"]), bool(r["chat_template"]), list(r["generated_token_ids"])
             need = len(ids) + max(len(cont), 1) - 1
-        extra = {}
+            budget = max_new_tokens
+        extra: dict[str, Any] = {} if budget == max_new_tokens else {"max_new_tokens": budget}
         if n_ctx is not None and need > n_ctx:
             room = n_ctx - (need - len(ids))
             if not truncate or ref is not None or room < 1:
                 too_long.append((p.id, len(ids), need))
                 continue
-            extra = {"truncated_from": len(ids)}
+            extra["truncated_from"] = len(ids)
             ids = ids[-room:]
         todo.append((p, ids, used, cont, extra))
     if too_long:
@@ -300,7 +329,8 @@ def _run(writer: DumpWriter, batches: list, done: set, engine: Any, mode: str, r
                 outs = [(b[3], r, ref.record(b[0].id)["stop_reason"], {"ttft_s": None, "decode_tokens_per_s": None,
                                                                         "forward_s": forward_s}) for b, r in zip(batch, rows)]
             else:
-                gens = engine.generate([b[1] for b in batch], [b[0].id for b in batch], max_new_tokens=max_new_tokens,
+                gens = engine.generate([b[1] for b in batch], [b[0].id for b in batch],
+                                       max_new_tokens=_budget(batch[0]) or max_new_tokens,
                                        stop=stop, sampler=sampler)
                 outs = [(g.tokens, g.logits, g.stop_reason, {"ttft_s": g.ttft_s, "decode_tokens_per_s": g.decode_tokens_per_s})
                         for g in gens]
@@ -338,7 +368,8 @@ def _batches(todo: list, batch_size: int) -> list[list]:
     out: list[list] = []
     for item in todo:
         n = len(item[1]) + len(item[3])
-        if out and len(out[-1]) < batch_size and 2 * n >= len(out[-1][0][1]) + len(out[-1][0][3]):
+        if (out and len(out[-1]) < batch_size and 2 * n >= len(out[-1][0][1]) + len(out[-1][0][3])
+                and _budget(item) == _budget(out[-1][0])):
             out[-1].append(item)
         else:
             out.append([item])

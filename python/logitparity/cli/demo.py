@@ -4,8 +4,11 @@ Captures a reference (fp32) and a candidate (bf16) of SmolLM2-135M-Instruct
 on a spread of the default prompts (round-robin over categories), calibrates
 a noise floor first (the reference's greedy-vs-score difference and its
 bf16 precision twin, both scored on the reference's tokens), compares them,
-writes report.md (calibrated), report-raw.md, report.json and plots, and
-prints both the raw verdict (fixed thresholds) and the calibrated one.
+writes report.md (calibrated, with a task-accuracy section: both models on a
+spread of the bundled multiple-choice questions), report-raw.md, report.json,
+tasks.json and plots, and prints both the raw verdict (fixed thresholds) and
+the calibrated one. JSON prompts get their category's token budget
+(prompts.CATEGORY_BUDGETS) so their answers can close.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ HELP = ("Capture the default model in fp32 (reference) and bf16 (candidate), com
         "report: the product in one command.")
 DEFAULT_LIMIT = 18
 DEFAULT_NEW_TOKENS = 32
+DEFAULT_TASKS = 60  # questions, round-robin over subjects: about 10 s for both models on 2 cores
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default="logitparity-demo", help="output directory (default ./logitparity-demo)")
     p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, metavar="N",
-                   help=f"prompts, taken round-robin over the categories (default {DEFAULT_LIMIT}; the set has 70)")
+                   help=f"prompts, taken round-robin over the categories (default {DEFAULT_LIMIT}; the set has 85, "
+                        "of which the context_limit prompt, 7124 tokens, is left out here)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_NEW_TOKENS, metavar="M",
                    help=f"tokens generated per prompt (default {DEFAULT_NEW_TOKENS})")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per batch (default 4)")
@@ -44,15 +49,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="fp16", help="the raw verdict's policy: fp16 (default), bf16, quantized, "
                    "lossless or a TOML file (the calibrated verdict judges against the noise floor)")
     p.add_argument("--top-worst", type=int, default=5, metavar="N", help="worst prompts in the report (default 5)")
+    p.add_argument("--tasks", type=int, default=DEFAULT_TASKS, metavar="N",
+                   help=f"multiple-choice questions for the report's task-accuracy section, round-robin over "
+                        f"subjects (default {DEFAULT_TASKS}; 0 leaves it out; hf candidates only)")
     p.add_argument("--engine", choices=("hf", "llama.cpp"), default="hf",
                    help="candidate engine: hf (bf16, default) or llama.cpp (the GGUF run natively, Q4_1)")
 
 
-def spread(prompts: list, limit: int) -> list:
+def spread(prompts: list, limit: int, skip: tuple[str, ...] | None = None) -> list:
     """Up to ``limit`` prompts, round-robin over categories in file order, so
-    every category appears before any appears twice."""
+    every category appears before any appears twice; categories in ``skip``
+    (default prompts.HEAVY_CATEGORIES: a near-context-limit prefill takes
+    minutes on a CPU) are left out."""
+    from logitparity.prompts import HEAVY_CATEGORIES
+
+    skip = HEAVY_CATEGORIES if skip is None else skip
     by_cat: dict[str, list] = {}
-    for p in prompts:
+    for p in (p for p in prompts if p.category not in skip):
         by_cat.setdefault(p.category, []).append(p)
     out: list = []
     i = 0
@@ -62,16 +75,33 @@ def spread(prompts: list, limit: int) -> list:
     return out
 
 
+def _questions(n: int) -> list:
+    """The first n bundled questions, round-robin over subjects."""
+    from logitparity.tasks import load_questions
+
+    by: dict[str, list] = {}
+    for q in load_questions(None):
+        by.setdefault(q.subject, []).append(q)
+    out: list = []
+    i = 0
+    while len(out) < n and any(i < len(v) for v in by.values()):
+        out += [v[i] for v in by.values() if i < len(v)][: n - len(out)]
+        i += 1
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from logitparity.capture import capture, load_model
     from logitparity.compare import compare_dumps
     from logitparity.policy import load_policy
-    from logitparity.prompts import load_prompts
+    from logitparity.prompts import CATEGORY_BUDGETS, load_prompts
     from logitparity.report import write_report
 
     for name in ("limit", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.tasks < 0:
+        raise ValueError(f"--tasks must be >= 0 (0: no task section), got {args.tasks}")
     policy = load_policy(args.policy)  # fail early on a typo
     out = Path(args.out)
     ref_dir, cand_dir = out / "reference-fp32", out / ("candidate-bf16" if args.engine == "hf" else "candidate-llama.cpp")
@@ -85,14 +115,19 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     # progress bars only on a terminal, not in a log
-    kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=sys.stderr.isatty())
+    budgets = {c: n for c, n in CATEGORY_BUDGETS.items() if n > args.max_new_tokens} or None
+    kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=sys.stderr.isatty(),
+              category_budgets=budgets)
+    questions = _questions(args.tasks) if args.tasks and args.engine == "hf" else None
+    task_runs = {}
     for dtype, path in (("fp32", ref_dir), ("bf16", cand_dir)):
         if path.name == "candidate-llama.cpp":  # the same GGUF, run by llama.cpp (capture/llamacpp.py)
             from logitparity.capture.engine import load_engine
 
             print(f"[demo] capturing the default GGUF with llama.cpp -> {path}", file=sys.stderr)
             with load_engine("llama.cpp", None, options={"n_threads": torch_threads}) as engine:
-                capture(engine, prompts, path, max_new_tokens=args.max_new_tokens, batch_size=1, progress=False)
+                capture(engine, prompts, path, max_new_tokens=args.max_new_tokens, batch_size=1, progress=False,
+                        category_budgets=budgets)
             continue
         print(f"[demo] capturing the default model in {dtype} on {len(prompts)} prompts x "
               f"{args.max_new_tokens} tokens -> {path}", file=sys.stderr)
@@ -104,6 +139,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"[demo] calibrating: the {dtype} model scored on the reference's tokens -> {scored}", file=sys.stderr)
         capture(lm, None, scored, mode="score", reference_dump=ref_dir, batch_size=args.batch_size,
                 progress=kw["progress"])
+        if questions is not None:
+            from logitparity.tasks import run_tasks
+
+            print(f"[demo] task accuracy: the {dtype} model on {len(questions)} multiple-choice questions",
+                  file=sys.stderr)
+            task_runs[dtype] = run_tasks(lm, questions, batch_size=args.batch_size, threads=args.threads)
         del lm
     # The floor: greedy vs score in fp32 and, for the bf16 candidate, the precision
     # twin. A llama.cpp (Q4_1) candidate has no twin on the reference engine:
@@ -120,10 +161,25 @@ def run(args: argparse.Namespace) -> int:
     comp = compare_dumps(ref_dir, cand_dir, noise_floor=floor_path, decode=raw.decode, threads=args.threads)
     write_report(raw, out / "report-raw.md", out / "report-raw.json", None, top_worst=args.top_worst)
     written = write_report(comp, out / "report.md", out / "report.json", out / "plots", top_worst=args.top_worst)
+    tasks = None
+    if len(task_runs) == 2:
+        import json
+
+        from logitparity._fileio import write_text_atomic
+        from logitparity.tasks import compare_tasks
+
+        tasks = compare_tasks(task_runs["fp32"], task_runs["bf16"])
+        report = Path(written["markdown"])
+        write_text_atomic(report, report.read_text(encoding="utf-8") + "\n" + tasks.to_markdown())
+        write_text_atomic(out / "tasks.json", json.dumps(tasks.to_dict(), indent=1, allow_nan=False) + "\n")
     print(f"Raw verdict (policy {policy.name!r}, fixed thresholds, no noise floor):")
     print("\n".join("  " + line for line in summary_lines(raw)))
     print(f"Calibrated verdict (against the noise floor {floor_path}: {floor.describe()}):")
     print("\n".join("  " + line for line in summary_lines(comp)))
+    if tasks is not None:
+        print(f"Task accuracy ({len(tasks.reference.questions)} questions, report section; not part of the exit code): "
+              f"{tasks.verdict}: fp32 {tasks.reference.accuracy}, bf16 {tasks.candidate.accuracy}, agreement "
+              f"{tasks.agreement}, McNemar b/c = {tasks.b}/{tasks.c}, p = {tasks.p_value:.3g}")
     print(f"report: {written['markdown']} (JSON {written['json']}, plots in {out / 'plots'}; raw verdict in "
           f"{out / 'report-raw.md'}); {time.perf_counter() - t0:.0f} s")
     print("The calibrated verdict decides the exit code: it judges the candidate against the reference's own "

@@ -6,7 +6,7 @@ import argparse
 import signal
 import threading
 
-from logitparity.cli import add_torch_threads_argument, apply_torch_threads
+from logitparity.cli import UserError, add_torch_threads_argument, apply_torch_threads
 
 HELP = "capture a model's raw logits on a prompt set into a dump directory"
 
@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload-folder", default=None, metavar="DIR",
                         help="where the weights of modules placed on 'disk' live")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--category-budget", action="append", default=[], metavar="CATEGORY=N",
+                        help="new-token budget of one prompt category instead of --max-new-tokens (repeatable), "
+                             "e.g. json=96 so JSON answers can close")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--storage", "--logits", dest="storage", default="full", metavar="full|topk:K",
                         help="what the dump keeps of each logit row: full rows, or the top K with the exact "
@@ -36,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.7, help="sample mode temperature")
     parser.add_argument("--top-p", type=float, default=None, help="sample mode nucleus (default: off)")
     parser.add_argument("--seed", type=int, default=0, help="sample mode seed")
+    parser.add_argument("--seeds", default=None, metavar="LIST",
+                        help="sample mode: one dump per seed (0,1,2 or 0-3) under --out, with a samples.json index "
+                             "(a sample set for compare; docs/report.md)")
     parser.add_argument("--stop-token-id", type=int, action="append", default=[], metavar="ID",
                         help="extra stop token id (repeatable); EOS always stops")
     parser.add_argument("--no-chat-template", action="store_true", help="tokenize the raw prompt text")
@@ -69,6 +75,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="include the first M generated tokens after the prefill (default 0)")
 
 
+def parse_budgets(items: list[str]) -> dict[str, int]:
+    """['json=96', ...] -> {'json': 96}."""
+    out: dict[str, int] = {}
+    for item in items:
+        cat, sep, n = item.partition("=")
+        try:
+            value = int(n)
+        except ValueError:
+            value = 0
+        if not sep or not cat.strip() or value < 1:
+            raise ValueError(f"--category-budget must be CATEGORY=N with N >= 1 new tokens, got {item!r}")
+        out[cat.strip()] = value
+    return out
+
+
 def _terminate(signum, frame):  # SIGTERM flushes finished prompts like Ctrl-C
     raise KeyboardInterrupt
 
@@ -82,6 +103,35 @@ def _activations(args: argparse.Namespace, model, out) -> None:
                               generated=args.activations_generated, storage=args.activations,
                               budget_mb=args.activations_budget)
     print(f"activations: {act}")
+
+
+def _is_sample_set(path) -> bool:
+    from logitparity.sampling import is_sample_set
+
+    return path is not None and is_sample_set(path)
+
+
+def _sample_set(args: argparse.Namespace, model, kw: dict) -> int:
+    """--seeds (one sampled dump per seed) or score mode on a sample set."""
+    from logitparity.capture.seeds import capture_samples, parse_seeds, score_samples
+
+    if args.engine != "hf" or args.activations:
+        raise ValueError("--seeds and scoring a sample set run on --engine hf without --activations")
+    if args.seeds is not None:
+        if args.mode != "sample":
+            raise ValueError(f"--seeds needs --mode sample (one sampled dump per seed), got --mode {args.mode}")
+        kw = {k: v for k, v in kw.items() if k not in ("mode", "seed", "reference_dump")}
+        out = capture_samples(model, args.prompts, args.out, seeds=parse_seeds(args.seeds), **kw)
+        what = "sampled"
+    else:
+        if args.mode != "score":
+            raise ValueError(f"--reference-dump {args.reference_dump} is a sample set: score it with --mode score")
+        kw = {k: v for k, v in kw.items() if k not in ("mode", "reference_dump", "temperature", "top_p", "seed",
+                                                       "max_new_tokens", "category_budgets")}
+        out = score_samples(model, args.reference_dump, args.out, **kw)
+        what = "scored"
+    print(f"sample set {out}: {what}, one dump per seed (samples.json)")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,17 +169,23 @@ def run(args: argparse.Namespace) -> int:
 
         model = load_model(args.model, dtype=args.dtype, device=args.device)
     kw = dict(mode=args.mode, reference_dump=args.reference_dump, dtype=args.dtype, device=args.device,
-              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, logits=args.storage,
+              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+              category_budgets=parse_budgets(args.category_budget) or None, logits=args.storage,
               logits_dtype=args.logits_dtype, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
               stop_token_ids=args.stop_token_id, chat_template=False if args.no_chat_template else None,
               resume=args.resume, progress=not args.no_progress, limit=args.limit,
               shard_bytes=max(1, int(args.shard_mb * (1 << 20))), truncate_prompts=args.truncate_prompts)
     if distributed:
+        if args.seeds is not None or _is_sample_set(args.reference_dump):
+            raise UserError("a sample set (--seeds, or scoring one) is not captured under torchrun; run one "
+                            "process (each seed is one dump), or one torchrun per seed with --seed S")
         try:
             return _run_ranks(args, kw, env)
         finally:
             if main_thread:
                 signal.signal(signal.SIGTERM, previous)
+    if args.seeds is not None or _is_sample_set(args.reference_dump):
+        return _sample_set(args, model, kw)
     try:
         if args.engine == "hf":
             out = capture(model, args.prompts, args.out, **kw)
