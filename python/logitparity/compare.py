@@ -105,7 +105,7 @@ def incompleteness(ref, cand, only_ref: list[str], only_cand: list[str]) -> list
     return out
 
 
-def _check_tokenizers(ref, cand, notes: list[str]) -> None:
+def check_tokenizers(ref, cand, notes: list[str]) -> None:
     a, b = ref.manifest.get("tokenizer") or {}, cand.manifest.get("tokenizer") or {}
     for key in TOKENIZER_IDENTITY:
         va, vb = a.get(key), b.get(key)
@@ -134,7 +134,7 @@ _DECODING_KEYS = ("temperature", "top_p", "seed", "max_new_tokens", "category_bu
                   "repetition_penalty", "logit_processors")
 
 
-def _check_decoding(ref, cand) -> str:
+def check_decoding(ref, cand) -> str:
     """-> "free-running" or "teacher-forced"."""
     mr, mc = _mode(ref.manifest), _mode(cand.manifest)
     if mr == "score" and mc != "score":
@@ -203,7 +203,7 @@ def run_speed(dump) -> dict[str, float | None]:
     return {k: None if v is None else float(v) for k, v in out.items()}
 
 
-def _match_prompts(ref, cand) -> tuple[list[tuple[dict, dict]], list[str], list[str]]:
+def match_prompts(ref, cand) -> tuple[list[tuple[dict, dict]], list[str], list[str]]:
     by_id = {r["id"]: r for r in cand.records}
     ref_ids = [r["id"] for r in ref.records]
     pairs = []
@@ -284,7 +284,7 @@ class PromptResult:
 
 
 # --------------------------------------------------------------------------
-def _concat(parts: list[RowMetrics], ks: Iterable[int]) -> RowMetrics:
+def concat_metrics(parts: list[RowMetrics], ks: Iterable[int]) -> RowMetrics:
     names = [f.name for f in ROW_FIELDS + INT_FIELDS]
     kw = {}
     for name in names:
@@ -305,7 +305,7 @@ def _take(m: RowMetrics, mask: np.ndarray) -> RowMetrics:
 # Behaviour drift helpers
 
 
-def _auto_decoder(manifest: dict) -> Callable[[Sequence[int]], str] | None:
+def auto_decoder(manifest: dict) -> Callable[[Sequence[int]], str] | None:
     """A token-id decoder from the manifest's tokenizer or model directory
     (its tokenizer.json, checked against tokens_hash; no transformers
     import); None when there is none."""
@@ -615,7 +615,7 @@ class Comparison:
         return f"Comparison({len(self.prompts)} prompts, {len(self.tokens)} positions, {self.verdict})"
 
 
-def _first_diff(a: Sequence[int], b: Sequence[int]) -> int | None:
+def first_diff(a: Sequence[int], b: Sequence[int]) -> int | None:
     n = min(len(a), len(b))
     x, y = np.asarray(a[:n]), np.asarray(b[:n])
     diff = np.flatnonzero(x != y)
@@ -711,9 +711,9 @@ def compare_dumps(
     ref_d, cand_d = _load(ref, "ref"), _load(cand, "cand")
     cont_d = None if continuation is None else _load(continuation, "continuation")
     notes: list[str] = []
-    _check_tokenizers(ref_d, cand_d, notes)
-    mode = _check_decoding(ref_d, cand_d)
-    pairs, only_ref, only_cand = _match_prompts(ref_d, cand_d)
+    check_tokenizers(ref_d, cand_d, notes)
+    mode = check_decoding(ref_d, cand_d)
+    pairs, only_ref, only_cand = match_prompts(ref_d, cand_d)
     incomplete = incompleteness(ref_d, cand_d, only_ref, only_cand)
     if incomplete and not allow_partial:
         raise IncompleteRuns(
@@ -731,7 +731,7 @@ def compare_dumps(
         if cont_d.k is not None or ref_d.k is not None or cand_d.k is not None:
             raise ValueError("continuation needs full logits in the reference, the candidate and the continuation "
                              "dump (they store top-K)")
-        _check_tokenizers(ref_d, cont_d, [])
+        check_tokenizers(ref_d, cont_d, [])
         cont_records = {r["id"]: r for r in cont_d.records}
     tie_dtype = str(cand_d.manifest.get("dtype", "fp32"))
     sampled = _mode(ref_d.manifest) == "sample" and _mode(cand_d.manifest) == "sample"
@@ -759,12 +759,12 @@ def compare_dumps(
 
     if not (decode is None or callable(decode) or decode == "auto"):
         raise TypeError(f"decode must be 'auto', None or a function ids -> text, got {decode!r}")
-    dec = (_auto_decoder(ref_d.manifest) or _auto_decoder(cand_d.manifest)) if decode == "auto" else decode
+    dec = (auto_decoder(ref_d.manifest) or auto_decoder(cand_d.manifest)) if decode == "auto" else decode
 
     va, vb = int(ref_d.vocab_size or 0), int(cand_d.vocab_size or 0)
     v = min(va, vb)
     if va != vb:
-        real = _tokenizer_size(ref_d.manifest)
+        real = tokenizer_size(ref_d.manifest)
         if real is not None and real > v:
             raise IncompatibleRuns(
                 f"logit rows have different widths (reference {va}, candidate {vb}) and the narrower is "
@@ -793,7 +793,7 @@ def compare_dumps(
         if mode == "teacher-forced" and ct != rt:
             raise IncompatibleRuns(
                 f"prompt {rid!r}: the candidate was scored on other tokens than the reference generated "
-                f"(they differ at position {_first_diff(rt, ct)}); score it on this reference: "
+                f"(they differ at position {first_diff(rt, ct)}); score it on this reference: "
                 "dump --mode score --reference-dump REF"
             )
         # rows computed by both sides from the same prefix
@@ -801,7 +801,7 @@ def compare_dumps(
             d = None
             n_rows = len(rt)
         else:
-            d = _first_diff(rt, ct)
+            d = first_diff(rt, ct)
             n_rows = min(len(rt), len(ct)) if d is None else min(d + 1, len(rt), len(ct))
         if max_positions is not None:
             n_rows = min(n_rows, max_positions)
@@ -973,7 +973,7 @@ def compare_dumps(
         notes.append(f"splits classified against the noise floor: a near-tie when the reference's top-1 margin is "
                      f"within {TIE_FACTOR:g}x the floor's margin movement (at the split, or its p99) or the {tie_dtype} "
                      "rounding step at the top-1 logit")
-    tokens = _concat(parts, ks)
+    tokens = concat_metrics(parts, ks)
     storage = "full" if not use_topk else f"topk:{k_top}"
     return Comparison(
         ref_manifest=ref_d.manifest, cand_manifest=cand_d.manifest,
@@ -1035,7 +1035,7 @@ def _stop_ranks(pi: int, rec: dict, rt: list[int], full_a, full_b, n_rows: int, 
     return out
 
 
-def _tokenizer_size(manifest: dict) -> int | None:
+def tokenizer_size(manifest: dict) -> int | None:
     v = _get(manifest, "tokenizer", "vocab_size")
     return None if v is None else int(v)
 

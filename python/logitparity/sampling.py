@@ -407,8 +407,8 @@ def compare_sampled(
     policy: a built-in name, TOML path or Policy (default "sampled").
     resamples, seed: of the permutation tests. Raises IncompatibleRuns /
     IncompleteRuns (ValueErrors) naming what differs."""
-    from logitparity.compare import (IncompatibleRuns, IncompleteRuns, _auto_decoder, _check_decoding,
-                                     _check_tokenizers, _first_diff, _match_prompts, _tokenizer_size, incompleteness)
+    from logitparity.compare import (IncompatibleRuns, IncompleteRuns, auto_decoder, check_decoding,
+                                     check_tokenizers, first_diff, match_prompts, tokenizer_size, incompleteness)
     from logitparity.metrics import compare_logits
     from logitparity.policy import load_policy
 
@@ -445,23 +445,23 @@ def compare_sampled(
     top_p = _get(d0r.manifest, "decoding", "top_p")
     if not (decode is None or callable(decode) or decode == "auto"):
         raise TypeError(f"decode must be 'auto', None or a function ids -> text, got {decode!r}")
-    dec = (_auto_decoder(d0r.manifest) or _auto_decoder(d0c.manifest)) if decode == "auto" else decode
+    dec = (auto_decoder(d0r.manifest) or auto_decoder(d0c.manifest)) if decode == "auto" else decode
     units: list[Unit] = []
     firsts: list[int | None] = []
     parts, raws, paths_, unit_ix, pos_ix = [], [], [], [], []
     incomplete: list[str] = []
     for s, rd, cd in pairs:
-        _check_tokenizers(rd, cd, notes)
-        _check_decoding(rd, cd)
+        check_tokenizers(rd, cd, notes)
+        check_decoding(rd, cd)
         if float(_get(rd.manifest, "decoding", "temperature")) != temperature or \
                 _get(rd.manifest, "decoding", "top_p") != top_p:
             raise IncompatibleRuns(f"seed {s}: the dumps of one set were sampled with other temperature / top-p "
                                    f"than seed {pairs[0][0]}'s; sample every seed with the same settings")
-        matched, only_r, only_c = _match_prompts(rd, cd)
+        matched, only_r, only_c = match_prompts(rd, cd)
         incomplete += [f"seed {s}: {w}" for w in incompleteness(rd, cd, only_r, only_c)]
         v = min(int(rd.vocab_size or 0), int(cd.vocab_size or 0))
         if rd.vocab_size != cd.vocab_size:
-            real = _tokenizer_size(rd.manifest)
+            real = tokenizer_size(rd.manifest)
             if real is not None and real > v:
                 raise IncompatibleRuns(f"logit rows have different widths ({rd.vocab_size} and {cd.vocab_size}) "
                                        f"below the tokenizer's {real}")
@@ -469,7 +469,7 @@ def compare_sampled(
         for r, c in matched:
             rid = r["id"]
             rt, ct = [int(t) for t in r["generated_token_ids"]], [int(t) for t in c["generated_token_ids"]]
-            d = _first_diff(rt, ct)
+            d = first_diff(rt, ct)
             ui = len(units)
             sides = []
             if cor is not None:
@@ -507,10 +507,10 @@ def compare_sampled(
     if incomplete and not allow_partial:
         raise IncompleteRuns("incomplete input: " + "; ".join(incomplete) + ". Finish the capture (dump --resume), "
                              "or pass --allow-partial (allow_partial=True) to judge only what is there")
-    from logitparity.compare import _concat
+    from logitparity.compare import concat_metrics
 
     ks = (1, 5, 10)
-    tokens, raw_all = _concat(parts, ks), _concat(raws, ks)
+    tokens, raw_all = concat_metrics(parts, ks), concat_metrics(raws, ks)
     if "cand_on_ref" not in cross:
         notes.append("the candidate was not scored on the reference's samples: along the reference's path only the "
                      "positions before the first differing draw are compared (dump --mode score --reference-dump REF "
