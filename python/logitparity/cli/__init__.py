@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "gate": "logitparity.cli.gate",
     "tasks": "logitparity.cli.tasks",
     "layers": "logitparity.cli.layers",
+    "stats": "logitparity.cli.stats",
 }
 ERROR = 2
 
