@@ -4,9 +4,10 @@ decoder layers), one torch thread, in one run:
 1. ``stats_of`` on the default prompts (one per category: 9 prompts) with
    weights: time, sites, the top outlier channels, heavy-tailed tensors.
 2. The ``mlp_input_outlier`` plant (channel 3 of the MLP input x50) in
-   --layer: its rank among every outlier channel and among the MLP-input
-   channels, and the ablation ranking of the top --ablate natural outliers
-   with the planted channel added (zero mode), with its time.
+   --layer: its rank among every outlier channel, among the MLP-input
+   channels and among the systematic outliers (over the cut at >= 50% of the
+   positions), and the ablation ranking of the top --ablate systematic
+   outliers (zero mode), with its time.
 
     python benchmarks/bench_stats.py
     python benchmarks/bench_stats.py --layer 10 --ablate 5 --limit 4
@@ -57,14 +58,17 @@ def main() -> None:
               f"(stats {t_p:.1f} s)")
         for i, o in enumerate(mlp_in[:3], 1):
             print(f"  MLP-input outlier {i}: {o.key} channel {o.channel} score {o.score:.1f}")
-        from logitparity.capture.sites import site_module
-
-        chans = [(o.key, o.channel) for o in p.outliers if site_module(o.key)[1] in ("input", "output")]
-        chans = [c for c in chans if c != (site, OUTLIER_CHANNEL)][: args.ablate] + [(site, OUTLIER_CHANNEL)]
+        sysl = p.systematic_outliers
+        rank_sys = next((i for i, o in enumerate(sysl, 1) if o.key == site and o.channel == OUTLIER_CHANNEL), None)
+        print(f"planted: {po.positions_over} positions over the cut ({100 * po.fraction_over:.1f}%); rank "
+              f"{rank_sys} of {len(sysl)} systematic outliers (over the cut at >= "
+              f"{100 * D.SYSTEMATIC_FRACTION:g}% of the positions)")
+        for i, o in enumerate(sysl[:5], 1):
+            print(f"  systematic {i}: {o.key} channel {o.channel} score {o.score:.1f} over {100 * o.fraction_over:.1f}%")
         t0 = time.perf_counter()
-        a = D.ablate(lm, p, channels=chans)
+        a = D.ablate(lm, p, args.ablate, systematic=True)
         t_a = time.perf_counter() - t0
-    print(f"ablation of {len(chans)} channels (zero) in {t_a:.1f} s ({a.positions} positions):")
+    print(f"ablation of the top {len(a.rows)} systematic outliers (zero) in {t_a:.1f} s ({a.positions} positions):")
     print("| rank | site | channel | mean KL (nats) | ΔPPL |")
     print("|---|---|---|---|---|")
     for i, r in enumerate(a.rows, 1):

@@ -5,6 +5,7 @@ coverage warning, the renderers and the argument errors."""
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 
@@ -202,11 +203,22 @@ def test_clean_tiny_model_has_no_outlier_and_the_plant_is_found(lm, stats):
         assert top.token == lm.tokenizer.decode(ids[top.position:top.position + 1])
         assert top.context.endswith(top.token)
         assert set(top.categories) <= {"code", "math", "factual"} and top.categories
+        # positions over the cut, by hand from this test's own hook
+        rows, _ = _site_rows(lm, s.token_ids, lm.model.model.layers[1].mlp, "input")
+        x = np.abs(np.concatenate(rows)[:, OUTLIER_CHANNEL])
+        over = x > D.OUTLIER_FACTOR * top.typical
+        assert top.positions_over == int(over.sum()) and top.fraction_over == pytest.approx(over.mean())
+        assert top.systematic and s.systematic_outliers[0] == top
+        ids_all = np.concatenate([np.asarray(t) for t in s.token_ids])
+        want = collections.Counter(ids_all[over].tolist()).most_common(1)[0]
+        assert top.top_tokens[0] == (lm.tokenizer.decode([want[0]]), want[1])
         # the weight that carries it is a weight outlier too (x50 in a norm weight)
         w = s.weight_outliers[0]
         assert (w.key, w.channel) == ("model.layers.1.post_attention_layernorm.weight", OUTLIER_CHANNEL)
         a = D.ablate(lm, s, 3)
         c = D.ablate(lm, s, 3, mode="clamp")
+        y = D.ablate(lm, s, 1, systematic=True)
+    assert (y.rows[0].key, y.rows[0].channel) == (SITE, OUTLIER_CHANNEL) and len(y.rows) == 1
     assert (a.rows[0].key, a.rows[0].channel) == (SITE, OUTLIER_CHANNEL)
     assert (c.rows[0].key, c.rows[0].channel) == (SITE, OUTLIER_CHANNEL)
     assert a.rows[0].kl.mean > 0 and a.rows[0].limit is None

@@ -32,7 +32,12 @@ Definitions (tested against float64 numpy in tests/test_diagnostics.py):
   k times the median over the tensor's channels of their max |x| (the peak
   of a typical channel; robust to the outlier itself, which a σ of the whole
   tensor is not: one ×50 channel of 64 inflates σ 6×), ranked by that ratio
-  (``score``); its max |x| / σ is reported beside it;
+  (``score``); its max |x| / σ is reported beside it, and (one more pass
+  over the prompts, on the outlier sites only) the positions where the
+  channel exceeds the cut and their most frequent tokens: over the cut at
+  ``SYSTEMATIC_FRACTION`` of the positions or more it is *systematic* (an
+  outlier of every token), else token-specific (such as the first token's
+  massive activations);
 - heavy-tailed: excess kurtosis above ``HEAVY_TAIL_EXCESS_KURTOSIS``;
 - position norm: the L2 norm of each position's row, averaged over prompts
   per position index;
@@ -52,7 +57,7 @@ import numpy as np
 
 from logitparity.stats import Describe, describe
 
-__all__ = ["ABLATION_MODES", "HEAVY_TAIL_EXCESS_KURTOSIS", "OUTLIER_FACTOR", "Ablation", "AblationRow",
+__all__ = ["ABLATION_MODES", "HEAVY_TAIL_EXCESS_KURTOSIS", "OUTLIER_FACTOR", "SYSTEMATIC_FRACTION", "Ablation", "AblationRow",
            "ModelStats", "Outlier", "TensorStats", "ablate", "stats_of"]
 
 # A channel is an outlier when its max |x| exceeds this many times the
@@ -64,6 +69,9 @@ OUTLIER_FACTOR = 10.0
 # Excess kurtosis (Pearson kurtosis - 3) above this marks a heavy tail:
 # a Laplace distribution has 3, Student's t with 5 degrees of freedom 6.
 HEAVY_TAIL_EXCESS_KURTOSIS = 10.0
+# An outlier channel over its cut at this share of the positions or more
+# is "systematic" (every token), else token-specific.
+SYSTEMATIC_FRACTION = 0.5
 QUANTILES = {"abs_p99": 0.99, "abs_p999": 0.999, "abs_p9999": 0.9999}
 ABLATION_MODES = ("zero", "clamp")
 # Sites whose channels are not features (per-head score max/min): no outliers there.
@@ -163,10 +171,22 @@ class Outlier:
     token: str | None = None  # that position's token, as text
     context: str | None = None  # up to 8 tokens before it and the token
     categories: tuple[str, ...] = ()  # prompt categories where the channel exceeds the cut too
+    positions_over: int = 0  # activations: positions where |x_c| exceeds the cut (k x typical)
+    fraction_over: float = 0.0  # that count over every position of the site
+    top_tokens: tuple[tuple[str, int], ...] = ()  # the tokens most often over the cut, with their counts
+
+    @property
+    def systematic(self) -> bool:
+        """Over the cut at SYSTEMATIC_FRACTION of the positions or more: a
+        channel outlier of every token (what per-channel scales address),
+        not a token-specific one such as the first token's massive activations."""
+        return self.fraction_over >= SYSTEMATIC_FRACTION
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["categories"] = list(self.categories)
+        d["top_tokens"] = [list(t) for t in self.top_tokens]
+        d["systematic"] = self.systematic
         return {k: _num(v) for k, v in d.items()}
 
 
@@ -202,6 +222,11 @@ class ModelStats:
             if t.key == name:
                 return t
         raise KeyError(f"no weight {name!r}")
+
+    @property
+    def systematic_outliers(self) -> list[Outlier]:
+        """Activation outliers over the cut at SYSTEMATIC_FRACTION of the positions or more, by score."""
+        return [o for o in self.outliers if o.systematic]
 
     @property
     def heavy_tailed(self) -> list[TensorStats]:
@@ -363,6 +388,47 @@ def _outliers(sites: dict[str, _Site], stats: dict[str, TensorStats], k: float, 
     return out
 
 
+def _trigger_pass(hf: Any, tokens: list[list[int]], outs: list[Outlier], k: float, decode: Any) -> list[Outlier]:
+    """One more pass over the prompts, observing only the outlier sites:
+    per outlier, the positions where |x_c| exceeds its cut and their tokens."""
+    import collections
+
+    from logitparity.capture import sites as S
+
+    by_site: dict[str, list[int]] = {}
+    for i, o in enumerate(outs):
+        by_site.setdefault(o.key, []).append(i)
+    counts = np.zeros(len(outs), dtype=np.int64)
+    total = np.zeros(len(outs), dtype=np.int64)
+    toks: list[collections.Counter] = [collections.Counter() for _ in outs]
+    current: list[int] = []
+
+    def on_rows(key: str, rows: Any) -> None:
+        idx = by_site[key]
+        cols = [outs[i].channel for i in idx]
+        cuts = np.array([k * outs[i].typical for i in idx])
+        over = S.channels_over(rows, cols, cuts)  # bool [positions, len(idx)]
+        counts[idx] += over.sum(0)
+        total[idx] += over.shape[0]
+        ids = np.asarray(current[: over.shape[0]])
+        for j, i in enumerate(idx):
+            hit = ids[over[:, j]]
+            if hit.size:
+                toks[i].update(hit.tolist())
+
+    with S.observing(hf, list(by_site), on_rows):
+        for t in tokens:
+            current[:] = t
+            S.forward_logits(hf, t)
+    out = []
+    for i, o in enumerate(outs):
+        top = tuple((decode([tid]) if decode is not None else str(tid), int(n)) for tid, n in toks[i].most_common(3))
+        out.append(dataclasses.replace(o, positions_over=int(counts[i]),
+                                       fraction_over=float(counts[i] / total[i]) if total[i] else 0.0,
+                                       top_tokens=top))
+    return out
+
+
 def _typical(t: TensorStats) -> float:
     """The median over channels of their max |x| (the outlier rule's yardstick)."""
     return float(np.median(t.channel_max_abs)) if t.channel_max_abs.size else math.nan
@@ -467,6 +533,8 @@ def stats_of(model: Any, prompts: Any = None, *, limit: int | None = None, weigh
             wstats.append(_tensor_stats(acc, name, "weight", tuple(arr.shape), exact))
     decode = getattr(tok, "decode", None)
     outs = _outliers(sites, acts, k, records, decode, tokens)
+    if outs:
+        outs = _trigger_pass(hf, tokens, outs, k, decode)
     att = []
     for key in order:
         if key.endswith(".self_attn.scores"):
@@ -556,13 +624,14 @@ class Ablation:
 
 
 def ablate(model: Any, stats: ModelStats, n: int = 5, *, mode: str = "zero", channels: Sequence[Any] | None = None,
-           threads: int | None = None) -> Ablation:
+           systematic: bool = False, threads: int | None = None) -> Ablation:
     """Ablate each of the top ``n`` activation outlier channels of ``stats``
     (``stats_of`` on the same model) in turn, on the prompts ``stats`` used,
     and rank them by mean KL(untouched ‖ ablated) over every position, then
     ΔPPL. mode 'zero' sets the channel to 0; 'clamp' clamps it to ±k·σ of its
     tensor (k = stats.outlier_factor). channels: explicit (site key, channel)
-    pairs instead of the top n."""
+    pairs instead of the top n. systematic=True: the top n systematic
+    outliers (over their cut at SYSTEMATIC_FRACTION of the positions or more)."""
     from logitparity.capture import hooks, sites as S
     from logitparity.metrics import compare_logits
     from logitparity.ppl import PairFigures, PplFigures
@@ -578,7 +647,8 @@ def ablate(model: Any, stats: ModelStats, n: int = 5, *, mode: str = "zero", cha
     if channels is None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1 (the number of top outlier channels to ablate), got {n!r}")
-        todo = [(o.key, o.channel, o.score) for o in stats.outliers if S.site_module(o.key)[1] in ("input", "output")]
+        pool = stats.systematic_outliers if systematic else stats.outliers
+        todo = [(o.key, o.channel, o.score) for o in pool if S.site_module(o.key)[1] in ("input", "output")]
         todo = todo[:n]
     else:
         todo = []

@@ -42,10 +42,23 @@ def _mean_se(d: Any) -> str:
     return "—" if d.n == 0 else f"{d.mean:.4g} ± {d.se:.2g}"
 
 
+def _outlier_table(outliers: list) -> list[str]:
+    L = ["", "| # | site | layer | channel | max \\|x\\| | score ↓ | max/σ | peak: token (prompt, position) | "
+         "positions over the cut | tokens most often over it | categories over the cut |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, o in enumerate(outliers, 1):
+        where = f"`{_cell(o.token, 16)}` in “{_cell(o.context, 40)}” ({_cell(o.prompt_id, 30)}, {o.position})"
+        toks = ", ".join(f"`{_cell(t, 12)}` ×{n}" for t, n in o.top_tokens)
+        L.append(f"| {i} | `{o.key}` | {o.layer} | {o.channel} | {_g(o.max_abs)} | {o.score:.1f} | "
+                 f"{_g(o.sigma_score, 3)} | {where} | {o.positions_over} ({100 * o.fraction_over:.1f}%) | {toks} | "
+                 f"{', '.join(o.categories)} |")
+    return L
+
+
 def stats_markdown(s: "ModelStats", *, max_outliers: int = 20) -> str:
     """The stats report: header and warnings, outlier channels, heavy tails,
     the per-layer table, attention-score range, logits, per category, weights."""
-    from logitparity.diagnostics import HEAVY_TAIL_EXCESS_KURTOSIS
+    from logitparity.diagnostics import HEAVY_TAIL_EXCESS_KURTOSIS, SYSTEMATIC_FRACTION
 
     cats = sorted({p["category"] for p in s.prompts})
     L = ["# logitparity stats: weight and activation distributions", ""]
@@ -62,12 +75,13 @@ def stats_markdown(s: "ModelStats", *, max_outliers: int = 20) -> str:
         L.append(f"None: no channel exceeds {s.outlier_factor:g}× its tensor's median channel max.")
     else:
         L.append(f"{len(s.outliers)} outlier channels; the top {min(max_outliers, len(s.outliers))}:")
-        L += ["", "| # | site | layer | channel | max \\|x\\| | score ↓ | max/σ | token (prompt, position) | "
-              "categories over the cut |", "|---|---|---|---|---|---|---|---|---|"]
-        for i, o in enumerate(s.outliers[:max_outliers], 1):
-            where = f"`{_cell(o.token, 16)}` in “{_cell(o.context, 40)}” ({_cell(o.prompt_id, 30)}, {o.position})"
-            L.append(f"| {i} | `{o.key}` | {o.layer} | {o.channel} | {_g(o.max_abs)} | {o.score:.1f} | "
-                     f"{_g(o.sigma_score, 3)} | {where} | {', '.join(o.categories)} |")
+        L += _outlier_table(s.outliers[:max_outliers])
+        sysl = s.systematic_outliers
+        L += ["", f"Systematic outliers (over the cut at ≥ {100 * SYSTEMATIC_FRACTION:g}% of the positions: a channel "
+              f"outlier of every token, what per-channel scales address): {len(sysl)}"
+              + (f"; the top {min(max_outliers, len(sysl))}:" if sysl else ".")]
+        if sysl:
+            L += _outlier_table(sysl[:max_outliers])
     L.append("")
     heavy = s.heavy_tailed
     L += ["## Heavy-tailed tensors", ""]

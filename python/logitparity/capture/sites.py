@@ -20,7 +20,7 @@ import torch
 from logitparity.capture.attention import ATTENTION_TENSORS, attention_probe, split_attention_path
 from logitparity.capture.hooks import _device, _first_tensor, _rows, decoder_layers
 
-__all__ = ["INPUT_SUFFIX", "channel_ablation", "default_sites", "forward_logits", "observing", "row_figures",
+__all__ = ["INPUT_SUFFIX", "channel_ablation", "channels_over", "default_sites", "forward_logits", "observing", "row_figures",
            "site_module", "weight_rows"]
 
 INPUT_SUFFIX = ":input"
@@ -194,3 +194,10 @@ def weight_rows(hf: Any) -> Iterator[tuple[str, torch.Tensor]]:
         else:
             rows = w.reshape(-1, w.shape[-1])
         yield name, rows
+
+
+def channels_over(rows: torch.Tensor, channels: Sequence[int], cuts: Any) -> Any:
+    """Bool numpy [positions, len(channels)]: |x| of each channel above its
+    cut (NaN is never above)."""
+    x = rows.detach().to("cpu")[:, list(channels)].double().abs()
+    return (x > torch.as_tensor(cuts, dtype=torch.float64)[None, :]).numpy()

@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the query/key/value and attention-score sites")
     p.add_argument("--ablate", type=int, default=0, metavar="N",
                    help="also ablate the top N outlier channels one at a time and rank them by KL and ΔPPL")
+    p.add_argument("--ablate-systematic", action="store_true",
+                   help="ablate the top N systematic outliers (over the cut at >= 50%% of the positions) instead")
     p.add_argument("--ablate-mode", choices=("zero", "clamp"), default="zero",
                    help="zero: set the channel to 0 (default); clamp: clamp it to ± the outlier cut")
     p.add_argument("--report", default=None, metavar="MD", help="write the markdown report")
@@ -65,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
                              attention=not args.no_attention,
                              outlier_factor=diagnostics.OUTLIER_FACTOR if args.outlier_factor is None
                              else args.outlier_factor)
-    ab = diagnostics.ablate(lm, s, args.ablate, mode=args.ablate_mode) if args.ablate and s.outliers else None
+    pool = s.systematic_outliers if args.ablate_systematic else s.outliers
+    ab = (diagnostics.ablate(lm, s, args.ablate, mode=args.ablate_mode, systematic=args.ablate_systematic)
+          if args.ablate and pool else None)
     md = stats_markdown(s) + ("\n" + ablation_markdown(ab) if ab is not None else "")
     if args.report:
         write_text_atomic(args.report, md)
@@ -76,12 +80,13 @@ def run(args: argparse.Namespace) -> int:
     for w in s.warnings:
         print(f"warning: {w}")
     print(f"{len(s.prompts)} prompts, {s.positions} positions, {len(s.activations)} activation sites, "
-          f"{len(s.weights)} weights: {len(s.outliers)} outlier channels, {len(s.heavy_tailed)} heavy-tailed tensors")
+          f"{len(s.weights)} weights: {len(s.outliers)} outlier channels ({len(s.systematic_outliers)} systematic), "
+          f"{len(s.heavy_tailed)} heavy-tailed tensors")
     if s.outliers:
         o = s.outliers[0]
         print(f"top outlier: {o.key} channel {o.channel}: max |x| {o.max_abs:.4g} = {o.score:.1f}x the median "
               f"channel's (token {o.token!r} of prompt {o.prompt_id}, position {o.position})")
-    if args.ablate and not s.outliers:
+    if args.ablate and not pool:
         print("ablation: no outlier channel to ablate")
     if ab is not None and ab.rows:
         r = ab.rows[0]
