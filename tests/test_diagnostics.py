@@ -146,7 +146,7 @@ def test_weight_statistics_match_float64_with_exact_quantiles(lm, stats):
     assert checked == len(stats.weights) == 21  # embed, 2 x (9 per layer), norm, lm_head
 
 
-def test_nan_inf_and_zero_fractions(lm):
+def test_nan_inf_and_zero_fractions(lm, tmp_path):
     """Non-finite values are counted, and left out of the moments."""
     hf = lm.model
     w = hf.model.layers[1].mlp.up_proj.weight  # after the hooked site: its NaN does not reach it
@@ -180,6 +180,12 @@ def test_nan_inf_and_zero_fractions(lm):
     assert tw.nan_fraction == 1 / n and tw.inf_fraction == 1 / n
     assert tw.zero_fraction == pytest.approx((np.sum(saved.numpy() == 0) + 2) / n)
     assert "query" not in {a.tensor for a in s.activations}  # attention=False
+    # layer 1 and the logits are all NaN now: the JSON says null, never NaN
+    from logitparity.report_stats import write_stats_json
+
+    assert math.isnan(s.logits["entropy"].mean)
+    d = json.loads(write_stats_json(s, tmp_path / "nan.json").read_text())
+    assert d["logits"]["entropy"]["mean"] is None
 
 
 def test_attention_range_matches_the_score_site(lm, stats):

@@ -499,17 +499,13 @@ def stats_of(model: Any, prompts: Any = None, *, limit: int | None = None, weigh
             order.append(key)
         s.add(arr, bf16, S.row_figures(rows))
 
+    from logitparity.metrics import compare_logits
+
     norms, entropies = [], []
-    logit_acc = None
     with S.observing(hf, site_keys, on_rows):
         for t in tokens:
             logits = S.forward_logits(hf, t)
             arr, bf16 = hooks.to_numpy_rows(logits)
-            if logit_acc is None:
-                logit_acc = core.DistributionAccumulator(arr.shape[1])
-            logit_acc.add(arr, bf16)
-            from logitparity.metrics import compare_logits
-
             m = compare_logits(arr, arr, ref_bf16=bf16, cand_bf16=bf16, topk=[1])
             entropies.append(m.entropy_ref)
             norms.append(S.row_figures(logits)[2])

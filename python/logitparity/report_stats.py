@@ -170,9 +170,12 @@ def write_stats_json(s: "ModelStats", path: str | os.PathLike, ablation: "Ablati
     """Every number of ``s`` (and the ablation ranking when given) as JSON."""
     from logitparity._fileio import write_text_atomic
 
+    from logitparity.report import jsonable  # NaN -> null, ±inf -> "inf"/"-inf"
+
     d = s.to_dict()
     if ablation is not None:
         d["ablation"] = ablation.to_dict()
+    d = jsonable(d)
     p = Path(path)
     write_text_atomic(p, json.dumps(d, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
     return p

@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablate", type=int, default=0, metavar="N",
                    help="also ablate the top N outlier channels one at a time and rank them by KL and ΔPPL")
     p.add_argument("--ablate-systematic", action="store_true",
-                   help="ablate the top N systematic outliers (over the cut at >= 50%% of the positions) instead")
+                   help="ablate the top N systematic outliers (over the cut at half of the positions or more) instead")
     p.add_argument("--ablate-mode", choices=("zero", "clamp"), default="zero",
                    help="zero: set the channel to 0 (default); clamp: clamp it to ± the outlier cut")
     p.add_argument("--report", default=None, metavar="MD", help="write the markdown report")
