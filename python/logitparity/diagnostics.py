@@ -508,7 +508,7 @@ def stats_of(model: Any, prompts: Any = None, *, limit: int | None = None, weigh
             arr, bf16 = hooks.to_numpy_rows(logits)
             m = compare_logits(arr, arr, ref_bf16=bf16, cand_bf16=bf16, topk=[1])
             entropies.append(m.entropy_ref)
-            norms.append(S.row_figures(logits)[2])
+            norms.append(S.row_norms(logits))
     missing_sites = [k_ for k_ in site_keys if k_ not in sites]
     warnings = []
     if missing_sites:

@@ -20,7 +20,7 @@ import torch
 from logitparity.capture.attention import ATTENTION_TENSORS, attention_probe, split_attention_path
 from logitparity.capture.hooks import _device, _first_tensor, _rows, decoder_layers
 
-__all__ = ["INPUT_SUFFIX", "channel_ablation", "channels_over", "default_sites", "forward_logits", "observing", "row_figures",
+__all__ = ["INPUT_SUFFIX", "channel_ablation", "channels_over", "default_sites", "forward_logits", "observing", "row_figures", "row_norms",
            "site_module", "weight_rows"]
 
 INPUT_SUFFIX = ":input"
@@ -173,6 +173,13 @@ def row_figures(rows: torch.Tensor) -> tuple[Any, ...]:
     col_max = torch.where(fin, xf, torch.full((), -torch.inf, dtype=torch.float64)).amax(dim=0)
     col_min = torch.where(fin, xf, torch.full((), torch.inf, dtype=torch.float64)).amin(dim=0)
     return chan_max.numpy(), chan_pos.numpy(), norms.numpy(), col_max.numpy(), col_min.numpy()
+
+
+def row_norms(rows: torch.Tensor) -> Any:
+    """L2 norm of each row in float64 (numpy), one row at a time in chunks
+    (a [positions, vocab] logits block is not copied whole to float64)."""
+    x = rows.detach().to("cpu")
+    return torch.cat([torch.linalg.vector_norm(x[i:i + 256].double(), dim=1) for i in range(0, x.shape[0], 256)]).numpy()
 
 
 def weight_rows(hf: Any) -> Iterator[tuple[str, torch.Tensor]]:
