@@ -190,18 +190,22 @@ def write_stats_plot(s: "ModelStats", path: str | os.PathLike) -> Path:
     ax_k, ax_m = fig.subplots(2, 1, sharex=True)
     by_key = {t.key: t for t in s.activations}
     layers = sorted({t.layer for t in s.activations if t.layer is not None})
+    lowest = 0.0
     for (label, suffix), color in zip(LAYER_SITES, ("#2980b9", "#27ae60", "#c0392b", "#7f8c8d")):
         ts = [by_key.get(f"model.layers.{i}{suffix}") for i in layers]
         xs = [i for i, t in zip(layers, ts) if t is not None]
         ts = [t for t in ts if t is not None]
         if not ts:
             continue
-        ax_k.plot(xs, [t.excess_kurtosis for t in ts], marker="o", ms=3, lw=1.4, color=color, label=label)
+        ks = [t.excess_kurtosis for t in ts]
+        lowest = min([lowest] + [k for k in ks if k == k])
+        ax_k.plot(xs, ks, marker="o", ms=3, lw=1.4, color=color, label=label)
         ax_m.plot(xs, [max(t.max_abs, 1e-12) for t in ts], marker="o", ms=3, lw=1.4, color=color, label=label)
     from logitparity.diagnostics import HEAVY_TAIL_EXCESS_KURTOSIS
 
     ax_k.axhline(HEAVY_TAIL_EXCESS_KURTOSIS, color="#f39c12", ls="--", lw=1, label="heavy-tail cut")
     ax_k.set_yscale("symlog", linthresh=1.0)
+    ax_k.set_ylim(bottom=min(-1.0, 2 * lowest))  # excess kurtosis >= -2: no empty negative decades
     ax_k.set_ylabel("excess kurtosis")
     ax_m.set_yscale("log")
     ax_m.set_ylabel("max |x|")
