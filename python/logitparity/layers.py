@@ -471,7 +471,7 @@ def compare_layers(reference: Any, candidate: Any, prompts: Any = None, *, mode:
         ids, tokens = _prompts(prompts, _tokenizer(reference, candidate, tokenizer=tokenizer), limit)
         rt = ReferenceTrace(paths, ids, tokens, [], _dtype_name(ref_hf))
     cand_names = dict(cand.named_modules())
-    missing = [p for p in rt.paths if p not in cand_names]
+    missing = [p for p in rt.paths if not hooks.has_module(cand, p, cand_names)]
     if missing:
         raise ValueError(f"candidate has no module {missing[0]!r} (of {len(missing)} missing); "
                          "layer comparison needs the same module paths on both sides")

@@ -15,8 +15,10 @@ import json
 import os
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-__all__ = ["CATEGORY_BUDGETS", "EDGE_CATEGORIES", "HEAVY_CATEGORIES", "Prompt", "load_prompts", "DEFAULT_PROMPTS"]
+__all__ = ["CATEGORY_BUDGETS", "DEFAULT_PROMPTS", "EDGE_CATEGORIES", "HEAVY_CATEGORIES", "Prompt", "coverage_warning",
+           "default_categories", "load_prompts", "missing_categories"]
 
 DEFAULT_PROMPTS = "data/prompts.jsonl"  # inside the package
 # New-token budgets of the default set's categories that need more than a
@@ -107,3 +109,26 @@ def _parse_json(line: str, lineno: int, where: str) -> Prompt:
 
 def _parse_text(line: str, lineno: int, where: str) -> Prompt:
     return Prompt(f"line-{lineno}", "default", line.replace("\\n", "\n"))
+
+
+def default_categories() -> list[str]:
+    """The categories of the embedded default prompt set, sorted."""
+    return sorted({p.category for p in load_prompts()})
+
+
+def missing_categories(categories: Any) -> list[str]:
+    """Categories of the default prompt set that ``categories`` (the
+    categories of the prompts used) lacks, sorted."""
+    have = set(categories)
+    return [c for c in default_categories() if c not in have]
+
+
+def coverage_warning(categories: Any) -> str | None:
+    """One line warning that the prompts used miss categories the default
+    set has (calibration coverage), or None when every one is present."""
+    missing = missing_categories(categories)
+    if not missing:
+        return None
+    return (f"calibration coverage: the prompts used have no {', '.join(missing)} prompts "
+            f"({len(missing)} of the default set's {len(default_categories())} categories); figures may not "
+            "hold for such inputs: add prompts of those categories (the default set has them)")

@@ -318,6 +318,7 @@ def comparison_dict(comp: "Comparison") -> dict[str, Any]:
         },
         "tokens": _field_summaries(comp),
         "categories": _category_rows(comp),
+        "missing_categories": _missing_categories(comp),
         "drift": drift(comp),
         "metrics": comp.metrics(),
         "per_prompt": [_prompt_dict(comp, i, p) for i, p in enumerate(comp.prompts)],
@@ -567,6 +568,13 @@ def _token_section(comp: "Comparison", images: dict[str, str]) -> list[str]:
     return lines
 
 
+def _missing_categories(comp: "Comparison") -> list[str]:
+    """Categories of the default prompt set absent from the compared prompts (calibration coverage)."""
+    from logitparity.prompts import missing_categories
+
+    return missing_categories(p.category for p in comp.prompts)
+
+
 def _category_section(comp: "Comparison") -> list[str]:
     ns = comp.n_values
     head = "| category | prompts | positions | " + " | ".join(f"greedy@{n} ↑" for n in ns)
@@ -583,7 +591,10 @@ def _category_section(comp: "Comparison") -> list[str]:
             f"{_mean_se(kl)} | {_sci(kl.p99)} | {_share(row['tokens']['same_top1'], 2)} | "
             f"{_ratio(float('nan') if lr is None else lr)} |"
         )
-    return lines
+    from logitparity.prompts import coverage_warning
+
+    warn = coverage_warning(p.category for p in comp.prompts)
+    return lines + (["", f"**Warning:** {warn}."] if warn else [])
 
 
 def _share(r: dict[str, Any], digits: int) -> str:

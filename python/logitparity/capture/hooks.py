@@ -25,6 +25,8 @@ from logitparity.layers import module_kind
 
 __all__ = [
     "DEFAULT_KINDS",
+    "MODULE_SETS",
+    "has_module",
     "capture_activations",
     "ModuleRecord",
     "Trace",
@@ -63,10 +65,35 @@ def decoder_layers(hf: Any, name: str = "model") -> Any:
     return layers
 
 
+# Module sets by name (select_modules, capture_activations).
+MODULE_SETS = ("default", "all", "layers", "attention")
+
+
+def _attention_paths(hf: Any) -> list[str]:
+    """The attention tensors (capture.attention) of every decoder layer:
+    query and key after rotary embedding, value, score range."""
+    from logitparity.capture.attention import ATTENTION_TENSORS
+
+    names = dict(hf.named_modules())
+    return [f"{p}.{t}" for p in names if module_kind(p)[1] == "self_attn" for t in ATTENTION_TENSORS]
+
+
+def has_module(hf: Any, path: str, names: dict | None = None) -> bool:
+    """A module path of ``hf``, or an attention tensor of one of its attention modules."""
+    from logitparity.capture.attention import split_attention_path
+
+    names = dict(hf.named_modules()) if names is None else names
+    att = split_attention_path(path)
+    return path in names or (att is not None and att[0] in names)
+
+
 def select_modules(hf: Any, modules: str | Sequence[str] | None = None) -> list[str]:
     """Module paths to observe, in ``named_modules`` order. modules: None or
     'default' (DEFAULT_KINDS of every decoder layer), 'all' (those plus every
-    Linear and every norm inside the layers), or an explicit list of paths."""
+    Linear and every norm inside the layers), 'layers' (every decoder layer's
+    output), 'attention' (every layer's query and key after rotary embedding,
+    value and score range: capture.attention), or a list of paths and of
+    these names (``['default', 'attention']``)."""
     decoder_layers(hf)
     names = dict(hf.named_modules())
     if modules is None or modules in ("default", "all"):
@@ -79,17 +106,27 @@ def select_modules(hf: Any, modules: str | Sequence[str] | None = None) -> list[
                     isinstance(mod, torch.nn.Linear) or "norm" in type(mod).__name__.lower())):
                 out.append(path)
         return out
+    if modules == "layers":
+        return [p for p in select_modules(hf, None) if module_kind(p)[1] == "layer"]
+    if modules == "attention":
+        return _attention_paths(hf)
     if isinstance(modules, str):
-        raise ValueError(f"modules must be None, 'default', 'all' or a list of module paths, got {modules!r}")
-    missing = [m for m in modules if m not in names]
+        raise ValueError(f"modules must be None, one of {MODULE_SETS}, or a list of module paths and set names, "
+                         f"got {modules!r}")
+    out = []
+    for m in modules:
+        for p in (select_modules(hf, m) if m in MODULE_SETS else [m]):
+            if p not in out:
+                out.append(p)
+    missing = [m for m in out if not has_module(hf, m, names)]
     if missing:
         import difflib
 
         close = difflib.get_close_matches(missing[0], list(names), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"module {missing[0]!r} is not in the model (paths as named_modules() spells them, "
-                         f"e.g. 'model.layers.0.mlp'){hint}")
-    return list(modules)
+                         f"e.g. 'model.layers.0.mlp', attention tensors as 'model.layers.0.self_attn.query'){hint}")
+    return out
 
 
 def tokenize_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
@@ -177,8 +214,21 @@ def _device(hf: Any) -> torch.device:
 def trace(hf: Any, input_ids: Sequence[int], paths: Sequence[str], *, keep_inputs: bool = False,
           keep_outputs: bool = True) -> Trace:
     """Run ``hf`` on one prompt, recording every module in ``paths`` as it
-    completes (its output rows, and with keep_inputs its call's inputs)."""
+    completes (its output rows, and with keep_inputs its call's inputs).
+    Attention tensors (``…self_attn.query``, capture.attention) are recorded
+    as the attention function receives them; with keep_inputs, their record
+    holds the inputs of the attention module that computed them."""
+    from logitparity.capture.attention import attention_probe, split_attention_path
+
     records: list[ModuleRecord] = []
+    names = dict(hf.named_modules())
+    real = [p for p in paths if p in names]
+    virtual: dict[str, list[str]] = {}
+    for p in paths:
+        att = split_attention_path(p)
+        if p not in names and att is not None:
+            virtual.setdefault(att[0], []).append(att[1])
+    attn_inputs: dict[str, tuple] = {}
 
     def on_output(path, args, kwargs, output):
         rec = ModuleRecord(path, _rows(_first_tensor(output)) if keep_outputs else torch.empty(0))
@@ -186,8 +236,28 @@ def trace(hf: Any, input_ids: Sequence[int], paths: Sequence[str], *, keep_input
             rec.args, rec.kwargs = _detach_tree(args), _detach_tree(kwargs)
         records.append(rec)
 
+    def on_tensor(attn_path, name, rows):
+        if name not in virtual[attn_path]:
+            return
+        rec = ModuleRecord(f"{attn_path}.{name}", rows if keep_outputs else torch.empty(0))
+        if keep_inputs:
+            rec.args, rec.kwargs = attn_inputs[attn_path]
+        records.append(rec)
+
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=_device(hf))
-    with torch.no_grad(), _hooks(hf, paths, on_output):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(_hooks(hf, real, on_output))
+        if virtual:
+            if keep_inputs:
+                for attn_path in virtual:
+                    def pre(module, args, kwargs, attn_path=attn_path):
+                        attn_inputs[attn_path] = (_detach_tree(args), _detach_tree(kwargs))
+
+                    h = names[attn_path].register_forward_pre_hook(pre, with_kwargs=True)
+                    stack.callback(h.remove)
+            wanted = sorted({t for ts in virtual.values() for t in ts}, key=("query", "key", "value", "scores").index)
+            stack.enter_context(attention_probe(hf, list(virtual), on_tensor, wanted))
         out = hf(input_ids=ids, use_cache=False)
     return Trace(list(input_ids), records, _rows(out.logits))
 
@@ -214,14 +284,32 @@ def _module_dtype(module: Any, fallback: torch.dtype) -> torch.dtype:
 
 def run_isolated(hf: Any, record: ModuleRecord) -> torch.Tensor:
     """Module ``record.path`` of ``hf`` called on the reference's inputs
-    (floating tensors cast to the module's dtype) -> its output rows."""
-    module = hf.get_submodule(record.path)
+    (floating tensors cast to the module's dtype) -> its output rows. For an
+    attention tensor, the attention module is called on them and the tensor
+    its attention function receives is returned."""
+    from logitparity.capture.attention import attention_probe, split_attention_path
+
+    att = split_attention_path(record.path)
+    names = dict(hf.named_modules())
+    if att is not None and record.path not in names:
+        module = names[att[0]]
+        got: list[torch.Tensor] = []
+        with attention_probe(hf, [att[0]], lambda p, n, rows: got.append(rows), [att[1]]):
+            _call_on(module, record, hf)
+        if not got:
+            raise ValueError(f"{att[0]} did not call the attention function (a hand-written forward?), so its "
+                             f"{att[1]} cannot be observed; compare without the attention tensors")
+        return got[-1]
+    return _rows(_first_tensor(_call_on(hf.get_submodule(record.path), record, hf)))
+
+
+def _call_on(module: Any, record: ModuleRecord, hf: Any) -> Any:
     dev = next(module.parameters()).device if any(True for _ in module.parameters()) else _device(hf)
     dtype = _module_dtype(module, record.output.dtype)
     args = _cast_tree(record.args, dtype, dev)
     kwargs = _cast_tree(record.kwargs, dtype, dev)
     with torch.no_grad():
-        return _rows(_first_tensor(module(*args, **kwargs)))
+        return module(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -278,7 +366,9 @@ def capture_activations(model: Any, dump_dir: Any, *, modules: str | Sequence[st
     prompt over the prompt tokens and the first ``generated`` generated
     tokens (teacher-forced: the positions of the prefill and of the first
     decode steps). modules: 'layers' (every decoder layer's output), None or
-    'default' (DEFAULT_KINDS), 'all', or a list of paths. limit: the first N
+    'default' (DEFAULT_KINDS), 'all', 'attention' (query/key after rotary
+    embedding, value, score range: capture.attention), or a list of paths
+    and of these names (``['layers', 'attention']``). limit: the first N
     records. Returns the activations manifest path."""
     from logitparity.activations import DEFAULT_BUDGET_MB, ActivationWriter
     from logitparity.dump import load_dump
@@ -306,10 +396,7 @@ def capture_activations(model: Any, dump_dir: Any, *, modules: str | Sequence[st
 def _hf_rows(model: Any, modules: Any):
     """-> ids -> {path: (rows, bf16)} of an HF model's modules, in execution order."""
     hf = hf_module(model)
-    if modules == "layers":
-        paths = [p for p in select_modules(hf, None) if module_kind(p)[1] == "layer"]
-    else:
-        paths = select_modules(hf, modules)
+    paths = select_modules(hf, modules)
 
     def rows_of(ids: list[int]) -> dict[str, Any]:
         return {rec.path: to_numpy_rows(rec.output) for rec in trace(hf, ids, paths).modules}

@@ -28,7 +28,11 @@ import contextlib
 import dataclasses
 from typing import Any, Callable, Iterator
 
-__all__ = ["PLANTS", "Plant", "planted"]
+__all__ = ["OUTLIER_CHANNEL", "OUTLIER_SCALE", "PLANTS", "Plant", "planted"]
+
+# mlp_input_outlier: which channel of the MLP input it scales, and by how much.
+OUTLIER_CHANNEL = 3
+OUTLIER_SCALE = 50.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +224,17 @@ def _causal_leak(hf, layer: int):
     return undo
 
 
+def _mlp_input_outlier(hf, layer: int):
+    # A planted outlier channel: channel OUTLIER_CHANNEL of the MLP's input
+    # scaled x OUTLIER_SCALE, through that entry of post_attention_layernorm's
+    # weight (the MLP input is that norm's output), for logitparity.diagnostics
+    # to find (stats_of) and rank (ablate).
+    w = _layer(hf, layer).post_attention_layernorm.weight
+    new = w.detach().clone()
+    new[OUTLIER_CHANNEL] *= OUTLIER_SCALE
+    return _swap_weight(w, new)
+
+
 # --------------------------------------------------------------------------
 # Benign changes
 
@@ -301,6 +316,9 @@ PLANTS: dict[str, Plant] = {p.name: p for p in [
           "post-attention RMSNorm weight left at ones (a weight not loaded)", _norm_weight_missing),
     Plant("causal_leak", "bug", "self_attn",
           "causal mask off by one: each query also sees the next token (prefill and scoring only)", _causal_leak),
+    Plant("mlp_input_outlier", "bug", "post_attention_layernorm",
+          f"channel {OUTLIER_CHANNEL} of the MLP input scaled x{OUTLIER_SCALE:g} (a planted outlier channel, "
+          "through the post-attention norm's weight)", _mlp_input_outlier),
     Plant("weights_cloned", "benign", None, "the layer's weights copied to new storage (bitwise the same)",
           _weights_cloned),
     Plant("split_gate_up", "benign", None, "gate_proj and up_proj fused into one matmul, output split",

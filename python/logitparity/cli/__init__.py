@@ -29,6 +29,7 @@ SUBCOMMANDS = {
     "tasks": "logitparity.cli.tasks",
     "layers": "logitparity.cli.layers",
     "sensitivity": "logitparity.cli.sensitivity",
+    "stats": "logitparity.cli.stats",
 }
 ERROR = 2
 

@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activations", choices=("stats", "rows"), default=None,
                         help="also record module activations (docs/layers.md): statistics only, or rows too")
     parser.add_argument("--activations-modules", default="layers",
-                        help="layers (every decoder layer's output, default) | default | all | comma-separated paths")
+                        help="layers (every decoder layer's output, default) | default | all | attention (query/key after "
+                             "RoPE, value, score range) | comma-separated paths and set names (layers,attention)")
     parser.add_argument("--activations-budget", type=float, default=256.0, metavar="MB",
                         help="most MB of activation rows kept (rows mode; statistics continue past it)")
     parser.add_argument("--activations-prompts", type=int, default=None, metavar="N",

@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default=None, help="prompts file (default: the embedded set's first --limit)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N prompts (default 4)")
     p.add_argument("--modules", default="default",
-                   help="default (norms, attention, MLP, layer output) | all (plus every Linear) | comma-separated paths")
+                   help="default (norms, attention, MLP, layer output) | all (plus every Linear) | comma-separated paths "
+                        "and set names, e.g. default,attention (query/key after RoPE, value, score range)")
     p.add_argument("--floor", default=None, metavar="FILE", help="layer floor file (the band); default: dtype default")
     p.add_argument("--save-floor", default=None, metavar="FILE",
                    help="write this (benign) comparison as a floor file for later runs")

@@ -1,0 +1,66 @@
+"""``logitparity stats``: the report, JSON and plot on the tiny model, and one
+test per argument error (argument, expected, got, fix)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+from logitparity.cli import main  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def _prompts(tmp_path):
+    p = tmp_path / "prompts.jsonl"
+    p.write_text('{"id": "a", "category": "code", "text": "def add(a, b):\\n    return a + b\\n"}\n'
+                 '{"id": "b", "category": "math", "text": "What is 12 times 7?"}\n', encoding="utf-8")
+    return str(p)
+
+
+def test_stats_writes_report_json_and_plot(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    rc = main(["stats", "--model", tiny_model_dir, "--prompts", _prompts(tmp_path), "--ablate", "2",
+               "--outlier-factor", "3", "--report", str(out / "s.md"), "--json", str(out / "s.json"),
+               "--plot", str(out / "s.png"), "--torch-threads", "1"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "warning: calibration coverage: the prompts used have no creative" in text
+    assert "2 prompts, " in text and " activation sites, 21 weights: " in text
+    d = json.loads((out / "s.json").read_text())
+    assert d["rules"]["outlier_factor"] == 3.0 and [p["id"] for p in d["prompts"]] == ["a", "b"]
+    md = (out / "s.md").read_text()
+    assert md.startswith("# logitparity stats: weight and activation distributions")
+    assert len(d["outliers"]) >= 2  # factor 3 on the random model: a few channels
+    assert "## Ablation: outlier channels ranked by damage (zero)" in md
+    assert [r["key"] for r in d["ablation"]["ranking"]] != [] and len(d["ablation"]["ranking"]) == 2
+    assert "most damaging ablation (zero): " in text
+    assert (out / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--limit", "0"], "--limit must be an integer >= 1 (the first N prompts), got 0; omit it to use every prompt"),
+    (["--ablate", "-1"], "--ablate must be an integer >= 0 (the number of top outlier channels to ablate), got -1; "
+                         "use 0 to skip the ablation"),
+    (["--outlier-factor", "0.5"], "--outlier-factor must be a number > 1 (a channel's max |x| over the median "
+                                  "channel's), got 0.5; the default is 10"),
+    (["--outlier-factor", "nan"], "--outlier-factor must be a number > 1"),
+])
+def test_argument_errors(argv, message, capsys):
+    assert main(["stats", *argv]) == 2
+    assert f"logitparity stats: error: {message}" in capsys.readouterr().err
+
+
+def test_missing_prompts_file(tiny_model_dir, tmp_path, capsys):
+    assert main(["stats", "--model", tiny_model_dir, "--prompts", str(tmp_path / "nope.jsonl"),
+                 "--torch-threads", "1"]) == 2
+    assert f"prompts file {tmp_path / 'nope.jsonl'} does not exist" in capsys.readouterr().err
+
+
+def test_missing_model(tmp_path, capsys):
+    assert main(["stats", "--model", str(tmp_path / "no-model"), "--torch-threads", "1"]) == 2
+    assert "logitparity stats: error: " in capsys.readouterr().err
