@@ -29,7 +29,7 @@ def test_stats_writes_report_json_and_plot(tiny_model_dir, tmp_path, capsys):
                "--plot", str(out / "s.png"), "--torch-threads", "1"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "warning: calibration coverage: the prompts used have no creative" in text
+    assert "warning: calibration coverage: the prompts used have no context_limit, creative" in text
     assert "2 prompts, " in text and " activation sites, 21 weights: " in text
     d = json.loads((out / "s.json").read_text())
     assert d["rules"]["outlier_factor"] == 3.0 and [p["id"] for p in d["prompts"]] == ["a", "b"]

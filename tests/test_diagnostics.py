@@ -281,13 +281,15 @@ def test_coverage_warning_and_category_slices(lm, stats):
     from logitparity.prompts import default_categories
 
     assert stats.missing_categories == sorted(set(default_categories()) - {"code", "math", "factual"})
-    assert any(w.startswith("calibration coverage: the prompts used have no creative, edge") for w in stats.warnings)
+    assert any(w.startswith("calibration coverage: the prompts used have no context_limit, creative, edge") for w in stats.warnings)
     assert [c["category"] for c in stats.categories] == ["code", "factual", "math"]
     code = stats.categories[0]
     assert code["prompts"] == 1 and code["positions"] == stats.prompts[0]["positions"]
-    full = D.stats_of(lm, limit=9, weights=False, attention=False)  # one prompt per default category
-    assert full.missing_categories == [] and not any("coverage" in w for w in full.warnings)
-    assert sorted(p["category"] for p in full.prompts) == default_categories()
+    full = D.stats_of(lm, weights=False, attention=False)  # one prompt per default category but the heavy one
+    assert full.missing_categories == ["context_limit"]
+    assert [w for w in full.warnings if "coverage" in w][0].startswith(
+        "calibration coverage: the prompts used have no context_limit prompts")
+    assert sorted(p["category"] for p in full.prompts) == [c for c in default_categories() if c != "context_limit"]
 
 
 def test_compare_report_warns_about_missing_categories(tmp_path):
@@ -331,7 +333,7 @@ def test_renderers(lm, tmp_path):
     ({"outlier_factor": 0}, r"outlier_factor must be a positive number .*got 0"),
     ({"prompts": []}, r"prompts must be None \(one prompt of each default category\), a prompts file, or a "
                       r"non-empty list of Prompt or str, got \[\]"),
-    ({"prompts": [3]}, r"prompts\[0\] must be a Prompt or a non-empty str, got 3"),
+    ({"prompts": [3]}, r"prompts\[0\] must be a Prompt or a str, got 3"),
     ({"limit": 0}, r"limit must be a positive int or None \(the first N prompts\), got 0"),
 ])
 def test_stats_of_argument_errors(lm, kwargs, match):

@@ -79,7 +79,7 @@ _NO_OUTLIERS = (".scores",)
 
 
 def _core():
-    from logitparity.metrics import _core as core
+    from logitparity._native import core
 
     return core()
 
@@ -353,8 +353,10 @@ def _prompt_list(prompts: Any, limit: int | None) -> list[Any]:
         raise ValueError(f"prompts must be None (one prompt of each default category), a prompts file, or a "
                          f"non-empty list of Prompt or str, got {prompts!r}")
     for i, p in enumerate(items):
-        if not isinstance(p, Prompt) or not p.text:
-            raise ValueError(f"prompts[{i}] must be a Prompt or a non-empty str, got {p!r}")
+        # An empty text is a prompt too (the chat template gives it tokens;
+        # tokenize_prompts refuses one that has none).
+        if not isinstance(p, Prompt) or not isinstance(p.text, str):
+            raise ValueError(f"prompts[{i}] must be a Prompt or a str, got {p!r}")
     return items[:limit] if limit else items
 
 
@@ -564,9 +566,9 @@ def _model_name(model: Any) -> str:
 
 
 def _dtype(hf: Any) -> str:
-    from logitparity.layers import _dtype_name
+    from logitparity.layers import dtype_name
 
-    return _dtype_name(hf)
+    return dtype_name(hf)
 
 
 # --------------------------------------------------------------------------

@@ -355,7 +355,7 @@ class ReferenceTrace:
     dtype: str
 
 
-def _dtype_name(hf: Any) -> str:
+def dtype_name(hf: Any) -> str:
     import torch
 
     dt = next(p.dtype for p in hf.parameters() if p.is_floating_point())
@@ -420,7 +420,7 @@ def trace_reference(reference: Any, prompts: Any = None, *, modules: str | Seque
     paths = hooks.select_modules(hf, modules)
     ids, tokens = _prompts(prompts, _tokenizer(reference, tokenizer=tokenizer), limit)
     traces = [hooks.trace(hf, t, paths, keep_inputs=True) for t in tokens]
-    return ReferenceTrace(paths, ids, tokens, traces, _dtype_name(hf))
+    return ReferenceTrace(paths, ids, tokens, traces, dtype_name(hf))
 
 
 def _diff(core: Any, ref_rows: Any, cand_rows: Any, path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -469,7 +469,7 @@ def compare_layers(reference: Any, candidate: Any, prompts: Any = None, *, mode:
                              "then compare_layers(ref, model) with the change applied")
         paths = hooks.select_modules(ref_hf, modules)
         ids, tokens = _prompts(prompts, _tokenizer(reference, candidate, tokenizer=tokenizer), limit)
-        rt = ReferenceTrace(paths, ids, tokens, [], _dtype_name(ref_hf))
+        rt = ReferenceTrace(paths, ids, tokens, [], dtype_name(ref_hf))
     cand_names = dict(cand.named_modules())
     missing = [p for p in rt.paths if not hooks.has_module(cand, p, cand_names)]
     if missing:
@@ -512,7 +512,7 @@ def compare_layers(reference: Any, candidate: Any, prompts: Any = None, *, mode:
                 d = parts.setdefault(key, {}).setdefault("isolated", [[], []])
                 d[0].append(merged)
                 d[1].append(per_row)
-    cand_dtype = _dtype_name(cand)
+    cand_dtype = dtype_name(cand)
     default = default_band(rt.dtype, cand_dtype)
     comps = []
     for key in order:
@@ -608,7 +608,7 @@ def bisect_layers(reference: Any, candidate: Any, prompts: Any = None, *, thresh
 
     e0 = err(0)
     if threshold is None:
-        threshold = max(FLOOR_MARGIN * e0, default_band(_dtype_name(ref), _dtype_name(cand)).rel_l2)
+        threshold = max(FLOOR_MARGIN * e0, default_band(dtype_name(ref), dtype_name(cand)).rel_l2)
     elif not (isinstance(threshold, (int, float)) and threshold > 0):
         raise ValueError(f"threshold must be a positive number (relative L2 of the logits), got {threshold!r}")
     if e0 > threshold:

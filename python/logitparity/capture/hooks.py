@@ -145,7 +145,7 @@ def tokenize_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
     return out
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
+def first_tensor(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
@@ -153,7 +153,7 @@ def _first_tensor(out: Any) -> torch.Tensor:
     raise TypeError(f"module output is {type(out).__name__}, not a tensor or a tuple starting with one")
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
+def flat_rows(t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
     return t.reshape(-1, t.shape[-1])
 
@@ -207,7 +207,7 @@ def _hooks(hf: Any, paths: Sequence[str], on_output) -> Iterator[None]:
             h.remove()
 
 
-def _device(hf: Any) -> torch.device:
+def model_device(hf: Any) -> torch.device:
     return hf.get_input_embeddings().weight.device
 
 
@@ -231,7 +231,7 @@ def trace(hf: Any, input_ids: Sequence[int], paths: Sequence[str], *, keep_input
     attn_inputs: dict[str, tuple] = {}
 
     def on_output(path, args, kwargs, output):
-        rec = ModuleRecord(path, _rows(_first_tensor(output)) if keep_outputs else torch.empty(0))
+        rec = ModuleRecord(path, flat_rows(first_tensor(output)) if keep_outputs else torch.empty(0))
         if keep_inputs:
             rec.args, rec.kwargs = _detach_tree(args), _detach_tree(kwargs)
         records.append(rec)
@@ -244,7 +244,7 @@ def trace(hf: Any, input_ids: Sequence[int], paths: Sequence[str], *, keep_input
             rec.args, rec.kwargs = attn_inputs[attn_path]
         records.append(rec)
 
-    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=_device(hf))
+    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model_device(hf))
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
         stack.enter_context(_hooks(hf, real, on_output))
@@ -259,7 +259,7 @@ def trace(hf: Any, input_ids: Sequence[int], paths: Sequence[str], *, keep_input
             wanted = sorted({t for ts in virtual.values() for t in ts}, key=("query", "key", "value", "scores").index)
             stack.enter_context(attention_probe(hf, list(virtual), on_tensor, wanted))
         out = hf(input_ids=ids, use_cache=False)
-    return Trace(list(input_ids), records, _rows(out.logits))
+    return Trace(list(input_ids), records, flat_rows(out.logits))
 
 
 def _cast_tree(x: Any, dtype: torch.dtype, device: torch.device) -> Any:
@@ -300,11 +300,11 @@ def run_isolated(hf: Any, record: ModuleRecord) -> torch.Tensor:
             raise ValueError(f"{att[0]} did not call the attention function (a hand-written forward?), so its "
                              f"{att[1]} cannot be observed; compare without the attention tensors")
         return got[-1]
-    return _rows(_first_tensor(_call_on(hf.get_submodule(record.path), record, hf)))
+    return flat_rows(first_tensor(_call_on(hf.get_submodule(record.path), record, hf)))
 
 
 def _call_on(module: Any, record: ModuleRecord, hf: Any) -> Any:
-    dev = next(module.parameters()).device if any(True for _ in module.parameters()) else _device(hf)
+    dev = next(module.parameters()).device if any(True for _ in module.parameters()) else model_device(hf)
     dtype = _module_dtype(module, record.output.dtype)
     args = _cast_tree(record.args, dtype, dev)
     kwargs = _cast_tree(record.kwargs, dtype, dev)
@@ -336,9 +336,9 @@ def swapped_layers(candidate: Any, reference: Any, layers: Sequence[int]) -> Ite
 
 def logits_rows(hf: Any, input_ids: Sequence[int]) -> torch.Tensor:
     """Final logits rows of one prompt (no hooks)."""
-    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=_device(hf))
+    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model_device(hf))
     with torch.no_grad():
-        return _rows(hf(input_ids=ids, use_cache=False).logits)
+        return flat_rows(hf(input_ids=ids, use_cache=False).logits)
 
 
 def to_numpy_rows(t: torch.Tensor):

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from logitparity.capture.hooks import decoder_layers, hf_module
+from logitparity.capture.hooks import decoder_layers, first_tensor, hf_module, model_device
 from logitparity.capture.quantize import Transform
 
 __all__ = ["ReferencePass", "SaliencyFigures", "linear_kinds", "logits_from_layer", "reference_pass", "saliency",
@@ -66,10 +66,6 @@ def transformed(modules: Sequence[tuple[str, torch.nn.Linear]], transform: Trans
                 w.copy_(orig)
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
 @dataclasses.dataclass
 class ReferencePass:
     """The reference's run over a set of sequences: per sequence its logits
@@ -81,10 +77,6 @@ class ReferencePass:
     layer_inputs: list[list[torch.Tensor]]  # [sequence][layer] -> [1, positions, hidden]
     layer_kwargs: list[dict[str, Any]]  # [sequence] -> kwargs (the same for every layer)
     seconds: float
-
-
-def _device(hf: Any) -> torch.device:
-    return hf.get_input_embeddings().weight.device
 
 
 def _logits_numpy(t: torch.Tensor) -> np.ndarray:
@@ -115,7 +107,7 @@ def reference_pass(model: Any, sequences: Sequence[Sequence[int]]) -> ReferenceP
         handles = [layer.register_forward_pre_hook(lambda m, a, k, i=i: pre(m, a, k, i), with_kwargs=True)
                    for i, layer in enumerate(layers)]
         try:
-            ids = torch.tensor([list(seq)], dtype=torch.long, device=_device(hf))
+            ids = torch.tensor([list(seq)], dtype=torch.long, device=model_device(hf))
             with torch.no_grad():
                 out = hf(input_ids=ids, use_cache=False)
         finally:
@@ -138,7 +130,7 @@ def logits_from_layer(model: Any, ref: ReferencePass, index: int, start: int) ->
     kw = ref.layer_kwargs[index]
     with torch.no_grad():
         for layer in layers[start:]:
-            h = _first_tensor(layer(h, **kw))
+            h = first_tensor(layer(h, **kw))
         h = hf.model.norm(h)
         return _logits_numpy(hf.lm_head(h))
 
@@ -201,7 +193,7 @@ def saliency(model: Any, sequences: Sequence[Sequence[int]], rows: Sequence[slic
                     saved[key] = max(saved.get(key, 0), t.untyped_storage().nbytes())
                 return t
 
-            ids = torch.tensor([list(seq)], dtype=torch.long, device=_device(hf))
+            ids = torch.tensor([list(seq)], dtype=torch.long, device=model_device(hf))
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = hf(input_ids=ids, use_cache=False)
                 logp = torch.log_softmax(out.logits[0, r].to(torch.float32), dim=-1)

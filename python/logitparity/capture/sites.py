@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from logitparity.capture.attention import ATTENTION_TENSORS, attention_probe, split_attention_path
-from logitparity.capture.hooks import _device, _first_tensor, _rows, decoder_layers
+from logitparity.capture.hooks import decoder_layers, first_tensor, flat_rows, model_device
 
 __all__ = ["INPUT_SUFFIX", "channel_ablation", "channels_over", "default_sites", "forward_logits", "observing", "row_figures", "row_norms",
            "site_module", "weight_rows"]
@@ -83,12 +83,12 @@ def observing(hf: Any, sites: Sequence[str], on_rows: Callable[[str, torch.Tenso
             def pre(module, args, kwargs, key=key):
                 x = _first_input(args, kwargs)
                 if x is not None:
-                    on_rows(key, _rows(x))
+                    on_rows(key, flat_rows(x))
 
             handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         elif what == "output":
             def post(module, args, output, key=key):
-                on_rows(key, _rows(_first_tensor(output)))
+                on_rows(key, flat_rows(first_tensor(output)))
 
             handles.append(mod.register_forward_hook(post))
         else:
@@ -110,9 +110,9 @@ def observing(hf: Any, sites: Sequence[str], on_rows: Callable[[str, torch.Tenso
 
 def forward_logits(hf: Any, input_ids: Sequence[int]) -> torch.Tensor:
     """One prompt, one forward pass (batch 1, no cache): logits [positions, vocab]."""
-    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=_device(hf))
+    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model_device(hf))
     with torch.no_grad():
-        return _rows(hf(input_ids=ids, use_cache=False).logits)
+        return flat_rows(hf(input_ids=ids, use_cache=False).logits)
 
 
 def _ablate(x: torch.Tensor, channel: int, mode: str, limit: float) -> torch.Tensor:
