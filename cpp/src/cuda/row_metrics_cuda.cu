@@ -47,12 +47,12 @@
 #include "logitparity/cuda.h"
 #include "logitparity/row_metrics.h"
 #include "logitparity/rows.h"
+#include "src/cuda/cuda_common.cuh"
 
 namespace logitparity {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+using namespace cuda_internal;  // NOLINT: the shared kernel helpers
 // Elements per thread, step and side: two vector loads per side in flight
 // per thread (16 elements needed more than the 128 registers that two blocks
 // per multiprocessor allow, and spilled).
@@ -61,10 +61,8 @@ constexpr int kStep = kThreads * kGroup;
 // Per-warp top-k candidate buffer: the kept list (<= 64) plus room for at
 // least two full ballots before a compaction.
 constexpr int kCap = 192;
-constexpr int kPerLane = kCap / 32;
-constexpr unsigned kFull = 0xFFFFFFFFu;
+using RowTopK = WarpTopK<kCap>;
 
-__device__ __forceinline__ float Inf() { return __int_as_float(0x7F800000); }
 
 // e^x for x <= 0 (max-subtracted), -inf included: CUDA's expf (Cody-Waite
 // reduction, then MUFU.EX2 on the reduced argument; <= 2 ulp). exp2f(x log2 e)
@@ -87,73 +85,6 @@ __device__ __forceinline__ size_t ElemIndex(size_t warp_base, int lane, int j) {
   return warp_base + static_cast<size_t>((j / kVec) * 32 * kVec + lane * kVec + j % kVec);
 }
 
-template <typename T>
-struct Loader;
-
-struct Bf16;
-template <typename T>
-struct IsBf16 {
-  static constexpr bool value = false;
-};
-template <>
-struct IsBf16<Bf16> {
-  static constexpr bool value = true;
-};
-
-template <>
-struct Loader<float> {
-  static constexpr int kAlign = 16;
-  __device__ static float One(const float* p, size_t i) { return __ldg(p + i); }
-  __device__ static void Vec(const float* p, size_t i, float* out) {
-    const float4 x = __ldg(reinterpret_cast<const float4*>(p + i));
-    out[0] = x.x;
-    out[1] = x.y;
-    out[2] = x.z;
-    out[3] = x.w;
-  }
-};
-
-// bfloat16 storage (its bits; converted by shifting into a float). The member
-// gives it its 2-byte size, which the row pointer arithmetic relies on.
-struct Bf16 {
-  unsigned short bits;
-};
-
-__device__ __forceinline__ float Bf16ToF32(unsigned short h) {
-  return __uint_as_float(static_cast<unsigned>(h) << 16);
-}
-
-template <>
-struct Loader<__half> {
-  static constexpr int kAlign = 8;
-  __device__ static float One(const __half* p, size_t i) { return __half2float(p[i]); }
-  __device__ static void Vec(const __half* p, size_t i, float* out) {
-    const uint2 x = __ldg(reinterpret_cast<const uint2*>(p + i));
-    out[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x)));
-    out[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x >> 16)));
-    out[2] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.y)));
-    out[3] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.y >> 16)));
-  }
-};
-
-template <>
-struct Loader<Bf16> {
-  static constexpr int kAlign = 8;
-  __device__ static float One(const Bf16* p, size_t i) {
-    return Bf16ToF32(__ldg(reinterpret_cast<const unsigned short*>(p) + i));
-  }
-  __device__ static void Vec(const Bf16* p, size_t i, float* out) {
-    const uint2 x = __ldg(reinterpret_cast<const uint2*>(p + i));
-    out[0] = __uint_as_float(x.x << 16);
-    out[1] = __uint_as_float(x.x & 0xFFFF0000u);
-    out[2] = __uint_as_float(x.y << 16);
-    out[3] = __uint_as_float(x.y & 0xFFFF0000u);
-  }
-};
-
-// One thread's group of a step (layout above); beyond n elements read as
-// -inf (a token masked on both sides: neutral for every sum, never offered
-// to top-k). `full`: the warp's whole span is inside the row and the row is
 // aligned for vector loads.
 template <typename T>
 __device__ __forceinline__ void LoadGroup(const T* row, size_t warp_base, int lane, size_t n,
@@ -247,80 +178,6 @@ struct Params {
   int js;
 };
 
-// (v, i) ranks before (w, j): larger value, or equal value and lower index.
-__device__ __forceinline__ bool Better(float v, int i, float w, int j) {
-  return v > w || (v == w && i < j);
-}
-
-// The top-k state of one warp for one side: a shared buffer, its fill count
-// and the current k-th entry (the admission threshold), all warp-uniform.
-struct WarpTopK {
-  float* v;
-  int* i;
-  int count;
-  float tau_v;
-  int tau_i;
-
-  __device__ void Init(float* vs, int* is) {
-    v = vs;
-    i = is;
-    count = 0;
-    tau_v = -Inf();
-    tau_i = 0x7FFFFFFF;
-  }
-
-  // Keeps the best k of the buffer, sorted, at its start. Out of line: it
-  // runs a few times per row, and inlined at every offer it bloated the main
-  // loop past the instruction cache (measured 10x slower).
-  __device__ __noinline__ void Compact(int k, int lane) {
-    __syncwarp();
-    float ev[kPerLane];
-    int ei[kPerLane], er[kPerLane];
-#pragma unroll
-    for (int u = 0; u < kPerLane; ++u) {
-      const int e = lane + 32 * u;
-      ev[u] = e < count ? v[e] : 0.0f;
-      ei[u] = e < count ? i[e] : 0;
-      er[u] = 0;
-    }
-    for (int f = 0; f < count; ++f) {
-      const float fv = v[f];
-      const int fi = i[f];
-#pragma unroll
-      for (int u = 0; u < kPerLane; ++u) er[u] += Better(fv, fi, ev[u], ei[u]);
-    }
-    __syncwarp();
-#pragma unroll
-    for (int u = 0; u < kPerLane; ++u) {
-      if (lane + 32 * u < count && er[u] < k) {
-        v[er[u]] = ev[u];
-        i[er[u]] = ei[u];
-      }
-    }
-    __syncwarp();
-    count = min(count, k);
-    if (count == k) {
-      tau_v = v[k - 1];
-      tau_i = i[k - 1];
-    }
-  }
-
-  // Every lane offers (x, idx) if `valid`; all lanes of the warp must call.
-  __device__ __forceinline__ void Offer(float x, int idx, bool valid, int k, int lane) {
-    const bool pass = valid && Better(x, idx, tau_v, tau_i);
-    const unsigned m = __ballot_sync(kFull, pass);
-    if (m == 0) return;
-    if (pass) {
-      const int pos = count + __popc(m & ((1u << lane) - 1u));
-      v[pos] = x;
-      i[pos] = idx;
-    }
-    count += __popc(m);
-    if (count > kCap - 32) Compact(k, lane);
-  }
-};
-
-// Float64 sums of one side's softmax weights w = exp(x - M): s = sum w,
 // t = sum w (x - M), e = sum w e_i, g = sum w g(+-e_i).
 struct SideSums {
   double s, t, e, g;
@@ -336,57 +193,6 @@ __device__ __noinline__ SideSums Rescale(SideSums x, double shift /* M - m < 0 *
   x.e *= scale;
   x.g *= scale;
   return x;
-}
-
-// Deterministic block reductions through shared memory (fixed tree).
-__device__ double BlockSum(double x, double* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(kFull, x, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = x;
-  __syncthreads();
-  double total = 0;
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < kWarps; ++w) total += scratch[w];
-    scratch[kWarps] = total;
-  }
-  __syncthreads();
-  return scratch[kWarps];
-}
-
-__device__ float BlockMax(float x, float* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_down_sync(kFull, x, o));
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = x;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float m = scratch[0];
-    for (int w = 1; w < kWarps; ++w) m = fmaxf(m, scratch[w]);
-    scratch[kWarps] = m;
-  }
-  __syncthreads();
-  return scratch[kWarps];
-}
-
-__device__ float BlockMin(float x, float* scratch) { return -BlockMax(-x, scratch); }
-
-__device__ unsigned long long BlockCount(unsigned long long x, unsigned long long* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(kFull, x, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = x;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned long long t = 0;
-    for (int w = 0; w < kWarps; ++w) t += scratch[w];
-    scratch[kWarps] = t;
-  }
-  __syncthreads();
-  return scratch[kWarps];
 }
 
 // (1+u) log(1+u) + (1-u) log(1-u), as JsKernel on the CPU.
@@ -421,7 +227,7 @@ __device__ __noinline__ float2 FarTerms(float e, float xa, float xb, float pa, f
 // (an L1 hit) instead of indexing the group's registers at run time. Every
 // lane of the warp calls it.
 template <typename T>
-__device__ __noinline__ void OfferMasked(WarpTopK& top, const T* row, size_t warp_base,
+__device__ __noinline__ void OfferMasked(RowTopK& top, const T* row, size_t warp_base,
                                          unsigned mask, int k, int lane) {
   while (__any_sync(kFull, mask != 0)) {
     const int j = mask ? __ffs(mask) - 1 : 0;
@@ -656,7 +462,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
-  WarpTopK top_a, top_b;
+  RowTopK top_a, top_b;
   top_a.Init(sh.top_v[0][warp], sh.top_i[0][warp]);
   top_b.Init(sh.top_v[1][warp], sh.top_i[1][warp]);
   const int K = p.kmax;
@@ -777,7 +583,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Warp s (0: reference, 1: candidate) merges the other warps' lists of
   // side s into its own; the results are at [0][0] and [1][1].
   if (warp < 2) {
-    WarpTopK& t = warp == 0 ? top_a : top_b;
+    RowTopK& t = warp == 0 ? top_a : top_b;
     for (int w = 0; w < kWarps; ++w) {
       if (w == warp) continue;
       const int c = sh.top_count[warp][w];
@@ -958,29 +764,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-void Check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("CUDA error in ") + what + ": " +
-                             cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
-  }
-}
-
-// The device that holds `ptr`; std::invalid_argument for host memory.
-int DeviceOf(const void* ptr, const char* name) {
-  cudaPointerAttributes attr;
-  const cudaError_t err = cudaPointerGetAttributes(&attr, ptr);
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky-free error state
-    throw std::invalid_argument(std::string(name) + " is not a CUDA device pointer (" +
-                                cudaGetErrorString(err) + ")");
-  }
-  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
-    throw std::invalid_argument(std::string(name) +
-                                " is host memory, not device memory; pass a CUDA array or use "
-                                "the CPU kernels");
-  }
-  return attr.device;
-}
 
 template <typename TA, typename TB>
 void Launch(const RowsView& ref, const RowsView& cand, const int64_t* targets, const Params& p,
@@ -1004,39 +787,6 @@ void LaunchB(const RowsView& ref, const RowsView& cand, const int64_t* targets, 
   }
 }
 
-// Restores the calling thread's current device on exit.
-struct DeviceGuard {
-  int saved = -1;
-  explicit DeviceGuard(int device) {
-    Check(cudaGetDevice(&saved), "cudaGetDevice");
-    if (saved != device) Check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    int now = -1;
-    if (cudaGetDevice(&now) == cudaSuccess && now != saved && saved >= 0) cudaSetDevice(saved);
-  }
-};
-
-std::mutex& ScratchMutex() {
-  static std::mutex mu;
-  return mu;
-}
-
-// At least `bytes` of device memory on `device` (current), kept between
-// calls; call with ScratchMutex held.
-void* DeviceScratch(int device, size_t bytes) {
-  static std::vector<std::pair<void*, size_t>> buffers;
-  if (buffers.size() <= static_cast<size_t>(device)) buffers.resize(device + 1, {nullptr, 0});
-  auto& buf = buffers[device];
-  if (buf.second < bytes) {
-    if (buf.first) Check(cudaFree(buf.first), "cudaFree");
-    buf = {nullptr, 0};
-    const size_t size = std::max<size_t>(bytes, size_t{1} << 20);
-    Check(cudaMalloc(&buf.first, size), "cudaMalloc");
-    buf.second = size;
-  }
-  return buf.first;
-}
 
 }  // namespace
 
