@@ -139,6 +139,8 @@ class BaselineCacheWriter:
             raise ValueError(f"logit rows changed width from {self.vocab} to {vocab} within one run")
         if self.k is None:
             lp = log_softmax(logits, threads=self.threads)
+            if not isinstance(lp, np.ndarray):  # computed on the GPU: the stored rows cross here
+                lp = lp.cpu().numpy()
             if self.dtype == "bf16":
                 rows["logprobs"] = float32_to_bf16_bits(lp)
             else:
