@@ -64,12 +64,26 @@ constexpr int kCap = 192;
 using RowTopK = WarpTopK<kCap>;
 
 
-// e^x for x <= 0 (max-subtracted), -inf included: CUDA's expf (Cody-Waite
-// reduction, then MUFU.EX2 on the reduced argument; <= 2 ulp). exp2f(x log2 e)
-// alone is 3 instructions cheaper but its product rounding costs |x| 2^-24
-// relative: on the device, 16-element rows then missed delta_p's 1e-6
-// tolerance (got 0.0047530780, want 0.0047529704).
-__device__ __forceinline__ float ExpNonPositive(float x) { return expf(x); }
+// e^x for x <= 0 (max-subtracted), -inf included. MUFU.EX2 on y = x log2 e
+// rounded, times 1 + d ln 2 where d = x log2 e - y is the product's rounding
+// (two FMAs with log2 e split in two floats): 7 instructions against 10 for
+// CUDA's expf, which reduces the argument first and uses the same MUFU.EX2.
+// Without the correction (exp2f(x log2 e) alone) the rounding costs |x| 2^-24
+// relative, and on the device 16-element rows missed delta_p's 1e-6
+// tolerance (got 0.0047530780, want 0.0047529704). The clamp at -200 keeps
+// the products finite; e^-200 is 0 in float32 (ex2.approx.ftz flushes
+// results below 2^-126, which no sum of terms that include e^0 = 1 can see).
+__device__ __forceinline__ float ExpNonPositive(float x) {
+  constexpr float kLog2e = 1.44269502162933349609375f;  // log2 e rounded to float
+  constexpr float kLog2eLo = 1.925963033500011e-08f;    // log2 e - kLog2e
+  constexpr float kLn2 = 0.693147180559945f;
+  x = fmaxf(x, -200.0f);
+  const float y = x * kLog2e;
+  const float d = fmaf(x, kLog2eLo, fmaf(x, kLog2e, -y));
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
+  return fmaf(r, d * kLn2, r);
+}
 
 // Element layout of a group: kGroup elements per thread and step, read as
 // vectors of 4 elements (16 bytes of float32, 8 of a 16-bit type). For
@@ -123,18 +137,26 @@ constexpr int kStages = 4;
 constexpr int kStageBytes = kStep * 4;  // one side, one step, float32 at most
 constexpr int kPipeBytes = kStages * 2 * kStageBytes;
 
+// The byte offset of this lane's first vector inside one side's stage of a
+// step (the same for every step): the hot loop then adds only the stage base
+// and 32-bit element offsets (64-bit index arithmetic was a fifth of the
+// loop's instructions).
 template <typename T>
-__device__ __forceinline__ void CopyGroupAsync(unsigned char* stage, const T* row,
-                                               size_t step_begin, size_t warp_base, int lane) {
+__device__ __forceinline__ unsigned LaneStageOffset(int warp, int lane) {
+  return static_cast<unsigned>((warp * kWarpSpan + lane * kVec) * sizeof(T));
+}
+
+// src: this lane's first element of the step (row + step begin + lane
+// offset); dst: its place in the stage (shared address).
+template <typename T>
+__device__ __forceinline__ void CopyGroupAsync(unsigned dst, const T* src) {
 #pragma unroll
   for (int v = 0; v < kVecs; ++v) {
-    const size_t i = ElemIndex(warp_base, lane, v * kVec);
-    const unsigned dst =
-        static_cast<unsigned>(__cvta_generic_to_shared(stage + (i - step_begin) * sizeof(T)));
+    const unsigned d = dst + static_cast<unsigned>(v * 32 * kVec * sizeof(T));
     if (sizeof(T) == 4) {
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(row + i));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src + v * 32 * kVec));
     } else {
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(row + i));
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(d), "l"(src + v * 32 * kVec));
     }
   }
 }
@@ -142,21 +164,20 @@ __device__ __forceinline__ void CopyGroupAsync(unsigned char* stage, const T* ro
 __device__ __forceinline__ void CommitAsync() { asm volatile("cp.async.commit_group;"); }
 
 template <typename T>
-__device__ __forceinline__ void ReadGroupShared(const unsigned char* stage, size_t step_begin,
-                                                size_t warp_base, int lane, float* out) {
+__device__ __forceinline__ void ReadGroupShared(const unsigned char* stage, float* out) {
 #pragma unroll
   for (int v = 0; v < kVecs; ++v) {
-    const size_t off = ElemIndex(warp_base, lane, v * kVec) - step_begin;
+    const unsigned char* at = stage + v * 32 * kVec * sizeof(T);
     float* o = out + v * kVec;
     if (sizeof(T) == 4) {
-      const float4 x = *reinterpret_cast<const float4*>(stage + off * 4);
+      const float4 x = *reinterpret_cast<const float4*>(at);
       o[0] = x.x;
       o[1] = x.y;
       o[2] = x.z;
       o[3] = x.w;
     } else {
-      const uint2 x = *reinterpret_cast<const uint2*>(stage + off * 2);
-      if (Loader<T>::kAlign == 8 && sizeof(T) == 2 && !IsBf16<T>::value) {
+      const uint2 x = *reinterpret_cast<const uint2*>(at);
+      if (!IsBf16<T>::value) {
         o[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x)));
         o[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x >> 16)));
         o[2] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.y)));
@@ -248,19 +269,19 @@ struct GroupSums {
 
 // The second-order terms pa g(e), pb g(-e) of one element (see the KL form
 // in row_metrics-inl.h): even and odd series for |e| <= 1/2, else FarTerms.
+// The series stop at e^8/8! and e^9/9!: the first term left out, e^10/10!,
+// is below 2.7e-10 at |e| = 1/2, a relative 2.6e-9 of g(1/2) = 0.1065, under
+// float32 rounding (two terms fewer per side than the first version).
 __device__ __forceinline__ void GTerms(float e, float xa, float xb, float pa, float pb, float& gp,
                                        float& gq) {
   if (fabsf(e) <= 0.5f) {
     const float u = e * e;
-    float even = 1.0f / 479001600;
-    even = fmaf(even, u, 1.0f / 3628800);
-    even = fmaf(even, u, 1.0f / 40320);
+    float even = 1.0f / 40320;
     even = fmaf(even, u, 1.0f / 720);
     even = fmaf(even, u, 1.0f / 24);
     even = fmaf(even, u, 0.5f);
     even *= u;
-    float odd = 1.0f / 39916800;
-    odd = fmaf(odd, u, 1.0f / 362880);
+    float odd = 1.0f / 362880;
     odd = fmaf(odd, u, 1.0f / 5040);
     odd = fmaf(odd, u, 1.0f / 120);
     odd = fmaf(odd, u, 1.0f / 6);
@@ -284,9 +305,16 @@ __device__ __forceinline__ void GTerms(float e, float xa, float xb, float pa, fl
 constexpr int kAblate = LOGITPARITY_CUDA_ABLATE;
 
 // pa g(e) and pb g(-e) for |e| > 1/2, for the elements of a group where the
-// series does not apply (their series terms were left at 0). Out of line.
-__device__ __noinline__ float2 FarGroup(const float* va, const float* vb, float Ma, float Mb,
-                                        float c0) {
+// series does not apply (their series terms were left at 0). Out of line,
+// and it reloads the group (cache hits) rather than taking the caller's
+// registers by address: an address taken kept every group's values in local
+// memory (16 local stores per group in the hot loop).
+template <typename TA, typename TB>
+__device__ __noinline__ float2 FarGroup(const TA* a, const TB* b, size_t wb, int lane, size_t n,
+                                        float Ma, float Mb, float c0) {
+  float va[kGroup], vb[kGroup];
+  LoadGroup(a, wb, lane, n, false, va);
+  LoadGroup(b, wb, lane, n, false, vb);
   float2 acc = make_float2(0.0f, 0.0f);
   for (int j = 0; j < kGroup; ++j) {
     const float e = va[j] - vb[j] - c0;
@@ -304,8 +332,10 @@ __device__ __noinline__ float2 FarGroup(const float* va, const float* vb, float 
 // common case): every token is live on both sides, so no masks, and the
 // second-order terms take their series without a branch; elements with
 // |e| > 1/2 (none on close rows) are added by FarGroup.
+template <typename TA, typename TB>
 __device__ __forceinline__ void CleanGroup(const float* va, const float* vb, float Ma, float Mb,
-                                           float c0, GroupSums& g) {
+                                           float c0, const TA* a, const TB* b, size_t wb, int lane,
+                                           size_t n, GroupSums& g) {
   bool far = false;
   float gs = 0.0f, hs = 0.0f;
 #pragma unroll
@@ -336,15 +366,12 @@ __device__ __forceinline__ void CleanGroup(const float* va, const float* vb, flo
       const bool near = fabsf(e) <= 0.5f;
       far |= !near;
       const float u = e * e;
-      float even = 1.0f / 479001600;
-      even = fmaf(even, u, 1.0f / 3628800);
-      even = fmaf(even, u, 1.0f / 40320);
+      float even = 1.0f / 40320;
       even = fmaf(even, u, 1.0f / 720);
       even = fmaf(even, u, 1.0f / 24);
       even = fmaf(even, u, 0.5f);
       even *= u;
-      float odd = 1.0f / 39916800;
-      odd = fmaf(odd, u, 1.0f / 362880);
+      float odd = 1.0f / 362880;
       odd = fmaf(odd, u, 1.0f / 5040);
       odd = fmaf(odd, u, 1.0f / 120);
       odd = fmaf(odd, u, 1.0f / 6);
@@ -354,7 +381,7 @@ __device__ __forceinline__ void CleanGroup(const float* va, const float* vb, flo
     }
   }
   if (far) {
-    const float2 r = FarGroup(va, vb, Ma, Mb, c0);
+    const float2 r = FarGroup(a, b, wb, lane, n, Ma, Mb, c0);
     gs += r.x;
     hs += r.y;
   }
@@ -364,10 +391,14 @@ __device__ __forceinline__ void CleanGroup(const float* va, const float* vb, flo
 
 // Any other group: masks, NaN / +inf counts and the row's end, element by
 // element. Out of line (rare for real logits; every group of a masked row).
-__device__ __noinline__ GroupSums DirtyGroup(const float* va, const float* vb, float Ma,
-                                             float Mb, float c0, size_t warp_base, int lane,
-                                             size_t n, GroupSums g) {
+template <typename TA, typename TB>
+__device__ __noinline__ GroupSums DirtyGroup(const TA* a, const TB* b, float Ma, float Mb,
+                                             float c0, size_t warp_base, int lane, size_t n,
+                                             GroupSums g) {
   const float ninf = -Inf(), pinf = Inf();
+  float va[kGroup], vb[kGroup];  // reloaded: see FarGroup
+  LoadGroup(a, warp_base, lane, n, false, va);
+  LoadGroup(b, warp_base, lane, n, false, vb);
   for (int j = 0; j < kGroup; ++j) {
     const bool valid = ElemIndex(warp_base, lane, j) < n;
     const float x = va[j], y = vb[j];
@@ -473,32 +504,39 @@ __global__ void __launch_bounds__(kThreads, 2)
   unsigned both_masked = 0, a_only = 0, b_only = 0, bad_a = 0, bad_b = 0;
 
   extern __shared__ __align__(16) unsigned char pipe[];
-  auto stage_a = [&](size_t step) { return pipe + (step % kStages) * 2 * kStageBytes; };
-  auto stage_b = [&](size_t step) { return pipe + (step % kStages) * 2 * kStageBytes + kStageBytes; };
-  // Steps whose warp span is whole and aligned go through the pipeline; the
-  // rest (the row's end, misaligned rows) are read directly.
-  auto piped = [&](size_t step) {
-    const size_t wb = step * kStep + static_cast<size_t>(warp) * kWarpSpan;
-    return aligned && wb + kWarpSpan <= n;
-  };
-  auto issue = [&](size_t step) {
-    if (step * kStep < n && piped(step)) {
-      const size_t begin = step * kStep, wb = begin + static_cast<size_t>(warp) * kWarpSpan;
-      CopyGroupAsync(stage_a(step), a, begin, wb, lane);
-      CopyGroupAsync(stage_b(step), b, begin, wb, lane);
+  // Element offsets within a row fit in 32 bits (vocab < 2^31 is checked on
+  // the host); `span_end`: the last step whose warp span is whole, so steps
+  // before it go through the pipeline and the rest (the row's end, misaligned
+  // rows) are read directly.
+  const unsigned n32 = static_cast<unsigned>(n);
+  const unsigned lane_elem = static_cast<unsigned>(warp * kWarpSpan + lane * kVec);
+  const unsigned warp_elem = static_cast<unsigned>(warp * kWarpSpan);
+  const unsigned piped_steps =
+      aligned && n32 >= warp_elem + kWarpSpan ? (n32 - warp_elem - kWarpSpan) / kStep + 1 : 0;
+  const TA* a_lane = a + lane_elem;
+  const TB* b_lane = b + lane_elem;
+  const unsigned pipe_sh = static_cast<unsigned>(__cvta_generic_to_shared(pipe));
+  const unsigned off_a = LaneStageOffset<TA>(warp, lane);
+  const unsigned off_b = kStageBytes + LaneStageOffset<TB>(warp, lane);
+  auto issue = [&](unsigned step) {
+    if (step < piped_steps) {
+      const unsigned stage = pipe_sh + (step % kStages) * 2 * kStageBytes;
+      CopyGroupAsync(stage + off_a, a_lane + step * kStep);
+      CopyGroupAsync(stage + off_b, b_lane + step * kStep);
     }
     CommitAsync();  // one group per step, empty or not, so the counts line up
   };
   for (int st = 0; st < kStages - 1; ++st) issue(st);
 
-  for (size_t begin = 0, step = 0; begin < n; begin += kStep, ++step) {
-    const size_t wb = begin + static_cast<size_t>(warp) * kWarpSpan;
+  for (unsigned begin = 0, step = 0; begin < n32; begin += kStep, ++step) {
+    const size_t wb = begin + warp_elem;
     issue(step + kStages - 1);
     asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 1));
     float va[kGroup], vb[kGroup];
-    if (piped(step)) {
-      ReadGroupShared<TA>(stage_a(step), begin, wb, lane, va);
-      ReadGroupShared<TB>(stage_b(step), begin, wb, lane, vb);
+    if (step < piped_steps) {
+      const unsigned char* stage = pipe + (step % kStages) * 2 * kStageBytes;
+      ReadGroupShared<TA>(stage + off_a, va);
+      ReadGroupShared<TB>(stage + off_b, vb);
     } else {
       LoadGroup(a, wb, lane, n, false, va);
       LoadGroup(b, wb, lane, n, false, vb);
@@ -516,13 +554,13 @@ __global__ void __launch_bounds__(kThreads, 2)
     // Top-k: offer a group only if its maximum can enter the warp's list,
     // then only its elements that can.
     // (Indices fit in int: vocab < 2^31 is checked on the host.)
-    const int wb32 = static_cast<int>(wb), n32 = static_cast<int>(n);
+    const int wb32 = static_cast<int>(wb), nn = static_cast<int>(n);
     if (!(kAblate & 1) && __any_sync(kFull, ga >= top_a.tau_v)) {
       unsigned mask = 0;
 #pragma unroll
       for (int j = 0; j < kGroup; ++j) {
         const int i = wb32 + (j / kVec) * 32 * kVec + lane * kVec + j % kVec;
-        mask |= static_cast<unsigned>(i < n32 && Better(va[j], i, top_a.tau_v, top_a.tau_i)) << j;
+        mask |= static_cast<unsigned>(i < nn && Better(va[j], i, top_a.tau_v, top_a.tau_i)) << j;
       }
       OfferMasked(top_a, a, wb, mask, K, lane);
     }
@@ -531,7 +569,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int j = 0; j < kGroup; ++j) {
         const int i = wb32 + (j / kVec) * 32 * kVec + lane * kVec + j % kVec;
-        mask |= static_cast<unsigned>(i < n32 && Better(vb[j], i, top_b.tau_v, top_b.tau_i)) << j;
+        mask |= static_cast<unsigned>(i < nn && Better(vb[j], i, top_b.tau_v, top_b.tau_i)) << j;
       }
       OfferMasked(top_b, b, wb, mask, K, lane);
     }
@@ -545,9 +583,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     GroupSums g{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, max_abs, e_max, e_min, 0, 0, 0, 0, 0};
     if (fabsf(suma) < pinf && fabsf(sumb) < pinf) {
-      CleanGroup(va, vb, Ma, Mb, c0, g);
+      CleanGroup(va, vb, Ma, Mb, c0, a, b, wb, lane, n, g);
     } else {
-      g = DirtyGroup(va, vb, Ma, Mb, c0, wb, lane, n, g);
+      g = DirtyGroup(a, b, Ma, Mb, c0, wb, lane, n, g);
       both_masked += g.both_masked;
       a_only += g.a_only;
       b_only += g.b_only;
