@@ -192,57 +192,44 @@ struct WarpTopK {
 
 // Float64 sums of one side's softmax weights w = exp(x - M): s = sum w,
 
-// Deterministic block reductions through shared memory (fixed tree).
-__device__ inline double BlockSum(double x, double* scratch) {
+// Deterministic block reductions through shared memory (fixed tree): warp
+// shuffles, then thread 0 folds the warps' partials in order. Every thread
+// of the block must call; all get the result.
+template <typename T, typename Op>
+__device__ __forceinline__ T BlockReduce(T x, T* scratch, Op op) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(kFull, x, o);
+  for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_down_sync(kFull, x, o));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __syncthreads();
   if (lane == 0) scratch[warp] = x;
   __syncthreads();
-  double total = 0;
   if (threadIdx.x == 0) {
-    for (int w = 0; w < kWarps; ++w) total += scratch[w];
+    T total = scratch[0];
+    for (int w = 1; w < kWarps; ++w) total = op(total, scratch[w]);
     scratch[kWarps] = total;
   }
   __syncthreads();
   return scratch[kWarps];
 }
 
+struct AddOp {
+  template <typename T>
+  __device__ T operator()(T x, T y) const { return x + y; }
+};
+struct MaxOp {
+  __device__ float operator()(float x, float y) const { return fmaxf(x, y); }
+};
+
+__device__ inline double BlockSum(double x, double* scratch) {
+  return BlockReduce(x, scratch, AddOp());
+}
 __device__ inline float BlockMax(float x, float* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_down_sync(kFull, x, o));
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = x;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float m = scratch[0];
-    for (int w = 1; w < kWarps; ++w) m = fmaxf(m, scratch[w]);
-    scratch[kWarps] = m;
-  }
-  __syncthreads();
-  return scratch[kWarps];
+  return BlockReduce(x, scratch, MaxOp());
 }
-
 __device__ inline float BlockMin(float x, float* scratch) { return -BlockMax(-x, scratch); }
-
 __device__ inline unsigned long long BlockCount(unsigned long long x, unsigned long long* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(kFull, x, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = x;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned long long t = 0;
-    for (int w = 0; w < kWarps; ++w) t += scratch[w];
-    scratch[kWarps] = t;
-  }
-  __syncthreads();
-  return scratch[kWarps];
+  return BlockReduce(x, scratch, AddOp());
 }
-
 
 // --- host side ---
 

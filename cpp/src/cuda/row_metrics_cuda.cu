@@ -259,12 +259,39 @@ __device__ __noinline__ void OfferMasked(RowTopK& top, const T* row, size_t warp
   }
 }
 
+// Top-k for one side's group: offered only if the group's maximum can enter
+// the warp's list, then only its elements that can. Inlined, so `v` stays in
+// registers. (Indices fit in int: vocab < 2^31 is checked on the host.)
+template <typename T>
+__device__ __forceinline__ void OfferGroup(RowTopK& top, const T* row, const float (&v)[kGroup],
+                                           float gmax, size_t wb, int n, int k, int lane) {
+  if (!__any_sync(kFull, gmax >= top.tau_v)) return;
+  const int wb32 = static_cast<int>(wb);
+  unsigned mask = 0;
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) {
+    const int i = wb32 + (j / kVec) * 32 * kVec + lane * kVec + j % kVec;
+    mask |= static_cast<unsigned>(i < n && Better(v[j], i, top.tau_v, top.tau_i)) << j;
+  }
+  OfferMasked(top, row, wb, mask, k, lane);
+}
+
 // Float32 sums of one group (kGroup element pairs of one thread) before they
 // are added to the float64 accumulators, and its extremes and counts.
 struct GroupSums {
   float abs, d2, x, na, nb, sa, sb, ta, tb, ea, eb, g, h;
   float max_abs, e_max, e_min;
   unsigned both_masked, a_only, b_only, bad_a, bad_b;
+
+  // One element's softmax weights pa, pb and their first moments.
+  __device__ __forceinline__ void AddWeights(float pa, float pb, float xa, float xb, float e) {
+    sa += pa;
+    sb += pb;
+    ta = fmaf(pa, xa, ta);
+    tb = fmaf(pb, xb, tb);
+    ea = fmaf(pa, e, ea);
+    eb = fmaf(pb, e, eb);
+  }
 };
 
 // The second-order terms pa g(e), pb g(-e) of one element (see the KL form
@@ -272,22 +299,29 @@ struct GroupSums {
 // The series stop at e^8/8! and e^9/9!: the first term left out, e^10/10!,
 // is below 2.7e-10 at |e| = 1/2, a relative 2.6e-9 of g(1/2) = 0.1065, under
 // float32 rounding (two terms fewer per side than the first version).
+// (even, odd) parts of g's series: g(e) = even - odd, g(-e) = even + odd,
+// with even = sum e^2j/(2j)! (j >= 1) and odd = sum e^(2j+1)/(2j+1)!.
+__device__ __forceinline__ float2 GSeries(float e) {
+  const float u = e * e;
+  float even = 1.0f / 40320;
+  even = fmaf(even, u, 1.0f / 720);
+  even = fmaf(even, u, 1.0f / 24);
+  even = fmaf(even, u, 0.5f);
+  even *= u;
+  float odd = 1.0f / 362880;
+  odd = fmaf(odd, u, 1.0f / 5040);
+  odd = fmaf(odd, u, 1.0f / 120);
+  odd = fmaf(odd, u, 1.0f / 6);
+  odd *= u * e;
+  return make_float2(even, odd);
+}
+
 __device__ __forceinline__ void GTerms(float e, float xa, float xb, float pa, float pb, float& gp,
                                        float& gq) {
   if (fabsf(e) <= 0.5f) {
-    const float u = e * e;
-    float even = 1.0f / 40320;
-    even = fmaf(even, u, 1.0f / 720);
-    even = fmaf(even, u, 1.0f / 24);
-    even = fmaf(even, u, 0.5f);
-    even *= u;
-    float odd = 1.0f / 362880;
-    odd = fmaf(odd, u, 1.0f / 5040);
-    odd = fmaf(odd, u, 1.0f / 120);
-    odd = fmaf(odd, u, 1.0f / 6);
-    odd *= u * e;
-    gp = pa * (even - odd);
-    gq = pb * (even + odd);
+    const float2 eo = GSeries(e);
+    gp = pa * (eo.x - eo.y);
+    gq = pb * (eo.x + eo.y);
   } else {
     const float2 r = FarTerms(e, xa, xb, pa, pb);
     gp = r.x;
@@ -356,28 +390,13 @@ __device__ __forceinline__ void CleanGroup(const float* va, const float* vb, flo
     const float xa = x - Ma, xb = y - Mb;
     const float pa = (kAblate & 8) ? xa : ExpNonPositive(xa);
     const float pb = (kAblate & 8) ? xb : ExpNonPositive(xb);
-    g.sa += pa;
-    g.sb += pb;
-    g.ta = fmaf(pa, xa, g.ta);
-    g.tb = fmaf(pb, xb, g.tb);
-    g.ea = fmaf(pa, e, g.ea);
-    g.eb = fmaf(pb, e, g.eb);
+    g.AddWeights(pa, pb, xa, xb, e);
     if (!(kAblate & 2)) {
       const bool near = fabsf(e) <= 0.5f;
       far |= !near;
-      const float u = e * e;
-      float even = 1.0f / 40320;
-      even = fmaf(even, u, 1.0f / 720);
-      even = fmaf(even, u, 1.0f / 24);
-      even = fmaf(even, u, 0.5f);
-      even *= u;
-      float odd = 1.0f / 362880;
-      odd = fmaf(odd, u, 1.0f / 5040);
-      odd = fmaf(odd, u, 1.0f / 120);
-      odd = fmaf(odd, u, 1.0f / 6);
-      odd *= u * e;
-      gs += near ? pa * (even - odd) : 0.0f;
-      hs += near ? pb * (even + odd) : 0.0f;
+      const float2 eo = GSeries(e);
+      gs += near ? pa * (eo.x - eo.y) : 0.0f;
+      hs += near ? pb * (eo.x + eo.y) : 0.0f;
     }
   }
   if (far) {
@@ -426,12 +445,7 @@ __device__ __noinline__ GroupSums DirtyGroup(const TA* a, const TB* b, float Ma,
     const float xa = fa ? x - Ma : 0.0f, xb = fb ? y - Mb : 0.0f;
     const float pa = fa ? ExpNonPositive(xa) : 0.0f;
     const float pb = fb ? ExpNonPositive(xb) : 0.0f;
-    g.sa += pa;
-    g.sb += pb;
-    g.ta = fmaf(pa, xa, g.ta);
-    g.tb = fmaf(pb, xb, g.tb);
-    g.ea = fmaf(pa, e, g.ea);
-    g.eb = fmaf(pb, e, g.eb);
+    g.AddWeights(pa, pb, xa, xb, e);
     float gp, gq;
     GTerms(e, xa, xb, pa, pb, gp, gq);
     g.g += gp;
@@ -551,27 +565,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       suma += va[j];
       sumb += vb[j];
     }
-    // Top-k: offer a group only if its maximum can enter the warp's list,
-    // then only its elements that can.
-    // (Indices fit in int: vocab < 2^31 is checked on the host.)
-    const int wb32 = static_cast<int>(wb), nn = static_cast<int>(n);
-    if (!(kAblate & 1) && __any_sync(kFull, ga >= top_a.tau_v)) {
-      unsigned mask = 0;
-#pragma unroll
-      for (int j = 0; j < kGroup; ++j) {
-        const int i = wb32 + (j / kVec) * 32 * kVec + lane * kVec + j % kVec;
-        mask |= static_cast<unsigned>(i < nn && Better(va[j], i, top_a.tau_v, top_a.tau_i)) << j;
-      }
-      OfferMasked(top_a, a, wb, mask, K, lane);
-    }
-    if (!(kAblate & 1) && __any_sync(kFull, gb >= top_b.tau_v)) {
-      unsigned mask = 0;
-#pragma unroll
-      for (int j = 0; j < kGroup; ++j) {
-        const int i = wb32 + (j / kVec) * 32 * kVec + lane * kVec + j % kVec;
-        mask |= static_cast<unsigned>(i < nn && Better(vb[j], i, top_b.tau_v, top_b.tau_i)) << j;
-      }
-      OfferMasked(top_b, b, wb, mask, K, lane);
+    if (!(kAblate & 1)) {
+      OfferGroup(top_a, a, va, ga, wb, static_cast<int>(n), K, lane);
+      OfferGroup(top_b, b, vb, gb, wb, static_cast<int>(n), K, lane);
     }
     if (ga > Ma) {
       if (Ma > ninf) A = Rescale(A, static_cast<double>(Ma) - ga);
