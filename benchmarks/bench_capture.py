@@ -11,6 +11,10 @@
 
     python benchmarks/bench_capture.py                      # the issue's sizes
     python benchmarks/bench_capture.py --prompts 16 --max-new-tokens 16 --rss-prompts 32,128
+    # on a GPU machine without the default model: a random model of
+    # SmolLM2-135M's shape (its weights do not matter for the timing)
+    python benchmarks/bench_capture.py --device cuda --random-model smollm2-135m \
+        --logits topk:64 --rss-prompts ''
 """
 
 from __future__ import annotations
@@ -36,8 +40,40 @@ def cycled_prompts(n: int):
     return out
 
 
+# Shapes of random models for machines without the default model's weights.
+RANDOM_SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152),
+}
+
+
+def random_model_dir(shape: str, path: Path) -> str:
+    """A random Llama of a known shape with the tests' byte-level tokenizer
+    (filled up to the model's vocab_size), saved to path."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import build_tokenizer
+
+    tok = build_tokenizer()
+    # Filler tokens up to the model's width, so that every id it generates
+    # is a token of its tokenizer (the dump's validation checks that).
+    tok.add_tokens([f"<extra_{i}>" for i in range(len(tok), RANDOM_SHAPES[shape]["vocab_size"])])
+    eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    config = LlamaConfig(**RANDOM_SHAPES[shape], max_position_embeddings=2048, eos_token_id=eos,
+                         pad_token_id=pad, bos_token_id=None, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 def bare_generate(lm, prompts, batch_size: int, max_new_tokens: int) -> tuple[float, dict[str, list[int]]]:
-    """Seconds for batched generate(output_logits=True) on capture's batches."""
+    """Seconds for batched generate(output_logits=True) on capture's batches
+    (the logits kept where the model runs, as capture keeps them)."""
     import torch
 
     from logitparity.capture.run import _batches, _tokenize
@@ -55,11 +91,14 @@ def bare_generate(lm, prompts, batch_size: int, max_new_tokens: int) -> tuple[fl
         for i, b in enumerate(batch):
             ids[i, width - len(b[1]):] = torch.tensor(b[1])
             mask[i, width - len(b[1]):] = 1
+        ids, mask = ids.to(lm.device), mask.to(lm.device)
         with torch.inference_mode():
             out = lm.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                     output_logits=True, return_dict_in_generate=True, eos_token_id=eos,
                                     pad_token_id=tok.pad_token_id)
-        logits = torch.stack(out.logits, dim=1).to("cpu")  # [batch, steps, vocab], kept as capture keeps them
+        logits = torch.stack(out.logits, dim=1)  # [batch, steps, vocab], kept as capture keeps them
+        if logits.is_cuda:
+            torch.cuda.synchronize()
         del logits
         for i, b in enumerate(batch):
             seq = out.sequences[i, width:].tolist()
@@ -77,7 +116,10 @@ def overhead(args) -> dict:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(None)
+    model = args.model
+    if args.random_model:
+        model = random_model_dir(args.random_model, Path(tempfile.mkdtemp()) / "m")
+    lm = load_model(model, device=args.device)
     prompts = cycled_prompts(args.prompts)
     bare_generate(lm, prompts[:2], 2, 4)  # warm-up
     rows = []
@@ -137,6 +179,10 @@ def main() -> None:
     parser.add_argument("--rss-prompts", default="64,256", help="comma-separated prompt counts for the RSS runs ('' to skip)")
     parser.add_argument("--rss-max-new-tokens", type=int, default=64)
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--model", default=None, help="model path (default: the default model)")
+    parser.add_argument("--random-model", default=None, choices=sorted(RANDOM_SHAPES),
+                        help="a random model of this shape instead (no weights needed)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     result: dict = {"settings": vars(args)}
     if not args.skip_overhead:

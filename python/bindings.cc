@@ -8,8 +8,9 @@
 #include <string>
 #include <vector>
 
-#include "logitparity/cuda.h"
 #include "logitparity/activation_stats.h"
+#include "logitparity/cuda.h"
+#include "logitparity/dlpack.h"
 #include "logitparity/log_softmax.h"
 #include "logitparity/row_metrics.h"
 #include "logitparity/topk.h"
@@ -230,7 +231,126 @@ PYBIND11_MODULE(_core, m) {
       py::arg("targets"), py::arg("topk"), py::arg("js"), py::arg("stream"),
       "Fused row comparison of rows in CUDA device memory (pointers as integers, strides in "
       "elements), queued on `stream`; same result tuple as compare_rows.");
+  m.attr("MAX_TOPK_CUDA") = logitparity::kMaxTopKCuda;
+  // The single-row kernels on device rows: (ptr, dtype code, row stride in
+  // elements, rows, vocab) as for compare_rows_cuda; results are host arrays,
+  // except log_softmax_cuda, which writes device memory at out_ptr.
+  auto device_rows = [](uintptr_t ptr, int dtype, size_t stride, size_t rows, size_t vocab) {
+    if (dtype < 0 || dtype > 2) {
+      throw py::value_error("dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
+                            std::to_string(dtype));
+    }
+    return RowsView{reinterpret_cast<const void*>(ptr), static_cast<Dtype>(dtype), rows, vocab,
+                    stride};
+  };
+  m.def(
+      "logsumexp_cuda",
+      [device_rows](uintptr_t ptr, int dtype, size_t stride, size_t rows, size_t vocab,
+                    uintptr_t stream) {
+        const RowsView v = device_rows(ptr, dtype, stride, rows, vocab);
+        py::array_t<double> out(rows);
+        double* o = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          logitparity::LogSumExpCuda(v, o, stream);
+        }
+        return out;
+      },
+      py::arg("ptr"), py::arg("dtype"), py::arg("stride"), py::arg("rows"), py::arg("vocab"),
+      py::arg("stream"));
+  m.def(
+      "nll_cuda",
+      [device_rows](uintptr_t ptr, int dtype, size_t stride, size_t rows, size_t vocab,
+                    I64 targets, uintptr_t stream) {
+        const RowsView v = device_rows(ptr, dtype, stride, rows, vocab);
+        if (static_cast<size_t>(targets.size()) != rows) {
+          throw py::value_error("targets must hold one id per row");
+        }
+        py::array_t<double> out(rows);
+        double* o = out.mutable_data();
+        const int64_t* t = targets.data();
+        {
+          py::gil_scoped_release release;
+          logitparity::NllCuda(v, t, o, stream);
+        }
+        return out;
+      },
+      py::arg("ptr"), py::arg("dtype"), py::arg("stride"), py::arg("rows"), py::arg("vocab"),
+      py::arg("targets"), py::arg("stream"));
+  m.def(
+      "topk_cuda",
+      [device_rows](uintptr_t ptr, int dtype, size_t stride, size_t rows, size_t vocab, size_t k,
+                    uintptr_t stream) {
+        const RowsView v = device_rows(ptr, dtype, stride, rows, vocab);
+        py::array_t<float> values({rows, k});
+        py::array_t<int64_t> indices({rows, k});
+        py::array_t<double> lse(rows);
+        float* pv = values.mutable_data();
+        int64_t* pi = indices.mutable_data();
+        double* pl = lse.mutable_data();
+        {
+          py::gil_scoped_release release;
+          logitparity::TopKCuda(v, k, pv, pi, pl, stream);
+        }
+        return py::make_tuple(values, indices, lse);
+      },
+      py::arg("ptr"), py::arg("dtype"), py::arg("stride"), py::arg("rows"), py::arg("vocab"),
+      py::arg("k"), py::arg("stream"),
+      "Top-k values [rows, k] float32, indices [rows, k] int64 and each row's log-sum-exp "
+      "(float64, exact) of device rows, in one sweep.");
+  m.def(
+      "log_softmax_cuda",
+      [device_rows](uintptr_t ptr, int dtype, size_t stride, size_t rows, size_t vocab,
+                    uintptr_t out_ptr, uintptr_t stream) {
+        const RowsView v = device_rows(ptr, dtype, stride, rows, vocab);
+        py::gil_scoped_release release;
+        logitparity::LogSoftmaxCuda(v, reinterpret_cast<float*>(out_ptr), stream);
+      },
+      py::arg("ptr"), py::arg("dtype"), py::arg("stride"), py::arg("rows"), py::arg("vocab"),
+      py::arg("out_ptr"), py::arg("stream"),
+      "Log-softmax of device rows into contiguous float32 device memory at out_ptr (queued on "
+      "`stream`, not waited for).");
   // --- end CUDA kernels -----------------------------------------------------
+
+  // DLPack: reads a capsule from x.__dlpack__() without taking it over (the
+  // capsule keeps ownership; the caller keeps it alive while the data are
+  // used) -> (data pointer with byte_offset applied, device_type, device_id,
+  // (dtype code, bits, lanes), shape, strides in elements or None).
+  m.def(
+      "dlpack_info",
+      [](py::capsule capsule) {
+        const char* name = capsule.name();
+        const logitparity::DLTensor* t = nullptr;
+        if (name != nullptr && std::string(name) == "dltensor") {
+          t = &static_cast<const logitparity::DLManagedTensor*>(capsule.get_pointer())->dl_tensor;
+        } else if (name != nullptr && std::string(name) == "dltensor_versioned") {
+          const auto* v = static_cast<const logitparity::DLManagedTensorVersioned*>(
+              capsule.get_pointer());
+          if (v->version.major != 1) {
+            throw py::value_error("DLPack version " + std::to_string(v->version.major) + "." +
+                                  std::to_string(v->version.minor) +
+                                  " is not supported (major version 1 is)");
+          }
+          t = &v->dl_tensor;
+        } else {
+          throw py::value_error(std::string("expected a DLPack capsule named 'dltensor' or "
+                                            "'dltensor_versioned', got '") +
+                                (name ? name : "(null)") + "' (already consumed?)");
+        }
+        py::tuple shape(t->ndim);
+        for (int i = 0; i < t->ndim; ++i) shape[i] = t->shape[i];
+        py::object strides = py::none();
+        if (t->strides != nullptr) {
+          py::tuple st(t->ndim);
+          for (int i = 0; i < t->ndim; ++i) st[i] = t->strides[i];
+          strides = st;
+        }
+        const uintptr_t data = reinterpret_cast<uintptr_t>(t->data) + t->byte_offset;
+        return py::make_tuple(data, t->device.device_type, t->device.device_id,
+                              py::make_tuple(t->dtype.code, t->dtype.bits, t->dtype.lanes), shape,
+                              strides);
+      },
+      py::arg("capsule"));
   // ---------------------------------------------------------------------
   // Activation statistics (logitparity.layers / logitparity.activations):
   // difference sums of two activation tensors and the distribution

@@ -147,3 +147,229 @@ def test_core_reports_its_cuda_build():
 def test_cuda_kernel_without_gpu_says_so():
     with pytest.raises(RuntimeError, match="no CUDA device is usable"):
         _core.compare_rows_cuda(1 << 20, 0, 8, 1 << 20, 0, 8, 1, 8, None, [1], False, 0)
+
+
+# --- DLPack inputs ----------------------------------------------------------
+
+
+class _DLPackOnly:
+    """An array known only through the DLPack protocol (no torch type, no
+    __cuda_array_interface__), as a JAX array or another framework's is."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.streams = []
+
+    def __dlpack__(self, *, stream=None, max_version=None, **kw):
+        self.streams.append(stream)
+        if type(self.inner).__module__.startswith("torch") and self.inner.is_cuda:
+            return self.inner.__dlpack__(stream=stream)
+        return self.inner.__dlpack__()
+
+    def __dlpack_device__(self):
+        return self.inner.__dlpack_device__()
+
+
+def test_dlpack_info_reads_a_capsule_without_taking_it():
+    x = np.arange(24, dtype=np.float32).reshape(4, 6)[:, 1:5]
+    ptr, dev_type, dev_id, dtype, shape, strides = _core.dlpack_info(x.__dlpack__())
+    assert (dev_type, dev_id, dtype, shape, strides) == (1, 0, (2, 32, 1), (4, 4), (6, 1))
+    assert ptr == x.__array_interface__["data"][0]
+    t = torch.zeros(3, 5, dtype=torch.bfloat16)
+    assert _core.dlpack_info(t.__dlpack__())[3] == (4, 16, 1)
+
+
+def test_dlpack_info_error_consumed_capsule():
+    cap = torch.zeros(2, 3).__dlpack__()
+    torch.from_dlpack(cap)  # takes it over and renames it
+    with pytest.raises(ValueError, match=r"expected a DLPack capsule named 'dltensor'.*already consumed"):
+        _core.dlpack_info(cap)
+
+
+def test_host_dlpack_array_is_compared_like_numpy():
+    rng = np.random.default_rng(11)
+    a, b = _pair(rng, 3, 700, 0.1)
+    got = lp.compare_logits(_DLPackOnly(torch.from_numpy(a)), _DLPackOnly(torch.from_numpy(b)), js=True)
+    want = lp.compare_logits(a, b, js=True)
+    for name in ("kl_ref_cand", "js", "argmax_cand", "lse_ref"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_gpu_dlpack_array_is_read_in_place(dtype):
+    rng = np.random.default_rng(12)
+    a, b = _pair(rng, 9, 32000, 0.05)
+    tdt = getattr(torch, dtype)
+    ta, tb = torch.from_numpy(a).to("cuda", tdt), torch.from_numpy(b).to("cuda", tdt)
+    da, db = _DLPackOnly(ta[1:]), _DLPackOnly(tb[1:])  # a view: byte offset and row stride
+    got = lp.compare_logits(da, db, targets=np.arange(8), js=True)
+    want = lp.compare_logits(ta[1:], tb[1:], targets=np.arange(8), js=True)
+    assert da.streams == [1] and db.streams == [1]  # the legacy default stream, DLPack's 1
+    for name in ("kl_ref_cand", "kl_cand_ref", "js", "cosine", "nll_cand", "argmax_ref"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+
+
+@gpu
+def test_gpu_dlpack_error_dtype():
+    a = _DLPackOnly(torch.zeros(2, 8, device="cuda", dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"ref must be float32, float16 or bfloat16, got DLPack dtype \(code 2, 64 bits"):
+        lp.compare_logits(a, a)
+
+
+# --- log-softmax, NLL, log-sum-exp and top-k on the GPU ---------------------
+
+
+def _ref_lse(x64: np.ndarray) -> np.ndarray:
+    m = x64.max(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (m + np.log(np.exp(x64 - np.where(np.isfinite(m), m, 0)).sum(axis=1, keepdims=True)))[:, 0]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_gpu_row_kernels_match_float64_reference(dtype):
+    rng = np.random.default_rng(3)
+    x = lm_logits(rng, 6, 4099)
+    x[1, ::2] = NINF
+    tx = torch.from_numpy(x).to("cuda", getattr(torch, dtype)).reshape(2, 3, 4099)
+    x64 = tx.float().cpu().numpy().reshape(6, 4099).astype(np.float64)
+    lse = _ref_lse(x64)
+    got = lp.logsumexp(tx)
+    assert got.shape == (2, 3)
+    np.testing.assert_allclose(got.reshape(-1), lse, rtol=1e-12, atol=1e-12)
+    ls = lp.log_softmax(tx)
+    assert isinstance(ls, torch.Tensor) and ls.is_cuda and ls.dtype == torch.float32 and ls.shape == tx.shape
+    ls = ls.cpu().numpy().reshape(6, 4099)
+    fin = np.isfinite(x64)
+    np.testing.assert_allclose(ls[fin], (x64 - lse[:, None])[fin], rtol=6e-8, atol=1e-12)
+    assert np.all(ls[~fin] == NINF)
+    t = rng.integers(0, 4099, 6)
+    t[1] = 2  # a masked token: NLL = +inf
+    nll = lp.nll(tx, t.reshape(2, 3)).reshape(-1)
+    assert nll[1] == np.inf
+    keep = [0, 2, 3, 4, 5]
+    np.testing.assert_allclose(nll[keep], (lse - x64[np.arange(6), t])[keep], rtol=1e-12, atol=1e-12)
+    for k in (1, 7, 64, 256):
+        v, i = lp.topk(tx, k)
+        assert v.shape == (2, 3, k)
+        order = np.lexsort((np.tile(np.arange(4099), (6, 1)), -x64), axis=1)[:, :k]
+        np.testing.assert_array_equal(i.reshape(6, k), order)
+        np.testing.assert_array_equal(v.reshape(6, k), np.take_along_axis(x64, order, 1))
+
+
+@gpu
+def test_gpu_row_kernels_nonfinite_rows_and_ties():
+    x = np.zeros((4, 3000), np.float32)
+    x[0, 5] = np.nan
+    x[1, 2999] = np.inf
+    x[2, :] = NINF
+    tx = torch.from_numpy(x).cuda()
+    lse = lp.logsumexp(tx)
+    assert np.isnan(lse[0]) and np.isnan(lse[1]) and lse[2] == -np.inf
+    assert lse[3] == pytest.approx(math.log(3000), rel=1e-15)
+    assert np.isnan(lp.nll(tx, [0, 0, 0, 0])[:3]).all()
+    v, i = lp.topk(tx, 3)
+    assert np.isnan(v[0]).all() and (i[0] == -1).all()
+    assert i[1].tolist() == [2999, 0, 1] and v[1, 0] == np.inf
+    assert i[2].tolist() == [0, 1, 2] and i[3].tolist() == [0, 1, 2]  # ties to the lower index
+    assert np.isnan(lp.log_softmax(tx)[0].cpu().numpy()).all()
+
+
+@gpu
+def test_gpu_log_softmax_in_place_and_large_k_on_host():
+    rng = np.random.default_rng(8)
+    x = lm_logits(rng, 5, 3001)
+    tx = torch.from_numpy(x).cuda()
+    want = lp.log_softmax(tx).cpu().numpy()
+    assert lp.log_softmax(tx, inplace=True) is tx
+    np.testing.assert_array_equal(tx.cpu().numpy(), want)
+    v, i = lp.topk(torch.from_numpy(x).cuda(), 300)  # above MAX_TOPK_CUDA: computed on the host
+    cv, ci = lp.topk(x, 300)
+    np.testing.assert_array_equal(i, ci)
+    np.testing.assert_array_equal(v, cv)
+
+
+@gpu
+def test_gpu_log_softmax_error_in_place_strided():
+    x = torch.zeros(4, 16, device="cuda")[:, :8]
+    with pytest.raises(TypeError, match=r"inplace=True needs a non-empty, contiguous float32 array"):
+        lp.log_softmax(x, inplace=True)
+
+
+@gpu
+def test_gpu_topk_error_k():
+    x = _DLPackOnly(torch.zeros(2, 300, device="cuda"))
+    with pytest.raises(ValueError, match=r"k must be in \[1, 256\] on the GPU"):
+        lp.topk(x, 257)
+
+
+# --- capture and perplexity with the model on the GPU -----------------------
+
+
+@gpu
+@pytest.mark.parametrize("storage", ["topk:8", "full"])
+def test_gpu_dump_rows_equal_host_computed_rows(tmp_path, storage):
+    """The same logits written from the GPU (kernels read them there) and
+    from the host give the same dump: top-K values and ids equal, lse and
+    tail within float64 rounding, full rows bitwise."""
+    from logitparity import load_dump
+    from logitparity.dump import DumpWriter
+
+    rng = np.random.default_rng(21)
+    rows = lm_logits(rng, 7, 5003)
+    rows[2, ::3] = NINF
+    manifest = {"engine": {"name": "test"}, "model": {}, "tokenizer": {"vocab_size": 5003}, "decoding": {"mode": "score"}}
+    dumps = []
+    for name, logits in (("gpu", torch.from_numpy(rows).cuda()), ("cpu", torch.from_numpy(rows))):
+        with DumpWriter(tmp_path / name, dict(manifest), logits=storage, logits_dtype="bf16" if storage == "full" else "fp32") as w:
+            w.add({"id": "p", "category": "c", "prompt": "x", "chat_template": False, "prompt_token_ids": [1],
+                   "generated_token_ids": list(range(7)), "stop_reason": "max_new_tokens"}, logits)
+        dumps.append(load_dump(tmp_path / name))
+    g, c = dumps
+    if storage == "full":
+        np.testing.assert_array_equal(g.logits("p"), c.logits("p"))
+        return
+    (gv, gi, gl, gt), (cv, ci, cl, ct) = g.topk("p"), c.topk("p")
+    np.testing.assert_array_equal(gi, ci)
+    np.testing.assert_array_equal(gv, cv)
+    np.testing.assert_allclose(gl, cl, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(gt, ct, rtol=0, atol=1e-13)
+
+
+@gpu
+def test_gpu_capture_and_ppl_match_the_cpu_run(tiny_model_dir, tmp_path):
+    """The tiny model captured on cuda (rows kept on the GPU, top-K computed
+    there) against the same model captured on the CPU: the same tokens, top-K
+    ids, and values / lse within the two devices' matmul rounding; perplexity
+    on cuda equals the CPU's within the same tolerance."""
+    from logitparity import load_dump
+    from logitparity.capture import capture, load_model
+    from logitparity.prompts import Prompt
+
+    prompts = [Prompt("a", "x", "Hello there, how are you today?"), Prompt("b", "y", "def add(a, b):"),
+               Prompt("c", "x", "Once upon a time, in a quiet village")]
+    out = {}
+    for device in ("cuda", "cpu"):
+        lm = load_model(tiny_model_dir, device=device)
+        out[device] = load_dump(capture(lm, prompts, tmp_path / device, max_new_tokens=10, logits="topk:16",
+                                        batch_size=2, progress=False))
+    g, c = out["cuda"], out["cpu"]
+    for p in prompts:
+        assert g.record(p.id)["generated_token_ids"] == c.record(p.id)["generated_token_ids"]
+        (gv, gi, gl, gt), (cv, ci, cl, ct) = g.topk(p.id), c.topk(p.id)
+        np.testing.assert_array_equal(gi[:, :4], ci[:, :4])
+        np.testing.assert_allclose(gv, cv, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(gl, cl, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(gt, ct, rtol=0, atol=1e-4)
+
+    # Perplexity with both models on cuda (rows kept there: NLL, KL and the
+    # baseline cache's top-K from the GPU kernels) against the CPU run.
+    text = "The quick brown fox jumps over the lazy dog. " * 12
+    kw = dict(text=text, ctx=32, stride=16, batch_size=2, progress=False, bootstrap=50)
+    rg = lp.perplexity(tiny_model_dir, candidate=tiny_model_dir, device="cuda", candidate_device="cuda",
+                       save_baseline=tmp_path / "cache", cache_topk=8, **kw)
+    rc = lp.perplexity(tiny_model_dir, candidate=tiny_model_dir, device="cpu", **kw)
+    assert rg.ref.ppl == pytest.approx(rc.ref.ppl, rel=1e-5)
+    assert rg.cand.ppl == pytest.approx(rc.cand.ppl, rel=1e-5)
+    assert rg.pair.delta_ppl == 0.0  # the same model on one device: identical rows

@@ -10,11 +10,21 @@ bool CudaBuilt() { return false; }
 
 int CudaDeviceCount() { return 0; }
 
-RowMetricsResult CompareRowsCuda(const RowsView&, const RowsView&, const RowMetricsOptions&,
-                                 uintptr_t) {
+namespace {
+[[noreturn]] void NotBuilt() {
   throw std::runtime_error(
       "logitparity was built without CUDA kernels (CMake found no CUDA toolkit); "
       "rebuild with nvcc on the PATH, or pass host arrays");
 }
+}  // namespace
+
+RowMetricsResult CompareRowsCuda(const RowsView&, const RowsView&, const RowMetricsOptions&,
+                                 uintptr_t) {
+  NotBuilt();
+}
+void LogSumExpCuda(const RowsView&, double*, uintptr_t) { NotBuilt(); }
+void NllCuda(const RowsView&, const int64_t*, double*, uintptr_t) { NotBuilt(); }
+void TopKCuda(const RowsView&, size_t, float*, int64_t*, double*, uintptr_t) { NotBuilt(); }
+void LogSoftmaxCuda(const RowsView&, float*, uintptr_t) { NotBuilt(); }
 
 }  // namespace logitparity

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from logitparity._fileio import read_tagged_json
-from logitparity.dump import TOKENIZER_IDENTITY, float32_to_bf16_bits, logits_as_array, parse_storage
+from logitparity.dump import TOKENIZER_IDENTITY, float32_to_bf16_bits, parse_storage
 from logitparity.metrics import log_softmax, topk as _topk
 from logitparity.topk_rows import exact_lse, tail_mass
 
@@ -140,6 +140,8 @@ class BaselineCacheWriter:
             raise ValueError(f"logit rows changed width from {self.vocab} to {vocab} within one run")
         if self.k is None:
             lp = log_softmax(logits, threads=self.threads)
+            if not isinstance(lp, np.ndarray):  # computed on the GPU: the stored rows cross here
+                lp = lp.cpu().numpy()
             if self.dtype == "bf16":
                 rows["logprobs"] = float32_to_bf16_bits(lp)
             else:
@@ -151,7 +153,7 @@ class BaselineCacheWriter:
             rows["topk_indices"] = i.astype(np.int32)
             # The tail from a float64 log-sum-exp (exp included), as in dumps:
             # the given lse sums float32 exps and would floor the tail at ~1e-7.
-            rows["lse"] = exact_lse(logits_as_array(logits, "fp32"))
+            rows["lse"] = exact_lse(logits)  # in place on a GPU
             rows["tail"] = tail_mass(v, rows["lse"])
         self._pending.append(rows)
         self._pending_bytes += sum(a.nbytes for a in rows.values())

@@ -129,15 +129,24 @@ def logits_as_array(logits: Any, dtype: str) -> np.ndarray:
     if type(logits).__module__.startswith("torch"):
         import torch  # only when a tensor was passed
 
-        t = logits.detach().to("cpu")
+        t = logits.detach()
         if not t.is_floating_point():
             raise TypeError(f"logits must be a floating-point tensor, got {t.dtype}")
         target = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        # Rounded where the rows are (a GPU's rows cross to the host already in
+        # the storage dtype); torch rounds to nearest even on both devices.
         out = t.to(target).contiguous()
+        if dtype == "fp16":
+            over = torch.isinf(out) & torch.isfinite(t)
+            if bool(over.any()):
+                raise ValueError(
+                    f"logits exceed the fp16 range (|x| > 65504, e.g. {float(t[over][0]):.6g}); "
+                    "store them with logits_dtype='fp32' or 'bf16'"
+                )
+        out = out.to("cpu")
         if dtype == "bf16":
             return out.view(torch.int16).numpy().view(np.uint16)
-        arr = out.numpy()
-        src = t.float().numpy() if dtype == "fp16" else None
+        return out.numpy()
     else:
         a = np.asarray(logits)
         if a.dtype.name == "bfloat16":  # ml_dtypes
@@ -572,15 +581,24 @@ class DumpWriter:
     def _storage_tensors(self, logits: Any) -> dict[str, np.ndarray]:
         if self.k is None:
             return {"logits": logits_as_array(logits, self.manifest["logits"]["dtype"])}
-        from logitparity.metrics import topk
+        from logitparity.metrics import on_gpu, topk
+        from logitparity.topk_rows import exact_lse, tail_mass
 
-        x = logits_as_array(logits, "fp32")
+        gpu = on_gpu(logits)
+        x = logits_as_array(logits, "fp32") if not gpu else logits
+        if gpu and type(x).__module__.startswith("torch"):
+            import torch
+
+            x = x.detach()
+            if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                x = x.float()  # e.g. float64 logits: the kernels read fp32 / fp16 / bf16
         n = x.shape[0]
         if n == 0:
             return {"topk_values": np.zeros((0, self.k), np.float32), "topk_indices": np.zeros((0, self.k), np.int32),
                     "lse": np.zeros(0, np.float64), "tail_mass": np.zeros(0, np.float64)}
-        from logitparity.topk_rows import exact_lse, tail_mass
-
+        # On the GPU (rows of a model that runs there) the kernels read the
+        # rows in place and only the top-K and the log-sum-exps (float64,
+        # exps included) cross to the host.
         values, indices = topk(x, self.k)
         lse = exact_lse(x)
         tail = tail_mass(values, lse)

@@ -5,11 +5,13 @@
 Inputs are numpy arrays or torch tensors of float32, float16 or bfloat16
 (torch bf16, or numpy uint16 bit patterns with ``bf16=True``), shaped [vocab],
 [rows, vocab] or [..., vocab]; CPU tensors cross without a copy where their
-last dimension is contiguous. CUDA arrays (torch tensors, or anything with
-``__cuda_array_interface__`` such as CuPy) are compared in place on the GPU
-by the core's CUDA kernels, on the tensor's current stream; only the small
-per-row results come to the host (docs/gpu.md). Where the core was built
-without CUDA or no GPU is usable, CUDA torch tensors are copied to the host.
+last dimension is contiguous. CUDA arrays (torch tensors, anything with
+``__cuda_array_interface__`` such as CuPy, or with ``__dlpack__`` such as
+JAX) are read in place on the GPU by the core's CUDA kernels, on the
+producer's stream; only the small per-row results come to the host
+(docs/gpu.md), and log_softmax returns device memory. Where the core was
+built without CUDA or no GPU is usable, CUDA torch tensors are copied to the
+host.
 """
 
 from __future__ import annotations
@@ -88,6 +90,14 @@ def as_rows(x: Any, name: str, bf16: bool = False) -> tuple[np.ndarray, bool, tu
             f"{name} must be a numpy array or torch tensor of logits, got a {type(x).__name__}; "
             f"wrap it with np.asarray({name}, dtype=np.float32)"
         )
+    elif _dlpack_device(x) is not None:  # a host array of another framework
+        try:
+            arr = np.from_dlpack(x)
+        except (TypeError, BufferError, RuntimeError) as e:
+            raise TypeError(
+                f"{name}: numpy cannot read this {type(x).__name__} through DLPack ({e}); "
+                f"pass a numpy array or torch tensor"
+            ) from e
     else:
         raise TypeError(
             f"{name} must be a numpy array or torch tensor of logits, got {type(x).__name__}"
@@ -334,8 +344,7 @@ def compare_logits(
     nthreads = _threads(threads)
     if _on_cuda(ref) or _on_cuda(cand):
         _check_same_device(ref, cand)
-        core = _core()
-        if core.cuda_built() and core.cuda_device_count() > 0:
+        if _cuda_usable():
             return _compare_cuda(ref, cand, targets, topk, js, ref_bf16, cand_bf16)
         # No CUDA kernels or no GPU: torch tensors are copied to the host below.
     a, a_bf16, lead = as_rows(ref, "ref", ref_bf16)
@@ -366,16 +375,42 @@ def _row_metrics(fields: np.ndarray, names: list[str], overlap: np.ndarray, ks: 
 # --- CUDA inputs ----------------------------------------------------------
 
 
+# DLPack device types (dlpack.h): CUDA memory, and managed memory.
+_DL_CUDA, _DL_CUDA_MANAGED = 2, 13
+
+
+def _dlpack_device(x: Any) -> tuple[int, int] | None:
+    """(device_type, device_id) of an object with __dlpack__, else None."""
+    if isinstance(x, (np.ndarray, np.generic)) or not hasattr(x, "__dlpack__"):
+        return None
+    try:
+        dev = x.__dlpack_device__()
+        return int(dev[0]), int(dev[1])
+    except Exception:  # noqa: BLE001 - a foreign object that does not say
+        return None
+
+
 def _on_cuda(x: Any) -> bool:
     if type(x).__module__.startswith("torch"):
         return x.device.type == "cuda"
-    return hasattr(x, "__cuda_array_interface__")
+    if hasattr(x, "__cuda_array_interface__"):
+        return True
+    dev = _dlpack_device(x)
+    return dev is not None and dev[0] in (_DL_CUDA, _DL_CUDA_MANAGED)
+
+
+def _cuda_usable() -> bool:
+    core = _core()
+    return bool(core.cuda_built() and core.cuda_device_count() > 0)
 
 
 def _device_name(x: Any) -> str:
     if type(x).__module__.startswith("torch"):
         return str(x.device)
-    return "a CUDA device" if hasattr(x, "__cuda_array_interface__") else "the CPU"
+    if hasattr(x, "__cuda_array_interface__"):
+        return "a CUDA device"
+    dev = _dlpack_device(x)
+    return f"cuda:{dev[1]}" if dev is not None and dev[0] in (_DL_CUDA, _DL_CUDA_MANAGED) else "the CPU"
 
 
 def _check_same_device(ref: Any, cand: Any) -> None:
@@ -436,23 +471,54 @@ def _cuda_rows(x: Any, name: str, bf16: bool) -> _CudaRows:
         stride = rows2.stride(0) if rows2.shape[0] > 1 else vocab
         stream = torch.cuda.current_stream(rows2.device).cuda_stream
         return _CudaRows(rows2.data_ptr(), code, rows2.shape[0], vocab, stride, stream, lead, rows2)
-    cai = x.__cuda_array_interface__
-    typestr, shape = cai["typestr"], tuple(int(v) for v in cai["shape"])
-    kind = {"<f4": 0, "<f2": 1, "<u2": 2 if bf16 else -1}.get(typestr)
-    if kind is None or kind < 0:
-        hint = " (pass bf16=True for bfloat16 bit patterns)" if typestr == "<u2" else ""
-        raise _dtype_error(name, f"typestr {typestr!r}{hint}")
+    if hasattr(x, "__cuda_array_interface__"):
+        cai = x.__cuda_array_interface__
+        typestr, shape = cai["typestr"], tuple(int(v) for v in cai["shape"])
+        kind = {"<f4": 0, "<f2": 1, "<u2": 2 if bf16 else -1}.get(typestr)
+        if kind is None or kind < 0:
+            hint = " (pass bf16=True for bfloat16 bit patterns)" if typestr == "<u2" else ""
+            raise _dtype_error(name, f"typestr {typestr!r}{hint}")
+        item = 4 if kind == 0 else 2
+        strides = cai.get("strides")
+        stream = cai.get("stream") or 0  # None: the legacy default stream
+        return _strided_rows(name, int(cai["data"][0]), kind, item, shape, strides, int(stream), x,
+                             "cupy.ascontiguousarray")
+    return _dlpack_rows(x, name)
+
+
+def _dlpack_rows(x: Any, name: str) -> _CudaRows:
+    """A CUDA array known only through DLPack. The consumer names the stream
+    (here the legacy default stream, DLPack's 1): the producer makes its
+    pending work on the array visible there before handing it over, and the
+    kernel runs on it. The capsule is read, not consumed: it stays with the
+    array and frees nothing until both are gone."""
+    try:
+        cap = x.__dlpack__(stream=1, max_version=(1, 0))
+    except TypeError:  # a producer older than DLPack 1.0
+        cap = x.__dlpack__(stream=1)
+    ptr, _, _, (code, bits, lanes), shape, strides = _core().dlpack_info(cap)
+    kind = {(2, 32): 0, (2, 16): 1, (4, 16): 2}.get((int(code), int(bits)))
+    if kind is None or lanes != 1:
+        raise _dtype_error(name, f"DLPack dtype (code {code}, {bits} bits, {lanes} lanes)")
     item = 4 if kind == 0 else 2
+    byte_strides = None if strides is None else tuple(int(v) * item for v in strides)
+    return _strided_rows(name, int(ptr), kind, item, tuple(int(v) for v in shape), byte_strides, 0,
+                         (x, cap), "a contiguous copy")
+
+
+def _strided_rows(name: str, ptr: int, kind: int, item: int, shape: tuple[int, ...],
+                  strides: Any, stream: int, owner: Any, fix: str) -> _CudaRows:
+    """Rows of a CUDA array given by pointer, shape and byte strides (None:
+    C-contiguous): the leading dims must fold into one row stride."""
     if not shape:
         raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a scalar")
     vocab = shape[-1]
     rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
     if vocab == 0 or rows == 0:
         raise ValueError(f"{name} is empty (shape {shape}); expected [rows, vocab] with rows, vocab >= 1")
-    strides = cai.get("strides")
     if strides is None:
         strides = tuple(int(np.prod(shape[i + 1:])) * item for i in range(len(shape)))
-    ok = strides[-1] == item
+    ok = strides[-1] == item or vocab == 1
     for i in range(len(shape) - 2):  # leading dims must fold into one row stride
         ok = ok and (shape[i] == 1 or strides[i] == strides[i + 1] * shape[i + 1])
     row_stride = strides[-2] // item if len(shape) > 1 else vocab
@@ -461,11 +527,10 @@ def _cuda_rows(x: Any, name: str, bf16: bool) -> _CudaRows:
     if not ok:
         raise ValueError(
             f"{name}: this CUDA array's strides {tuple(strides)} do not give rows of contiguous "
-            f"logits; pass a contiguous copy (e.g. cupy.ascontiguousarray({name}))"
+            f"logits; pass a contiguous copy (e.g. {fix}({name}))"
         )
-    stream = cai.get("stream") or 0  # None: the legacy default stream
-    return _CudaRows(int(cai["data"][0]), kind, rows, vocab, row_stride if rows > 1 else vocab,
-                     int(stream), tuple(shape[:-1]), x)
+    return _CudaRows(ptr, kind, rows, vocab, row_stride if rows > 1 else vocab, stream,
+                     tuple(shape[:-1]), owner)
 
 
 def _compare_cuda(ref: Any, cand: Any, targets: Any, topk: Any, js: bool, ref_bf16: bool,
@@ -506,13 +571,63 @@ def _reshape(out: np.ndarray, lead: tuple[int, ...]) -> np.ndarray:
     return out.reshape(*lead, *out.shape[1:]) if lead else out.reshape(out.shape[1:])
 
 
+def on_gpu(x: Any) -> bool:
+    """True when x is a CUDA array that the core's CUDA kernels read in place
+    (a CUDA build with a usable GPU); callers then keep x where it is."""
+    return _on_cuda(x) and _cuda_usable()
+
+
+
+def _empty_like_rows(x: Any, shape: tuple[int, ...]) -> Any:
+    """Float32 device memory for a CUDA result, of x's framework."""
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        import torch
+
+        return torch.empty(shape, dtype=torch.float32, device=x.device)
+    if mod.startswith("cupy"):
+        import cupy
+
+        with cupy.cuda.Device(x.device.id):
+            return cupy.empty(shape, dtype=cupy.float32)
+    raise TypeError(
+        f"log_softmax of a CUDA {type(x).__name__} needs a torch tensor or CuPy array to allocate "
+        "its output; wrap it first (torch.from_dlpack(x) or cupy.from_dlpack(x))"
+    )
+
+
+def _out_ptr(out: Any) -> int:
+    return int(out.data_ptr()) if hasattr(out, "data_ptr") else int(out.data.ptr)
+
+
+def _log_softmax_cuda(x: Any, bf16: bool, inplace: bool) -> Any:
+    r = _cuda_rows(x, "x", bf16)
+    if inplace:
+        same = type(x).__module__.startswith("torch") and r.owner.data_ptr() == x.data_ptr()
+        if not (same or hasattr(x, "__cuda_array_interface__")) or r.dtype != 0 or r.stride != r.vocab:
+            raise TypeError(
+                "inplace=True needs a non-empty, contiguous float32 array (on the GPU: a torch "
+                "tensor or CuPy array); use inplace=False (the default) for other inputs"
+            )
+        _core().log_softmax_cuda(r.ptr, r.dtype, r.stride, r.rows, r.vocab, r.ptr, r.stream)
+        return x
+    out = _empty_like_rows(x, (*r.lead, r.vocab))
+    _core().log_softmax_cuda(r.ptr, r.dtype, r.stride, r.rows, r.vocab, _out_ptr(out), r.stream)
+    return out
+
+
 def log_softmax(
     x: Any, *, threads: int | None = None, bf16: bool = False, inplace: bool = False
-) -> np.ndarray:
-    """Row-wise log-softmax (natural log) as float32, same shape as x.
+) -> Any:
+    """Row-wise log-softmax (natural log) as float32, same shape as x: a
+    numpy array for host input, device memory of x's framework (torch or
+    CuPy) for CUDA input, computed there on x's stream.
 
-    inplace=True overwrites x (a writeable, C-contiguous float32 numpy array
-    or CPU torch tensor) and returns it."""
+    inplace=True overwrites x (a writeable, C-contiguous float32 numpy array,
+    torch tensor, or CuPy array) and returns it."""
+    if on_gpu(x):
+        _threads(threads)
+        return _log_softmax_cuda(x, bf16, inplace)
     if inplace:
         arr = x.detach().numpy() if type(x).__module__.startswith("torch") else x
         if not (isinstance(arr, np.ndarray) and arr.dtype == np.float32
@@ -529,7 +644,24 @@ def log_softmax(
 
 def topk(x: Any, k: int, *, threads: int | None = None, bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (values as float32, indices as int64) per row, by value descending,
-    ties broken by the lower index."""
+    ties broken by the lower index. CUDA input is read in place (k up to
+    MAX_TOPK_CUDA; larger k copies torch tensors to the host)."""
+    on_host = (type(x).__module__.startswith("torch") and isinstance(k, (int, np.integer))
+               and not isinstance(k, bool) and k > _core().MAX_TOPK_CUDA)  # copied below
+    if on_gpu(x) and not on_host:
+        _threads(threads)
+        r = _cuda_rows(x, "x", bf16)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"k must be an int, got {k!r}")
+        hi = min(r.vocab, int(_core().MAX_TOPK_CUDA))
+        if not 1 <= k <= hi:
+            raise ValueError(
+                f"k must be in [1, {hi}] on the GPU (min of the vocab size {r.vocab} and "
+                f"{_core().MAX_TOPK_CUDA}), got {k}; pass a torch tensor (larger k is computed on "
+                "the host) or a host array"
+            )
+        v, i, _ = _core().topk_cuda(r.ptr, r.dtype, r.stride, r.rows, r.vocab, int(k), r.stream)
+        return _reshape(v, r.lead), _reshape(i, r.lead)
     a, is_bf16, lead = as_rows(x, "x", bf16)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be an int, got {k!r}")
@@ -541,6 +673,14 @@ def topk(x: Any, k: int, *, threads: int | None = None, bf16: bool = False) -> t
 
 def nll(x: Any, targets: Any, *, threads: int | None = None, bf16: bool = False) -> np.ndarray:
     """Negative log-likelihood (nats) of targets[r] under softmax(x[r]), float64."""
+    if on_gpu(x):
+        _threads(threads)
+        r = _cuda_rows(x, "x", bf16)
+        t = _targets(targets, r.rows, r.vocab, r.lead)
+        if (t < 0).any():
+            raise ValueError(f"targets must be in [0, {r.vocab}) for nll, got -1 at row {int(np.argmax(t < 0))}")
+        out = _core().nll_cuda(r.ptr, r.dtype, r.stride, r.rows, r.vocab, t, r.stream)
+        return out.reshape(r.lead) if r.lead else out.reshape(())
     a, is_bf16, lead = as_rows(x, "x", bf16)
     t = _targets(targets, a.shape[0], a.shape[1], lead)
     if (t < 0).any():
@@ -550,7 +690,13 @@ def nll(x: Any, targets: Any, *, threads: int | None = None, bf16: bool = False)
 
 
 def logsumexp(x: Any, *, threads: int | None = None, bf16: bool = False) -> np.ndarray:
-    """Row-wise log-sum-exp (natural log), float64."""
+    """Row-wise log-sum-exp (natural log), float64 (on the GPU for CUDA input,
+    float64 exps included)."""
+    if on_gpu(x):
+        _threads(threads)
+        r = _cuda_rows(x, "x", bf16)
+        out = _core().logsumexp_cuda(r.ptr, r.dtype, r.stride, r.rows, r.vocab, r.stream)
+        return out.reshape(r.lead) if r.lead else out.reshape(())
     a, is_bf16, lead = as_rows(x, "x", bf16)
     out = _core().logsumexp(a, is_bf16, _threads(threads))
     return out.reshape(lead) if lead else out.reshape(())

@@ -520,8 +520,8 @@ def _check_context(lm: Any, ctx: int, role: str) -> None:
 
 
 def _forward(lm: Any, token_ids: np.ndarray, group: list[Window], bos_id: int | None):
-    """Logits [rows, V] (torch, on the CPU) predicting the group's scored
-    tokens, in order."""
+    """Logits [rows, V] (torch, on the model's device) predicting the
+    group's scored tokens, in order."""
     from logitparity.capture.decode import score_batch
 
     head = [bos_id] if bos_id is not None else []
@@ -575,16 +575,27 @@ def _pair_live(ref, cand, targets: np.ndarray, threads) -> dict[str, np.ndarray]
     """KL both ways and argmaxes from the fused pair kernel; each side's NLL
     from the NLL kernel, as in every other mode, so a reference NLL is the
     same number whether it was scored alone, in a pair or read from a cache."""
+    if _device(ref) != _device(cand):  # e.g. the reference on a GPU, the candidate on the CPU
+        ref, cand = _on_host(ref), _on_host(cand)
     m = compare_logits(ref, cand, topk=(1,), threads=threads, js=False)
     return {"nll_ref": _nll(ref, targets, threads=threads), "nll_cand": _nll(cand, targets, threads=threads),
             "kl_ref_cand": m.kl_ref_cand, "kl_cand_ref": m.kl_cand_ref, "argmax_ref": m.argmax_ref,
             "argmax_cand": m.argmax_cand, "lse_ref": m.lse_ref}
 
 
+def _device(x: Any) -> str:
+    return "cpu" if isinstance(x, np.ndarray) else str(x.device)
+
+
+def _on_host(x: Any) -> Any:
+    return x if isinstance(x, np.ndarray) else x.cpu()
+
+
 def _pair_cache(rows: CacheRows, cand, targets: np.ndarray, vocab: int, threads) -> dict[str, np.ndarray]:
     """Candidate logits against cached reference rows: exact NLL/argmax from the
     cache; KL exact up to the stored rounding (full storage) or a lower bound
     (topk storage)."""
+    cand = _on_host(cand)  # the cached rows are on the host: the candidate's cross to meet them
     if rows.logprobs is not None:
         m = compare_logits(rows.logprobs, cand, topk=(1,), threads=threads, js=False, ref_bf16=rows.bf16)
     else:

@@ -371,7 +371,7 @@ def run_tasks(model: Any = None, questions: Sequence[Question] | str | os.PathLi
             prompts = [list(k[: len(k) - (len(c) - 1)]) for k, c in zip(chunk, conts)]
             rows = score_batch(lm.model, prompts, conts, device=lm.device, pad_id=pad if pad is not None else 0)
             for k, r in zip(chunk, rows):
-                r = r.float().numpy()
+                r = r.float()  # on the model's device: the NLL kernel reads it there
                 for i, j, cont in passes[k]:
                     logliks[i, j] = -float(nll(r, np.asarray(cont, dtype=np.int64),
                                                threads=threads).astype(np.float64).sum())

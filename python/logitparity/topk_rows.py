@@ -149,10 +149,19 @@ class KlBounds:
         return self.kl_ref_cand_hi - self.kl_ref_cand_lo
 
 
-def exact_lse(x: np.ndarray) -> np.ndarray:
+def exact_lse(x) -> np.ndarray:
     """Row-wise log-sum-exp [n] in float64 throughout (exp included), so
     that the tail mass 1 - sum(exp(v - lse)) keeps its small values: -inf for
-    an all -inf row, NaN for a row holding NaN or +inf."""
+    an all -inf row, NaN for a row holding NaN or +inf. Rows on a GPU are
+    read in place by the CUDA kernel (float64 with exact exps too); host rows
+    (numpy, torch, bf16) in float64 numpy."""
+    from logitparity.metrics import on_gpu
+
+    if on_gpu(x):
+        return np.asarray(logsumexp(x), np.float64)
+    from logitparity.dump import logits_as_array
+
+    x = logits_as_array(x, "fp32")
     out = np.empty(x.shape[0], np.float64)
     for start in range(0, x.shape[0], 64):  # bounded float64 temporaries
         c = x[start:start + 64].astype(np.float64)

@@ -1,10 +1,12 @@
-// The CUDA kernels of the core: the fused row comparison on rows that live in
-// GPU memory, read in place on the caller's stream. Plain types only; the
+// The CUDA kernels of the core: the fused row comparison, log-sum-exp, NLL,
+// log-softmax and top-K storage on rows that live in GPU memory, read in place
+// on the caller's stream. Plain types only; the
 // kernels are in cpp/src/cuda/. Built when CMake finds a CUDA toolkit; without
 // one these functions exist and report that no CUDA is built.
 #ifndef LOGITPARITY_CUDA_H_
 #define LOGITPARITY_CUDA_H_
 
+#include <cstddef>
 #include <cstdint>
 
 #include "logitparity/row_metrics.h"
@@ -29,6 +31,23 @@ int CudaDeviceCount();
 // std::runtime_error for CUDA errors or a build without CUDA.
 RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
                                  const RowMetricsOptions& options, uintptr_t stream);
+
+// Largest k of TopKCuda (the per-warp lists live in shared memory).
+constexpr size_t kMaxTopKCuda = 256;
+
+// The single-row kernels of row_metrics.h (LogSumExp, Nll, TopK, LogSoftmax)
+// for device rows, with their semantics; float64 accumulation, exp included.
+// Host results (lse, out, values, indices, rows of k) are ready when the call
+// returns; targets are host ids in [0, vocab). TopKCuda also gives each row's
+// log-sum-exp (lse may be nullptr), one sweep for what a top-K dump stores.
+void LogSumExpCuda(const RowsView& logits, double* out, uintptr_t stream);
+void NllCuda(const RowsView& logits, const int64_t* targets, double* out, uintptr_t stream);
+void TopKCuda(const RowsView& logits, size_t k, float* values, int64_t* indices, double* lse,
+              uintptr_t stream);
+// out: device memory on the rows' device, rows x vocab float32, contiguous
+// (it may alias contiguous float32 logits). Queued on `stream`; the call does
+// not wait for it.
+void LogSoftmaxCuda(const RowsView& logits, float* out, uintptr_t stream);
 
 }  // namespace logitparity
 

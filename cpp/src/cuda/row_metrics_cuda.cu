@@ -47,12 +47,12 @@
 #include "logitparity/cuda.h"
 #include "logitparity/row_metrics.h"
 #include "logitparity/rows.h"
+#include "src/cuda/cuda_common.cuh"
 
 namespace logitparity {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+using namespace cuda_internal;  // NOLINT: the shared kernel helpers
 // Elements per thread, step and side: two vector loads per side in flight
 // per thread (16 elements needed more than the 128 registers that two blocks
 // per multiprocessor allow, and spilled).
@@ -61,17 +61,29 @@ constexpr int kStep = kThreads * kGroup;
 // Per-warp top-k candidate buffer: the kept list (<= 64) plus room for at
 // least two full ballots before a compaction.
 constexpr int kCap = 192;
-constexpr int kPerLane = kCap / 32;
-constexpr unsigned kFull = 0xFFFFFFFFu;
+using RowTopK = WarpTopK<kCap>;
 
-__device__ __forceinline__ float Inf() { return __int_as_float(0x7F800000); }
 
-// e^x for x <= 0 (max-subtracted), -inf included: CUDA's expf (Cody-Waite
-// reduction, then MUFU.EX2 on the reduced argument; <= 2 ulp). exp2f(x log2 e)
-// alone is 3 instructions cheaper but its product rounding costs |x| 2^-24
-// relative: on the device, 16-element rows then missed delta_p's 1e-6
-// tolerance (got 0.0047530780, want 0.0047529704).
-__device__ __forceinline__ float ExpNonPositive(float x) { return expf(x); }
+// e^x for x <= 0 (max-subtracted), -inf included. MUFU.EX2 on y = x log2 e
+// rounded, times 1 + d ln 2 where d = x log2 e - y is the product's rounding
+// (two FMAs with log2 e split in two floats): 7 instructions against 10 for
+// CUDA's expf, which reduces the argument first and uses the same MUFU.EX2.
+// Without the correction (exp2f(x log2 e) alone) the rounding costs |x| 2^-24
+// relative, and on the device 16-element rows missed delta_p's 1e-6
+// tolerance (got 0.0047530780, want 0.0047529704). The clamp at -200 keeps
+// the products finite; e^-200 is 0 in float32 (ex2.approx.ftz flushes
+// results below 2^-126, which no sum of terms that include e^0 = 1 can see).
+__device__ __forceinline__ float ExpNonPositive(float x) {
+  constexpr float kLog2e = 1.44269502162933349609375f;  // log2 e rounded to float
+  constexpr float kLog2eLo = 1.925963033500011e-08f;    // log2 e - kLog2e
+  constexpr float kLn2 = 0.693147180559945f;
+  x = fmaxf(x, -200.0f);
+  const float y = x * kLog2e;
+  const float d = fmaf(x, kLog2eLo, fmaf(x, kLog2e, -y));
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
+  return fmaf(r, d * kLn2, r);
+}
 
 // Element layout of a group: kGroup elements per thread and step, read as
 // vectors of 4 elements (16 bytes of float32, 8 of a 16-bit type). For
@@ -87,73 +99,6 @@ __device__ __forceinline__ size_t ElemIndex(size_t warp_base, int lane, int j) {
   return warp_base + static_cast<size_t>((j / kVec) * 32 * kVec + lane * kVec + j % kVec);
 }
 
-template <typename T>
-struct Loader;
-
-struct Bf16;
-template <typename T>
-struct IsBf16 {
-  static constexpr bool value = false;
-};
-template <>
-struct IsBf16<Bf16> {
-  static constexpr bool value = true;
-};
-
-template <>
-struct Loader<float> {
-  static constexpr int kAlign = 16;
-  __device__ static float One(const float* p, size_t i) { return __ldg(p + i); }
-  __device__ static void Vec(const float* p, size_t i, float* out) {
-    const float4 x = __ldg(reinterpret_cast<const float4*>(p + i));
-    out[0] = x.x;
-    out[1] = x.y;
-    out[2] = x.z;
-    out[3] = x.w;
-  }
-};
-
-// bfloat16 storage (its bits; converted by shifting into a float). The member
-// gives it its 2-byte size, which the row pointer arithmetic relies on.
-struct Bf16 {
-  unsigned short bits;
-};
-
-__device__ __forceinline__ float Bf16ToF32(unsigned short h) {
-  return __uint_as_float(static_cast<unsigned>(h) << 16);
-}
-
-template <>
-struct Loader<__half> {
-  static constexpr int kAlign = 8;
-  __device__ static float One(const __half* p, size_t i) { return __half2float(p[i]); }
-  __device__ static void Vec(const __half* p, size_t i, float* out) {
-    const uint2 x = __ldg(reinterpret_cast<const uint2*>(p + i));
-    out[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x)));
-    out[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x >> 16)));
-    out[2] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.y)));
-    out[3] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.y >> 16)));
-  }
-};
-
-template <>
-struct Loader<Bf16> {
-  static constexpr int kAlign = 8;
-  __device__ static float One(const Bf16* p, size_t i) {
-    return Bf16ToF32(__ldg(reinterpret_cast<const unsigned short*>(p) + i));
-  }
-  __device__ static void Vec(const Bf16* p, size_t i, float* out) {
-    const uint2 x = __ldg(reinterpret_cast<const uint2*>(p + i));
-    out[0] = __uint_as_float(x.x << 16);
-    out[1] = __uint_as_float(x.x & 0xFFFF0000u);
-    out[2] = __uint_as_float(x.y << 16);
-    out[3] = __uint_as_float(x.y & 0xFFFF0000u);
-  }
-};
-
-// One thread's group of a step (layout above); beyond n elements read as
-// -inf (a token masked on both sides: neutral for every sum, never offered
-// to top-k). `full`: the warp's whole span is inside the row and the row is
 // aligned for vector loads.
 template <typename T>
 __device__ __forceinline__ void LoadGroup(const T* row, size_t warp_base, int lane, size_t n,
@@ -192,18 +137,26 @@ constexpr int kStages = 4;
 constexpr int kStageBytes = kStep * 4;  // one side, one step, float32 at most
 constexpr int kPipeBytes = kStages * 2 * kStageBytes;
 
+// The byte offset of this lane's first vector inside one side's stage of a
+// step (the same for every step): the hot loop then adds only the stage base
+// and 32-bit element offsets (64-bit index arithmetic was a fifth of the
+// loop's instructions).
 template <typename T>
-__device__ __forceinline__ void CopyGroupAsync(unsigned char* stage, const T* row,
-                                               size_t step_begin, size_t warp_base, int lane) {
+__device__ __forceinline__ unsigned LaneStageOffset(int warp, int lane) {
+  return static_cast<unsigned>((warp * kWarpSpan + lane * kVec) * sizeof(T));
+}
+
+// src: this lane's first element of the step (row + step begin + lane
+// offset); dst: its place in the stage (shared address).
+template <typename T>
+__device__ __forceinline__ void CopyGroupAsync(unsigned dst, const T* src) {
 #pragma unroll
   for (int v = 0; v < kVecs; ++v) {
-    const size_t i = ElemIndex(warp_base, lane, v * kVec);
-    const unsigned dst =
-        static_cast<unsigned>(__cvta_generic_to_shared(stage + (i - step_begin) * sizeof(T)));
+    const unsigned d = dst + static_cast<unsigned>(v * 32 * kVec * sizeof(T));
     if (sizeof(T) == 4) {
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(row + i));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src + v * 32 * kVec));
     } else {
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(row + i));
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(d), "l"(src + v * 32 * kVec));
     }
   }
 }
@@ -211,21 +164,20 @@ __device__ __forceinline__ void CopyGroupAsync(unsigned char* stage, const T* ro
 __device__ __forceinline__ void CommitAsync() { asm volatile("cp.async.commit_group;"); }
 
 template <typename T>
-__device__ __forceinline__ void ReadGroupShared(const unsigned char* stage, size_t step_begin,
-                                                size_t warp_base, int lane, float* out) {
+__device__ __forceinline__ void ReadGroupShared(const unsigned char* stage, float* out) {
 #pragma unroll
   for (int v = 0; v < kVecs; ++v) {
-    const size_t off = ElemIndex(warp_base, lane, v * kVec) - step_begin;
+    const unsigned char* at = stage + v * 32 * kVec * sizeof(T);
     float* o = out + v * kVec;
     if (sizeof(T) == 4) {
-      const float4 x = *reinterpret_cast<const float4*>(stage + off * 4);
+      const float4 x = *reinterpret_cast<const float4*>(at);
       o[0] = x.x;
       o[1] = x.y;
       o[2] = x.z;
       o[3] = x.w;
     } else {
-      const uint2 x = *reinterpret_cast<const uint2*>(stage + off * 2);
-      if (Loader<T>::kAlign == 8 && sizeof(T) == 2 && !IsBf16<T>::value) {
+      const uint2 x = *reinterpret_cast<const uint2*>(at);
+      if (!IsBf16<T>::value) {
         o[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x)));
         o[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x >> 16)));
         o[2] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.y)));
@@ -247,80 +199,6 @@ struct Params {
   int js;
 };
 
-// (v, i) ranks before (w, j): larger value, or equal value and lower index.
-__device__ __forceinline__ bool Better(float v, int i, float w, int j) {
-  return v > w || (v == w && i < j);
-}
-
-// The top-k state of one warp for one side: a shared buffer, its fill count
-// and the current k-th entry (the admission threshold), all warp-uniform.
-struct WarpTopK {
-  float* v;
-  int* i;
-  int count;
-  float tau_v;
-  int tau_i;
-
-  __device__ void Init(float* vs, int* is) {
-    v = vs;
-    i = is;
-    count = 0;
-    tau_v = -Inf();
-    tau_i = 0x7FFFFFFF;
-  }
-
-  // Keeps the best k of the buffer, sorted, at its start. Out of line: it
-  // runs a few times per row, and inlined at every offer it bloated the main
-  // loop past the instruction cache (measured 10x slower).
-  __device__ __noinline__ void Compact(int k, int lane) {
-    __syncwarp();
-    float ev[kPerLane];
-    int ei[kPerLane], er[kPerLane];
-#pragma unroll
-    for (int u = 0; u < kPerLane; ++u) {
-      const int e = lane + 32 * u;
-      ev[u] = e < count ? v[e] : 0.0f;
-      ei[u] = e < count ? i[e] : 0;
-      er[u] = 0;
-    }
-    for (int f = 0; f < count; ++f) {
-      const float fv = v[f];
-      const int fi = i[f];
-#pragma unroll
-      for (int u = 0; u < kPerLane; ++u) er[u] += Better(fv, fi, ev[u], ei[u]);
-    }
-    __syncwarp();
-#pragma unroll
-    for (int u = 0; u < kPerLane; ++u) {
-      if (lane + 32 * u < count && er[u] < k) {
-        v[er[u]] = ev[u];
-        i[er[u]] = ei[u];
-      }
-    }
-    __syncwarp();
-    count = min(count, k);
-    if (count == k) {
-      tau_v = v[k - 1];
-      tau_i = i[k - 1];
-    }
-  }
-
-  // Every lane offers (x, idx) if `valid`; all lanes of the warp must call.
-  __device__ __forceinline__ void Offer(float x, int idx, bool valid, int k, int lane) {
-    const bool pass = valid && Better(x, idx, tau_v, tau_i);
-    const unsigned m = __ballot_sync(kFull, pass);
-    if (m == 0) return;
-    if (pass) {
-      const int pos = count + __popc(m & ((1u << lane) - 1u));
-      v[pos] = x;
-      i[pos] = idx;
-    }
-    count += __popc(m);
-    if (count > kCap - 32) Compact(k, lane);
-  }
-};
-
-// Float64 sums of one side's softmax weights w = exp(x - M): s = sum w,
 // t = sum w (x - M), e = sum w e_i, g = sum w g(+-e_i).
 struct SideSums {
   double s, t, e, g;
@@ -336,57 +214,6 @@ __device__ __noinline__ SideSums Rescale(SideSums x, double shift /* M - m < 0 *
   x.e *= scale;
   x.g *= scale;
   return x;
-}
-
-// Deterministic block reductions through shared memory (fixed tree).
-__device__ double BlockSum(double x, double* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(kFull, x, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = x;
-  __syncthreads();
-  double total = 0;
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < kWarps; ++w) total += scratch[w];
-    scratch[kWarps] = total;
-  }
-  __syncthreads();
-  return scratch[kWarps];
-}
-
-__device__ float BlockMax(float x, float* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_down_sync(kFull, x, o));
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = x;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float m = scratch[0];
-    for (int w = 1; w < kWarps; ++w) m = fmaxf(m, scratch[w]);
-    scratch[kWarps] = m;
-  }
-  __syncthreads();
-  return scratch[kWarps];
-}
-
-__device__ float BlockMin(float x, float* scratch) { return -BlockMax(-x, scratch); }
-
-__device__ unsigned long long BlockCount(unsigned long long x, unsigned long long* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(kFull, x, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = x;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned long long t = 0;
-    for (int w = 0; w < kWarps; ++w) t += scratch[w];
-    scratch[kWarps] = t;
-  }
-  __syncthreads();
-  return scratch[kWarps];
 }
 
 // (1+u) log(1+u) + (1-u) log(1-u), as JsKernel on the CPU.
@@ -421,7 +248,7 @@ __device__ __noinline__ float2 FarTerms(float e, float xa, float xb, float pa, f
 // (an L1 hit) instead of indexing the group's registers at run time. Every
 // lane of the warp calls it.
 template <typename T>
-__device__ __noinline__ void OfferMasked(WarpTopK& top, const T* row, size_t warp_base,
+__device__ __noinline__ void OfferMasked(RowTopK& top, const T* row, size_t warp_base,
                                          unsigned mask, int k, int lane) {
   while (__any_sync(kFull, mask != 0)) {
     const int j = mask ? __ffs(mask) - 1 : 0;
@@ -432,35 +259,69 @@ __device__ __noinline__ void OfferMasked(WarpTopK& top, const T* row, size_t war
   }
 }
 
+// Top-k for one side's group: offered only if the group's maximum can enter
+// the warp's list, then only its elements that can. Inlined, so `v` stays in
+// registers. (Indices fit in int: vocab < 2^31 is checked on the host.)
+template <typename T>
+__device__ __forceinline__ void OfferGroup(RowTopK& top, const T* row, const float (&v)[kGroup],
+                                           float gmax, size_t wb, int n, int k, int lane) {
+  if (!__any_sync(kFull, gmax >= top.tau_v)) return;
+  const int wb32 = static_cast<int>(wb);
+  unsigned mask = 0;
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) {
+    const int i = wb32 + (j / kVec) * 32 * kVec + lane * kVec + j % kVec;
+    mask |= static_cast<unsigned>(i < n && Better(v[j], i, top.tau_v, top.tau_i)) << j;
+  }
+  OfferMasked(top, row, wb, mask, k, lane);
+}
+
 // Float32 sums of one group (kGroup element pairs of one thread) before they
 // are added to the float64 accumulators, and its extremes and counts.
 struct GroupSums {
   float abs, d2, x, na, nb, sa, sb, ta, tb, ea, eb, g, h;
   float max_abs, e_max, e_min;
   unsigned both_masked, a_only, b_only, bad_a, bad_b;
+
+  // One element's softmax weights pa, pb and their first moments.
+  __device__ __forceinline__ void AddWeights(float pa, float pb, float xa, float xb, float e) {
+    sa += pa;
+    sb += pb;
+    ta = fmaf(pa, xa, ta);
+    tb = fmaf(pb, xb, tb);
+    ea = fmaf(pa, e, ea);
+    eb = fmaf(pb, e, eb);
+  }
 };
 
 // The second-order terms pa g(e), pb g(-e) of one element (see the KL form
 // in row_metrics-inl.h): even and odd series for |e| <= 1/2, else FarTerms.
+// The series stop at e^8/8! and e^9/9!: the first term left out, e^10/10!,
+// is below 2.7e-10 at |e| = 1/2, a relative 2.6e-9 of g(1/2) = 0.1065, under
+// float32 rounding (two terms fewer per side than the first version).
+// (even, odd) parts of g's series: g(e) = even - odd, g(-e) = even + odd,
+// with even = sum e^2j/(2j)! (j >= 1) and odd = sum e^(2j+1)/(2j+1)!.
+__device__ __forceinline__ float2 GSeries(float e) {
+  const float u = e * e;
+  float even = 1.0f / 40320;
+  even = fmaf(even, u, 1.0f / 720);
+  even = fmaf(even, u, 1.0f / 24);
+  even = fmaf(even, u, 0.5f);
+  even *= u;
+  float odd = 1.0f / 362880;
+  odd = fmaf(odd, u, 1.0f / 5040);
+  odd = fmaf(odd, u, 1.0f / 120);
+  odd = fmaf(odd, u, 1.0f / 6);
+  odd *= u * e;
+  return make_float2(even, odd);
+}
+
 __device__ __forceinline__ void GTerms(float e, float xa, float xb, float pa, float pb, float& gp,
                                        float& gq) {
   if (fabsf(e) <= 0.5f) {
-    const float u = e * e;
-    float even = 1.0f / 479001600;
-    even = fmaf(even, u, 1.0f / 3628800);
-    even = fmaf(even, u, 1.0f / 40320);
-    even = fmaf(even, u, 1.0f / 720);
-    even = fmaf(even, u, 1.0f / 24);
-    even = fmaf(even, u, 0.5f);
-    even *= u;
-    float odd = 1.0f / 39916800;
-    odd = fmaf(odd, u, 1.0f / 362880);
-    odd = fmaf(odd, u, 1.0f / 5040);
-    odd = fmaf(odd, u, 1.0f / 120);
-    odd = fmaf(odd, u, 1.0f / 6);
-    odd *= u * e;
-    gp = pa * (even - odd);
-    gq = pb * (even + odd);
+    const float2 eo = GSeries(e);
+    gp = pa * (eo.x - eo.y);
+    gq = pb * (eo.x + eo.y);
   } else {
     const float2 r = FarTerms(e, xa, xb, pa, pb);
     gp = r.x;
@@ -478,9 +339,16 @@ __device__ __forceinline__ void GTerms(float e, float xa, float xb, float pa, fl
 constexpr int kAblate = LOGITPARITY_CUDA_ABLATE;
 
 // pa g(e) and pb g(-e) for |e| > 1/2, for the elements of a group where the
-// series does not apply (their series terms were left at 0). Out of line.
-__device__ __noinline__ float2 FarGroup(const float* va, const float* vb, float Ma, float Mb,
-                                        float c0) {
+// series does not apply (their series terms were left at 0). Out of line,
+// and it reloads the group (cache hits) rather than taking the caller's
+// registers by address: an address taken kept every group's values in local
+// memory (16 local stores per group in the hot loop).
+template <typename TA, typename TB>
+__device__ __noinline__ float2 FarGroup(const TA* a, const TB* b, size_t wb, int lane, size_t n,
+                                        float Ma, float Mb, float c0) {
+  float va[kGroup], vb[kGroup];
+  LoadGroup(a, wb, lane, n, false, va);
+  LoadGroup(b, wb, lane, n, false, vb);
   float2 acc = make_float2(0.0f, 0.0f);
   for (int j = 0; j < kGroup; ++j) {
     const float e = va[j] - vb[j] - c0;
@@ -498,8 +366,10 @@ __device__ __noinline__ float2 FarGroup(const float* va, const float* vb, float 
 // common case): every token is live on both sides, so no masks, and the
 // second-order terms take their series without a branch; elements with
 // |e| > 1/2 (none on close rows) are added by FarGroup.
+template <typename TA, typename TB>
 __device__ __forceinline__ void CleanGroup(const float* va, const float* vb, float Ma, float Mb,
-                                           float c0, GroupSums& g) {
+                                           float c0, const TA* a, const TB* b, size_t wb, int lane,
+                                           size_t n, GroupSums& g) {
   bool far = false;
   float gs = 0.0f, hs = 0.0f;
 #pragma unroll
@@ -520,35 +390,17 @@ __device__ __forceinline__ void CleanGroup(const float* va, const float* vb, flo
     const float xa = x - Ma, xb = y - Mb;
     const float pa = (kAblate & 8) ? xa : ExpNonPositive(xa);
     const float pb = (kAblate & 8) ? xb : ExpNonPositive(xb);
-    g.sa += pa;
-    g.sb += pb;
-    g.ta = fmaf(pa, xa, g.ta);
-    g.tb = fmaf(pb, xb, g.tb);
-    g.ea = fmaf(pa, e, g.ea);
-    g.eb = fmaf(pb, e, g.eb);
+    g.AddWeights(pa, pb, xa, xb, e);
     if (!(kAblate & 2)) {
       const bool near = fabsf(e) <= 0.5f;
       far |= !near;
-      const float u = e * e;
-      float even = 1.0f / 479001600;
-      even = fmaf(even, u, 1.0f / 3628800);
-      even = fmaf(even, u, 1.0f / 40320);
-      even = fmaf(even, u, 1.0f / 720);
-      even = fmaf(even, u, 1.0f / 24);
-      even = fmaf(even, u, 0.5f);
-      even *= u;
-      float odd = 1.0f / 39916800;
-      odd = fmaf(odd, u, 1.0f / 362880);
-      odd = fmaf(odd, u, 1.0f / 5040);
-      odd = fmaf(odd, u, 1.0f / 120);
-      odd = fmaf(odd, u, 1.0f / 6);
-      odd *= u * e;
-      gs += near ? pa * (even - odd) : 0.0f;
-      hs += near ? pb * (even + odd) : 0.0f;
+      const float2 eo = GSeries(e);
+      gs += near ? pa * (eo.x - eo.y) : 0.0f;
+      hs += near ? pb * (eo.x + eo.y) : 0.0f;
     }
   }
   if (far) {
-    const float2 r = FarGroup(va, vb, Ma, Mb, c0);
+    const float2 r = FarGroup(a, b, wb, lane, n, Ma, Mb, c0);
     gs += r.x;
     hs += r.y;
   }
@@ -558,10 +410,14 @@ __device__ __forceinline__ void CleanGroup(const float* va, const float* vb, flo
 
 // Any other group: masks, NaN / +inf counts and the row's end, element by
 // element. Out of line (rare for real logits; every group of a masked row).
-__device__ __noinline__ GroupSums DirtyGroup(const float* va, const float* vb, float Ma,
-                                             float Mb, float c0, size_t warp_base, int lane,
-                                             size_t n, GroupSums g) {
+template <typename TA, typename TB>
+__device__ __noinline__ GroupSums DirtyGroup(const TA* a, const TB* b, float Ma, float Mb,
+                                             float c0, size_t warp_base, int lane, size_t n,
+                                             GroupSums g) {
   const float ninf = -Inf(), pinf = Inf();
+  float va[kGroup], vb[kGroup];  // reloaded: see FarGroup
+  LoadGroup(a, warp_base, lane, n, false, va);
+  LoadGroup(b, warp_base, lane, n, false, vb);
   for (int j = 0; j < kGroup; ++j) {
     const bool valid = ElemIndex(warp_base, lane, j) < n;
     const float x = va[j], y = vb[j];
@@ -589,12 +445,7 @@ __device__ __noinline__ GroupSums DirtyGroup(const float* va, const float* vb, f
     const float xa = fa ? x - Ma : 0.0f, xb = fb ? y - Mb : 0.0f;
     const float pa = fa ? ExpNonPositive(xa) : 0.0f;
     const float pb = fb ? ExpNonPositive(xb) : 0.0f;
-    g.sa += pa;
-    g.sb += pb;
-    g.ta = fmaf(pa, xa, g.ta);
-    g.tb = fmaf(pb, xb, g.tb);
-    g.ea = fmaf(pa, e, g.ea);
-    g.eb = fmaf(pb, e, g.eb);
+    g.AddWeights(pa, pb, xa, xb, e);
     float gp, gq;
     GTerms(e, xa, xb, pa, pb, gp, gq);
     g.g += gp;
@@ -656,7 +507,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
-  WarpTopK top_a, top_b;
+  RowTopK top_a, top_b;
   top_a.Init(sh.top_v[0][warp], sh.top_i[0][warp]);
   top_b.Init(sh.top_v[1][warp], sh.top_i[1][warp]);
   const int K = p.kmax;
@@ -667,32 +518,39 @@ __global__ void __launch_bounds__(kThreads, 2)
   unsigned both_masked = 0, a_only = 0, b_only = 0, bad_a = 0, bad_b = 0;
 
   extern __shared__ __align__(16) unsigned char pipe[];
-  auto stage_a = [&](size_t step) { return pipe + (step % kStages) * 2 * kStageBytes; };
-  auto stage_b = [&](size_t step) { return pipe + (step % kStages) * 2 * kStageBytes + kStageBytes; };
-  // Steps whose warp span is whole and aligned go through the pipeline; the
-  // rest (the row's end, misaligned rows) are read directly.
-  auto piped = [&](size_t step) {
-    const size_t wb = step * kStep + static_cast<size_t>(warp) * kWarpSpan;
-    return aligned && wb + kWarpSpan <= n;
-  };
-  auto issue = [&](size_t step) {
-    if (step * kStep < n && piped(step)) {
-      const size_t begin = step * kStep, wb = begin + static_cast<size_t>(warp) * kWarpSpan;
-      CopyGroupAsync(stage_a(step), a, begin, wb, lane);
-      CopyGroupAsync(stage_b(step), b, begin, wb, lane);
+  // Element offsets within a row fit in 32 bits (vocab < 2^31 is checked on
+  // the host); `span_end`: the last step whose warp span is whole, so steps
+  // before it go through the pipeline and the rest (the row's end, misaligned
+  // rows) are read directly.
+  const unsigned n32 = static_cast<unsigned>(n);
+  const unsigned lane_elem = static_cast<unsigned>(warp * kWarpSpan + lane * kVec);
+  const unsigned warp_elem = static_cast<unsigned>(warp * kWarpSpan);
+  const unsigned piped_steps =
+      aligned && n32 >= warp_elem + kWarpSpan ? (n32 - warp_elem - kWarpSpan) / kStep + 1 : 0;
+  const TA* a_lane = a + lane_elem;
+  const TB* b_lane = b + lane_elem;
+  const unsigned pipe_sh = static_cast<unsigned>(__cvta_generic_to_shared(pipe));
+  const unsigned off_a = LaneStageOffset<TA>(warp, lane);
+  const unsigned off_b = kStageBytes + LaneStageOffset<TB>(warp, lane);
+  auto issue = [&](unsigned step) {
+    if (step < piped_steps) {
+      const unsigned stage = pipe_sh + (step % kStages) * 2 * kStageBytes;
+      CopyGroupAsync(stage + off_a, a_lane + step * kStep);
+      CopyGroupAsync(stage + off_b, b_lane + step * kStep);
     }
     CommitAsync();  // one group per step, empty or not, so the counts line up
   };
   for (int st = 0; st < kStages - 1; ++st) issue(st);
 
-  for (size_t begin = 0, step = 0; begin < n; begin += kStep, ++step) {
-    const size_t wb = begin + static_cast<size_t>(warp) * kWarpSpan;
+  for (unsigned begin = 0, step = 0; begin < n32; begin += kStep, ++step) {
+    const size_t wb = begin + warp_elem;
     issue(step + kStages - 1);
     asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 1));
     float va[kGroup], vb[kGroup];
-    if (piped(step)) {
-      ReadGroupShared<TA>(stage_a(step), begin, wb, lane, va);
-      ReadGroupShared<TB>(stage_b(step), begin, wb, lane, vb);
+    if (step < piped_steps) {
+      const unsigned char* stage = pipe + (step % kStages) * 2 * kStageBytes;
+      ReadGroupShared<TA>(stage + off_a, va);
+      ReadGroupShared<TB>(stage + off_b, vb);
     } else {
       LoadGroup(a, wb, lane, n, false, va);
       LoadGroup(b, wb, lane, n, false, vb);
@@ -707,27 +565,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       suma += va[j];
       sumb += vb[j];
     }
-    // Top-k: offer a group only if its maximum can enter the warp's list,
-    // then only its elements that can.
-    // (Indices fit in int: vocab < 2^31 is checked on the host.)
-    const int wb32 = static_cast<int>(wb), n32 = static_cast<int>(n);
-    if (!(kAblate & 1) && __any_sync(kFull, ga >= top_a.tau_v)) {
-      unsigned mask = 0;
-#pragma unroll
-      for (int j = 0; j < kGroup; ++j) {
-        const int i = wb32 + (j / kVec) * 32 * kVec + lane * kVec + j % kVec;
-        mask |= static_cast<unsigned>(i < n32 && Better(va[j], i, top_a.tau_v, top_a.tau_i)) << j;
-      }
-      OfferMasked(top_a, a, wb, mask, K, lane);
-    }
-    if (!(kAblate & 1) && __any_sync(kFull, gb >= top_b.tau_v)) {
-      unsigned mask = 0;
-#pragma unroll
-      for (int j = 0; j < kGroup; ++j) {
-        const int i = wb32 + (j / kVec) * 32 * kVec + lane * kVec + j % kVec;
-        mask |= static_cast<unsigned>(i < n32 && Better(vb[j], i, top_b.tau_v, top_b.tau_i)) << j;
-      }
-      OfferMasked(top_b, b, wb, mask, K, lane);
+    if (!(kAblate & 1)) {
+      OfferGroup(top_a, a, va, ga, wb, static_cast<int>(n), K, lane);
+      OfferGroup(top_b, b, vb, gb, wb, static_cast<int>(n), K, lane);
     }
     if (ga > Ma) {
       if (Ma > ninf) A = Rescale(A, static_cast<double>(Ma) - ga);
@@ -739,9 +579,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     GroupSums g{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, max_abs, e_max, e_min, 0, 0, 0, 0, 0};
     if (fabsf(suma) < pinf && fabsf(sumb) < pinf) {
-      CleanGroup(va, vb, Ma, Mb, c0, g);
+      CleanGroup(va, vb, Ma, Mb, c0, a, b, wb, lane, n, g);
     } else {
-      g = DirtyGroup(va, vb, Ma, Mb, c0, wb, lane, n, g);
+      g = DirtyGroup(a, b, Ma, Mb, c0, wb, lane, n, g);
       both_masked += g.both_masked;
       a_only += g.a_only;
       b_only += g.b_only;
@@ -777,7 +617,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Warp s (0: reference, 1: candidate) merges the other warps' lists of
   // side s into its own; the results are at [0][0] and [1][1].
   if (warp < 2) {
-    WarpTopK& t = warp == 0 ? top_a : top_b;
+    RowTopK& t = warp == 0 ? top_a : top_b;
     for (int w = 0; w < kWarps; ++w) {
       if (w == warp) continue;
       const int c = sh.top_count[warp][w];
@@ -958,29 +798,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-void Check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("CUDA error in ") + what + ": " +
-                             cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
-  }
-}
-
-// The device that holds `ptr`; std::invalid_argument for host memory.
-int DeviceOf(const void* ptr, const char* name) {
-  cudaPointerAttributes attr;
-  const cudaError_t err = cudaPointerGetAttributes(&attr, ptr);
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky-free error state
-    throw std::invalid_argument(std::string(name) + " is not a CUDA device pointer (" +
-                                cudaGetErrorString(err) + ")");
-  }
-  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
-    throw std::invalid_argument(std::string(name) +
-                                " is host memory, not device memory; pass a CUDA array or use "
-                                "the CPU kernels");
-  }
-  return attr.device;
-}
 
 template <typename TA, typename TB>
 void Launch(const RowsView& ref, const RowsView& cand, const int64_t* targets, const Params& p,
@@ -1004,39 +821,6 @@ void LaunchB(const RowsView& ref, const RowsView& cand, const int64_t* targets, 
   }
 }
 
-// Restores the calling thread's current device on exit.
-struct DeviceGuard {
-  int saved = -1;
-  explicit DeviceGuard(int device) {
-    Check(cudaGetDevice(&saved), "cudaGetDevice");
-    if (saved != device) Check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    int now = -1;
-    if (cudaGetDevice(&now) == cudaSuccess && now != saved && saved >= 0) cudaSetDevice(saved);
-  }
-};
-
-std::mutex& ScratchMutex() {
-  static std::mutex mu;
-  return mu;
-}
-
-// At least `bytes` of device memory on `device` (current), kept between
-// calls; call with ScratchMutex held.
-void* DeviceScratch(int device, size_t bytes) {
-  static std::vector<std::pair<void*, size_t>> buffers;
-  if (buffers.size() <= static_cast<size_t>(device)) buffers.resize(device + 1, {nullptr, 0});
-  auto& buf = buffers[device];
-  if (buf.second < bytes) {
-    if (buf.first) Check(cudaFree(buf.first), "cudaFree");
-    buf = {nullptr, 0};
-    const size_t size = std::max<size_t>(bytes, size_t{1} << 20);
-    Check(cudaMalloc(&buf.first, size), "cudaMalloc");
-    buf.second = size;
-  }
-  return buf.first;
-}
 
 }  // namespace
 

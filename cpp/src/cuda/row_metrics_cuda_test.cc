@@ -14,26 +14,12 @@
 #include <vector>
 
 #include "logitparity/cuda.h"
+#include "src/cuda/cuda_test_util.h"
 #include "src/reference.h"
 #include "src/test_util.h"
 
 namespace logitparity {
 namespace {
-
-#define SKIP_WITHOUT_GPU()                                         \
-  do {                                                             \
-    if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";  \
-  } while (0)
-
-// A device copy of a host buffer, freed on scope exit.
-struct DeviceBuffer {
-  void* ptr = nullptr;
-  explicit DeviceBuffer(const void* host, size_t bytes) {
-    EXPECT_EQ(cudaSuccess, cudaMalloc(&ptr, bytes + 64));
-    EXPECT_EQ(cudaSuccess, cudaMemcpy(ptr, host, bytes, cudaMemcpyHostToDevice));
-  }
-  ~DeviceBuffer() { cudaFree(ptr); }
-};
 
 // One row pair through the CUDA kernel; misalignment is kept (the device
 // buffer holds the TypedRow's bytes with the same offset).

@@ -43,8 +43,9 @@ def _grad_off(fn):
 
 @dataclasses.dataclass
 class Generated:
-    """One prompt's output. ``logits``: [n, vocab] raw logits on the CPU, row
-    j the vector token j was chosen from (or, scoring, that predicts it)."""
+    """One prompt's output. ``logits``: [n, vocab] raw logits on the model's
+    device, row j the vector token j was chosen from (or, scoring, that
+    predicts it)."""
 
     tokens: list[int]
     logits: torch.Tensor
@@ -131,7 +132,9 @@ def generate_batch(
     for step in range(max_new_tokens):
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True,
                     logits_to_keep=1, **{cache_kw: cache})
-        logits = out.logits[:, -1, :].to("cpu")
+        # Rows stay where the model ran: on a GPU, the dump's kernels read
+        # them there and only what it stores crosses to the host.
+        logits = out.logits[:, -1, :]
         if sampler is None:
             nxt = torch.argmax(logits, dim=-1).tolist()  # first index on ties
         else:
@@ -177,7 +180,7 @@ def score_batch(
 ) -> list[torch.Tensor]:
     """Teacher-forced logits: for each (prompt, continuation) one forward pass
     over prompt + continuation[:-1]; returns [len(continuation), vocab] on the
-    CPU, row j predicting continuation[j]. Only the needed positions are
+    model's device, row j predicting continuation[j]. Only the needed positions are
     projected to the vocabulary."""
     seqs = [list(p) + list(c[:-1]) for p, c in zip(prompts, continuations)]
     keep = max(len(c) for c in continuations)
@@ -187,5 +190,5 @@ def score_batch(
     input_ids, mask = _left_pad(seqs, pad_id, device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=keep)
-    logits = out.logits.to("cpu")
+    logits = out.logits  # on the model's device (see generate_batch)
     return [logits[b, keep - len(c):, :] for b, c in enumerate(continuations)]

@@ -1,0 +1,300 @@
+// Device and host helpers shared by the CUDA kernels of the core
+// (row_metrics_cuda.cu, rows_cuda.cu): element loaders for float32, float16
+// and bfloat16 rows, the per-warp top-k list, fixed-tree block reductions, and
+// the host-side error, device and scratch-buffer helpers. Every kernel uses
+// blocks of kThreads threads, one block per row.
+#ifndef LOGITPARITY_SRC_CUDA_CUDA_COMMON_CUH_
+#define LOGITPARITY_SRC_CUDA_CUDA_COMMON_CUH_
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace logitparity {
+namespace cuda_internal {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFull = 0xFFFFFFFFu;
+
+__device__ __forceinline__ float Inf() { return __int_as_float(0x7F800000); }
+
+template <typename T>
+struct Loader;
+
+struct Bf16;
+template <typename T>
+struct IsBf16 {
+  static constexpr bool value = false;
+};
+template <>
+struct IsBf16<Bf16> {
+  static constexpr bool value = true;
+};
+
+template <>
+struct Loader<float> {
+  static constexpr int kAlign = 16;
+  __device__ static float One(const float* p, size_t i) { return __ldg(p + i); }
+  __device__ static void Vec(const float* p, size_t i, float* out) {
+    const float4 x = __ldg(reinterpret_cast<const float4*>(p + i));
+    out[0] = x.x;
+    out[1] = x.y;
+    out[2] = x.z;
+    out[3] = x.w;
+  }
+};
+
+// bfloat16 storage (its bits; converted by shifting into a float). The member
+// gives it its 2-byte size, which the row pointer arithmetic relies on.
+struct Bf16 {
+  unsigned short bits;
+};
+
+__device__ __forceinline__ float Bf16ToF32(unsigned short h) {
+  return __uint_as_float(static_cast<unsigned>(h) << 16);
+}
+
+template <>
+struct Loader<__half> {
+  static constexpr int kAlign = 8;
+  __device__ static float One(const __half* p, size_t i) { return __half2float(p[i]); }
+  __device__ static void Vec(const __half* p, size_t i, float* out) {
+    const uint2 x = __ldg(reinterpret_cast<const uint2*>(p + i));
+    out[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x)));
+    out[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x >> 16)));
+    out[2] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.y)));
+    out[3] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.y >> 16)));
+  }
+};
+
+template <>
+struct Loader<Bf16> {
+  static constexpr int kAlign = 8;
+  __device__ static float One(const Bf16* p, size_t i) {
+    return Bf16ToF32(__ldg(reinterpret_cast<const unsigned short*>(p) + i));
+  }
+  __device__ static void Vec(const Bf16* p, size_t i, float* out) {
+    const uint2 x = __ldg(reinterpret_cast<const uint2*>(p + i));
+    out[0] = __uint_as_float(x.x << 16);
+    out[1] = __uint_as_float(x.x & 0xFFFF0000u);
+    out[2] = __uint_as_float(x.y << 16);
+    out[3] = __uint_as_float(x.y & 0xFFFF0000u);
+  }
+};
+
+// One thread's group of a step (layout above); beyond n elements read as
+// -inf (a token masked on both sides: neutral for every sum, never offered
+// to top-k). `full`: the warp's whole span is inside the row and the row is
+
+// (v, i) ranks before (w, j): larger value, or equal value and lower index.
+__device__ __forceinline__ bool Better(float v, int i, float w, int j) {
+  return v > w || (v == w && i < j);
+}
+
+// The top-k state of one warp for one side: a shared buffer, its fill count
+// and the current k-th entry (the admission threshold), all warp-uniform.
+template <int kCap>
+struct WarpTopK {
+  static constexpr int kPerLane = kCap / 32;
+  // After a compaction the list holds k entries and the next ballot adds up
+  // to 32: k <= kCap - 32 keeps every append inside the buffer.
+  static constexpr int kMaxK = kCap - 32;
+  float* v;
+  int* i;
+  int count;
+  float tau_v;
+  int tau_i;
+
+  __device__ void Init(float* vs, int* is) {
+    v = vs;
+    i = is;
+    count = 0;
+    tau_v = -Inf();
+    tau_i = 0x7FFFFFFF;
+  }
+
+  // Keeps the best k of the buffer, sorted, at its start. Out of line: it
+  // runs a few times per row, and inlined at every offer it bloated the main
+  // loop past the instruction cache (measured 10x slower). Ranks are counted
+  // over the filled slots only (two per lane while at most 64 wait, three
+  // up to 96).
+  __device__ __noinline__ void Compact(int k, int lane) {
+    if (count <= 64) {
+      CompactUpTo<2>(k, lane);
+    } else if (count <= 96) {
+      CompactUpTo<3>(k, lane);
+    } else {
+      CompactUpTo<kPerLane>(k, lane);
+    }
+  }
+
+  template <int kU>
+  __device__ __forceinline__ void CompactUpTo(int k, int lane) {
+    __syncwarp();
+    float ev[kU];
+    int ei[kU], er[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int e = lane + 32 * u;
+      ev[u] = e < count ? v[e] : 0.0f;
+      ei[u] = e < count ? i[e] : 0;
+      er[u] = 0;
+    }
+    for (int f = 0; f < count; ++f) {
+      const float fv = v[f];
+      const int fi = i[f];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) er[u] += Better(fv, fi, ev[u], ei[u]);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      if (lane + 32 * u < count && er[u] < k) {
+        v[er[u]] = ev[u];
+        i[er[u]] = ei[u];
+      }
+    }
+    __syncwarp();
+    count = min(count, k);
+    if (count == k) {
+      tau_v = v[k - 1];
+      tau_i = i[k - 1];
+    }
+  }
+
+  // Every lane offers (x, idx) if `valid`; all lanes of the warp must call.
+  __device__ __forceinline__ void Offer(float x, int idx, bool valid, int k, int lane) {
+    const bool pass = valid && Better(x, idx, tau_v, tau_i);
+    const unsigned m = __ballot_sync(kFull, pass);
+    if (m == 0) return;
+    if (pass) {
+      const int pos = count + __popc(m & ((1u << lane) - 1u));
+      v[pos] = x;
+      i[pos] = idx;
+    }
+    count += __popc(m);
+    // Compacting once k + max(16, 3k/2) entries wait, not only when the
+    // buffer is nearly full, keeps the admission threshold (the k-th entry)
+    // fresh: with a stale one, every entry above the k-th of what was seen at
+    // the last compaction is appended, and on the H200 (512 x 151936, k = 10)
+    // the offers then took more instructions than the row's arithmetic.
+    // Fewer waiting entries mean more (cheaper) compactions: about 1.5 k
+    // balances the two (a cost model of appends and rank counting).
+    if (count > min(kCap - 32, k + max(16, 3 * k / 2))) Compact(k, lane);
+  }
+};
+
+// Float64 sums of one side's softmax weights w = exp(x - M): s = sum w,
+
+// Deterministic block reductions through shared memory (fixed tree): warp
+// shuffles, then thread 0 folds the warps' partials in order. Every thread
+// of the block must call; all get the result.
+template <typename T, typename Op>
+__device__ __forceinline__ T BlockReduce(T x, T* scratch, Op op) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_down_sync(kFull, x, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    T total = scratch[0];
+    for (int w = 1; w < kWarps; ++w) total = op(total, scratch[w]);
+    scratch[kWarps] = total;
+  }
+  __syncthreads();
+  return scratch[kWarps];
+}
+
+struct AddOp {
+  template <typename T>
+  __device__ T operator()(T x, T y) const { return x + y; }
+};
+struct MaxOp {
+  __device__ float operator()(float x, float y) const { return fmaxf(x, y); }
+};
+
+__device__ inline double BlockSum(double x, double* scratch) {
+  return BlockReduce(x, scratch, AddOp());
+}
+__device__ inline float BlockMax(float x, float* scratch) {
+  return BlockReduce(x, scratch, MaxOp());
+}
+__device__ inline float BlockMin(float x, float* scratch) { return -BlockMax(-x, scratch); }
+__device__ inline unsigned long long BlockCount(unsigned long long x, unsigned long long* scratch) {
+  return BlockReduce(x, scratch, AddOp());
+}
+
+// --- host side ---
+
+inline void Check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("CUDA error in ") + what + ": " +
+                             cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+  }
+}
+
+// The device that holds `ptr`; std::invalid_argument for host memory.
+inline int DeviceOf(const void* ptr, const char* name) {
+  cudaPointerAttributes attr;
+  const cudaError_t err = cudaPointerGetAttributes(&attr, ptr);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error state
+    throw std::invalid_argument(std::string(name) + " is not a CUDA device pointer (" +
+                                cudaGetErrorString(err) + ")");
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
+    throw std::invalid_argument(std::string(name) +
+                                " is host memory, not device memory; pass a CUDA array or use "
+                                "the CPU kernels");
+  }
+  return attr.device;
+}
+
+// Restores the calling thread's current device on exit.
+struct DeviceGuard {
+  int saved = -1;
+  explicit DeviceGuard(int device) {
+    Check(cudaGetDevice(&saved), "cudaGetDevice");
+    if (saved != device) Check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int now = -1;
+    if (cudaGetDevice(&now) == cudaSuccess && now != saved && saved >= 0) cudaSetDevice(saved);
+  }
+};
+
+// One mutex for the scratch buffers of every kernel entry point.
+inline std::mutex& ScratchMutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+// At least `bytes` of device memory on `device` (current), kept between
+// calls; call with ScratchMutex held.
+inline void* DeviceScratch(int device, size_t bytes) {
+  static std::vector<std::pair<void*, size_t>> buffers;
+  if (buffers.size() <= static_cast<size_t>(device)) buffers.resize(device + 1, {nullptr, 0});
+  auto& buf = buffers[device];
+  if (buf.second < bytes) {
+    if (buf.first) Check(cudaFree(buf.first), "cudaFree");
+    buf = {nullptr, 0};
+    const size_t size = std::max<size_t>(bytes, size_t{1} << 20);
+    Check(cudaMalloc(&buf.first, size), "cudaMalloc");
+    buf.second = size;
+  }
+  return buf.first;
+}
+
+}  // namespace cuda_internal
+}  // namespace logitparity
+
+#endif  // LOGITPARITY_SRC_CUDA_CUDA_COMMON_CUH_
