@@ -55,6 +55,7 @@ _LAZY = {
     "compare_layers": "logitparity.layers",
     "LayerComparison": "logitparity.layers",
     "stats_of": "logitparity.diagnostics",
+    "sensitivity_map": "logitparity.sensitivity",
     "ablate": "logitparity.diagnostics",
     "ModelStats": "logitparity.diagnostics",
     "assert_logits_match": "logitparity.testing",
