@@ -1,0 +1,69 @@
+"""Old vs new C++ core in one run: the fused row comparison of two builds of
+logitparity._core (each a path to its .so), alternated so that both see the
+same machine state. Prints rows/s (best of --repeat) per shape and JS setting.
+
+    python benchmarks/ab_core.py OLD/_core*.so NEW/_core*.so --threads 16 --rounds 5
+
+Build a module from another commit with
+    git archive COMMIT | tar -x -C /tmp/old && cmake -S /tmp/old -B /tmp/b-old -DLOGITPARITY_PYTHON=ON \\
+        -DLOGITPARITY_CUDA=OFF -Dpybind11_DIR=$(python3 -m pybind11 --cmakedir) && cmake --build /tmp/b-old --target _core
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SHAPES = ((512, 151936), (2048, 49152))
+
+
+def measure(path: str, repeat: int, threads: int) -> list[float]:
+    spec = importlib.util.spec_from_file_location("_core", path)
+    core = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(core)
+    out = []
+    for rows, vocab in SHAPES:
+        rng = np.random.default_rng(0)
+        a = (rng.normal(size=(rows, vocab)) * 2.5 + 4).astype(np.float32)
+        b = (a + 0.05 * rng.normal(size=a.shape)).astype(np.float32)
+        t = rng.integers(0, vocab, size=rows).astype(np.int64)
+        for js in (False, True):
+            best = float("inf")
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                core.compare_rows(a, False, b, False, t, [1, 5, 10], js, threads)
+                best = min(best, time.perf_counter() - t0)
+            out.append(rows / best)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("old")
+    ap.add_argument("new")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--one", metavar="PATH", help=argparse.SUPPRESS)  # a child process: one module
+    args = ap.parse_args()
+    cols = [f"{r}x{v} {'js' if js else 'no js'}" for r, v in SHAPES for js in (False, True)]
+    best = {"old": [0.0] * len(cols), "new": [0.0] * len(cols)}
+    print(f"threads={args.threads}; rows/s, best of {args.repeat} per round; " + " | ".join(cols))
+    for i in range(args.rounds):
+        for name in ("old", "new"):  # each build in its own process: one _core per process
+            code = (f"import sys; sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r}); import ab_core; "
+                    f"print(ab_core.measure({getattr(args, name)!r}, {args.repeat}, {args.threads}))")
+            got = eval(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                      text=True).stdout)
+            best[name] = [max(x, y) for x, y in zip(best[name], got)]
+            print(f"round {i + 1} {name}: " + " | ".join(f"{x:,.0f}" for x in got))
+    print("best new/old: " + " | ".join(f"{n / o:.3f}" for n, o in zip(best["new"], best["old"])))
+
+
+if __name__ == "__main__":
+    main()
