@@ -8,6 +8,9 @@ decoder layers), one torch thread, in one run:
    channels and among the systematic outliers (over the cut at >= 50% of the
    positions), and the ablation ranking of the top --ablate systematic
    outliers (zero mode), with its time.
+3. The same plant against the untouched model (``outlier_shift``): the
+   channels whose max |x| grew past SHIFT_FACTOR, the plant's rank among
+   them, and the ablation ranking of the top --ablate of them.
 
     python benchmarks/bench_stats.py
     python benchmarks/bench_stats.py --layer 10 --ablate 5 --limit 4
@@ -68,12 +71,32 @@ def main() -> None:
         t0 = time.perf_counter()
         a = D.ablate(lm, p, args.ablate, systematic=True)
         t_a = time.perf_counter() - t0
+        from logitparity.capture.sites import site_module
+
+        shifts = D.outlier_shift(s, p)  # s: the untouched model on the same prompts
+        rank_shift = next((i for i, x in enumerate(shifts, 1) if (x.key, x.channel) == (site, OUTLIER_CHANNEL)), None)
+        chans = [(x.key, x.channel) for x in shifts if site_module(x.key)[1] in ("input", "output")][:args.ablate]
+        t0 = time.perf_counter()
+        b = D.ablate(lm, p, channels=chans) if chans else None
+        t_b = time.perf_counter() - t0
     print(f"ablation of the top {len(a.rows)} systematic outliers (zero) in {t_a:.1f} s ({a.positions} positions):")
     print("| rank | site | channel | mean KL (nats) | ΔPPL |")
     print("|---|---|---|---|---|")
     for i, r in enumerate(a.rows, 1):
         mark = " (planted)" if (r.key, r.channel) == (site, OUTLIER_CHANNEL) else ""
         print(f"| {i} | `{r.key}`{mark} | {r.channel} | {r.kl.mean:.4g} ± {r.kl.se:.2g} | {r.delta_ppl:+.4g} |")
+    print(f"against the untouched model: {len(shifts)} channels grew past {D.SHIFT_FACTOR:g}x; the plant ranks "
+          f"{rank_shift}")
+    for i, x in enumerate(shifts[:5], 1):
+        mark = " (planted)" if (x.key, x.channel) == (site, OUTLIER_CHANNEL) else ""
+        print(f"  {i}: {x.key}{mark} channel {x.channel}: {x.ref_max_abs:.4g} -> {x.cand_max_abs:.4g} ({x.ratio:.2f}x)")
+    if b is not None:
+        print(f"ablation of the top {len(b.rows)} grown channels (zero) in {t_b:.1f} s:")
+        print("| rank | site | channel | mean KL (nats) | ΔPPL |")
+        print("|---|---|---|---|---|")
+        for i, r in enumerate(b.rows, 1):
+            mark = " (planted)" if (r.key, r.channel) == (site, OUTLIER_CHANNEL) else ""
+            print(f"| {i} | `{r.key}`{mark} | {r.channel} | {r.kl.mean:.4g} ± {r.kl.se:.2g} | {r.delta_ppl:+.4g} |")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,49 @@ def test_stats_writes_report_json_and_plot(tiny_model_dir, tmp_path, capsys):
     assert (out / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def _planted_copy(model_dir, tmp_path):
+    """The tiny model with channel OUTLIER_CHANNEL of layer 1's MLP input x50 (the
+    mlp_input_outlier plant, through post_attention_layernorm's weight), saved as a model directory."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from logitparity.capture.plants import OUTLIER_CHANNEL, OUTLIER_SCALE
+
+    out = tmp_path / "planted"
+    shutil.copytree(model_dir, out)
+    (f,) = out.glob("*.safetensors")
+    w = load_file(str(f))
+    w["model.layers.1.post_attention_layernorm.weight"][OUTLIER_CHANNEL] *= OUTLIER_SCALE
+    save_file(w, str(f), metadata={"format": "pt"})
+    return str(out), OUTLIER_CHANNEL
+
+
+def test_stats_against_a_reference_names_and_ablates_the_grown_channel(tiny_model_dir, tmp_path, capsys):
+    cand, ch = _planted_copy(tiny_model_dir, tmp_path)
+    rc = main(["stats", "--model", cand, "--against", tiny_model_dir, "--prompts", _prompts(tmp_path),
+               "--ablate", "2", "--no-weights", "--json", str(tmp_path / "s.json"), "--report", str(tmp_path / "s.md"),
+               "--torch-threads", "1"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert f"channels grew past the factor; the most: model.layers.1.mlp:input channel {ch}," in text
+    d = json.loads((tmp_path / "s.json").read_text())
+    assert (d["shifts"][0]["key"], d["shifts"][0]["channel"]) == ("model.layers.1.mlp:input", ch)
+    assert d["shifts"][0]["ratio"] == pytest.approx(50.0, rel=1e-5)
+    assert (d["ablation"]["ranking"][0]["key"], d["ablation"]["ranking"][0]["channel"]) == ("model.layers.1.mlp:input", ch)
+    md = (tmp_path / "s.md").read_text()
+    assert "## Channels that grew against the reference (> 4× its max |x|)" in md
+    assert f"| 1 | `model.layers.1.mlp:input` | 1 | {ch} |" in md
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["--shift-factor", "3"], "--shift-factor 3 applies to a comparison with --against REF; add --against or drop it"),
+    (["--against", "default", "--shift-factor", "1"], "--shift-factor must be a number > 1 (how many times a "
+                                                      "channel's max |x| must grow against the reference), got 1; "
+                                                      "the default is 4"),
+    (["--against", "default", "--ablate-systematic"], "--ablate-systematic picks the candidate's own systematic "
+                                                      "outliers; with --against, --ablate ablates the channels that "
+                                                      "grew: drop one of the two"),
     (["--limit", "0"], "--limit must be an integer >= 1 (the first N prompts), got 0; omit it to use every prompt"),
     (["--ablate", "-1"], "--ablate must be an integer >= 0 (the number of top outlier channels to ablate), got -1; "
                          "use 0 to skip the ablation"),

@@ -357,3 +357,48 @@ def test_ablate_argument_errors(lm, stats):
         D.ablate(lm, stats, channels=[("model.layers.0.mlp:input", 64)])
     with pytest.raises(TypeError, match=r"stats must be the ModelStats of stats_of\(model, ...\), got dict"):
         D.ablate(lm, {}, 1)
+
+
+# ------------------------------------------------------------ against a reference
+
+
+def test_outlier_shift_names_the_planted_channel_and_its_ablation_tops(lm, stats):
+    with planted(lm, "mlp_input_outlier", layer=1):
+        s = D.stats_of(lm, PROMPTS, weights=False)
+        shifts = D.outlier_shift(stats, s)
+        top = shifts[0]
+        assert (top.key, top.layer, top.channel) == (SITE, 1, OUTLIER_CHANNEL)
+        # the ratio, by hand from the two measurements; upstream of the plant nothing moved,
+        # so the planted channel grew by exactly the plant's factor (up to float32 rounding)
+        ref_c, cand_c = stats.activation(SITE).channel_max_abs, s.activation(SITE).channel_max_abs
+        assert top.ratio == pytest.approx(float(cand_c[OUTLIER_CHANNEL]) / float(ref_c[OUTLIER_CHANNEL]), rel=1e-12)
+        assert top.ratio == pytest.approx(50.0, rel=1e-5)
+        # exactly the channels past the factor, over every shared site, by hand
+        want = set()
+        for t in s.activations:
+            if t.key.endswith(".scores"):
+                continue
+            r = np.asarray(stats.activation(t.key).channel_max_abs, np.float64)
+            c = np.asarray(t.channel_max_abs, np.float64)
+            want |= {(t.key, int(i)) for i in np.flatnonzero(c > D.SHIFT_FACTOR * r)}
+        assert {(x.key, x.channel) for x in shifts} == want
+        # forward order, the highest ratio first within a site: the plant's site comes first
+        assert all((a.order, -a.ratio) <= (b.order, -b.ratio) for a, b in zip(shifts, shifts[1:]))
+        from logitparity.capture.sites import site_module
+
+        chans = [(x.key, x.channel) for x in shifts if site_module(x.key)[1] in ("input", "output")][:3]
+        a = D.ablate(lm, s, channels=chans)
+    assert (a.rows[0].key, a.rows[0].channel) == (SITE, OUTLIER_CHANNEL)
+    assert D.outlier_shift(stats, stats) == []  # the model against itself: nothing grew
+
+
+def test_outlier_shift_errors(lm, stats):
+    with pytest.raises(ValueError, match=r"factor must be a number > 1 \(how many times a channel's max \|x\| must "
+                                         r"grow\), got 1"):
+        D.outlier_shift(stats, stats, factor=1)
+    with pytest.raises(TypeError, match=r"ref and cand must be ModelStats from stats_of, got dict and ModelStats"):
+        D.outlier_shift({}, stats)
+    other = D.stats_of(lm, PROMPTS[:2], weights=False, attention=False)
+    with pytest.raises(ValueError, match=r"ref and cand were measured on different tokens .*run stats_of on the "
+                                         r"same prompts"):
+        D.outlier_shift(stats, other)

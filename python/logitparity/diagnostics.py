@@ -57,7 +57,8 @@ import numpy as np
 
 from logitparity.stats import Describe, describe
 
-__all__ = ["ABLATION_MODES", "HEAVY_TAIL_EXCESS_KURTOSIS", "OUTLIER_FACTOR", "SYSTEMATIC_FRACTION", "Ablation", "AblationRow",
+__all__ = ["ABLATION_MODES", "HEAVY_TAIL_EXCESS_KURTOSIS", "OUTLIER_FACTOR", "SHIFT_FACTOR", "SYSTEMATIC_FRACTION",
+           "Ablation", "AblationRow", "ChannelShift", "outlier_shift",
            "ModelStats", "Outlier", "TensorStats", "ablate", "stats_of"]
 
 # A channel is an outlier when its max |x| exceeds this many times the
@@ -69,6 +70,10 @@ OUTLIER_FACTOR = 10.0
 # Excess kurtosis (Pearson kurtosis - 3) above this marks a heavy tail:
 # a Laplace distribution has 3, Student's t with 5 degrees of freedom 6.
 HEAVY_TAIL_EXCESS_KURTOSIS = 10.0
+# outlier_shift: a channel whose max |x| grew more than this many times from
+# the reference to the candidate (a bf16 cast or an int8 round moves a max by
+# well under 2x; a broken scale or layout by far more).
+SHIFT_FACTOR = 4.0
 # An outlier channel over its cut at this share of the positions or more
 # is "systematic" (every token), else token-specific.
 SYSTEMATIC_FRACTION = 0.5
@@ -620,6 +625,60 @@ class Ablation:
 
     def _repr_markdown_(self) -> str:
         return self.to_markdown()
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelShift:
+    """An activation channel whose max |x| grew from the reference to the candidate."""
+
+    key: str
+    layer: int | None
+    channel: int
+    ref_max_abs: float
+    cand_max_abs: float
+    ratio: float  # cand / ref; inf where the reference channel is 0 and the candidate's is not
+    order: int  # the site's place among the candidate's sites (forward order)
+    typical: float  # the candidate tensor's median channel max |x| (ablate's clamp uses it)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _num(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def outlier_shift(ref: ModelStats, cand: ModelStats, *, factor: float = SHIFT_FACTOR) -> list[ChannelShift]:
+    """The activation channels whose max |x| grew more than ``factor`` times
+    from ``ref`` to ``cand`` (stats_of of a reference and a candidate on the
+    same prompts): the outliers a port, a quantization or a bug introduced.
+    A model's own outliers (a first token's massive activations, thousands of
+    times its typical channel) hide a new one in a ranking by size; against
+    the reference they cancel (ratio ~1). In forward order, the highest
+    ratio first within a site: the first entry is where the change enters
+    (later sites carry its consequences, often grown further: a scaled MLP
+    input reaches down_proj's input squared through gate x up). Score sites
+    (per-head extremes, not features) are left out."""
+    if not isinstance(ref, ModelStats) or not isinstance(cand, ModelStats):
+        raise TypeError(f"ref and cand must be ModelStats from stats_of, got {type(ref).__name__} and "
+                        f"{type(cand).__name__}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (math.isfinite(factor) and factor > 1):
+        raise ValueError(f"factor must be a number > 1 (how many times a channel's max |x| must grow), got {factor!r}")
+    if ref.token_ids != cand.token_ids:
+        raise ValueError("ref and cand were measured on different tokens (prompts or tokenizer differ): run stats_of "
+                         "on the same prompts with the same tokenizer for both")
+    ref_by = {t.key: t for t in ref.activations}
+    out = []
+    for order, t in enumerate(cand.activations):
+        r = ref_by.get(t.key)
+        if r is None or t.key.endswith(_NO_OUTLIERS) or r.channel_max_abs.shape != t.channel_max_abs.shape:
+            continue
+        rc = np.asarray(r.channel_max_abs, np.float64)
+        cc = np.asarray(t.channel_max_abs, np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(rc > 0, cc / np.where(rc > 0, rc, 1.0), np.where(cc > 0, np.inf, 1.0))
+        typical = _typical(t)
+        for c in np.flatnonzero(ratio > factor):
+            out.append(ChannelShift(t.key, t.layer, int(c), float(rc[c]), float(cc[c]), float(ratio[c]), order,
+                                    typical))
+    out.sort(key=lambda x: (x.order, -x.ratio, x.channel))
+    return out
 
 
 def ablate(model: Any, stats: ModelStats, n: int = 5, *, mode: str = "zero", channels: Sequence[Any] | None = None,

@@ -166,8 +166,28 @@ def ablation_markdown(a: "Ablation") -> str:
     return "\n".join(L) + "\n"
 
 
-def write_stats_json(s: "ModelStats", path: str | os.PathLike, ablation: "Ablation | None" = None) -> Path:
-    """Every number of ``s`` (and the ablation ranking when given) as JSON."""
+def shift_markdown(shifts: list, ref: str, factor: float, *, max_rows: int = 20) -> str:
+    """The channels whose max |x| grew more than ``factor``x against the reference (outlier_shift)."""
+    L = [f"## Channels that grew against the reference (> {factor:g}× its max |x|)", "",
+         f"Reference `{_cell(ref, 80)}`, the same prompts and tokens; in forward order (the first row is "
+         "where the change enters, later sites carry its consequences), the highest ratio first within a site. "
+         "A channel the reference already has as an outlier cancels here.", "",
+         "| rank | site | layer | channel | reference max \\|x\\| | candidate max \\|x\\| | ratio |",
+         "|---|---|---|---|---|---|---|"]
+    for i, x in enumerate(shifts[:max_rows], 1):
+        L.append(f"| {i} | `{x.key}` | {x.layer} | {x.channel} | {_g(x.ref_max_abs)} | {_g(x.cand_max_abs)} | "
+                 f"{_g(x.ratio, 3)} |")
+    if not shifts:
+        L.append("| — | no channel grew past the factor | | | | | |")
+    elif len(shifts) > max_rows:
+        L.append(f"\n{len(shifts) - max_rows} more in the JSON.")
+    return "\n".join(L) + "\n"
+
+
+def write_stats_json(s: "ModelStats", path: str | os.PathLike, ablation: "Ablation | None" = None,
+                     shifts: "list | None" = None) -> Path:
+    """Every number of ``s`` (and the ablation ranking and the channel shifts
+    against a reference when given) as JSON."""
     from logitparity._fileio import write_text_atomic
 
     from logitparity.report import jsonable  # NaN -> null, ±inf -> "inf"/"-inf"
@@ -175,6 +195,8 @@ def write_stats_json(s: "ModelStats", path: str | os.PathLike, ablation: "Ablati
     d = s.to_dict()
     if ablation is not None:
         d["ablation"] = ablation.to_dict()
+    if shifts is not None:
+        d["shifts"] = [x.to_dict() for x in shifts]
     d = jsonable(d)
     p = Path(path)
     write_text_atomic(p, json.dumps(d, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
