@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from logitparity.compare import compare_dumps
-from logitparity.report import comparison_dict, histogram_bars, render_markdown, worst_prompts, write_report
+from logitparity.report import comparison_dict, histogram_bars, render_markdown, write_report
 
 from test_compare import SPLITS, manifest, peaked_row, planted, record, write_dump
 
@@ -106,7 +106,7 @@ def test_a_faster_passing_candidate_is_a_valid_speedup_and_a_slower_one_is_not(p
 
 def test_worst_prompts_real_divergences_first(planted_dumps):
     c = compare_dumps(*planted_dumps)
-    idx = worst_prompts(c, 8)
+    idx = c.worst_prompts(8)
     # real splits by position (3, 9, 12, 15), then near-ties (0, 5), then by KL
     assert [c.prompts[i].first_divergence for i in idx[:6]] == [3, 9, 12, 15, 0, 5]
     md = c.to_markdown(top_worst=2)

@@ -35,7 +35,7 @@ import numpy as np
 
 from logitparity.drift import REPETITION_N, Drift, StopRank, Unit, answer_tokens, is_valid_json, json_complete_at, repeated_ngrams, token_rank
 from logitparity.dump import TOKENIZER_IDENTITY
-from logitparity.fields import INT_FIELDS, ROW_FIELDS, values as _field_values
+from logitparity.fields import INT_FIELDS, REPORT_FIELDS, ROW_FIELDS, values as _field_values
 from logitparity.metrics import RowMetrics, compare_logits, topk as _topk
 from logitparity.policy import (
     NoiseFloor,
@@ -318,6 +318,18 @@ def auto_decoder(manifest: dict) -> Callable[[Sequence[int]], str] | None:
 # The comparison
 
 
+# Speed and memory figures of Comparison.speed_figures: (label, key of
+# run_speed, unit, higher_is_better).
+SPEED_FIELDS: tuple[tuple[str, str, str, bool], ...] = (
+    ("prefill", "prefill_tokens_per_s", "tokens/s", True),
+    ("decode, per sequence", "decode_tokens_per_s", "tokens/s", True),
+    ("generated tokens over wall time", "tokens_per_s", "tokens/s", True),
+    ("wall time", "wall_s", "s", False),
+    ("peak host memory", "peak_host_bytes", "MiB", False),
+    ("peak GPU memory", "peak_gpu_bytes", "MiB", False),
+)
+
+
 @dataclasses.dataclass
 class Comparison:
     """Everything ``compare_dumps`` measured. Figures are computed from the
@@ -597,6 +609,103 @@ class Comparison:
         if names is None:
             names = list(dict.fromkeys([*standard_metrics(), *(self.policy.metrics() if self.policy else [])]))
         return {n: self.metric(n)[0] for n in names}
+
+    # ------------------------------------------------------------ figures the renderers show
+
+    def token_summaries(self, mask: np.ndarray | None = None) -> dict[str, Any]:
+        """Every per-token figure of the report (fields.REPORT_FIELDS) over the
+        selected positions, as describe records, and the same-top-1 rate."""
+        out = {field: describe(self.token_values(field, mask)).to_dict() for field in REPORT_FIELDS}
+        out["same_top1"] = self.same_top1(mask).to_dict()
+        return out
+
+    def speed_figures(self) -> list[dict[str, Any]]:
+        """Speed and memory of both runs (run_speed): [{"figure", "key",
+        "unit", "higher_is_better", "reference", "candidate", "ratio"}], ratio
+        = candidate / reference (None when either is missing); MiB for memory."""
+        out = []
+        for label, key, unit, better in SPEED_FIELDS:
+            a, b = self.ref_speed.get(key), self.cand_speed.get(key)
+            if a is None and b is None:
+                continue
+            scale = 1 / 2**20 if unit == "MiB" else 1.0
+            a = None if a is None else a * scale
+            b = None if b is None else b * scale
+            ratio = b / a if a and b is not None else None
+            out.append({"figure": label, "key": key, "unit": unit, "higher_is_better": better,
+                        "reference": a, "candidate": b, "ratio": ratio})
+        return out
+
+    def category_figures(self) -> list[dict[str, Any]]:
+        """Per prompt category: prompts, positions, greedy and exact match,
+        the per-token figures and (free-running) the length ratio."""
+        rows = []
+        for cat in self.categories():
+            idx = self.prompt_index(cat)
+            mask = np.isin(self.token_prompt, np.asarray(idx, dtype=np.int64))
+            ps = [self.prompts[i] for i in idx]
+            rows.append({
+                "category": cat,
+                "prompts": len(idx),
+                "positions": int(mask.sum()),
+                "greedy_match": {str(n): rate(sum(p.matches_at(n) for p in ps), len(ps)).to_dict()
+                                 for n in self.n_values},
+                "exact_match": rate(sum(p.identical for p in ps), len(ps)).to_dict(),
+                "tokens": self.token_summaries(mask),
+                "length_ratio": self.length_ratio(idx) if self.mode == "free-running" else None,
+            })
+        return rows
+
+    def drift_figures(self) -> dict[str, Any]:
+        """Behaviour drift figures (docs/report.md, logitparity.drift):
+        entropy and margin shifts, stop-token ranks and the two-sample tests;
+        free-running also lengths, stop reasons, repetition and JSON validity.
+        ``by_category``: the same per category."""
+        ent = describe(self.tokens.entropy_ref), describe(self.tokens.entropy_cand)
+        mar = describe(self.tokens.margin_ref), describe(self.tokens.margin_cand)
+        dr = self.drift
+        full = dr.to_dict()
+        out: dict[str, Any] = {
+            "entropy_ref": ent[0].to_dict(), "entropy_cand": ent[1].to_dict(),
+            "entropy_shift": describe(self.token_values("entropy_shift")).to_dict(),
+            "margin_ref": mar[0].to_dict(), "margin_cand": mar[1].to_dict(),
+            "margin_shift": describe(self.token_values("margin_shift")).to_dict(),
+            "stop_rank": full["stop_rank"], "tests": full["tests"],
+            "by_category": {cat: dr.to_dict(cat) for cat in dr.categories()} if self.mode == "free-running" else {},
+        }
+        if self.mode != "free-running":
+            return out
+        out.update({
+            "length_ref": full["length_ref"],
+            "length_cand": full["length_cand"],
+            "length_ratio": self.length_ratio(),
+            "length_ratio_stats": full["length_ratio"],
+            "stop_reasons": full["stop_reasons"],
+            "repetition_ref": full["repetition_ref"],
+            "repetition_cand": full["repetition_cand"],
+            "repetition_n": REPETITION_N,
+            "json_valid_ref": full["json_valid_ref"],
+            "json_valid_cand": full["json_valid_cand"],
+        })
+        return out
+
+    def worst_prompts(self, n: int) -> list[int]:
+        """Indices of the n worst prompts: real divergences first (earliest
+        split first), then near-ties, length and sampled splits, then by mean KL."""
+        means = {}
+        for i in range(len(self.prompts)):
+            v = self.tokens.kl_ref_cand[self.token_prompt == i]
+            v = v[~np.isnan(v)]
+            means[i] = float(v.mean()) if v.size else 0.0
+        order = {"real": 0, "near-tie": 1, "length": 1, "sampled": 1, None: 2}
+
+        def key(i: int) -> tuple:
+            p = self.prompts[i]
+            d = p.first_divergence if p.first_divergence is not None else 1 << 30
+            return (order[p.split], d, -means[i])
+
+        ranked = sorted(range(len(self.prompts)), key=key)
+        return [i for i in ranked[:n] if self.prompts[i].split is not None or means[i] > 0]
 
     def to_dict(self) -> dict[str, Any]:
         from logitparity.report import comparison_dict

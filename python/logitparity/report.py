@@ -20,6 +20,7 @@ import numpy as np
 
 from logitparity._fileio import write_text_atomic
 
+from logitparity.drift import REPETITION_N
 from logitparity.fields import REGISTRY, REPORT_FIELDS
 from logitparity.stats import Describe, Rate, describe, rate
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from logitparity.compare import Comparison, PromptResult
 
 __all__ = ["comparison_dict", "describe_run", "jsonable", "render_markdown", "render_sampled_markdown", "sampled_dict",
-           "speed", "write_json", "write_report"]
+           "write_json", "write_report"]
 
 HIST_WIDTH = 30  # characters of the longest text bar
 SHOW_TOKENS = 24  # tokens shown after a split
@@ -107,35 +108,6 @@ def _get(m: Any, *keys: str) -> Any:
     return m
 
 
-SPEED_FIELDS: tuple[tuple[str, str, str, bool], ...] = (
-    # (label, key of compare.run_speed, unit, higher_is_better)
-    ("prefill", "prefill_tokens_per_s", "tokens/s", True),
-    ("decode, per sequence", "decode_tokens_per_s", "tokens/s", True),
-    ("generated tokens over wall time", "tokens_per_s", "tokens/s", True),
-    ("wall time", "wall_s", "s", False),
-    ("peak host memory", "peak_host_bytes", "MiB", False),
-    ("peak GPU memory", "peak_gpu_bytes", "MiB", False),
-)
-
-
-def speed(comp: "Comparison") -> list[dict[str, Any]]:
-    """Speed and memory of both runs (compare.run_speed): [{"figure",
-    "unit", "higher_is_better", "reference", "candidate", "ratio"}], ratio =
-    candidate / reference (None when either is missing)."""
-    out = []
-    for label, key, unit, better in SPEED_FIELDS:
-        a, b = comp.ref_speed.get(key), comp.cand_speed.get(key)
-        if a is None and b is None:
-            continue
-        scale = 1 / 2**20 if unit == "MiB" else 1.0
-        a = None if a is None else a * scale
-        b = None if b is None else b * scale
-        ratio = b / a if a and b is not None else None
-        out.append({"figure": label, "key": key, "unit": unit, "higher_is_better": better,
-                    "reference": a, "candidate": b, "ratio": ratio})
-    return out
-
-
 def describe_run(m: dict, path: str) -> dict[str, str]:
     eng = _get(m, "engine") or {}
     model = _get(m, "model") or {}
@@ -187,14 +159,6 @@ def jsonable(x: Any) -> Any:
     return x
 
 
-def _field_summaries(comp: "Comparison", mask: np.ndarray | None = None) -> dict[str, Any]:
-    """Every per-token figure over the selected positions: describe records
-    and the same-top-1 rate."""
-    out = {field: describe(comp.token_values(field, mask)).to_dict() for field, *_ in TOKEN_ROWS}
-    out["same_top1"] = comp.same_top1(mask).to_dict()
-    return out
-
-
 def _prompt_dict(comp: "Comparison", i: int, p: "PromptResult") -> dict[str, Any]:
     mask = comp.token_prompt == i
     return {
@@ -211,70 +175,12 @@ def _prompt_dict(comp: "Comparison", i: int, p: "PromptResult") -> dict[str, Any
         "stop_ref": p.stop_ref,
         "stop_cand": p.stop_cand,
         "n_compared": p.n_compared,
-        "tokens": _field_summaries(comp, mask),
+        "tokens": comp.token_summaries(mask),
         "ref_tokens": p.ref_tokens,
         "cand_tokens": p.cand_tokens,
         "ref_text": p.ref_text,
         "cand_text": p.cand_text,
     }
-
-
-def _category_rows(comp: "Comparison") -> list[dict[str, Any]]:
-    rows = []
-    for cat in comp.categories():
-        idx = comp.prompt_index(cat)
-        mask = np.isin(comp.token_prompt, np.asarray(idx, dtype=np.int64))
-        ps = [comp.prompts[i] for i in idx]
-        rows.append({
-            "category": cat,
-            "prompts": len(idx),
-            "positions": int(mask.sum()),
-            "greedy_match": {str(n): rate(sum(p.matches_at(n) for p in ps), len(ps)).to_dict()
-                             for n in comp.n_values},
-            "exact_match": rate(sum(p.identical for p in ps), len(ps)).to_dict(),
-            "tokens": _field_summaries(comp, mask),
-            "length_ratio": comp.length_ratio(idx) if comp.mode == "free-running" else None,
-        })
-    return rows
-
-
-def drift(comp: "Comparison") -> dict[str, Any]:
-    """Behaviour drift figures (see docs/report.md and logitparity.drift);
-    free-running only for lengths, stop reasons, repetition and JSON
-    validity. ``by_category``: the same per category."""
-    ent = describe(comp.tokens.entropy_ref), describe(comp.tokens.entropy_cand)
-    mar = describe(comp.tokens.margin_ref), describe(comp.tokens.margin_cand)
-    dr = comp.drift
-    full = dr.to_dict()
-    out: dict[str, Any] = {
-        "entropy_ref": ent[0].to_dict(), "entropy_cand": ent[1].to_dict(),
-        "entropy_shift": describe(comp.token_values("entropy_shift")).to_dict(),
-        "margin_ref": mar[0].to_dict(), "margin_cand": mar[1].to_dict(),
-        "margin_shift": describe(comp.token_values("margin_shift")).to_dict(),
-        "stop_rank": full["stop_rank"], "tests": full["tests"],
-        "by_category": {cat: dr.to_dict(cat) for cat in dr.categories()} if comp.mode == "free-running" else {},
-    }
-    if comp.mode != "free-running":
-        return out
-    out.update({
-        "length_ref": full["length_ref"],
-        "length_cand": full["length_cand"],
-        "length_ratio": comp.length_ratio(),
-        "length_ratio_stats": full["length_ratio"],
-        "stop_reasons": full["stop_reasons"],
-        "repetition_ref": full["repetition_ref"],
-        "repetition_cand": full["repetition_cand"],
-        "repetition_n": _repetition_n(),
-        "json_valid_ref": full["json_valid_ref"],
-        "json_valid_cand": full["json_valid_cand"],
-    })
-    return out
-
-
-def _repetition_n() -> int:
-    from logitparity.drift import REPETITION_N
-
-    return REPETITION_N
 
 
 def comparison_dict(comp: "Comparison") -> dict[str, Any]:
@@ -306,7 +212,7 @@ def comparison_dict(comp: "Comparison") -> dict[str, Any]:
         "only_reference": comp.only_ref,
         "only_candidate": comp.only_cand,
         "near_tie_margin": comp.near_tie_margin,
-        "speed": speed(comp),
+        "speed": comp.speed_figures(),
         "speedup": comp.speedup,
         "speedup_valid": comp.speedup_valid,
         "free_running": None if not free else {
@@ -316,10 +222,10 @@ def comparison_dict(comp: "Comparison") -> dict[str, Any]:
             "splits": comp.splits(),
             "real_divergence": {str(n): comp.real_divergence(n).to_dict() for n in comp.n_values},
         },
-        "tokens": _field_summaries(comp),
-        "categories": _category_rows(comp),
+        "tokens": comp.token_summaries(),
+        "categories": comp.category_figures(),
         "missing_categories": _missing_categories(comp),
-        "drift": drift(comp),
+        "drift": comp.drift_figures(),
         "metrics": comp.metrics(),
         "per_prompt": [_prompt_dict(comp, i, p) for i, p in enumerate(comp.prompts)],
     }
@@ -450,7 +356,7 @@ def _key_figures(comp: "Comparison") -> list[str]:
 
 
 def _speed_section(comp: "Comparison") -> list[str]:
-    rows = speed(comp)
+    rows = comp.speed_figures()
     if not rows:
         return ["No timing recorded in the dumps."]
     lines = ["| figure | | reference | candidate | candidate / reference |", "|---|---|---|---|---|"]
@@ -581,7 +487,7 @@ def _category_section(comp: "Comparison") -> list[str]:
     head += " | exact ↑ | mean KL ± se (nats) ↓ | p99 KL ↓ | same top-1 ↑ | length ratio |"
     lines = [head, "|" + "---|" * (8 + len(ns))]
     free = comp.free_running_available
-    for row in _category_rows(comp):
+    for row in comp.category_figures():
         g = " | ".join(_share(row["greedy_match"][str(n)], 1) if free else "—" for n in ns)
         kl = describe_from(row["tokens"]["kl_ref_cand"])
         exact = _share(row["exact_match"], 1) if free else "—"
@@ -614,7 +520,7 @@ def _p(t: dict[str, Any] | None) -> str:
 
 
 def _drift_section(comp: "Comparison") -> list[str]:
-    dr = drift(comp)
+    dr = comp.drift_figures()
     tests = dr["tests"]
     lines = ["| figure | reference | candidate | shift (cand − ref) | two-sample test |", "|---|---|---|---|---|"]
     e_r, e_c = describe_from(dr["entropy_ref"]), describe_from(dr["entropy_cand"])
@@ -682,27 +588,8 @@ def _drift_section(comp: "Comparison") -> list[str]:
     return lines
 
 
-def worst_prompts(comp: "Comparison", n: int) -> list[int]:
-    """Indices of the n worst prompts: real divergences first (earliest split
-    first), then near-ties and length splits, then by mean KL."""
-    means = {}
-    for i in range(len(comp.prompts)):
-        v = comp.tokens.kl_ref_cand[comp.token_prompt == i]
-        v = v[~np.isnan(v)]
-        means[i] = float(v.mean()) if v.size else 0.0
-    order = {"real": 0, "near-tie": 1, "length": 1, "sampled": 1, None: 2}
-
-    def key(i: int) -> tuple:
-        p = comp.prompts[i]
-        d = p.first_divergence if p.first_divergence is not None else 1 << 30
-        return (order[p.split], d, -means[i])
-
-    ranked = sorted(range(len(comp.prompts)), key=key)
-    return [i for i in ranked[:n] if comp.prompts[i].split is not None or means[i] > 0]
-
-
 def _worst_section(comp: "Comparison", n: int) -> list[str]:
-    idx = worst_prompts(comp, n)
+    idx = comp.worst_prompts(n)
     if not idx:
         return ["No divergence and zero KL on every prompt."]
     lines = []
@@ -898,7 +785,7 @@ def render_sampled_markdown(sc: Any) -> str:
     if tf is not None:
         L.append(f"| token-frequency divergence (JS, nats) | | | {_sci(tf.statistic)} | p = {tf.p_value:.3g} |")
     rr, rc = dr.repetition()
-    L.append(f"| repeated {_repetition_n()}-grams | {_pct(rr)} | {_pct(rc)} | | {_p(_td(t['repetition']))} |")
+    L.append(f"| repeated {REPETITION_N}-grams | {_pct(rr)} | {_pct(rc)} | | {_p(_td(t['repetition']))} |")
     jv = dr.json_validity()
     if jv is not None:
         L.append(f"| valid JSON (category `json`) | {_pct(jv[0])} | {_pct(jv[1])} | | McNemar {_p(_td(t['json_valid']))} |")
