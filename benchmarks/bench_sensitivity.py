@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     if args.report:
         Path(args.report).write_text(m.to_markdown(), encoding="utf-8")
     if args.plot:
-        from logitparity.report_sensitivity import write_sensitivity_plot
+        from logitparity.report.sensitivity import write_sensitivity_plot
 
         write_sensitivity_plot(m, args.plot)
     return 0 if same else 1

@@ -181,7 +181,7 @@ def test_nan_inf_and_zero_fractions(lm, tmp_path):
     assert tw.zero_fraction == pytest.approx((np.sum(saved.numpy() == 0) + 2) / n)
     assert "query" not in {a.tensor for a in s.activations}  # attention=False
     # layer 1 and the logits are all NaN now: the JSON says null, never NaN
-    from logitparity.report_stats import write_stats_json
+    from logitparity.report.stats import write_stats_json
 
     assert math.isnan(s.logits["entropy"].mean)
     d = json.loads(write_stats_json(s, tmp_path / "nan.json").read_text())
@@ -305,7 +305,7 @@ def test_compare_report_warns_about_missing_categories(tmp_path):
 
 
 def test_renderers(lm, tmp_path):
-    from logitparity.report_stats import ablation_markdown, stats_markdown, write_stats_json, write_stats_plot
+    from logitparity.report.stats import ablation_markdown, stats_markdown, write_stats_json, write_stats_plot
 
     with planted(lm, "mlp_input_outlier", layer=1):
         s = D.stats_of(lm, PROMPTS)

@@ -17,7 +17,7 @@ from logitparity.capture import capture, load_model  # noqa: E402
 from logitparity.capture.hooks import capture_activations  # noqa: E402
 from logitparity.capture.plants import planted  # noqa: E402
 from logitparity.cli import main  # noqa: E402
-from logitparity.report_layers import layers_markdown  # noqa: E402
+from logitparity.report.layers import layers_markdown  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -454,7 +454,7 @@ def test_saliency_against_autograd_by_hand(four_layer):
 
 def test_text_windows_and_reports(tiny_model_dir, tmp_path):
     from logitparity.capture import load_model
-    from logitparity.report_sensitivity import write_sensitivity_json, write_sensitivity_plot
+    from logitparity.report.sensitivity import write_sensitivity_json, write_sensitivity_plot
 
     lm = load_model(tiny_model_dir)
     text = "The quick brown fox jumps over the lazy dog. " * 12

@@ -253,7 +253,7 @@ class ModelStats:
                 "weights": [t.to_dict(channels=channels) for t in self.weights]}
 
     def to_markdown(self) -> str:
-        from logitparity.report_stats import stats_markdown
+        from logitparity.report.stats import stats_markdown
 
         return stats_markdown(self)
 
@@ -619,7 +619,7 @@ class Ablation:
                 "ranking": [r.to_dict() for r in self.rows]}
 
     def to_markdown(self) -> str:
-        from logitparity.report_stats import ablation_markdown
+        from logitparity.report.stats import ablation_markdown
 
         return ablation_markdown(self)
 

@@ -230,7 +230,7 @@ class LayerComparison:
                 "modules": [m.to_dict() for m in self.modules]}
 
     def to_markdown(self) -> str:
-        from logitparity.report_layers import layers_markdown
+        from logitparity.report.layers import layers_markdown
 
         return layers_markdown(self)
 

@@ -238,12 +238,12 @@ class SensitivityMap:
         return ", ".join(map(str, self.layers))
 
     def to_dict(self) -> dict[str, Any]:
-        from logitparity.report_sensitivity import sensitivity_dict
+        from logitparity.report.sensitivity import sensitivity_dict
 
         return sensitivity_dict(self)
 
     def to_markdown(self) -> str:
-        from logitparity.report_sensitivity import sensitivity_markdown
+        from logitparity.report.sensitivity import sensitivity_markdown
 
         return sensitivity_markdown(self)
 

@@ -449,7 +449,7 @@ class TaskComparison:
         }
 
     def to_markdown(self) -> str:
-        from logitparity.report_tasks import render_markdown
+        from logitparity.report.tasks import render_markdown
 
         return render_markdown(self)
 

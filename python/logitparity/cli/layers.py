@@ -47,7 +47,7 @@ def _is_dump(path: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     from logitparity import layers
     from logitparity._fileio import write_text_atomic
-    from logitparity.report_layers import layers_markdown, write_layers_json, write_layers_plot
+    from logitparity.report.layers import layers_markdown, write_layers_json, write_layers_plot
 
     dumps = [_is_dump(args.reference), _is_dump(args.candidate)]
     if any(dumps) and not all(dumps):

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from logitparity import sensitivity
     from logitparity._fileio import write_text_atomic
     from logitparity.capture.quantize import make_transform
-    from logitparity.report_sensitivity import write_sensitivity_json, write_sensitivity_plot
+    from logitparity.report.sensitivity import write_sensitivity_json, write_sensitivity_plot
 
     if args.prompts is not None and args.text_file is not None:
         raise UserError("--prompts and --text-file both given; the map is teacher-forced on one of them")

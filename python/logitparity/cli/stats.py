@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from logitparity import diagnostics
     from logitparity._fileio import write_text_atomic
     from logitparity.capture import load_model
-    from logitparity.report_stats import (ablation_markdown, shift_markdown, stats_markdown, write_stats_json,
+    from logitparity.report.stats import (ablation_markdown, shift_markdown, stats_markdown, write_stats_json,
                                           write_stats_plot)
 
     _check(args)

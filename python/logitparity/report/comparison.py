@@ -251,7 +251,7 @@ def write_report(
     out: dict[str, Any] = {"markdown": None, "json": None, "plots": []}
     images: dict[str, str] = {}
     if plots_dir is not None:
-        from logitparity.plots import write_plots
+        from logitparity.report.plots import write_plots
 
         paths = write_plots(comp, plots_dir)
         out["plots"] = [str(p) for p in paths.values()]
