@@ -10,10 +10,11 @@ shades the noise band, and marks the first divergent module.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from logitparity.report._format import general
 
 if TYPE_CHECKING:
     from logitparity.layers import LayerComparison
@@ -25,14 +26,8 @@ __all__ = ["layers_markdown", "write_layers_json", "write_layers_plot"]
 _ZERO_FLOOR = 1e-12
 
 
-def _g(x: float | None, digits: int = 3) -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, float) and math.isinf(x):
-        return "∞" if x > 0 else "−∞"
-    if x == 0:
-        return "0"
-    return f"{x:.{digits}g}"
+def _g(x: Any, digits: int = 3) -> str:
+    return general(x, digits)
 
 
 def layers_markdown(c: "LayerComparison", *, only_out_of_band: bool = False, max_rows: int | None = None) -> str:

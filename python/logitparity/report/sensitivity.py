@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from logitparity.report._format import general
+
 if TYPE_CHECKING:
     from logitparity.sensitivity import Figures, SensitivityMap
 
@@ -21,14 +23,8 @@ FORMAT = "logitparity-sensitivity"
 VERSION = "1.0"
 
 
-def _g(x: float | None, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "—"
-    if isinstance(x, float) and math.isinf(x):
-        return "∞" if x > 0 else "−∞"
-    if x == 0:
-        return "0"
-    return f"{x:.{digits}g}"
+def _g(x: Any, digits: int = 3) -> str:
+    return general(x, digits)
 
 
 def _pm(mean: float, se: float) -> str:

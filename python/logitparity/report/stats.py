@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from logitparity.report._format import general
+
 if TYPE_CHECKING:
     from logitparity.diagnostics import Ablation, ModelStats
 
@@ -23,13 +25,7 @@ LAYER_SITES = (("attention input", ".self_attn:input"), ("MLP input", ".mlp:inpu
 
 
 def _g(x: Any, digits: int = 4) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "—"
-    if isinstance(x, float) and math.isinf(x):
-        return "∞" if x > 0 else "−∞"
-    if x == 0:
-        return "0"
-    return f"{x:.{digits}g}"
+    return general(x, digits)
 
 
 def _cell(text: Any, width: int = 40) -> str:
