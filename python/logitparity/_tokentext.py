@@ -14,17 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from logitparity._dicts import dig as _get
+
 __all__ = ["auto_decoder"]
 
 # transformers' clean_up_tokenization (applied when tokenizer_config.json asks for it)
 _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
-
-
-def _get(m: Any, *keys: str) -> Any:
-    for k in keys:
-        m = m.get(k) if isinstance(m, dict) else None
-    return m
 
 
 def _cleanup_wanted(directory: Path) -> bool:

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from logitparity._dicts import dig as _get
 from logitparity.drift import REPETITION_N, Drift, StopRank, Unit, answer_tokens, is_valid_json, json_complete_at, repeated_ngrams, token_rank
 from logitparity.dump import TOKENIZER_IDENTITY
 from logitparity.fields import INT_FIELDS, REPORT_FIELDS, ROW_FIELDS, values as _field_values
@@ -65,14 +66,6 @@ def _load(d: Any, name: str):
     if not isinstance(d, Dump):
         raise TypeError(f"{name} must be a dump directory path or a Dump (load_dump), got {type(d).__name__}")
     return d
-
-
-def _get(m: dict, *keys: str, default: Any = None) -> Any:
-    for k in keys:
-        if not isinstance(m, dict) or k not in m:
-            return default
-        m = m[k]
-    return m
 
 
 def _mode(manifest: dict) -> str:

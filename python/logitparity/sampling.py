@@ -53,6 +53,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from logitparity._dicts import dig as _get
 from logitparity.drift import Drift, Unit, answer_tokens
 from logitparity.stats import Rate, describe, rate
 
@@ -222,14 +223,6 @@ def load_sample_set(x: Any, name: str = "sample set") -> SampleSet:
             raise ValueError(f"{where}: dumps[{str(s)!r}] must be a directory name inside {path}, got {rel!r}")
         out.append(load_dump(path / rel))
     return SampleSet(path, list(seeds), out, str(idx.get("mode", "sample")))
-
-
-def _get(m: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(m, dict) or k not in m:
-            return None
-        m = m[k]
-    return m
 
 
 def _mode(manifest: dict) -> str:

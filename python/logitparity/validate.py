@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from logitparity._dicts import dig
 from logitparity import dump as _dump
 
 __all__ = ["DumpError", "Inspection", "Violation", "check_compatible", "inspect_dump", "validate_dump"]
@@ -713,10 +714,7 @@ def check_compatible(ref_m: dict[str, Any], ref_records: list[dict[str, Any]], c
     def add(field: str, expected: str, found: str, fix: str) -> None:
         out.append(Violation(f, None, field, expected, found, "error", fix))
 
-    def get(m: dict, *keys: str) -> Any:
-        for key in keys:
-            m = m.get(key) if isinstance(m, dict) else None
-        return m
+    get = dig
 
     for key in _dump.TOKENIZER_IDENTITY:
         a, b = get(ref_m, "tokenizer", key), get(cand_m, "tokenizer", key)

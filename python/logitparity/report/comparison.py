@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from logitparity._dicts import dig as _get
 from logitparity._fileio import write_text_atomic
 
 from logitparity.drift import REPETITION_N
@@ -98,14 +99,6 @@ def _cell(text: str, limit: int = 160) -> str:
 
 # --------------------------------------------------------------------------
 # run descriptions and speed
-
-
-def _get(m: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(m, dict) or k not in m:
-            return None
-        m = m[k]
-    return m
 
 
 def describe_run(m: dict, path: str) -> dict[str, str]:
