@@ -25,17 +25,10 @@ namespace {
 
 const float kNinf = -std::numeric_limits<float>::infinity();
 
+// The standalone kernels' rows (test_util.h) and one more: every token masked.
 std::vector<std::vector<float>> Rows(size_t n) {
-  std::vector<std::vector<float>> rows;
-  rows.push_back(LmLogits(n, n));
-  std::vector<float> masked = LmLogits(n, n + 1);
-  for (size_t i = 1; i < n; i += 2) masked[i] = kNinf;
-  rows.push_back(masked);
-  rows.push_back(std::vector<float>(n, 0.5f));  // all tied
-  std::vector<float> one(n, kNinf);
-  one[n - 1] = -3.0f;
-  rows.push_back(one);
-  rows.push_back(std::vector<float>(n, kNinf));  // every token masked
+  std::vector<std::vector<float>> rows = KernelTestRows(n);
+  rows.push_back(std::vector<float>(n, kNinf));
   return rows;
 }
 
