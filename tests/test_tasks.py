@@ -183,6 +183,15 @@ def test_jsonl_with_letters_and_subject_filter(tmp_path):
     assert len(load_questions(f, limit=1)) == 1
 
 
+def test_jsonl_keeps_line_separator_characters_inside_a_question(tmp_path):
+    # U+2028 and U+0085 are line breaks to str.splitlines but plain characters in JSON strings
+    f = tmp_path / "t.jsonl"
+    f.write_bytes('{"question": "a\u2028b\u0085c?", "choices": ["x", "y"], "answer": 1, "subject": "s"}\r\n'
+                  .encode("utf-8"))
+    (q,) = load_questions(f)
+    assert q.question == "a\u2028b\u0085c?" and q.answer == 1 and q.id == "line-1"
+
+
 def test_mmlu_csv(tmp_path):
     f = tmp_path / "abstract_algebra_test.csv"
     f.write_text('"Find the degree of Q(sqrt 2) over Q.",0,2,4,6,B\n"Is Z a field?",yes,no,maybe,never,B\n',

@@ -118,7 +118,10 @@ def _make(where: str, qid: str, subject: Any, question: Any, choices: Any, answe
 
 def _parse_jsonl(text: str, where: str) -> list[Question]:
     out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # lines end at "\n" (and "\r\n") only, as prompt files: str.splitlines would
+    # also cut at U+2028, U+0085 and other characters a JSON string may hold raw
+    for lineno, line in enumerate(text.split("\n"), 1):
+        line = line[:-1] if line.endswith("\r") else line
         if not line.strip():
             continue
         at = f"{where}:{lineno}"
