@@ -60,7 +60,7 @@ py::tuple ResultTuple(const logitparity::RowMetricsResult& res) {
   py::array_t<double> fields({res.rows, static_cast<size_t>(logitparity::kNumRowFields)});
   std::copy(res.fields.begin(), res.fields.end(), fields.mutable_data());
   py::array_t<int32_t> overlap({res.rows, res.topk.size()});
-  std::copy(res.topk_overlap.begin(), res.topk_overlap.end(), overlap.mutable_data());
+  std::copy(res.topk_common.begin(), res.topk_common.end(), overlap.mutable_data());
   py::list field_names;
   for (int f = 0; f < logitparity::kNumRowFields; ++f) {
     field_names.append(logitparity::RowFieldName(f));

@@ -353,7 +353,7 @@ def test_topk_dumps_give_a_kl_lower_bound(tmp_path, cand_storage):
         want += [_np_bucket_kl(va[j], ia[j], la[j], vb[j], ib[j], lb[j]) for j in range(n)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
     assert np.isnan(c.tokens.cosine).all() and np.isnan(c.tokens.entropy_ref).all()
-    assert c.tokens.topk_overlap.keys() == {1, 5}
+    assert c.tokens.topk_common.keys() == {1, 5}
     np.testing.assert_array_equal(c.tokens.same_top1, A.argmax(-1) == B.argmax(-1))
 
 

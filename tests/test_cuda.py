@@ -52,7 +52,7 @@ def test_adversarial_rows_on_gpu():
         assert_row_matches(m, i, ref_row(a[i], b[i], int(targets[i])))
     assert m.kl_ref_cand[3] == np.inf and math.isfinite(m.kl_cand_ref[3])
     assert m.nonfinite_cand[4] == 1 and m.nonfinite_ref[5] == 1
-    assert np.isnan(m.kl_ref_cand[4]) and m.argmax_ref[4] == -1 and m.topk_overlap[5][4] == -1
+    assert np.isnan(m.kl_ref_cand[4]) and m.argmax_ref[4] == -1 and m.topk_common[5][4] == -1
 
 
 @gpu
@@ -69,7 +69,7 @@ def test_gpu_agrees_with_cpu_kernel_and_keeps_shape():
     for name in ("argmax_ref", "argmax_cand", "rank_of_ref_top1_in_cand", "margin_ref"):
         np.testing.assert_array_equal(getattr(g, name), getattr(c, name))
     for k in (1, 5, 10):
-        np.testing.assert_array_equal(g.topk_overlap[k], c.topk_overlap[k])
+        np.testing.assert_array_equal(g.topk_common[k], c.topk_common[k])
 
 
 @gpu

@@ -62,13 +62,13 @@ def test_documented_defaults_are_the_functions_defaults(name, defaults):
 
 def test_metrics_doc_lists_exactly_the_registry_row_fields():
     """docs/metrics.md's field table names every field of the registry's
-    row and integer fields, and nothing else (plus topk_overlap[k])."""
+    row and integer fields, and nothing else (plus topk_common[k])."""
     from logitparity.fields import INT_FIELDS, ROW_FIELDS
 
     text = (DOC.parent / "metrics.md").read_text(encoding="utf-8")
     cells = re.findall(r"^\| ((?:`[^`]+`(?:, )?)+) \|", text, re.M)
     listed = {name for cell in cells for name in re.findall(r"`([^`]+)`", cell)}
-    want = {f.name for f in ROW_FIELDS + INT_FIELDS} | {"topk_overlap[k]"}
+    want = {f.name for f in ROW_FIELDS + INT_FIELDS} | {"topk_common[k]"}
     assert listed == want, f"only in docs/metrics.md: {sorted(listed - want)}; only in fields.py: {sorted(want - listed)}"
 
 

@@ -76,7 +76,7 @@ def ref_row(a: np.ndarray, b: np.ndarray, target: int | None, ks=(1, 5, 10)) -> 
     out["margin_ref"] = float(a[order_a[0]] - a[order_a[1]]) if a.size > 1 else np.inf
     out["margin_cand"] = float(b[order_b[0]] - b[order_b[1]]) if b.size > 1 else np.inf
     out["rank_of_ref_top1_in_cand"] = int(np.nonzero(order_b == order_a[0])[0][0])
-    out["topk_overlap"] = {k: len(set(order_a[:k]) & set(order_b[:k])) for k in ks if k <= a.size}
+    out["topk_common"] = {k: len(set(order_a[:k]) & set(order_b[:k])) for k in ks if k <= a.size}
     if target is not None:
         out["nll_ref"], out["nll_cand"] = la - a[target], lb - b[target]
         out["delta_p"] = math.exp(-out["nll_cand"]) - math.exp(-out["nll_ref"])
@@ -117,8 +117,8 @@ def assert_row_matches(m: lp.RowMetrics, i: int, want: dict) -> None:
     for name in EXACT:
         w = want.get(name, -1)
         assert int(getattr(m, name)[i]) == w, f"row {i} {name}: got {getattr(m, name)[i]}, want {w}"
-    for k, ov in m.topk_overlap.items():
-        assert int(ov[i]) == want.get("topk_overlap", {}).get(k, -1), f"row {i} top-{k} overlap"
+    for k, ov in m.topk_common.items():
+        assert int(ov[i]) == want.get("topk_common", {}).get(k, -1), f"row {i} top-{k} overlap"
 
 
 def lm_logits(rng, rows, vocab):
@@ -137,7 +137,7 @@ def test_every_field_matches_float64_reference(vocab, sigma):
     targets = rng.integers(0, vocab, 5)
     m = lp.compare_logits(a, b, targets=targets, topk=[k for k in (1, 5, 10) if k <= vocab], js=True)
     for i in range(5):
-        assert_row_matches(m, i, ref_row(a[i], b[i], int(targets[i]), ks=m.topk_overlap))
+        assert_row_matches(m, i, ref_row(a[i], b[i], int(targets[i]), ks=m.topk_common))
 
 
 def adversarial_rows(rng, v: int, *, far: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -175,7 +175,7 @@ def test_adversarial_rows():
     assert m.kl_ref_cand[3] == np.inf and math.isfinite(m.kl_cand_ref[3])
     assert m.kl_ref_cand[6] == pytest.approx(0, abs=1e-12)  # shift-invariant
     assert m.nonfinite_cand[4] == 1 and m.nonfinite_ref[5] == 1
-    assert np.isnan(m.kl_ref_cand[4]) and m.argmax_ref[4] == -1 and m.topk_overlap[5][4] == -1
+    assert np.isnan(m.kl_ref_cand[4]) and m.argmax_ref[4] == -1 and m.topk_common[5][4] == -1
 
 
 def test_identical_rows_give_exact_zeros():
@@ -184,7 +184,7 @@ def test_identical_rows_give_exact_zeros():
     m = lp.compare_logits(a, a.copy(), js=True)
     for name in ("kl_ref_cand", "kl_cand_ref", "js", "max_abs_logit", "mean_abs_logit", "max_abs_logprob"):
         assert np.all(getattr(m, name) == 0.0), name
-    assert np.all(m.rank_of_ref_top1_in_cand == 0) and np.all(m.topk_overlap[10] == 10)
+    assert np.all(m.rank_of_ref_top1_in_cand == 0) and np.all(m.topk_common[10] == 10)
 
 
 @pytest.mark.parametrize("ref_dtype", ["float32", "float16", "bfloat16"])

@@ -52,7 +52,7 @@ RefRowResult CompareRowRef(const float* a, const float* b, size_t n,
   RefRowResult r;
   double* f = r.fields;
   for (int i = 0; i < kNumRowFields; ++i) f[i] = kNaN;
-  r.topk_overlap.assign(ks.size(), -1);
+  r.topk_common.assign(ks.size(), -1);
   double bad_a = 0, bad_b = 0;
   for (size_t i = 0; i < n; ++i) {
     bad_a += IsBad(a[i]);
@@ -135,7 +135,7 @@ RefRowResult CompareRowRef(const float* a, const float* b, size_t n,
     for (size_t x = 0; x < k && x < ta.size(); ++x) {
       for (size_t y = 0; y < k && y < tb.size(); ++y) common += ta[x] == tb[y];
     }
-    r.topk_overlap[i] = common;
+    r.topk_common[i] = common;
   }
   if (target >= 0) {
     const double nll_a = dist_a ? lse_a - a[target] : kNaN;

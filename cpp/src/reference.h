@@ -15,7 +15,7 @@ namespace logitparity {
 
 struct RefRowResult {
   double fields[kNumRowFields];
-  std::vector<int32_t> topk_overlap;
+  std::vector<int32_t> topk_common;
 };
 
 // One row pair (a, b) of length n, already converted to float. target < 0:

@@ -110,11 +110,11 @@ RowMetricsResult CompareRows(const RowsView& ref, const RowsView& cand,
   result.rows = ref.rows;
   result.topk = options.topk;
   result.fields.resize(ref.rows * kNumRowFields);
-  result.topk_overlap.resize(ref.rows * options.topk.size());
+  result.topk_common.resize(ref.rows * options.topk.size());
   const auto kernel = HWY_DYNAMIC_DISPATCH(CompareRowsRange);
   ParallelForRows(ref.rows, options.threads, [&](size_t, size_t begin, size_t end) {
     kernel(ref, cand, options.targets, options.topk.data(), options.topk.size(), options.js,
-           begin, end, result.fields.data(), result.topk_overlap.data());
+           begin, end, result.fields.data(), result.topk_common.data());
   });
   return result;
 }

@@ -73,9 +73,9 @@ void CheckCase(const Case& c, Dtype da, Dtype db, size_t misalign, const std::ve
     }
   }
   for (size_t k = 0; k < kv.size(); ++k) {
-    if (overlap[k] != want.topk_overlap[k]) {
+    if (overlap[k] != want.topk_common[k]) {
       HWY_ABORT("%s: case %s n=%zu top-%d overlap: got %d want %d", hwy::TargetName(HWY_TARGET),
-                c.name.c_str(), c.a.size(), kv[k], overlap[k], want.topk_overlap[k]);
+                c.name.c_str(), c.a.size(), kv[k], overlap[k], want.topk_common[k]);
     }
   }
 }
@@ -264,7 +264,7 @@ TEST(RowMetricsPublic, ThreadAndBatchInvariance) {
     ASSERT_EQ(0, std::memcmp(base.fields.data(), res.fields.data(),
                              base.fields.size() * sizeof(double)))
         << "threads=" << threads;
-    ASSERT_EQ(base.topk_overlap, res.topk_overlap);
+    ASSERT_EQ(base.topk_common, res.topk_common);
   }
   // Rows 10..19 computed alone equal the same rows of the full batch.
   RowsView sa{a.data() + 10 * vocab, Dtype::kF32, 10, vocab, vocab};

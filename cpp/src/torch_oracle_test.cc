@@ -51,7 +51,7 @@ TEST(TorchOracle, LogSoftmaxKlTopK) {
     for (int i = 0; i < 10; ++i) {
       for (int j = 0; j < 10; ++j) common += ta[r][i].item<int64_t>() == tb[r][j].item<int64_t>();
     }
-    EXPECT_EQ(res.topk_overlap[r * 3 + 2], common) << r;
+    EXPECT_EQ(res.topk_common[r * 3 + 2], common) << r;
   }
 
   std::vector<float> ls(static_cast<size_t>(rows * vocab));

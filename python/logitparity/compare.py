@@ -283,14 +283,14 @@ def concat_metrics(parts: list[RowMetrics], ks: Iterable[int]) -> RowMetrics:
     for name in names:
         arrs = [getattr(p, name) for p in parts]
         kw[name] = np.concatenate(arrs) if arrs else np.zeros(0, np.int64 if name.startswith(("arg", "rank", "non")) else np.float64)
-    ov = {k: np.concatenate([p.topk_overlap[k] for p in parts]) if parts else np.zeros(0, np.int32) for k in ks}
+    ov = {k: np.concatenate([p.topk_common[k] for p in parts]) if parts else np.zeros(0, np.int32) for k in ks}
     n = int(kw["lse_ref"].shape[0])
-    return RowMetrics(**kw, topk_overlap=ov, shape=(n,))
+    return RowMetrics(**kw, topk_common=ov, shape=(n,))
 
 
 def _take(m: RowMetrics, mask: np.ndarray) -> RowMetrics:
-    kw = {f.name: getattr(m, f.name)[mask] for f in dataclasses.fields(m) if f.name not in ("topk_overlap", "shape")}
-    return RowMetrics(**kw, topk_overlap={k: v[mask] for k, v in m.topk_overlap.items()},
+    kw = {f.name: getattr(m, f.name)[mask] for f in dataclasses.fields(m) if f.name not in ("topk_common", "shape")}
+    return RowMetrics(**kw, topk_common={k: v[mask] for k, v in m.topk_common.items()},
                       shape=(int(mask.sum()),))
 
 

@@ -130,10 +130,10 @@ def values(rows: Any, name: str) -> np.ndarray:
         v = rows.margin_cand - rows.margin_ref
     elif name.startswith("top") and name.endswith("_overlap"):
         k = int(name[3:-len("_overlap")])
-        if k not in rows.topk_overlap:
+        if k not in rows.topk_common:
             v = np.full(len(rows), np.nan)
         else:
-            v = np.where(rows.argmax_ref >= 0, rows.topk_overlap[k] / k, np.nan)
+            v = np.where(rows.argmax_ref >= 0, rows.topk_common[k] / k, np.nan)
     elif name in REGISTRY:
         v = getattr(rows, name)
     else:

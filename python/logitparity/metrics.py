@@ -232,7 +232,7 @@ class RowMetrics:
     Float fields are float64 numpy arrays; NaN marks a row with a NaN or +inf
     logit on either side (``nonfinite_ref``/``nonfinite_cand`` say which) or
     a field that needs a target when none was given. Integer fields are int64
-    (-1 where undefined). ``topk_overlap[k]`` is |top-k(ref) ∩ top-k(cand)|.
+    (-1 where undefined). ``topk_common[k]`` is |top-k(ref) ∩ top-k(cand)|.
     ``shape`` is the leading shape of the inputs (rows flattened in C order).
     """
 
@@ -257,7 +257,7 @@ class RowMetrics:
     rank_of_ref_top1_in_cand: np.ndarray
     nonfinite_ref: np.ndarray
     nonfinite_cand: np.ndarray
-    topk_overlap: dict[int, np.ndarray]
+    topk_common: dict[int, np.ndarray]
     shape: tuple[int, ...] = ()
 
     def __len__(self) -> int:
@@ -273,7 +273,7 @@ class RowMetrics:
         valid = self.argmax_ref >= 0
         n = int(valid.sum())
         rates = {"same_top1": rate(int(self.same_top1.sum()), n)}
-        for k, ov in self.topk_overlap.items():
+        for k, ov in self.topk_common.items():
             # share of the reference's top-k found in the candidate's top-k
             fields[f"top{k}_overlap"] = describe(np.where(valid, ov / k, np.nan))
         return RowMetricsSummary(rows=len(self), fields=fields, rates=rates)
@@ -334,7 +334,7 @@ def compare_logits(
     """Compare row i of ``ref`` with row i of ``cand`` (logits, same shape).
 
     targets: optional token id per row (-1 for none) for nll_ref, nll_cand
-    and delta_p. topk: the k values for topk_overlap (each 1..64); None
+    and delta_p. topk: the k values for topk_common (each 1..64); None
     means (1, 5, 10), leaving out those above the vocab size. threads:
     worker threads (None = all cores); results are bitwise identical for any
     value. js: True adds Jensen-Shannon, which takes a second sweep with two
@@ -368,7 +368,7 @@ def _row_metrics(fields: np.ndarray, names: list[str], overlap: np.ndarray, ks: 
     for name in INT_FIELDS:
         kw[name] = cols[name].astype(np.int64)
     return RowMetrics(
-        **kw, topk_overlap={k: overlap[:, i] for i, k in enumerate(ks)}, shape=lead
+        **kw, topk_common={k: overlap[:, i] for i, k in enumerate(ks)}, shape=lead
     )
 
 

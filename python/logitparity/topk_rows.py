@@ -330,7 +330,7 @@ def topk_row_metrics(a: TopRows, b: TopRows, targets: np.ndarray, ks: Sequence[i
         nll_ref=nll_a, nll_cand=nll_b, delta_p=fl(delta_p),
         argmax_ref=arg_a.astype(np.int64), argmax_cand=arg_b.astype(np.int64),
         rank_of_ref_top1_in_cand=rank, nonfinite_ref=nf_a, nonfinite_cand=nf_b,
-        topk_overlap=overlap, shape=(n,),
+        topk_common=overlap, shape=(n,),
     )
 
 

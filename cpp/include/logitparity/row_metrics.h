@@ -63,7 +63,7 @@ struct RowMetricsResult {
   // rows x kNumRowFields, row-major.
   std::vector<double> fields;
   // rows x topk.size(), row-major; -1 for NaN rows.
-  std::vector<int32_t> topk_overlap;
+  std::vector<int32_t> topk_common;
 };
 
 // The checks of CompareRows (and CompareRowsCuda): same vocab and rows, topk

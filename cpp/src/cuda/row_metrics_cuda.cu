@@ -869,10 +869,10 @@ RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
   result.rows = ref.rows;
   result.topk = options.topk;
   result.fields.resize(ref.rows * kNumRowFields);
-  result.topk_overlap.resize(ref.rows * options.topk.size());
+  result.topk_common.resize(ref.rows * options.topk.size());
 
   const size_t fields_bytes = result.fields.size() * sizeof(double);
-  const size_t overlap_bytes = result.topk_overlap.size() * sizeof(int32_t);
+  const size_t overlap_bytes = result.topk_common.size() * sizeof(int32_t);
   const size_t targets_bytes = options.targets ? ref.rows * sizeof(int64_t) : 0;
   // One result buffer per device, kept and grown: cudaMallocAsync from the
   // default pool returned its memory at every synchronize and mapped it again
@@ -909,7 +909,7 @@ RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
                           stream);
   }
   if (err == cudaSuccess) {
-    err = cudaMemcpyAsync(result.topk_overlap.data(), d_overlap, overlap_bytes,
+    err = cudaMemcpyAsync(result.topk_common.data(), d_overlap, overlap_bytes,
                           cudaMemcpyDeviceToHost, stream);
   }
   if (err == cudaSuccess) err = cudaStreamSynchronize(stream);

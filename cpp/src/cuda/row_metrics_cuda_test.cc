@@ -37,7 +37,7 @@ std::vector<double> RunCuda(const TypedRow& a, const TypedRow& b, int64_t target
   std::vector<int64_t> t = {target};
   opt.targets = target >= 0 ? t.data() : nullptr;
   const RowMetricsResult res = CompareRowsCuda(va, vb, opt, 0);
-  *overlap = res.topk_overlap;
+  *overlap = res.topk_common;
   return res.fields;
 }
 
@@ -65,7 +65,7 @@ void CheckCase(const std::string& name, const std::vector<float>& xa, const std:
                     << ": got " << got[f] << " want " << want.fields[f];
   }
   for (size_t k = 0; k < kv.size(); ++k) {
-    ASSERT_EQ(want.topk_overlap[k], overlap[k])
+    ASSERT_EQ(want.topk_common[k], overlap[k])
         << "case " << name << " n=" << xa.size() << " top-" << kv[k] << " overlap";
   }
 }
@@ -239,7 +239,7 @@ TEST(RowMetricsCuda, RowsStrideBatchAndCpuAgreement) {
           << "row " << r << " " << RowFieldName(f) << " vs CPU";
     }
   }
-  EXPECT_EQ(cpu.topk_overlap, all.topk_overlap);
+  EXPECT_EQ(cpu.topk_common, all.topk_common);
 }
 
 TEST(RowMetricsCuda, Errors) {
