@@ -26,11 +26,6 @@ namespace logitparity {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-struct Case {
-  std::string name;
-  std::vector<float> a, b;
-  int64_t target = -1;
-};
 
 std::vector<double> RunKernel(const TypedRow& a, const TypedRow& b, int64_t target,
                               const std::vector<int>& ks, bool js, std::vector<int32_t>* overlap) {
@@ -45,7 +40,7 @@ std::vector<double> RunKernel(const TypedRow& a, const TypedRow& b, int64_t targ
   return out;
 }
 
-void CheckCase(const Case& c, Dtype da, Dtype db, size_t misalign, const std::vector<int>& ks) {
+void CheckCase(const RowPair& c, Dtype da, Dtype db, size_t misalign, const std::vector<int>& ks) {
   const TypedRow a = MakeRow(c.a, da, misalign);
   const TypedRow b = MakeRow(c.b, db, (misalign * 3) % 7);
   std::vector<int> kv;
@@ -80,19 +75,6 @@ void CheckCase(const Case& c, Dtype da, Dtype db, size_t misalign, const std::ve
   }
 }
 
-std::vector<Case> Cases(size_t n, uint64_t seed) {
-  const std::vector<float> a = LmLogits(n, seed);
-  std::vector<Case> cases;
-  const int64_t t = static_cast<int64_t>((seed * 7919) % n);
-  cases.push_back({"identical", a, a, t});
-  cases.push_back({"close", a, Perturb(a, 1e-3f, seed + 1), t});
-  cases.push_back({"noisy", a, Perturb(a, 0.3f, seed + 2), t});
-  std::vector<float> shifted(a);
-  for (auto& v : shifted) v += 3.25f;
-  cases.push_back({"shifted", a, shifted, t});
-  cases.push_back({"far", a, LmLogits(n, seed + 99), -1});
-  return cases;
-}
 
 void TestAgainstReferenceSmall() {
   const size_t N = hn::Lanes(hn::ScalableTag<float>());
@@ -102,7 +84,7 @@ void TestAgainstReferenceSmall() {
   const std::vector<int> ks = {1, 2, 5, 10, 64};
   for (size_t n : lengths) {
     if (n == 0) continue;
-    for (const Case& c : Cases(n, 1000 + n)) {
+    for (const RowPair& c : RowPairCases(n, 1000 + n)) {
       for (Dtype da : dtypes) {
         for (Dtype db : dtypes) {
           for (size_t mis : {size_t{0}, size_t{1}, size_t{3}}) CheckCase(c, da, db, mis, ks);
@@ -115,11 +97,11 @@ void TestAgainstReferenceSmall() {
 void TestAgainstReferenceVocabSizes() {
   const std::vector<int> ks = {1, 5, 10};
   for (size_t n : {32000, 49152, 128256, 151936, 262144}) {
-    for (const Case& c : Cases(n, n)) {
+    for (const RowPair& c : RowPairCases(n, n)) {
       CheckCase(c, Dtype::kF32, Dtype::kF32, 1, ks);
       CheckCase(c, Dtype::kF32, Dtype::kBF16, 0, ks);
     }
-    CheckCase(Cases(n, n)[1], Dtype::kF16, Dtype::kF16, 2, ks);
+    CheckCase(RowPairCases(n, n)[1], Dtype::kF16, Dtype::kF16, 2, ks);
   }
 }
 
@@ -127,39 +109,39 @@ void TestTiesAndMasks() {
   const float ninf = -std::numeric_limits<float>::infinity();
   const std::vector<int> ks = {1, 2, 3, 5};
   for (size_t n : {size_t{5}, size_t{17}, size_t{2100}}) {
-    Case ties{"ties", std::vector<float>(n, 1.5f), std::vector<float>(n, 1.5f), 0};
+    RowPair ties{"ties", std::vector<float>(n, 1.5f), std::vector<float>(n, 1.5f), 0};
     ties.b[n - 1] = 1.25f;
     CheckCase(ties, Dtype::kF32, Dtype::kF32, 0, ks);
     CheckCase(ties, Dtype::kBF16, Dtype::kF16, 1, ks);
 
-    Case one_left{"all -inf but one", std::vector<float>(n, ninf), std::vector<float>(n, ninf),
+    RowPair one_left{"all -inf but one", std::vector<float>(n, ninf), std::vector<float>(n, ninf),
                   static_cast<int64_t>(n / 2)};
     one_left.a[n / 2] = 3.0f;
     one_left.b[n / 2] = -7.0f;
     CheckCase(one_left, Dtype::kF32, Dtype::kF32, 0, ks);
     CheckCase(one_left, Dtype::kF16, Dtype::kBF16, 1, ks);
 
-    Case all_masked{"all -inf", std::vector<float>(n, ninf), std::vector<float>(n, ninf), -1};
+    RowPair all_masked{"all -inf", std::vector<float>(n, ninf), std::vector<float>(n, ninf), -1};
     CheckCase(all_masked, Dtype::kF32, Dtype::kF32, 0, ks);
 
     std::vector<float> a = LmLogits(n, 5 + n);
-    Case masked_both{"masked both sides", a, Perturb(a, 1e-2f, 6), 1};
+    RowPair masked_both{"masked both sides", a, Perturb(a, 1e-2f, 6), 1};
     for (size_t i = 0; i < n; i += 3) masked_both.a[i] = masked_both.b[i] = ninf;
     CheckCase(masked_both, Dtype::kF32, Dtype::kF32, 0, ks);
     CheckCase(masked_both, Dtype::kBF16, Dtype::kBF16, 2, ks);
 
-    Case masked_cand{"masked in cand only (KL(P||Q) = inf)", a, a, 1};
+    RowPair masked_cand{"masked in cand only (KL(P||Q) = inf)", a, a, 1};
     masked_cand.b[n - 2] = ninf;
     CheckCase(masked_cand, Dtype::kF32, Dtype::kF32, 0, ks);
-    Case masked_ref{"masked in ref only (KL(Q||P) = inf)", a, a, static_cast<int64_t>(n - 2)};
+    RowPair masked_ref{"masked in ref only (KL(Q||P) = inf)", a, a, static_cast<int64_t>(n - 2)};
     masked_ref.a[n - 2] = ninf;
     CheckCase(masked_ref, Dtype::kF32, Dtype::kF16, 0, ks);
 
-    Case nan{"NaN", a, a, 0};
+    RowPair nan{"NaN", a, a, 0};
     nan.b[n / 3] = std::numeric_limits<float>::quiet_NaN();
     CheckCase(nan, Dtype::kF32, Dtype::kF32, 0, ks);
     CheckCase(nan, Dtype::kF16, Dtype::kBF16, 0, ks);
-    Case pinf{"+inf", a, a, 0};
+    RowPair pinf{"+inf", a, a, 0};
     pinf.a[n - 1] = std::numeric_limits<float>::infinity();
     pinf.a[0] = std::numeric_limits<float>::quiet_NaN();
     CheckCase(pinf, Dtype::kF32, Dtype::kF32, 0, ks);

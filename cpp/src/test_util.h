@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "logitparity/row_metrics.h"
@@ -67,6 +68,30 @@ inline std::vector<float> Perturb(const std::vector<float>& a, float sigma, uint
   std::vector<float> b(a);
   for (auto& v : b) v += noise(rng);
   return b;
+}
+
+// A reference row and a candidate row with a target token (-1: none): the
+// row-pair cases of the CPU and CUDA row-metrics tests.
+struct RowPair {
+  std::string name;
+  std::vector<float> a, b;
+  int64_t target = -1;
+};
+
+// identical, close (1e-3 noise), noisy (0.3), shifted by a constant (the
+// same distribution), and far (an unrelated row, no target), of length n.
+inline std::vector<RowPair> RowPairCases(size_t n, uint64_t seed) {
+  const std::vector<float> a = LmLogits(n, seed);
+  std::vector<RowPair> cases;
+  const int64_t t = static_cast<int64_t>((seed * 7919) % n);
+  cases.push_back({"identical", a, a, t});
+  cases.push_back({"close", a, Perturb(a, 1e-3f, seed + 1), t});
+  cases.push_back({"noisy", a, Perturb(a, 0.3f, seed + 2), t});
+  std::vector<float> shifted(a);
+  for (auto& v : shifted) v += 3.25f;
+  cases.push_back({"shifted", a, shifted, t});
+  cases.push_back({"far", a, LmLogits(n, seed + 99), -1});
+  return cases;
 }
 
 // got vs want within atol + rtol |want|; inf must match inf, NaN must match NaN.

@@ -70,25 +70,6 @@ void CheckCase(const std::string& name, const std::vector<float>& xa, const std:
   }
 }
 
-struct Case {
-  std::string name;
-  std::vector<float> a, b;
-  int64_t target;
-};
-
-std::vector<Case> Cases(size_t n, uint64_t seed) {
-  const std::vector<float> a = LmLogits(n, seed);
-  std::vector<Case> cases;
-  const int64_t t = static_cast<int64_t>((seed * 7919) % n);
-  cases.push_back({"identical", a, a, t});
-  cases.push_back({"close", a, Perturb(a, 1e-3f, seed + 1), t});
-  cases.push_back({"noisy", a, Perturb(a, 0.3f, seed + 2), t});
-  std::vector<float> shifted(a);
-  for (auto& v : shifted) v += 3.25f;
-  cases.push_back({"shifted", a, shifted, t});
-  cases.push_back({"far", a, LmLogits(n, seed + 99), -1});
-  return cases;
-}
 
 const Dtype kDtypes[] = {Dtype::kF32, Dtype::kF16, Dtype::kBF16};
 
@@ -98,7 +79,7 @@ TEST(RowMetricsCuda, AgainstReferenceSmall) {
   SKIP_WITHOUT_GPU();
   const std::vector<int> ks = {1, 2, 5, 10, 64};
   for (size_t n : {1, 2, 3, 7, 8, 9, 17, 255, 256, 257, 2047, 2048, 2049, 4097, 8197}) {
-    for (const Case& c : Cases(n, 1000 + n)) {
+    for (const RowPair& c : RowPairCases(n, 1000 + n)) {
       for (Dtype da : kDtypes) {
         for (Dtype db : kDtypes) {
           for (size_t mis : {size_t{0}, size_t{1}, size_t{3}}) {
@@ -115,13 +96,13 @@ TEST(RowMetricsCuda, AgainstReferenceVocabSizes) {
   SKIP_WITHOUT_GPU();
   const std::vector<int> ks = {1, 5, 10};
   for (size_t n : {32000, 49152, 128256, 151936, 262144}) {
-    for (const Case& c : Cases(n, n)) {
+    for (const RowPair& c : RowPairCases(n, n)) {
       CheckCase(c.name, c.a, c.b, c.target, Dtype::kF32, Dtype::kF32, 0, ks);
       CheckCase(c.name, c.a, c.b, c.target, Dtype::kF32, Dtype::kBF16, 1, ks);
       CheckCase(c.name, c.a, c.b, c.target, Dtype::kBF16, Dtype::kBF16, 0, ks);
       if (HasFatalFailure()) return;
     }
-    const Case close = Cases(n, n)[1];
+    const RowPair close = RowPairCases(n, n)[1];
     CheckCase(close.name, close.a, close.b, close.target, Dtype::kF16, Dtype::kF16, 2, ks);
   }
 }
