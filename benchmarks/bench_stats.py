@@ -22,6 +22,15 @@ import argparse
 import time
 
 
+def _print_ranking(ablation, site: str, channel: int) -> None:
+    """An ablation ranking as a markdown table, the planted channel marked."""
+    print("| rank | site | channel | mean KL (nats) | ΔPPL |")
+    print("|---|---|---|---|---|")
+    for i, r in enumerate(ablation.rows, 1):
+        mark = " (planted)" if (r.key, r.channel) == (site, channel) else ""
+        print(f"| {i} | `{r.key}`{mark} | {r.channel} | {r.kl.mean:.4g} ± {r.kl.se:.2g} | {r.delta_ppl:+.4g} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layer", type=int, default=10)
@@ -80,11 +89,7 @@ def main() -> None:
         b = D.ablate(lm, p, channels=chans) if chans else None
         t_b = time.perf_counter() - t0
     print(f"ablation of the top {len(a.rows)} systematic outliers (zero) in {t_a:.1f} s ({a.positions} positions):")
-    print("| rank | site | channel | mean KL (nats) | ΔPPL |")
-    print("|---|---|---|---|---|")
-    for i, r in enumerate(a.rows, 1):
-        mark = " (planted)" if (r.key, r.channel) == (site, OUTLIER_CHANNEL) else ""
-        print(f"| {i} | `{r.key}`{mark} | {r.channel} | {r.kl.mean:.4g} ± {r.kl.se:.2g} | {r.delta_ppl:+.4g} |")
+    _print_ranking(a, site, OUTLIER_CHANNEL)
     print(f"against the untouched model: {len(shifts)} channels grew past {D.SHIFT_FACTOR:g}x; the plant ranks "
           f"{rank_shift}")
     for i, x in enumerate(shifts[:5], 1):
@@ -92,11 +97,7 @@ def main() -> None:
         print(f"  {i}: {x.key}{mark} channel {x.channel}: {x.ref_max_abs:.4g} -> {x.cand_max_abs:.4g} ({x.ratio:.2f}x)")
     if b is not None:
         print(f"ablation of the top {len(b.rows)} grown channels (zero) in {t_b:.1f} s:")
-        print("| rank | site | channel | mean KL (nats) | ΔPPL |")
-        print("|---|---|---|---|---|")
-        for i, r in enumerate(b.rows, 1):
-            mark = " (planted)" if (r.key, r.channel) == (site, OUTLIER_CHANNEL) else ""
-            print(f"| {i} | `{r.key}`{mark} | {r.channel} | {r.kl.mean:.4g} ± {r.kl.se:.2g} | {r.delta_ppl:+.4g} |")
+        _print_ranking(b, site, OUTLIER_CHANNEL)
 
 
 if __name__ == "__main__":
