@@ -196,7 +196,7 @@ PYBIND11_MODULE(_core, m) {
       "compare_rows_cuda",
       [](uintptr_t ref_ptr, int ref_dtype, size_t ref_stride, uintptr_t cand_ptr, int cand_dtype,
          size_t cand_stride, size_t rows, size_t vocab, std::optional<I64> targets,
-         std::vector<int> topk, bool js, uintptr_t stream) {
+         std::vector<int> topk, bool js, uintptr_t stream, uintptr_t targets_ptr) {
         auto dtype = [](int code, const char* name) {
           if (code < 0 || code > 2) {
             throw py::value_error(std::string(name) +
@@ -222,15 +222,18 @@ PYBIND11_MODULE(_core, m) {
         logitparity::RowMetricsResult res;
         {
           py::gil_scoped_release release;
-          res = logitparity::CompareRowsCuda(a, b, opt, stream);
+          res = logitparity::CompareRowsCuda(a, b, opt, stream,
+                                             reinterpret_cast<const int64_t*>(targets_ptr));
         }
         return ResultTuple(res);
       },
       py::arg("ref_ptr"), py::arg("ref_dtype"), py::arg("ref_stride"), py::arg("cand_ptr"),
       py::arg("cand_dtype"), py::arg("cand_stride"), py::arg("rows"), py::arg("vocab"),
       py::arg("targets"), py::arg("topk"), py::arg("js"), py::arg("stream"),
+      py::arg("targets_ptr") = 0,
       "Fused row comparison of rows in CUDA device memory (pointers as integers, strides in "
-      "elements), queued on `stream`; same result tuple as compare_rows.");
+      "elements), queued on `stream`; same result tuple as compare_rows. targets_ptr: instead "
+      "of host targets, one int64 id per row in device memory (checked on the device).");
   m.attr("MAX_TOPK_CUDA") = logitparity::kMaxTopKCuda;
   // The single-row kernels on device rows: (ptr, dtype code, row stride in
   // elements, rows, vocab) as for compare_rows_cuda; results are host arrays,

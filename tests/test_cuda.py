@@ -56,6 +56,43 @@ def test_adversarial_rows_on_gpu():
 
 
 @gpu
+@pytest.mark.parametrize("tdtype", ["int64", "int32"])
+def test_cuda_targets_are_read_in_place(tdtype):
+    # Torch CUDA targets go to the kernel as device memory (no host copy):
+    # the same fields, bitwise, as the same ids given on the host; -1 = none.
+    rng = np.random.default_rng(7)
+    a, b = _pair(rng, 12, 3001, 0.1)
+    ta, tb = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
+    ids = rng.integers(0, 3001, 12)
+    ids[[2, 7]] = -1
+    host = lp.compare_logits(ta, tb, targets=ids, js=True)
+    dev = lp.compare_logits(ta, tb, targets=torch.from_numpy(ids).to("cuda", getattr(torch, tdtype)),
+                            js=True)
+    for name in ("nll_ref", "nll_cand", "delta_p", "kl_ref_cand", "argmax_cand"):
+        np.testing.assert_array_equal(getattr(dev, name), getattr(host, name))
+    assert np.isnan(dev.nll_ref[2]) and np.isnan(dev.delta_p[7])
+    np.testing.assert_allclose(dev.nll_ref[0], ref_row(a[0], b[0], int(ids[0]))["nll_ref"], rtol=1e-7)
+
+
+@gpu
+def test_cuda_target_out_of_range_is_checked_on_the_device():
+    ta = torch.zeros(4, 300, device="cuda")
+    t = torch.tensor([0, 5, 300, -2], device="cuda")
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 300\) \(the vocab size\) or -1 "
+                                         r"for none, got 300 at row 2"):
+        lp.compare_logits(ta, ta, targets=t)
+
+
+@gpu
+def test_cuda_targets_of_the_wrong_count_or_dtype():
+    ta = torch.zeros(4, 300, device="cuda")
+    with pytest.raises(ValueError, match=r"one token id per row \(4 rows"):
+        lp.compare_logits(ta, ta, targets=torch.zeros(5, dtype=torch.int64, device="cuda"))
+    with pytest.raises(TypeError, match="integer token ids"):
+        lp.compare_logits(ta, ta, targets=torch.zeros(4, device="cuda"))
+
+
+@gpu
 def test_gpu_agrees_with_cpu_kernel_and_keeps_shape():
     rng = np.random.default_rng(4)
     a, b = _pair(rng, 12, 32000, 0.1)

@@ -19,7 +19,7 @@ namespace {
 }  // namespace
 
 RowMetricsResult CompareRowsCuda(const RowsView&, const RowsView&, const RowMetricsOptions&,
-                                 uintptr_t) {
+                                 uintptr_t, const int64_t*) {
   NotBuilt();
 }
 void LogSumExpCuda(const RowsView&, double*, uintptr_t) { NotBuilt(); }

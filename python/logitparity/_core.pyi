@@ -46,6 +46,7 @@ def compare_rows_cuda(
     topk: list[int],
     js: bool,
     stream: int,
+    targets_ptr: int = 0,
 ) -> tuple[npt.NDArray[np.float64], list[str], npt.NDArray[np.int32]]: ...
 
 # Activation statistics (the block at the end of bindings.cc).

@@ -29,8 +29,14 @@ int CudaDeviceCount();
 // to the CPU kernel's: both agree with CompareRowRef to the tolerances of
 // docs/metrics.md. Throws std::invalid_argument for bad input and
 // std::runtime_error for CUDA errors or a build without CUDA.
+//
+// device_targets: instead of options.targets (which must then be null), one
+// int64 id per row in device memory on the rows' device, read in place by the
+// kernel and checked there: an id outside [-1, vocab) throws
+// std::invalid_argument naming the first such row and its id.
 RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
-                                 const RowMetricsOptions& options, uintptr_t stream);
+                                 const RowMetricsOptions& options, uintptr_t stream,
+                                 const int64_t* device_targets = nullptr);
 
 // Largest k of TopKCuda (the per-warp lists live in shared memory).
 constexpr size_t kMaxTopKCuda = 256;

@@ -28,15 +28,17 @@
 // Top-k (k <= 64, with top-2 for the margins) per warp: elements that beat
 // the warp's current k-th entry (value, then lower index) are appended to a
 // shared-memory buffer with a ballot; when it fills, the warp keeps the best k
-// by rank counting. A group is offered only when its maximum can qualify, so
-// after the first few groups almost nothing is appended. The warps' lists are
-// merged the same way by one warp per side.
+// by rank counting. A group is offered only when its maximum can qualify
+// (against the best of the warps' thresholds, WarpTopK::Refresh), so after
+// the first few groups few elements are appended. At the end all threads
+// merge the warps' sorted lists by rank counting (MergeTopLists).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <stdexcept>
@@ -136,6 +138,11 @@ __device__ __forceinline__ void PrefetchGroup(const T* row, size_t warp_base, in
 constexpr int kStages = 4;
 constexpr int kStageBytes = kStep * 4;  // one side, one step, float32 at most
 constexpr int kPipeBytes = kStages * 2 * kStageBytes;
+// The pipeline's stages (dynamic shared memory, kPipeBytes); at namespace
+// scope so that the out-of-line offers can reread a group from its stage.
+extern __shared__ __align__(16) unsigned char pipe[];
+// A byte offset into `pipe`, or none (the group was read from the row).
+constexpr unsigned kNoStage = 0xFFFFFFFFu;
 
 // The byte offset of this lane's first vector inside one side's stage of a
 // step (the same for every step): the hot loop then adds only the stage base
@@ -243,29 +250,58 @@ __device__ __noinline__ float2 FarTerms(float e, float xa, float xb, float pa, f
   return make_float2(fmaf(pa, e, ea - pa), fmaf(-pb, e, eb - pb));
 }
 
+// Element j of this lane's group in its pipeline stage (ReadGroupShared's
+// layout).
+template <typename T>
+__device__ __forceinline__ float StageOne(unsigned stage, int j) {
+  const unsigned char* at = pipe + stage + ((j / kVec) * 32 * kVec + j % kVec) * sizeof(T);
+  if (sizeof(T) == 4) return *reinterpret_cast<const float*>(at);
+  const unsigned short h = *reinterpret_cast<const unsigned short*>(at);
+  return IsBf16<T>::value ? Bf16ToF32(h) : __half2float(__ushort_as_half(h));
+}
+
 // Offers the elements of one group whose bits are set in `mask` (those that
 // beat the warp's threshold when the group was read), reloading each value
-// (an L1 hit) instead of indexing the group's registers at run time. Every
-// lane of the warp calls it.
+// instead of indexing the group's registers at run time: from the group's
+// pipeline stage in shared memory (`stage`, a byte offset into the pipeline),
+// or from the row for groups read directly (kNoStage: the row's end,
+// misaligned rows). The main sweep's
+// copies bypass L1, so a reload from the row went to L2: on the H200 the
+// comparison waiting on it took 7% of the kernel's stall samples. Every lane
+// of the warp calls it; returns the warp's threshold value afterwards.
 template <typename T>
-__device__ __noinline__ void OfferMasked(RowTopK& top, const T* row, size_t warp_base,
-                                         unsigned mask, int k, int lane) {
+__device__ __noinline__ float OfferMasked(RowTopK& top, const T* row, unsigned stage,
+                                          size_t warp_base, unsigned mask, int k, int lane) {
   while (__any_sync(kFull, mask != 0)) {
     const int j = mask ? __ffs(mask) - 1 : 0;
     const size_t i = ElemIndex(warp_base, lane, j);
-    const float v = mask ? Loader<T>::One(row, i) : 0.0f;
+    const float v = mask ? (stage != kNoStage ? StageOne<T>(stage, j) : Loader<T>::One(row, i)) : 0.0f;
     top.Offer(v, static_cast<int>(i), mask != 0, k, lane);
     mask &= mask - 1;
   }
+  return top.tau_v;
+}
+
+// Takes up the block's shared threshold (WarpTopK::Refresh); returns the
+// warp's threshold value. Out of line with the offers: rare.
+__device__ __noinline__ float RefreshTop(RowTopK& top) {
+  top.Refresh();
+  return top.tau_v;
 }
 
 // Top-k for one side's group: offered only if the group's maximum can enter
 // the warp's list, then only its elements that can. Inlined, so `v` stays in
-// registers. (Indices fit in int: vocab < 2^31 is checked on the host.)
+// registers. `tau`: a register copy of the warp's threshold value (the list
+// itself lives in local memory, as its address goes to the out-of-line
+// offers; reading it there every step cost a local load per step and side).
+// (Indices fit in int: vocab < 2^31 is checked on the host.)
 template <typename T>
-__device__ __forceinline__ void OfferGroup(RowTopK& top, const T* row, const float (&v)[kGroup],
+__device__ __forceinline__ void OfferGroup(RowTopK& top, float& tau, const T* row,
+                                           unsigned stage, const float (&v)[kGroup],
                                            float gmax, size_t wb, int n, int k, int lane) {
-  if (!__any_sync(kFull, gmax >= top.tau_v)) return;
+  if (!__any_sync(kFull, gmax >= tau)) return;
+  tau = RefreshTop(top);
+  if (!__any_sync(kFull, gmax >= tau)) return;
   const int wb32 = static_cast<int>(wb);
   unsigned mask = 0;
 #pragma unroll
@@ -273,7 +309,7 @@ __device__ __forceinline__ void OfferGroup(RowTopK& top, const T* row, const flo
     const int i = wb32 + (j / kVec) * 32 * kVec + lane * kVec + j % kVec;
     mask |= static_cast<unsigned>(i < n && Better(v[j], i, top.tau_v, top.tau_i)) << j;
   }
-  OfferMasked(top, row, wb, mask, k, lane);
+  tau = OfferMasked(top, row, stage, wb, mask, k, lane);
 }
 
 // Float32 sums of one group (kGroup element pairs of one thread) before they
@@ -454,20 +490,62 @@ __device__ __noinline__ GroupSums DirtyGroup(const TA* a, const TB* b, float Ma,
   return g;
 }
 
+// The per-thread partials that the epilogue reduces over the block, each
+// kind in one pass (BlockReduceN): float64 sums, float maxima (minima
+// negated), counts.
+constexpr int kNumSums = 13, kNumMaxima = 3, kNumCounts = 5;
+
 struct Shared {
   float top_v[2][kWarps][kCap];
   int top_i[2][kWarps][kCap];
   int top_count[2][kWarps];
+  unsigned long long top_key[2];  // the sides' shared top-k thresholds
+  float merged_v[2][kMaxTopK];     // the row's top-k per side, best first
+  int merged_i[2][kMaxTopK];
   double dscratch[kWarps + 1];
   float fscratch[kWarps + 1];
   unsigned long long cscratch[kWarps + 1];
+  double dsums[(kWarps + 1) * kNumSums];
+  float fmax[(kWarps + 1) * kNumMaxima];
+  unsigned long long counts[(kWarps + 1) * kNumCounts];
 };
+
+// Merges the warps' sorted lists of both sides into sh.merged_*: threads
+// 0-127 rank the reference's entries, 128-255 the candidate's. An entry's
+// rank is the number of entries better than it over all lists (each list
+// sorted, so each scan stops at the first entry that is not); indices are
+// distinct, so ranks are too, and the entries of rank < K are the row's top
+// K. Replaces a merge by one warp per side through the offer buffer, which
+// left the other six warps waiting at the barrier (9% of the stall samples).
+__device__ __forceinline__ void MergeTopLists(Shared& sh, int K) {
+  const int side = threadIdx.x / 128, t = threadIdx.x % 128;
+  for (int q = t; q < kWarps * K; q += 128) {
+    const int w = q / K, pos = q % K;
+    if (pos >= sh.top_count[side][w]) continue;
+    const float v = sh.top_v[side][w][pos];
+    const int idx = sh.top_i[side][w][pos];
+    int rank = pos;  // the entries above it in its own list
+    for (int w2 = 0; w2 < kWarps && rank < K; ++w2) {
+      if (w2 == w) continue;
+      const int c = sh.top_count[side][w2];
+      for (int p2 = 0; p2 < c && Better(sh.top_v[side][w2][p2], sh.top_i[side][w2][p2], v, idx); ++p2) {
+        ++rank;
+      }
+    }
+    if (rank < K) {
+      sh.merged_v[side][rank] = v;
+      sh.merged_i[side][rank] = idx;
+    }
+  }
+  __syncthreads();
+}
 
 template <typename TA, typename TB>
 __global__ void __launch_bounds__(kThreads, 2)
     CompareRowsKernel(const TA* __restrict__ a_base, size_t a_stride, const TB* __restrict__ b_base,
                       size_t b_stride, size_t n, const int64_t* __restrict__ targets, Params p,
-                      double* __restrict__ out_fields, int32_t* __restrict__ out_overlap) {
+                      double* __restrict__ out_fields, int32_t* __restrict__ out_overlap,
+                      unsigned long long* __restrict__ first_bad_target) {
   __shared__ Shared sh;
   const size_t row = blockIdx.x;
   const TA* a = a_base + row * a_stride;
@@ -478,6 +556,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const double kNaN = __longlong_as_double(0x7FF8000000000000LL);
   const double kInfD = __longlong_as_double(0x7FF0000000000000LL);
   const float ninf = -Inf(), pinf = Inf();
+  if (tid == 0) sh.top_key[0] = sh.top_key[1] = 0;  // seen after the barriers below
 
   // The KL shift c0: maxima of the first chunk where both sides have one.
   // The first chunk's maxima also start every thread's running maxima, so
@@ -508,8 +587,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 
   RowTopK top_a, top_b;
-  top_a.Init(sh.top_v[0][warp], sh.top_i[0][warp]);
-  top_b.Init(sh.top_v[1][warp], sh.top_i[1][warp]);
+  top_a.Init(sh.top_v[0][warp], sh.top_i[0][warp], &sh.top_key[0]);
+  top_b.Init(sh.top_v[1][warp], sh.top_i[1][warp], &sh.top_key[1]);
+  float tau_a = top_a.tau_v, tau_b = top_b.tau_v;
   const int K = p.kmax;
 
   SideSums A{0, 0, 0, 0}, B{0, 0, 0, 0};
@@ -517,7 +597,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   float max_abs = 0.0f, e_max = ninf, e_min = pinf;
   unsigned both_masked = 0, a_only = 0, b_only = 0, bad_a = 0, bad_b = 0;
 
-  extern __shared__ __align__(16) unsigned char pipe[];
   // Element offsets within a row fit in 32 bits (vocab < 2^31 is checked on
   // the host); `span_end`: the last step whose warp span is whole, so steps
   // before it go through the pipeline and the rest (the row's end, misaligned
@@ -547,10 +626,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     issue(step + kStages - 1);
     asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 1));
     float va[kGroup], vb[kGroup];
-    if (step < piped_steps) {
-      const unsigned char* stage = pipe + (step % kStages) * 2 * kStageBytes;
-      ReadGroupShared<TA>(stage + off_a, va);
-      ReadGroupShared<TB>(stage + off_b, vb);
+    const bool piped = step < piped_steps;
+    const unsigned stage = (step % kStages) * 2 * kStageBytes;
+    if (piped) {
+      ReadGroupShared<TA>(pipe + stage + off_a, va);
+      ReadGroupShared<TB>(pipe + stage + off_b, vb);
     } else {
       LoadGroup(a, wb, lane, n, false, va);
       LoadGroup(b, wb, lane, n, false, vb);
@@ -566,8 +646,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       sumb += vb[j];
     }
     if (!(kAblate & 1)) {
-      OfferGroup(top_a, a, va, ga, wb, static_cast<int>(n), K, lane);
-      OfferGroup(top_b, b, vb, gb, wb, static_cast<int>(n), K, lane);
+      OfferGroup(top_a, tau_a, a, piped ? stage + off_a : kNoStage, va, ga, wb,
+                 static_cast<int>(n), K, lane);
+      OfferGroup(top_b, tau_b, b, piped ? stage + off_b : kNoStage, vb, gb, wb,
+                 static_cast<int>(n), K, lane);
     }
     if (ga > Ma) {
       if (Ma > ninf) A = Rescale(A, static_cast<double>(Ma) - ga);
@@ -606,7 +688,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     B.g += g.h;
   }
 
-  // Sort each warp's list, then one warp per side merges the others' lists.
+  // Sort each warp's list, then merge them over the block.
   top_a.Compact(K, lane);
   top_b.Compact(K, lane);
   if (lane == 0) {
@@ -614,50 +696,35 @@ __global__ void __launch_bounds__(kThreads, 2)
     sh.top_count[1][warp] = top_b.count;
   }
   __syncthreads();
-  // Warp s (0: reference, 1: candidate) merges the other warps' lists of
-  // side s into its own; the results are at [0][0] and [1][1].
-  if (warp < 2) {
-    RowTopK& t = warp == 0 ? top_a : top_b;
-    for (int w = 0; w < kWarps; ++w) {
-      if (w == warp) continue;
-      const int c = sh.top_count[warp][w];
-      for (int base = 0; base < c; base += 32) {
-        const int e = base + lane;
-        const bool ok = e < c;
-        t.Offer(ok ? sh.top_v[warp][w][e] : 0.0f, ok ? sh.top_i[warp][w][e] : 0, ok, K, lane);
-      }
-    }
-    t.Compact(K, lane);
-    if (lane == 0) sh.top_count[warp][warp] = t.count;
-  }
+  MergeTopLists(sh, K);
 
-  // Bring every thread's sums to the block maxima, then reduce.
-  const float Ma_all = BlockMax(Ma, sh.fscratch);
-  const float Mb_all = BlockMax(Mb, sh.fscratch);
+  // Bring every thread's sums to the block maxima, then reduce (one pass per
+  // kind, in BlockReduce's fixed tree).
+  float row_max[2] = {Ma, Mb};
+  BlockReduceN(row_max, sh.fmax, MaxOp());
+  const float Ma_all = row_max[0], Mb_all = row_max[1];
   if (Ma > ninf && Ma < Ma_all) A = Rescale(A, static_cast<double>(Ma) - Ma_all);
   if (Mb > ninf && Mb < Mb_all) B = Rescale(B, static_cast<double>(Mb) - Mb_all);
-  const double Sa = BlockSum(A.s, sh.dscratch), Sb = BlockSum(B.s, sh.dscratch);
-  const double Ta = BlockSum(A.t, sh.dscratch), Tb = BlockSum(B.t, sh.dscratch);
-  const double Ea = BlockSum(A.e, sh.dscratch), Eb = BlockSum(B.e, sh.dscratch);
-  const double Ga = BlockSum(A.g, sh.dscratch), Gb = BlockSum(B.g, sh.dscratch);
-  const double abs_all = BlockSum(abs_sum, sh.dscratch), d2_all = BlockSum(d2, sh.dscratch);
-  const double x_all = BlockSum(xs, sh.dscratch), na_all = BlockSum(na, sh.dscratch);
-  const double nb_all = BlockSum(nb, sh.dscratch);
-  const float max_abs_all = BlockMax(max_abs, sh.fscratch);
-  const float e_hi_f = BlockMax(e_max, sh.fscratch);
-  const float e_lo_f = BlockMin(e_min, sh.fscratch);
-  const unsigned long long both_all = BlockCount(both_masked, sh.cscratch);
-  const unsigned long long aonly_all = BlockCount(a_only, sh.cscratch);
-  const unsigned long long bonly_all = BlockCount(b_only, sh.cscratch);
-  const unsigned long long bad_a_all = BlockCount(bad_a, sh.cscratch);
-  const unsigned long long bad_b_all = BlockCount(bad_b, sh.cscratch);
+  double sums[kNumSums] = {A.s, B.s, A.t, B.t, A.e, B.e, A.g, B.g, abs_sum, d2, xs, na, nb};
+  BlockReduceN(sums, sh.dsums, AddOp());
+  float maxima[kNumMaxima] = {max_abs, e_max, -e_min};
+  BlockReduceN(maxima, sh.fmax, MaxOp());
+  unsigned long long counts[kNumCounts] = {both_masked, a_only, b_only, bad_a, bad_b};
+  BlockReduceN(counts, sh.counts, AddOp());
+  const double Sa = sums[0], Sb = sums[1], Ta = sums[2], Tb = sums[3];
+  const double Ea = sums[4], Eb = sums[5], Ga = sums[6], Gb = sums[7];
+  const double abs_all = sums[8], d2_all = sums[9], x_all = sums[10];
+  const double na_all = sums[11], nb_all = sums[12];
+  const float max_abs_all = maxima[0], e_hi_f = maxima[1], e_lo_f = -maxima[2];
+  const unsigned long long both_all = counts[0], aonly_all = counts[1], bonly_all = counts[2];
+  const unsigned long long bad_a_all = counts[3], bad_b_all = counts[4];
 
   double* out = out_fields + row * kNumRowFields;
   int32_t* overlap = out_overlap + row * p.num_ks;
-  const float* ta_v = sh.top_v[0][0];
-  const int* ta_i = sh.top_i[0][0];
-  const float* tb_v = sh.top_v[1][1];
-  const int* tb_i = sh.top_i[1][1];
+  const float* ta_v = sh.merged_v[0];
+  const int* ta_i = sh.merged_i[0];
+  const float* tb_v = sh.merged_v[1];
+  const int* tb_i = sh.merged_i[1];
 
   if (bad_a_all + bad_b_all > 0) {
     if (tid < kNumRowFields) out[tid] = kNaN;
@@ -668,6 +735,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       out[kArgmaxRef] = out[kArgmaxCand] = out[kRankOfRefTop1InCand] = -1;
     }
     if (tid < p.num_ks) overlap[tid] = -1;
+    if (tid == 0 && targets != nullptr &&
+        (targets[row] < -1 || targets[row] >= static_cast<long long>(n))) {
+      atomicMin(first_bad_target, static_cast<unsigned long long>(row));
+    }
     return;
   }
 
@@ -711,7 +782,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   __shared__ int rank_sh;
   if (tid == 0) {
     rank_sh = -1;
-    for (int j = 0; j < sh.top_count[1][1]; ++j) {
+    for (int j = 0; j < K; ++j) {
       if (tb_i[j] == t) rank_sh = j;
     }
   }
@@ -788,8 +859,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   out[kMarginCand] = n > 1 ? static_cast<double>(tb_v[0]) - tb_v[1] : kInfD;
   out[kRankOfRefTop1InCand] = static_cast<double>(rank);
   out[kNllRef] = out[kNllCand] = out[kDeltaP] = kNaN;
-  if (targets != nullptr && targets[row] >= 0) {
-    const size_t tt = static_cast<size_t>(targets[row]);
+  const long long target = targets != nullptr ? targets[row] : -1;
+  if (target < -1 || target >= static_cast<long long>(n)) {
+    atomicMin(first_bad_target, static_cast<unsigned long long>(row));  // the host reports it
+  } else if (target >= 0) {
+    const size_t tt = static_cast<size_t>(target);
     const double nll_a = dist_a ? lse_a - Loader<TA>::One(a, tt) : kNaN;
     const double nll_b = dist_b ? lse_b - Loader<TB>::One(b, tt) : kNaN;
     out[kNllRef] = nll_a;
@@ -799,28 +873,65 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 
+// Launch arguments shared by every dtype pair.
+struct LaunchArgs {
+  const RowsView* ref;
+  const RowsView* cand;
+  const int64_t* targets;  // device memory, or null
+  Params p;
+  double* fields;
+  int32_t* overlap;
+  unsigned long long* first_bad_target;
+  cudaStream_t stream;
+  int device;
+};
+
+// cudaFuncSetAttribute belongs to the current device and costs a driver call:
+// once per kernel and device (calls hold ScratchMutex).
 template <typename TA, typename TB>
-void Launch(const RowsView& ref, const RowsView& cand, const int64_t* targets, const Params& p,
-            double* fields, int32_t* overlap, cudaStream_t stream) {
-  // Per call: the attribute belongs to the current device.
+void AllowPipeSharedMemory(int device) {
+  static std::vector<char> done;
+  if (done.size() <= static_cast<size_t>(device)) done.resize(device + 1, 0);
+  if (done[device]) return;
   Check(cudaFuncSetAttribute(CompareRowsKernel<TA, TB>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, kPipeBytes),
         "cudaFuncSetAttribute");
-  CompareRowsKernel<TA, TB><<<static_cast<unsigned>(ref.rows), kThreads, kPipeBytes, stream>>>(
-      static_cast<const TA*>(ref.data), ref.row_stride, static_cast<const TB*>(cand.data),
-      cand.row_stride, ref.vocab, targets, p, fields, overlap);
+  done[device] = 1;
+}
+
+template <typename TA, typename TB>
+void Launch(const LaunchArgs& l) {
+  AllowPipeSharedMemory<TA, TB>(l.device);
+  CompareRowsKernel<TA, TB><<<static_cast<unsigned>(l.ref->rows), kThreads, kPipeBytes, l.stream>>>(
+      static_cast<const TA*>(l.ref->data), l.ref->row_stride, static_cast<const TB*>(l.cand->data),
+      l.cand->row_stride, l.ref->vocab, l.targets, l.p, l.fields, l.overlap, l.first_bad_target);
 }
 
 template <typename TA>
-void LaunchB(const RowsView& ref, const RowsView& cand, const int64_t* targets, const Params& p,
-             double* fields, int32_t* overlap, cudaStream_t stream) {
-  switch (cand.dtype) {
-    case Dtype::kF32: return Launch<TA, float>(ref, cand, targets, p, fields, overlap, stream);
-    case Dtype::kF16: return Launch<TA, __half>(ref, cand, targets, p, fields, overlap, stream);
-    case Dtype::kBF16: return Launch<TA, Bf16>(ref, cand, targets, p, fields, overlap, stream);
+void LaunchB(const LaunchArgs& l) {
+  switch (l.cand->dtype) {
+    case Dtype::kF32: return Launch<TA, float>(l);
+    case Dtype::kF16: return Launch<TA, __half>(l);
+    case Dtype::kBF16: return Launch<TA, Bf16>(l);
   }
 }
 
+// Pinned host memory for the results of one call, kept and grown (a copy to
+// pageable memory is staged by the driver through its own pinned buffer).
+// Call with ScratchMutex held.
+void* PinnedScratch(size_t bytes) {
+  static void* buf = nullptr;
+  static size_t size = 0;
+  if (size < bytes) {
+    if (buf != nullptr) Check(cudaFreeHost(buf), "cudaFreeHost");
+    buf = nullptr;
+    size = 0;
+    const size_t want = std::max<size_t>(bytes, size_t{1} << 20);
+    Check(cudaMallocHost(&buf, want), "cudaMallocHost");
+    size = want;
+  }
+  return buf;
+}
 
 }  // namespace
 
@@ -836,8 +947,12 @@ int CudaDeviceCount() {
 }
 
 RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
-                                 const RowMetricsOptions& options, uintptr_t stream_handle) {
+                                 const RowMetricsOptions& options, uintptr_t stream_handle,
+                                 const int64_t* device_targets) {
   CheckCompareArgs(ref, cand, options);
+  if (device_targets != nullptr && options.targets != nullptr) {
+    throw std::invalid_argument("give targets either on the host or on the device, not both");
+  }
   if (ref.vocab > static_cast<size_t>(std::numeric_limits<int>::max())) {
     throw std::invalid_argument("vocab must be below 2^31 for the CUDA kernels, got " +
                                 std::to_string(ref.vocab));
@@ -856,6 +971,10 @@ RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
                                 std::to_string(device) + " and cuda:" +
                                 std::to_string(device_b) + "; move one with .to(other.device)");
   }
+  if (device_targets != nullptr && DeviceOf(device_targets, "targets") != device) {
+    throw std::invalid_argument("targets must be on the rows' CUDA device (cuda:" +
+                                std::to_string(device) + "); move them with .to(ref.device)");
+  }
   DeviceGuard guard(device);
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
 
@@ -871,49 +990,54 @@ RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
   result.fields.resize(ref.rows * kNumRowFields);
   result.topk_common.resize(ref.rows * options.topk.size());
 
+  // Device scratch: [fields | overlaps | first bad target row (8 bytes,
+  // aligned) | host targets copied in]; the first three come back in one copy.
   const size_t fields_bytes = result.fields.size() * sizeof(double);
   const size_t overlap_bytes = result.topk_common.size() * sizeof(int32_t);
+  const size_t flag_off = (fields_bytes + overlap_bytes + 7) / 8 * 8;
+  const size_t back_bytes = flag_off + sizeof(unsigned long long);
   const size_t targets_bytes = options.targets ? ref.rows * sizeof(int64_t) : 0;
   // One result buffer per device, kept and grown: cudaMallocAsync from the
   // default pool returned its memory at every synchronize and mapped it again
   // on the next call. Calls are serialized (they end synchronized).
   std::lock_guard<std::mutex> lock(ScratchMutex());
-  void* dev = DeviceScratch(device, fields_bytes + overlap_bytes + targets_bytes + 16);
-  double* d_fields = static_cast<double*>(dev);
-  int32_t* d_overlap = reinterpret_cast<int32_t*>(static_cast<char*>(dev) + fields_bytes);
-  int64_t* d_targets = nullptr;
-  cudaError_t err = cudaSuccess;
-  if (options.targets) {
-    // After the int32 overlaps: round up to 8 bytes.
-    const size_t off = (fields_bytes + overlap_bytes + 7) / 8 * 8;
-    d_targets = reinterpret_cast<int64_t*>(static_cast<char*>(dev) + off);
+  char* dev = static_cast<char*>(DeviceScratch(device, back_bytes + targets_bytes));
+  char* host = static_cast<char*>(PinnedScratch(back_bytes));
+  LaunchArgs l{&ref, &cand, device_targets, p,
+               reinterpret_cast<double*>(dev), reinterpret_cast<int32_t*>(dev + fields_bytes),
+               reinterpret_cast<unsigned long long*>(dev + flag_off), stream, device};
+  cudaError_t err = cudaMemsetAsync(dev + flag_off, 0xFF, sizeof(unsigned long long), stream);
+  if (err == cudaSuccess && options.targets) {
+    int64_t* d_targets = reinterpret_cast<int64_t*>(dev + back_bytes);
+    l.targets = d_targets;
     err = cudaMemcpyAsync(d_targets, options.targets, targets_bytes, cudaMemcpyHostToDevice,
                           stream);
   }
   if (err == cudaSuccess) {
     switch (ref.dtype) {
-      case Dtype::kF32:
-        LaunchB<float>(ref, cand, d_targets, p, d_fields, d_overlap, stream);
-        break;
-      case Dtype::kF16:
-        LaunchB<__half>(ref, cand, d_targets, p, d_fields, d_overlap, stream);
-        break;
-      case Dtype::kBF16:
-        LaunchB<Bf16>(ref, cand, d_targets, p, d_fields, d_overlap, stream);
-        break;
+      case Dtype::kF32: LaunchB<float>(l); break;
+      case Dtype::kF16: LaunchB<__half>(l); break;
+      case Dtype::kBF16: LaunchB<Bf16>(l); break;
     }
     err = cudaGetLastError();
   }
   if (err == cudaSuccess) {
-    err = cudaMemcpyAsync(result.fields.data(), d_fields, fields_bytes, cudaMemcpyDeviceToHost,
-                          stream);
-  }
-  if (err == cudaSuccess) {
-    err = cudaMemcpyAsync(result.topk_common.data(), d_overlap, overlap_bytes,
-                          cudaMemcpyDeviceToHost, stream);
+    err = cudaMemcpyAsync(host, dev, back_bytes, cudaMemcpyDeviceToHost, stream);
   }
   if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
   Check(err, "CompareRowsCuda");
+  unsigned long long bad_row;
+  std::memcpy(&bad_row, host + flag_off, sizeof(bad_row));
+  if (bad_row != ~0ull) {
+    int64_t got = 0;
+    const int64_t* t = l.targets + bad_row;
+    Check(cudaMemcpy(&got, t, sizeof(got), cudaMemcpyDeviceToHost), "CompareRowsCuda targets");
+    throw std::invalid_argument("targets must be in [0, " + std::to_string(ref.vocab) +
+                                ") (the vocab size) or -1 for none, got " + std::to_string(got) +
+                                " at row " + std::to_string(bad_row));
+  }
+  std::memcpy(result.fields.data(), host, fields_bytes);
+  std::memcpy(result.topk_common.data(), host + fields_bytes, overlap_bytes);
   return result;
 }
 

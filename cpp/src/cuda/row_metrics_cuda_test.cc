@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -150,6 +151,77 @@ TEST(RowMetricsCuda, TiesAndMasks) {
     CheckCase("+inf", pinf, a, 0, Dtype::kBF16, Dtype::kF16, 1, ks);
     if (HasFatalFailure()) return;
   }
+}
+
+// Orders that stress the top-k admission threshold the warps share:
+// ascending rows (every element beats every threshold so far), descending
+// rows (the first elements fill every list), the same value everywhere but
+// the row's end, and a row of +0 and -0 only, which compare equal, so their
+// ties go by index (the shared threshold's key folds -0 into +0). k up to 64
+// and lengths of one to several steps.
+TEST(RowMetricsCuda, TopKOrders) {
+  SKIP_WITHOUT_GPU();
+  const std::vector<int> ks = {1, 2, 10, 33, 64};
+  for (size_t n : {size_t{300}, size_t{4099}, size_t{70001}}) {
+    std::vector<float> up(n), down(n), flat(n, 0.75f), zeros(n);
+    for (size_t i = 0; i < n; ++i) {
+      up[i] = -8.0f + 16.0f * static_cast<float>(i) / static_cast<float>(n);
+      down[i] = -up[i];
+      zeros[i] = (i * 7919) % 3 == 0 ? -0.0f : 0.0f;
+    }
+    flat[n - 3] = 0.5f;
+    const std::vector<float> noisy = Perturb(up, 1e-3f, 11);
+    CheckCase("ascending", up, noisy, 3, Dtype::kF32, Dtype::kF32, 0, ks);
+    CheckCase("ascending", up, noisy, 3, Dtype::kBF16, Dtype::kF16, 1, ks);
+    CheckCase("descending", down, Perturb(down, 1e-3f, 12), 5, Dtype::kF32, Dtype::kF32, 0, ks);
+    CheckCase("descending vs ascending", down, up, 5, Dtype::kF32, Dtype::kF16, 0, ks);
+    CheckCase("flat", flat, up, 0, Dtype::kF32, Dtype::kF32, 0, ks);
+    CheckCase("signed zeros", zeros, flat, 1, Dtype::kF32, Dtype::kF32, 0, ks);
+    CheckCase("signed zeros", zeros, zeros, 1, Dtype::kF16, Dtype::kBF16, 2, ks);
+    if (HasFatalFailure()) return;
+  }
+}
+
+// Targets in device memory (CompareRowsCuda's device_targets) give the same
+// fields as the same ids from the host, bitwise, -1 included; an id out of
+// range is an error naming the first such row and its id.
+TEST(RowMetricsCuda, DeviceTargets) {
+  SKIP_WITHOUT_GPU();
+  const size_t rows = 37, n = 5000;
+  std::vector<float> a(rows * n), b(rows * n);
+  for (size_t r = 0; r < rows; ++r) {
+    const std::vector<float> x = LmLogits(n, 100 + r), y = Perturb(x, 5e-2f, 200 + r);
+    std::copy(x.begin(), x.end(), a.begin() + r * n);
+    std::copy(y.begin(), y.end(), b.begin() + r * n);
+  }
+  std::vector<int64_t> t(rows);
+  for (size_t r = 0; r < rows; ++r) t[r] = r % 5 == 4 ? -1 : static_cast<int64_t>((r * 131) % n);
+  DeviceBuffer da(a.data(), a.size() * 4), db(b.data(), b.size() * 4), dt(t.data(), t.size() * 8);
+  RowsView va{da.ptr, Dtype::kF32, rows, n, n}, vb{db.ptr, Dtype::kF32, rows, n, n};
+  RowMetricsOptions host;
+  host.targets = t.data();
+  const RowMetricsResult want = CompareRowsCuda(va, vb, host, 0);
+  const RowMetricsResult got =
+      CompareRowsCuda(va, vb, RowMetricsOptions(), 0, static_cast<const int64_t*>(dt.ptr));
+  ASSERT_EQ(want.fields.size(), got.fields.size());
+  EXPECT_EQ(0, std::memcmp(want.fields.data(), got.fields.data(), want.fields.size() * 8));
+  EXPECT_EQ(want.topk_common, got.topk_common);
+
+  std::vector<int64_t> bad = t;
+  bad[9] = static_cast<int64_t>(n);
+  bad[20] = -2;
+  DeviceBuffer dbad(bad.data(), bad.size() * 8);
+  try {
+    CompareRowsCuda(va, vb, RowMetricsOptions(), 0, static_cast<const int64_t*>(dbad.ptr));
+    FAIL() << "no error for an out-of-range device target";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_EQ(std::string("targets must be in [0, 5000) (the vocab size) or -1 for none, got "
+                          "5000 at row 9"),
+              e.what());
+  }
+  EXPECT_THROW(CompareRowsCuda(va, vb, host, 0, static_cast<const int64_t*>(dt.ptr)),
+               std::invalid_argument);
+  EXPECT_THROW(CompareRowsCuda(va, vb, RowMetricsOptions(), 0, t.data()), std::invalid_argument);
 }
 
 // Close rows: KL ~ sigma^2 / 2 must still come to a relative 1e-4.
