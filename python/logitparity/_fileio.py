@@ -2,6 +2,8 @@
 
 ``write_text_atomic``: a file is either the old one or the complete new one,
 never a torn mix. ``append_text``: one write appended to a file, synced.
+``write_bytes_atomic``: the same for binary chunks (safetensors shards,
+through logitparity._shards), optionally durable (file and directory synced).
 ``read_tagged_json``: the one reader of every JSON file logitparity tags with
 a format and a version (dump, activations and baseline-cache manifests, noise
 and layer floors), with one message per failure.
@@ -18,9 +20,10 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-__all__ = ["FORMAT_NAMES", "append_text", "check_version", "make_parent", "read_tagged_json", "write_text_atomic"]
+__all__ = ["FORMAT_NAMES", "append_text", "check_version", "make_parent", "read_tagged_json", "write_bytes_atomic",
+           "write_text_atomic"]
 
 # Every format tag logitparity writes, and what a file with it is: a reader
 # handed another kind of file says which kind it got.
@@ -46,8 +49,8 @@ def _umask() -> int:
 _MODE = 0o666 & ~_umask()
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
+def _write_all(fd: int, data: Any) -> None:
+    view = memoryview(data).cast("B")
     while view:
         n = os.write(fd, view)
         view = view[n:]
@@ -64,6 +67,16 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, sync: bool = False)
     """Write UTF-8 text to path via a temporary sibling and os.replace;
     creates the parent directory. ``sync``: fsync before the rename. Returns
     the path."""
+    return write_bytes_atomic(path, [text.encode("utf-8")], sync=sync)
+
+
+def write_bytes_atomic(path: str | os.PathLike, chunks: "Iterable[Any]", *, sync: bool = False,
+                       sync_dir: bool = False) -> Path:
+    """Write the bytes-like ``chunks`` in order to path via a temporary
+    sibling (created exclusively, mode 0o666 less the umask) and os.replace;
+    creates the parent directory. ``sync``: fsync the file before the rename;
+    ``sync_dir``: also fsync the directory after it (the rename is durable).
+    A failure leaves no temporary behind. Returns the path."""
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         raise IsADirectoryError(21, "is a directory, expected a file path", str(path))
@@ -74,12 +87,19 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, sync: bool = False)
     fd = os.open(tmp, _FLAGS, _MODE)
     try:
         try:
-            _write_all(fd, text.encode("utf-8"))
+            for chunk in chunks:
+                _write_all(fd, chunk)
             if sync:
                 os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        if sync_dir:
+            dfd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
     except BaseException as e:
         try:
             os.unlink(tmp)
