@@ -53,7 +53,7 @@ from logitparity.topk_rows import exact_lse, tail_mass
 __all__ = ["FORMAT", "VERSION", "BaselineCache", "BaselineCacheWriter", "CacheRows", "load_baseline_cache"]
 
 FORMAT = "logitparity-ppl-baseline"
-VERSION = 1
+VERSION = "1.0"  # written as the integer 1 before 1.0 (read as "1.0": _fileio.LEGACY_INT_VERSIONS)
 MANIFEST = "manifest.json"
 TOKENS = "tokens.safetensors"
 SHARD_ROWS_BYTES = 256 << 20  # a shard is written once its rows reach this size
@@ -173,7 +173,7 @@ class BaselineCacheWriter:
             return
         tensors = {k: np.concatenate([p[k] for p in self._pending]) for k in self._pending[0]}
         name = _shard_name(len(self._shards))
-        write_shard(self._tmp / name, tensors, format=FORMAT, version=str(VERSION))
+        write_shard(self._tmp / name, tensors, format=FORMAT, version=VERSION)
         self._shards.append({"file": name, "rows": int(tensors["target"].shape[0])})
         self._pending, self._pending_bytes = [], 0
 
@@ -183,7 +183,7 @@ class BaselineCacheWriter:
         model, counts). Returns the full manifest."""
         self._flush()
         write_shard(self._tmp / TOKENS, {"token_ids": np.asarray(token_ids, dtype=np.int64)}, format=FORMAT,
-                    version=str(VERSION))
+                    version=VERSION)
         shard_bytes = sum((self._tmp / s["file"]).stat().st_size for s in self._shards)
         full = {
             "format": FORMAT,
@@ -234,7 +234,7 @@ class BaselineCache:
                 f"{mpath} not found: {self.path} is not a baseline cache (or it was not written "
                 "completely); recreate it with `logitparity ppl --model REF --save-baseline DIR`"
             )
-        m = read_tagged_json(mpath, fmt=FORMAT, what="baseline-cache manifest", reads=(VERSION,), fix=_RECREATE)
+        m = read_tagged_json(mpath, fmt=FORMAT, what="baseline-cache manifest", reads=VERSION, fix=_RECREATE)
         for key in ("text", "settings", "tokenizer", "storage", "rows", "shards"):
             if key not in m:
                 raise ValueError(f"{mpath}: missing {key!r}; the cache is damaged, recreate it")
