@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from logitparity._fileio import read_tagged_json
+from logitparity._fileio import read_tagged_json, write_text_atomic
 from logitparity._shards import ShardReader, write_shard
 from logitparity.dump import TOKENIZER_IDENTITY, float32_to_bf16_bits, parse_storage
 from logitparity.metrics import log_softmax, topk as _topk
@@ -196,7 +196,7 @@ class BaselineCacheWriter:
             "bytes_per_token": shard_bytes / self.rows if self.rows else float("nan"),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        (self._tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(self._tmp / MANIFEST, json.dumps(full, indent=2) + "\n", sync=True)
         if self.path.is_dir():  # an older cache (checked in __init__) or an empty directory
             shutil.rmtree(self.path)
         os.replace(self._tmp, self.path)

@@ -5,7 +5,7 @@ Layout (the full spec, with a worked example, is docs/dump-format.md)::
     manifest.json               format tag, version, engine, model, tokenizer,
                                 decoding settings, logits storage, run timing
     records.jsonl               one JSON object per prompt, in capture order
-    shard-NNNNN.safetensors     the tensors, written with the safetensors library
+    shard-NNNNN.safetensors     the tensors (plain safetensors; logitparity._shards)
 
 Row j of a record's logits is the raw logit vector (before any sampling
 transform) from which generated token j was chosen, or, in score mode, the
