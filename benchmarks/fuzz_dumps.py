@@ -287,7 +287,7 @@ def mutate_shard_header(data, d: Path) -> tuple[str, bool]:
 
 def mutate_topk(data, d: Path) -> tuple[str, bool]:
     """Overwrite top-K entries in place (header intact)."""
-    from logitparity.dump import ShardError, read_header
+    from logitparity._shards import ShardError, read_header
 
     shards = sorted(d.glob("shard-*.safetensors"))
     p = data.draw(st.sampled_from(shards))

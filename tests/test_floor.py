@@ -117,6 +117,14 @@ def test_floor_is_the_per_position_envelope(runs, floor_file):
     kl_a = compare_dumps(p["ref"], p["twin_a"], decode=None).metric("kl_ref_cand.mean")[0]
     kl_b = compare_dumps(p["ref"], p["twin_b"], decode=None).metric("kl_ref_cand.mean")[0]
     assert fl.get("kl_ref_cand.mean") == pytest.approx(max(kl_a, kl_b))
+    # a new file carries today's tag; one written before (tag with a dot, integer version) still loads
+    doc = json.loads(Path(floor_file).read_text())
+    assert (doc["format"], doc["version"]) == ("logitparity-noise-floor", "2.0")
+    legacy = Path(floor_file + ".legacy")
+    legacy.write_text(json.dumps({**doc, "format": "logitparity.noise-floor", "version": 2}))
+    old = load_floor(legacy)
+    assert old.version == 2 and [q.change for q in old.pairs] == ["noise 0.01", "noise 0.02"]
+    np.testing.assert_array_equal(old.prompts["p0"].values["kl_ref_cand"], fl.prompts["p0"].values["kl_ref_cand"])
     # a round trip is exact
     again = load_floor(write_floor(fl, floor_file + ".2"))
     for pid, fp in fl.prompts.items():
@@ -206,7 +214,7 @@ def test_floor_errors(runs, floor_file, tmp_path):
     bad.write_text(json.dumps(rec))
     with pytest.raises(ValueError, match="is malformed .*has 1 values for 16 tokens"):
         load_floor(bad)
-    with pytest.raises(ValueError, match=r"v7.json: version 7 is not supported \(this logitparity reads 1, 2\)"):
+    with pytest.raises(ValueError, match=r"v7.json: version 7 is newer than this logitparity reads \(1.0, 2.0\)"):
         (tmp_path / "v7.json").write_text('{"format": "logitparity.noise-floor", "version": 7}')
         load_floor(tmp_path / "v7.json")
     comp = compare_dumps(p["ref"], p["same"], decode=None)

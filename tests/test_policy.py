@@ -179,10 +179,12 @@ def test_noise_floor_file_round_trip(tmp_path):
     "content, match",
     [
         ("{", r"not valid JSON"),
-        ('{"format": "other"}', r"n.json: expected format 'logitparity.noise-floor', found format 'other'; write one"),
+        ('{"format": "other"}', r"n.json: expected format 'logitparity-noise-floor', found format 'other'; write one"),
         ('{"format": "logitparity-dump"}', r"found format 'logitparity-dump', which is a dump manifest"),
         ('{"format": "logitparity.noise-floor", "version": 9}',
-         r"version 9 is not supported \(this logitparity reads 1, 2\); write one with `logitparity calibrate`"),
+         r"version 9 is newer than this logitparity reads \(1.0, 2.0\); upgrade logitparity"),
+        ('{"format": "logitparity-noise-floor", "version": "0.3"}',
+         r"version 0.3 is older than this logitparity reads \(1.0, 2.0\); write one with `logitparity calibrate`"),
     ],
 )
 def test_noise_floor_file_errors(tmp_path, content, match):

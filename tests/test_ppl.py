@@ -326,12 +326,23 @@ def test_cache_rejects_wrong_format_tag(caches, tmp_path):
         BaselineCache(d)
 
 
+def test_cache_version_new_and_legacy(caches, tmp_path):
+    """A new cache says version "1.0"; one written before (the integer 1) still loads."""
+    m = json.loads((caches["top8"] / "manifest.json").read_text())
+    assert (m["format"], m["version"]) == ("logitparity-ppl-baseline", "1.0")
+    d = _copy(caches["top8"], tmp_path / "c")
+    (d / "manifest.json").write_text(json.dumps({**m, "version": 1}))
+    old, new = BaselineCache(d), BaselineCache(caches["top8"])
+    assert old.manifest["version"] == "1.0" and len(old) == len(new)
+    np.testing.assert_array_equal(old.rows(0, len(old)).topk_values, new.rows(0, len(new)).topk_values)
+
+
 def test_cache_rejects_other_version(caches, tmp_path):
     d = _copy(caches["top8"], tmp_path / "c")
     m = json.loads((d / "manifest.json").read_text())
     m["version"] = 99
     (d / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ValueError, match="version 99 is not supported"):
+    with pytest.raises(ValueError, match=r"version 99 is newer than this logitparity reads \(1.0\); upgrade"):
         BaselineCache(d)
 
 

@@ -145,7 +145,7 @@ def test_json_has_every_number(tmp_path, planted_dumps):
     out = write_report(c, json_path=tmp_path / "r.json")
     d = json.loads((tmp_path / "r.json").read_text())
     assert out["json"] == str(tmp_path / "r.json")
-    assert d["format"] == "logitparity.comparison" and d["verdict"]["passed"] is False
+    assert d["format"] == "logitparity-comparison" and d["version"] == "1.0" and d["verdict"]["passed"] is False
     assert d["free_running"]["greedy_match"]["10"] == {"k": 4, "n": 8, "rate": 0.5, "se": pytest.approx(0.1767767)}
     assert [b["count"] for b in d["free_running"]["first_divergence_histogram"]] == [1, 0, 1, 1, 3, 2]
     assert d["tokens"]["kl_ref_cand"]["mean"] == pytest.approx(float(np.mean(c.tokens.kl_ref_cand)))

@@ -4,7 +4,10 @@ rows, and compare_sampled on the tiny random model against float64 numpy."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,6 +131,22 @@ def test_a_planted_bug_fails_and_every_figure_matches_float64(sampled_runs):
     assert sc.impossible_draws("reference").n == n_ref
     d = sc.to_dict()
     assert d["paths"]["reference"]["positions"] == n_ref and d["match_label"] == "sampled"
+    assert (d["format"], d["version"]) == ("logitparity-sampled-comparison", "1.0")
+
+
+def test_sample_set_tags_new_and_legacy(sampled_runs, tmp_path):
+    """A new index carries today's tag; one written before (tag with a dot,
+    integer version; written here by hand) still loads."""
+    from logitparity.sampling import SAMPLE_SET_FORMAT
+
+    ref = Path(sampled_runs["ref"])
+    idx = json.loads((ref / "samples.json").read_text())
+    assert (idx["format"], idx["version"]) == (SAMPLE_SET_FORMAT, "1.0") == ("logitparity-sample-set", "1.0")
+    legacy = tmp_path / "legacy"
+    shutil.copytree(ref, legacy)
+    (legacy / "samples.json").write_text(json.dumps({**idx, "format": "logitparity.sample-set", "version": 1}))
+    got = load_sample_set(legacy)
+    assert got.seeds == load_sample_set(ref).seeds == [0, 1, 2, 3] and got.mode == "sample"
 
 
 def test_without_cross_scores_only_the_shared_prefix_is_compared(sampled_runs):
@@ -157,10 +176,11 @@ def test_sampled_compare_errors(sampled_runs, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "samples.json").write_text('{"format": "x"}')
-    with pytest.raises(ValueError, match=rf"format must be '{SAMPLE_SET_FORMAT}', got 'x'; not a sample set"):
+    with pytest.raises(ValueError, match=rf"samples.json: expected format '{SAMPLE_SET_FORMAT}', found format 'x'; "
+                                         r"not a sample set: re-run `logitparity dump --seeds`"):
         load_sample_set(bad)
     (bad / "samples.json").write_text(f'{{"format": "{SAMPLE_SET_FORMAT}", "version": 9}}')
-    with pytest.raises(ValueError, match=r"version 9 is not supported"):
+    with pytest.raises(ValueError, match=r"samples.json: version 9 is newer than this logitparity reads \(1.0\); upgrade"):
         load_sample_set(bad)
     (bad / "samples.json").write_text(f'{{"format": "{SAMPLE_SET_FORMAT}", "version": 1, "seeds": [0], '
                                       '"dumps": {"0": "../x"}}')

@@ -124,6 +124,7 @@ def test_markdown_and_json():
     assert "| a | 4 |" in md
     d = json.loads(json.dumps(c.to_dict(), allow_nan=False))
     assert d["mcnemar"]["b_ref_right_cand_wrong"] == c.b and d["verdict"] == c.verdict
+    assert (d["format"], d["version"]) == ("logitparity-tasks", "1.0")
 
 
 # --------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from logitparity._fileio import read_tagged_json, write_text_atomic
+from logitparity._shards import ShardReader, write_shard
 from logitparity._native import core as _core
 
 __all__ = ["ACTIVATIONS_DIR", "FORMAT", "VERSION", "Activations", "ActivationWriter", "load_activations"]
@@ -39,6 +40,7 @@ STORAGES = ("stats", "rows")
 QUANTILES = {"abs_p99": 0.99, "abs_p999": 0.999, "abs_p9999": 0.9999}
 DEFAULT_BUDGET_MB = 256.0
 DEFAULT_SHARD_BYTES = 64 << 20
+_RECAPTURE = "recapture the activations with `logitparity dump --activations rows`"
 
 
 def _key(prompt_id: str, path: str) -> str:
@@ -138,17 +140,13 @@ class ActivationWriter:
     def flush(self) -> None:
         if not self.pending:
             return
-        from safetensors.numpy import save_file
-
         name = f"act-{self.shards:05d}.safetensors"
-        tensors, meta = {}, {"format": FORMAT, "version": VERSION}
+        tensors, meta = {}, {}
         for k, (arr, bf16) in self.pending.items():
-            tensors[k] = np.ascontiguousarray(arr)
+            tensors[k] = arr
             if bf16:
                 meta[k] = "bf16"  # uint16 bit patterns of bfloat16
-        tmp = self.dir / f".{name}.tmp"
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, self.dir / name)
+        write_shard(self.dir / name, tensors, format=FORMAT, version=VERSION, metadata=meta)
         self.pending, self.pending_bytes = {}, 0
         self.shards += 1
 
@@ -185,7 +183,8 @@ class Activations:
         self.modules = [m["path"] for m in doc["modules"]]
         self.aliases = dict(doc.get("aliases", {}))
         self.records = {r["id"]: r for r in doc["records"]}
-        self._meta: dict[str, dict[str, str]] = {}
+        self.widths = {m["path"]: m.get("width") for m in doc["modules"]}
+        self._readers: dict[str, ShardReader] = {}
 
     @property
     def storage(self) -> str:
@@ -217,13 +216,14 @@ class Activations:
             why = "statistics only were stored" if self.storage == "stats" else "the activations budget ran out"
             raise ValueError(f"prompt {prompt_id!r} has no activation rows in {self.dir} ({why}); recapture with "
                              "--activations rows and a larger --activations-budget")
-        from safetensors import safe_open
-
-        shard = self.dir / r["shard"]
-        with safe_open(str(shard), framework="numpy") as f:
-            meta = f.metadata() or {}
-            key = _key(prompt_id, path)
-            return f.get_tensor(key), meta.get(key) == "bf16"
+        f = self._readers.get(r["shard"])
+        if f is None:
+            f = self._readers[r["shard"]] = ShardReader(self.dir / r["shard"], fix=_RECAPTURE,
+                                                        what=f"a shard {MANIFEST} names")
+        key = _key(prompt_id, path)
+        bf16 = f.metadata.get(key) == "bf16"
+        arr = f.tensor(key, dtype="U16" if bf16 else ("F32", "F16"), shape=(None, self.widths.get(path)))
+        return np.array(arr), bf16  # a copy, as before: callers may keep it past the shard
 
 
 def load_activations(dump_dir: str | os.PathLike) -> Activations:

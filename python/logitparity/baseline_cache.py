@@ -44,7 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from logitparity._fileio import read_tagged_json
+from logitparity._fileio import read_tagged_json, write_text_atomic
+from logitparity._shards import ShardReader, write_shard
 from logitparity.dump import TOKENIZER_IDENTITY, float32_to_bf16_bits, parse_storage
 from logitparity.metrics import log_softmax, topk as _topk
 from logitparity.topk_rows import exact_lse, tail_mass
@@ -52,11 +53,17 @@ from logitparity.topk_rows import exact_lse, tail_mass
 __all__ = ["FORMAT", "VERSION", "BaselineCache", "BaselineCacheWriter", "CacheRows", "load_baseline_cache"]
 
 FORMAT = "logitparity-ppl-baseline"
-VERSION = 1
+VERSION = "1.0"  # written as the integer 1 before 1.0 (read as "1.0": _fileio.LEGACY_INT_VERSIONS)
 MANIFEST = "manifest.json"
 TOKENS = "tokens.safetensors"
 SHARD_ROWS_BYTES = 256 << 20  # a shard is written once its rows reach this size
 CACHE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
+# what every damaged-cache message ends with
+_RECREATE = "recreate the cache with `logitparity ppl --model REF --save-baseline DIR`"
+# the safetensors dtype of every shard tensor; full rows (logprobs) by storage dtype, bf16 as U16 bits
+_SHARD_DTYPES = {"position": "I64", "target": "I64", "nll": "F64", "lse": "F64", "argmax": "I64",
+                 "topk_values": "F32", "topk_indices": "I32", "tail": "F64"}
+_ROWS_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "U16"}
 # Window settings that must match for a cache to be reused.
 SETTING_KEYS = ("ctx", "stride", "bos_token_id", "max_tokens")
 # Tokenizer identity fields that decide whether two tokenizations agree.
@@ -164,12 +171,9 @@ class BaselineCacheWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        from safetensors.numpy import save_file
-
-        tensors = {k: np.ascontiguousarray(np.concatenate([p[k] for p in self._pending]))
-                   for k in self._pending[0]}
+        tensors = {k: np.concatenate([p[k] for p in self._pending]) for k in self._pending[0]}
         name = _shard_name(len(self._shards))
-        save_file(tensors, str(self._tmp / name))
+        write_shard(self._tmp / name, tensors, format=FORMAT, version=VERSION)
         self._shards.append({"file": name, "rows": int(tensors["target"].shape[0])})
         self._pending, self._pending_bytes = [], 0
 
@@ -177,10 +181,9 @@ class BaselineCacheWriter:
         """Write the tokens and the manifest, then move the cache into place.
         ``manifest`` holds the caller's sections (text, settings, tokenizer,
         model, counts). Returns the full manifest."""
-        from safetensors.numpy import save_file
-
         self._flush()
-        save_file({"token_ids": np.ascontiguousarray(token_ids, dtype=np.int64)}, str(self._tmp / TOKENS))
+        write_shard(self._tmp / TOKENS, {"token_ids": np.asarray(token_ids, dtype=np.int64)}, format=FORMAT,
+                    version=VERSION)
         shard_bytes = sum((self._tmp / s["file"]).stat().st_size for s in self._shards)
         full = {
             "format": FORMAT,
@@ -193,7 +196,7 @@ class BaselineCacheWriter:
             "bytes_per_token": shard_bytes / self.rows if self.rows else float("nan"),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        (self._tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(self._tmp / MANIFEST, json.dumps(full, indent=2) + "\n", sync=True)
         if self.path.is_dir():  # an older cache (checked in __init__) or an empty directory
             shutil.rmtree(self.path)
         os.replace(self._tmp, self.path)
@@ -231,8 +234,7 @@ class BaselineCache:
                 f"{mpath} not found: {self.path} is not a baseline cache (or it was not written "
                 "completely); recreate it with `logitparity ppl --model REF --save-baseline DIR`"
             )
-        m = read_tagged_json(mpath, fmt=FORMAT, what="baseline-cache manifest", reads=(VERSION,),
-                             fix="recreate the cache with `logitparity ppl --model REF --save-baseline DIR`")
+        m = read_tagged_json(mpath, fmt=FORMAT, what="baseline-cache manifest", reads=VERSION, fix=_RECREATE)
         for key in ("text", "settings", "tokenizer", "storage", "rows", "shards"):
             if key not in m:
                 raise ValueError(f"{mpath}: missing {key!r}; the cache is damaged, recreate it")
@@ -252,38 +254,27 @@ class BaselineCache:
         tpath = self.path / TOKENS
         if tpath.is_symlink() or not tpath.is_file():
             raise FileNotFoundError(f"baseline cache tokens {tpath} are missing; recreate the cache")
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
-        try:
-            tokens = load_file(str(tpath))
-            if "token_ids" not in tokens or tokens["token_ids"].ndim != 1 or tokens["token_ids"].dtype != np.int64:
-                raise ValueError("no int64 [n] tensor 'token_ids'")
-            self._check_shards()
-        except (SafetensorError, ValueError, OSError) as e:
-            raise ValueError(f"baseline cache {self.path} is damaged ({e}); recreate it with --save-baseline") from None
-        self.token_ids = tokens["token_ids"]
+        # a damaged file is a ShardError (a ValueError) naming it, the tensor, expected and found
+        self.token_ids = np.array(ShardReader(tpath, fix=_RECREATE, what="the cache's tokens").tensor(
+            "token_ids", dtype="I64", shape=(None,)))
+        self._readers = self._check_shards()
         if self.token_ids.size and not (0 <= int(self.token_ids.min()) and int(self.token_ids.max()) < self.vocab):
             raise ValueError(f"baseline cache {tpath}: token ids outside [0, {self.vocab}); recreate the cache")
 
-    def _check_shards(self) -> None:
+    def _check_shards(self) -> list[ShardReader]:
         """Every shard holds the documented tensors with the manifest's row
-        count and width (header only; raises ValueError)."""
-        from safetensors import safe_open
-
+        count and width (header only; raises ShardError)."""
         width = {"logprobs": self.vocab} if self.k is None else {"topk_values": self.k, "topk_indices": self.k}
         need = ("position", "target", "nll", "lse", "argmax", *width, *(() if self.k is None else ("tail",)))
+        readers = []
         for s in self.manifest["shards"]:
-            with safe_open(str(self.path / s["file"]), framework="numpy") as f:
-                keys = set(f.keys())
-                missing = [k for k in need if k not in keys]
-                if missing:
-                    raise ValueError(f"shard {s['file']} lacks {missing}")
-                for key in need:
-                    shape = tuple(f.get_slice(key).get_shape())
-                    want = (int(s["rows"]), width[key]) if key in width else (int(s["rows"]),)
-                    if shape != want:
-                        raise ValueError(f"shard {s['file']} tensor {key!r} has shape {list(shape)}, expected {list(want)}")
+            f = ShardReader(self.path / s["file"], fix=_RECREATE, what="a shard the cache manifest lists")
+            for key in need:
+                f.entry(key, dtype=_ROWS_DTYPES[self.manifest["storage"]["dtype"]] if key == "logprobs"
+                        else _SHARD_DTYPES[key],
+                        shape=(int(s["rows"]), width[key]) if key in width else (int(s["rows"]),))
+            readers.append(f)
+        return readers
 
     def __len__(self) -> int:
         return int(self.manifest["rows"])
@@ -331,8 +322,6 @@ class BaselineCache:
 
     def rows(self, start: int, stop: int) -> CacheRows:
         """Scored rows [start, stop) (0 <= start <= stop <= len(self))."""
-        from safetensors import safe_open
-
         if not 0 <= start <= stop <= len(self):
             raise ValueError(f"rows must satisfy 0 <= start <= stop <= {len(self)}, got [{start}, {stop})")
         parts: list[dict[str, np.ndarray]] = []
@@ -342,8 +331,8 @@ class BaselineCache:
             if lo >= stop:
                 break
             a, b = max(start, lo) - lo, min(stop, hi) - lo
-            with safe_open(str(self.path / self.manifest["shards"][i]["file"]), framework="numpy") as f:
-                parts.append({key: f.get_slice(key)[a:b] for key in f.keys()})
+            f = self._readers[i]
+            parts.append({key: f.tensor(key)[a:b] for key in f.keys()})
         keys = parts[0].keys() if parts else ()
         cat = {key: np.concatenate([p[key] for p in parts]) for key in keys}
         return CacheRows(

@@ -5,7 +5,7 @@ Layout (the full spec, with a worked example, is docs/dump-format.md)::
     manifest.json               format tag, version, engine, model, tokenizer,
                                 decoding settings, logits storage, run timing
     records.jsonl               one JSON object per prompt, in capture order
-    shard-NNNNN.safetensors     the tensors, written with the safetensors library
+    shard-NNNNN.safetensors     the tensors (plain safetensors; logitparity._shards)
 
 Row j of a record's logits is the raw logit vector (before any sampling
 transform) from which generated token j was chosen, or, in score mode, the
@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import re
-import struct
 import sys
 import time
 from pathlib import Path
@@ -40,6 +38,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from logitparity._fileio import append_text, read_tagged_json, write_text_atomic
+from logitparity._shards import tensor_from, write_shard
 
 __all__ = ["FORMAT", "VERSION", "Dump", "DumpWriter", "load_dump"]
 
@@ -60,14 +59,8 @@ DEFAULT_FLUSH_SECONDS = 60.0  # a killed run loses at most about this much work
 PAD_MASS_BOUND = 1e-6
 
 LOGITS_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
-# safetensors header dtype -> numpy dtype (BF16 is read as its uint16 bits)
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-              "I32": np.int32, "F64": np.float64, "I64": np.int64}
-# bytes per element of every safetensors dtype (those not read still have their offsets checked)
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
-                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
-_ST_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# the safetensors dtype of full rows in each storage dtype (bf16: uint16 bits written as BF16)
+_ST_NAMES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 
 # Fields every record must carry (the writer adds shard, tensors, n_positions).
 RECORD_FIELDS = ("id", "category", "prompt", "chat_template", "prompt_token_ids",
@@ -80,15 +73,6 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 TOKENIZER_IDENTITY = ("vocab_size", "tokens_hash", "special_tokens")
 # Manifest sections that must match when a run is resumed.
 RESUME_KEYS = ("engine", "model", "tokenizer", "dtype", "device", "decoding", "logits")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
 
 
 def shard_name(index: int) -> str:
@@ -169,93 +153,6 @@ def logits_as_array(logits: Any, dtype: str) -> np.ndarray:
                 "store them with logits_dtype='fp32' or 'bf16'"
             )
     return arr
-
-
-class ShardError(ValueError):
-    """A shard that is missing, truncated or corrupt: ``field``, ``expected``,
-    ``found`` and ``fix`` say how (the validator lists them)."""
-
-    def __init__(self, path: Path, field: str, expected: str, found: str, fix: str):
-        self.path, self.field, self.expected, self.found, self.fix = path, field, expected, found, fix
-        super().__init__(f"{path}: {field}: expected {expected}, found {found}; {fix}")
-
-
-_RECAPTURE = "re-run the capture with --resume (it recaptures the prompts of a damaged shard)"
-
-
-def read_header(path: Path) -> dict[str, Any]:
-    """Parse and check a safetensors header: {key: (numpy dtype, shape, start,
-    end, safetensors dtype)} with absolute byte offsets into the file. Raises
-    ShardError when the file is missing, truncated or its header unsound.
-    Tensors of dtypes this package does not read are listed with dtype None."""
-    try:
-        size = path.stat().st_size
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise ShardError(path, "file", "a shard named by records.jsonl", "no file", _RECAPTURE) from None
-    except IsADirectoryError:
-        raise ShardError(path, "file", "a safetensors file", "a directory", _RECAPTURE) from None
-    with f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ShardError(path, "header", "an 8-byte header length", f"a truncated shard ({size} bytes)", _RECAPTURE)
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > MAX_HEADER_BYTES:
-            raise ShardError(path, "header", f"a header length within the file ({size - 8} bytes at most)",
-                             f"{n} bytes (corrupt or truncated shard)", _RECAPTURE)
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError) as e:  # JSON, UTF-8, or an integer past 4300 digits
-        raise ShardError(path, "header", "a JSON object", f"unparsable bytes (corrupt shard header: {e})", _RECAPTURE) from None
-    if not isinstance(header, dict):
-        raise ShardError(path, "header", "a JSON object", type(header).__name__, _RECAPTURE)
-    base = 8 + n
-    out: dict[str, Any] = {}
-    spans = []
-    for key, spec in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            st, dims, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
-            if not (isinstance(st, str) and isinstance(dims, list) and isinstance(offsets, list) and len(offsets) == 2
-                    and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in [*dims, *offsets])):
-                raise TypeError
-            shape = tuple(dims)
-            start, end = offsets
-        except (KeyError, TypeError, ValueError):
-            raise ShardError(path, f"header entry {key!r}", "dtype, shape and data_offsets", _short_json(spec),
-                             _RECAPTURE) from None
-        dtype = _ST_DTYPES.get(st)
-        itemsize = _ST_ITEMSIZE.get(st)
-        if start < 0 or end < start or (itemsize is not None and end - start != math.prod(shape) * itemsize):
-            raise ShardError(path, f"header entry {key!r}", f"data_offsets spanning shape {list(shape)} of {st}",
-                             f"{start}..{end}", _RECAPTURE)
-        out[key] = (dtype, shape, base + start, base + end, st)
-        spans.append((start, end, key))
-    spans.sort()
-    end_max = 0
-    for start, end, key in spans:
-        if start < end_max:
-            raise ShardError(path, f"header entry {key!r}", "byte ranges that do not overlap another tensor's",
-                             f"{start}..{end}", _RECAPTURE)
-        end_max = max(end_max, end)
-    if base + end_max != size:
-        raise ShardError(path, "size", f"{base + end_max} bytes (as its header says)",
-                         f"{size} bytes (truncated or corrupt shard)", _RECAPTURE)
-    return out
-
-
-def _short_json(v: Any) -> str:
-    s = json.dumps(v, default=str)
-    return s if len(s) <= 80 else s[:77] + "..."
-
-
-def tensor_from(buffer: np.ndarray, entry: tuple) -> np.ndarray:
-    """The tensor an entry of read_header describes, as a view of ``buffer``
-    (a uint8 memmap of the whole shard)."""
-    dtype, shape, start, end = entry[:4]
-    return buffer[start:end].view(dtype).reshape(shape)
 
 
 def tokens_hash(tokens: "list[str | None]") -> str:
@@ -610,10 +507,8 @@ class DumpWriter:
         append their records. A no-op when nothing waits."""
         if not self._pending:
             return
-        from safetensors import TensorSpec, serialize_file
-
         name = shard_name(self._shard_index)
-        specs = {}
+        arrays, dtypes = {}, {}
         lines = []
         for rec, tensors in self._pending:
             seq = len(self.records) + len(lines)
@@ -622,20 +517,12 @@ class DumpWriter:
             for tname, arr in tensors.items():
                 key = f"{seq:06d}/{tname}"
                 rec["tensors"][tname] = key
-                st_dtype = _ST_NAMES[self.manifest["logits"]["dtype"]] if tname == "logits" else arr.dtype.name
-                specs[key] = TensorSpec(dtype=st_dtype, shape=arr.shape, data_ptr=arr.ctypes.data, data_len=arr.nbytes)
+                arrays[key] = arr
+                if tname == "logits":
+                    dtypes[key] = _ST_NAMES[self.manifest["logits"]["dtype"]]
             lines.append(json.dumps(rec, ensure_ascii=False))
-        tmp = self.path / f"{name}.tmp"
-        if os.path.lexists(tmp):  # never write through a link planted at the temporary name
-            os.unlink(tmp)
-        serialize_file(specs, str(tmp), metadata={"format": FORMAT, "version": VERSION})
-        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            os.fchmod(fd, 0o666 & ~_UMASK)  # safetensors creates 0600 files
-            os.fsync(fd)  # the shard is on disk before any record names it
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path / name)
+        # synced and renamed: the shard is on disk before any record names it
+        write_shard(self.path / name, arrays, format=FORMAT, version=VERSION, dtypes=dtypes)
         # The manifest (logits.vocab_size) is on disk before the records that
         # need it: a kill between the two steps leaves a valid dump.
         self._write_manifest()

@@ -52,7 +52,8 @@ __all__ = [
     "write_floor",
 ]
 
-FLOOR_VERSION = 2
+FLOOR_VERSION = "2.0"  # written as the integer 2 before (read as "2.0": _fileio.LEGACY_INT_VERSIONS)
+_FLOOR_MAJOR = int(FLOOR_VERSION.split(".")[0])
 # Judged per position, summed per prompt (mean per-token figures).
 FLOOR_FIELDS: tuple[str, ...] = ("kl_ref_cand", "kl_cand_ref", "max_abs_logprob")
 _LABELS = {"kl_ref_cand": "KL(ref ‖ cand)", "kl_cand_ref": "KL(cand ‖ ref)", "max_abs_logprob": "max |Δ log-prob|"}
@@ -125,7 +126,7 @@ class Floor(NoiseFloor):
     pairs: tuple[FloorPair, ...] = ()
     prompts: dict[str, FloorPrompt] = dataclasses.field(default_factory=dict)
     reference: dict[str, Any] = dataclasses.field(default_factory=dict)
-    version: int = FLOOR_VERSION
+    version: int = _FLOOR_MAJOR  # the file's major version (1: aggregate metrics only)
     # per-module figures (`calibrate --layers`): a layer floor document
     # (docs/layers.md) that logitparity.layers reads from this same file
     layers: dict[str, Any] | None = None
@@ -281,11 +282,10 @@ def load_floor(path: "str | os.PathLike[str] | Floor | NoiseFloor") -> Floor:
     if isinstance(path, NoiseFloor):
         return Floor(dict(path.metrics), path.change, path.source, version=1)
     p = Path(path)
-    data = read_tagged_json(p, fmt=NOISE_FORMAT, what="noise-floor file", reads=(1, FLOOR_VERSION),
+    data = read_tagged_json(p, fmt=NOISE_FORMAT, what="noise-floor file", reads=("1.0", FLOOR_VERSION),
                             fix="write one with `logitparity calibrate`")
-    version = data["version"]
     metrics = {str(k): math.nan if v is None else float(v) for k, v in (data.get("metrics") or {}).items()}
-    if version == 1:
+    if data["version"].split(".")[0] == "1":
         return Floor(metrics, str(data.get("change", "")), str(p), version=1)
     try:
         pairs = tuple(FloorPair(**{**q, "mean_kl": math.nan if q.get("mean_kl") is None else q["mean_kl"],
@@ -312,7 +312,7 @@ def load_floor(path: "str | os.PathLike[str] | Floor | NoiseFloor") -> Floor:
         raise ValueError(f"noise-floor file {str(p)!r}: 'layers' must be a layer floor object, got "
                          f"{type(layers).__name__}; re-run `logitparity calibrate --layers`")
     return Floor(metrics, str(data.get("change", "")), str(p), pairs=pairs, prompts=prompts,
-                 reference=dict(data.get("reference") or {}), version=FLOOR_VERSION, layers=layers)
+                 reference=dict(data.get("reference") or {}), version=_FLOOR_MAJOR, layers=layers)
 
 
 # --------------------------------------------------------------------------

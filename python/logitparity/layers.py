@@ -42,6 +42,7 @@ import numpy as np
 
 from logitparity._fileio import check_version, read_tagged_json
 from logitparity._native import core as _core
+from logitparity.policy import NOISE_FORMAT
 
 __all__ = [
     "Band",
@@ -306,8 +307,8 @@ def load_floor(path: str | os.PathLike) -> LayerFloor:
     p = Path(path)
     fix = "write one with logitparity.layers.save_floor(compare_layers(ref, benign_twin), path)"
     doc = read_tagged_json(p, fmt=FLOOR_FORMAT, what="layer floor file", reads=FLOOR_VERSION, fix=fix,
-                           accept=("logitparity.noise-floor",))
-    if doc.get("format") == "logitparity.noise-floor":
+                           accept=(NOISE_FORMAT,))
+    if doc.get("format") == NOISE_FORMAT:
         # a noise-floor file from `logitparity calibrate --layers` carries one
         if not isinstance(doc.get("layers"), dict):
             raise ValueError(f"noise-floor file {p} has no per-module figures; re-run "

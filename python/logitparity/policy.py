@@ -529,8 +529,8 @@ def load_policy(name_or_path: "str | os.PathLike[str] | Policy") -> Policy:
     )
 
 
-NOISE_FORMAT = "logitparity.noise-floor"
-NOISE_VERSION = 1
+NOISE_FORMAT = "logitparity-noise-floor"  # "logitparity.noise-floor" before (_fileio.LEGACY_TAGS)
+NOISE_VERSION = "1.0"  # the aggregate-metrics file; floor.FLOOR_VERSION is the per-position one
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,14 +54,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from logitparity._dicts import dig as _get
+from logitparity._fileio import read_tagged_json, write_text_atomic
 from logitparity.drift import Drift, Unit, answer_tokens
 from logitparity.stats import Rate, describe, rate
 
 __all__ = ["SAMPLE_SET_FORMAT", "SampleSet", "SampledComparison", "compare_sampled", "is_sample_set",
            "load_sample_set", "sampling_logits", "sampling_probs", "write_sample_index"]
 
-SAMPLE_SET_FORMAT = "logitparity.sample-set"
-SAMPLE_SET_VERSION = 1
+SAMPLE_SET_FORMAT = "logitparity-sample-set"  # "logitparity.sample-set", version 1, before (_fileio.LEGACY_TAGS)
+SAMPLE_SET_VERSION = "1.0"
 INDEX = "samples.json"
 DEFAULT_POLICY = "sampled"
 
@@ -178,8 +179,6 @@ def is_sample_set(path: str | os.PathLike) -> bool:
 
 def write_sample_index(out: str | os.PathLike, seeds: Sequence[int], mode: str) -> Path:
     """samples.json naming the per-seed dumps seed-S of ``out``."""
-    from logitparity._fileio import write_text_atomic
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     body = {"format": SAMPLE_SET_FORMAT, "version": SAMPLE_SET_VERSION, "mode": mode,
@@ -202,16 +201,8 @@ def load_sample_set(x: Any, name: str = "sample set") -> SampleSet:
         d = load_dump(path)
         return SampleSet(path, [_get(d.manifest, "decoding", "seed")], [d], _mode(d.manifest))
     where = path / INDEX
-    try:
-        idx = json.loads(where.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{name} {where} is not readable JSON ({e}); re-run dump --seeds") from None
-    if not isinstance(idx, dict) or idx.get("format") != SAMPLE_SET_FORMAT:
-        raise ValueError(f"{where}: format must be {SAMPLE_SET_FORMAT!r}, got "
-                         f"{idx.get('format') if isinstance(idx, dict) else type(idx).__name__!r}; not a sample set")
-    if idx.get("version") != SAMPLE_SET_VERSION:
-        raise ValueError(f"{where}: version {idx.get('version')!r} is not supported (this logitparity reads "
-                         f"version {SAMPLE_SET_VERSION}); upgrade logitparity or re-run dump --seeds")
+    idx = read_tagged_json(where, fmt=SAMPLE_SET_FORMAT, what=f"{name} index", reads=SAMPLE_SET_VERSION,
+                           fix="not a sample set: re-run `logitparity dump --seeds`")
     seeds, dumps = idx.get("seeds"), idx.get("dumps")
     if (not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
             or not isinstance(dumps, dict)):

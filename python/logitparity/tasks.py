@@ -440,7 +440,7 @@ class TaskComparison:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": "logitparity-tasks", "version": 1,
+            "format": "logitparity-tasks", "version": "1.0",
             "verdict": self.verdict, "scoring": self.reference.scoring, "questions": len(self.reference.questions),
             "reference": self.reference.to_dict(), "candidate": self.candidate.to_dict(),
             "delta_accuracy": self.delta,

@@ -31,6 +31,7 @@ import numpy as np
 
 from logitparity._dicts import dig
 from logitparity import dump as _dump
+from logitparity._shards import ShardError, read_header, tensor_from
 
 __all__ = ["DumpError", "Inspection", "Violation", "check_compatible", "inspect_dump", "validate_dump"]
 
@@ -564,8 +565,8 @@ def _check_tensors(c: _Checker, m: dict[str, Any], records: list[dict[str, Any]]
                 bad_shards[shard] = c.out[-1]
                 continue
             try:
-                headers[shard] = _dump.read_header(p)
-            except _dump.ShardError as e:
+                headers[shard] = read_header(p)
+            except ShardError as e:
                 c.add(sfile, rid, e.field, e.expected, e.found, fix=e.fix)
                 bad_shards[shard] = c.out[-1]
                 continue
@@ -605,7 +606,7 @@ def _check_tensors(c: _Checker, m: dict[str, Any], records: list[dict[str, Any]]
         if ok and content and k is not None and r["n_positions"]:
             if shard not in maps:
                 maps[shard] = np.memmap(path / shard, dtype=np.uint8, mode="r")
-            t = {role: _dump.tensor_from(maps[shard], header[r["tensors"][role]]) for role in roles}
+            t = {role: tensor_from(maps[shard], header[r["tensors"][role]]) for role in roles}
             _check_topk_rows(c, sfile, rid, t["topk_values"], t["topk_indices"], t.get("lse"), t.get("tail_mass"),
                              vocab)
     return headers

@@ -3,7 +3,7 @@ and a set scored on another set's samples (``dump --mode score
 --reference-dump SET``), for logitparity.sampling.compare_sampled.
 
 A set is a directory holding ``samples.json`` (format
-"logitparity.sample-set", version 1, the seeds and their dump directories)
+"logitparity-sample-set", version "1.0", the seeds and their dump directories)
 and one ordinary dump ``seed-S`` per seed. The index is written first, so an
 interrupted set says which seeds it meant to hold; each seed's dump is
 durable and resumable like any dump.

@@ -180,12 +180,12 @@ def comparison_dict(comp: "Comparison") -> dict[str, Any]:
     """Every number of the report as JSON types (NaN -> null, inf -> "inf")."""
     free = comp.free_running_available
     d = {
-        "format": "logitparity.comparison",
-        "version": 1,
+        "format": "logitparity-comparison",  # "logitparity.comparison", version 1, before (_fileio.LEGACY_TAGS)
+        "version": "1.0",
         "verdict": comp.verdict.to_dict(),
         "incomplete": list(getattr(comp, "incomplete", [])),
         "noise_floor": None if comp.noise is None else {
-            "source": comp.noise.source, "change": comp.noise.change, "version": getattr(comp.noise, "version", 1),
+            "source": comp.noise.source, "change": comp.noise.change, "version": f"{getattr(comp.noise, 'version', 1)}.0",
             "pairs": [p.to_dict() for p in getattr(comp.noise, "pairs", ())],
             "prompts": len(getattr(comp.noise, "prompts", {})),
             "positions": comp.noise.n_positions if hasattr(comp.noise, "n_positions") else None,
@@ -695,8 +695,8 @@ def sampled_dict(sc: Any) -> dict[str, Any]:
     """Every number of a sampled comparison as JSON types."""
     dr = sc.drift
     d = {
-        "format": "logitparity.sampled-comparison",
-        "version": 1,
+        "format": "logitparity-sampled-comparison",  # "logitparity.sampled-comparison", version 1, before
+        "version": "1.0",
         "verdict": sc.verdict.to_dict(),
         "incomplete": list(sc.incomplete),
         "match_label": sc.match_label,
