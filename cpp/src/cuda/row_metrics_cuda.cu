@@ -80,11 +80,14 @@ __device__ __forceinline__ float ExpNonPositive(float x) {
   constexpr float kLog2eLo = 1.925963033500011e-08f;    // log2 e - kLog2e
   constexpr float kLn2 = 0.693147180559945f;
   x = fmaxf(x, -200.0f);
-  const float y = x * kLog2e;
-  const float d = fmaf(x, kLog2eLo, fmaf(x, kLog2e, -y));
+  // The _rn intrinsics keep nvcc from computing -y as a second product
+  // (x * -log2e: one more instruction per exp with plain operators; the
+  // same values).
+  const float y = __fmul_rn(x, kLog2e);
+  const float d = __fmaf_rn(x, kLog2eLo, __fmaf_rn(x, kLog2e, -y));
   float r;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
-  return fmaf(r, d * kLn2, r);
+  return __fmaf_rn(r, __fmul_rn(d, kLn2), r);
 }
 
 // Element layout of a group: kGroup elements per thread and step, read as
@@ -286,7 +289,7 @@ __device__ __noinline__ float OfferMasked(RowTopK& top, const T* row, unsigned s
 // seen, before its offers (out of line: rare), and returns its value:
 // - the block's shared threshold (WarpTopK::Refresh), and
 // - for k <= 32, the k-th largest of 32 values, lane l's being the largest
-//   of the maxima of threads 8l .. 8l+7 in `thread_max` (each the largest
+//   of the maxima of threads l, l + 32, ... in `thread_max` (each the largest
 //   group maximum that thread has offered on this side so far; `gmax` is
 //   this lane's of the group now offered). They are 32 elements of the row,
 //   each from its own threads, so k of its elements are at least that value:
@@ -304,10 +307,13 @@ __device__ __noinline__ float RefreshTop(RowTopK& top, float* thread_max, float 
   __syncwarp();
   top.Refresh();
   if (k <= 32) {
-    const volatile float* t = thread_max + lane * 8;
+    // Lane l takes threads l, l + 32, ..., l + 224 (one per warp): the
+    // lanes' reads fall in distinct banks (threads 8l .. 8l+7 had 8-way
+    // bank conflicts).
+    const volatile float* t = thread_max + lane;
     float v = t[0];
 #pragma unroll
-    for (int j = 1; j < 8; ++j) v = fmaxf(v, t[j]);
+    for (int j = 1; j < kWarps; ++j) v = fmaxf(v, t[32 * j]);
     // Bitonic sort over the warp, largest first (15 exchange steps; a rank
     // count over the 32 lanes took 260 instructions per call): lane k - 1
     // then holds the k-th largest value, ties included.
