@@ -5,12 +5,14 @@ run, plus an HBM read-bandwidth probe (a torch sum over 4 GiB).
 
 Prints rows/s, the effective read rate (both inputs read once) and the ratios
 ours/eager, ours/compile and ours/bandwidth; checks KL against torch's float64
-KL on a few rows. Times are medians of wall-clock calls after warm-up, each
-ending in torch.cuda.synchronize() (ours returns host arrays; torch's results
-stay on the GPU, which favours torch slightly).
+KL on a few rows. Ours gets the targets as a CUDA tensor (read in place).
+Times are medians of wall-clock calls after warm-up, each ending in
+torch.cuda.synchronize() (ours returns host arrays; torch's results stay on
+the GPU, which favours torch slightly).
 
     python benchmarks/bench_gpu.py                   # 512x151936 and 2048x49152, fp32 and bf16
     python benchmarks/bench_gpu.py --impls ours --repeat 50
+    python benchmarks/bench_gpu.py --host-breakdown   # where a call's time goes
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--impls", default="ours,eager,compile")
     ap.add_argument("--json", default=None, help="write every number to this file")
+    ap.add_argument("--host-breakdown", action="store_true",
+                    help="also time a call's parts at 512x151936 fp32 (call, core call, GPU span, 1 row)")
     args = ap.parse_args()
     impls = set(args.impls.split(","))
     if not torch.cuda.is_available():
@@ -98,13 +102,13 @@ def main() -> None:
         for dname in args.dtypes.split(","):
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dname]
             a, b, t = make_inputs(rows, vocab, dtype)
-            t_host = t.cpu().numpy()
+            t_host = t.cpu().numpy()  # for the float64 check below
             bytes_in = 2 * a.numel() * a.element_size()
             res: dict[str, float] = {}
             for label, js in (("ours (no js)", False), ("ours (js)", True)):
                 if "ours" in impls:
                     res[label] = rows / timed(
-                        lambda: lp.compare_logits(a, b, targets=t_host, topk=TOPK, js=js), args.repeat)
+                        lambda: lp.compare_logits(a, b, targets=t, topk=TOPK, js=js), args.repeat)
             if "eager" in impls:
                 res["torch eager"] = rows / timed(lambda: torch_natural(a, b, t), max(3, args.repeat // 3))
             if "compile" in impls:
@@ -135,9 +139,41 @@ def main() -> None:
                                     "bytes_in_per_call": bytes_in, "kl_rel_err": err})
             del a, b, t
             torch.cuda.empty_cache()
+    if args.host_breakdown:
+        results["host_breakdown_us"] = host_breakdown(args.repeat)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+
+
+def host_breakdown(repeat: int) -> dict[str, float]:
+    """Where a call's time goes at 512x151936 fp32 (no js, CUDA targets):
+    the whole call, the core's call alone (pointers in, host arrays out), the
+    GPU span between two events around the call, and a 1-row call."""
+    from logitparity import _core
+
+    a, b, t = make_inputs(512, 151936, torch.float32)
+    st = torch.cuda.current_stream().cuda_stream
+    out = {
+        "call": timed(lambda: lp.compare_logits(a, b, targets=t, topk=TOPK), repeat) * 1e6,
+        "core_call": timed(lambda: _core.compare_rows_cuda(
+            a.data_ptr(), 0, 151936, b.data_ptr(), 0, 151936, 512, 151936, None, list(TOPK), False,
+            st, t.data_ptr()), repeat) * 1e6,
+        "call_1_row": timed(lambda: lp.compare_logits(a[:1], b[:1], targets=t[:1], topk=TOPK),
+                            repeat) * 1e6,
+    }
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    spans = []
+    for _ in range(repeat):
+        start.record()
+        lp.compare_logits(a, b, targets=t, topk=TOPK)
+        end.record()
+        end.synchronize()
+        spans.append(start.elapsed_time(end) * 1e3)
+    out["gpu_span"] = statistics.median(spans)
+    print("host breakdown, 512x151936 fp32, no js, us (medians): " +
+          ", ".join(f"{k} {v:.0f}" for k, v in out.items()))
+    return out
 
 
 if __name__ == "__main__":
