@@ -246,7 +246,7 @@ def caches(tmp_path_factory, tiny):
     root = tmp_path_factory.mktemp("caches")
     out = {}
     for name, kw in {"fp32": dict(cache_dtype="fp32"), "fp16": {}, "bf16": dict(cache_dtype="bf16"),
-                     "top8": dict(cache_topk=8)}.items():
+                     "top8": dict(storage="topk:8")}.items():
         perplexity(tiny, text=TEXT, ctx=CTX, stride=STRIDE, save_baseline=root / name, progress=False, **kw)
         out[name] = root / name
     return out
@@ -352,7 +352,7 @@ def test_save_baseline_refuses_a_foreign_directory_and_replaces_a_cache(tiny, ca
     with pytest.raises(ValueError, match="not a baseline cache; refusing to overwrite"):
         perplexity(tiny, text=TEXT, ctx=CTX, stride=STRIDE, save_baseline=tmp_path, progress=False)
     d = _copy(caches["top8"], tmp_path / "c")
-    perplexity(tiny, text=TEXT[:300], ctx=CTX, stride=STRIDE, save_baseline=d, cache_topk=4, progress=False)
+    perplexity(tiny, text=TEXT[:300], ctx=CTX, stride=STRIDE, save_baseline=d, storage="topk:4", progress=False)
     assert BaselineCache(d).k == 4
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial dirs left
 

@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(args.model, dtype=args.dtype, device=args.device)
     kw = dict(mode=args.mode, reference_dump=args.reference_dump, dtype=args.dtype, device=args.device,
               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-              category_budgets=parse_budgets(args.category_budget) or None, logits=args.storage,
+              category_budgets=parse_budgets(args.category_budget) or None, storage=args.storage,
               logits_dtype=args.logits_dtype, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
               stop_token_ids=args.stop_token_id, chat_template=False if args.no_chat_template else None,
               resume=args.resume, progress=not args.no_progress, limit=args.limit,

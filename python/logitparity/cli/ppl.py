@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from logitparity.ppl import perplexity
 
-    cache_topk = _cache_topk(args)
+    storage = _storage(args)
     if args.text is not None:  # fail before any model loads, naming the file
         _check_text_file(args.text)
     apply_torch_threads(args)
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         model, text_file=args.text, candidate=candidate, ctx=args.ctx, stride=args.stride,
         batch_size=args.batch_size, dtype=args.dtype, device=args.device,
         candidate_dtype=args.candidate_dtype, candidate_device=args.candidate_device,
-        baseline_cache=args.baseline_cache, save_baseline=args.save_baseline, cache_topk=cache_topk,
+        baseline_cache=args.baseline_cache, save_baseline=args.save_baseline, storage=storage,
         cache_dtype=args.cache_dtype, max_tokens=args.max_tokens,
         add_bos=False if args.no_bos else None, bootstrap=args.bootstrap, seed=args.seed,
         threads=args.threads, progress=not args.no_progress and sys.stderr.isatty(),
@@ -133,17 +133,21 @@ def _check_text_file(path: str) -> None:
                          "convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
-def _cache_topk(args) -> int | None:
-    """--storage full|topk:K (or the old --cache-topk K) -> K or None."""
+def _storage(args) -> str:
+    """--storage full|topk:K (or the old --cache-topk K) -> the storage
+    string of ``perplexity(storage=...)``, checked here so the message names
+    the option."""
     from logitparity.dump import parse_storage
 
     if args.storage is not None and args.cache_topk is not None:
         raise UserError(f"--storage {args.storage} and --cache-topk {args.cache_topk} both set the cache's storage; "
                         "pass only --storage")
-    if args.storage is None:
-        return args.cache_topk
+    storage = args.storage if args.storage is not None else (
+        "full" if args.cache_topk is None else f"topk:{args.cache_topk}")
     try:
-        return parse_storage(args.storage)
+        parse_storage(storage)
     except ValueError as e:
-        raise UserError(f"--storage: {e}") from None
+        raise UserError(f"--storage: {e}" if args.storage is not None else
+                        f"--cache-topk must be >= 1, got {args.cache_topk}; use --storage topk:K") from None
+    return storage
 
