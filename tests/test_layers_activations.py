@@ -94,6 +94,13 @@ def test_cli_two_models(tiny_model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "no module leaves the noise band" in out and "bisect over decoder layers: first bad none" in out
     assert json.loads(floor.read_text())["format"] == "logitparity-layer-floor"
+    # The saved floor read back as the band, under compare's name for it (--noise-floor) and the old --floor.
+    sources = []
+    for flag in ("--noise-floor", "--floor"):
+        js = tmp_path / f"{flag.strip('-')}.json"
+        assert main(["layers", tiny_model_dir, tiny_model_dir, "--limit", "2", flag, str(floor), "--json", str(js)]) == 0
+        sources.append(json.loads(js.read_text())["band_source"])
+    assert sources[0] == sources[1] and str(floor) in sources[0]
     assert main(["layers", tiny_model_dir, str(tmp_path)]) == 2  # an empty dir is no model
 
 

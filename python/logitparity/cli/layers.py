@@ -30,7 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modules", default="default",
                    help="default (norms, attention, MLP, layer output) | all (plus every Linear) | comma-separated paths "
                         "and set names, e.g. default,attention (query/key after RoPE, value, score range)")
-    p.add_argument("--floor", default=None, metavar="FILE", help="layer floor file (the band); default: dtype default")
+    p.add_argument("--noise-floor", "--floor", dest="noise_floor", default=None, metavar="FILE",
+                   help="the noise band: a noise-floor file with per-module figures (calibrate --layers) or a layer "
+                        "floor file (--save-floor), as compare --noise-floor takes; default: the dtype's band "
+                        "(--floor is the old name)")
     p.add_argument("--save-floor", default=None, metavar="FILE",
                    help="write this (benign) comparison as a floor file for later runs")
     p.add_argument("--bisect", action="store_true", help="also bisect over decoder layers from the logits alone")
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if all(dumps):
         if args.bisect:
             raise ValueError("--bisect needs two models (it swaps layers); dumps hold only outputs")
-        c = layers.compare_activation_dumps(args.reference, args.candidate, noise_floor=args.floor)
+        c = layers.compare_activation_dumps(args.reference, args.candidate, noise_floor=args.noise_floor)
     else:
         from logitparity.capture import load_model
 
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         ref = load_model(None if args.reference == "default" else args.reference, dtype=args.reference_dtype)
         cand = load_model(None if args.candidate == "default" else args.candidate, dtype=args.dtype)
         mods = args.modules if args.modules in ("default", "all") else [m.strip() for m in args.modules.split(",")]
-        c = layers.compare_layers(ref, cand, args.prompts, mode=args.mode, noise_floor=args.floor, modules=mods,
+        c = layers.compare_layers(ref, cand, args.prompts, mode=args.mode, noise_floor=args.noise_floor, modules=mods,
                                   limit=args.limit)
         if args.bisect:
             bisection = layers.bisect_layers(ref, cand, args.prompts, limit=args.limit)
