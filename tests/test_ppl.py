@@ -426,7 +426,7 @@ def test_add_bos_without_a_bos_token_is_an_error(tiny):
 def test_cli_ppl_writes_json_and_report(tiny_model_dir, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(TEXT, encoding="utf-8")
-    rc = main(["ppl", "--model", tiny_model_dir, "--candidate", tiny_model_dir, "--text", str(text),
+    rc = main(["ppl", "--model", tiny_model_dir, "--candidate", tiny_model_dir, "--text-file", str(text),
                "--ctx", "64", "--stride", "32", "--json", str(tmp_path / "o.json"),
                "--report", str(tmp_path / "o.md"), "--bootstrap", "50"])
     assert rc == 0
@@ -439,7 +439,7 @@ def test_cli_ppl_writes_json_and_report(tiny_model_dir, tmp_path, capsys):
 def test_cli_ppl_storage_names_the_cache_storage_like_dump(tiny_model_dir, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(TEXT[:400], encoding="utf-8")
-    base = ["ppl", "--model", tiny_model_dir, "--text", str(text), "--ctx", "64", "--stride", "32", "--bootstrap", "0"]
+    base = ["ppl", "--model", tiny_model_dir, "--text-file", str(text), "--ctx", "64", "--stride", "32", "--bootstrap", "0"]
     for flags, name in ((["--storage", "topk:4"], "new"), (["--cache-topk", "4"], "old")):
         assert main(base + ["--save-baseline", str(tmp_path / name)] + flags) == 0
     new, old = BaselineCache(tmp_path / "new"), BaselineCache(tmp_path / "old")
@@ -454,8 +454,12 @@ def test_cli_ppl_storage_names_the_cache_storage_like_dump(tiny_model_dir, tmp_p
 
 
 def test_cli_ppl_bad_input_exits_2(tiny_model_dir, tmp_path, capsys):
-    rc = main(["ppl", "--model", tiny_model_dir, "--text", str(tmp_path / "none.txt")])
-    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    for flag in ("--text-file", "--text"):  # --text: the old spelling, the same option
+        rc = main(["ppl", "--model", tiny_model_dir, flag, str(tmp_path / "none.txt")])
+        assert rc == 2 and f"--text-file {tmp_path / 'none.txt'} does not exist; pass a UTF-8 text file" in \
+            capsys.readouterr().err
+    assert main(["ppl", "--model", tiny_model_dir, "--text-file", str(tmp_path)]) == 2
+    assert f"--text-file {tmp_path} is a directory; pass a UTF-8 text file" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------ the default model (slow)

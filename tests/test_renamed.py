@@ -158,7 +158,7 @@ def test_perplexity_bad_storage_is_refused_before_the_model_loads():
 def test_cli_ppl_bad_cache_topk_names_the_option(tiny_model_dir, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(TEXT, encoding="utf-8")
-    rc = main(["ppl", "--model", tiny_model_dir, "--text", str(text), "--save-baseline", str(tmp_path / "c"),
+    rc = main(["ppl", "--model", tiny_model_dir, "--text-file", str(text), "--save-baseline", str(tmp_path / "c"),
                "--cache-topk", "0", "--no-progress"])
     assert rc == 2
     assert "--cache-topk must be >= 1, got 0; use --storage topk:K" in capsys.readouterr().err

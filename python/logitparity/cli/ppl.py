@@ -17,8 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="REF", help="reference: a Hugging Face directory or .gguf file "
                    "(default: the embedded SmolLM2-135M-Instruct); leave out with --baseline-cache")
     p.add_argument("--candidate", metavar="CAND", help="candidate model (directory or .gguf)")
-    p.add_argument("--text", metavar="FILE", help="UTF-8 text to score (default: the bundled "
-                   "public-domain corpus, Pride and Prejudice chapters 1-10)")
+    p.add_argument("--text-file", "--text", dest="text_file", metavar="FILE", help="UTF-8 text to score "
+                   "(default: the bundled public-domain corpus, Pride and Prejudice chapters 1-10); as "
+                   "`sensitivity --text-file` and perplexity(text_file=...); --text is the old name")
     p.add_argument("--ctx", type=int, help="input positions per window, BOS included (default 512, "
                    "or the baseline cache's)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default ctx//2, or the cache's)")
@@ -60,12 +61,12 @@ def run(args: argparse.Namespace) -> int:
     from logitparity.ppl import perplexity
 
     storage = _storage(args)
-    if args.text is not None:  # fail before any model loads, naming the file
-        _check_text_file(args.text)
+    if args.text_file is not None:  # fail before any model loads, naming the file
+        _check_text_file(args.text_file)
     apply_torch_threads(args)
     model, candidate = _engines(args)
     result = perplexity(
-        model, text_file=args.text, candidate=candidate, ctx=args.ctx, stride=args.stride,
+        model, text_file=args.text_file, candidate=candidate, ctx=args.ctx, stride=args.stride,
         batch_size=args.batch_size, dtype=args.dtype, device=args.device,
         candidate_dtype=args.candidate_dtype, candidate_device=args.candidate_device,
         baseline_cache=args.baseline_cache, save_baseline=args.save_baseline, storage=storage,
@@ -121,15 +122,15 @@ def _check_text_file(path: str) -> None:
 
     p = Path(path)
     if p.is_dir():
-        raise ValueError(f"--text {p} is a directory; pass a UTF-8 text file")
+        raise ValueError(f"--text-file {p} is a directory; pass a UTF-8 text file")
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
-        raise ValueError(f"--text {p} does not exist; pass a UTF-8 text file (or leave it out for the bundled corpus)") from None
+        raise ValueError(f"--text-file {p} does not exist; pass a UTF-8 text file (or leave it out for the bundled corpus)") from None
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"--text {p} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
+        raise ValueError(f"--text-file {p} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
                          "convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
