@@ -23,8 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("candidate", help="candidate: HF directory, .gguf, 'default', or a dump with activations")
     p.add_argument("--mode", choices=("isolated", "propagated", "both"), default="isolated",
                    help="isolated: candidate modules on the reference's inputs (default); two dumps: propagated")
-    p.add_argument("--reference-dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="candidate dtype")
+    p.add_argument("--reference-dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="reference dtype")
+    p.add_argument("--candidate-dtype", "--dtype", dest="candidate_dtype", choices=("fp32", "bf16", "fp16"),
+                   default="fp32", help="candidate dtype (as ppl and tasks --candidate-dtype; --dtype is the old name)")
     p.add_argument("--prompts", default=None, help="prompts file (default: the embedded set's first --limit)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N prompts (default 4)")
     p.add_argument("--modules", default="default",
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
         apply_torch_threads(args)
         ref = load_model(None if args.reference == "default" else args.reference, dtype=args.reference_dtype)
-        cand = load_model(None if args.candidate == "default" else args.candidate, dtype=args.dtype)
+        cand = load_model(None if args.candidate == "default" else args.candidate, dtype=args.candidate_dtype)
         mods = args.modules if args.modules in ("default", "all") else [m.strip() for m in args.modules.split(",")]
         c = layers.compare_layers(ref, cand, args.prompts, mode=args.mode, noise_floor=args.noise_floor, modules=mods,
                                   limit=args.limit)
