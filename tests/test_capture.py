@@ -422,7 +422,10 @@ def test_cli_dump_and_summary(tiny_model_dir, tmp_path, capsys):
         assert cli_main(["dump", "--model", tiny_model_dir, "--prompts", str(prompts), "--out", str(tmp_path / name),
                          "--max-new-tokens", "2", flag, "topk:5", "--no-progress"]) == 0
         assert load_dump(tmp_path / name).storage == "topk:5"
-    assert "already holds a dump; pass resume=True (--resume)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds a dump; pass resume=True (--resume)" in err
+    assert err.count("logitparity dump: note: --logits is the old spelling of --storage; use --storage "
+                     "(the old one goes in the next release)") == 1
 
 
 def test_cli_missing_model(tmp_path, capsys):

@@ -445,7 +445,8 @@ def test_cli_ppl_storage_names_the_cache_storage_like_dump(tiny_model_dir, tmp_p
     new, old = BaselineCache(tmp_path / "new"), BaselineCache(tmp_path / "old")
     assert new.manifest["storage"] == old.manifest["storage"] == {"logits": "topk:4", "dtype": None, "vocab": new.vocab}
     np.testing.assert_array_equal(new.rows(0, len(new)).tail, old.rows(0, len(old)).tail)
-    capsys.readouterr()
+    assert capsys.readouterr().err.count("logitparity ppl: note: --cache-topk 4 is the old spelling of --storage "
+                                         "topk:4; use --storage topk:4 (the old one goes in the next release)") == 1
     assert main(base + ["--save-baseline", str(tmp_path / "x"), "--storage", "topk:4", "--cache-topk", "4"]) == 2
     assert "--storage topk:4 and --cache-topk 4 both set the cache's storage; pass only --storage" in capsys.readouterr().err
     assert main(base + ["--save-baseline", str(tmp_path / "x"), "--storage", "top4"]) == 2
@@ -456,8 +457,10 @@ def test_cli_ppl_storage_names_the_cache_storage_like_dump(tiny_model_dir, tmp_p
 def test_cli_ppl_bad_input_exits_2(tiny_model_dir, tmp_path, capsys):
     for flag in ("--text-file", "--text"):  # --text: the old spelling, the same option
         rc = main(["ppl", "--model", tiny_model_dir, flag, str(tmp_path / "none.txt")])
-        assert rc == 2 and f"--text-file {tmp_path / 'none.txt'} does not exist; pass a UTF-8 text file" in \
-            capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert rc == 2 and f"--text-file {tmp_path / 'none.txt'} does not exist; pass a UTF-8 text file" in err
+        assert ("logitparity ppl: note: --text is the old spelling of --text-file; use --text-file" in err) == \
+            (flag == "--text")
     assert main(["ppl", "--model", tiny_model_dir, "--text-file", str(tmp_path)]) == 2
     assert f"--text-file {tmp_path} is a directory; pass a UTF-8 text file" in capsys.readouterr().err
 

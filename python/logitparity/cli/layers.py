@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from logitparity.cli import add_torch_threads_argument, apply_torch_threads
+from logitparity.cli import OldSpelling, add_torch_threads_argument, apply_torch_threads
 
 HELP = "localize a regression: compare two models (or two dumps with activations) module by module"
 
@@ -24,14 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("isolated", "propagated", "both"), default="isolated",
                    help="isolated: candidate modules on the reference's inputs (default); two dumps: propagated")
     p.add_argument("--reference-dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="reference dtype")
-    p.add_argument("--candidate-dtype", "--dtype", dest="candidate_dtype", choices=("fp32", "bf16", "fp16"),
+    p.add_argument("--candidate-dtype", "--dtype", dest="candidate_dtype", choices=("fp32", "bf16", "fp16"), action=OldSpelling,
                    default="fp32", help="candidate dtype (as ppl and tasks --candidate-dtype; --dtype is the old name)")
     p.add_argument("--prompts", default=None, help="prompts file (default: the embedded set's first --limit)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N prompts (default 4)")
     p.add_argument("--modules", default="default",
                    help="default (norms, attention, MLP, layer output) | all (plus every Linear) | comma-separated paths "
                         "and set names, e.g. default,attention (query/key after RoPE, value, score range)")
-    p.add_argument("--noise-floor", "--floor", dest="noise_floor", default=None, metavar="FILE",
+    p.add_argument("--noise-floor", "--floor", dest="noise_floor", default=None, metavar="FILE", action=OldSpelling,
                    help="the noise band: a noise-floor file with per-module figures (calibrate --layers) or a layer "
                         "floor file (--save-floor), as compare --noise-floor takes; default: the dtype's band "
                         "(--floor is the old name)")

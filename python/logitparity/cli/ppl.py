@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from logitparity.cli import UserError, add_torch_threads_argument, apply_torch_threads
+from logitparity.cli import OldSpelling, UserError, add_torch_threads_argument, apply_torch_threads
 
 HELP = "Perplexity on a text (sliding windows); with --candidate also PPL ratio, ΔPPL and KL in both directions."
 
@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="REF", help="reference: a Hugging Face directory or .gguf file "
                    "(default: the embedded SmolLM2-135M-Instruct); leave out with --baseline-cache")
     p.add_argument("--candidate", metavar="CAND", help="candidate model (directory or .gguf)")
-    p.add_argument("--text-file", "--text", dest="text_file", metavar="FILE", help="UTF-8 text to score "
+    p.add_argument("--text-file", "--text", dest="text_file", metavar="FILE", action=OldSpelling, help="UTF-8 text to score "
                    "(default: the bundled public-domain corpus, Pride and Prejudice chapters 1-10); as "
                    "`sensitivity --text-file` and perplexity(text_file=...); --text is the old name")
     p.add_argument("--ctx", type=int, help="input positions per window, BOS included (default 512, "
@@ -150,5 +150,8 @@ def _storage(args) -> str:
     except ValueError as e:
         raise UserError(f"--storage: {e}" if args.storage is not None else
                         f"--cache-topk must be >= 1, got {args.cache_topk}; use --storage topk:K") from None
+    if args.cache_topk is not None:
+        print(f"logitparity ppl: note: --cache-topk {args.cache_topk} is the old spelling of --storage {storage}; "
+              f"use --storage {storage} (the old one goes in the next release)", file=sys.stderr)
     return storage
 
