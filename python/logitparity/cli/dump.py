@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="new-token budget of one prompt category instead of --max-new-tokens (repeatable), "
                              "e.g. json=96 so JSON answers can close")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--storage", "--logits", dest="storage", default="full", metavar="full|topk:K", action=OldSpelling,
+    parser.add_argument("--storage", "--logits", dest="storage", default="full", metavar="full|topk:K",
+                        action=OldSpelling,
                         help="what the dump keeps of each logit row: full rows, or the top K with the exact "
                              "log-sum-exp and tail mass (default full; --logits is the old name)")
     parser.add_argument("--logits-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of full logit rows")

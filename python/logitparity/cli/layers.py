@@ -24,8 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("isolated", "propagated", "both"), default="isolated",
                    help="isolated: candidate modules on the reference's inputs (default); two dumps: propagated")
     p.add_argument("--reference-dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="reference dtype")
-    p.add_argument("--candidate-dtype", "--dtype", dest="candidate_dtype", choices=("fp32", "bf16", "fp16"), action=OldSpelling,
-                   default="fp32", help="candidate dtype (as ppl and tasks --candidate-dtype; --dtype is the old name)")
+    p.add_argument("--candidate-dtype", "--dtype", dest="candidate_dtype", choices=("fp32", "bf16", "fp16"),
+                   action=OldSpelling, default="fp32",
+                   help="candidate dtype (as ppl and tasks --candidate-dtype; --dtype is the old name)")
     p.add_argument("--prompts", default=None, help="prompts file (default: the embedded set's first --limit)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N prompts (default 4)")
     p.add_argument("--modules", default="default",

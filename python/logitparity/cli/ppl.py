@@ -17,9 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="REF", help="reference: a Hugging Face directory or .gguf file "
                    "(default: the embedded SmolLM2-135M-Instruct); leave out with --baseline-cache")
     p.add_argument("--candidate", metavar="CAND", help="candidate model (directory or .gguf)")
-    p.add_argument("--text-file", "--text", dest="text_file", metavar="FILE", action=OldSpelling, help="UTF-8 text to score "
-                   "(default: the bundled public-domain corpus, Pride and Prejudice chapters 1-10); as "
-                   "`sensitivity --text-file` and perplexity(text_file=...); --text is the old name")
+    p.add_argument("--text-file", "--text", dest="text_file", metavar="FILE", action=OldSpelling,
+                   help="UTF-8 text to score (default: the bundled public-domain corpus, Pride and Prejudice "
+                   "chapters 1-10); as `sensitivity --text-file` and perplexity(text_file=...); --text is the old name")
     p.add_argument("--ctx", type=int, help="input positions per window, BOS included (default 512, "
                    "or the baseline cache's)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default ctx//2, or the cache's)")
