@@ -14,7 +14,7 @@
     # on a GPU machine without the default model: a random model of
     # SmolLM2-135M's shape (its weights do not matter for the timing)
     python benchmarks/bench_capture.py --device cuda --random-model smollm2-135m \
-        --logits topk:64 --rss-prompts ''
+        --storage topk:64 --rss-prompts ''
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def overhead(args) -> dict:
             else:
                 tmp = tempfile.TemporaryDirectory()
                 out = capture(lm, prompts, Path(tmp.name) / "d", max_new_tokens=args.max_new_tokens,
-                              batch_size=args.batch_size, logits=args.logits, progress=False)
+                              batch_size=args.batch_size, storage=args.storage, progress=False)
             row[f"{which}_s"] = time.perf_counter() - t0
             row[f"{which}_cpu_s"] = time.process_time() - c0
         dump = load_dump(out)
@@ -157,13 +157,13 @@ def peak_rss(n: int, args) -> dict:
         "from logitparity.capture import capture\n"
         "from logitparity import load_dump\n"
         "with tempfile.TemporaryDirectory() as tmp:\n"
-        "    out = capture(None, cycled_prompts(%d), tmp + '/d', max_new_tokens=%d, batch_size=%d, logits=%r, progress=False)\n"
+        "    out = capture(None, cycled_prompts(%d), tmp + '/d', max_new_tokens=%d, batch_size=%d, storage=%r, progress=False)\n"
         "    d = load_dump(out)\n"
         "    size = sum(p.stat().st_size for p in out.iterdir())\n"
         "    print(json.dumps({'prompts': len(d), 'peak_rss_mib': d.manifest['run']['peak_host_rss_bytes'] / 2**20,\n"
         "                      'dump_mb': size / 1e6, 'shards': len(list(out.glob('shard-*'))),\n"
         "                      'wall_s': d.manifest['run']['wall_s']}))\n"
-    ) % (str(Path(__file__).parent), args.threads, args.threads, n, args.rss_max_new_tokens, args.batch_size, args.logits)
+    ) % (str(Path(__file__).parent), args.threads, args.threads, n, args.rss_max_new_tokens, args.batch_size, args.storage)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--storage", "--logits", dest="logits", default="full")
+    parser.add_argument("--storage", "--logits", dest="storage", default="full", help="full | topk:K (--logits: the old name)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--rss-prompts", default="64,256", help="comma-separated prompt counts for the RSS runs ('' to skip)")

@@ -89,7 +89,7 @@ def build(root: Path) -> dict[str, Path]:
         tag = "full" if storage == "full" else "topk"
         for side, noise in (("ref", 0.0), ("cand", 0.05)):
             path = root / f"{tag}-{side}"
-            with DumpWriter(path, MANIFEST, logits=storage) as w:
+            with DumpWriter(path, MANIFEST, storage=storage) as w:
                 for i in range(N_PROMPTS):
                     base = np.random.default_rng(i).standard_normal((N_POS, V)).astype(np.float32) * 3
                     x = base + noise * rng.standard_normal(base.shape).astype(np.float32)

@@ -249,7 +249,7 @@ def test_chat_template_required_but_missing(lm, tmp_path):
 
 
 def test_topk_storage(greedy, lm, tmp_path):
-    t = capture(lm, tmp_path / "t", batch_size=4, logits="topk:5")
+    t = capture(lm, tmp_path / "t", batch_size=4, storage="topk:5")
     assert t.storage == "topk:5"
     for pid in greedy.ids:
         values, indices, lse, tail = t.topk(pid)
@@ -315,7 +315,7 @@ def test_limit(lm, tmp_path):
         ({"limit": 0}, "limit must be a positive int or None"),
         ({"mode": "sample", "temperature": 0.0}, "temperature must be > 0 for sampling"),
         ({"mode": "sample", "top_p": 1.5}, r"top_p must be in \(0, 1\]"),
-        ({"logits": "top5"}, "logits storage must be 'full' or 'topk:K'"),
+        ({"storage": "top5"}, "logits storage must be 'full' or 'topk:K'"),
     ],
     ids=["mode", "score-no-ref", "ref-no-score", "tokens", "batch", "limit", "temperature", "top-p", "storage"],
 )
@@ -422,7 +422,10 @@ def test_cli_dump_and_summary(tiny_model_dir, tmp_path, capsys):
         assert cli_main(["dump", "--model", tiny_model_dir, "--prompts", str(prompts), "--out", str(tmp_path / name),
                          "--max-new-tokens", "2", flag, "topk:5", "--no-progress"]) == 0
         assert load_dump(tmp_path / name).storage == "topk:5"
-    assert "already holds a dump; pass resume=True (--resume)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds a dump; pass resume=True (--resume)" in err
+    assert err.count("logitparity dump: note: --logits is the old spelling of --storage; use --storage "
+                     "(the old one goes in the next release)") == 1
 
 
 def test_cli_missing_model(tmp_path, capsys):

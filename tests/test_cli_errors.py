@@ -128,8 +128,8 @@ def test_non_utf8_files(pair, tmp_path, capsys):
     prompts.write_bytes(b"caf\xe9\n")
     assert main(["dump", "--prompts", str(prompts), "--out", str(tmp_path / "d"), "--torch-threads", "1"]) == 2
     assert "is not UTF-8 text" in capsys.readouterr().err
-    assert main(["ppl", "--text", str(prompts), "--torch-threads", "1"]) == 2
-    assert "--text" in capsys.readouterr().err
+    assert main(["ppl", "--text-file", str(prompts), "--torch-threads", "1"]) == 2
+    assert f"--text-file {prompts} is not UTF-8 text (byte 0xe9 at offset 3)" in capsys.readouterr().err
 
 
 def test_non_utf8_policy_and_floor_files_are_named(pair, tmp_path, capsys):

@@ -51,9 +51,9 @@ def record(i: int, tokens, *, category: str | None = None, stop: str = "max_new_
     }
 
 
-def write_dump(path, items, *, man=None, logits="full", logits_dtype="fp32") -> str:
+def write_dump(path, items, *, man=None, storage="full", logits_dtype="fp32") -> str:
     """items: [(record, logits [n, vocab] float32)]."""
-    with DumpWriter(path, man or manifest(), logits=logits, logits_dtype=logits_dtype) as w:
+    with DumpWriter(path, man or manifest(), storage=storage, logits_dtype=logits_dtype) as w:
         for rec, x in items:
             w.add(rec, np.asarray(x, dtype=np.float32).reshape(len(rec["generated_token_ids"]), -1))
     return str(path)
@@ -71,7 +71,7 @@ SPLITS = [None, 0, 3, 5, 9, 12, None, 15]  # planted first divergences
 NEAR = [False, True, False, True, False, False, False, False]  # near-tie at the split?
 
 
-def planted(tmp_path, *, cand_dtype="fp32", noise=0.01, seed=0, logits="full", cand_logits=None,
+def planted(tmp_path, *, cand_dtype="fp32", noise=0.01, seed=0, storage="full", cand_storage=None,
             splits=SPLITS, near=NEAR):
     """A reference and a candidate with divergences at known positions.
 
@@ -104,10 +104,10 @@ def planted(tmp_path, *, cand_dtype="fp32", noise=0.01, seed=0, logits="full", c
         cand_items.append((record(i, ct), crow))
         ref_rows.append(rows)
         cand_rows.append(crow)
-    ref = write_dump(tmp_path / "ref", ref_items, logits=logits)
+    ref = write_dump(tmp_path / "ref", ref_items, storage=storage)
     cm = manifest(dtype=cand_dtype)
-    cand = write_dump(tmp_path / "cand", cand_items, man=cm, logits=cand_logits or logits,
-                      logits_dtype=cand_dtype if (cand_logits or logits) == "full" else "fp32")
+    cand = write_dump(tmp_path / "cand", cand_items, man=cm, storage=cand_storage or storage,
+                      logits_dtype=cand_dtype if (cand_storage or storage) == "full" else "fp32")
     return ref, cand, ref_rows, cand_rows
 
 
@@ -326,7 +326,7 @@ def _np_bucket_kl(ra, ia, lse_a, rb, ib, lse_b):
 
 @pytest.mark.parametrize("cand_storage", ["topk:8", "full"])
 def test_topk_dumps_give_a_kl_lower_bound(tmp_path, cand_storage):
-    ref, cand, rr, cr = planted(tmp_path, logits="topk:8", cand_logits=cand_storage, noise=0.3)
+    ref, cand, rr, cr = planted(tmp_path, storage="topk:8", cand_storage=cand_storage, noise=0.3)
     c = compare_dumps(ref, cand)
     assert c.kl_is_bound and c.storage == "topk:8"
     assert any("lower bound" in n for n in c.notes)

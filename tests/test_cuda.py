@@ -359,7 +359,7 @@ def test_gpu_dump_rows_equal_host_computed_rows(tmp_path, storage):
     manifest = {"engine": {"name": "test"}, "model": {}, "tokenizer": {"vocab_size": 5003}, "decoding": {"mode": "score"}}
     dumps = []
     for name, logits in (("gpu", torch.from_numpy(rows).cuda()), ("cpu", torch.from_numpy(rows))):
-        with DumpWriter(tmp_path / name, dict(manifest), logits=storage, logits_dtype="bf16" if storage == "full" else "fp32") as w:
+        with DumpWriter(tmp_path / name, dict(manifest), storage=storage, logits_dtype="bf16" if storage == "full" else "fp32") as w:
             w.add({"id": "p", "category": "c", "prompt": "x", "chat_template": False, "prompt_token_ids": [1],
                    "generated_token_ids": list(range(7)), "stop_reason": "max_new_tokens"}, logits)
         dumps.append(load_dump(tmp_path / name))
@@ -389,7 +389,7 @@ def test_gpu_capture_and_ppl_match_the_cpu_run(tiny_model_dir, tmp_path):
     out = {}
     for device in ("cuda", "cpu"):
         lm = load_model(tiny_model_dir, device=device)
-        out[device] = load_dump(capture(lm, prompts, tmp_path / device, max_new_tokens=10, logits="topk:16",
+        out[device] = load_dump(capture(lm, prompts, tmp_path / device, max_new_tokens=10, storage="topk:16",
                                         batch_size=2, progress=False))
     g, c = out["cuda"], out["cpu"]
     for p in prompts:
@@ -405,7 +405,7 @@ def test_gpu_capture_and_ppl_match_the_cpu_run(tiny_model_dir, tmp_path):
     text = "The quick brown fox jumps over the lazy dog. " * 12
     kw = dict(text=text, ctx=32, stride=16, batch_size=2, progress=False, bootstrap=50)
     rg = lp.perplexity(tiny_model_dir, candidate=tiny_model_dir, device="cuda", candidate_device="cuda",
-                       save_baseline=tmp_path / "cache", cache_topk=8, **kw)
+                       save_baseline=tmp_path / "cache", storage="topk:8", **kw)
     rc = lp.perplexity(tiny_model_dir, candidate=tiny_model_dir, device="cpu", **kw)
     assert rg.ref.ppl == pytest.approx(rc.ref.ppl, rel=1e-5)
     assert rg.cand.ppl == pytest.approx(rc.cand.ppl, rel=1e-5)

@@ -418,7 +418,7 @@ def test_topk_storage_and_sampling_by_hand(lm, tiny_model_dir, prompts_file, tmp
     """Any storage and mode: top-K rows (values, indices, lse, tail mass) of seeded sampling merge bitwise."""
     opts = ["--logits", "topk:8", "--mode", "sample", "--seed", "3"]
     one = load_dump(capture(lm, prompts_file, tmp_path / "one", max_new_tokens=NEW, batch_size=BATCH,
-                            logits="topk:8", mode="sample", seed=3, progress=False))
+                            storage="topk:8", mode="sample", seed=3, progress=False))
     out = tmp_path / "ranks"
     for r in (0, 1):
         assert cli_main(dump_args(tiny_model_dir, prompts_file, out, *opts, "--rank", str(r), "--world-size", "2")) == 0

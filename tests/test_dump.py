@@ -189,7 +189,7 @@ def test_topk_round_trip_against_float64_reference(tmp_path):
     x[2, :4] = 30.0  # a tie at the top
     rec = record(7, 6)
     k = 8
-    with DumpWriter(tmp_path / "d", MANIFEST, logits=f"topk:{k}") as w:
+    with DumpWriter(tmp_path / "d", MANIFEST, storage=f"topk:{k}") as w:
         w.add(rec, x)
         w.add(record(8, 0), logits(8, 0))
     d = load_dump(tmp_path / "d")
@@ -216,7 +216,7 @@ def test_topk_nonfinite_rows(tmp_path):
     x[0, :] = -np.inf  # every token masked
     x[1, 3] = np.nan
     x[2, 7] = np.inf
-    with DumpWriter(tmp_path / "d", MANIFEST, logits="topk:4") as w:
+    with DumpWriter(tmp_path / "d", MANIFEST, storage="topk:4") as w:
         w.add(record(9, 3), x)
     _, _, lse, tail = load_dump(tmp_path / "d").topk("p9")
     assert lse[0] == -np.inf and np.isnan(lse[1]) and np.isnan(lse[2])
@@ -224,13 +224,13 @@ def test_topk_nonfinite_rows(tmp_path):
 
 
 def test_topk_k_above_vocab_is_an_error(tmp_path):
-    with DumpWriter(tmp_path / "d", MANIFEST, logits=f"topk:{VOCAB + 1}") as w:
+    with DumpWriter(tmp_path / "d", MANIFEST, storage=f"topk:{VOCAB + 1}") as w:
         with pytest.raises(ValueError, match="topk:51 exceeds the vocab size 50"):
             w.add(record(0, 1), logits(0, 1))
 
 
 def test_topk_dump_has_no_full_rows_and_full_dump_no_topk(tmp_path):
-    with DumpWriter(tmp_path / "t", MANIFEST, logits="topk:4") as w:
+    with DumpWriter(tmp_path / "t", MANIFEST, storage="topk:4") as w:
         w.add(record(0, 1), logits(0, 1))
     with pytest.raises(ValueError, match=r"stores topk:4 logits, not full rows; use .topk\('p0'\)"):
         load_dump(tmp_path / "t").logits("p0")
@@ -243,7 +243,7 @@ def test_topk_dump_has_no_full_rows_and_full_dump_no_topk(tmp_path):
 @pytest.mark.parametrize("storage", ["top5", "topk:0", "topk:", "fp32"])
 def test_bad_storage(tmp_path, storage):
     with pytest.raises(ValueError, match="logits storage must be 'full' or 'topk:K'"):
-        DumpWriter(tmp_path / "d", MANIFEST, logits=storage)
+        DumpWriter(tmp_path / "d", MANIFEST, storage=storage)
     assert parse_storage("topk:64") == 64 and parse_storage("full") is None
 
 
@@ -251,7 +251,7 @@ def test_bad_logits_dtype(tmp_path):
     with pytest.raises(ValueError, match="logits_dtype must be one of"):
         DumpWriter(tmp_path / "d", MANIFEST, logits_dtype="fp8")
     with pytest.raises(ValueError, match="applies to full storage only"):
-        DumpWriter(tmp_path / "e", MANIFEST, logits="topk:4", logits_dtype="bf16")
+        DumpWriter(tmp_path / "e", MANIFEST, storage="topk:4", logits_dtype="bf16")
 
 
 def test_bad_shard_bytes(tmp_path):

@@ -63,7 +63,7 @@ def test_planted_bug_is_bad_on_kl(cache, sharper_dir, tmp_path, capsys):
               "--json", str(tmp_path / "g.json"))
     assert rc == 1
     doc = json.loads((tmp_path / "g.json").read_text())
-    assert doc["verdict"] == "fail" and doc["exit_code"] == 1
+    assert doc["verdict"] == "FAIL" and doc["exit_code"] == 1
     assert doc["result"]["pair"]["kl_ref_cand"]["mean"] > 0.01
 
 
@@ -190,11 +190,13 @@ def engine_dumps(tiny_model_dir, tmp_path_factory):
     return w
 
 
-def test_dump_gate_good_and_bad(engine_dumps, capsys):
+def test_dump_gate_good_and_bad(engine_dumps, capsys, tmp_path):
     w = engine_dumps
     base = ["gate", "--reference-dump", str(w / "ref"), "--noise-floor", str(w / "floor.json")]
-    assert main(base + ["--candidate-dump", str(w / "benign")]) == 0
+    assert main(base + ["--candidate-dump", str(w / "benign"), "--json", str(tmp_path / "g.json")]) == 0
     assert "logitparity gate: PASS (4 prompts" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "g.json").read_text())  # the word the line prints, as tasks' JSON says it
+    assert doc["verdict"] == "PASS" and doc["exit_code"] == 0 and doc["comparison"]["verdict"]["passed"] is True
     assert main(base + ["--candidate-dump", str(w / "bug")]) == 1
     assert "logitparity gate: FAIL (4 prompts" in capsys.readouterr().out
 

@@ -94,6 +94,25 @@ def test_cli_two_models(tiny_model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "no module leaves the noise band" in out and "bisect over decoder layers: first bad none" in out
     assert json.loads(floor.read_text())["format"] == "logitparity-layer-floor"
+    # The saved floor read back as the band, under compare's name for it (--noise-floor) and the old --floor.
+    sources = []
+    for flag in ("--noise-floor", "--floor"):
+        js = tmp_path / f"{flag.strip('-')}.json"
+        assert main(["layers", tiny_model_dir, tiny_model_dir, "--limit", "2", flag, str(floor), "--json", str(js)]) == 0
+        sources.append(json.loads(js.read_text())["band_source"])
+        note = "logitparity layers: note: --floor is the old spelling of --noise-floor; use --noise-floor"
+        assert (note in capsys.readouterr().err) == (flag == "--floor")
+    assert sources[0] == sources[1] and str(floor) in sources[0]
+    # The candidate's dtype under ppl's name for it (--candidate-dtype) and the old --dtype: the same run.
+    docs = []
+    for flag in ("--candidate-dtype", "--dtype"):
+        js = tmp_path / f"{flag.strip('-')}.json"
+        rcs = main(["layers", tiny_model_dir, tiny_model_dir, "--limit", "2", flag, "bf16", "--json", str(js)])
+        docs.append((rcs, json.loads(js.read_text())))
+        note = "logitparity layers: note: --dtype is the old spelling of --candidate-dtype; use --candidate-dtype"
+        assert (note in capsys.readouterr().err) == (flag == "--dtype")
+    assert docs[0][1]["ref_dtype"] == "fp32" and docs[0][1]["cand_dtype"] == "bf16"
+    assert docs[0][0] == docs[1][0] and docs[0][1]["modules"] == docs[1][1]["modules"]
     assert main(["layers", tiny_model_dir, str(tmp_path)]) == 2  # an empty dir is no model
 
 

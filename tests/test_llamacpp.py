@@ -108,7 +108,7 @@ def dumps(tmp_path_factory, engine, hf_lm, prompts):
     d = tmp_path_factory.mktemp("llamacpp")
     capture(hf_lm, prompts, d / "hf", max_new_tokens=NEW_TOKENS, batch_size=4, progress=False)
     capture(engine, prompts, d / "greedy", max_new_tokens=NEW_TOKENS, batch_size=1, progress=False)
-    capture(engine, prompts, d / "topk", max_new_tokens=NEW_TOKENS, batch_size=1, logits="topk:16", progress=False)
+    capture(engine, prompts, d / "topk", max_new_tokens=NEW_TOKENS, batch_size=1, storage="topk:16", progress=False)
     capture(engine, None, d / "score-hf", mode="score", reference_dump=d / "hf", batch_size=1, progress=False)
     capture(engine, None, d / "score-own", mode="score", reference_dump=d / "greedy", batch_size=1, progress=False)
     return d
@@ -441,7 +441,7 @@ def test_compare_accepts_a_topk_dump_without_lse_and_reports_the_width(tmp_path,
 
     ps = [Prompt(f"p{i}", "default", t) for i, t in enumerate(["The quick brown fox", "def add(a, b):"])]
     capture(tiny_model_dir, ps, tmp_path / "ref", max_new_tokens=6, progress=False)
-    capture(tiny_model_dir, ps, tmp_path / "top", max_new_tokens=6, logits="topk:8", progress=False)
+    capture(tiny_model_dir, ps, tmp_path / "top", max_new_tokens=6, storage="topk:8", progress=False)
     m = json.loads((tmp_path / "top" / "manifest.json").read_text())
     m["logits"]["lse"] = "unknown"
     m["logits"]["lse_dtype"] = None

@@ -246,7 +246,7 @@ def caches(tmp_path_factory, tiny):
     root = tmp_path_factory.mktemp("caches")
     out = {}
     for name, kw in {"fp32": dict(cache_dtype="fp32"), "fp16": {}, "bf16": dict(cache_dtype="bf16"),
-                     "top8": dict(cache_topk=8)}.items():
+                     "top8": dict(storage="topk:8")}.items():
         perplexity(tiny, text=TEXT, ctx=CTX, stride=STRIDE, save_baseline=root / name, progress=False, **kw)
         out[name] = root / name
     return out
@@ -363,7 +363,7 @@ def test_save_baseline_refuses_a_foreign_directory_and_replaces_a_cache(tiny, ca
     with pytest.raises(ValueError, match="not a baseline cache; refusing to overwrite"):
         perplexity(tiny, text=TEXT, ctx=CTX, stride=STRIDE, save_baseline=tmp_path, progress=False)
     d = _copy(caches["top8"], tmp_path / "c")
-    perplexity(tiny, text=TEXT[:300], ctx=CTX, stride=STRIDE, save_baseline=d, cache_topk=4, progress=False)
+    perplexity(tiny, text=TEXT[:300], ctx=CTX, stride=STRIDE, save_baseline=d, storage="topk:4", progress=False)
     assert BaselineCache(d).k == 4
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial dirs left
 
@@ -437,7 +437,7 @@ def test_add_bos_without_a_bos_token_is_an_error(tiny):
 def test_cli_ppl_writes_json_and_report(tiny_model_dir, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(TEXT, encoding="utf-8")
-    rc = main(["ppl", "--model", tiny_model_dir, "--candidate", tiny_model_dir, "--text", str(text),
+    rc = main(["ppl", "--model", tiny_model_dir, "--candidate", tiny_model_dir, "--text-file", str(text),
                "--ctx", "64", "--stride", "32", "--json", str(tmp_path / "o.json"),
                "--report", str(tmp_path / "o.md"), "--bootstrap", "50"])
     assert rc == 0
@@ -450,13 +450,14 @@ def test_cli_ppl_writes_json_and_report(tiny_model_dir, tmp_path, capsys):
 def test_cli_ppl_storage_names_the_cache_storage_like_dump(tiny_model_dir, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(TEXT[:400], encoding="utf-8")
-    base = ["ppl", "--model", tiny_model_dir, "--text", str(text), "--ctx", "64", "--stride", "32", "--bootstrap", "0"]
+    base = ["ppl", "--model", tiny_model_dir, "--text-file", str(text), "--ctx", "64", "--stride", "32", "--bootstrap", "0"]
     for flags, name in ((["--storage", "topk:4"], "new"), (["--cache-topk", "4"], "old")):
         assert main(base + ["--save-baseline", str(tmp_path / name)] + flags) == 0
     new, old = BaselineCache(tmp_path / "new"), BaselineCache(tmp_path / "old")
     assert new.manifest["storage"] == old.manifest["storage"] == {"logits": "topk:4", "dtype": None, "vocab": new.vocab}
     np.testing.assert_array_equal(new.rows(0, len(new)).tail, old.rows(0, len(old)).tail)
-    capsys.readouterr()
+    assert capsys.readouterr().err.count("logitparity ppl: note: --cache-topk 4 is the old spelling of --storage "
+                                         "topk:4; use --storage topk:4 (the old one goes in the next release)") == 1
     assert main(base + ["--save-baseline", str(tmp_path / "x"), "--storage", "topk:4", "--cache-topk", "4"]) == 2
     assert "--storage topk:4 and --cache-topk 4 both set the cache's storage; pass only --storage" in capsys.readouterr().err
     assert main(base + ["--save-baseline", str(tmp_path / "x"), "--storage", "top4"]) == 2
@@ -465,8 +466,14 @@ def test_cli_ppl_storage_names_the_cache_storage_like_dump(tiny_model_dir, tmp_p
 
 
 def test_cli_ppl_bad_input_exits_2(tiny_model_dir, tmp_path, capsys):
-    rc = main(["ppl", "--model", tiny_model_dir, "--text", str(tmp_path / "none.txt")])
-    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    for flag in ("--text-file", "--text"):  # --text: the old spelling, the same option
+        rc = main(["ppl", "--model", tiny_model_dir, flag, str(tmp_path / "none.txt")])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"--text-file {tmp_path / 'none.txt'} does not exist; pass a UTF-8 text file" in err
+        assert ("logitparity ppl: note: --text is the old spelling of --text-file; use --text-file" in err) == \
+            (flag == "--text")
+    assert main(["ppl", "--model", tiny_model_dir, "--text-file", str(tmp_path)]) == 2
+    assert f"--text-file {tmp_path} is a directory; pass a UTF-8 text file" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------ the default model (slow)

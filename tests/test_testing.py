@@ -246,7 +246,7 @@ def write_dump(path, logits, *, storage="full", ids=("greet", "sum")):
     """Greedy-mode dump of logits [prompts, positions, vocab] with each
     position's argmax as the generated token."""
     manifest = {"engine": {"name": "test"}, "decoding": {"mode": "greedy", "max_new_tokens": logits.shape[1]}}
-    with DumpWriter(path, manifest, logits=storage) as w:
+    with DumpWriter(path, manifest, storage=storage) as w:
         for rid, rows in zip(ids, logits):
             w.add({"id": rid, "category": "chat", "prompt": rid, "chat_template": False, "prompt_token_ids": [1],
                    "generated_token_ids": [int(t) for t in rows.argmax(-1)], "stop_reason": "max_new_tokens"}, rows)

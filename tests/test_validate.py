@@ -50,7 +50,7 @@ def rows(i: int, n: int) -> np.ndarray:
 
 
 def make(path, storage="full", sizes=(3, 2), man=MANIFEST) -> Path:
-    with DumpWriter(path, man, logits=storage) as w:
+    with DumpWriter(path, man, storage=storage) as w:
         for i, n in enumerate(sizes):
             w.add(record(i, n), rows(i, n))
     return Path(path)
@@ -351,7 +351,7 @@ def test_hf_capture_and_the_example_engine_pass_validate(tiny_model_dir, tmp_pat
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"id": "a", "category": "math", "text": "What is 2+2?"}) + "\n")
     ref = capture(tiny_model_dir, prompts, tmp_path / "ref", max_new_tokens=4, progress=False)
-    top = capture(tiny_model_dir, prompts, tmp_path / "top", max_new_tokens=4, progress=False, logits="topk:16")
+    top = capture(tiny_model_dir, prompts, tmp_path / "top", max_new_tokens=4, progress=False, storage="topk:16")
     score = capture(tiny_model_dir, None, tmp_path / "score", mode="score", reference_dump=ref, progress=False)
     for d in (ref, top, score):
         assert validate_dump(d) == [], d

@@ -29,10 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--storage", "--logits", dest="logits", default="full", help="full | topk:K")
+    ap.add_argument("--storage", "--logits", dest="storage", default="full", help="full | topk:K (--logits: the old name)")
     args = ap.parse_args(argv)
     out = capture(args.model, args.prompts, args.out, dtype=args.dtype, device=args.device, limit=args.limit,
-                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, logits=args.logits,
+                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, storage=args.storage,
                   logits_dtype="bf16" if args.dtype == "bf16" else "fp32")
     print(f"wrote {out}")
     return 0

@@ -38,7 +38,7 @@ FORMAT_NAMES = {
     "logitparity-activations": "a dump's activations manifest (`logitparity layers`)",
     "logitparity-ppl-baseline": "a baseline-cache manifest (`logitparity gate --baseline-cache`)",
     "logitparity-noise-floor": "a noise-floor file (`logitparity compare --noise-floor`)",
-    "logitparity-layer-floor": "a layer floor file (`logitparity layers --floor`)",
+    "logitparity-layer-floor": "a layer floor file (`logitparity layers --noise-floor`)",
     "logitparity-sensitivity": "a sensitivity map (`logitparity sensitivity --json`)",
     "logitparity-comparison": "a comparison report (`logitparity compare --json`)",
     "logitparity-sampled-comparison": "a sampled-comparison report (`logitparity compare SET SET --json`)",

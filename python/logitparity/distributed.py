@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from logitparity._fileio import write_text_atomic
+from logitparity._renamed import renamed_keyword
 from logitparity.dump import PARTS_DIR, RESUME_KEYS, DumpWriter, load_dump
 
 __all__ = ["Part", "RankOutcome", "RanksFailed", "capture_ranks", "compare_ranks", "launched", "merge_parts"]
@@ -205,6 +206,7 @@ class RankOutcome:
     pending: list[int]
 
 
+@renamed_keyword("logits", "storage")
 def capture_ranks(model: Any = None, prompts: Any = None, out: str | os.PathLike = "dump", *,
                   rank: int | None = None, world_size: int | None = None, resume: bool = False,
                   **capture_kw: Any) -> RankOutcome:
@@ -350,7 +352,7 @@ def merge_parts(out: str | os.PathLike, world_size: int) -> Path:
     manifest["run"] = _merged_run(runs)
     lg = first["logits"]
     with _merge_lock(out):
-        with DumpWriter(out, manifest, logits=lg["storage"], logits_dtype=lg["dtype"], resume=True) as writer:
+        with DumpWriter(out, manifest, storage=lg["storage"], logits_dtype=lg["dtype"], resume=True) as writer:
             done = writer.done_ids
             writer.adopt([where[pid] for pid in order if pid not in done], widths.pop() if widths else None)
     return out

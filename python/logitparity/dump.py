@@ -38,6 +38,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from logitparity._fileio import append_text, read_tagged_json, write_text_atomic
+from logitparity._renamed import renamed_keyword
 from logitparity._shards import tensor_from, write_shard
 
 __all__ = ["FORMAT", "VERSION", "Dump", "DumpWriter", "load_dump"]
@@ -79,13 +80,16 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
-def parse_storage(logits: str) -> int | None:
-    """'full' -> None, 'topk:K' -> K (K >= 1); anything else is a ValueError."""
-    if logits == "full":
+def parse_storage(storage: str) -> int | None:
+    """The storage mode of logit rows, one spelling everywhere (``storage=``
+    of DumpWriter, capture, perplexity and BaselineCacheWriter, the CLI's
+    ``--storage``, the manifests' ``storage`` entries): 'full' -> None,
+    'topk:K' -> K (K >= 1); anything else is a ValueError."""
+    if storage == "full":
         return None
-    m = re.fullmatch(r"topk:(\d+)", str(logits))
+    m = re.fullmatch(r"topk:(\d+)", str(storage))
     if not m or int(m.group(1)) < 1:
-        raise ValueError(f"logits storage must be 'full' or 'topk:K' with K >= 1 (e.g. 'topk:64'), got {logits!r}")
+        raise ValueError(f"logits storage must be 'full' or 'topk:K' with K >= 1 (e.g. 'topk:64'), got {storage!r}")
     return int(m.group(1))
 
 
@@ -338,7 +342,8 @@ class DumpWriter:
 
     ``manifest``: engine, model, tokenizer, dtype, device, decoding, libraries,
     run (see docs/dump-format.md); the writer adds format, version, created,
-    logits and complete. ``logits``: 'full' or 'topk:K'. ``logits_dtype``:
+    logits and complete. ``storage``: 'full' or 'topk:K' (``parse_storage``;
+    ``logits=`` is its old name, deprecated). ``logits_dtype``:
     storage dtype of full rows. ``shard_bytes``: roll over to a new shard once
     this many tensor bytes wait in memory (the bound on the writer's memory).
     ``flush_seconds``: also roll over once the oldest waiting prompt is this
@@ -348,11 +353,12 @@ class DumpWriter:
     written, and the manifest keeps ``complete: false``.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, manifest: dict[str, Any], *, logits: str = "full",
+    @renamed_keyword("logits", "storage", where="DumpWriter")
+    def __init__(self, out_dir: str | os.PathLike, manifest: dict[str, Any], *, storage: str = "full",
                  logits_dtype: str = "fp32", shard_bytes: int = DEFAULT_SHARD_BYTES,
                  flush_seconds: float | None = DEFAULT_FLUSH_SECONDS, resume: bool = False):
         self.path = Path(out_dir)
-        self.k = parse_storage(logits)
+        self.k = parse_storage(storage)
         if logits_dtype not in LOGITS_DTYPES:
             raise ValueError(f"logits_dtype must be one of {sorted(LOGITS_DTYPES)}, got {logits_dtype!r}")
         if self.k is not None and logits_dtype != "fp32":

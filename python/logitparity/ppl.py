@@ -29,8 +29,9 @@ import numpy as np
 
 from logitparity._fileio import write_text_atomic
 
+from logitparity._renamed import renamed_keyword, storage_from_cache_topk
 from logitparity.baseline_cache import BaselineCache, BaselineCacheWriter, CacheRows, text_sha256
-from logitparity.dump import TOKENIZER_IDENTITY
+from logitparity.dump import TOKENIZER_IDENTITY, parse_storage
 from logitparity.metrics import compare_logits, logsumexp, nll as _nll, topk as _topk
 from logitparity.stats import Describe, Rate, describe, format_mean_se, rate
 
@@ -773,6 +774,7 @@ def _kl_note(cache: BaselineCache | None) -> str:
 # the public function
 
 
+@renamed_keyword("cache_topk", "storage", storage_from_cache_topk)
 def perplexity(
     model: Any = None,
     *,
@@ -788,7 +790,7 @@ def perplexity(
     candidate_device: str | None = None,
     baseline_cache: str | os.PathLike | BaselineCache | None = None,
     save_baseline: str | os.PathLike | None = None,
-    cache_topk: int | None = None,
+    storage: str = "full",
     cache_dtype: str = "fp16",
     max_tokens: int | None = None,
     add_bos: bool | None = None,
@@ -808,9 +810,11 @@ def perplexity(
     ``LoadedModel``. baseline_cache: a cache directory (or BaselineCache)
     that stands in for the reference (then leave ``model`` unset); the text
     and settings default to the cache's and must match when given.
-    save_baseline: write the reference's rows to this directory, full
-    log-probs in ``cache_dtype`` (fp16 | bf16 | fp32), or the top
-    ``cache_topk`` logits + tail mass.
+    save_baseline: write the reference's rows to this directory; storage
+    says what it keeps of each row (``dump.parse_storage``, as for a dump):
+    'full' log-probs in ``cache_dtype`` (fp16 | bf16 | fp32), or 'topk:K',
+    the top K logits + tail mass (``cache_topk=K`` is the old spelling of
+    ``storage="topk:K"``, deprecated).
 
     text / text_file: the text (default: the bundled corpus,
     data/pride_and_prejudice.txt). ctx: input positions per window, BOS
@@ -840,9 +844,10 @@ def perplexity(
         cache = baseline_cache if isinstance(baseline_cache, BaselineCache) else BaselineCache(baseline_cache)
     batch_size = _check_int(batch_size, "batch_size", 1)
     bootstrap = _check_int(bootstrap, "bootstrap", 0)
-    max_tokens, cache_topk, ctx, stride = (
+    parse_storage(storage)
+    max_tokens, ctx, stride = (
         None if v is None else _check_int(v, name, 1)
-        for name, v in (("max_tokens", max_tokens), ("cache_topk", cache_topk), ("ctx", ctx), ("stride", stride)))
+        for name, v in (("max_tokens", max_tokens), ("ctx", ctx), ("stride", stride)))
     given = None if cache is not None and text is None and text_file is None else _read_text(text, text_file)
 
     t_start = time.perf_counter()
@@ -861,7 +866,6 @@ def perplexity(
 
     writer = None
     if save_baseline is not None:
-        storage = "full" if cache_topk is None else f"topk:{cache_topk}"
         writer = BaselineCacheWriter(save_baseline, storage=storage, dtype=cache_dtype, threads=threads)
     t_loop = time.perf_counter()
     tokens, t_fwd, t_met, saved = _score(plan, ref_lm, cand_lm, cache, writer, batch_size=batch_size,

@@ -285,7 +285,7 @@ def _write_arrays(path: Path, logits: Any, storage: str, prompt_ids: Sequence[st
     if _fits(storage, x.shape[2]):
         storage = "full"
     tmp = _tmp_dir(path)
-    with DumpWriter(tmp, manifest, logits=storage, logits_dtype=dtype if storage == "full" else "fp32",
+    with DumpWriter(tmp, manifest, storage=storage, logits_dtype=dtype if storage == "full" else "fp32",
                     flush_seconds=None) as w:
         for i, rid in enumerate(ids):
             rows = bf16_to_float32(x[i]) if bf16 else x[i]
@@ -303,7 +303,7 @@ def _write_dump(path: Path, source: "str | os.PathLike[str]", storage: str) -> N
         shutil.copytree(src.path, tmp, ignore=shutil.ignore_patterns("*.tmp", ".*"))
     else:
         keep = {k: v for k, v in src.manifest.items() if k not in ("format", "version", "created", "complete", "logits")}
-        with DumpWriter(tmp, keep, logits=storage, flush_seconds=None) as w:
+        with DumpWriter(tmp, keep, storage=storage, flush_seconds=None) as w:
             for r in src.records:
                 rec = {k: v for k, v in r.items() if k not in ("shard", "tensors", "n_positions")}
                 w.add(rec, src.logits(r["id"], as_float32=True))

@@ -45,6 +45,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from logitparity.capture.engine import Output, StopRule
+from logitparity.dump import tokens_hash
 
 __all__ = ["LlamaCppEngine", "OPTIONS", "STOP_RULES", "TokenizerView", "llama_cpp_available"]
 
@@ -228,8 +229,8 @@ class LlamaCppEngine:
     def tokenizer_identity(self) -> dict[str, Any]:
         """vocab_size, tokens_hash, special_tokens, eos_token_ids,
         chat_template_hash, computed as capture.hf.tokenizer_identity does:
-        tokens_hash is sha256 over json.dumps(token strings in id order,
-        ensure_ascii=False) in UTF-8; special tokens are bos/eos/pad/unk
+        tokens_hash by dump.tokens_hash (the token strings in id order,
+        docs/dump-format.md "Hashes"); special tokens are bos/eos/pad/unk
         where the model defines them."""
         tokens = [self.token_text(i) for i in range(self.vocab_size)]
         special = {k: {"token": tokens[i], "id": i} for k, i in self._special_ids().items()}
@@ -237,7 +238,7 @@ class LlamaCppEngine:
         template = self.chat_template()
         return {
             "vocab_size": self.vocab_size,
-            "tokens_hash": _sha256_text(json.dumps(tokens, ensure_ascii=False)),
+            "tokens_hash": tokens_hash(tokens),
             "special_tokens": special,
             "eos_token_ids": [int(eos)] if eos >= 0 else [],
             "chat_template_hash": _sha256_text(template) if template is not None else None,

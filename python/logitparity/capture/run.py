@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from logitparity._renamed import renamed_keyword
 from logitparity.capture.engine import Engine, HFEngine, StopRule, check_tokenizer, hf_encode
 from logitparity.dump import DEFAULT_SHARD_BYTES, Dump, DumpWriter, load_dump, parse_storage
 from logitparity.prompts import Prompt, load_prompts
@@ -43,7 +44,7 @@ def _peak_rss_bytes() -> int:
 
 
 def _check_args(mode: str, reference_dump: Any, max_new_tokens: int, batch_size: int, temperature: float,
-                top_p: float | None, logits: str, limit: int | None) -> None:
+                top_p: float | None, storage: str, limit: int | None) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "score" and reference_dump is None:
@@ -59,7 +60,7 @@ def _check_args(mode: str, reference_dump: Any, max_new_tokens: int, batch_size:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    parse_storage(logits)
+    parse_storage(storage)
 
 
 def _select(prompts: list[Prompt], ref: Dump | None, limit: int | None) -> list[Prompt]:
@@ -92,6 +93,7 @@ def _tokenize(tokenizer: Any, prompt: Prompt, chat_template: bool | None) -> tup
     return ids, used
 
 
+@renamed_keyword("logits", "storage")
 def capture(
     model: Any = None,
     prompts: str | os.PathLike | Sequence[Prompt] | None = None,
@@ -104,7 +106,7 @@ def capture(
     max_new_tokens: int = 64,
     category_budgets: Mapping[str, int] | None = None,
     batch_size: int = 8,
-    logits: str = "full",
+    storage: str = "full",
     logits_dtype: str = "fp32",
     temperature: float = 0.7,
     top_p: float | None = None,
@@ -136,10 +138,12 @@ def capture(
     prompts of a category their own budget instead (JSON answers need room to
     close; the manifest's ``decoding.category_budgets``, and each such record's
     ``max_new_tokens``). chat_template: None applies the tokenizer's template
-    when it has one. logits: 'full' or 'topk:K'; logits_dtype: fp32 | fp16 |
-    bf16 (full storage). resume: continue an interrupted dump (batches are
-    cut from the whole prompt list, so the logits are bitwise those of an
-    uninterrupted run; prompts of a damaged shard are captured again).
+    when it has one. storage: what the dump keeps of each logit row, 'full'
+    or 'topk:K' (``dump.parse_storage``; ``logits=`` is its old name,
+    deprecated); logits_dtype: fp32 | fp16 | bf16 (full storage).
+    resume: continue an interrupted dump (batches are cut from the whole
+    prompt list, so the logits are bitwise those of an uninterrupted run;
+    prompts of a damaged shard are captured again).
     limit: only the first N prompts. Prompts longer than the engine's context
     (``max_context``, less the new tokens) are refused before the model loads
     (before the output directory is touched), or keep their last tokens with
@@ -155,7 +159,7 @@ def capture(
     from logitparity.capture.decode import Sampler
     from logitparity.capture.hf import LoadedModel, load_model, load_tokenizer
 
-    _check_args(mode, reference_dump, max_new_tokens, batch_size, temperature, top_p, logits, limit)
+    _check_args(mode, reference_dump, max_new_tokens, batch_size, temperature, top_p, storage, limit)
     budgets = _check_budgets(category_budgets, mode)
     ref = reference_dump if isinstance(reference_dump, Dump) or reference_dump is None else load_dump(reference_dump)
     if prompts is not None and not isinstance(prompts, (list, tuple)):
@@ -221,7 +225,7 @@ def capture(
                                  "mode": ref.manifest.get("decoding", {}).get("mode"), "model": ref.manifest.get("model")}
     sampler = Sampler(float(temperature), top_p, int(seed)) if mode == "sample" else None
 
-    with DumpWriter(out, manifest, logits=logits, logits_dtype=logits_dtype, shard_bytes=shard_bytes,
+    with DumpWriter(out, manifest, storage=storage, logits_dtype=logits_dtype, shard_bytes=shard_bytes,
                     resume=resume) as writer:
         done = {r["id"]: r["prompt"] for r in writer.records}
         for p, *_ in todo:

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from logitparity._renamed import renamed_keyword
 from logitparity.capture.run import capture
 from logitparity.sampling import load_sample_set, write_sample_index
 
@@ -52,6 +53,7 @@ def _loaded(model: Any, dtype: str, device: str) -> Any:
     return load_model(model, dtype=dtype, device=device)
 
 
+@renamed_keyword("logits", "storage")
 def capture_samples(model: Any, prompts: Any, out: str | os.PathLike, *, seeds: Sequence[int], dtype: str = "fp32",
                     device: str = "cpu", **kw: Any) -> Path:
     """Sample ``model`` once per seed into ``out/seed-S`` (capture(...,
@@ -68,6 +70,7 @@ def capture_samples(model: Any, prompts: Any, out: str | os.PathLike, *, seeds: 
     return out
 
 
+@renamed_keyword("logits", "storage")
 def score_samples(model: Any, reference: Any, out: str | os.PathLike, *, dtype: str = "fp32", device: str = "cpu",
                   **kw: Any) -> Path:
     """Score ``model`` on every seed's samples of the set ``reference``

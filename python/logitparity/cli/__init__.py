@@ -49,6 +49,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(self.error_exit, f"{self.prog}: error: {message}\n")
 
 
+class OldSpelling(argparse.Action):
+    """Store the value, as argparse's default action does, for an option
+    whose first name is the one to use and whose further names are old
+    spellings kept for one release (``--storage``, ``--logits``): a value
+    given under an old name prints a note naming the new one to stderr.
+    ``add_argument("--new", "--old", dest=..., action=OldSpelling)``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: D102 - argparse's hook
+        new = self.option_strings[0]
+        if option_string is not None and option_string != new:
+            print(f"{parser.prog}: note: {option_string} is the old spelling of {new}; use {new} "
+                  f"(the old one goes in the next release)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def _load(name: str):
     try:
         return importlib.import_module(SUBCOMMANDS[name])

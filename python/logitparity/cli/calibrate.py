@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", metavar="DIR", default=None, help="keep the captured dumps in DIR")
     p.add_argument("--layers", action="store_true",
                    help="with --vary ...,dtype=X: also record per-module figures (the reference against its "
-                        "precision twin, module by module) in the floor file, for `logitparity layers --floor` "
+                        "precision twin, module by module) in the floor file, for `logitparity layers --noise-floor` "
                         "and compare_layers(noise_floor=FILE)")
     p.add_argument("--layers-prompts", type=int, default=4, metavar="N",
                    help="prompts for --layers, taken after the first 4 of the prompt set so that `layers`' "

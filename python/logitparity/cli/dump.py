@@ -6,7 +6,7 @@ import argparse
 import signal
 import threading
 
-from logitparity.cli import UserError, add_torch_threads_argument, apply_torch_threads
+from logitparity.cli import OldSpelling, UserError, add_torch_threads_argument, apply_torch_threads
 
 HELP = "capture a model's raw logits on a prompt set into a dump directory"
 
@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "e.g. json=96 so JSON answers can close")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--storage", "--logits", dest="storage", default="full", metavar="full|topk:K",
+                        action=OldSpelling,
                         help="what the dump keeps of each logit row: full rows, or the top K with the exact "
                              "log-sum-exp and tail mass (default full; --logits is the old name)")
     parser.add_argument("--logits-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of full logit rows")
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(args.model, dtype=args.dtype, device=args.device)
     kw = dict(mode=args.mode, reference_dump=args.reference_dump, dtype=args.dtype, device=args.device,
               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-              category_budgets=parse_budgets(args.category_budget) or None, logits=args.storage,
+              category_budgets=parse_budgets(args.category_budget) or None, storage=args.storage,
               logits_dtype=args.logits_dtype, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
               stop_token_ids=args.stop_token_id, chat_template=False if args.no_chat_template else None,
               resume=args.resume, progress=not args.no_progress, limit=args.limit,

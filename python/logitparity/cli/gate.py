@@ -148,7 +148,7 @@ def _run_dumps(args: argparse.Namespace) -> int:
         from logitparity._fileio import write_text_atomic
         from logitparity.report import comparison_dict
 
-        out = {"verdict": "pass" if code == PASS else "fail", "exit_code": code, "comparison": comparison_dict(comp)}
+        out = {"verdict": "PASS" if code == PASS else "FAIL", "exit_code": code, "comparison": comparison_dict(comp)}
         write_text_atomic(Path(args.json), json.dumps(out, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
     return code
 
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         from logitparity._fileio import write_text_atomic
         from logitparity.report import jsonable
 
-        out = {"verdict": "pass" if code == PASS else "fail", "exit_code": code, "checks": lines,
+        out = {"verdict": "PASS" if code == PASS else "FAIL", "exit_code": code, "checks": lines,
                "gate": jsonable(v.to_dict()), "result": result.to_dict()}
         write_text_atomic(Path(args.json), json.dumps(out, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
     return code

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from logitparity.cli import add_torch_threads_argument, apply_torch_threads
+from logitparity.cli import OldSpelling, add_torch_threads_argument, apply_torch_threads
 
 HELP = "localize a regression: compare two models (or two dumps with activations) module by module"
 
@@ -23,14 +23,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("candidate", help="candidate: HF directory, .gguf, 'default', or a dump with activations")
     p.add_argument("--mode", choices=("isolated", "propagated", "both"), default="isolated",
                    help="isolated: candidate modules on the reference's inputs (default); two dumps: propagated")
-    p.add_argument("--reference-dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="candidate dtype")
+    p.add_argument("--reference-dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="reference dtype")
+    p.add_argument("--candidate-dtype", "--dtype", dest="candidate_dtype", choices=("fp32", "bf16", "fp16"),
+                   action=OldSpelling, default="fp32",
+                   help="candidate dtype (as ppl and tasks --candidate-dtype; --dtype is the old name)")
     p.add_argument("--prompts", default=None, help="prompts file (default: the embedded set's first --limit)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N prompts (default 4)")
     p.add_argument("--modules", default="default",
                    help="default (norms, attention, MLP, layer output) | all (plus every Linear) | comma-separated paths "
                         "and set names, e.g. default,attention (query/key after RoPE, value, score range)")
-    p.add_argument("--floor", default=None, metavar="FILE", help="layer floor file (the band); default: dtype default")
+    p.add_argument("--noise-floor", "--floor", dest="noise_floor", default=None, metavar="FILE", action=OldSpelling,
+                   help="the noise band: a noise-floor file with per-module figures (calibrate --layers) or a layer "
+                        "floor file (--save-floor), as compare --noise-floor takes; default: the dtype's band "
+                        "(--floor is the old name)")
     p.add_argument("--save-floor", default=None, metavar="FILE",
                    help="write this (benign) comparison as a floor file for later runs")
     p.add_argument("--bisect", action="store_true", help="also bisect over decoder layers from the logits alone")
@@ -57,15 +62,15 @@ def run(args: argparse.Namespace) -> int:
     if all(dumps):
         if args.bisect:
             raise ValueError("--bisect needs two models (it swaps layers); dumps hold only outputs")
-        c = layers.compare_activation_dumps(args.reference, args.candidate, noise_floor=args.floor)
+        c = layers.compare_activation_dumps(args.reference, args.candidate, noise_floor=args.noise_floor)
     else:
         from logitparity.capture import load_model
 
         apply_torch_threads(args)
         ref = load_model(None if args.reference == "default" else args.reference, dtype=args.reference_dtype)
-        cand = load_model(None if args.candidate == "default" else args.candidate, dtype=args.dtype)
+        cand = load_model(None if args.candidate == "default" else args.candidate, dtype=args.candidate_dtype)
         mods = args.modules if args.modules in ("default", "all") else [m.strip() for m in args.modules.split(",")]
-        c = layers.compare_layers(ref, cand, args.prompts, mode=args.mode, noise_floor=args.floor, modules=mods,
+        c = layers.compare_layers(ref, cand, args.prompts, mode=args.mode, noise_floor=args.noise_floor, modules=mods,
                                   limit=args.limit)
         if args.bisect:
             bisection = layers.bisect_layers(ref, cand, args.prompts, limit=args.limit)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from logitparity.cli import UserError, add_torch_threads_argument, apply_torch_threads
+from logitparity.cli import OldSpelling, UserError, add_torch_threads_argument, apply_torch_threads
 
 HELP = "Perplexity on a text (sliding windows); with --candidate also PPL ratio, ΔPPL and KL in both directions."
 
@@ -17,8 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="REF", help="reference: a Hugging Face directory or .gguf file "
                    "(default: the embedded SmolLM2-135M-Instruct); leave out with --baseline-cache")
     p.add_argument("--candidate", metavar="CAND", help="candidate model (directory or .gguf)")
-    p.add_argument("--text", metavar="FILE", help="UTF-8 text to score (default: the bundled "
-                   "public-domain corpus, Pride and Prejudice chapters 1-10)")
+    p.add_argument("--text-file", "--text", dest="text_file", metavar="FILE", action=OldSpelling,
+                   help="UTF-8 text to score (default: the bundled public-domain corpus, Pride and Prejudice "
+                   "chapters 1-10); as `sensitivity --text-file` and perplexity(text_file=...); --text is the old name")
     p.add_argument("--ctx", type=int, help="input positions per window, BOS included (default 512, "
                    "or the baseline cache's)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default ctx//2, or the cache's)")
@@ -59,16 +60,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from logitparity.ppl import perplexity
 
-    cache_topk = _cache_topk(args)
-    if args.text is not None:  # fail before any model loads, naming the file
-        _check_text_file(args.text)
+    storage = _storage(args)
+    if args.text_file is not None:  # fail before any model loads, naming the file
+        _check_text_file(args.text_file)
     apply_torch_threads(args)
     model, candidate = _engines(args)
     result = perplexity(
-        model, text_file=args.text, candidate=candidate, ctx=args.ctx, stride=args.stride,
+        model, text_file=args.text_file, candidate=candidate, ctx=args.ctx, stride=args.stride,
         batch_size=args.batch_size, dtype=args.dtype, device=args.device,
         candidate_dtype=args.candidate_dtype, candidate_device=args.candidate_device,
-        baseline_cache=args.baseline_cache, save_baseline=args.save_baseline, cache_topk=cache_topk,
+        baseline_cache=args.baseline_cache, save_baseline=args.save_baseline, storage=storage,
         cache_dtype=args.cache_dtype, max_tokens=args.max_tokens,
         add_bos=False if args.no_bos else None, bootstrap=args.bootstrap, seed=args.seed,
         threads=args.threads, progress=not args.no_progress and sys.stderr.isatty(),
@@ -121,29 +122,36 @@ def _check_text_file(path: str) -> None:
 
     p = Path(path)
     if p.is_dir():
-        raise ValueError(f"--text {p} is a directory; pass a UTF-8 text file")
+        raise ValueError(f"--text-file {p} is a directory; pass a UTF-8 text file")
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
-        raise ValueError(f"--text {p} does not exist; pass a UTF-8 text file (or leave it out for the bundled corpus)") from None
+        raise ValueError(f"--text-file {p} does not exist; pass a UTF-8 text file (or leave it out for the bundled corpus)") from None
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"--text {p} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
+        raise ValueError(f"--text-file {p} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
                          "convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
-def _cache_topk(args) -> int | None:
-    """--storage full|topk:K (or the old --cache-topk K) -> K or None."""
+def _storage(args) -> str:
+    """--storage full|topk:K (or the old --cache-topk K) -> the storage
+    string of ``perplexity(storage=...)``, checked here so the message names
+    the option."""
     from logitparity.dump import parse_storage
 
     if args.storage is not None and args.cache_topk is not None:
         raise UserError(f"--storage {args.storage} and --cache-topk {args.cache_topk} both set the cache's storage; "
                         "pass only --storage")
-    if args.storage is None:
-        return args.cache_topk
+    storage = args.storage if args.storage is not None else (
+        "full" if args.cache_topk is None else f"topk:{args.cache_topk}")
     try:
-        return parse_storage(args.storage)
+        parse_storage(storage)
     except ValueError as e:
-        raise UserError(f"--storage: {e}") from None
+        raise UserError(f"--storage: {e}" if args.storage is not None else
+                        f"--cache-topk must be >= 1, got {args.cache_topk}; use --storage topk:K") from None
+    if args.cache_topk is not None:
+        print(f"logitparity ppl: note: --cache-topk {args.cache_topk} is the old spelling of --storage {storage}; "
+              f"use --storage {storage} (the old one goes in the next release)", file=sys.stderr)
+    return storage
 
