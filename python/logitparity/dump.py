@@ -27,6 +27,7 @@ dump of the prompts whose shards were completed; ``resume=True`` continues it.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -159,14 +160,20 @@ def logits_as_array(logits: Any, dtype: str) -> np.ndarray:
     return arr
 
 
+def text_sha256(text: str) -> str:
+    """'sha256:<hex>' of a text's UTF-8 bytes (docs/dump-format.md, "Hashes"):
+    the manifest's tokenizer.chat_template_hash and model.config_hash (HF and
+    llama.cpp capture) and a perplexity text's hash (baseline caches)."""
+    return f"sha256:{hashlib.sha256(text.encode('utf-8')).hexdigest()}"
+
+
 def tokens_hash(tokens: "list[str | None]") -> str:
     """tokenizer.tokens_hash: 'sha256:<hex>' of the UTF-8 bytes of the token
     strings in id order serialised as docs/dump-format.md ("Hashes") defines:
     a JSON array, elements separated by ", ", JSON escapes only for '"', '\\'
     and control characters, everything else as raw UTF-8, null for an id
-    without a token."""
-    import hashlib
-
+    without a token. Unlike text_sha256, a lone surrogate in a token string
+    is hashed as its surrogatepass bytes rather than refused."""
     text = json.dumps(list(tokens), ensure_ascii=False)
     return f"sha256:{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()}"
 

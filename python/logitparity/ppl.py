@@ -30,8 +30,8 @@ import numpy as np
 from logitparity._fileio import write_text_atomic
 
 from logitparity._renamed import renamed_keyword, storage_from_cache_topk
-from logitparity.baseline_cache import BaselineCache, BaselineCacheWriter, CacheRows, text_sha256
-from logitparity.dump import TOKENIZER_IDENTITY, parse_storage
+from logitparity.baseline_cache import BaselineCache, BaselineCacheWriter, CacheRows
+from logitparity.dump import TOKENIZER_IDENTITY, parse_storage, text_sha256
 from logitparity.metrics import compare_logits, logsumexp, nll as _nll, topk as _topk
 from logitparity.stats import Describe, Rate, describe, format_mean_se, rate
 
