@@ -77,6 +77,28 @@ TOKENIZER_IDENTITY = ("vocab_size", "tokens_hash", "special_tokens")
 RESUME_KEYS = ("engine", "model", "tokenizer", "dtype", "device", "decoding", "logits")
 
 
+class TokenizerMismatch(ValueError):
+    """Two tokenizer identities differ (a ValueError: exit 2 in the CLI)."""
+
+
+def check_tokenizer(ours: dict[str, Any], theirs: dict[str, Any], *, ours_name: str, theirs_name: str) -> None:
+    """Raise TokenizerMismatch naming every tokenizer key (vocab_size,
+    tokens_hash, special_tokens) whose values differ, with both values in
+    full: an engine against a reference dump (capture, score mode) and a
+    reference model against a candidate (perplexity)."""
+    diffs = []
+    for key in TOKENIZER_IDENTITY:
+        a, b = ours.get(key), theirs.get(key)
+        if a != b:
+            diffs.append(f"tokenizer.{key}: {ours_name} {json.dumps(a, sort_keys=True, ensure_ascii=False)}, "
+                         f"{theirs_name} {json.dumps(b, sort_keys=True, ensure_ascii=False)}")
+    if diffs:
+        raise TokenizerMismatch(
+            f"{ours_name} and {theirs_name} use different tokenizers ({'; '.join(diffs)}); token ids would not "
+            "mean the same text on both sides: use the same model file (or its exact conversion) for both"
+        )
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
