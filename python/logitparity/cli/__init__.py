@@ -16,6 +16,7 @@ import errno
 import importlib
 import os
 import sys
+from typing import Any, Callable
 
 # name -> module; a module that is not importable is left out of --help.
 SUBCOMMANDS = {
@@ -115,6 +116,24 @@ def apply_torch_threads(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(n)
     return n
+
+
+# ---------------------------------------------------------------- output files
+
+
+def write_outputs(args: argparse.Namespace, markdown: str, write_json: Callable[[str], Any],
+                  write_plot: Callable[[str], Any]) -> None:
+    """--report MD, --json FILE and --plot PNG of the subcommands that have
+    all three (layers, sensitivity, stats): each file written when asked, in
+    that order; write_json and write_plot take the path."""
+    from logitparity._fileio import write_text_atomic
+
+    if args.report:
+        write_text_atomic(args.report, markdown)
+    if args.json:
+        write_json(args.json)
+    if args.plot:
+        write_plot(args.plot)
 
 
 # ---------------------------------------------------------------- the parser and main

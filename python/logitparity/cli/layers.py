@@ -11,9 +11,10 @@ module leaves the band, 1 when one does, 2 on bad input.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
-from logitparity.cli import OldSpelling, add_torch_threads_argument, apply_torch_threads
+from logitparity.cli import OldSpelling, add_torch_threads_argument, apply_torch_threads, write_outputs
 
 HELP = "localize a regression: compare two models (or two dumps with activations) module by module"
 
@@ -51,7 +52,6 @@ def _is_dump(path: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from logitparity import layers
-    from logitparity._fileio import write_text_atomic
     from logitparity.report.layers import layers_markdown, write_layers_json, write_layers_plot
 
     dumps = [_is_dump(args.reference), _is_dump(args.candidate)]
@@ -77,12 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if args.save_floor:
         layers.save_floor(c, args.save_floor, description=f"{args.reference} vs {args.candidate}")
     md = layers_markdown(c, only_out_of_band=False, max_rows=None)
-    if args.report:
-        write_text_atomic(args.report, md)
-    if args.json:
-        write_layers_json(c, args.json)
-    if args.plot:
-        write_layers_plot(c, args.plot)
+    write_outputs(args, md, partial(write_layers_json, c), partial(write_layers_plot, c))
     if c.first_divergent is None:
         print(f"no module leaves the noise band ({c.judged_by}; {len(c.modules)} modules, {len(c.prompts)} prompts; "
               f"band: {c.band_source})")

@@ -11,9 +11,10 @@ planned candidate failed its budget); 2 on bad input.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
-from logitparity.cli import UserError, add_torch_threads_argument, apply_torch_threads
+from logitparity.cli import UserError, add_torch_threads_argument, apply_torch_threads, write_outputs
 
 HELP = "map how fragile each layer is under a transform (int4/int8/fp8/fp16/bf16/prune) and plan mixed precision"
 
@@ -64,7 +65,6 @@ def _cutoffs(s: str) -> tuple[float, ...]:
 
 def run(args: argparse.Namespace) -> int:
     from logitparity import sensitivity
-    from logitparity._fileio import write_text_atomic
     from logitparity.capture.quantize import make_transform
     from logitparity.report.sensitivity import write_sensitivity_json, write_sensitivity_plot
 
@@ -91,12 +91,7 @@ def run(args: argparse.Namespace) -> int:
         sparsity=args.sparsity, max_tokens=args.max_tokens, ctx=args.ctx, limit=args.limit, budget=args.budget,
         cutoffs=cutoffs, saliency=args.saliency, progress=not args.quiet)
     md = m.to_markdown()
-    if args.report:
-        write_text_atomic(args.report, md)
-    if args.json:
-        write_sensitivity_json(m, args.json)
-    if args.plot:
-        write_sensitivity_plot(m, args.plot)
+    write_outputs(args, md, partial(write_sensitivity_json, m), partial(write_sensitivity_plot, m))
     top = m.ranked()[:3]
     print(f"{m.transform}: {len(m.cells)} cells, {m.inputs['tokens']} tokens, {m.timings['total_s']:.1f} s")
     print(f"strip (layers {m.layers_label}; . L  * M  # H): {m.strip()}")

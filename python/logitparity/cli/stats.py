@@ -11,8 +11,9 @@ bad input.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
-from logitparity.cli import UserError, add_torch_threads_argument, apply_torch_threads
+from logitparity.cli import UserError, add_torch_threads_argument, apply_torch_threads, write_outputs
 
 HELP = "distributions of weights and activations: outlier channels, heavy tails, an ablation ranking"
 
@@ -74,7 +75,6 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from logitparity import diagnostics
-    from logitparity._fileio import write_text_atomic
     from logitparity.capture import load_model
     from logitparity.report.stats import (ablation_markdown, shift_markdown, stats_markdown, write_stats_json,
                                           write_stats_plot)
@@ -106,12 +106,7 @@ def run(args: argparse.Namespace) -> int:
     md = stats_markdown(s) + (shift_markdown(shifts, args.against, diagnostics.SHIFT_FACTOR if args.shift_factor
                                              is None else args.shift_factor) if shifts is not None else "") \
         + ("\n" + ablation_markdown(ab) if ab is not None else "")
-    if args.report:
-        write_text_atomic(args.report, md)
-    if args.json:
-        write_stats_json(s, args.json, ab, shifts)
-    if args.plot:
-        write_stats_plot(s, args.plot)
+    write_outputs(args, md, partial(write_stats_json, s, ablation=ab, shifts=shifts), partial(write_stats_plot, s))
     for w in s.warnings:
         print(f"warning: {w}")
     print(f"{len(s.prompts)} prompts, {s.positions} positions, {len(s.activations)} activation sites, "
