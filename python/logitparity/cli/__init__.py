@@ -74,6 +74,14 @@ def _load(name: str):
         raise
 
 
+# ---------------------------------------------------------------- model options
+
+# The dtypes a model runs in: capture.hf.DTYPES (load_model's dtype=), written
+# here so that building the parser imports no capture code; test_cli_errors.py
+# checks that the two agree. Every subcommand's --dtype-like option offers these.
+MODEL_DTYPES = ("fp32", "bf16", "fp16")
+
+
 # ---------------------------------------------------------------- torch threads
 
 

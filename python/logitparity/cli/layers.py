@@ -14,7 +14,7 @@ import argparse
 from functools import partial
 from pathlib import Path
 
-from logitparity.cli import OldSpelling, add_torch_threads_argument, apply_torch_threads, write_outputs
+from logitparity.cli import MODEL_DTYPES, OldSpelling, add_torch_threads_argument, apply_torch_threads, write_outputs
 
 HELP = "localize a regression: compare two models (or two dumps with activations) module by module"
 
@@ -24,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("candidate", help="candidate: HF directory, .gguf, 'default', or a dump with activations")
     p.add_argument("--mode", choices=("isolated", "propagated", "both"), default="isolated",
                    help="isolated: candidate modules on the reference's inputs (default); two dumps: propagated")
-    p.add_argument("--reference-dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="reference dtype")
-    p.add_argument("--candidate-dtype", "--dtype", dest="candidate_dtype", choices=("fp32", "bf16", "fp16"),
+    p.add_argument("--reference-dtype", choices=MODEL_DTYPES, default="fp32", help="reference dtype")
+    p.add_argument("--candidate-dtype", "--dtype", dest="candidate_dtype", choices=MODEL_DTYPES,
                    action=OldSpelling, default="fp32",
                    help="candidate dtype (as ppl and tasks --candidate-dtype; --dtype is the old name)")
     p.add_argument("--prompts", default=None, help="prompts file (default: the embedded set's first --limit)")

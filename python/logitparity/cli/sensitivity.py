@@ -14,7 +14,7 @@ import argparse
 from functools import partial
 from pathlib import Path
 
-from logitparity.cli import UserError, add_torch_threads_argument, apply_torch_threads, write_outputs
+from logitparity.cli import MODEL_DTYPES, UserError, add_torch_threads_argument, apply_torch_threads, write_outputs
 
 HELP = "map how fragile each layer is under a transform (int4/int8/fp8/fp16/bf16/prune) and plan mixed precision"
 
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=None, metavar="N",
                    help=f"text tokens scored (default {DEFAULT_MAX_TOKENS} for the bundled corpus, all of a --text-file)")
     p.add_argument("--ctx", type=int, default=None, metavar="N", help=f"window length for a text (default {DEFAULT_CTX})")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="the reference's dtype")
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default="fp32", help="the reference's dtype")
     p.add_argument("--budget", type=float, default=None, metavar="KL",
                    help="also plan and measure mixed precision: keep layers at reference precision until the "
                         "predicted mean KL is under KL nats")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from functools import partial
 
-from logitparity.cli import UserError, add_torch_threads_argument, apply_torch_threads, write_outputs
+from logitparity.cli import MODEL_DTYPES, UserError, add_torch_threads_argument, apply_torch_threads, write_outputs
 
 HELP = "distributions of weights and activations: outlier channels, heavy tails, an ablation ranking"
 
@@ -21,7 +21,7 @@ HELP = "distributions of weights and activations: outlier channels, heavy tails,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
                    help="HF directory, .gguf, or 'default' (the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default="fp32")
     p.add_argument("--prompts", default=None,
                    help="prompts file (default: the first prompt of each category of the embedded set, context_limit left out)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N prompts")
@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--against", default=None, metavar="REF",
                    help="a reference model (HF directory, .gguf or 'default') measured on the same prompts: list the "
                         "channels whose max |x| grew past --shift-factor, and ablate those with --ablate")
-    p.add_argument("--against-dtype", choices=("fp32", "bf16", "fp16"), default=None,
+    p.add_argument("--against-dtype", choices=MODEL_DTYPES, default=None,
                    help="the reference's dtype (default: --dtype)")
     p.add_argument("--shift-factor", type=float, default=None, metavar="F",
                    help="a channel grew when its max |x| exceeds F x the reference's (default 4)")
