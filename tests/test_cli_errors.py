@@ -66,6 +66,13 @@ def test_model_dtypes_are_the_loaders():
     assert all(c is None or tuple(c) == DTYPES for c in model_dtype_options.values()), model_dtype_options
 
 
+def test_model_arg_names_the_embedded_model():
+    from logitparity.cli import model_arg
+
+    assert model_arg("default") is None and model_arg(None) is None  # load_model(None): the embedded model
+    assert model_arg("models/x.gguf") == "models/x.gguf" and model_arg("Default") == "Default"
+
+
 def test_gate_help_shows_the_percent_sign(capsys):
     with pytest.raises(SystemExit):
         main(["gate", "--help"])

@@ -80,6 +80,14 @@ def _load(name: str):
 # here so that building the parser imports no capture code; test_cli_errors.py
 # checks that the two agree. Every subcommand's --dtype-like option offers these.
 MODEL_DTYPES = ("fp32", "bf16", "fp16")
+# How a model argument names the embedded SmolLM2-135M-Instruct (load_model(None)).
+DEFAULT_MODEL = "default"
+
+
+def model_arg(value: str | None) -> str | None:
+    """A model argument as load_model takes it: DEFAULT_MODEL ('default') or
+    nothing is None, the embedded model; a path stays as it is."""
+    return None if value == DEFAULT_MODEL else value
 
 
 # ---------------------------------------------------------------- torch threads

@@ -14,7 +14,8 @@ import argparse
 from functools import partial
 from pathlib import Path
 
-from logitparity.cli import MODEL_DTYPES, OldSpelling, add_torch_threads_argument, apply_torch_threads, write_outputs
+from logitparity.cli import (MODEL_DTYPES, OldSpelling, add_torch_threads_argument, apply_torch_threads,
+                             model_arg, write_outputs)
 
 HELP = "localize a regression: compare two models (or two dumps with activations) module by module"
 
@@ -67,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
         from logitparity.capture import load_model
 
         apply_torch_threads(args)
-        ref = load_model(None if args.reference == "default" else args.reference, dtype=args.reference_dtype)
-        cand = load_model(None if args.candidate == "default" else args.candidate, dtype=args.candidate_dtype)
+        ref = load_model(model_arg(args.reference), dtype=args.reference_dtype)
+        cand = load_model(model_arg(args.candidate), dtype=args.candidate_dtype)
         mods = args.modules if args.modules in ("default", "all") else [m.strip() for m in args.modules.split(",")]
         c = layers.compare_layers(ref, cand, args.prompts, mode=args.mode, noise_floor=args.noise_floor, modules=mods,
                                   limit=args.limit)

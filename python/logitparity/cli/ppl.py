@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from logitparity.cli import MODEL_DTYPES, OldSpelling, UserError, add_torch_threads_argument, apply_torch_threads
+from logitparity.cli import (DEFAULT_MODEL, MODEL_DTYPES, OldSpelling, UserError,
+                             add_torch_threads_argument, apply_torch_threads, model_arg)
 
 HELP = "Perplexity on a text (sliding windows); with --candidate also PPL ratio, ΔPPL and KL in both directions."
 
@@ -112,9 +113,9 @@ def _engines(args: argparse.Namespace):
     model = side(args.engine, args.model) if not args.baseline_cache else None
     candidate = args.candidate
     if candidate is None and args.candidate_engine is not None:
-        candidate = args.model if args.model is not None else "default"
+        candidate = args.model if args.model is not None else DEFAULT_MODEL
     if candidate is not None:
-        candidate = side(cand_engine, None if candidate == "default" else candidate, candidate=True)
+        candidate = side(cand_engine, model_arg(candidate), candidate=True)
     return model, candidate
 def _check_text_file(path: str) -> None:
     from pathlib import Path

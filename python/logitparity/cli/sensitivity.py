@@ -14,7 +14,8 @@ import argparse
 from functools import partial
 from pathlib import Path
 
-from logitparity.cli import MODEL_DTYPES, UserError, add_torch_threads_argument, apply_torch_threads, write_outputs
+from logitparity.cli import (DEFAULT_MODEL, MODEL_DTYPES, UserError, add_torch_threads_argument,
+                             apply_torch_threads, model_arg, write_outputs)
 
 HELP = "map how fragile each layer is under a transform (int4/int8/fp8/fp16/bf16/prune) and plan mixed precision"
 
@@ -22,7 +23,7 @@ HELP = "map how fragile each layer is under a transform (int4/int8/fp8/fp16/bf16
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from logitparity.sensitivity import DEFAULT_CTX, DEFAULT_MAX_TOKENS, RISK_CUTOFFS
 
-    p.add_argument("model", nargs="?", default="default",
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help="HF directory, .gguf, or 'default' (the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--transform", required=True, metavar="NAME",
                    help="int8 | int4 | fp16 | bf16 | fp8-e4m3 | prune")
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from logitparity.capture import load_model
 
     apply_torch_threads(args)
-    lm = load_model(None if args.model == "default" else args.model, dtype=args.dtype)
+    lm = load_model(model_arg(args.model), dtype=args.dtype)
     m = sensitivity.sensitivity_map(
         lm, args.transform, prompts=args.prompts, text=text, modules=args.modules, layers=args.layers,
         by_module=args.by_module, group_size=args.group_size, symmetric=not args.asymmetric,

@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 from functools import partial
 
-from logitparity.cli import MODEL_DTYPES, UserError, add_torch_threads_argument, apply_torch_threads, write_outputs
+from logitparity.cli import (DEFAULT_MODEL, MODEL_DTYPES, UserError, add_torch_threads_argument,
+                             apply_torch_threads, model_arg, write_outputs)
 
 HELP = "distributions of weights and activations: outlier channels, heavy tails, an ablation ranking"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default",
+    p.add_argument("--model", default=DEFAULT_MODEL,
                    help="HF directory, .gguf, or 'default' (the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=MODEL_DTYPES, default="fp32")
     p.add_argument("--prompts", default=None,
@@ -81,14 +82,14 @@ def run(args: argparse.Namespace) -> int:
 
     _check(args)
     apply_torch_threads(args)
-    lm = load_model(None if args.model == "default" else args.model, dtype=args.dtype)
+    lm = load_model(model_arg(args.model), dtype=args.dtype)
     s = diagnostics.stats_of(lm, args.prompts, limit=args.limit, weights=not args.no_weights,
                              attention=not args.no_attention,
                              outlier_factor=diagnostics.OUTLIER_FACTOR if args.outlier_factor is None
                              else args.outlier_factor)
     shifts = None
     if args.against is not None:
-        ref = load_model(None if args.against == "default" else args.against, dtype=args.against_dtype or args.dtype)
+        ref = load_model(model_arg(args.against), dtype=args.against_dtype or args.dtype)
         rs = diagnostics.stats_of(ref, args.prompts, limit=args.limit, weights=False, attention=not args.no_attention,
                                   outlier_factor=s.outlier_factor)
         del ref
