@@ -21,23 +21,14 @@ decoder layers), one torch thread, in one run:
 from __future__ import annotations
 
 import argparse
-import resource
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def _rss_mib() -> float:
-    # VmHWM (peak RSS of this address space): unlike ru_maxrss it is not
-    # carried over from the parent across exec.
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _memory import peak_rss_mib  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -131,19 +122,19 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             # Warm-up (first-call allocations, tokenizer caches) outside the timings.
             capture(lm, caps[:2], Path(tmp) / "warm", max_new_tokens=1, progress=False)
-            rss0 = _rss_mib()
+            rss0 = peak_rss_mib()
             # Each timing is the best of --repeat runs: this machine is shared.
             plain = act = act_stats = float("inf")
             for i in range(args.repeat):
                 t0 = time.perf_counter()
                 d = capture(lm, caps, Path(tmp) / f"plain{i}", max_new_tokens=1, progress=False)
                 plain = min(plain, time.perf_counter() - t0)
-            rss1 = _rss_mib()
+            rss1 = peak_rss_mib()
             for _ in range(args.repeat):
                 t0 = time.perf_counter()
                 capture_activations(lm, d, modules="layers", storage="rows", budget_mb=256)
                 act = min(act, time.perf_counter() - t0)
-            rss2 = _rss_mib()
+            rss2 = peak_rss_mib()
             rows_mb = sum(p.stat().st_size for p in (Path(d) / "activations").glob("act-*.safetensors")) / 1e6
             for _ in range(args.repeat):
                 t0 = time.perf_counter()

@@ -18,20 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 
-
-def _rss_mib() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _memory import peak_rss_mib  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -60,7 +52,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     m = sensitivity_map(lm, "int4", budget=args.budget, saliency=True, progress=True, **kw)
     total = time.perf_counter() - t0
-    rss = _rss_mib()
+    rss = peak_rss_mib()
 
     layers = [int(x) for x in args.compare_layers.split(",")]
     t0 = time.perf_counter()

@@ -89,6 +89,20 @@ def build_tiny_model(path, *, seed: int = 0, vocab_size: int = TINY_VOCAB, model
     return str(path)
 
 
+def randomize_norms(lm, seed: int = 0):
+    """Give a loaded model trained-looking norm weights, 1 + 0.2·N(0, 1) drawn
+    from ``seed``: a random init leaves them at ones, where a missing or scaled
+    norm weight would change nothing. Returns ``lm``."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+    return lm
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """Path of a tiny random Llama-style HF model directory (see module doc)."""

@@ -52,6 +52,27 @@ def test_help_of_every_subcommand(name, capsys):
     assert "%" not in out.replace("%%", "") or name == "gate"  # no unformatted argparse specifiers
 
 
+def test_model_dtypes_are_the_loaders():
+    """The CLI's --dtype choices (written in cli so that parsing imports no
+    capture code) are the dtypes load_model accepts, in its order."""
+    from logitparity.capture.hf import DTYPES
+    from logitparity.cli import MODEL_DTYPES
+
+    assert MODEL_DTYPES == DTYPES
+    subcommands = build_parser()._subparsers._group_actions[0].choices  # argparse's own record of them
+    model_dtype_options = {(name, a.dest): a.choices for name, sub in subcommands.items() for a in sub._actions
+                           if a.dest.endswith("dtype") and a.dest not in ("logits_dtype", "cache_dtype")}
+    assert len(model_dtype_options) == 12  # gate's --dtype is checked when the model loads (choices None)
+    assert all(c is None or tuple(c) == DTYPES for c in model_dtype_options.values()), model_dtype_options
+
+
+def test_model_arg_names_the_embedded_model():
+    from logitparity.cli import model_arg
+
+    assert model_arg("default") is None and model_arg(None) is None  # load_model(None): the embedded model
+    assert model_arg("models/x.gguf") == "models/x.gguf" and model_arg("Default") == "Default"
+
+
 def test_gate_help_shows_the_percent_sign(capsys):
     with pytest.raises(SystemExit):
         main(["gate", "--help"])

@@ -14,6 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import randomize_norms  # noqa: E402
 import logitparity as lp  # noqa: E402
 from logitparity import diagnostics as D  # noqa: E402
 from logitparity.capture import load_model  # noqa: E402
@@ -31,13 +32,8 @@ SITE = "model.layers.1.mlp:input"
 
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir):
-    lm = load_model(tiny_model_dir)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # trained-looking norms, so that a scaled norm entry is not the only non-one
-        for name, p in lm.model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
-    return lm
+    # trained-looking norms, so that a scaled norm entry is not the only non-one
+    return randomize_norms(load_model(tiny_model_dir), seed=1)
 
 
 @pytest.fixture(scope="module")

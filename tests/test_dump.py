@@ -3,6 +3,7 @@ reader and writer error. References: numpy float64 and torch dtype casts."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -18,6 +19,7 @@ from logitparity.dump import (
     bf16_to_float32,
     load_dump,
     parse_storage,
+    text_sha256,
 )
 
 VOCAB = 50
@@ -33,6 +35,13 @@ def record(i: int, n: int) -> dict:
 
 def logits(i: int, n: int) -> np.ndarray:
     return (np.random.default_rng(i).standard_normal((n, VOCAB)) * 8).astype(np.float32)
+
+
+def test_text_sha256_hashes_the_utf8_bytes():
+    # the empty string's SHA-256 (FIPS 180-2), and "é日本" spelled as its UTF-8 bytes
+    assert text_sha256("") == "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    want = hashlib.sha256(bytes.fromhex("c3a9e697a5e69cac")).hexdigest()
+    assert text_sha256("\u00e9\u65e5\u672c") == f"sha256:{want}"
 
 
 def write(path, sizes=(3, 0, 5, 1), **kw):

@@ -20,6 +20,19 @@ TEXT = DEFAULT_CORPUS.read_text(encoding="utf-8")[:1200]
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
+def _lm_head_scaled(model_dir, out, factor: float) -> str:
+    """Save the model at ``model_dir`` to ``out`` with its output projection
+    (so every logit) multiplied by ``factor``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(factor)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir, local_files_only=True).save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture(scope="module")
 def cache(tiny_model_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("gate") / "base"
@@ -30,15 +43,7 @@ def cache(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def sharper_dir(tiny_model_dir, tmp_path_factory):
     """A planted bug that surely raises PPL: the output projection scaled by 10."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("sharper")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10.0)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True).save_pretrained(out)
-    return str(out)
+    return _lm_head_scaled(tiny_model_dir, tmp_path_factory.mktemp("sharper"), 10.0)
 
 
 def gate(*args):
@@ -114,15 +119,7 @@ def test_parse_limit():
 def flatter_dir(tiny_model_dir, tmp_path_factory):
     """A change that lowers PPL on the random tiny model: logits scaled by 0.1
     bring its distribution towards uniform (PPL of the reference > vocab)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("flatter")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(0.1)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True).save_pretrained(out)
-    return str(out)
+    return _lm_head_scaled(tiny_model_dir, tmp_path_factory.mktemp("flatter"), 0.1)
 
 
 def test_lower_ppl_is_flagged_two_sided_only(cache, flatter_dir, capsys):

@@ -13,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import randomize_norms  # noqa: E402
 import logitparity.layers as L  # noqa: E402
 from logitparity.capture import load_model  # noqa: E402
 from logitparity.capture.plants import PLANTS, planted  # noqa: E402
@@ -25,20 +26,9 @@ OTHER = ["Once upon a time, in a quiet village by the sea.", "Bonjour le monde. 
          '{"name": "Ada", "age": 36}']
 
 
-def _randomize_norms(lm, seed=0):
-    # The tiny model's norms start at ones; random weights make a missing
-    # norm weight a real change.
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in lm.model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
-    return lm
-
-
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir):
-    return _randomize_norms(load_model(tiny_model_dir))
+    return randomize_norms(load_model(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +86,7 @@ def test_thread_count_is_named_nowhere(lm, ref_trace):
 
 
 def test_clean_bf16_candidate_with_a_bf16_floor_from_other_prompts(lm, tiny_model_dir, tmp_path):
-    cand = _randomize_norms(load_model(tiny_model_dir, dtype="bf16"))
+    cand = randomize_norms(load_model(tiny_model_dir, dtype="bf16"))
     floor = L.compare_layers(lm, cand, OTHER)
     path = L.save_floor(floor, tmp_path / "floor.json", description="bf16 twin on OTHER")
     c = L.compare_layers(lm, cand, TEXTS, noise_floor=path)

@@ -7,31 +7,18 @@ from __future__ import annotations
 
 import pytest
 
-from test_notebooks import NOTEBOOKS, _outputs, _text
+from test_notebooks import _outputs, _text, check_committed_without_outputs, run_notebook
 
 NAME = "distributions"
 
 
 def test_committed_without_outputs():
-    nbformat = pytest.importorskip("nbformat")
-    nb = nbformat.read(NOTEBOOKS / f"{NAME}.ipynb", as_version=4)
-    nbformat.validate(nb)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code and all(not c.outputs and c.execution_count is None for c in code)
-    assert nb.metadata.kernelspec.name == "python3"
+    check_committed_without_outputs(NAME)
 
 
 @pytest.mark.slow
 def test_notebook_runs(tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    nb = nbformat.read(NOTEBOOKS / f"{NAME}.ipynb", as_version=4)
-    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
-                                     resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()
+    nb = run_notebook(NAME, tmp_path, monkeypatch)
     text = _text(nb)
     markdown = "\n".join(_outputs(nb, "text/markdown"))
     assert "warning: calibration coverage: the prompts used have no " in text

@@ -26,8 +26,9 @@ def _text(nb) -> str:
     return "\n".join(parts)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_committed_without_outputs(name):
+def check_committed_without_outputs(name: str) -> None:
+    """The committed notebook is valid nbformat 4, for kernel python3, with no
+    outputs and no execution counts."""
     nbformat = pytest.importorskip("nbformat")
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     nbformat.validate(nb)
@@ -36,18 +37,30 @@ def test_committed_without_outputs(name):
     assert nb.metadata.kernelspec.name == "python3"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
-def test_notebook_runs(name, tmp_path, monkeypatch):
+def run_notebook(name: str, tmp_path, monkeypatch):
+    """Execute the notebook top to bottom, offline, in ``tmp_path`` (its dumps
+    and plots land there); -> the executed notebook."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebooks' dumps and plots land here
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError naming the cell on any error
+    return nb
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_without_outputs(name):
+    check_committed_without_outputs(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_runs(name, tmp_path, monkeypatch):
+    nb = run_notebook(name, tmp_path, monkeypatch)
     text = _text(nb)
     markdown = "\n".join(_outputs(nb, "text/markdown"))
     images = _outputs(nb, "image/png")

@@ -7,6 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import randomize_norms  # noqa: E402
 from logitparity.capture import capture, load_model  # noqa: E402
 from logitparity.capture.plants import PLANTS, planted  # noqa: E402
 
@@ -17,13 +18,7 @@ LAYER = 1  # the tiny model's last decoder layer
 def lm(tiny_model_dir, torch_one_thread):
     """The tiny model with trained-looking norm weights (a random init leaves
     them at ones, where a missing norm weight would change nothing)."""
-    lm = load_model(tiny_model_dir)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in lm.model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
-    return lm
+    return randomize_norms(load_model(tiny_model_dir))
 
 
 def _outputs(lm, ids):

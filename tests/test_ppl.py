@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import build_tiny_model  # noqa: E402
+from conftest import TINY_VOCAB, build_tiny_model  # noqa: E402
 from logitparity.baseline_cache import BaselineCache  # noqa: E402
 from logitparity.cli import main  # noqa: E402
 from logitparity.ppl import DEFAULT_CORPUS, Window, perplexity, plan_windows  # noqa: E402
@@ -298,6 +299,26 @@ def test_cache_rejects_another_tokenizer(caches, tmp_path):
     small = load_model(build_tiny_model(tmp_path / "v320", vocab_size=320))
     with pytest.raises(ValueError, match="another tokenizer.*vocab_size"):
         perplexity(candidate=small, baseline_cache=caches["fp16"], progress=False)
+
+
+def test_live_pair_rejects_another_tokenizer_naming_every_key(tiny, tiny_model_dir, tmp_path, capsys):
+    """The check and message of capture's score mode (dump.check_tokenizer)."""
+    from logitparity.capture.hf import load_model
+    from logitparity.dump import TokenizerMismatch
+
+    small_dir = build_tiny_model(tmp_path / "v320", vocab_size=320)
+    small = load_model(small_dir)
+    ha, hb = tiny.identity["tokenizer"]["tokens_hash"], small.identity["tokenizer"]["tokens_hash"]
+    want = ("the reference model and the candidate model use different tokenizers (tokenizer.vocab_size: "
+            f"the reference model {TINY_VOCAB}, the candidate model 320; tokenizer.tokens_hash: the reference "
+            f'model "{ha}", the candidate model "{hb}"); token ids would not mean the same text on both sides: '
+            "use the same model file (or its exact conversion) for both")
+    with pytest.raises(TokenizerMismatch, match=re.escape(want)):
+        perplexity(tiny, candidate=small, text=TEXT, ctx=CTX, stride=STRIDE, progress=False)
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    assert main(["ppl", "--model", tiny_model_dir, "--candidate", small_dir, "--text-file", str(text)]) == 2
+    assert want in capsys.readouterr().err
 
 
 def test_cache_rejects_another_text(caches, tiny):

@@ -310,7 +310,8 @@ def _dump_user(tmp_path):
 
 
 def _baseline_user(tmp_path):
-    from logitparity.baseline_cache import BaselineCache, BaselineCacheWriter, text_sha256
+    from logitparity.baseline_cache import BaselineCache, BaselineCacheWriter
+    from logitparity.dump import text_sha256
 
     d = tmp_path / "cache"
     x = np.arange(16, dtype=np.float32).reshape(2, 8)

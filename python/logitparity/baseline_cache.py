@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -46,7 +45,7 @@ import numpy as np
 
 from logitparity._fileio import read_tagged_json, write_text_atomic
 from logitparity._shards import ShardReader, write_shard
-from logitparity.dump import TOKENIZER_IDENTITY, float32_to_bf16_bits, parse_storage
+from logitparity.dump import TOKENIZER_IDENTITY, float32_to_bf16_bits, parse_storage, text_sha256
 from logitparity.metrics import log_softmax, topk as _topk
 from logitparity.topk_rows import exact_lse, tail_mass
 
@@ -66,13 +65,6 @@ _SHARD_DTYPES = {"position": "I64", "target": "I64", "nll": "F64", "lse": "F64",
 _ROWS_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "U16"}
 # Window settings that must match for a cache to be reused.
 SETTING_KEYS = ("ctx", "stride", "bos_token_id", "max_tokens")
-# Tokenizer identity fields that decide whether two tokenizations agree.
-
-
-def text_sha256(text: str) -> str:
-    """'sha256:<hex>' of the text's UTF-8 bytes."""
-    return f"sha256:{hashlib.sha256(text.encode('utf-8')).hexdigest()}"
-
 
 def _shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"

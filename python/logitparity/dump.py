@@ -27,6 +27,7 @@ dump of the prompts whose shards were completed; ``resume=True`` continues it.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -74,6 +75,28 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 TOKENIZER_IDENTITY = ("vocab_size", "tokens_hash", "special_tokens")
 # Manifest sections that must match when a run is resumed.
 RESUME_KEYS = ("engine", "model", "tokenizer", "dtype", "device", "decoding", "logits")
+
+
+class TokenizerMismatch(ValueError):
+    """Two tokenizer identities differ (a ValueError: exit 2 in the CLI)."""
+
+
+def check_tokenizer(ours: dict[str, Any], theirs: dict[str, Any], *, ours_name: str, theirs_name: str) -> None:
+    """Raise TokenizerMismatch naming every tokenizer key (vocab_size,
+    tokens_hash, special_tokens) whose values differ, with both values in
+    full: an engine against a reference dump (capture, score mode) and a
+    reference model against a candidate (perplexity)."""
+    diffs = []
+    for key in TOKENIZER_IDENTITY:
+        a, b = ours.get(key), theirs.get(key)
+        if a != b:
+            diffs.append(f"tokenizer.{key}: {ours_name} {json.dumps(a, sort_keys=True, ensure_ascii=False)}, "
+                         f"{theirs_name} {json.dumps(b, sort_keys=True, ensure_ascii=False)}")
+    if diffs:
+        raise TokenizerMismatch(
+            f"{ours_name} and {theirs_name} use different tokenizers ({'; '.join(diffs)}); token ids would not "
+            "mean the same text on both sides: use the same model file (or its exact conversion) for both"
+        )
 
 
 def shard_name(index: int) -> str:
@@ -159,14 +182,20 @@ def logits_as_array(logits: Any, dtype: str) -> np.ndarray:
     return arr
 
 
+def text_sha256(text: str) -> str:
+    """'sha256:<hex>' of a text's UTF-8 bytes (docs/dump-format.md, "Hashes"):
+    the manifest's tokenizer.chat_template_hash and model.config_hash (HF and
+    llama.cpp capture) and a perplexity text's hash (baseline caches)."""
+    return f"sha256:{hashlib.sha256(text.encode('utf-8')).hexdigest()}"
+
+
 def tokens_hash(tokens: "list[str | None]") -> str:
     """tokenizer.tokens_hash: 'sha256:<hex>' of the UTF-8 bytes of the token
     strings in id order serialised as docs/dump-format.md ("Hashes") defines:
     a JSON array, elements separated by ", ", JSON escapes only for '"', '\\'
     and control characters, everything else as raw UTF-8, null for an id
-    without a token."""
-    import hashlib
-
+    without a token. Unlike text_sha256, a lone surrogate in a token string
+    is hashed as its surrogatepass bytes rather than refused."""
     text = json.dumps(list(tokens), ensure_ascii=False)
     return f"sha256:{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()}"
 

@@ -30,8 +30,8 @@ import numpy as np
 from logitparity._fileio import write_text_atomic
 
 from logitparity._renamed import renamed_keyword, storage_from_cache_topk
-from logitparity.baseline_cache import BaselineCache, BaselineCacheWriter, CacheRows, text_sha256
-from logitparity.dump import TOKENIZER_IDENTITY, parse_storage
+from logitparity.baseline_cache import BaselineCache, BaselineCacheWriter, CacheRows
+from logitparity.dump import check_tokenizer, parse_storage, text_sha256
 from logitparity.metrics import compare_logits, logsumexp, nll as _nll, topk as _topk
 from logitparity.stats import Describe, Rate, describe, format_mean_se, rate
 
@@ -669,13 +669,9 @@ def _plan_from_text(ref_lm: Any, cand_lm: Any, txt: str, name: str, *, ctx: int 
         raise ValueError("score_from applies to windows='llama.cpp'; the HF recipe scores past the previous window")
     stride = max(1, ctx // 2) if stride is None else stride
     tok, ident = ref_lm.tokenizer, ref_lm.identity["tokenizer"]
-    if cand_lm is not None:
-        for key in TOKENIZER_IDENTITY:
-            if ident.get(key) != cand_lm.identity["tokenizer"].get(key):
-                raise ValueError(
-                    f"reference and candidate tokenizers differ ({key}); perplexity can only be "
-                    "compared token by token when both tokenize the text identically"
-                )
+    if cand_lm is not None:  # perplexity is compared token by token: both must tokenize the text identically
+        check_tokenizer(ident, cand_lm.identity["tokenizer"], ours_name="the reference model",
+                        theirs_name="the candidate model")
     bos_id = getattr(tok, "bos_token_id", None) if add_bos is not False else None
     if scheme == "llama.cpp" and add_bos is None and not _adds_bos(tok):
         bos_id = None  # llama-perplexity adds BOS only where the tokenizer adds it to a text

@@ -35,10 +35,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-from logitparity.dump import TOKENIZER_IDENTITY
+from logitparity.dump import TokenizerMismatch, check_tokenizer
 
 __all__ = ["ENGINES", "Engine", "HFEngine", "Output", "StopRule", "TokenizerMismatch", "check_tokenizer",
            "hf_encode", "load_engine", "parse_engine_options"]
@@ -96,27 +95,6 @@ class Engine(Protocol):
                  stop: StopRule, sampler: Any = None) -> list[Output]: ...
 
     def score(self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> list[Any]: ...
-
-
-class TokenizerMismatch(ValueError):
-    """Two tokenizer identities differ (a ValueError: exit 2 in the CLI)."""
-
-
-def check_tokenizer(ours: dict[str, Any], theirs: dict[str, Any], *, ours_name: str, theirs_name: str) -> None:
-    """Raise TokenizerMismatch naming every tokenizer key (vocab_size,
-    tokens_hash, special_tokens) whose values differ, with both values in
-    full."""
-    diffs = []
-    for key in TOKENIZER_IDENTITY:
-        a, b = ours.get(key), theirs.get(key)
-        if a != b:
-            diffs.append(f"tokenizer.{key}: {ours_name} {json.dumps(a, sort_keys=True, ensure_ascii=False)}, "
-                         f"{theirs_name} {json.dumps(b, sort_keys=True, ensure_ascii=False)}")
-    if diffs:
-        raise TokenizerMismatch(
-            f"{ours_name} and {theirs_name} use different tokenizers ({'; '.join(diffs)}); token ids would not "
-            "mean the same text on both sides: use the same model file (or its exact conversion) for both"
-        )
 
 
 def parse_engine_options(items: Sequence[str]) -> dict[str, Any]:

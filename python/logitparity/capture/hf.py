@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from logitparity.dump import SPECIAL_TOKEN_NAMES, tokens_hash
+from logitparity.dump import SPECIAL_TOKEN_NAMES, text_sha256, tokens_hash
 from logitparity.models import SOURCE_FILE, default_model_dir, file_sha256, gguf_model_dir
 
 __all__ = ["DTYPES", "LoadedModel", "convert_gguf", "load_model"]
@@ -99,10 +99,6 @@ def _weights_hash(path: Path) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def _sha256_text(text: str) -> str:
-    return f"sha256:{hashlib.sha256(text.encode('utf-8')).hexdigest()}"
-
-
 def tokenizer_identity(tokenizer: Any, eos_ids: list[int]) -> dict[str, Any]:
     """Vocab size, hash of the token strings in id order, special tokens."""
     n = len(tokenizer)
@@ -118,7 +114,7 @@ def tokenizer_identity(tokenizer: Any, eos_ids: list[int]) -> dict[str, Any]:
         "tokens_hash": tokens_hash(tokens),
         "special_tokens": special,
         "eos_token_ids": eos_ids,
-        "chat_template_hash": _sha256_text(template) if isinstance(template, str) else None,
+        "chat_template_hash": text_sha256(template) if isinstance(template, str) else None,
         "class": type(tokenizer).__name__,
     }
 
@@ -326,7 +322,7 @@ def load_model(model: str | os.PathLike | None = None, *, dtype: str = "fp32", d
             "name": getattr(lm.config, "_name_or_path", None) or path.name,
             "architecture": (getattr(lm.config, "architectures", None) or [type(lm).__name__])[0],
             "hf_dir": str(path.resolve()),
-            "config_hash": _sha256_text(json.dumps(json.loads(config_text), sort_keys=True)),
+            "config_hash": text_sha256(json.dumps(json.loads(config_text), sort_keys=True)),
             "weights_hash": source["weights_hash"],
             "n_parameters": int(sum(p.numel() for p in lm.parameters())),
             "attn_implementation": getattr(lm.config, "_attn_implementation", None),

@@ -45,7 +45,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from logitparity.capture.engine import Output, StopRule
-from logitparity.dump import tokens_hash
+from logitparity.dump import text_sha256, tokens_hash
 
 __all__ = ["LlamaCppEngine", "OPTIONS", "STOP_RULES", "TokenizerView", "llama_cpp_available"]
 
@@ -78,10 +78,6 @@ def _import():
             "`CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install llama-cpp-python==0.3.36` (docs/engines.md)"
         ) from None
     return llama_cpp, set_verbose
-
-
-def _sha256_text(text: str) -> str:
-    return f"sha256:{hashlib.sha256(text.encode('utf-8')).hexdigest()}"
 
 
 class LlamaCppEngine:
@@ -241,7 +237,7 @@ class LlamaCppEngine:
             "tokens_hash": tokens_hash(tokens),
             "special_tokens": special,
             "eos_token_ids": [int(eos)] if eos >= 0 else [],
-            "chat_template_hash": _sha256_text(template) if template is not None else None,
+            "chat_template_hash": text_sha256(template) if template is not None else None,
             "class": f"llama.cpp vocab type {int(self._lc.llama_vocab_type(self._vocab))}",
         }
 
@@ -284,7 +280,7 @@ class LlamaCppEngine:
             "name": meta.get("general.name") or self.path.stem,
             "architecture": meta.get("general.architecture"),
             "format": "gguf",
-            "config_hash": _sha256_text(json.dumps(config, sort_keys=True, ensure_ascii=False)),
+            "config_hash": text_sha256(json.dumps(config, sort_keys=True, ensure_ascii=False)),
             "weights_hash": self._weights_hash,
             "n_parameters": int(lc.llama_model_n_params(self._model)),
             "description": desc,

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from logitparity._renamed import renamed_keyword
-from logitparity.capture.engine import Engine, HFEngine, StopRule, check_tokenizer, hf_encode
-from logitparity.dump import DEFAULT_SHARD_BYTES, Dump, DumpWriter, load_dump, parse_storage
+from logitparity.capture.engine import Engine, HFEngine, StopRule, hf_encode
+from logitparity.dump import DEFAULT_SHARD_BYTES, Dump, DumpWriter, check_tokenizer, load_dump, parse_storage
 from logitparity.prompts import Prompt, load_prompts
 
 __all__ = ["MODES", "capture"]

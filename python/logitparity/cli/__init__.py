@@ -16,6 +16,7 @@ import errno
 import importlib
 import os
 import sys
+from typing import Any, Callable
 
 # name -> module; a module that is not importable is left out of --help.
 SUBCOMMANDS = {
@@ -73,6 +74,22 @@ def _load(name: str):
         raise
 
 
+# ---------------------------------------------------------------- model options
+
+# The dtypes a model runs in: capture.hf.DTYPES (load_model's dtype=), written
+# here so that building the parser imports no capture code; test_cli_errors.py
+# checks that the two agree. Every subcommand's --dtype-like option offers these.
+MODEL_DTYPES = ("fp32", "bf16", "fp16")
+# How a model argument names the embedded SmolLM2-135M-Instruct (load_model(None)).
+DEFAULT_MODEL = "default"
+
+
+def model_arg(value: str | None) -> str | None:
+    """A model argument as load_model takes it: DEFAULT_MODEL ('default') or
+    nothing is None, the embedded model; a path stays as it is."""
+    return None if value == DEFAULT_MODEL else value
+
+
 # ---------------------------------------------------------------- torch threads
 
 
@@ -115,6 +132,24 @@ def apply_torch_threads(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(n)
     return n
+
+
+# ---------------------------------------------------------------- output files
+
+
+def write_outputs(args: argparse.Namespace, markdown: str, write_json: Callable[[str], Any],
+                  write_plot: Callable[[str], Any]) -> None:
+    """--report MD, --json FILE and --plot PNG of the subcommands that have
+    all three (layers, sensitivity, stats): each file written when asked, in
+    that order; write_json and write_plot take the path."""
+    from logitparity._fileio import write_text_atomic
+
+    if args.report:
+        write_text_atomic(args.report, markdown)
+    if args.json:
+        write_json(args.json)
+    if args.plot:
+        write_plot(args.plot)
 
 
 # ---------------------------------------------------------------- the parser and main

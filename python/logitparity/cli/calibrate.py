@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from logitparity.cli import add_torch_threads_argument, apply_torch_threads
+from logitparity.cli import MODEL_DTYPES, add_torch_threads_argument, apply_torch_threads
 
 HELP = ("Measure the noise floor: the reference against itself under benign changes (batch, threads, greedy vs "
         "score, the precision twin), per position, for `compare --noise-floor`.")
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(e.g. batch,threads,mode,dtype=bf16)")
     p.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--prompts", default=None, help="prompts file (default: the embedded prompt set)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="reference dtype (default fp32)")
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default="fp32", help="reference dtype (default fp32)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-sizes", nargs=2, type=int, default=(1, 8), metavar=("A", "B"),
                    help="the reference's batch size and the other one of the batch change (default 1 8)")

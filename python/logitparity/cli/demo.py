@@ -64,28 +64,26 @@ def spread(prompts: list, limit: int, skip: tuple[str, ...] | None = None) -> li
     from logitparity.prompts import HEAVY_CATEGORIES
 
     skip = HEAVY_CATEGORIES if skip is None else skip
-    by_cat: dict[str, list] = {}
-    for p in (p for p in prompts if p.category not in skip):
-        by_cat.setdefault(p.category, []).append(p)
-    out: list = []
-    i = 0
-    while len(out) < limit and any(i < len(v) for v in by_cat.values()):
-        out += [v[i] for v in by_cat.values() if i < len(v)][: limit - len(out)]
-        i += 1
-    return out
+    return _round_robin([p for p in prompts if p.category not in skip], lambda p: p.category, limit)
 
 
 def _questions(n: int) -> list:
     """The first n bundled questions, round-robin over subjects."""
     from logitparity.tasks import load_questions
 
+    return _round_robin(load_questions(None), lambda q: q.subject, n)
+
+
+def _round_robin(items: list, key, limit: int) -> list:
+    """Up to ``limit`` items, one of each group (by ``key``, groups in order of
+    first appearance) in turn: the first of every group, then the second..."""
     by: dict[str, list] = {}
-    for q in load_questions(None):
-        by.setdefault(q.subject, []).append(q)
+    for x in items:
+        by.setdefault(key(x), []).append(x)
     out: list = []
     i = 0
-    while len(out) < n and any(i < len(v) for v in by.values()):
-        out += [v[i] for v in by.values() if i < len(v)][: n - len(out)]
+    while len(out) < limit and any(i < len(v) for v in by.values()):
+        out += [v[i] for v in by.values() if i < len(v)][: limit - len(out)]
         i += 1
     return out
 

@@ -6,7 +6,7 @@ import argparse
 import signal
 import threading
 
-from logitparity.cli import OldSpelling, UserError, add_torch_threads_argument, apply_torch_threads
+from logitparity.cli import MODEL_DTYPES, OldSpelling, UserError, add_torch_threads_argument, apply_torch_threads
 
 HELP = "capture a model's raw logits on a prompt set into a dump directory"
 
@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="dump directory to write")
     parser.add_argument("--mode", choices=("greedy", "sample", "score"), default="greedy")
     parser.add_argument("--reference-dump", help="score mode: the dump whose generated tokens are scored")
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="model dtype")
+    parser.add_argument("--dtype", choices=MODEL_DTYPES, default="fp32", help="model dtype")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (accelerate device_map)")
     parser.add_argument("--device-map", default=None, metavar="SPEC",
                         help="accelerate placement for a model larger than one device: auto | balanced | "

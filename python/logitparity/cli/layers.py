@@ -11,9 +11,11 @@ module leaves the band, 1 when one does, 2 on bad input.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
-from logitparity.cli import OldSpelling, add_torch_threads_argument, apply_torch_threads
+from logitparity.cli import (MODEL_DTYPES, OldSpelling, add_torch_threads_argument, apply_torch_threads,
+                             model_arg, write_outputs)
 
 HELP = "localize a regression: compare two models (or two dumps with activations) module by module"
 
@@ -23,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("candidate", help="candidate: HF directory, .gguf, 'default', or a dump with activations")
     p.add_argument("--mode", choices=("isolated", "propagated", "both"), default="isolated",
                    help="isolated: candidate modules on the reference's inputs (default); two dumps: propagated")
-    p.add_argument("--reference-dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="reference dtype")
-    p.add_argument("--candidate-dtype", "--dtype", dest="candidate_dtype", choices=("fp32", "bf16", "fp16"),
+    p.add_argument("--reference-dtype", choices=MODEL_DTYPES, default="fp32", help="reference dtype")
+    p.add_argument("--candidate-dtype", "--dtype", dest="candidate_dtype", choices=MODEL_DTYPES,
                    action=OldSpelling, default="fp32",
                    help="candidate dtype (as ppl and tasks --candidate-dtype; --dtype is the old name)")
     p.add_argument("--prompts", default=None, help="prompts file (default: the embedded set's first --limit)")
@@ -51,7 +53,6 @@ def _is_dump(path: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from logitparity import layers
-    from logitparity._fileio import write_text_atomic
     from logitparity.report.layers import layers_markdown, write_layers_json, write_layers_plot
 
     dumps = [_is_dump(args.reference), _is_dump(args.candidate)]
@@ -67,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
         from logitparity.capture import load_model
 
         apply_torch_threads(args)
-        ref = load_model(None if args.reference == "default" else args.reference, dtype=args.reference_dtype)
-        cand = load_model(None if args.candidate == "default" else args.candidate, dtype=args.candidate_dtype)
+        ref = load_model(model_arg(args.reference), dtype=args.reference_dtype)
+        cand = load_model(model_arg(args.candidate), dtype=args.candidate_dtype)
         mods = args.modules if args.modules in ("default", "all") else [m.strip() for m in args.modules.split(",")]
         c = layers.compare_layers(ref, cand, args.prompts, mode=args.mode, noise_floor=args.noise_floor, modules=mods,
                                   limit=args.limit)
@@ -77,12 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.save_floor:
         layers.save_floor(c, args.save_floor, description=f"{args.reference} vs {args.candidate}")
     md = layers_markdown(c, only_out_of_band=False, max_rows=None)
-    if args.report:
-        write_text_atomic(args.report, md)
-    if args.json:
-        write_layers_json(c, args.json)
-    if args.plot:
-        write_layers_plot(c, args.plot)
+    write_outputs(args, md, partial(write_layers_json, c), partial(write_layers_plot, c))
     if c.first_divergent is None:
         print(f"no module leaves the noise band ({c.judged_by}; {len(c.modules)} modules, {len(c.prompts)} prompts; "
               f"band: {c.band_source})")

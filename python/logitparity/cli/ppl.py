@@ -6,11 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from logitparity.cli import OldSpelling, UserError, add_torch_threads_argument, apply_torch_threads
+from logitparity.cli import (DEFAULT_MODEL, MODEL_DTYPES, OldSpelling, UserError,
+                             add_torch_threads_argument, apply_torch_threads, model_arg)
 
 HELP = "Perplexity on a text (sliding windows); with --candidate also PPL ratio, ΔPPL and KL in both directions."
-
-DTYPES = ("fp32", "bf16", "fp16")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,9 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "or the baseline cache's)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default ctx//2, or the cache's)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="reference dtype (default fp32)")
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default="fp32", help="reference dtype (default fp32)")
     p.add_argument("--device", default="cpu", help="reference device: cpu | cuda | cuda:N | auto")
-    p.add_argument("--candidate-dtype", choices=DTYPES, help="candidate dtype (default: --dtype)")
+    p.add_argument("--candidate-dtype", choices=MODEL_DTYPES, help="candidate dtype (default: --dtype)")
     p.add_argument("--candidate-device", help="candidate device (default: --device)")
     p.add_argument("--baseline-cache", metavar="DIR", help="read the reference from this baseline cache")
     p.add_argument("--save-baseline", metavar="DIR", help="save the reference's rows as a baseline cache")
@@ -34,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "log-probs (default) or the top K logits + tail mass (KL then becomes a lower bound); the "
                    "same values as `dump --storage`")
     p.add_argument("--cache-topk", type=int, metavar="K", help="the old spelling of --storage topk:K")
-    p.add_argument("--cache-dtype", choices=DTYPES, default="fp16", help="dtype of cached full log-probs")
+    p.add_argument("--cache-dtype", choices=("fp32", "bf16", "fp16"), default="fp16",
+                   help="dtype of cached full log-probs")
     p.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens of the text")
     p.add_argument("--no-bos", action="store_true", help="do not start windows with the tokenizer's BOS token")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples for ΔPPL (0: none)")
@@ -113,9 +113,9 @@ def _engines(args: argparse.Namespace):
     model = side(args.engine, args.model) if not args.baseline_cache else None
     candidate = args.candidate
     if candidate is None and args.candidate_engine is not None:
-        candidate = args.model if args.model is not None else "default"
+        candidate = args.model if args.model is not None else DEFAULT_MODEL
     if candidate is not None:
-        candidate = side(cand_engine, None if candidate == "default" else candidate, candidate=True)
+        candidate = side(cand_engine, model_arg(candidate), candidate=True)
     return model, candidate
 def _check_text_file(path: str) -> None:
     from pathlib import Path

@@ -11,9 +11,11 @@ planned candidate failed its budget); 2 on bad input.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
-from logitparity.cli import UserError, add_torch_threads_argument, apply_torch_threads
+from logitparity.cli import (DEFAULT_MODEL, MODEL_DTYPES, UserError, add_torch_threads_argument,
+                             apply_torch_threads, model_arg, write_outputs)
 
 HELP = "map how fragile each layer is under a transform (int4/int8/fp8/fp16/bf16/prune) and plan mixed precision"
 
@@ -21,7 +23,7 @@ HELP = "map how fragile each layer is under a transform (int4/int8/fp8/fp16/bf16
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from logitparity.sensitivity import DEFAULT_CTX, DEFAULT_MAX_TOKENS, RISK_CUTOFFS
 
-    p.add_argument("model", nargs="?", default="default",
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help="HF directory, .gguf, or 'default' (the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--transform", required=True, metavar="NAME",
                    help="int8 | int4 | fp16 | bf16 | fp8-e4m3 | prune")
@@ -40,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=None, metavar="N",
                    help=f"text tokens scored (default {DEFAULT_MAX_TOKENS} for the bundled corpus, all of a --text-file)")
     p.add_argument("--ctx", type=int, default=None, metavar="N", help=f"window length for a text (default {DEFAULT_CTX})")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="the reference's dtype")
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default="fp32", help="the reference's dtype")
     p.add_argument("--budget", type=float, default=None, metavar="KL",
                    help="also plan and measure mixed precision: keep layers at reference precision until the "
                         "predicted mean KL is under KL nats")
@@ -64,7 +66,6 @@ def _cutoffs(s: str) -> tuple[float, ...]:
 
 def run(args: argparse.Namespace) -> int:
     from logitparity import sensitivity
-    from logitparity._fileio import write_text_atomic
     from logitparity.capture.quantize import make_transform
     from logitparity.report.sensitivity import write_sensitivity_json, write_sensitivity_plot
 
@@ -84,19 +85,14 @@ def run(args: argparse.Namespace) -> int:
     from logitparity.capture import load_model
 
     apply_torch_threads(args)
-    lm = load_model(None if args.model == "default" else args.model, dtype=args.dtype)
+    lm = load_model(model_arg(args.model), dtype=args.dtype)
     m = sensitivity.sensitivity_map(
         lm, args.transform, prompts=args.prompts, text=text, modules=args.modules, layers=args.layers,
         by_module=args.by_module, group_size=args.group_size, symmetric=not args.asymmetric,
         sparsity=args.sparsity, max_tokens=args.max_tokens, ctx=args.ctx, limit=args.limit, budget=args.budget,
         cutoffs=cutoffs, saliency=args.saliency, progress=not args.quiet)
     md = m.to_markdown()
-    if args.report:
-        write_text_atomic(args.report, md)
-    if args.json:
-        write_sensitivity_json(m, args.json)
-    if args.plot:
-        write_sensitivity_plot(m, args.plot)
+    write_outputs(args, md, partial(write_sensitivity_json, m), partial(write_sensitivity_plot, m))
     top = m.ranked()[:3]
     print(f"{m.transform}: {len(m.cells)} cells, {m.inputs['tokens']} tokens, {m.timings['total_s']:.1f} s")
     print(f"strip (layers {m.layers_label}; . L  * M  # H): {m.strip()}")

@@ -11,16 +11,18 @@ bad input.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
-from logitparity.cli import UserError, add_torch_threads_argument, apply_torch_threads
+from logitparity.cli import (DEFAULT_MODEL, MODEL_DTYPES, UserError, add_torch_threads_argument,
+                             apply_torch_threads, model_arg, write_outputs)
 
 HELP = "distributions of weights and activations: outlier channels, heavy tails, an ablation ranking"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default",
+    p.add_argument("--model", default=DEFAULT_MODEL,
                    help="HF directory, .gguf, or 'default' (the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default="fp32")
     p.add_argument("--prompts", default=None,
                    help="prompts file (default: the first prompt of each category of the embedded set, context_limit left out)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N prompts")
@@ -38,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--against", default=None, metavar="REF",
                    help="a reference model (HF directory, .gguf or 'default') measured on the same prompts: list the "
                         "channels whose max |x| grew past --shift-factor, and ablate those with --ablate")
-    p.add_argument("--against-dtype", choices=("fp32", "bf16", "fp16"), default=None,
+    p.add_argument("--against-dtype", choices=MODEL_DTYPES, default=None,
                    help="the reference's dtype (default: --dtype)")
     p.add_argument("--shift-factor", type=float, default=None, metavar="F",
                    help="a channel grew when its max |x| exceeds F x the reference's (default 4)")
@@ -74,21 +76,20 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from logitparity import diagnostics
-    from logitparity._fileio import write_text_atomic
     from logitparity.capture import load_model
     from logitparity.report.stats import (ablation_markdown, shift_markdown, stats_markdown, write_stats_json,
                                           write_stats_plot)
 
     _check(args)
     apply_torch_threads(args)
-    lm = load_model(None if args.model == "default" else args.model, dtype=args.dtype)
+    lm = load_model(model_arg(args.model), dtype=args.dtype)
     s = diagnostics.stats_of(lm, args.prompts, limit=args.limit, weights=not args.no_weights,
                              attention=not args.no_attention,
                              outlier_factor=diagnostics.OUTLIER_FACTOR if args.outlier_factor is None
                              else args.outlier_factor)
     shifts = None
     if args.against is not None:
-        ref = load_model(None if args.against == "default" else args.against, dtype=args.against_dtype or args.dtype)
+        ref = load_model(model_arg(args.against), dtype=args.against_dtype or args.dtype)
         rs = diagnostics.stats_of(ref, args.prompts, limit=args.limit, weights=False, attention=not args.no_attention,
                                   outlier_factor=s.outlier_factor)
         del ref
@@ -106,12 +107,7 @@ def run(args: argparse.Namespace) -> int:
     md = stats_markdown(s) + (shift_markdown(shifts, args.against, diagnostics.SHIFT_FACTOR if args.shift_factor
                                              is None else args.shift_factor) if shifts is not None else "") \
         + ("\n" + ablation_markdown(ab) if ab is not None else "")
-    if args.report:
-        write_text_atomic(args.report, md)
-    if args.json:
-        write_stats_json(s, args.json, ab, shifts)
-    if args.plot:
-        write_stats_plot(s, args.plot)
+    write_outputs(args, md, partial(write_stats_json, s, ablation=ab, shifts=shifts), partial(write_stats_plot, s))
     for w in s.warnings:
         print(f"warning: {w}")
     print(f"{len(s.prompts)} prompts, {s.positions} positions, {len(s.activations)} activation sites, "

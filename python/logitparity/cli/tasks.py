@@ -6,17 +6,17 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "Multiple-choice task accuracy of reference and candidate (log-likelihood scoring), paired McNemar test."
+from logitparity.cli import MODEL_DTYPES
 
-DTYPES = ("fp32", "bf16", "fp16")
+HELP = "Multiple-choice task accuracy of reference and candidate (log-likelihood scoring), paired McNemar test."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="REF", help="reference: a Hugging Face directory or .gguf file "
                    "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--candidate", metavar="CAND", help="candidate model (default: the reference's files)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="reference dtype (default fp32)")
-    p.add_argument("--candidate-dtype", choices=DTYPES, help="candidate dtype (default: --dtype)")
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default="fp32", help="reference dtype (default fp32)")
+    p.add_argument("--candidate-dtype", choices=MODEL_DTYPES, help="candidate dtype (default: --dtype)")
     p.add_argument("--device", default="cpu", help="device of both models (default cpu)")
     p.add_argument("--tasks", metavar="FILE", help="questions: JSONL in the MMLU layout (question, choices, "
                    "answer, subject) or an MMLU CSV file (default: the bundled generated set, 200 questions)")
