@@ -46,6 +46,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "hwy/cache_control.h"
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
 #include "logitparity/row_metrics.h"
@@ -159,6 +160,37 @@ HWY_INLINE void RaiseMax(DF df, float m, float& M, Totals& tot, size_t sum_w, si
 struct ChunkScratch {
   float* a;  // kChunk + kMaxLanesF32 floats, aligned
   float* b;
+};
+
+// How many chunks ahead of the one being summed both rows are prefetched
+// (into L1, one slice per block of the sums). The sweep alternates reading a
+// chunk (memory-bound) and summing it in L1 (arithmetic-bound), and the
+// hardware prefetcher does not run far enough ahead during the sums to keep
+// the two overlapped. Measured one thread here (AMD EPYC, AVX3, shared),
+// 32 x 151936 fp32, rows/s without / with JS: none 2954 / 1985, 1 chunk
+// ahead 3625 / 2327, 2 chunks 3853 / 2411, 3 chunks 3514 / 2383, 4 chunks
+// 3804 / 2407; 2 chunks into L2 (prefetcht1) 3702 / 2390.
+constexpr size_t kPrefetchChunks = 2;
+
+// The bytes of a later chunk of both rows, fetched into the cache slice by
+// slice while the current chunk is summed (ChunkSums, JensenShannon).
+struct NextChunk {
+  const uint8_t* a = nullptr;
+  size_t a_bytes = 0;
+  const uint8_t* b = nullptr;
+  size_t b_bytes = 0;
+
+  // Prefetches slice `i` of `slices` of both byte ranges.
+  HWY_INLINE void Fetch(size_t i, size_t slices) const {
+    FetchSlice(a, a_bytes, i, slices);
+    FetchSlice(b, b_bytes, i, slices);
+  }
+  static HWY_INLINE void FetchSlice(const uint8_t* p, size_t bytes, size_t i, size_t slices) {
+    const size_t step = (bytes + slices - 1) / slices;
+    const size_t end = std::min(bytes, (i + 1) * step);
+    for (size_t off = i * step; off < end; off += kCacheLine) hwy::Prefetch(p + off);
+  }
+  static constexpr size_t kCacheLine = 64;
 };
 
 struct RowArgs {
@@ -293,14 +325,16 @@ HWY_INLINE bool ChunkMaxima(DF df, const float* HWY_RESTRICT a, const float* HWY
 // of a block sum stays ~1e-7, below that of exp.
 template <class DF>
 HWY_INLINE void ChunkSums(DF df, const float* HWY_RESTRICT a, const float* HWY_RESTRICT b,
-                          size_t padded, Totals& tot, SweepState& st) {
+                          size_t padded, const NextChunk& next, Totals& tot, SweepState& st) {
   using V = hn::Vec<DF>;
   const size_t N = hn::Lanes(df);
   const float kInfF = std::numeric_limits<float>::infinity();
   const V ninf = hn::Set(df, -kInfF), pinf = hn::Set(df, kInfF);
   const V vMa = hn::Set(df, st.Ma), vMb = hn::Set(df, st.Mb), vc0 = hn::Set(df, st.c0);
   V max_abs = hn::Set(df, st.max_abs), e_max = hn::Set(df, st.e_max), e_min = hn::Set(df, st.e_min);
+  const size_t blocks = (padded + kBlockVectors * N - 1) / (kBlockVectors * N);
   for (size_t block = 0; block < padded; block += kBlockVectors * N) {
+    next.Fetch(block / (kBlockVectors * N), blocks);
     const size_t block_end = std::min(padded, block + kBlockVectors * N);
     const V z = hn::Zero(df);
     V abs_s = z, d2_s = z, x_s = z, na_s = z, nb_s = z, sa_s = z, sb_s = z;
@@ -389,6 +423,20 @@ HWY_INLINE void FinishKl(DF df, const Totals& tot, const SweepState& st, double 
   out[kMaxAbsLogprob] = one_sided ? kInf : std::max(fabs(e_hi + L), fabs(e_lo + L));
 }
 
+// The chunk of both rows that starts at element `begin` (empty past the end).
+HWY_INLINE NextChunk NextChunkOf(const RowArgs& r, size_t begin) {
+  NextChunk next;
+  if (begin < r.n) {
+    const size_t len = std::min(kChunk, r.n - begin);
+    const size_t ea = DtypeSize(r.a_dtype), eb = DtypeSize(r.b_dtype);
+    next.a = static_cast<const uint8_t*>(r.a) + begin * ea;
+    next.a_bytes = len * ea;
+    next.b = static_cast<const uint8_t*>(r.b) + begin * eb;
+    next.b_bytes = len * eb;
+  }
+  return next;
+}
+
 // Jensen-Shannon: a second sweep now that both log-sum-exps are known.
 template <class DF>
 HWY_INLINE double JensenShannon(DF df, const RowArgs& r, ChunkScratch s, float Ma, float Mb,
@@ -404,7 +452,10 @@ HWY_INLINE double JensenShannon(DF df, const RowArgs& r, ChunkScratch s, float M
     const size_t len = std::min(kChunk, r.n - begin);
     const size_t padded = LoadChunk(df, r.a_dtype, r.a, begin, len, s.a);
     LoadChunk(df, r.b_dtype, r.b, begin, len, s.b);
+    const NextChunk next = NextChunkOf(r, begin + kPrefetchChunks * kChunk);
+    const size_t blocks = (padded + kBlockVectors * N - 1) / (kBlockVectors * N);
     for (size_t block = 0; block < padded; block += kBlockVectors * N) {
+      next.Fetch(block / (kBlockVectors * N), blocks);
       const size_t block_end = std::min(padded, block + kBlockVectors * N);
       V js_s = hn::Zero(df);
       for (size_t i = block; i < block_end; i += N) {
@@ -492,7 +543,7 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
       for (size_t k = 0; k < r.num_ks; ++k) overlap[k] = -1;
       return;
     }
-    ChunkSums(df, s.a, s.b, padded, tot, st);
+    ChunkSums(df, s.a, s.b, padded, NextChunkOf(r, begin + kPrefetchChunks * kChunk), tot, st);
     TopKOffer(df, s.a, len, static_cast<int64_t>(begin), st.top_a);
     TopKOffer(df, s.b, len, static_cast<int64_t>(begin), st.top_b);
   }
