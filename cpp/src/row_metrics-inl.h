@@ -277,6 +277,9 @@ struct SweepState {
   float max_abs = 0.0f, e_max = -std::numeric_limits<float>::infinity(),
         e_min = std::numeric_limits<float>::infinity();
   TopKState top_a, top_b;
+  // Facts about the chunk being swept, from ChunkMaxima.
+  float chunk_ma = 0.0f, chunk_mb = 0.0f;  // its maxima
+  bool chunk_masked = false;               // some entry is -inf on a side (pads included)
 };
 
 // Loop 1 over a chunk: its maxima (raising the running ones) and the mask
@@ -299,7 +302,8 @@ HWY_INLINE bool ChunkMaxima(DF df, const float* HWY_RESTRICT a, const float* HWY
     masked = hn::Or(masked, hn::Or(hn::Eq(va, ninf), hn::Eq(vb, ninf)));
   }
   if (!hn::AllFalse(df, bad)) return false;
-  if (!hn::AllFalse(df, masked)) {
+  st.chunk_masked = !hn::AllFalse(df, masked);
+  if (st.chunk_masked) {
     for (size_t i = 0; i < padded; i += N) {
       const auto ma = hn::Eq(hn::Load(df, a + i), ninf);
       const auto mb = hn::Eq(hn::Load(df, b + i), ninf);
@@ -308,8 +312,8 @@ HWY_INLINE bool ChunkMaxima(DF df, const float* HWY_RESTRICT a, const float* HWY
       st.b_only_masked += hn::CountTrue(df, hn::AndNot(ma, mb));
     }
   }
-  const float chunk_ma = hn::GetLane(hn::MaxOfLanes(df, vma));
-  const float chunk_mb = hn::GetLane(hn::MaxOfLanes(df, vmb));
+  const float chunk_ma = st.chunk_ma = hn::GetLane(hn::MaxOfLanes(df, vma));
+  const float chunk_mb = st.chunk_mb = hn::GetLane(hn::MaxOfLanes(df, vmb));
   RaiseMax(df, chunk_ma, st.Ma, tot, kSumP, kSumPX, kSumPE, kSumPG);
   RaiseMax(df, chunk_mb, st.Mb, tot, kSumQ, kSumQY, kSumQE, kSumQG);
   if (!st.have_c0 && chunk_ma > -kInfF && chunk_mb > -kInfF) {
@@ -324,8 +328,9 @@ HWY_INLINE bool ChunkMaxima(DF df, const float* HWY_RESTRICT a, const float* HWY
 // float64 totals: this halves the cost of the sweep, and the relative error
 // of a block sum stays ~1e-7, below that of exp.
 template <class DF>
-HWY_INLINE void ChunkSums(DF df, const float* HWY_RESTRICT a, const float* HWY_RESTRICT b,
-                          size_t padded, const NextChunk& next, Totals& tot, SweepState& st) {
+HWY_INLINE void ChunkSumsMasked(DF df, const float* HWY_RESTRICT a, const float* HWY_RESTRICT b,
+                                size_t padded, const NextChunk& next, Totals& tot,
+                                SweepState& st) {
   using V = hn::Vec<DF>;
   const size_t N = hn::Lanes(df);
   const float kInfF = std::numeric_limits<float>::infinity();
@@ -389,6 +394,73 @@ HWY_INLINE void ChunkSums(DF df, const float* HWY_RESTRICT a, const float* HWY_R
   st.max_abs = hn::GetLane(hn::MaxOfLanes(df, max_abs));
   st.e_max = hn::GetLane(hn::MaxOfLanes(df, e_max));
   st.e_min = hn::GetLane(hn::MinOfLanes(df, e_min));
+}
+
+// ChunkSumsMasked for a chunk where every entry is finite on both sides (the
+// common case): no masks, and the extremes of e and |d| come from those of
+// d (rounding is monotonic, so max fl(d - c0) = fl(max d - c0), and
+// max |d| = max(max d, -min d)): the same totals with fewer instructions.
+template <class DF>
+HWY_INLINE void ChunkSumsClean(DF df, const float* HWY_RESTRICT a, const float* HWY_RESTRICT b,
+                               size_t padded, const NextChunk& next, Totals& tot,
+                               SweepState& st) {
+  using V = hn::Vec<DF>;
+  const size_t N = hn::Lanes(df);
+  const float kInfF = std::numeric_limits<float>::infinity();
+  const V vMa = hn::Set(df, st.Ma), vMb = hn::Set(df, st.Mb), vc0 = hn::Set(df, st.c0);
+  V d_max = hn::Set(df, -kInfF), d_min = hn::Set(df, kInfF);
+  const size_t blocks = (padded + kBlockVectors * N - 1) / (kBlockVectors * N);
+  for (size_t block = 0; block < padded; block += kBlockVectors * N) {
+    next.Fetch(block / (kBlockVectors * N), blocks);
+    const size_t block_end = std::min(padded, block + kBlockVectors * N);
+    const V z = hn::Zero(df);
+    V abs_s = z, d2_s = z, x_s = z, na_s = z, nb_s = z, sa_s = z, sb_s = z;
+    V ta_s = z, tb_s = z, ea_s = z, eb_s = z, g_s = z, h_s = z;
+    for (size_t i = block; i < block_end; i += N) {
+      const V va = hn::Load(df, a + i), vb = hn::Load(df, b + i);
+      const V d = hn::Sub(va, vb);
+      const V e = hn::Sub(d, vc0);
+      d_max = hn::Max(d_max, d);
+      d_min = hn::Min(d_min, d);
+      abs_s = hn::Add(abs_s, hn::Abs(d));
+      na_s = hn::MulAdd(va, va, na_s);
+      nb_s = hn::MulAdd(vb, vb, nb_s);
+      d2_s = hn::MulAdd(d, d, d2_s);
+      x_s = hn::MulAdd(d, hn::Add(va, vb), x_s);
+
+      const V xa = hn::Sub(va, vMa), xb = hn::Sub(vb, vMb);
+      const V pa = ExpNonPositive(df, xa);
+      const V pb = ExpNonPositive(df, xb);
+      sa_s = hn::Add(sa_s, pa);
+      sb_s = hn::Add(sb_s, pb);
+      ta_s = hn::MulAdd(pa, xa, ta_s);
+      tb_s = hn::MulAdd(pb, xb, tb_s);
+      ea_s = hn::MulAdd(pa, e, ea_s);
+      eb_s = hn::MulAdd(pb, e, eb_s);
+      V gp, gq;
+      SecondOrderTerms(df, e, xa, xb, pa, pb, gp, gq);
+      g_s = hn::Add(g_s, gp);
+      h_s = hn::Add(h_s, gq);
+    }
+    tot.Add(df, kSumAbsD, abs_s);
+    tot.Add(df, kSumD2, d2_s);
+    tot.Add(df, kSumDSum, x_s);
+    tot.Add(df, kSumA2, na_s);
+    tot.Add(df, kSumB2, nb_s);
+    tot.Add(df, kSumP, sa_s);
+    tot.Add(df, kSumQ, sb_s);
+    tot.Add(df, kSumPX, ta_s);
+    tot.Add(df, kSumQY, tb_s);
+    tot.Add(df, kSumPE, ea_s);
+    tot.Add(df, kSumQE, eb_s);
+    tot.Add(df, kSumPG, g_s);
+    tot.Add(df, kSumQG, h_s);
+  }
+  const float hi = hn::GetLane(hn::MaxOfLanes(df, d_max));
+  const float lo = hn::GetLane(hn::MinOfLanes(df, d_min));
+  st.max_abs = std::max({st.max_abs, hi, -lo});
+  st.e_max = std::max(st.e_max, hi - st.c0);
+  st.e_min = std::min(st.e_min, lo - st.c0);
 }
 
 // Both KL directions (and the largest |Δ log-prob|) from the totals, each in
@@ -543,9 +615,20 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
       for (size_t k = 0; k < r.num_ks; ++k) overlap[k] = -1;
       return;
     }
-    ChunkSums(df, s.a, s.b, padded, NextChunkOf(r, begin + kPrefetchChunks * kChunk), tot, st);
-    TopKOffer(df, s.a, len, static_cast<int64_t>(begin), st.top_a);
-    TopKOffer(df, s.b, len, static_cast<int64_t>(begin), st.top_b);
+    const NextChunk next = NextChunkOf(r, begin + kPrefetchChunks * kChunk);
+    if (st.chunk_masked) {
+      ChunkSumsMasked(df, s.a, s.b, padded, next, tot, st);
+    } else {
+      ChunkSumsClean(df, s.a, s.b, padded, next, tot, st);
+    }
+    // A chunk whose maximum does not beat a full selection's threshold has
+    // nothing to offer (ties stay out: they come at higher indices).
+    if (!st.top_a.Full() || st.chunk_ma > st.top_a.Threshold()) {
+      TopKOffer(df, s.a, len, static_cast<int64_t>(begin), st.top_a);
+    }
+    if (!st.top_b.Full() || st.chunk_mb > st.top_b.Threshold()) {
+      TopKOffer(df, s.b, len, static_cast<int64_t>(begin), st.top_b);
+    }
   }
   st.both_masked -= st.pads;
 
