@@ -614,9 +614,6 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
       return;
     }
     const NextChunk next = NextChunkOf(r, begin + kPrefetchChunks * kChunk);
-#ifdef ABL_NOSUMS
-    if (0)
-#endif
     if (st.chunk_masked) {
       ChunkSumsMasked(df, s.a, s.b, padded, next, tot, st);
     } else {
