@@ -124,6 +124,21 @@ HWY_INLINE size_t LoadChunk(DF df, Dtype dtype, const void* row, size_t begin, s
   }
 }
 
+// The chunk [begin, begin + len) of a row as float: the row's own memory when
+// it is float32 and len is a whole number of vectors (nothing to convert or
+// pad: the sweeps read it in place, unaligned loads), else converted into
+// buf as LoadChunk does. *padded: len rounded up to whole vectors.
+template <class DF>
+HWY_INLINE const float* ChunkAsF32(DF df, Dtype dtype, const void* row, size_t begin, size_t len,
+                                   float* HWY_RESTRICT buf, size_t* padded) {
+  if (dtype == Dtype::kF32 && len % hn::Lanes(df) == 0) {
+    *padded = len;
+    return static_cast<const float*>(row) + begin;
+  }
+  *padded = LoadChunk(df, dtype, row, begin, len, buf);
+  return buf;
+}
+
 HWY_INLINE float ScalarAt(Dtype dtype, const void* row, size_t i) {
   switch (dtype) {
     case Dtype::kF16: return ::logitparity::F16BitsToF32(static_cast<const uint16_t*>(row)[i]);

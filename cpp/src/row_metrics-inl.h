@@ -288,6 +288,12 @@ struct SweepState {
 
 // Loop 1 over a chunk: its maxima (raising the running ones) and the mask
 // counts. Returns false if a NaN or +inf was found (the row has no metrics).
+// The common chunk costs two maxima and two adds per vector: the lane sums
+// of a + b are finite when every entry is, -inf when some entry is -inf and
+// none is NaN or +inf, and NaN or +inf when some entry is (or when finite
+// entries overflow, which the exact checks then rule out); before, four
+// compares and six mask operations per vector (8.3 TSC cycles per vector
+// of the ~58 of a whole sweep without JS, this AMD EPYC, AVX3).
 template <class DF>
 HWY_INLINE bool ChunkMaxima(DF df, const float* HWY_RESTRICT a, const float* HWY_RESTRICT b,
                             size_t padded, Totals& tot, SweepState& st) {
@@ -295,26 +301,36 @@ HWY_INLINE bool ChunkMaxima(DF df, const float* HWY_RESTRICT a, const float* HWY
   const size_t N = hn::Lanes(df);
   const float kInfF = std::numeric_limits<float>::infinity();
   const V ninf = hn::Set(df, -kInfF), pinf = hn::Set(df, kInfF);
-  V vma = ninf, vmb = ninf;
-  auto bad = hn::FirstN(df, 0);
-  auto masked = hn::FirstN(df, 0);
+  V vma = ninf, vmb = ninf, sum = hn::Zero(df);
   for (size_t i = 0; i < padded; i += N) {
-    const V va = hn::Load(df, a + i), vb = hn::Load(df, b + i);
+    const V va = hn::LoadU(df, a + i), vb = hn::LoadU(df, b + i);
     vma = hn::Max(vma, va);
     vmb = hn::Max(vmb, vb);
-    bad = hn::Or(bad, hn::Or(hn::Not(hn::Lt(va, pinf)), hn::Not(hn::Lt(vb, pinf))));
-    masked = hn::Or(masked, hn::Or(hn::Eq(va, ninf), hn::Eq(vb, ninf)));
+    sum = hn::Add(sum, hn::Add(va, vb));
   }
-  if (!hn::AllFalse(df, bad)) return false;
-  st.chunk_masked = !hn::AllFalse(df, masked);
-  if (st.chunk_masked) {
+  if (!hn::AllTrue(df, hn::Lt(sum, pinf))) {  // NaN or +inf somewhere, or an overflow
+    auto bad = hn::FirstN(df, 0);
     for (size_t i = 0; i < padded; i += N) {
-      const auto ma = hn::Eq(hn::Load(df, a + i), ninf);
-      const auto mb = hn::Eq(hn::Load(df, b + i), ninf);
-      st.both_masked += hn::CountTrue(df, hn::And(ma, mb));
-      st.a_only_masked += hn::CountTrue(df, hn::AndNot(mb, ma));
-      st.b_only_masked += hn::CountTrue(df, hn::AndNot(ma, mb));
+      const V va = hn::LoadU(df, a + i), vb = hn::LoadU(df, b + i);
+      bad = hn::Or(bad, hn::Or(hn::Not(hn::Lt(va, pinf)), hn::Not(hn::Lt(vb, pinf))));
     }
+    if (!hn::AllFalse(df, bad)) return false;
+  }
+  st.chunk_masked = false;
+  if (!hn::AllTrue(df, hn::Gt(sum, ninf))) {  // a -inf somewhere, or an overflow
+    size_t masked = 0;
+    for (size_t i = 0; i < padded; i += N) {
+      const auto ma = hn::Eq(hn::LoadU(df, a + i), ninf);
+      const auto mb = hn::Eq(hn::LoadU(df, b + i), ninf);
+      const size_t both = hn::CountTrue(df, hn::And(ma, mb));
+      const size_t a_only = hn::CountTrue(df, hn::AndNot(mb, ma));
+      const size_t b_only = hn::CountTrue(df, hn::AndNot(ma, mb));
+      st.both_masked += both;
+      st.a_only_masked += a_only;
+      st.b_only_masked += b_only;
+      masked += both + a_only + b_only;
+    }
+    st.chunk_masked = masked > 0;
   }
   const float chunk_ma = st.chunk_ma = hn::GetLane(hn::MaxOfLanes(df, vma));
   const float chunk_mb = st.chunk_mb = hn::GetLane(hn::MaxOfLanes(df, vmb));
@@ -349,7 +365,7 @@ HWY_INLINE void ChunkSumsMasked(DF df, const float* HWY_RESTRICT a, const float*
     V abs_s = z, d2_s = z, x_s = z, na_s = z, nb_s = z, sa_s = z, sb_s = z;
     V ta_s = z, tb_s = z, ea_s = z, eb_s = z, g_s = z, h_s = z;
     for (size_t i = block; i < block_end; i += N) {
-      const V va = hn::Load(df, a + i), vb = hn::Load(df, b + i);
+      const V va = hn::LoadU(df, a + i), vb = hn::LoadU(df, b + i);
       const auto fa = hn::Gt(va, ninf), fb = hn::Gt(vb, ninf);
       const auto both = hn::And(fa, fb);
       const V d = hn::Sub(va, vb);
@@ -418,7 +434,7 @@ HWY_INLINE void ChunkSumsClean(DF df, const float* HWY_RESTRICT a, const float* 
     V abs_s = z, d2_s = z, x_s = z, na_s = z, nb_s = z, sa_s = z, sb_s = z;
     V ta_s = z, tb_s = z, ea_s = z, eb_s = z, g_s = z, h_s = z;
     for (size_t i = block; i < block_end; i += N) {
-      const V va = hn::Load(df, a + i), vb = hn::Load(df, b + i);
+      const V va = hn::LoadU(df, a + i), vb = hn::LoadU(df, b + i);
       const V d = hn::Sub(va, vb);
       const V e = hn::Sub(d, vc0);
       d_max = hn::Max(d_max, d);
@@ -520,8 +536,9 @@ HWY_INLINE double JensenShannon(DF df, const RowArgs& r, ChunkScratch s, float M
   auto js_lo = hn::Zero(dd), js_hi = hn::Zero(dd);
   for (size_t begin = 0; begin < r.n; begin += kChunk) {
     const size_t len = std::min(kChunk, r.n - begin);
-    const size_t padded = LoadChunk(df, r.a_dtype, r.a, begin, len, s.a);
-    LoadChunk(df, r.b_dtype, r.b, begin, len, s.b);
+    size_t padded;
+    const float* ca = ChunkAsF32(df, r.a_dtype, r.a, begin, len, s.a, &padded);
+    const float* cb = ChunkAsF32(df, r.b_dtype, r.b, begin, len, s.b, &padded);
     const NextChunk next = NextChunkOf(r, begin + kPrefetchChunks * kChunk);
     const size_t blocks = (padded + kBlockVectors * N - 1) / (kBlockVectors * N);
     for (size_t block = 0; block < padded; block += kBlockVectors * N) {
@@ -529,7 +546,7 @@ HWY_INLINE double JensenShannon(DF df, const RowArgs& r, ChunkScratch s, float M
       const size_t block_end = std::min(padded, block + kBlockVectors * N);
       V js_s = hn::Zero(df);
       for (size_t i = block; i < block_end; i += N) {
-        const V va = hn::Load(df, s.a + i), vb = hn::Load(df, s.b + i);
+        const V va = hn::LoadU(df, ca + i), vb = hn::LoadU(df, cb + i);
         const V p = hn::Mul(ExpNonPositive(df, hn::Sub(va, vMa)), inv_sa);
         const V q = hn::Mul(ExpNonPositive(df, hn::Sub(vb, vMb)), inv_sb);
         const V sum = hn::Add(p, q);
@@ -560,15 +577,16 @@ HWY_INLINE int64_t RankInCand(DF df, const RowArgs& r, ChunkScratch s, const Top
   size_t above = 0;
   for (size_t begin = 0; begin < r.n; begin += kChunk) {
     const size_t len = std::min(kChunk, r.n - begin);
-    const size_t padded = LoadChunk(df, r.b_dtype, r.b, begin, len, s.b);
+    size_t padded;
+    const float* cb = ChunkAsF32(df, r.b_dtype, r.b, begin, len, s.b, &padded);
     for (size_t i = 0; i < padded; i += N) {
-      const V vb = hn::Load(df, s.b + i);
+      const V vb = hn::LoadU(df, cb + i);
       above += hn::CountTrue(df, hn::Gt(vb, vbt));
       const size_t gi = begin + i;  // ties count only below index t
       if (gi + N <= static_cast<size_t>(t)) {
         above += hn::CountTrue(df, hn::Eq(vb, vbt));
       } else if (gi < static_cast<size_t>(t)) {
-        for (size_t j = 0; gi + j < static_cast<size_t>(t); ++j) above += s.b[i + j] == bt;
+        for (size_t j = 0; gi + j < static_cast<size_t>(t); ++j) above += cb[i + j] == bt;
       }
     }
   }
@@ -597,10 +615,11 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
 
   for (size_t begin = 0; begin < n; begin += kChunk) {
     const size_t len = std::min(kChunk, n - begin);
-    const size_t padded = LoadChunk(df, r.a_dtype, r.a, begin, len, s.a);
-    LoadChunk(df, r.b_dtype, r.b, begin, len, s.b);
+    size_t padded;
+    const float* ca = ChunkAsF32(df, r.a_dtype, r.a, begin, len, s.a, &padded);
+    const float* cb = ChunkAsF32(df, r.b_dtype, r.b, begin, len, s.b, &padded);
     st.pads += padded - len;
-    if (!ChunkMaxima(df, s.a, s.b, padded, tot, st)) {
+    if (!ChunkMaxima(df, ca, cb, padded, tot, st)) {
       // NaN or +inf: every field is NaN; count them so the caller sees why.
       double bad_a = 0, bad_b = 0;
       for (size_t i = 0; i < n; ++i) {
@@ -615,17 +634,17 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
     }
     const NextChunk next = NextChunkOf(r, begin + kPrefetchChunks * kChunk);
     if (st.chunk_masked) {
-      ChunkSumsMasked(df, s.a, s.b, padded, next, tot, st);
+      ChunkSumsMasked(df, ca, cb, padded, next, tot, st);
     } else {
-      ChunkSumsClean(df, s.a, s.b, padded, next, tot, st);
+      ChunkSumsClean(df, ca, cb, padded, next, tot, st);
     }
     // A chunk whose maximum does not beat a full selection's threshold has
     // nothing to offer (ties stay out: they come at higher indices).
     if (!st.top_a.Full() || st.chunk_ma > st.top_a.Threshold()) {
-      TopKOffer(df, s.a, len, static_cast<int64_t>(begin), st.top_a);
+      TopKOffer(df, ca, len, static_cast<int64_t>(begin), st.top_a);
     }
     if (!st.top_b.Full() || st.chunk_mb > st.top_b.Threshold()) {
-      TopKOffer(df, s.b, len, static_cast<int64_t>(begin), st.top_b);
+      TopKOffer(df, cb, len, static_cast<int64_t>(begin), st.top_b);
     }
   }
   st.both_masked -= st.pads;
