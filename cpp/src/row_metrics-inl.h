@@ -45,6 +45,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <new>
 
 #include "hwy/cache_control.h"
 #include "hwy/contrib/math/math-inl.h"
@@ -205,6 +206,39 @@ struct RowArgs {
   bool js;
 };
 
+// The exponentials of the first sweep, kept for the Jensen-Shannon sweep
+// (only when it is asked for): p[i] = exp(a_i - ma[c]), q[i] = exp(b_i -
+// mb[c]), where ma[c], mb[c] are the running maxima with which chunk c was
+// summed. JS then costs a multiply per side instead of an exp, and reads
+// them (as many bytes as float32 rows) instead of the rows.
+struct SavedExps {
+  float* p = nullptr;  // the row's padded length, aligned
+  float* q = nullptr;
+  float* ma = nullptr;  // one per chunk
+  float* mb = nullptr;
+};
+
+// Storage for SavedExps of a row of length n, owned by the calling thread
+// (a pool worker or the caller) and kept between rows and calls.
+HWY_INLINE SavedExps SavedExpsFor(size_t n) {
+  thread_local hwy::AlignedFreeUniquePtr<float[]> buf;
+  thread_local size_t size = 0;
+  const size_t padded = hwy::RoundUpTo(n, kMaxLanesF32);
+  const size_t chunks = hwy::RoundUpTo((n + kChunk - 1) / kChunk, kMaxLanesF32);
+  const size_t need = 2 * padded + 2 * chunks;
+  if (size < need) {
+    buf = hwy::AllocateAligned<float>(need);
+    if (!buf) throw std::bad_alloc();
+    size = need;
+  }
+  SavedExps saved;
+  saved.p = buf.get();
+  saved.q = saved.p + padded;
+  saved.ma = saved.q + padded;
+  saved.mb = saved.ma + chunks;
+  return saved;
+}
+
 // (1+u) log(1+u) + (1-u) log(1-u) for u in [-1, 1]. For |u| < 1/4 its series
 // sum_k u^(2k) / (k (2k-1)) (six terms, truncation < 1e-9 relative) avoids the
 // cancellation between the two logs.
@@ -347,10 +381,11 @@ HWY_INLINE bool ChunkMaxima(DF df, const float* HWY_RESTRICT a, const float* HWY
 // kBlockVectors vectors (at most 8 terms per lane) and are then added to the
 // float64 totals: this halves the cost of the sweep, and the relative error
 // of a block sum stays ~1e-7, below that of exp.
-template <class DF>
+template <bool kSave, class DF>
 HWY_INLINE void ChunkSumsMasked(DF df, const float* HWY_RESTRICT a, const float* HWY_RESTRICT b,
                                 size_t padded, const NextChunk& next, Totals& tot,
-                                SweepState& st) {
+                                SweepState& st, float* HWY_RESTRICT p_out = nullptr,
+    float* HWY_RESTRICT q_out = nullptr) {
   using V = hn::Vec<DF>;
   const size_t N = hn::Lanes(df);
   const float kInfF = std::numeric_limits<float>::infinity();
@@ -385,6 +420,10 @@ HWY_INLINE void ChunkSumsMasked(DF df, const float* HWY_RESTRICT a, const float*
       const V xa = hn::Sub(va, vMa), xb = hn::Sub(vb, vMb);
       const V pa = ExpNonPositive(df, xa);
       const V pb = ExpNonPositive(df, xb);
+      if (kSave) {
+        hn::Store(pa, df, p_out + i);
+        hn::Store(pb, df, q_out + i);
+      }
       sa_s = hn::Add(sa_s, pa);
       sb_s = hn::Add(sb_s, pb);
       ta_s = hn::MulAdd(pa, hn::IfThenElseZero(fa, xa), ta_s);
@@ -417,10 +456,11 @@ HWY_INLINE void ChunkSumsMasked(DF df, const float* HWY_RESTRICT a, const float*
 // common case): no masks, and the extremes of e and |d| come from those of
 // d (rounding is monotonic, so max fl(d - c0) = fl(max d - c0), and
 // max |d| = max(max d, -min d)): the same totals with fewer instructions.
-template <class DF>
+template <bool kSave, class DF>
 HWY_INLINE void ChunkSumsClean(DF df, const float* HWY_RESTRICT a, const float* HWY_RESTRICT b,
                                size_t padded, const NextChunk& next, Totals& tot,
-                               SweepState& st) {
+                               SweepState& st, float* HWY_RESTRICT p_out = nullptr,
+    float* HWY_RESTRICT q_out = nullptr) {
   using V = hn::Vec<DF>;
   const size_t N = hn::Lanes(df);
   const float kInfF = std::numeric_limits<float>::infinity();
@@ -448,6 +488,10 @@ HWY_INLINE void ChunkSumsClean(DF df, const float* HWY_RESTRICT a, const float* 
       const V xa = hn::Sub(va, vMa), xb = hn::Sub(vb, vMb);
       const V pa = ExpNonPositive(df, xa);
       const V pb = ExpNonPositive(df, xb);
+      if (kSave) {
+        hn::Store(pa, df, p_out + i);
+        hn::Store(pb, df, q_out + i);
+      }
       sa_s = hn::Add(sa_s, pa);
       sb_s = hn::Add(sb_s, pb);
       ta_s = hn::MulAdd(pa, xa, ta_s);
@@ -523,32 +567,39 @@ HWY_INLINE NextChunk NextChunkOf(const RowArgs& r, size_t begin) {
   return next;
 }
 
-// Jensen-Shannon: a second sweep now that both log-sum-exps are known.
+// Jensen-Shannon: a second sweep now that both log-sum-exps are known, over
+// the exponentials the first sweep saved, each chunk rescaled to the final
+// maxima and normalised: p = saved p * exp(ma[c] - Ma) / Sa (one more
+// float32 rounding than exp(a - Ma) / Sa, far below the tolerance).
 template <class DF>
-HWY_INLINE double JensenShannon(DF df, const RowArgs& r, ChunkScratch s, float Ma, float Mb,
+HWY_INLINE double JensenShannon(DF df, size_t n, const SavedExps& saved, float Ma, float Mb,
                                 double Sa, double Sb) {
   using V = hn::Vec<DF>;
   const F64Tag<DF> dd;
   const size_t N = hn::Lanes(df);
-  const V vMa = hn::Set(df, Ma), vMb = hn::Set(df, Mb);
-  const V inv_sa = hn::Set(df, static_cast<float>(1.0 / Sa));
-  const V inv_sb = hn::Set(df, static_cast<float>(1.0 / Sb));
   auto js_lo = hn::Zero(dd), js_hi = hn::Zero(dd);
-  for (size_t begin = 0; begin < r.n; begin += kChunk) {
-    const size_t len = std::min(kChunk, r.n - begin);
-    size_t padded;
-    const float* ca = ChunkAsF32(df, r.a_dtype, r.a, begin, len, s.a, &padded);
-    const float* cb = ChunkAsF32(df, r.b_dtype, r.b, begin, len, s.b, &padded);
-    const NextChunk next = NextChunkOf(r, begin + kPrefetchChunks * kChunk);
+  for (size_t begin = 0; begin < n; begin += kChunk) {
+    const size_t c = begin / kChunk;
+    const size_t padded = hwy::RoundUpTo(std::min(kChunk, n - begin), N);
+    const V scale_a = hn::Set(df, static_cast<float>(exp(static_cast<double>(saved.ma[c]) - Ma) / Sa));
+    const V scale_b = hn::Set(df, static_cast<float>(exp(static_cast<double>(saved.mb[c]) - Mb) / Sb));
+    const float* HWY_RESTRICT sp = saved.p + begin;
+    const float* HWY_RESTRICT sq = saved.q + begin;
+    NextChunk next;
+    const size_t ahead = begin + kPrefetchChunks * kChunk;
+    if (ahead < n) {
+      next.a = reinterpret_cast<const uint8_t*>(saved.p + ahead);
+      next.b = reinterpret_cast<const uint8_t*>(saved.q + ahead);
+      next.a_bytes = next.b_bytes = std::min(kChunk, n - ahead) * sizeof(float);
+    }
     const size_t blocks = (padded + kBlockVectors * N - 1) / (kBlockVectors * N);
     for (size_t block = 0; block < padded; block += kBlockVectors * N) {
       next.Fetch(block / (kBlockVectors * N), blocks);
       const size_t block_end = std::min(padded, block + kBlockVectors * N);
       V js_s = hn::Zero(df);
       for (size_t i = block; i < block_end; i += N) {
-        const V va = hn::LoadU(df, ca + i), vb = hn::LoadU(df, cb + i);
-        const V p = hn::Mul(ExpNonPositive(df, hn::Sub(va, vMa)), inv_sa);
-        const V q = hn::Mul(ExpNonPositive(df, hn::Sub(vb, vMb)), inv_sb);
+        const V p = hn::Mul(hn::Load(df, sp + i), scale_a);
+        const V q = hn::Mul(hn::Load(df, sq + i), scale_b);
         const V sum = hn::Add(p, q);
         const auto live = hn::Gt(sum, hn::Zero(df));
         const V u = hn::IfThenElseZero(
@@ -612,6 +663,7 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
   st.top_b.Reset(kmax);
   Totals tot;
   tot.Zero(df);
+  const SavedExps saved = r.js ? SavedExpsFor(n) : SavedExps();
 
   for (size_t begin = 0; begin < n; begin += kChunk) {
     const size_t len = std::min(kChunk, n - begin);
@@ -633,10 +685,21 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
       return;
     }
     const NextChunk next = NextChunkOf(r, begin + kPrefetchChunks * kChunk);
-    if (st.chunk_masked) {
-      ChunkSumsMasked(df, ca, cb, padded, next, tot, st);
+    if (r.js) {
+      const size_t c = begin / kChunk;
+      saved.ma[c] = st.Ma;
+      saved.mb[c] = st.Mb;
+      float* p_out = saved.p + begin;
+      float* q_out = saved.q + begin;
+      if (st.chunk_masked) {
+        ChunkSumsMasked<true>(df, ca, cb, padded, next, tot, st, p_out, q_out);
+      } else {
+        ChunkSumsClean<true>(df, ca, cb, padded, next, tot, st, p_out, q_out);
+      }
+    } else if (st.chunk_masked) {
+      ChunkSumsMasked<false>(df, ca, cb, padded, next, tot, st);
     } else {
-      ChunkSumsClean(df, ca, cb, padded, next, tot, st);
+      ChunkSumsClean<false>(df, ca, cb, padded, next, tot, st);
     }
     // A chunk whose maximum does not beat a full selection's threshold has
     // nothing to offer (ties stay out: they come at higher indices).
@@ -674,7 +737,7 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
     out[kCosine] = 1.0 - (tot.Sum(df, kSumD2) - norm_diff * norm_diff) / (2.0 * ra * rb);
   }
   if (dist_a && dist_b) FinishKl(df, tot, st, Sa, Sb, lse_a, lse_b, out);
-  if (r.js && dist_a && dist_b) out[kJs] = JensenShannon(df, r, s, st.Ma, st.Mb, Sa, Sb);
+  if (r.js && dist_a && dist_b) out[kJs] = JensenShannon(df, n, saved, st.Ma, st.Mb, Sa, Sb);
 
   // Top-k derived fields.
   const int64_t t = st.top_a.indices[0];
