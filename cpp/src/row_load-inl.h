@@ -4,7 +4,8 @@
 //
 // Chunks are converted into a small float buffer (L1-resident) padded to a
 // whole number of vectors with -inf, the neutral element of every kernel
-// here: a pad is a masked token on both sides and is never compared.
+// here: a pad is a masked token on both sides and is never compared
+// (ChunkAsF32 skips the copy for float32 chunks of whole vectors).
 
 // Toggle include guard: this file is included once per Highway target.
 #if defined(LOGITPARITY_SRC_ROW_LOAD_INL_H_) == defined(HWY_TARGET_TOGGLE)

@@ -4,17 +4,19 @@
 // length n (float32, float16 or bfloat16, each side its own dtype). Units:
 // nats (natural log). Accumulation: float64 for every sum (products of two
 // floats are formed in double, where they are exact); exp of max-subtracted
-// logits is ExpNonPositive (row_load-inl.h, Highway's polynomial, ~1 ulp),
-// log and the rare large-argument exp are Highway's float32 versions
-// (<= 4 ulp). Tolerances against CompareRowRef are pinned in
-// row_metrics_test.cc.
+// logits is ExpNonPositive (row_load-inl.h, <= 8.6e-8 relative), log and
+// the rare large-argument exp are Highway's float32 versions (<= 4 ulp).
+// Tolerances against CompareRowRef are pinned in row_metrics_test.cc.
 //
 // One sweep over the row reads each element once from memory, in chunks of
-// kChunk elements converted to float in an L1 buffer: a first loop over the
-// chunk finds its maxima, a second one exponentiates relative to the running
-// maxima Ma, Mb (online softmax: when a maximum grows, the sums scale by
-// exp(M_old - M_new) in double). Jensen-Shannon needs the final log-sum-exps
-// and, when requested, takes a second sweep.
+// kChunk elements (float32 ones in place, others converted to float in an L1
+// buffer; the chunk kPrefetchChunks ahead prefetched meanwhile): a first
+// loop over the chunk finds its maxima, a second one exponentiates relative
+// to the running maxima Ma, Mb (online softmax: when a maximum grows, the
+// sums scale by exp(M_old - M_new) in double). Jensen-Shannon needs the
+// final log-sum-exps and, when requested, takes a second sweep over the
+// exponentials the first one saved (SavedExps). Speed, step by step:
+// docs/metrics.md ("Speed of the CPU kernel").
 //
 // KL is computed in a form that stays accurate when the two rows are close,
 // which is the case this project exists for. With d_i = a_i - b_i, a shift
