@@ -68,17 +68,6 @@ constexpr size_t kBlockVectors = 8;
 // Beyond this |e| = |a_i - b_i - c0| exp(-e) could overflow float32 and the
 // rows are far apart anyway: KL takes the direct form c0 + lse_b - lse_a.
 constexpr double kMaxShiftForCloseForm = 60.0;
-// ChunkSumsClean forms pb = exp(xb) as pa exp(-e) exp(-delta) (one exp per
-// element pair instead of two) when |delta| is at most this: where pa
-// underflows to 0 (xa < -87) the true pb is then < exp(-67), so the mass
-// lost is < n e^-67 against a largest term of 1.
-constexpr double kMaxDeltaForSharedExp = 20.0;
-// ... and when |c0| is at most this: with |e| <= 1/2 too, |d| <= 1.5, so
-// the rounding of d = a - b (which pb then inherits, where exp(xb) only
-// has that of xb) stays below 1.2e-7 relative. Rows shifted against each
-// other (c0 = 100: pb off by 4e-6 relative, entropy of Q by 1.3e-6) take
-// two exps as before.
-constexpr double kMaxC0ForSharedExp = 1.0;
 
 // The float64 totals of one sweep. p = exp(a - Ma), q = exp(b - Mb) (relative
 // to the running maxima), x = a - Ma, y = b - Mb, d = a - b, e = d - c0 and g
@@ -290,8 +279,9 @@ HWY_INLINE hn::Vec<DF> JsKernel(DF df, hn::Vec<DF> u) {
 // cancellation costs at most a factor 4 and, unlike pb * expm1(e), nothing
 // underflows when pb is tiny but pb exp(e) is not.
 template <class DF>
-HWY_INLINE void SecondOrderSeries(DF df, hn::Vec<DF> e, hn::Vec<DF>& g_plus,
-                                  hn::Vec<DF>& g_minus) {
+HWY_INLINE void AddSecondOrderTerms(DF df, hn::Vec<DF> e, hn::Vec<DF> xa, hn::Vec<DF> xb,
+                                    hn::Vec<DF> pa, hn::Vec<DF> pb, hn::Vec<DF>& g_s,
+                                    hn::Vec<DF>& h_s) {
   const auto u = hn::Mul(e, e);
   auto even = hn::MulAdd(hn::Set(df, 1.0f / 40320), u, hn::Set(df, 1.0f / 720));
   even = hn::MulAdd(even, u, hn::Set(df, 1.0f / 24));
@@ -301,15 +291,7 @@ HWY_INLINE void SecondOrderSeries(DF df, hn::Vec<DF> e, hn::Vec<DF>& g_plus,
   odd = hn::MulAdd(odd, u, hn::Set(df, 1.0f / 120));
   odd = hn::MulAdd(odd, u, hn::Set(df, 1.0f / 6));
   odd = hn::Mul(odd, hn::Mul(u, e));
-  g_plus = hn::Sub(even, odd);   // g(e) for |e| <= 1/2
-  g_minus = hn::Add(even, odd);  // g(-e)
-}
-
-// AddSecondOrderTerms given the series values of SecondOrderSeries.
-template <class DF>
-HWY_INLINE void AddSecondOrderTerms(DF df, hn::Vec<DF> e, hn::Vec<DF> xa, hn::Vec<DF> xb,
-                                    hn::Vec<DF> pa, hn::Vec<DF> pb, hn::Vec<DF> g_plus,
-                                    hn::Vec<DF> g_minus, hn::Vec<DF>& g_s, hn::Vec<DF>& h_s) {
+  const auto g_plus = hn::Sub(even, odd), g_minus = hn::Add(even, odd);
   const auto big = hn::Gt(hn::Abs(e), hn::Set(df, 0.5f));
   if (HWY_LIKELY(hn::AllFalse(df, big))) {
     g_s = hn::MulAdd(pa, g_plus, g_s);
@@ -322,15 +304,6 @@ HWY_INLINE void AddSecondOrderTerms(DF df, hn::Vec<DF> e, hn::Vec<DF> xa, hn::Ve
   g_s = hn::Add(g_s, hn::IfThenElse(big, hn::MulAdd(pa, e, hn::Sub(ea, pa)), hn::Mul(pa, g_plus)));
   h_s = hn::Add(h_s,
                 hn::IfThenElse(big, hn::NegMulAdd(pb, e, hn::Sub(eb, pb)), hn::Mul(pb, g_minus)));
-}
-
-template <class DF>
-HWY_INLINE void AddSecondOrderTerms(DF df, hn::Vec<DF> e, hn::Vec<DF> xa, hn::Vec<DF> xb,
-                                    hn::Vec<DF> pa, hn::Vec<DF> pb, hn::Vec<DF>& g_s,
-                                    hn::Vec<DF>& h_s) {
-  hn::Vec<DF> g_plus, g_minus;
-  SecondOrderSeries(df, e, g_plus, g_minus);
-  AddSecondOrderTerms(df, e, xa, xb, pa, pb, g_plus, g_minus, g_s, h_s);
 }
 
 // Per-row state of the sweep besides the float64 totals: running maxima, the
@@ -495,13 +468,6 @@ HWY_INLINE void ChunkSumsClean(DF df, const float* HWY_RESTRICT a, const float* 
   const float kInfF = std::numeric_limits<float>::infinity();
   const V vMa = hn::Set(df, st.Ma), vMb = hn::Set(df, st.Mb), vc0 = hn::Set(df, st.c0);
   V d_max = hn::Set(df, -kInfF), d_min = hn::Set(df, kInfF);
-  // xb = xa - e - delta with delta = c0 - (Ma - Mb) fixed for the chunk, so
-  // where every |e| <= 1/2 pb comes from pa and the series of g instead of
-  // a second exp (see kMaxDeltaForSharedExp).
-  const double delta = static_cast<double>(st.c0) - (static_cast<double>(st.Ma) - st.Mb);
-  const bool shared = fabs(delta) <= kMaxDeltaForSharedExp && fabs(st.c0) <= kMaxC0ForSharedExp;
-  const V vk = hn::Set(df, static_cast<float>(exp(-delta)));
-  const V half = hn::Set(df, 0.5f);
   const size_t blocks = (padded + kBlockVectors * N - 1) / (kBlockVectors * N);
   for (size_t block = 0; block < padded; block += kBlockVectors * N) {
     next.Fetch(block / (kBlockVectors * N), blocks);
@@ -523,19 +489,7 @@ HWY_INLINE void ChunkSumsClean(DF df, const float* HWY_RESTRICT a, const float* 
 
       const V xa = hn::Sub(va, vMa), xb = hn::Sub(vb, vMb);
       const V pa = ExpNonPositive(df, xa);
-      V g_plus, g_minus;
-      SecondOrderSeries(df, e, g_plus, g_minus);
-      V pb;
-      if (HWY_LIKELY(shared && hn::AllFalse(df, hn::Gt(hn::Abs(e), half)))) {
-        // pb = exp(xb) = pa exp(-e) exp(-delta), exp(-e) = 1 + g(e) - e.
-        const V pk = hn::Mul(pa, vk);
-        pb = hn::MulAdd(pk, hn::Sub(g_plus, e), pk);
-        g_s = hn::MulAdd(pa, g_plus, g_s);
-        h_s = hn::MulAdd(pb, g_minus, h_s);
-      } else {
-        pb = ExpNonPositive(df, xb);
-        AddSecondOrderTerms(df, e, xa, xb, pa, pb, g_plus, g_minus, g_s, h_s);
-      }
+      const V pb = ExpNonPositive(df, xb);
       if (kSave) {
         hn::Store(pa, df, p_out + i);
         hn::Store(pb, df, q_out + i);
@@ -546,6 +500,7 @@ HWY_INLINE void ChunkSumsClean(DF df, const float* HWY_RESTRICT a, const float* 
       tb_s = hn::MulAdd(pb, xb, tb_s);
       ea_s = hn::MulAdd(pa, e, ea_s);
       eb_s = hn::MulAdd(pb, e, eb_s);
+      AddSecondOrderTerms(df, e, xa, xb, pa, pb, g_s, h_s);
     }
     tot.Add(df, kSumAbsD, abs_s);
     tot.Add(df, kSumD2, d2_s);
