@@ -4,17 +4,19 @@
 // length n (float32, float16 or bfloat16, each side its own dtype). Units:
 // nats (natural log). Accumulation: float64 for every sum (products of two
 // floats are formed in double, where they are exact); exp of max-subtracted
-// logits is ExpNonPositive (row_load-inl.h, Highway's polynomial, ~1 ulp),
-// log and the rare large-argument exp are Highway's float32 versions
-// (<= 4 ulp). Tolerances against CompareRowRef are pinned in
-// row_metrics_test.cc.
+// logits is ExpNonPositive (row_load-inl.h, <= 8.6e-8 relative), log and
+// the rare large-argument exp are Highway's float32 versions (<= 4 ulp).
+// Tolerances against CompareRowRef are pinned in row_metrics_test.cc.
 //
 // One sweep over the row reads each element once from memory, in chunks of
-// kChunk elements converted to float in an L1 buffer: a first loop over the
-// chunk finds its maxima, a second one exponentiates relative to the running
-// maxima Ma, Mb (online softmax: when a maximum grows, the sums scale by
-// exp(M_old - M_new) in double). Jensen-Shannon needs the final log-sum-exps
-// and, when requested, takes a second sweep.
+// kChunk elements (float32 ones in place, others converted to float in an L1
+// buffer; the chunk kPrefetchChunks ahead prefetched meanwhile): a first
+// loop over the chunk finds its maxima, a second one exponentiates relative
+// to the running maxima Ma, Mb (online softmax: when a maximum grows, the
+// sums scale by exp(M_old - M_new) in double). Jensen-Shannon needs the
+// final log-sum-exps and, when requested, takes a second sweep over the
+// exponentials the first one saved (SavedExps). Speed, step by step:
+// docs/metrics.md ("Speed of the CPU kernel").
 //
 // KL is computed in a form that stays accurate when the two rows are close,
 // which is the case this project exists for. With d_i = a_i - b_i, a shift
@@ -22,7 +24,7 @@
 // e_i = d_i - c0, exactly
 //   KL(P||Q) = E_p[e] + L,   L = log E_p[exp(-e)] = log1p(E_p[g(e)] - E_p[e]),
 //   KL(Q||P) = -E_q[e] + L', L' = log E_q[exp(e)] = log1p(E_q[g(-e)] + E_q[e]),
-//   g(e) = expm1(-e) + e (second order in e, see SecondOrderTerms),
+//   g(e) = expm1(-e) + e (second order in e, see AddSecondOrderTerms),
 // and L = -L' = c0 + lse_b - lse_a.
 // Computing L from the float64 means of e and g(e) leaves no cancellation in
 // float32: identical rows give exactly 0, and the error of KL is relative to
@@ -45,7 +47,9 @@
 
 #include <algorithm>
 #include <limits>
+#include <new>
 
+#include "hwy/cache_control.h"
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
 #include "logitparity/row_metrics.h"
@@ -161,6 +165,37 @@ struct ChunkScratch {
   float* b;
 };
 
+// How many chunks ahead of the one being summed both rows are prefetched
+// (into L1, one slice per block of the sums). The sweep alternates reading a
+// chunk (memory-bound) and summing it in L1 (arithmetic-bound), and the
+// hardware prefetcher does not run far enough ahead during the sums to keep
+// the two overlapped. Measured one thread here (AMD EPYC, AVX3, shared),
+// 32 x 151936 fp32, rows/s without / with JS: none 2954 / 1985, 1 chunk
+// ahead 3625 / 2327, 2 chunks 3853 / 2411, 3 chunks 3514 / 2383, 4 chunks
+// 3804 / 2407; 2 chunks into L2 (prefetcht1) 3702 / 2390.
+constexpr size_t kPrefetchChunks = 2;
+
+// The bytes of a later chunk of both rows, fetched into the cache slice by
+// slice while the current chunk is summed (ChunkSums, JensenShannon).
+struct NextChunk {
+  const uint8_t* a = nullptr;
+  size_t a_bytes = 0;
+  const uint8_t* b = nullptr;
+  size_t b_bytes = 0;
+
+  // Prefetches slice `i` of `slices` of both byte ranges.
+  HWY_INLINE void Fetch(size_t i, size_t slices) const {
+    FetchSlice(a, a_bytes, i, slices);
+    FetchSlice(b, b_bytes, i, slices);
+  }
+  static HWY_INLINE void FetchSlice(const uint8_t* p, size_t bytes, size_t i, size_t slices) {
+    const size_t step = (bytes + slices - 1) / slices;
+    const size_t end = std::min(bytes, (i + 1) * step);
+    for (size_t off = i * step; off < end; off += kCacheLine) hwy::Prefetch(p + off);
+  }
+  static constexpr size_t kCacheLine = 64;
+};
+
 struct RowArgs {
   const void* a;
   Dtype a_dtype;
@@ -172,6 +207,39 @@ struct RowArgs {
   size_t num_ks;
   bool js;
 };
+
+// The exponentials of the first sweep, kept for the Jensen-Shannon sweep
+// (only when it is asked for): p[i] = exp(a_i - ma[c]), q[i] = exp(b_i -
+// mb[c]), where ma[c], mb[c] are the running maxima with which chunk c was
+// summed. JS then costs a multiply per side instead of an exp, and reads
+// them (as many bytes as float32 rows) instead of the rows.
+struct SavedExps {
+  float* p = nullptr;  // the row's padded length, aligned
+  float* q = nullptr;
+  float* ma = nullptr;  // one per chunk
+  float* mb = nullptr;
+};
+
+// Storage for SavedExps of a row of length n, owned by the calling thread
+// (a pool worker or the caller) and kept between rows and calls.
+HWY_INLINE SavedExps SavedExpsFor(size_t n) {
+  thread_local hwy::AlignedFreeUniquePtr<float[]> buf;
+  thread_local size_t size = 0;
+  const size_t padded = hwy::RoundUpTo(n, kMaxLanesF32);
+  const size_t chunks = hwy::RoundUpTo((n + kChunk - 1) / kChunk, kMaxLanesF32);
+  const size_t need = 2 * padded + 2 * chunks;
+  if (size < need) {
+    buf = hwy::AllocateAligned<float>(need);
+    if (!buf) throw std::bad_alloc();
+    size = need;
+  }
+  SavedExps saved;
+  saved.p = buf.get();
+  saved.q = saved.p + padded;
+  saved.ma = saved.q + padded;
+  saved.mb = saved.ma + chunks;
+  return saved;
+}
 
 // (1+u) log(1+u) + (1-u) log(1-u) for u in [-1, 1]. For |u| < 1/4 its series
 // sum_k u^(2k) / (k (2k-1)) (six terms, truncation < 1e-9 relative) avoids the
@@ -200,38 +268,42 @@ HWY_INLINE hn::Vec<DF> JsKernel(DF df, hn::Vec<DF> u) {
   return hn::IfThenElse(small, series, hn::Add(lp, lm));
 }
 
-// The weighted second-order terms pa g(e) and pb g(-e), where
-// g(e) = expm1(-e) + e, pa = exp(xa), pb = exp(xb), to a relative 1e-7
+// Adds the weighted second-order terms pa g(e) and pb g(-e) to g_s and h_s,
+// where g(e) = expm1(-e) + e, pa = exp(xa), pb = exp(xb), to a relative 1e-7
 // however small e is. For |e| <= 1/2 g comes from its Taylor series split
-// into even and odd powers (g(+-e) = even -+ odd, degree 12, truncation
-// < 1e-12 relative). Beyond that the products are formed as
-// exp(xa - e) - pa + pa e and exp(xb + e) - pb - pb e, where the cancellation
-// costs at most a factor 4 and, unlike pb * expm1(e), nothing underflows
-// when pb is tiny but pb exp(e) is not.
+// into even and odd powers (g(+-e) = even -+ odd), shared by both sides,
+// through degree 9: the first term left out, e^10 / 10!, is < 2.6e-9 of g at
+// |e| = 1/2, below float32 rounding (degree 12 before: three more FMAs per
+// vector for nothing visible in float32). Beyond that the products are
+// formed as exp(xa - e) - pa + pa e and exp(xb + e) - pb - pb e, where the
+// cancellation costs at most a factor 4 and, unlike pb * expm1(e), nothing
+// underflows when pb is tiny but pb exp(e) is not.
 template <class DF>
-HWY_INLINE void SecondOrderTerms(DF df, hn::Vec<DF> e, hn::Vec<DF> xa, hn::Vec<DF> xb,
-                                 hn::Vec<DF> pa, hn::Vec<DF> pb, hn::Vec<DF>& gp,
-                                 hn::Vec<DF>& gq) {
+HWY_INLINE void AddSecondOrderTerms(DF df, hn::Vec<DF> e, hn::Vec<DF> xa, hn::Vec<DF> xb,
+                                    hn::Vec<DF> pa, hn::Vec<DF> pb, hn::Vec<DF>& g_s,
+                                    hn::Vec<DF>& h_s) {
   const auto u = hn::Mul(e, e);
-  auto even = hn::Set(df, 1.0f / 479001600);  // 1/12!
-  for (float c : {1.0f / 3628800, 1.0f / 40320, 1.0f / 720, 1.0f / 24, 0.5f}) {
-    even = hn::MulAdd(even, u, hn::Set(df, c));
-  }
+  auto even = hn::MulAdd(hn::Set(df, 1.0f / 40320), u, hn::Set(df, 1.0f / 720));
+  even = hn::MulAdd(even, u, hn::Set(df, 1.0f / 24));
+  even = hn::MulAdd(even, u, hn::Set(df, 0.5f));
   even = hn::Mul(even, u);
-  auto odd = hn::Set(df, 1.0f / 39916800);  // 1/11!
-  for (float c : {1.0f / 362880, 1.0f / 5040, 1.0f / 120, 1.0f / 6}) {
-    odd = hn::MulAdd(odd, u, hn::Set(df, c));
-  }
+  auto odd = hn::MulAdd(hn::Set(df, 1.0f / 362880), u, hn::Set(df, 1.0f / 5040));
+  odd = hn::MulAdd(odd, u, hn::Set(df, 1.0f / 120));
+  odd = hn::MulAdd(odd, u, hn::Set(df, 1.0f / 6));
   odd = hn::Mul(odd, hn::Mul(u, e));
-  gp = hn::Mul(pa, hn::Sub(even, odd));
-  gq = hn::Mul(pb, hn::Add(even, odd));
+  const auto g_plus = hn::Sub(even, odd), g_minus = hn::Add(even, odd);
   const auto big = hn::Gt(hn::Abs(e), hn::Set(df, 0.5f));
-  if (HWY_LIKELY(hn::AllFalse(df, big))) return;
+  if (HWY_LIKELY(hn::AllFalse(df, big))) {
+    g_s = hn::MulAdd(pa, g_plus, g_s);
+    h_s = hn::MulAdd(pb, g_minus, h_s);
+    return;
+  }
   const auto lo = hn::Set(df, -104.5f), hi = hn::Set(df, 80.0f);
   const auto ea = hn::Exp(df, hn::Min(hn::Max(hn::Sub(xa, e), lo), hi));
   const auto eb = hn::Exp(df, hn::Min(hn::Max(hn::Add(xb, e), lo), hi));
-  gp = hn::IfThenElse(big, hn::MulAdd(pa, e, hn::Sub(ea, pa)), gp);
-  gq = hn::IfThenElse(big, hn::NegMulAdd(pb, e, hn::Sub(eb, pb)), gq);
+  g_s = hn::Add(g_s, hn::IfThenElse(big, hn::MulAdd(pa, e, hn::Sub(ea, pa)), hn::Mul(pa, g_plus)));
+  h_s = hn::Add(h_s,
+                hn::IfThenElse(big, hn::NegMulAdd(pb, e, hn::Sub(eb, pb)), hn::Mul(pb, g_minus)));
 }
 
 // Per-row state of the sweep besides the float64 totals: running maxima, the
@@ -245,10 +317,19 @@ struct SweepState {
   float max_abs = 0.0f, e_max = -std::numeric_limits<float>::infinity(),
         e_min = std::numeric_limits<float>::infinity();
   TopKState top_a, top_b;
+  // Facts about the chunk being swept, from ChunkMaxima.
+  float chunk_ma = 0.0f, chunk_mb = 0.0f;  // its maxima
+  bool chunk_masked = false;               // some entry is -inf on a side (pads included)
 };
 
 // Loop 1 over a chunk: its maxima (raising the running ones) and the mask
 // counts. Returns false if a NaN or +inf was found (the row has no metrics).
+// The common chunk costs two maxima and two adds per vector: the lane sums
+// of a + b are finite when every entry is, -inf when some entry is -inf and
+// none is NaN or +inf, and NaN or +inf when some entry is (or when finite
+// entries overflow, which the exact checks then rule out); before, four
+// compares and six mask operations per vector (8.3 TSC cycles per vector
+// of the ~58 of a whole sweep without JS, this AMD EPYC, AVX3).
 template <class DF>
 HWY_INLINE bool ChunkMaxima(DF df, const float* HWY_RESTRICT a, const float* HWY_RESTRICT b,
                             size_t padded, Totals& tot, SweepState& st) {
@@ -256,28 +337,39 @@ HWY_INLINE bool ChunkMaxima(DF df, const float* HWY_RESTRICT a, const float* HWY
   const size_t N = hn::Lanes(df);
   const float kInfF = std::numeric_limits<float>::infinity();
   const V ninf = hn::Set(df, -kInfF), pinf = hn::Set(df, kInfF);
-  V vma = ninf, vmb = ninf;
-  auto bad = hn::FirstN(df, 0);
-  auto masked = hn::FirstN(df, 0);
+  V vma = ninf, vmb = ninf, sum = hn::Zero(df);
   for (size_t i = 0; i < padded; i += N) {
-    const V va = hn::Load(df, a + i), vb = hn::Load(df, b + i);
+    const V va = hn::LoadU(df, a + i), vb = hn::LoadU(df, b + i);
     vma = hn::Max(vma, va);
     vmb = hn::Max(vmb, vb);
-    bad = hn::Or(bad, hn::Or(hn::Not(hn::Lt(va, pinf)), hn::Not(hn::Lt(vb, pinf))));
-    masked = hn::Or(masked, hn::Or(hn::Eq(va, ninf), hn::Eq(vb, ninf)));
+    sum = hn::Add(sum, hn::Add(va, vb));
   }
-  if (!hn::AllFalse(df, bad)) return false;
-  if (!hn::AllFalse(df, masked)) {
+  if (!hn::AllTrue(df, hn::Lt(sum, pinf))) {  // NaN or +inf somewhere, or an overflow
+    auto bad = hn::FirstN(df, 0);
     for (size_t i = 0; i < padded; i += N) {
-      const auto ma = hn::Eq(hn::Load(df, a + i), ninf);
-      const auto mb = hn::Eq(hn::Load(df, b + i), ninf);
-      st.both_masked += hn::CountTrue(df, hn::And(ma, mb));
-      st.a_only_masked += hn::CountTrue(df, hn::AndNot(mb, ma));
-      st.b_only_masked += hn::CountTrue(df, hn::AndNot(ma, mb));
+      const V va = hn::LoadU(df, a + i), vb = hn::LoadU(df, b + i);
+      bad = hn::Or(bad, hn::Or(hn::Not(hn::Lt(va, pinf)), hn::Not(hn::Lt(vb, pinf))));
     }
+    if (!hn::AllFalse(df, bad)) return false;
   }
-  const float chunk_ma = hn::GetLane(hn::MaxOfLanes(df, vma));
-  const float chunk_mb = hn::GetLane(hn::MaxOfLanes(df, vmb));
+  st.chunk_masked = false;
+  if (!hn::AllTrue(df, hn::Gt(sum, ninf))) {  // a -inf somewhere, or an overflow
+    size_t masked = 0;
+    for (size_t i = 0; i < padded; i += N) {
+      const auto ma = hn::Eq(hn::LoadU(df, a + i), ninf);
+      const auto mb = hn::Eq(hn::LoadU(df, b + i), ninf);
+      const size_t both = hn::CountTrue(df, hn::And(ma, mb));
+      const size_t a_only = hn::CountTrue(df, hn::AndNot(mb, ma));
+      const size_t b_only = hn::CountTrue(df, hn::AndNot(ma, mb));
+      st.both_masked += both;
+      st.a_only_masked += a_only;
+      st.b_only_masked += b_only;
+      masked += both + a_only + b_only;
+    }
+    st.chunk_masked = masked > 0;
+  }
+  const float chunk_ma = st.chunk_ma = hn::GetLane(hn::MaxOfLanes(df, vma));
+  const float chunk_mb = st.chunk_mb = hn::GetLane(hn::MaxOfLanes(df, vmb));
   RaiseMax(df, chunk_ma, st.Ma, tot, kSumP, kSumPX, kSumPE, kSumPG);
   RaiseMax(df, chunk_mb, st.Mb, tot, kSumQ, kSumQY, kSumQE, kSumQG);
   if (!st.have_c0 && chunk_ma > -kInfF && chunk_mb > -kInfF) {
@@ -291,22 +383,26 @@ HWY_INLINE bool ChunkMaxima(DF df, const float* HWY_RESTRICT a, const float* HWY
 // kBlockVectors vectors (at most 8 terms per lane) and are then added to the
 // float64 totals: this halves the cost of the sweep, and the relative error
 // of a block sum stays ~1e-7, below that of exp.
-template <class DF>
-HWY_INLINE void ChunkSums(DF df, const float* HWY_RESTRICT a, const float* HWY_RESTRICT b,
-                          size_t padded, Totals& tot, SweepState& st) {
+template <bool kSave, class DF>
+HWY_INLINE void ChunkSumsMasked(DF df, const float* HWY_RESTRICT a, const float* HWY_RESTRICT b,
+                                size_t padded, const NextChunk& next, Totals& tot,
+                                SweepState& st, float* HWY_RESTRICT p_out = nullptr,
+    float* HWY_RESTRICT q_out = nullptr) {
   using V = hn::Vec<DF>;
   const size_t N = hn::Lanes(df);
   const float kInfF = std::numeric_limits<float>::infinity();
   const V ninf = hn::Set(df, -kInfF), pinf = hn::Set(df, kInfF);
   const V vMa = hn::Set(df, st.Ma), vMb = hn::Set(df, st.Mb), vc0 = hn::Set(df, st.c0);
   V max_abs = hn::Set(df, st.max_abs), e_max = hn::Set(df, st.e_max), e_min = hn::Set(df, st.e_min);
+  const size_t blocks = (padded + kBlockVectors * N - 1) / (kBlockVectors * N);
   for (size_t block = 0; block < padded; block += kBlockVectors * N) {
+    next.Fetch(block / (kBlockVectors * N), blocks);
     const size_t block_end = std::min(padded, block + kBlockVectors * N);
     const V z = hn::Zero(df);
     V abs_s = z, d2_s = z, x_s = z, na_s = z, nb_s = z, sa_s = z, sb_s = z;
     V ta_s = z, tb_s = z, ea_s = z, eb_s = z, g_s = z, h_s = z;
     for (size_t i = block; i < block_end; i += N) {
-      const V va = hn::Load(df, a + i), vb = hn::Load(df, b + i);
+      const V va = hn::LoadU(df, a + i), vb = hn::LoadU(df, b + i);
       const auto fa = hn::Gt(va, ninf), fb = hn::Gt(vb, ninf);
       const auto both = hn::And(fa, fb);
       const V d = hn::Sub(va, vb);
@@ -326,17 +422,18 @@ HWY_INLINE void ChunkSums(DF df, const float* HWY_RESTRICT a, const float* HWY_R
       const V xa = hn::Sub(va, vMa), xb = hn::Sub(vb, vMb);
       const V pa = ExpNonPositive(df, xa);
       const V pb = ExpNonPositive(df, xb);
+      if (kSave) {
+        hn::Store(pa, df, p_out + i);
+        hn::Store(pb, df, q_out + i);
+      }
       sa_s = hn::Add(sa_s, pa);
       sb_s = hn::Add(sb_s, pb);
       ta_s = hn::MulAdd(pa, hn::IfThenElseZero(fa, xa), ta_s);
       tb_s = hn::MulAdd(pb, hn::IfThenElseZero(fb, xb), tb_s);
       ea_s = hn::MulAdd(pa, e, ea_s);
       eb_s = hn::MulAdd(pb, e, eb_s);
-      V gp, gq;
-      SecondOrderTerms(df, e, hn::IfThenElseZero(fa, xa), hn::IfThenElseZero(fb, xb), pa, pb, gp,
-                       gq);
-      g_s = hn::Add(g_s, gp);
-      h_s = hn::Add(h_s, gq);
+      AddSecondOrderTerms(df, e, hn::IfThenElseZero(fa, xa), hn::IfThenElseZero(fb, xb), pa, pb,
+                          g_s, h_s);
     }
     tot.Add(df, kSumAbsD, abs_s);
     tot.Add(df, kSumD2, d2_s);
@@ -355,6 +452,75 @@ HWY_INLINE void ChunkSums(DF df, const float* HWY_RESTRICT a, const float* HWY_R
   st.max_abs = hn::GetLane(hn::MaxOfLanes(df, max_abs));
   st.e_max = hn::GetLane(hn::MaxOfLanes(df, e_max));
   st.e_min = hn::GetLane(hn::MinOfLanes(df, e_min));
+}
+
+// ChunkSumsMasked for a chunk where every entry is finite on both sides (the
+// common case): no masks, and the extremes of e and |d| come from those of
+// d (rounding is monotonic, so max fl(d - c0) = fl(max d - c0), and
+// max |d| = max(max d, -min d)): the same totals with fewer instructions.
+template <bool kSave, class DF>
+HWY_INLINE void ChunkSumsClean(DF df, const float* HWY_RESTRICT a, const float* HWY_RESTRICT b,
+                               size_t padded, const NextChunk& next, Totals& tot,
+                               SweepState& st, float* HWY_RESTRICT p_out = nullptr,
+    float* HWY_RESTRICT q_out = nullptr) {
+  using V = hn::Vec<DF>;
+  const size_t N = hn::Lanes(df);
+  const float kInfF = std::numeric_limits<float>::infinity();
+  const V vMa = hn::Set(df, st.Ma), vMb = hn::Set(df, st.Mb), vc0 = hn::Set(df, st.c0);
+  V d_max = hn::Set(df, -kInfF), d_min = hn::Set(df, kInfF);
+  const size_t blocks = (padded + kBlockVectors * N - 1) / (kBlockVectors * N);
+  for (size_t block = 0; block < padded; block += kBlockVectors * N) {
+    next.Fetch(block / (kBlockVectors * N), blocks);
+    const size_t block_end = std::min(padded, block + kBlockVectors * N);
+    const V z = hn::Zero(df);
+    V abs_s = z, d2_s = z, x_s = z, na_s = z, nb_s = z, sa_s = z, sb_s = z;
+    V ta_s = z, tb_s = z, ea_s = z, eb_s = z, g_s = z, h_s = z;
+    for (size_t i = block; i < block_end; i += N) {
+      const V va = hn::LoadU(df, a + i), vb = hn::LoadU(df, b + i);
+      const V d = hn::Sub(va, vb);
+      const V e = hn::Sub(d, vc0);
+      d_max = hn::Max(d_max, d);
+      d_min = hn::Min(d_min, d);
+      abs_s = hn::Add(abs_s, hn::Abs(d));
+      na_s = hn::MulAdd(va, va, na_s);
+      nb_s = hn::MulAdd(vb, vb, nb_s);
+      d2_s = hn::MulAdd(d, d, d2_s);
+      x_s = hn::MulAdd(d, hn::Add(va, vb), x_s);
+
+      const V xa = hn::Sub(va, vMa), xb = hn::Sub(vb, vMb);
+      const V pa = ExpNonPositive(df, xa);
+      const V pb = ExpNonPositive(df, xb);
+      if (kSave) {
+        hn::Store(pa, df, p_out + i);
+        hn::Store(pb, df, q_out + i);
+      }
+      sa_s = hn::Add(sa_s, pa);
+      sb_s = hn::Add(sb_s, pb);
+      ta_s = hn::MulAdd(pa, xa, ta_s);
+      tb_s = hn::MulAdd(pb, xb, tb_s);
+      ea_s = hn::MulAdd(pa, e, ea_s);
+      eb_s = hn::MulAdd(pb, e, eb_s);
+      AddSecondOrderTerms(df, e, xa, xb, pa, pb, g_s, h_s);
+    }
+    tot.Add(df, kSumAbsD, abs_s);
+    tot.Add(df, kSumD2, d2_s);
+    tot.Add(df, kSumDSum, x_s);
+    tot.Add(df, kSumA2, na_s);
+    tot.Add(df, kSumB2, nb_s);
+    tot.Add(df, kSumP, sa_s);
+    tot.Add(df, kSumQ, sb_s);
+    tot.Add(df, kSumPX, ta_s);
+    tot.Add(df, kSumQY, tb_s);
+    tot.Add(df, kSumPE, ea_s);
+    tot.Add(df, kSumQE, eb_s);
+    tot.Add(df, kSumPG, g_s);
+    tot.Add(df, kSumQG, h_s);
+  }
+  const float hi = hn::GetLane(hn::MaxOfLanes(df, d_max));
+  const float lo = hn::GetLane(hn::MinOfLanes(df, d_min));
+  st.max_abs = std::max({st.max_abs, hi, -lo});
+  st.e_max = std::max(st.e_max, hi - st.c0);
+  st.e_min = std::min(st.e_min, lo - st.c0);
 }
 
 // Both KL directions (and the largest |Δ log-prob|) from the totals, each in
@@ -389,28 +555,53 @@ HWY_INLINE void FinishKl(DF df, const Totals& tot, const SweepState& st, double 
   out[kMaxAbsLogprob] = one_sided ? kInf : std::max(fabs(e_hi + L), fabs(e_lo + L));
 }
 
-// Jensen-Shannon: a second sweep now that both log-sum-exps are known.
+// The chunk of both rows that starts at element `begin` (empty past the end).
+HWY_INLINE NextChunk NextChunkOf(const RowArgs& r, size_t begin) {
+  NextChunk next;
+  if (begin < r.n) {
+    const size_t len = std::min(kChunk, r.n - begin);
+    const size_t ea = DtypeSize(r.a_dtype), eb = DtypeSize(r.b_dtype);
+    next.a = static_cast<const uint8_t*>(r.a) + begin * ea;
+    next.a_bytes = len * ea;
+    next.b = static_cast<const uint8_t*>(r.b) + begin * eb;
+    next.b_bytes = len * eb;
+  }
+  return next;
+}
+
+// Jensen-Shannon: a second sweep now that both log-sum-exps are known, over
+// the exponentials the first sweep saved, each chunk rescaled to the final
+// maxima and normalised: p = saved p * exp(ma[c] - Ma) / Sa (one more
+// float32 rounding than exp(a - Ma) / Sa, far below the tolerance).
 template <class DF>
-HWY_INLINE double JensenShannon(DF df, const RowArgs& r, ChunkScratch s, float Ma, float Mb,
+HWY_INLINE double JensenShannon(DF df, size_t n, const SavedExps& saved, float Ma, float Mb,
                                 double Sa, double Sb) {
   using V = hn::Vec<DF>;
   const F64Tag<DF> dd;
   const size_t N = hn::Lanes(df);
-  const V vMa = hn::Set(df, Ma), vMb = hn::Set(df, Mb);
-  const V inv_sa = hn::Set(df, static_cast<float>(1.0 / Sa));
-  const V inv_sb = hn::Set(df, static_cast<float>(1.0 / Sb));
   auto js_lo = hn::Zero(dd), js_hi = hn::Zero(dd);
-  for (size_t begin = 0; begin < r.n; begin += kChunk) {
-    const size_t len = std::min(kChunk, r.n - begin);
-    const size_t padded = LoadChunk(df, r.a_dtype, r.a, begin, len, s.a);
-    LoadChunk(df, r.b_dtype, r.b, begin, len, s.b);
+  for (size_t begin = 0; begin < n; begin += kChunk) {
+    const size_t c = begin / kChunk;
+    const size_t padded = hwy::RoundUpTo(std::min(kChunk, n - begin), N);
+    const V scale_a = hn::Set(df, static_cast<float>(exp(static_cast<double>(saved.ma[c]) - Ma) / Sa));
+    const V scale_b = hn::Set(df, static_cast<float>(exp(static_cast<double>(saved.mb[c]) - Mb) / Sb));
+    const float* HWY_RESTRICT sp = saved.p + begin;
+    const float* HWY_RESTRICT sq = saved.q + begin;
+    NextChunk next;
+    const size_t ahead = begin + kPrefetchChunks * kChunk;
+    if (ahead < n) {
+      next.a = reinterpret_cast<const uint8_t*>(saved.p + ahead);
+      next.b = reinterpret_cast<const uint8_t*>(saved.q + ahead);
+      next.a_bytes = next.b_bytes = std::min(kChunk, n - ahead) * sizeof(float);
+    }
+    const size_t blocks = (padded + kBlockVectors * N - 1) / (kBlockVectors * N);
     for (size_t block = 0; block < padded; block += kBlockVectors * N) {
+      next.Fetch(block / (kBlockVectors * N), blocks);
       const size_t block_end = std::min(padded, block + kBlockVectors * N);
       V js_s = hn::Zero(df);
       for (size_t i = block; i < block_end; i += N) {
-        const V va = hn::Load(df, s.a + i), vb = hn::Load(df, s.b + i);
-        const V p = hn::Mul(ExpNonPositive(df, hn::Sub(va, vMa)), inv_sa);
-        const V q = hn::Mul(ExpNonPositive(df, hn::Sub(vb, vMb)), inv_sb);
+        const V p = hn::Mul(hn::Load(df, sp + i), scale_a);
+        const V q = hn::Mul(hn::Load(df, sq + i), scale_b);
         const V sum = hn::Add(p, q);
         const auto live = hn::Gt(sum, hn::Zero(df));
         const V u = hn::IfThenElseZero(
@@ -439,15 +630,16 @@ HWY_INLINE int64_t RankInCand(DF df, const RowArgs& r, ChunkScratch s, const Top
   size_t above = 0;
   for (size_t begin = 0; begin < r.n; begin += kChunk) {
     const size_t len = std::min(kChunk, r.n - begin);
-    const size_t padded = LoadChunk(df, r.b_dtype, r.b, begin, len, s.b);
+    size_t padded;
+    const float* cb = ChunkAsF32(df, r.b_dtype, r.b, begin, len, s.b, &padded);
     for (size_t i = 0; i < padded; i += N) {
-      const V vb = hn::Load(df, s.b + i);
+      const V vb = hn::LoadU(df, cb + i);
       above += hn::CountTrue(df, hn::Gt(vb, vbt));
       const size_t gi = begin + i;  // ties count only below index t
       if (gi + N <= static_cast<size_t>(t)) {
         above += hn::CountTrue(df, hn::Eq(vb, vbt));
       } else if (gi < static_cast<size_t>(t)) {
-        for (size_t j = 0; gi + j < static_cast<size_t>(t); ++j) above += s.b[i + j] == bt;
+        for (size_t j = 0; gi + j < static_cast<size_t>(t); ++j) above += cb[i + j] == bt;
       }
     }
   }
@@ -473,13 +665,15 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
   st.top_b.Reset(kmax);
   Totals tot;
   tot.Zero(df);
+  const SavedExps saved = r.js ? SavedExpsFor(n) : SavedExps();
 
   for (size_t begin = 0; begin < n; begin += kChunk) {
     const size_t len = std::min(kChunk, n - begin);
-    const size_t padded = LoadChunk(df, r.a_dtype, r.a, begin, len, s.a);
-    LoadChunk(df, r.b_dtype, r.b, begin, len, s.b);
+    size_t padded;
+    const float* ca = ChunkAsF32(df, r.a_dtype, r.a, begin, len, s.a, &padded);
+    const float* cb = ChunkAsF32(df, r.b_dtype, r.b, begin, len, s.b, &padded);
     st.pads += padded - len;
-    if (!ChunkMaxima(df, s.a, s.b, padded, tot, st)) {
+    if (!ChunkMaxima(df, ca, cb, padded, tot, st)) {
       // NaN or +inf: every field is NaN; count them so the caller sees why.
       double bad_a = 0, bad_b = 0;
       for (size_t i = 0; i < n; ++i) {
@@ -492,9 +686,31 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
       for (size_t k = 0; k < r.num_ks; ++k) overlap[k] = -1;
       return;
     }
-    ChunkSums(df, s.a, s.b, padded, tot, st);
-    TopKOffer(df, s.a, len, static_cast<int64_t>(begin), st.top_a);
-    TopKOffer(df, s.b, len, static_cast<int64_t>(begin), st.top_b);
+    const NextChunk next = NextChunkOf(r, begin + kPrefetchChunks * kChunk);
+    if (r.js) {
+      const size_t c = begin / kChunk;
+      saved.ma[c] = st.Ma;
+      saved.mb[c] = st.Mb;
+      float* p_out = saved.p + begin;
+      float* q_out = saved.q + begin;
+      if (st.chunk_masked) {
+        ChunkSumsMasked<true>(df, ca, cb, padded, next, tot, st, p_out, q_out);
+      } else {
+        ChunkSumsClean<true>(df, ca, cb, padded, next, tot, st, p_out, q_out);
+      }
+    } else if (st.chunk_masked) {
+      ChunkSumsMasked<false>(df, ca, cb, padded, next, tot, st);
+    } else {
+      ChunkSumsClean<false>(df, ca, cb, padded, next, tot, st);
+    }
+    // A chunk whose maximum does not beat a full selection's threshold has
+    // nothing to offer (ties stay out: they come at higher indices).
+    if (!st.top_a.Full() || st.chunk_ma > st.top_a.Threshold()) {
+      TopKOffer(df, ca, len, static_cast<int64_t>(begin), st.top_a);
+    }
+    if (!st.top_b.Full() || st.chunk_mb > st.top_b.Threshold()) {
+      TopKOffer(df, cb, len, static_cast<int64_t>(begin), st.top_b);
+    }
   }
   st.both_masked -= st.pads;
 
@@ -523,7 +739,7 @@ HWY_NOINLINE void CompareRowImpl(DF df, const RowArgs& r, ChunkScratch s, double
     out[kCosine] = 1.0 - (tot.Sum(df, kSumD2) - norm_diff * norm_diff) / (2.0 * ra * rb);
   }
   if (dist_a && dist_b) FinishKl(df, tot, st, Sa, Sb, lse_a, lse_b, out);
-  if (r.js && dist_a && dist_b) out[kJs] = JensenShannon(df, r, s, st.Ma, st.Mb, Sa, Sb);
+  if (r.js && dist_a && dist_b) out[kJs] = JensenShannon(df, n, saved, st.Ma, st.Mb, Sa, Sb);
 
   // Top-k derived fields.
   const int64_t t = st.top_a.indices[0];

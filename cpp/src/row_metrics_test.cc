@@ -174,6 +174,38 @@ void TestKlTightOnCloseRows() {
   }
 }
 
+// Huge finite logits: ChunkMaxima flags a chunk from the lane sums of a + b,
+// which overflow to +inf (2e38 + 2e38) or -inf (-2e38 + -2e38) although
+// nothing is NaN, +inf or -inf; the exact checks behind the flags must then
+// find the row valid and unmasked. Cosine is left out: the float32 block
+// sums of a^2 overflow at such values (a limit of the kernel, not of the
+// flags).
+void TestHugeFiniteLogits() {
+  const std::vector<int> ks = {1, 5};
+  for (size_t n : {size_t{17}, size_t{2100}}) {
+    const std::vector<float> a = LmLogits(n, 9 + n);
+    for (float huge : {2e38f, -2e38f}) {
+      RowPair c{"huge finite", a, Perturb(a, 1e-2f, 10), 0};
+      const size_t at = huge > 0 ? 1 : n - 2;  // one entry: the float64 reference stays exact
+      c.a[at] = c.b[at] = huge;
+      const TypedRow ra = MakeRow(c.a, Dtype::kF32), rb = MakeRow(c.b, Dtype::kF32);
+      std::vector<int32_t> ov;
+      const std::vector<double> got = RunKernel(ra, rb, c.target, ks, true, &ov);
+      const RefRowResult want = CompareRowRef(ra.values.data(), rb.values.data(), n, c.target, ks);
+      for (int f : {kNonfiniteRef, kNonfiniteCand, kLseRef, kLseCand, kKlRefCand, kKlCandRef, kJs,
+                    kMaxAbsLogit, kMeanAbsLogit, kEntropyRef, kEntropyCand, kArgmaxRef,
+                    kArgmaxCand, kRankOfRefTop1InCand}) {
+        const Tol tol = FieldTol(f);
+        if (!Close(got[f], want.fields[f], tol.atol, tol.rtol)) {
+          HWY_ABORT("%s: huge finite %g n=%zu %s: got %.12g want %.12g",
+                    hwy::TargetName(HWY_TARGET), huge, n, RowFieldName(f), got[f],
+                    want.fields[f]);
+        }
+      }
+    }
+  }
+}
+
 // The SIMD f16 conversion against the scalar one for all 65536 bit patterns
 // (inf, NaN and subnormals included): Highway 1.0.3's own promotion is wrong
 // for inf/NaN on targets without F16C.
@@ -220,6 +252,7 @@ HWY_EXPORT_AND_TEST_P(RowMetricsTest, TestAgainstReferenceVocabSizes);
 HWY_EXPORT_AND_TEST_P(RowMetricsTest, TestTiesAndMasks);
 HWY_EXPORT_AND_TEST_P(RowMetricsTest, TestKlTightOnCloseRows);
 HWY_EXPORT_AND_TEST_P(RowMetricsTest, TestF16ConversionAllBits);
+HWY_EXPORT_AND_TEST_P(RowMetricsTest, TestHugeFiniteLogits);
 
 // Bitwise identical results for 1..8 threads and for any split of the rows.
 TEST(RowMetricsPublic, ThreadAndBatchInvariance) {
