@@ -379,6 +379,27 @@ HWY_INLINE bool ChunkMaxima(DF df, const float* HWY_RESTRICT a, const float* HWY
   return true;
 }
 
+// Adds one block's float32 partial sums to the float64 totals (the sweep's
+// masked and clean chunk loops; vectors are arguments, not struct members:
+// see Totals).
+template <class DF, class V = hn::Vec<DF>>
+HWY_INLINE void AddBlockSums(DF df, Totals& tot, V abs_s, V d2_s, V x_s, V na_s, V nb_s, V sa_s,
+                             V sb_s, V ta_s, V tb_s, V ea_s, V eb_s, V g_s, V h_s) {
+  tot.Add(df, kSumAbsD, abs_s);
+  tot.Add(df, kSumD2, d2_s);
+  tot.Add(df, kSumDSum, x_s);
+  tot.Add(df, kSumA2, na_s);
+  tot.Add(df, kSumB2, nb_s);
+  tot.Add(df, kSumP, sa_s);
+  tot.Add(df, kSumQ, sb_s);
+  tot.Add(df, kSumPX, ta_s);
+  tot.Add(df, kSumQY, tb_s);
+  tot.Add(df, kSumPE, ea_s);
+  tot.Add(df, kSumQE, eb_s);
+  tot.Add(df, kSumPG, g_s);
+  tot.Add(df, kSumQG, h_s);
+}
+
 // Loop 2 over a chunk: every total. Sums run in float32 over blocks of
 // kBlockVectors vectors (at most 8 terms per lane) and are then added to the
 // float64 totals: this halves the cost of the sweep, and the relative error
@@ -435,19 +456,8 @@ HWY_INLINE void ChunkSumsMasked(DF df, const float* HWY_RESTRICT a, const float*
       AddSecondOrderTerms(df, e, hn::IfThenElseZero(fa, xa), hn::IfThenElseZero(fb, xb), pa, pb,
                           g_s, h_s);
     }
-    tot.Add(df, kSumAbsD, abs_s);
-    tot.Add(df, kSumD2, d2_s);
-    tot.Add(df, kSumDSum, x_s);
-    tot.Add(df, kSumA2, na_s);
-    tot.Add(df, kSumB2, nb_s);
-    tot.Add(df, kSumP, sa_s);
-    tot.Add(df, kSumQ, sb_s);
-    tot.Add(df, kSumPX, ta_s);
-    tot.Add(df, kSumQY, tb_s);
-    tot.Add(df, kSumPE, ea_s);
-    tot.Add(df, kSumQE, eb_s);
-    tot.Add(df, kSumPG, g_s);
-    tot.Add(df, kSumQG, h_s);
+    AddBlockSums(df, tot, abs_s, d2_s, x_s, na_s, nb_s, sa_s, sb_s, ta_s, tb_s, ea_s, eb_s, g_s,
+                 h_s);
   }
   st.max_abs = hn::GetLane(hn::MaxOfLanes(df, max_abs));
   st.e_max = hn::GetLane(hn::MaxOfLanes(df, e_max));
@@ -502,19 +512,8 @@ HWY_INLINE void ChunkSumsClean(DF df, const float* HWY_RESTRICT a, const float* 
       eb_s = hn::MulAdd(pb, e, eb_s);
       AddSecondOrderTerms(df, e, xa, xb, pa, pb, g_s, h_s);
     }
-    tot.Add(df, kSumAbsD, abs_s);
-    tot.Add(df, kSumD2, d2_s);
-    tot.Add(df, kSumDSum, x_s);
-    tot.Add(df, kSumA2, na_s);
-    tot.Add(df, kSumB2, nb_s);
-    tot.Add(df, kSumP, sa_s);
-    tot.Add(df, kSumQ, sb_s);
-    tot.Add(df, kSumPX, ta_s);
-    tot.Add(df, kSumQY, tb_s);
-    tot.Add(df, kSumPE, ea_s);
-    tot.Add(df, kSumQE, eb_s);
-    tot.Add(df, kSumPG, g_s);
-    tot.Add(df, kSumQG, h_s);
+    AddBlockSums(df, tot, abs_s, d2_s, x_s, na_s, nb_s, sa_s, sb_s, ta_s, tb_s, ea_s, eb_s, g_s,
+                 h_s);
   }
   const float hi = hn::GetLane(hn::MaxOfLanes(df, d_max));
   const float lo = hn::GetLane(hn::MinOfLanes(df, d_min));
