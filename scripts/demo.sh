@@ -10,5 +10,5 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # Exit 1 means the job ran and the candidate failed the policy: that is a
 # result, printed by the command, so the script succeeds; 2 is an error.
 rc=0
-logitparity demo --out out/demo "$@" || rc=$?
+logitparity demo --out out/demo --resume "$@" || rc=$?
 [ "$rc" -le 1 ]

@@ -124,9 +124,25 @@ def test_demo_spread_is_round_robin_over_categories():
 def test_demo_refuses_to_overwrite(tmp_path, capsys):
     (tmp_path / "reference-fp32").mkdir()
     assert main(["demo", "--out", str(tmp_path)]) == 2
-    assert "reference-fp32 already exists; pass another --out" in capsys.readouterr().err
+    assert "reference-fp32 already exists; pass --resume to continue or reuse it, another --out" in \
+        capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path / "x"), "--limit", "0"]) == 2
     assert "--limit must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_demo_resume_refuses_a_dump_of_other_settings(dumps, tmp_path, capsys):
+    # --resume continues the demo's own dumps; a dump made otherwise (here the
+    # tiny model's) is refused before anything is captured, naming what differs.
+    import shutil
+
+    ref, _ = dumps
+    shutil.copytree(ref, tmp_path / "reference-fp32")
+    before = sorted(p.name for p in (tmp_path / "reference-fp32").iterdir())
+    assert main(["demo", "--out", str(tmp_path), "--resume", "--limit", "2", "--max-new-tokens", "2",
+                 "--tasks", "0"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"cannot resume .*reference-fp32: its manifest's '\w+' differs from this run's", err)
+    assert sorted(p.name for p in (tmp_path / "reference-fp32").iterdir()) == before
 
 
 def test_quality_compare_script(dumps, tmp_path):

@@ -52,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=int, default=DEFAULT_TASKS, metavar="N",
                    help=f"multiple-choice questions for the report's task-accuracy section, round-robin over "
                         f"subjects (default {DEFAULT_TASKS}; 0 leaves it out; hf candidates only)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the dumps of an earlier (or interrupted) demo in --out instead of refusing "
+                        "them: complete ones are reused as they are, interrupted ones captured to the end; "
+                        "its settings (--limit, --max-new-tokens, --engine, ...) must be the same")
     p.add_argument("--engine", choices=("hf", "llama.cpp"), default="hf",
                    help="candidate engine: hf (bf16, default) or llama.cpp (the GGUF run natively, Q4_1)")
 
@@ -105,8 +109,9 @@ def run(args: argparse.Namespace) -> int:
     ref_dir, cand_dir = out / "reference-fp32", out / ("candidate-bf16" if args.engine == "hf" else "candidate-llama.cpp")
     twin_dir, mode_dir, floor_path = out / "twin-bf16-scored", out / "reference-fp32-scored", out / "noise-floor.json"
     for d in (ref_dir, cand_dir, twin_dir, mode_dir):
-        if d.exists():
-            raise ValueError(f"{d} already exists; pass another --out or delete it")
+        if d.exists() and not args.resume:
+            raise ValueError(f"{d} already exists; pass --resume to continue or reuse it, another --out, "
+                             "or delete it")
     prompts = spread(load_prompts(), args.limit)
     torch_threads = apply_torch_threads(args)  # the captures run here
     from logitparity.floor import build_floor, write_floor
@@ -125,18 +130,18 @@ def run(args: argparse.Namespace) -> int:
             print(f"[demo] capturing the default GGUF with llama.cpp -> {path}", file=sys.stderr)
             with load_engine("llama.cpp", None, options={"n_threads": torch_threads}) as engine:
                 capture(engine, prompts, path, max_new_tokens=args.max_new_tokens, batch_size=1, progress=False,
-                        category_budgets=budgets)
+                        category_budgets=budgets, resume=args.resume and path.exists())
             continue
         print(f"[demo] capturing the default model in {dtype} on {len(prompts)} prompts x "
               f"{args.max_new_tokens} tokens -> {path}", file=sys.stderr)
         lm = load_model(None, dtype=dtype)
-        capture(lm, prompts, path, logits_dtype=dtype, **kw)
+        capture(lm, prompts, path, logits_dtype=dtype, resume=args.resume and path.exists(), **kw)
         # calibration: the reference engine scores the reference's tokens in
         # this dtype (fp32: greedy vs score; bf16: the precision twin)
         scored = mode_dir if dtype == "fp32" else twin_dir
         print(f"[demo] calibrating: the {dtype} model scored on the reference's tokens -> {scored}", file=sys.stderr)
         capture(lm, None, scored, mode="score", reference_dump=ref_dir, batch_size=args.batch_size,
-                progress=kw["progress"])
+                progress=kw["progress"], resume=args.resume and scored.exists())
         if questions is not None:
             from logitparity.tasks import run_tasks
 
