@@ -379,6 +379,28 @@ HWY_INLINE bool ChunkMaxima(DF df, const float* HWY_RESTRICT a, const float* HWY
   return true;
 }
 
+// One vector pair's softmax weights pa = e^xa, pb = e^xb (kept for the JS
+// sweep when kSave) and their first moments: the sums of p, p x and p e per
+// side. xa_t, xb_t: x where the token is live (the masked loop zeroes the
+// others, whose weights are 0).
+template <bool kSave, class DF, class V = hn::Vec<DF>>
+HWY_INLINE void AddWeights(DF df, V xa, V xb, V xa_t, V xb_t, V e, float* HWY_RESTRICT p_out,
+                           float* HWY_RESTRICT q_out, size_t i, V& pa, V& pb, V& sa_s, V& sb_s,
+                           V& ta_s, V& tb_s, V& ea_s, V& eb_s) {
+  pa = ExpNonPositive(df, xa);
+  pb = ExpNonPositive(df, xb);
+  if (kSave) {
+    hn::Store(pa, df, p_out + i);
+    hn::Store(pb, df, q_out + i);
+  }
+  sa_s = hn::Add(sa_s, pa);
+  sb_s = hn::Add(sb_s, pb);
+  ta_s = hn::MulAdd(pa, xa_t, ta_s);
+  tb_s = hn::MulAdd(pb, xb_t, tb_s);
+  ea_s = hn::MulAdd(pa, e, ea_s);
+  eb_s = hn::MulAdd(pb, e, eb_s);
+}
+
 // Adds one block's float32 partial sums to the float64 totals (the sweep's
 // masked and clean chunk loops; vectors are arguments, not struct members:
 // see Totals).
@@ -441,20 +463,11 @@ HWY_INLINE void ChunkSumsMasked(DF df, const float* HWY_RESTRICT a, const float*
       x_s = hn::MulAdd(dz, hn::Add(az, bz), x_s);
 
       const V xa = hn::Sub(va, vMa), xb = hn::Sub(vb, vMb);
-      const V pa = ExpNonPositive(df, xa);
-      const V pb = ExpNonPositive(df, xb);
-      if (kSave) {
-        hn::Store(pa, df, p_out + i);
-        hn::Store(pb, df, q_out + i);
-      }
-      sa_s = hn::Add(sa_s, pa);
-      sb_s = hn::Add(sb_s, pb);
-      ta_s = hn::MulAdd(pa, hn::IfThenElseZero(fa, xa), ta_s);
-      tb_s = hn::MulAdd(pb, hn::IfThenElseZero(fb, xb), tb_s);
-      ea_s = hn::MulAdd(pa, e, ea_s);
-      eb_s = hn::MulAdd(pb, e, eb_s);
-      AddSecondOrderTerms(df, e, hn::IfThenElseZero(fa, xa), hn::IfThenElseZero(fb, xb), pa, pb,
-                          g_s, h_s);
+      const V xa_t = hn::IfThenElseZero(fa, xa), xb_t = hn::IfThenElseZero(fb, xb);
+      V pa, pb;
+      AddWeights<kSave>(df, xa, xb, xa_t, xb_t, e, p_out, q_out, i, pa, pb, sa_s, sb_s, ta_s, tb_s,
+                        ea_s, eb_s);
+      AddSecondOrderTerms(df, e, xa_t, xb_t, pa, pb, g_s, h_s);
     }
     AddBlockSums(df, tot, abs_s, d2_s, x_s, na_s, nb_s, sa_s, sb_s, ta_s, tb_s, ea_s, eb_s, g_s,
                  h_s);
@@ -498,18 +511,9 @@ HWY_INLINE void ChunkSumsClean(DF df, const float* HWY_RESTRICT a, const float* 
       x_s = hn::MulAdd(d, hn::Add(va, vb), x_s);
 
       const V xa = hn::Sub(va, vMa), xb = hn::Sub(vb, vMb);
-      const V pa = ExpNonPositive(df, xa);
-      const V pb = ExpNonPositive(df, xb);
-      if (kSave) {
-        hn::Store(pa, df, p_out + i);
-        hn::Store(pb, df, q_out + i);
-      }
-      sa_s = hn::Add(sa_s, pa);
-      sb_s = hn::Add(sb_s, pb);
-      ta_s = hn::MulAdd(pa, xa, ta_s);
-      tb_s = hn::MulAdd(pb, xb, tb_s);
-      ea_s = hn::MulAdd(pa, e, ea_s);
-      eb_s = hn::MulAdd(pb, e, eb_s);
+      V pa, pb;
+      AddWeights<kSave>(df, xa, xb, xa, xb, e, p_out, q_out, i, pa, pb, sa_s, sb_s, ta_s, tb_s, ea_s,
+                        eb_s);
       AddSecondOrderTerms(df, e, xa, xb, pa, pb, g_s, h_s);
     }
     AddBlockSums(df, tot, abs_s, d2_s, x_s, na_s, nb_s, sa_s, sb_s, ta_s, tb_s, ea_s, eb_s, g_s,
