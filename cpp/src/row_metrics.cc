@@ -62,6 +62,12 @@ const char* RowFieldName(int field) {
   return kNames[field];
 }
 
+std::invalid_argument TargetOutOfRange(size_t vocab, int64_t got, size_t row) {
+  return std::invalid_argument("targets must be in [0, " + std::to_string(vocab) +
+                               ") (the vocab size) or -1 for none, got " + std::to_string(got) +
+                               " at row " + std::to_string(row));
+}
+
 void CheckCompareArgs(const RowsView& ref, const RowsView& cand,
                       const RowMetricsOptions& options) {
   CheckRows(ref, "ref");
@@ -94,11 +100,7 @@ void CheckCompareArgs(const RowsView& ref, const RowsView& cand,
   if (options.targets) {
     for (size_t r = 0; r < ref.rows; ++r) {
       const int64_t t = options.targets[r];
-      if (t < -1 || t >= static_cast<int64_t>(ref.vocab)) {
-        throw std::invalid_argument("targets must be in [0, " + std::to_string(ref.vocab) +
-                                    ") or -1 for none, got " + std::to_string(t) +
-                                    " at row " + std::to_string(r));
-      }
+      if (t < -1 || t >= static_cast<int64_t>(ref.vocab)) throw TargetOutOfRange(ref.vocab, t, r);
     }
   }
 }

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
 #include <vector>
 
 #include "logitparity/rows.h"
@@ -71,6 +72,10 @@ struct RowMetricsResult {
 // the argument.
 void CheckCompareArgs(const RowsView& ref, const RowsView& cand,
                       const RowMetricsOptions& options);
+
+// The error for target id `got` at `row` outside [-1, vocab): the one message
+// of CheckCompareArgs and of CompareRowsCuda's check of device targets.
+std::invalid_argument TargetOutOfRange(size_t vocab, int64_t got, size_t row);
 
 // Checks shapes and options (std::invalid_argument naming the argument), then
 // computes every row, splitting rows over a thread pool. Results are bitwise

@@ -547,7 +547,7 @@ struct Shared {
   int top_i[2][kWarps][kCap];
   int top_count[2][kWarps];
   unsigned long long top_key[2];  // the sides' shared top-k thresholds
-  float thread_max[2][kThreads];  // per side, each thread's largest element so far
+  float thread_max[2][kThreads];  // per side, each thread's largest offered group maximum
   float merged_v[2][kMaxTopK];     // the row's top-k per side, best first
   int merged_i[2][kMaxTopK];
   double dscratch[kWarps + 1];
@@ -778,6 +778,12 @@ __global__ void __launch_bounds__(kThreads, 2)
   const float* tb_v = sh.merged_v[1];
   const int* tb_i = sh.merged_i[1];
 
+  // Targets out of range are reported by the host (the first such row); the
+  // row's fields are computed as if it had none.
+  const long long target = targets != nullptr ? targets[row] : -1;
+  const bool target_ok = target >= -1 && target < static_cast<long long>(n);
+  if (tid == 0 && !target_ok) atomicMin(first_bad_target, static_cast<unsigned long long>(row));
+
   if (bad_a_all + bad_b_all > 0) {
     if (tid < kNumRowFields) out[tid] = kNaN;
     __syncthreads();
@@ -787,10 +793,6 @@ __global__ void __launch_bounds__(kThreads, 2)
       out[kArgmaxRef] = out[kArgmaxCand] = out[kRankOfRefTop1InCand] = -1;
     }
     if (tid < p.num_ks) overlap[tid] = -1;
-    if (tid == 0 && targets != nullptr &&
-        (targets[row] < -1 || targets[row] >= static_cast<long long>(n))) {
-      atomicMin(first_bad_target, static_cast<unsigned long long>(row));
-    }
     return;
   }
 
@@ -911,10 +913,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   out[kMarginCand] = n > 1 ? static_cast<double>(tb_v[0]) - tb_v[1] : kInfD;
   out[kRankOfRefTop1InCand] = static_cast<double>(rank);
   out[kNllRef] = out[kNllCand] = out[kDeltaP] = kNaN;
-  const long long target = targets != nullptr ? targets[row] : -1;
-  if (target < -1 || target >= static_cast<long long>(n)) {
-    atomicMin(first_bad_target, static_cast<unsigned long long>(row));  // the host reports it
-  } else if (target >= 0) {
+  if (target_ok && target >= 0) {
     const size_t tt = static_cast<size_t>(target);
     const double nll_a = dist_a ? lse_a - Loader<TA>::One(a, tt) : kNaN;
     const double nll_b = dist_b ? lse_b - Loader<TB>::One(b, tt) : kNaN;
@@ -1084,9 +1083,7 @@ RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
     int64_t got = 0;
     const int64_t* t = l.targets + bad_row;
     Check(cudaMemcpy(&got, t, sizeof(got), cudaMemcpyDeviceToHost), "CompareRowsCuda targets");
-    throw std::invalid_argument("targets must be in [0, " + std::to_string(ref.vocab) +
-                                ") (the vocab size) or -1 for none, got " + std::to_string(got) +
-                                " at row " + std::to_string(bad_row));
+    throw TargetOutOfRange(ref.vocab, got, bad_row);
   }
   std::memcpy(result.fields.data(), host, fields_bytes);
   std::memcpy(result.topk_common.data(), host + fields_bytes, overlap_bytes);
