@@ -111,6 +111,21 @@ inline std::vector<std::vector<float>> KernelTestRows(size_t n) {
   return rows;
 }
 
+// Calls f(n, row) for every case of the single-row kernel tests: lengths
+// around a vector of `lanes` floats (1, lanes - 1, lanes, lanes + 1,
+// 3 lanes + 2), a chunk and two real vocabulary sizes, each
+// KernelTestRows(n) row in every storage dtype, one element misaligned.
+template <class F>
+void ForEachKernelTestRow(size_t lanes, size_t chunk, F&& f) {
+  for (size_t n : {size_t{1}, lanes - 1, lanes, lanes + 1, 3 * lanes + 2, chunk + 3, size_t{49152},
+                   size_t{151936}}) {
+    if (n == 0) continue;
+    for (const auto& x : KernelTestRows(n)) {
+      for (Dtype dt : {Dtype::kF32, Dtype::kF16, Dtype::kBF16}) f(n, MakeRow(x, dt, 1));
+    }
+  }
+}
+
 inline bool Close(double got, double want, double atol, double rtol) {
   if (std::isnan(want)) return std::isnan(got);
   if (std::isinf(want)) return got == want;

@@ -24,30 +24,24 @@ void TestTopKRow() {
   const hn::ScalableTag<float> df;
   const size_t N = hn::Lanes(df);
   auto buf = hwy::AllocateAligned<float>(kChunk + kMaxLanesF32);
-  for (size_t n : {size_t{1}, N - 1, N, N + 1, 3 * N + 2, kChunk + 3, size_t{49152},
-                   size_t{151936}}) {
-    if (n == 0) continue;
-    for (const auto& x : KernelTestRows(n)) {
-      for (Dtype dt : {Dtype::kF32, Dtype::kF16, Dtype::kBF16}) {
-        const TypedRow row = MakeRow(x, dt, 1);
-        const float* v = row.values.data();
-        for (size_t k : {size_t{1}, size_t{2}, size_t{5}, size_t{64}, size_t{100}}) {
-          if (k > n) continue;
-          std::vector<float> vals(k);
-          std::vector<int64_t> idx(k);
-          TopKRow(df, dt, row.data(), n, k, buf.get(), vals.data(), idx.data());
-          const std::vector<int64_t> want_idx = TopKRef(v, n, k);
-          for (size_t j = 0; j < k; ++j) {
-            if (idx[j] != want_idx[j] || !(vals[j] == v[want_idx[j]])) {
-              HWY_ABORT("%s topk n=%zu k=%zu j=%zu: got %lld (%g) want %lld (%g)",
-                        hwy::TargetName(HWY_TARGET), n, k, j, static_cast<long long>(idx[j]),
-                        vals[j], static_cast<long long>(want_idx[j]), v[want_idx[j]]);
-            }
-          }
+  ForEachKernelTestRow(N, kChunk, [&](size_t n, const TypedRow& row) {
+    const Dtype dt = row.dtype;
+    const float* v = row.values.data();
+    for (size_t k : {size_t{1}, size_t{2}, size_t{5}, size_t{64}, size_t{100}}) {
+      if (k > n) continue;
+      std::vector<float> vals(k);
+      std::vector<int64_t> idx(k);
+      TopKRow(df, dt, row.data(), n, k, buf.get(), vals.data(), idx.data());
+      const std::vector<int64_t> want_idx = TopKRef(v, n, k);
+      for (size_t j = 0; j < k; ++j) {
+        if (idx[j] != want_idx[j] || !(vals[j] == v[want_idx[j]])) {
+          HWY_ABORT("%s topk n=%zu k=%zu j=%zu: got %lld (%g) want %lld (%g)",
+                    hwy::TargetName(HWY_TARGET), n, k, j, static_cast<long long>(idx[j]), vals[j],
+                    static_cast<long long>(want_idx[j]), v[want_idx[j]]);
         }
       }
     }
-  }
+  });
   // NaN: NaN values, -1 indices.
   std::vector<float> x = LmLogits(100, 3);
   x[50] = NAN;
