@@ -1,21 +1,32 @@
 """The call that docs/gpu.md profiles: compare_logits twice on 512x151936
-fp32 CUDA tensors (a = randn * 2.5 + 4, b = a + 0.05 randn, CUDA targets),
-for ncu with --launch-skip 1 --launch-count 1 (the second call's kernel).
+CUDA tensors, a = randn * 2.5 + 4 and b = a + s randn with CUDA targets, for
+ncu with --launch-skip 1 --launch-count 1 (the second call's kernel). Kinds:
+near (fp32, s = 0.05: every |e| below 1/2, the default), far (fp32, s = 0.5:
+about a third of the tokens beyond 1/2, so nearly every group takes the
+kernel's far path) and bf16 (near, both rows rounded to bfloat16).
 
     ncu --set full --import-source yes --clock-control none -k regex:CompareRows \\
-        --launch-skip 1 --launch-count 1 -o prof python3 benchmarks/prof_gpu.py
+        --launch-skip 1 --launch-count 1 -o prof python3 benchmarks/prof_gpu.py [--kind far]
     ncu -i prof.ncu-rep --page source --csv --print-source sass > source.csv
     python3 benchmarks/ncu_regions.py source.csv
 """
+
+import argparse
 
 import torch
 
 import logitparity as lp
 
+ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+ap.add_argument("--kind", choices=("near", "far", "bf16"), default="near")
+kind = ap.parse_args().kind
 g = torch.Generator(device="cuda").manual_seed(0)
 a = torch.randn(512, 151936, generator=g, device="cuda") * 2.5 + 4.0
-b = a + 0.05 * torch.randn(512, 151936, generator=g, device="cuda")
+b = a + (0.5 if kind == "far" else 0.05) * torch.randn(512, 151936, generator=g, device="cuda")
+if kind == "bf16":
+    a, b = a.bfloat16(), b.bfloat16()
 t = torch.randint(0, 151936, (512,), generator=g, device="cuda")
 for _ in range(2):
-    lp.compare_logits(a, b, targets=t)
+    m = lp.compare_logits(a, b, targets=t)
 torch.cuda.synchronize()
+print(f"{kind}: mean KL {float(m.kl_ref_cand.mean()):.6g}, mean max |a - b| {float(m.max_abs_logit.mean()):.4g}")

@@ -79,7 +79,9 @@ struct RowPair {
 };
 
 // identical, close (1e-3 noise), noisy (0.3), shifted by a constant (the
-// same distribution), and far (an unrelated row, no target), of length n.
+// same distribution), far (an unrelated row, no target) and spiked (noisy,
+// with a spike of +100 in the reference and +120 elsewhere in the
+// candidate; n >= 16), of length n.
 inline std::vector<RowPair> RowPairCases(size_t n, uint64_t seed) {
   const std::vector<float> a = LmLogits(n, seed);
   std::vector<RowPair> cases;
@@ -91,6 +93,15 @@ inline std::vector<RowPair> RowPairCases(size_t n, uint64_t seed) {
   for (auto& v : shifted) v += 3.25f;
   cases.push_back({"shifted", a, shifted, t});
   cases.push_back({"far", a, LmLogits(n, seed + 99), -1});
+  if (n >= 16) {
+    // Noisy rows with a spike on each side, away from the row's start (so
+    // that the running maxima rise far above the first chunk's on one side
+    // only): the far terms of rows that share little.
+    std::vector<float> sa(a), sb = Perturb(a, 0.3f, seed + 3);
+    sa[n - 1 - n / 7] += 100.0f;
+    sb[n / 3] += 120.0f;
+    cases.push_back({"spiked", sa, sb, static_cast<int64_t>(n / 3)});
+  }
   return cases;
 }
 

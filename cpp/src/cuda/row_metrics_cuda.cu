@@ -66,29 +66,38 @@ constexpr int kCap = 192;
 using RowTopK = WarpTopK<kCap>;
 
 
-// e^x for x <= 0 (max-subtracted), -inf included. MUFU.EX2 on y = x log2 e
-// rounded, times 1 + d ln 2 where d = x log2 e - y is the product's rounding
-// (two FMAs with log2 e split in two floats): 7 instructions against 10 for
-// CUDA's expf, which reduces the argument first and uses the same MUFU.EX2.
-// Without the correction (exp2f(x log2 e) alone) the rounding costs |x| 2^-24
-// relative, and on the device 16-element rows missed delta_p's 1e-6
-// tolerance (got 0.0047530780, want 0.0047529704). The clamp at -200 keeps
-// the products finite; e^-200 is 0 in float32 (ex2.approx.ftz flushes
-// results below 2^-126, which no sum of terms that include e^0 = 1 can see).
-__device__ __forceinline__ float ExpNonPositive(float x) {
+// e^x for -2.3e38 < x <= 0 (max-subtracted, finite): MUFU.EX2 on
+// y = x log2 e rounded to float, times 1 + c with c = x - y ln 2, the part of
+// x that y left out (e^x = 2^y e^c; |c| is below half an ulp of y times
+// ln 2, so 1 + c is e^c to float precision). c is one FMA on ln 2's float
+// and one on the rest of ln 2 (x - y ln2_hi is tiny, y ln2_hi being within
+// an ulp of x, so its one rounding is negligible). 5 instructions, against 6
+// for the first form (the product's rounding x log2 e - y by two FMAs on a
+// split log2 e, then times ln 2: the same results to the last bit on 22k
+// sampled x, simulated with 2^y exact) and 10 for CUDA's expf, which reduces
+// the argument first and uses the same MUFU.EX2. Without the correction
+// (exp2f(x log2 e) alone) the rounding of y costs |x| 2^-24 relative, and on
+// the device 16-element rows missed delta_p's 1e-6 tolerance (got
+// 0.0047530780, want 0.0047529704).
+// Below x = -87.3 the result is 0 (ex2.approx.ftz flushes results below
+// 2^-126, which no sum of terms that include e^0 = 1 can see); the bound on x
+// keeps x log2 e finite. The clean groups call it directly (CleanGroup
+// bounds their x), every other caller through ExpNonPositive.
+__device__ __forceinline__ float ExpFinite(float x) {
   constexpr float kLog2e = 1.44269502162933349609375f;  // log2 e rounded to float
-  constexpr float kLog2eLo = 1.925963033500011e-08f;    // log2 e - kLog2e
-  constexpr float kLn2 = 0.693147180559945f;
-  x = fmaxf(x, -200.0f);
-  // The _rn intrinsics keep nvcc from computing -y as a second product
-  // (x * -log2e: one more instruction per exp with plain operators; the
-  // same values).
+  constexpr float kLn2Hi = 0.693147182464599609375f;     // ln 2 rounded to float
+  constexpr float kLn2Lo = -1.904654323148236e-09f;     // ln 2 - kLn2Hi
+  // The _rn intrinsics keep nvcc from reassociating (the same values).
   const float y = __fmul_rn(x, kLog2e);
-  const float d = __fmaf_rn(x, kLog2eLo, __fmaf_rn(x, kLog2e, -y));
+  const float c = __fmaf_rn(-y, kLn2Lo, __fmaf_rn(-y, kLn2Hi, x));
   float r;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
-  return __fmaf_rn(r, __fmul_rn(d, kLn2), r);
+  return __fmaf_rn(r, c, r);
 }
+
+// e^x for any x <= 0, -inf included: clamped at -200 (e^-200 is 0 in float32
+// too), so the products stay finite.
+__device__ __forceinline__ float ExpNonPositive(float x) { return ExpFinite(fmaxf(x, -200.0f)); }
 
 // Element layout of a group: kGroup elements per thread and step, read as
 // vectors of 4 elements (16 bytes of float32, 8 of a 16-bit type). For
@@ -360,10 +369,12 @@ __device__ __forceinline__ void OfferGroup(RowTopK& top, float& tau, float* thre
 }
 
 // Float32 sums of one group (kGroup element pairs of one thread) before they
-// are added to the float64 accumulators, and its extremes and counts.
+// are added to the float64 accumulators, its extremes of d = a - b over the
+// tokens live on both sides (max |d| and the KL's e = d - c0 range follow
+// from them), and its counts.
 struct GroupSums {
   float abs, d2, x, na, nb, sa, sb, ta, tb, ea, eb, g, h;
-  float max_abs, e_max, e_min;
+  float d_max, d_min;
   unsigned both_masked, a_only, b_only, bad_a, bad_b;
 
   // One element's softmax weights pa, pb and their first moments.
@@ -378,33 +389,38 @@ struct GroupSums {
 };
 
 // The second-order terms pa g(e), pb g(-e) of one element (see the KL form
-// in row_metrics-inl.h): even and odd series for |e| <= 1/2, else FarTerms.
-// The series stop at e^8/8! and e^9/9!: the first term left out, e^10/10!,
-// is below 2.7e-10 at |e| = 1/2, a relative 2.6e-9 of g(1/2) = 0.1065, under
-// float32 rounding (two terms fewer per side than the first version).
-// (even, odd) parts of g's series: g(e) = even - odd, g(-e) = even + odd,
-// with even = sum e^2j/(2j)! (j >= 1) and odd = sum e^(2j+1)/(2j+1)!.
-__device__ __forceinline__ float2 GSeries(float e) {
-  const float u = e * e;
-  float even = 1.0f / 40320;
-  even = fmaf(even, u, 1.0f / 720);
-  even = fmaf(even, u, 1.0f / 24);
-  even = fmaf(even, u, 0.5f);
-  even *= u;
-  float odd = 1.0f / 362880;
-  odd = fmaf(odd, u, 1.0f / 5040);
-  odd = fmaf(odd, u, 1.0f / 120);
-  odd = fmaf(odd, u, 1.0f / 6);
-  odd *= u * e;
-  return make_float2(even, odd);
-}
+// in row_metrics-inl.h) for |e| <= 1/2, with g(e) = e^-e - 1 + e =
+// u (Pe(u) - e Po(u)) and g(-e) = u (Pe(u) + e Po(u)), u = e^2, where Pe and
+// Po are the even and odd parts of the series divided by e^2 and e^3. The
+// series stop at e^8/8! and e^9/9!: the first term left out, e^10/10!, is
+// below 2.7e-10 at |e| = 1/2, a relative 2.6e-9 of g(1/2) = 0.1065, under
+// float32 rounding. Returned as u and the two brackets (lo for g(e), hi for
+// g(-e)) so that the caller adds pa u lo with one FMA.
+struct GSeries {
+  float u, lo, hi;
+  __device__ __forceinline__ explicit GSeries(float e) {
+    u = e * e;
+    float pe = 1.0f / 40320;
+    pe = fmaf(pe, u, 1.0f / 720);
+    pe = fmaf(pe, u, 1.0f / 24);
+    pe = fmaf(pe, u, 0.5f);
+    float po = 1.0f / 362880;
+    po = fmaf(po, u, 1.0f / 5040);
+    po = fmaf(po, u, 1.0f / 120);
+    po = fmaf(po, u, 1.0f / 6);
+    lo = fmaf(-e, po, pe);
+    hi = fmaf(e, po, pe);
+  }
+};
 
+// pa g(e) and pb g(-e) of one element: the series for |e| <= 1/2, else
+// FarTerms.
 __device__ __forceinline__ void GTerms(float e, float xa, float xb, float pa, float pb, float& gp,
                                        float& gq) {
   if (fabsf(e) <= 0.5f) {
-    const float2 eo = GSeries(e);
-    gp = pa * (eo.x - eo.y);
-    gq = pb * (eo.x + eo.y);
+    const GSeries s(e);
+    gp = pa * s.u * s.lo;
+    gq = pb * s.u * s.hi;
   } else {
     const float2 r = FarTerms(e, xa, xb, pa, pb);
     gp = r.x;
@@ -421,84 +437,128 @@ __device__ __forceinline__ void GTerms(float e, float xa, float xb, float pa, fl
 #endif
 constexpr int kAblate = LOGITPARITY_CUDA_ABLATE;
 
-// pa g(e) and pb g(-e) for |e| > 1/2, for the elements of a group where the
-// series does not apply (their series terms were left at 0). Out of line,
-// and it reloads the group (cache hits) rather than taking the caller's
-// registers by address: an address taken kept every group's values in local
-// memory (16 local stores per group in the hot loop).
+// The sums pa g(e), pb g(-e) of a clean group that holds an element with
+// |e| > 1/2, where the series does not apply: every element again, reread
+// from its pipeline stage (or from the row for groups read directly: the
+// row's end, misaligned rows), near ones by the series and far ones by
+// pa g(e) = pb K - pa + pa e and pb g(-e) = pa / K - pb - pb e, where
+// K = e^(Mb - Ma + c0) makes pb K = pa e^-e and pa / K = pb e^e (no third
+// exp per element; K from the float64 difference, to float rounding). For
+// |e| > 1/2 the cancellation in that form is at most a factor 11 (at
+// e = -1/2: -1.5 + 1.65 = 0.149). Branch-free over the elements (the lanes of
+// a far row's warp mix near and far elements): both forms, then a select.
+// Where |Mb - Ma + c0| > 80 (a thread's maxima apart by 80 nats more than
+// the first chunk's: rows that share nothing) each far term takes its own
+// exps instead (FarTerms), whose clamp at e^80 the K form would otherwise
+// move.
+// Out of line: groups of close rows never call it. Its values are not
+// bitwise those of the series path's FMA sums; deterministic all the same.
 template <typename TA, typename TB>
-__device__ __noinline__ float2 FarGroup(const TA* a, const TB* b, size_t wb, int lane, size_t n,
-                                        float Ma, float Mb, float c0) {
+__device__ __noinline__ float2 FarGroup(const TA* a, const TB* b, unsigned stage_a,
+                                        unsigned stage_b, size_t wb, int lane, size_t n, float Ma,
+                                        float Mb, float c0) {
   float va[kGroup], vb[kGroup];
-  LoadGroup(a, wb, lane, n, false, va);
-  LoadGroup(b, wb, lane, n, false, vb);
+  if (stage_a != kNoStage) {
+    ReadGroupShared<TA>(pipe + stage_a, va);
+    ReadGroupShared<TB>(pipe + stage_b, vb);
+  } else {
+    LoadGroup(a, wb, lane, n, false, va);
+    LoadGroup(b, wb, lane, n, false, vb);
+  }
+  const double D = static_cast<double>(Mb) - Ma + c0;
+  const bool k_form = fabs(D) <= 80.0;
+  const float d_hi = static_cast<float>(D), d_lo = static_cast<float>(D - d_hi);
+  const float K = k_form ? expf(d_hi) * (1.0f + d_lo) : 0.0f;
+  const float K_inv = k_form ? expf(-d_hi) * (1.0f - d_lo) : 0.0f;
   float2 acc = make_float2(0.0f, 0.0f);
+#pragma unroll
   for (int j = 0; j < kGroup; ++j) {
     const float e = va[j] - vb[j] - c0;
-    if (fabsf(e) > 0.5f) {
-      const float xa = va[j] - Ma, xb = vb[j] - Mb;
-      const float2 r = FarTerms(e, xa, xb, ExpNonPositive(xa), ExpNonPositive(xb));
-      acc.x += r.x;
-      acc.y += r.y;
+    const float xa = va[j] - Ma, xb = vb[j] - Mb;
+    const float pa = ExpFinite(xa), pb = ExpFinite(xb);
+    const GSeries s(e);  // not taken where far (inf or NaN there: selected away)
+    const bool near = fabsf(e) <= 0.5f;
+    float gp = fmaf(pb, K, fmaf(pa, e, -pa)), gq = fmaf(pa, K_inv, fmaf(-pb, e, -pb));
+    if (!k_form && !near) {
+      const float2 r = FarTerms(e, xa, xb, pa, pb);
+      gp = r.x;
+      gq = r.y;
     }
+    acc.x += near ? pa * s.u * s.lo : gp;
+    acc.y += near ? pb * s.u * s.hi : gq;
   }
   return acc;
 }
 
 // A group with no -inf, NaN, +inf and no element past the row's end (the
 // common case): every token is live on both sides, so no masks, and the
-// second-order terms take their series without a branch; elements with
-// |e| > 1/2 (none on close rows) are added by FarGroup.
+// second-order terms take their series without a branch. Computed first and
+// checked after (returns false, g then to be discarded, when the group needs
+// DirtyGroup): any -inf, NaN or +inf, and any |x| above 1.8e19, makes x^2 and
+// so na or nb non-finite, and with the maxima Ma, Mb below 1.8e19 as well
+// (the same test on their squares) every x - M lies within ExpFinite's
+// range. Elements with |e| > 1/2 (none on close rows) are found from the
+// group's extremes of d (rounding is monotonic, so d - c0 of the extreme d
+// is the extreme e), and then FarGroup sums the group's second-order terms
+// again.
 template <typename TA, typename TB>
-__device__ __forceinline__ void CleanGroup(const float* va, const float* vb, float Ma, float Mb,
-                                           float c0, const TA* a, const TB* b, size_t wb, int lane,
-                                           size_t n, GroupSums& g) {
-  bool far = false;
+__device__ __forceinline__ bool CleanGroup(const float* va, const float* vb, float Ma, float Mb,
+                                           float c0, const TA* a, const TB* b, unsigned stage_a,
+                                           unsigned stage_b, size_t wb, int lane, size_t n,
+                                           GroupSums& g) {
   float gs = 0.0f, hs = 0.0f;
+  float d_max = va[0] - vb[0], d_min = d_max;
 #pragma unroll
   for (int j = 0; j < kGroup; ++j) {
     const float x = va[j], y = vb[j];
     const float d = x - y;
     const float e = d - c0;
-    g.e_max = fmaxf(g.e_max, e);
-    g.e_min = fminf(g.e_min, e);
+    if (j > 0) {
+      d_max = fmaxf(d_max, d);
+      d_min = fminf(d_min, d);
+    }
+    g.na = fmaf(x, x, g.na);
+    g.nb = fmaf(y, y, g.nb);
     if (!(kAblate & 4)) {
-      g.max_abs = fmaxf(g.max_abs, fabsf(d));
       g.abs += fabsf(d);
-      g.na = fmaf(x, x, g.na);
-      g.nb = fmaf(y, y, g.nb);
       g.d2 = fmaf(d, d, g.d2);
       g.x = fmaf(d, x + y, g.x);
     }
     const float xa = x - Ma, xb = y - Mb;
-    const float pa = (kAblate & 8) ? xa : ExpNonPositive(xa);
-    const float pb = (kAblate & 8) ? xb : ExpNonPositive(xb);
+    const float pa = (kAblate & 8) ? xa : ExpFinite(xa);
+    const float pb = (kAblate & 8) ? xb : ExpFinite(xb);
     g.AddWeights(pa, pb, xa, xb, e);
     if (!(kAblate & 2)) {
-      const bool near = fabsf(e) <= 0.5f;
-      far |= !near;
-      const float2 eo = GSeries(e);
-      gs += near ? pa * (eo.x - eo.y) : 0.0f;
-      hs += near ? pb * (eo.x + eo.y) : 0.0f;
+      const GSeries s(e);
+      gs = fmaf(pa * s.u, s.lo, gs);
+      hs = fmaf(pb * s.u, s.hi, hs);
     }
   }
-  if (far) {
-    const float2 r = FarGroup(a, b, wb, lane, n, Ma, Mb, c0);
-    gs += r.x;
-    hs += r.y;
+  if (!(fmaf(Ma, Ma, fmaf(Mb, Mb, g.na + g.nb)) < Inf())) return false;
+  if (!(kAblate & 2) && (d_max - c0 > 0.5f || d_min - c0 < -0.5f)) {
+    const float2 r = FarGroup(a, b, stage_a, stage_b, wb, lane, n, Ma, Mb, c0);
+    gs = r.x;
+    hs = r.y;
   }
-  g.g += gs;
-  g.h += hs;
+  g.d_max = d_max;
+  g.d_min = d_min;
+  g.g = gs;
+  g.h = hs;
+  return true;
 }
 
 // Any other group: masks, NaN / +inf counts and the row's end, element by
 // element. Out of line (rare for real logits; every group of a masked row).
+// g arrives zeroed, with d_max = -inf and d_min = +inf.
 template <typename TA, typename TB>
 __device__ __noinline__ GroupSums DirtyGroup(const TA* a, const TB* b, float Ma, float Mb,
                                              float c0, size_t warp_base, int lane, size_t n,
                                              GroupSums g) {
   const float ninf = -Inf(), pinf = Inf();
-  float va[kGroup], vb[kGroup];  // reloaded: see FarGroup
+  // Reloaded rather than taken from the caller's registers by address (an
+  // address taken kept every group's values in local memory: 16 local stores
+  // per group in the hot loop).
+  float va[kGroup], vb[kGroup];
   LoadGroup(a, warp_base, lane, n, false, va);
   LoadGroup(b, warp_base, lane, n, false, vb);
   for (int j = 0; j < kGroup; ++j) {
@@ -514,11 +574,10 @@ __device__ __noinline__ GroupSums DirtyGroup(const TA* a, const TB* b, float Ma,
     const float d = x - y;
     const float e = both ? d - c0 : 0.0f;
     if (both) {
-      g.e_max = fmaxf(g.e_max, e);
-      g.e_min = fminf(g.e_min, e);
+      g.d_max = fmaxf(g.d_max, d);
+      g.d_min = fminf(g.d_min, d);
     }
     const float absd = both ? fabsf(d) : 0.0f;
-    g.max_abs = fmaxf(g.max_abs, absd);
     g.abs += absd;
     const float az = both ? x : 0.0f, bz = both ? y : 0.0f, dz = both ? d : 0.0f;
     g.na = fmaf(az, az, g.na);
@@ -540,7 +599,7 @@ __device__ __noinline__ GroupSums DirtyGroup(const TA* a, const TB* b, float Ma,
 // The per-thread partials that the epilogue reduces over the block, each
 // kind in one pass (BlockReduceN): float64 sums, float maxima (minima
 // negated), counts.
-constexpr int kNumSums = 13, kNumMaxima = 3, kNumCounts = 5;
+constexpr int kNumSums = 13, kNumMaxima = 2, kNumCounts = 5;
 
 struct Shared {
   float top_v[2][kWarps][kCap];
@@ -646,7 +705,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   SideSums A{0, 0, 0, 0}, B{0, 0, 0, 0};
   double abs_sum = 0, d2 = 0, xs = 0, na = 0, nb = 0;
-  float max_abs = 0.0f, e_max = ninf, e_min = pinf;
+  float d_max = ninf, d_min = pinf;  // over the tokens live on both sides
   unsigned both_masked = 0, a_only = 0, b_only = 0, bad_a = 0, bad_b = 0;
 
   // Element offsets within a row fit in 32 bits (vocab < 2^31 is checked on
@@ -687,17 +746,16 @@ __global__ void __launch_bounds__(kThreads, 2)
       LoadGroup(a, wb, lane, n, false, va);
       LoadGroup(b, wb, lane, n, false, vb);
     }
-    // Group maxima, and sums that are finite only if no element is -inf,
-    // NaN or +inf (pads past the row's end read as -inf).
-    float ga = ninf, gb = ninf, suma = 0.0f, sumb = 0.0f;
+    // Group maxima (pads past the row's end read as -inf).
+    float ga = ninf, gb = ninf;
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) {
       ga = fmaxf(ga, va[j]);
       gb = fmaxf(gb, vb[j]);
-      suma += va[j];
-      sumb += vb[j];
     }
-    if (!(kAblate & 1)) {
+    // One vote for both sides first: after the first steps neither side
+    // offers in most steps.
+    if (!(kAblate & 1) && __any_sync(kFull, ga >= tau_a || gb >= tau_b)) {
       OfferGroup(top_a, tau_a, sh.thread_max[0], a, piped ? stage + off_a : kNoStage, va, ga, wb,
                  static_cast<int>(n), K, lane);
       OfferGroup(top_b, tau_b, sh.thread_max[1], b, piped ? stage + off_b : kNoStage, vb, gb, wb,
@@ -711,10 +769,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (Mb > ninf) B = Rescale(B, static_cast<double>(Mb) - gb);
       Mb = gb;
     }
-    GroupSums g{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, max_abs, e_max, e_min, 0, 0, 0, 0, 0};
-    if (fabsf(suma) < pinf && fabsf(sumb) < pinf) {
-      CleanGroup(va, vb, Ma, Mb, c0, a, b, wb, lane, n, g);
-    } else {
+    GroupSums g{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ninf, pinf, 0, 0, 0, 0, 0};
+    if (!CleanGroup(va, vb, Ma, Mb, c0, a, b, piped ? stage + off_a : kNoStage,
+                    piped ? stage + off_b : kNoStage, wb, lane, n, g)) {
+      g = GroupSums{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ninf, pinf, 0, 0, 0, 0, 0};
       g = DirtyGroup(a, b, Ma, Mb, c0, wb, lane, n, g);
       both_masked += g.both_masked;
       a_only += g.a_only;
@@ -722,9 +780,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       bad_a += g.bad_a;
       bad_b += g.bad_b;
     }
-    max_abs = g.max_abs;
-    e_max = g.e_max;
-    e_min = g.e_min;
+    d_max = fmaxf(d_max, g.d_max);
+    d_min = fminf(d_min, g.d_min);
     abs_sum += g.abs;
     d2 += g.d2;
     xs += g.x;
@@ -759,7 +816,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (Mb > ninf && Mb < Mb_all) B = Rescale(B, static_cast<double>(Mb) - Mb_all);
   double sums[kNumSums] = {A.s, B.s, A.t, B.t, A.e, B.e, A.g, B.g, abs_sum, d2, xs, na, nb};
   BlockReduceN(sums, sh.dsums, AddOp());
-  float maxima[kNumMaxima] = {max_abs, e_max, -e_min};
+  float maxima[kNumMaxima] = {d_max, -d_min};
   BlockReduceN(maxima, sh.fmax, MaxOp());
   unsigned long long counts[kNumCounts] = {both_masked, a_only, b_only, bad_a, bad_b};
   BlockReduceN(counts, sh.counts, AddOp());
@@ -767,7 +824,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   const double Ea = sums[4], Eb = sums[5], Ga = sums[6], Gb = sums[7];
   const double abs_all = sums[8], d2_all = sums[9], x_all = sums[10];
   const double na_all = sums[11], nb_all = sums[12];
-  const float max_abs_all = maxima[0], e_hi_f = maxima[1], e_lo_f = -maxima[2];
+  // max |d| = max(d_max, -d_min) (0 with no token live on both sides), and
+  // the extremes of e = d - c0 are those of d shifted (monotonic rounding).
+  const float max_abs_all = fmaxf(0.0f, fmaxf(maxima[0], maxima[1]));
+  const float e_hi_f = maxima[0] - c0, e_lo_f = -maxima[1] - c0;
   const unsigned long long both_all = counts[0], aonly_all = counts[1], bonly_all = counts[2];
   const unsigned long long bad_a_all = counts[3], bad_b_all = counts[4];
 
