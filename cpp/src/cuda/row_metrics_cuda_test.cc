@@ -1,8 +1,9 @@
 // The CUDA row comparison against the scalar float64 reference (CompareRowRef)
 // with the CPU test's tolerances (test_util.h): lengths around the block's
 // step and group, real vocabulary sizes, every storage dtype pair, misaligned
-// starts (the scalar load path), ties, -inf, NaN and +inf, the tight KL of
-// close rows, row strides and batching, and the argument errors. Every test
+// starts (the scalar load path), ties, -inf, NaN and +inf, huge finite
+// logits, the tight KL of close rows, row strides and batching, and the
+// argument errors. Every test
 // skips where no CUDA device is usable (the CI machine compiles it only).
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -239,6 +240,39 @@ TEST(RowMetricsCuda, KlTightOnCloseRows) {
         EXPECT_TRUE(Close(got[f], want.fields[f], 1e-15, 1e-4))
             << "n=" << n << " sigma=" << sigma << " " << RowFieldName(f) << ": got " << got[f]
             << " want " << want.fields[f];
+      }
+    }
+  }
+}
+
+// Huge finite logits (+-2e38, one entry per row, the same on both sides) as
+// in the CPU test's TestHugeFiniteLogits, same fields (x^2 overflows float32,
+// so the cosine is not checked): such groups fail the clean groups' check
+// (their x^2, or the thread maximum's square, is not finite) and take the
+// element-by-element path, whose exps are clamped. 2e38 in the first chunk
+// raises every thread's maximum; at 5000 only one thread's (a rescale by
+// e^-2e38 = 0).
+TEST(RowMetricsCuda, HugeFiniteLogits) {
+  SKIP_WITHOUT_GPU();
+  const std::vector<int> ks = {1, 5};
+  for (size_t n : {size_t{17}, size_t{2100}, size_t{151936}}) {
+    const std::vector<float> a = LmLogits(n, 9 + n);
+    for (float huge : {2e38f, -2e38f}) {
+      for (size_t at : {huge > 0 ? size_t{1} : n - 2, std::min<size_t>(5000, n - 3)}) {
+        std::vector<float> xa = a, xb = Perturb(a, 1e-2f, 10);
+        xa[at] = xb[at] = huge;
+        const TypedRow ra = MakeRow(xa, Dtype::kF32), rb = MakeRow(xb, Dtype::kF32);
+        std::vector<int32_t> ov;
+        const std::vector<double> got = RunCuda(ra, rb, 0, ks, true, &ov);
+        const RefRowResult want = CompareRowRef(ra.values.data(), rb.values.data(), n, 0, ks);
+        for (int f : {kNonfiniteRef, kNonfiniteCand, kLseRef, kLseCand, kKlRefCand, kKlCandRef,
+                      kJs, kMaxAbsLogit, kMeanAbsLogit, kEntropyRef, kEntropyCand, kArgmaxRef,
+                      kArgmaxCand, kRankOfRefTop1InCand}) {
+          const Tol tol = FieldTol(f);
+          EXPECT_TRUE(Close(got[f], want.fields[f], tol.atol, tol.rtol))
+              << "huge " << huge << " at " << at << " n=" << n << " " << RowFieldName(f)
+              << ": got " << got[f] << " want " << want.fields[f];
+        }
       }
     }
   }
