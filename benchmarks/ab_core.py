@@ -1,6 +1,9 @@
 """Old vs new C++ core in one run: the fused row comparison of two builds of
 logitparity._core (each a path to its .so), alternated so that both see the
 same machine state. Prints rows/s (best of --repeat) per shape and JS setting.
+Rows: b = a + SIGMA randn (--sigma, default 0.05: close rows; 0.5 puts a
+third of the tokens beyond the KL series' range, as rows of a quantized
+model against its reference do).
 
     python benchmarks/ab_core.py OLD/_core*.so NEW/_core*.so --threads 16 --rounds 5
 
@@ -22,7 +25,7 @@ import numpy as np
 SHAPES = ((512, 151936), (2048, 49152))
 
 
-def measure(path: str, repeat: int, threads: int) -> list[float]:
+def measure(path: str, repeat: int, threads: int, sigma: float = 0.05) -> list[float]:
     spec = importlib.util.spec_from_file_location("_core", path)
     core = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(core)
@@ -30,7 +33,7 @@ def measure(path: str, repeat: int, threads: int) -> list[float]:
     for rows, vocab in SHAPES:
         rng = np.random.default_rng(0)
         a = (rng.normal(size=(rows, vocab)) * 2.5 + 4).astype(np.float32)
-        b = (a + 0.05 * rng.normal(size=a.shape)).astype(np.float32)
+        b = (a + sigma * rng.normal(size=a.shape)).astype(np.float32)
         t = rng.integers(0, vocab, size=rows).astype(np.int64)
         for js in (False, True):
             best = float("inf")
@@ -49,15 +52,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--sigma", type=float, default=0.05, help="b = a + SIGMA randn")
     ap.add_argument("--one", metavar="PATH", help=argparse.SUPPRESS)  # a child process: one module
     args = ap.parse_args()
     cols = [f"{r}x{v} {'js' if js else 'no js'}" for r, v in SHAPES for js in (False, True)]
     best = {"old": [0.0] * len(cols), "new": [0.0] * len(cols)}
-    print(f"threads={args.threads}; rows/s, best of {args.repeat} per round; " + " | ".join(cols))
+    print(f"threads={args.threads}, sigma={args.sigma}; rows/s, best of {args.repeat} per round; "
+          + " | ".join(cols))
     for i in range(args.rounds):
         for name in ("old", "new"):  # each build in its own process: one _core per process
             code = (f"import sys; sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r}); import ab_core; "
-                    f"print(ab_core.measure({getattr(args, name)!r}, {args.repeat}, {args.threads}))")
+                    f"print(ab_core.measure({getattr(args, name)!r}, {args.repeat}, {args.threads}, "
+                    f"{args.sigma}))")
             got = eval(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                       text=True).stdout)
             best[name] = [max(x, y) for x, y in zip(best[name], got)]

@@ -174,6 +174,34 @@ void TestKlTightOnCloseRows() {
   }
 }
 
+// Far rows (b = a + sigma noise, sigma 0.3 to 1: most vectors hold a lane
+// with |e| > 1/2): the far terms come from the weights times
+// K = e^(Mb - Ma + c0) (FarFactors), and KL must stay as close to the float64
+// reference as with the exps, tighter than the field's 1e-5 + 1e-6 tolerance.
+// Worst relative errors on the 2-core EPYC: 1.0e-6 (AVX3; 1.8e-6 with the
+// exps), 2.2e-6 (AVX2), 6.7e-7 (SSE4, SSSE3), 1.3e-6 (SCALAR); a c0 off by
+// 0.1% in K gives 1.9e-3.
+void TestKlOfFarRows() {
+  const std::vector<int> ks = {1};
+  for (size_t n : {size_t{5000}, size_t{151936}}) {
+    const std::vector<float> a = LmLogits(n, 77);
+    for (float sigma : {0.3f, 0.5f, 1.0f}) {
+      const TypedRow ra = MakeRow(a, Dtype::kF32), rb = MakeRow(Perturb(a, sigma, 8), Dtype::kF32);
+      std::vector<int32_t> ov;
+      const std::vector<double> got = RunKernel(ra, rb, -1, ks, false, &ov);
+      const RefRowResult want = CompareRowRef(ra.values.data(), rb.values.data(), n, -1, ks);
+      for (int f : {kKlRefCand, kKlCandRef}) {
+        const double rel = std::fabs(got[f] - want.fields[f]) / want.fields[f];
+        if (!(rel <= 5e-6)) {
+          HWY_ABORT("%s: far-row KL n=%zu sigma=%g %s: got %.12g want %.12g (relative %.2g)",
+                    hwy::TargetName(HWY_TARGET), n, sigma, RowFieldName(f), got[f],
+                    want.fields[f], rel);
+        }
+      }
+    }
+  }
+}
+
 // Huge finite logits: ChunkMaxima flags a chunk from the lane sums of a + b,
 // which overflow to +inf (2e38 + 2e38) or -inf (-2e38 + -2e38) although
 // nothing is NaN, +inf or -inf; the exact checks behind the flags must then
@@ -251,6 +279,7 @@ HWY_EXPORT_AND_TEST_P(RowMetricsTest, TestAgainstReferenceSmall);
 HWY_EXPORT_AND_TEST_P(RowMetricsTest, TestAgainstReferenceVocabSizes);
 HWY_EXPORT_AND_TEST_P(RowMetricsTest, TestTiesAndMasks);
 HWY_EXPORT_AND_TEST_P(RowMetricsTest, TestKlTightOnCloseRows);
+HWY_EXPORT_AND_TEST_P(RowMetricsTest, TestKlOfFarRows);
 HWY_EXPORT_AND_TEST_P(RowMetricsTest, TestF16ConversionAllBits);
 HWY_EXPORT_AND_TEST_P(RowMetricsTest, TestHugeFiniteLogits);
 
