@@ -11,9 +11,10 @@
 // table, unchanged).
 //
 // Layout: one block of kThreads threads per row pair, one sweep over the row
-// (two with js). Each thread reads kGroup consecutive elements per side and
-// step with 16-byte loads (several in flight before their first use) and keeps
-// its own running maxima (online softmax in registers: when a group raises a
+// (two with js). Each thread takes a group of kGroup elements per side and
+// step (vectors of 4 consecutive elements, laid out so that each warp's load
+// covers one span: ElemIndex), copied ahead into shared memory by a cp.async
+// pipeline (kStages), and keeps its own running maxima (online softmax in registers: when a group raises a
 // thread's maximum, that thread's sums are rescaled by exp(M_old - M_new), as
 // RaiseMax does on the CPU). Terms are summed in float32 over one group and
 // then added to float64 accumulators, like the CPU's float32 block sums. At
