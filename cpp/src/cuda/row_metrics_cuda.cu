@@ -316,6 +316,9 @@ __device__ __noinline__ float RefreshTop(RowTopK& top, float* thread_max, float 
   thread_max[threadIdx.x] = fmaxf(thread_max[threadIdx.x], gmax);
   __syncwarp();
   top.Refresh();
+  // The block's threshold alone may already rule the group out: then the
+  // caller offers nothing, and the lanes' k-th is not needed now.
+  if (!__any_sync(kFull, gmax >= top.tau_v)) return top.tau_v;
   if (k <= 32) {
     // Lane l takes threads l, l + 32, ..., l + 224 (one per warp): the
     // lanes' reads fall in distinct banks (threads 8l .. 8l+7 had 8-way
@@ -377,6 +380,11 @@ struct GroupSums {
   float abs, d2, x, na, nb, sa, sb, ta, tb, ea, eb, g, h;
   float d_max, d_min;
   unsigned both_masked, a_only, b_only, bad_a, bad_b;
+
+  // Empty: sums and counts 0, d_max = -inf, d_min = +inf.
+  __device__ __forceinline__ static GroupSums Zero() {
+    return GroupSums{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -Inf(), Inf(), 0, 0, 0, 0, 0};
+  }
 
   // One element's softmax weights pa, pb and their first moments.
   __device__ __forceinline__ void AddWeights(float pa, float pb, float xa, float xb, float e) {
@@ -455,13 +463,15 @@ constexpr int kAblate = LOGITPARITY_CUDA_ABLATE;
 // Out of line: groups of close rows never call it. Its values are not
 // bitwise those of the series path's FMA sums; deterministic all the same.
 template <typename TA, typename TB>
-__device__ __noinline__ float2 FarGroup(const TA* a, const TB* b, unsigned stage_a,
-                                        unsigned stage_b, size_t wb, int lane, size_t n, float Ma,
-                                        float Mb, float c0) {
+__device__ __noinline__ float2 FarGroup(const TA* a, const TB* b, unsigned stage, size_t wb,
+                                        int lane, size_t n, float Ma, float Mb, float c0) {
   float va[kGroup], vb[kGroup];
-  if (stage_a != kNoStage) {
-    ReadGroupShared<TA>(pipe + stage_a, va);
-    ReadGroupShared<TB>(pipe + stage_b, vb);
+  if (stage != kNoStage) {
+    // The lane's offsets in the stage are computed here, not by the caller:
+    // there they sat in the clean group's block (16 instructions per step).
+    const int warp = threadIdx.x / 32;
+    ReadGroupShared<TA>(pipe + stage + LaneStageOffset<TA>(warp, lane), va);
+    ReadGroupShared<TB>(pipe + stage + kStageBytes + LaneStageOffset<TB>(warp, lane), vb);
   } else {
     LoadGroup(a, wb, lane, n, false, va);
     LoadGroup(b, wb, lane, n, false, vb);
@@ -504,9 +514,8 @@ __device__ __noinline__ float2 FarGroup(const TA* a, const TB* b, unsigned stage
 // again.
 template <typename TA, typename TB>
 __device__ __forceinline__ bool CleanGroup(const float* va, const float* vb, float Ma, float Mb,
-                                           float c0, const TA* a, const TB* b, unsigned stage_a,
-                                           unsigned stage_b, size_t wb, int lane, size_t n,
-                                           GroupSums& g) {
+                                           float c0, const TA* a, const TB* b, unsigned stage,
+                                           size_t wb, int lane, size_t n, GroupSums& g) {
   float gs = 0.0f, hs = 0.0f;
   float d_max = va[0] - vb[0], d_min = d_max;
 #pragma unroll
@@ -537,7 +546,7 @@ __device__ __forceinline__ bool CleanGroup(const float* va, const float* vb, flo
   }
   if (!(fmaf(Ma, Ma, fmaf(Mb, Mb, g.na + g.nb)) < Inf())) return false;
   if (!(kAblate & 2) && (d_max - c0 > 0.5f || d_min - c0 < -0.5f)) {
-    const float2 r = FarGroup(a, b, stage_a, stage_b, wb, lane, n, Ma, Mb, c0);
+    const float2 r = FarGroup(a, b, stage, wb, lane, n, Ma, Mb, c0);
     gs = r.x;
     hs = r.y;
   }
@@ -550,12 +559,11 @@ __device__ __forceinline__ bool CleanGroup(const float* va, const float* vb, flo
 
 // Any other group: masks, NaN / +inf counts and the row's end, element by
 // element. Out of line (rare for real logits; every group of a masked row).
-// g arrives zeroed, with d_max = -inf and d_min = +inf.
 template <typename TA, typename TB>
 __device__ __noinline__ GroupSums DirtyGroup(const TA* a, const TB* b, float Ma, float Mb,
-                                             float c0, size_t warp_base, int lane, size_t n,
-                                             GroupSums g) {
+                                             float c0, size_t warp_base, int lane, size_t n) {
   const float ninf = -Inf(), pinf = Inf();
+  GroupSums g = GroupSums::Zero();
   // Reloaded rather than taken from the caller's registers by address (an
   // address taken kept every group's values in local memory: 16 local stores
   // per group in the hot loop).
@@ -718,16 +726,19 @@ __global__ void __launch_bounds__(kThreads, 2)
   const unsigned warp_elem = static_cast<unsigned>(warp * kWarpSpan);
   const unsigned piped_steps =
       aligned && n32 >= warp_elem + kWarpSpan ? (n32 - warp_elem - kWarpSpan) / kStep + 1 : 0;
-  const TA* a_lane = a + lane_elem;
-  const TB* b_lane = b + lane_elem;
   const unsigned pipe_sh = static_cast<unsigned>(__cvta_generic_to_shared(pipe));
   const unsigned off_a = LaneStageOffset<TA>(warp, lane);
   const unsigned off_b = kStageBytes + LaneStageOffset<TB>(warp, lane);
   auto issue = [&](unsigned step) {
     if (step < piped_steps) {
       const unsigned stage = pipe_sh + (step % kStages) * 2 * kStageBytes;
-      CopyGroupAsync(stage + off_a, a_lane + step * kStep);
-      CopyGroupAsync(stage + off_b, b_lane + step * kStep);
+      // This lane's element offset in 32 bits (below n), widened once per
+      // side with the row pointers that stay live anyway: per-lane row
+      // pointers held two more 64-bit registers through the loop, and one
+      // was spilled and reloaded every step.
+      const unsigned at = lane_elem + step * kStep;
+      CopyGroupAsync(stage + off_a, a + at);
+      CopyGroupAsync(stage + off_b, b + at);
     }
     CommitAsync();  // one group per step, empty or not, so the counts line up
   };
@@ -770,11 +781,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (Mb > ninf) B = Rescale(B, static_cast<double>(Mb) - gb);
       Mb = gb;
     }
-    GroupSums g{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ninf, pinf, 0, 0, 0, 0, 0};
-    if (!CleanGroup(va, vb, Ma, Mb, c0, a, b, piped ? stage + off_a : kNoStage,
-                    piped ? stage + off_b : kNoStage, wb, lane, n, g)) {
-      g = GroupSums{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ninf, pinf, 0, 0, 0, 0, 0};
-      g = DirtyGroup(a, b, Ma, Mb, c0, wb, lane, n, g);
+    GroupSums g = GroupSums::Zero();
+    if (!CleanGroup(va, vb, Ma, Mb, c0, a, b, piped ? stage : kNoStage, wb, lane, n, g)) {
+      g = DirtyGroup(a, b, Ma, Mb, c0, wb, lane, n);
       both_masked += g.both_masked;
       a_only += g.a_only;
       b_only += g.b_only;
@@ -883,7 +892,9 @@ __global__ void __launch_bounds__(kThreads, 2)
         const float pp = x > ninf ? ExpNonPositive(x - Ma_all) * inv_sa : 0.0f;
         const float qq = y > ninf ? ExpNonPositive(y - Mb_all) * inv_sb : 0.0f;
         const float sum = pp + qq;
-        const float u = sum > 0 ? (pp - qq) / fmaxf(sum, 1e-38f) : 0.0f;
+        // __fdividef: 2 ulp (sum <= 2), against an IEEE division with its
+        // slow-path call.
+        const float u = sum > 0 ? __fdividef(pp - qq, fmaxf(sum, 1e-38f)) : 0.0f;
         js_s = fmaf(sum, JsTerm(u), js_s);
       }
       js_sum += js_s;
