@@ -376,10 +376,20 @@ PYBIND11_MODULE(_core, m) {
       std::copy(v, v + kNumDiff, o);
     };
 
+    // (per row [rows, F], merged [F]) of the host and CUDA entry points.
+    const auto diff_result = [put](const std::vector<logitparity::DiffSums>& rows,
+                                   const logitparity::DiffSums& merged) {
+      py::array_t<double> per_row({rows.size(), kNumDiff});
+      for (size_t r = 0; r < rows.size(); ++r) put(rows[r], per_row.mutable_data(r, 0));
+      py::array_t<double> total(kNumDiff);
+      put(merged, total.mutable_data());
+      return py::make_tuple(per_row, total);
+    };
+
     m.def(
         "activation_diff",
-        [put](const py::array& ref, bool ref_bf16, const py::array& cand, bool cand_bf16,
-              int threads) {
+        [diff_result](const py::array& ref, bool ref_bf16, const py::array& cand, bool cand_bf16,
+                      int threads) {
           const RowsView a = AsRows(ref, ref_bf16, "reference");
           const RowsView b = AsRows(cand, cand_bf16, "candidate");
           std::vector<logitparity::DiffSums> rows(a.rows);
@@ -388,16 +398,34 @@ PYBIND11_MODULE(_core, m) {
             py::gil_scoped_release release;
             merged = logitparity::CompareActivations(a, b, rows.data(), threads);
           }
-          py::array_t<double> per_row({rows.size(), kNumDiff});
-          for (size_t r = 0; r < rows.size(); ++r) put(rows[r], per_row.mutable_data(r, 0));
-          py::array_t<double> total(kNumDiff);
-          put(merged, total.mutable_data());
-          return py::make_tuple(per_row, total);
+          return diff_result(rows, merged);
         },
         py::arg("ref"), py::arg("ref_bf16"), py::arg("cand"), py::arg("cand_bf16"),
         py::arg("threads"),
         "Difference statistics of two [rows, width] activation tensors -> (per row [rows, F], "
         "merged [F]) float64, F = DIFF_FIELDS.");
+
+    m.def(
+        "activation_diff_cuda",
+        [diff_result, device_rows](uintptr_t ref_ptr, int ref_dtype, size_t ref_stride,
+                                   uintptr_t cand_ptr, int cand_dtype, size_t cand_stride,
+                                   size_t rows, size_t width, uintptr_t stream) {
+          const RowsView a = device_rows(ref_ptr, ref_dtype, ref_stride, rows, width);
+          const RowsView b = device_rows(cand_ptr, cand_dtype, cand_stride, rows, width);
+          std::vector<logitparity::DiffSums> per(rows);
+          logitparity::DiffSums merged;
+          {
+            py::gil_scoped_release release;
+            merged = logitparity::CompareActivationsCuda(a, b, per.data(), stream);
+          }
+          return diff_result(per, merged);
+        },
+        py::arg("ref_ptr"), py::arg("ref_dtype"), py::arg("ref_stride"), py::arg("cand_ptr"),
+        py::arg("cand_dtype"), py::arg("cand_stride"), py::arg("rows"), py::arg("width"),
+        py::arg("stream"),
+        "activation_diff for two [rows, width] tensors in CUDA device memory (pointers as "
+        "integers, dtype codes and row strides in elements as for compare_rows_cuda), on "
+        "`stream`.");
 
     m.def(
         "merge_diff",
@@ -437,6 +465,18 @@ PYBIND11_MODULE(_core, m) {
               acc.Add(v);
             },
             py::arg("block"), py::arg("bf16"))
+        .def(
+            "add_cuda",
+            [device_rows](DistributionAccumulator& acc, uintptr_t ptr, int dtype, size_t stride,
+                          size_t rows, size_t width, uintptr_t stream) {
+              const RowsView v = device_rows(ptr, dtype, stride, rows, width);
+              py::gil_scoped_release release;
+              acc.AddCuda(v, stream);
+            },
+            py::arg("ptr"), py::arg("dtype"), py::arg("stride"), py::arg("rows"),
+            py::arg("width"), py::arg("stream"),
+            "add for a [rows, width] block in CUDA device memory (as activation_diff_cuda), on "
+            "`stream`.")
         .def("merge", &DistributionAccumulator::Merge, py::arg("other"))
         .def_property_readonly("channels", &DistributionAccumulator::channels)
         .def_property_readonly("count", &DistributionAccumulator::count)

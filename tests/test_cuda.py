@@ -410,3 +410,129 @@ def test_gpu_capture_and_ppl_match_the_cpu_run(tiny_model_dir, tmp_path):
     assert rg.ref.ppl == pytest.approx(rc.ref.ppl, rel=1e-5)
     assert rg.cand.ppl == pytest.approx(rc.cand.ppl, rel=1e-5)
     assert rg.pair.delta_ppl == 0.0  # the same model on one device: identical rows
+
+
+def _activations(rng, rows, width):
+    """Activations with a heavy channel, NaN, +-inf and zeros."""
+    x = (rng.normal(0.5, 3.0, size=(rows, width)) * np.where(np.arange(width) % 17 == 0, 40.0, 1.0))
+    x = x.astype(np.float32)
+    odd = rng.integers(0, 200, size=x.shape)
+    x[odd == 0], x[odd == 1], x[odd == 2], x[(odd > 2) & (odd < 6)] = np.nan, np.inf, -np.inf, 0.0
+    return x
+
+
+def _torch_rows(x, dtype):
+    t = torch.from_numpy(x).to(getattr(torch, dtype))
+    code = {"float32": 0, "float16": 1, "bfloat16": 2}[dtype]
+    host = t.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else t.numpy()
+    return t.cuda(), host, code, dtype == "bfloat16"
+
+
+@gpu
+@pytest.mark.parametrize("da,db", [("float32", "float32"), ("float16", "bfloat16"), ("bfloat16", "float32")])
+@pytest.mark.parametrize("width", [1, 257, 2048, 4099])
+def test_activation_diff_cuda_matches_the_cpu_kernel(da, db, width):
+    rng = np.random.default_rng(width)
+    xa = _activations(rng, 7, width)
+    with np.errstate(invalid="ignore"):  # inf + -inf where both sides hold one: NaN, as wanted
+        xb = (0.7 * _activations(rng, 7, width) + 0.3 * xa).astype(np.float32)
+    ga, ha, ca, abf = _torch_rows(xa, da)
+    gb, hb, cb, bbf = _torch_rows(xb, db)
+    want_rows, want = _core.activation_diff(ha, abf, hb, bbf, 1)
+    got_rows, got = _core.activation_diff_cuda(ga.data_ptr(), ca, width, gb.data_ptr(), cb, width, 7,
+                                               width, torch.cuda.current_stream().cuda_stream)
+    names = list(_core.DIFF_FIELDS)
+    exact = [names.index(f) for f in ("max_abs", "nonfinite_ref", "nonfinite_cand", "count")]
+    np.testing.assert_array_equal(got_rows[:, exact], want_rows[:, exact])
+    np.testing.assert_allclose(got_rows, want_rows, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+
+
+@gpu
+def test_layer_diff_of_cuda_outputs_runs_on_the_gpu_and_matches_the_host():
+    from logitparity import layers as L
+
+    rng = np.random.default_rng(3)
+    xa = _activations(rng, 9, 576)
+    xb = (xa + 0.01 * rng.normal(size=xa.shape)).astype(np.float32)
+    ta, tb = torch.from_numpy(xa).cuda().bfloat16(), torch.from_numpy(xb).cuda().bfloat16()
+    assert L._cuda_pair(ta, tb)
+    got_rows, got = L._diff(_core, ta, tb, "model.layers.0")
+    want_rows, want = L._diff(_core, ta.cpu(), tb.cpu(), "model.layers.0")
+    np.testing.assert_allclose(got_rows, want_rows, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"reference output is \(9, 576\), candidate's \(9, 575\)"):
+        L._diff(_core, ta, tb[:, :575], "model.layers.0")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_distribution_accumulator_add_cuda_matches_add(dtype):
+    rng = np.random.default_rng(11)
+    want, got = _core.DistributionAccumulator(2100), _core.DistributionAccumulator(2100)
+    for _ in range(2):
+        g, h, code, bf16 = _torch_rows(_activations(rng, 5, 2100), dtype)
+        want.add(h, bf16)
+        got.add_cuda(g.data_ptr(), code, 2100, 5, 2100, torch.cuda.current_stream().cuda_stream)
+    for name in ("count", "finite", "zeros", "nans", "infs", "min", "max"):
+        assert getattr(got, name) == getattr(want, name), name
+    np.testing.assert_array_equal(got.channel_max_abs, want.channel_max_abs)
+    np.testing.assert_array_equal(got.abs_histogram, want.abs_histogram)
+    for name in ("mean", "variance", "kurtosis"):
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-12)
+    np.testing.assert_allclose(got.skewness, want.skewness, rtol=1e-10)
+
+
+def test_layer_diff_of_host_outputs_stays_on_the_host():
+    from logitparity import layers as L
+
+    a = torch.ones(3, 4)
+    assert not L._cuda_pair(a, a)
+    assert not L._cuda_pair(a.numpy(), a.numpy())
+    _, merged = L._diff(_core, a, 2 * a, "m")
+    assert merged[list(_core.DIFF_FIELDS).index("max_abs")] == 1.0
+    with pytest.raises(ValueError, match=r"module m: reference output is \(3, 4\), candidate's \(3, 5\); "
+                                         r"do both models have the same architecture"):
+        L._diff(_core, a, torch.ones(3, 5), "m")
+
+
+def _writer_stats(tmp_path, name, rows_of_prompts, storage="stats"):
+    from logitparity.activations import ActivationWriter, load_activations
+
+    d = tmp_path / name
+    d.mkdir()
+    (d / "manifest.json").write_text("{}")
+    w = ActivationWriter(d, ["model.layers.0"], storage=storage)
+    for i, rows in enumerate(rows_of_prompts):
+        w.add(f"p{i}", {"model.layers.0": rows})
+    w.close()
+    return load_activations(d)
+
+
+def test_activation_writer_takes_host_tensors_as_numpy(tmp_path):
+    rng = np.random.default_rng(5)
+    xs = [_activations(rng, 6, 300) for _ in range(2)]
+    from logitparity.capture.hooks import to_numpy_rows
+
+    for dtype in ("float32", "bfloat16"):
+        ts = [torch.from_numpy(x).to(getattr(torch, dtype)) for x in xs]
+        got = _writer_stats(tmp_path, f"t-{dtype}", ts, storage="rows")
+        want = _writer_stats(tmp_path, f"n-{dtype}", [to_numpy_rows(t) for t in ts], storage="rows")
+        assert got.stats("model.layers.0") == want.stats("model.layers.0")
+        np.testing.assert_array_equal(got.rows("p1", "model.layers.0")[0], want.rows("p1", "model.layers.0")[0])
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_activation_writer_adds_cuda_tensors_on_the_gpu(tmp_path, dtype):
+    rng = np.random.default_rng(6)
+    xs = [_activations(rng, 6, 2100) for _ in range(3)]
+    got = _writer_stats(tmp_path, "gpu", [torch.from_numpy(x).to("cuda", getattr(torch, dtype)) for x in xs])
+    want = _writer_stats(tmp_path, "host", [torch.from_numpy(x).to(getattr(torch, dtype)) for x in xs])
+    g, w = got.stats("model.layers.0"), want.stats("model.layers.0")
+    for k in ("count", "finite", "min", "max", "zero_fraction", "nan_fraction", "inf_fraction", "channel_max_abs",
+              "abs_p99", "abs_p999", "abs_p9999"):
+        assert g[k] == w[k], k
+    for k in ("mean", "variance", "kurtosis"):
+        np.testing.assert_allclose(g[k], w[k], rtol=1e-12)
+    np.testing.assert_allclose(g["skewness"], w["skewness"], rtol=1e-10)

@@ -122,15 +122,10 @@ HWY_NOINLINE DiffSums DiffRow(DF df, Dtype a_dtype, const void* a, Dtype b_dtype
   return acc.Reduce();
 }
 
-// Figures of one chunk of one tensor: counts, extremes and the chunk's own
-// mean and central sums (two sweeps over the L1-resident chunk), which the
-// caller merges into its running moments.
-struct ChunkMoments {
-  uint64_t n = 0, zeros = 0, nans = 0, infs = 0;
-  double mean = 0, m2 = 0, m3 = 0, m4 = 0;
-  float min = std::numeric_limits<float>::infinity();
-  float max = -std::numeric_limits<float>::infinity();
-};
+// Figures of one chunk of one tensor (ChunkFigures): counts, extremes and
+// the chunk's own mean and central sums (two sweeps over the L1-resident
+// chunk), which the caller merges into its running moments.
+using ChunkMoments = ChunkFigures;
 
 // x: len floats (padded to whole vectors). channel_max: len (padded) running
 // per-channel max |x| for the channels of this chunk. bins: len (padded)
@@ -234,13 +229,7 @@ HWY_INLINE void AddBlock(const RowsView& x, float* channel_max, uint64_t* hist,
       counts[2] += c.infs;
       minmax[0] = std::min(minmax[0], static_cast<double>(c.min));
       minmax[1] = std::max(minmax[1], static_cast<double>(c.max));
-      Moments m;
-      m.n = c.n;
-      m.mean = c.mean;
-      m.m2 = c.m2;
-      m.m3 = c.m3;
-      m.m4 = c.m4;
-      moments->Merge(m);
+      moments->Merge(MomentsOf(c));
     }
   }
 }

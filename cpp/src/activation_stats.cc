@@ -10,6 +10,9 @@ HWY_BEFORE_NAMESPACE();
 namespace logitparity {
 namespace HWY_NAMESPACE {
 
+// The CUDA kernels' chunks (ChunkFiguresCuda) are the CPU's.
+static_assert(kChunk == kActivationChunk, "the moments' chunks must agree");
+
 void DiffRowsT(const RowsView& a, const RowsView& b, size_t begin, size_t end, DiffSums* out) {
   DiffRows(a, b, begin, end, out);
 }
@@ -28,6 +31,7 @@ HWY_AFTER_NAMESPACE();
 #include <stdexcept>
 #include <string>
 
+#include "logitparity/cuda.h"
 #include "src/thread_pool.h"
 
 namespace logitparity {
@@ -76,8 +80,7 @@ double DiffSums::SqnrDb() const {
   return 10.0 * std::log10(ref_sq / diff_sq);
 }
 
-DiffSums CompareActivations(const RowsView& ref, const RowsView& cand, DiffSums* per_row,
-                            int threads) {
+void CheckActivationShapes(const RowsView& ref, const RowsView& cand) {
   CheckRows(ref, "reference");
   CheckRows(cand, "candidate");
   if (ref.rows != cand.rows || ref.vocab != cand.vocab) {
@@ -87,6 +90,11 @@ DiffSums CompareActivations(const RowsView& ref, const RowsView& cand, DiffSums*
         std::to_string(cand.rows) + ", " + std::to_string(cand.vocab) +
         "); were both captured at the same module and positions?");
   }
+}
+
+DiffSums CompareActivations(const RowsView& ref, const RowsView& cand, DiffSums* per_row,
+                            int threads) {
+  CheckActivationShapes(ref, cand);
   const auto kernel = HWY_DYNAMIC_DISPATCH(DiffRowsT);
   ParallelForRows(ref.rows, threads, [&](size_t, size_t begin, size_t end) {
     kernel(ref, cand, begin, end, per_row);
@@ -130,13 +138,17 @@ DistributionAccumulator::DistributionAccumulator(size_t channels)
   }
 }
 
-void DistributionAccumulator::Add(const RowsView& block) {
+void DistributionAccumulator::CheckBlock(const RowsView& block) const {
   CheckRows(block, "block");
   if (block.vocab != channels_) {
     throw std::invalid_argument("block has " + std::to_string(block.vocab) +
                                 " channels, the accumulator " + std::to_string(channels_) +
                                 "; add blocks of one module's activations only");
   }
+}
+
+void DistributionAccumulator::Add(const RowsView& block) {
+  CheckBlock(block);
   uint64_t counts[3] = {0, 0, 0};
   double minmax[2] = {min_, max_};
   HWY_DYNAMIC_DISPATCH(AddBlockT)(block, channel_max_abs_.data(), hist_.data(), &moments_, counts,
@@ -147,6 +159,31 @@ void DistributionAccumulator::Add(const RowsView& block) {
   infs_ += counts[2];
   min_ = minmax[0];
   max_ = minmax[1];
+}
+
+void DistributionAccumulator::MergeChunk(const ChunkFigures& c) {
+  zeros_ += c.zeros;
+  nans_ += c.nans;
+  infs_ += c.infs;
+  min_ = std::min(min_, static_cast<double>(c.min));
+  max_ = std::max(max_, static_cast<double>(c.max));
+  moments_.Merge(MomentsOf(c));
+}
+
+void DistributionAccumulator::AddCuda(const RowsView& block, uintptr_t stream) {
+  CheckBlock(block);
+  const size_t per_row = (block.vocab + kActivationChunk - 1) / kActivationChunk;
+  std::vector<ChunkFigures> chunks(block.rows * per_row);
+  std::vector<uint64_t> hist(kAbsHistBins);
+  std::vector<float> channel_max(channels_);
+  ChunkFiguresCuda(block, chunks.data(), hist.data(), channel_max.data(), stream);
+  // Row and chunk order, as Add merges them.
+  for (const ChunkFigures& c : chunks) MergeChunk(c);
+  count_ += static_cast<uint64_t>(block.rows) * block.vocab;
+  for (size_t b = 0; b < kAbsHistBins; ++b) hist_[b] += hist[b];
+  for (size_t c = 0; c < channels_; ++c) {
+    channel_max_abs_[c] = std::max(channel_max_abs_[c], channel_max[c]);
+  }
 }
 
 void DistributionAccumulator::Merge(const DistributionAccumulator& o) {

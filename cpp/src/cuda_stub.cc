@@ -26,5 +26,11 @@ void LogSumExpCuda(const RowsView&, double*, uintptr_t) { NotBuilt(); }
 void NllCuda(const RowsView&, const int64_t*, double*, uintptr_t) { NotBuilt(); }
 void TopKCuda(const RowsView&, size_t, float*, int64_t*, double*, uintptr_t) { NotBuilt(); }
 void LogSoftmaxCuda(const RowsView&, float*, uintptr_t) { NotBuilt(); }
+DiffSums CompareActivationsCuda(const RowsView&, const RowsView&, DiffSums*, uintptr_t) {
+  NotBuilt();
+}
+void ChunkFiguresCuda(const RowsView&, ChunkFigures*, uint64_t*, float*, uintptr_t) {
+  NotBuilt();
+}
 
 }  // namespace logitparity

@@ -61,6 +61,32 @@ def _stats_dict(acc: Any) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in out.items()}
 
 
+def _nbytes(value: Any) -> int:
+    """The host bytes of one module's rows (a tensor as to_numpy_rows stores
+    it: 16-bit dtypes as they are, everything else as float32)."""
+    if isinstance(value, tuple):
+        return int(value[0].nbytes)
+    return int(value.numel()) * (2 if str(value.dtype) in ("torch.float16", "torch.bfloat16") else 4)
+
+
+def _host_rows(t: Any) -> tuple[np.ndarray, bool]:
+    from logitparity.capture.hooks import to_numpy_rows
+
+    return to_numpy_rows(t)
+
+
+def _stats_on_gpu(value: Any) -> bool:
+    """A 2-D torch CUDA tensor in a dtype the core's CUDA kernels read, and a
+    core with CUDA kernels and a usable GPU."""
+    if isinstance(value, tuple) or not type(value).__module__.startswith("torch"):
+        return False
+    if value.device.type != "cuda" or value.ndim != 2:
+        return False
+    from logitparity.metrics import _cuda_usable
+
+    return str(value.dtype) in ("torch.float32", "torch.float16", "torch.bfloat16") and _cuda_usable()
+
+
 class ActivationWriter:
     """Streams activations of one dump into its ``activations/`` part.
 
@@ -104,17 +130,26 @@ class ActivationWriter:
         self.rows_dropped = False
         self.shards = 0
 
-    def add(self, prompt_id: str, rows: dict[str, tuple[np.ndarray, bool]]) -> None:
+    def add(self, prompt_id: str, rows: dict[str, Any]) -> None:
         """One prompt: module path -> (rows [positions, width] float32/float16
-        or uint16 bfloat16 bits, is_bf16)."""
+        or uint16 bfloat16 bits, is_bf16), or a torch tensor [positions,
+        width]. A CUDA tensor whose rows are not kept (storage 'stats', or
+        past the budget) adds to the statistics where it is
+        (DistributionAccumulator.add_cuda); every other one is copied to the
+        host first."""
         core = _core()
         n_pos = None
         keep = self.storage == "rows"
-        size = sum(a.nbytes for a, _ in rows.values())
+        size = sum(_nbytes(v) for v in rows.values())
         if keep and self.kept_bytes + size > self.budget:
             keep = False
             self.rows_dropped = True
-        for path, (arr, bf16) in rows.items():
+        for path, value in rows.items():
+            if not keep and _stats_on_gpu(value):
+                self._add_cuda(path, value)
+                n_pos = int(value.shape[0]) if n_pos is None else n_pos
+                continue
+            arr, bf16 = value if isinstance(value, tuple) else _host_rows(value)
             if path not in self.modules:
                 raise ValueError(f"module {path!r} was not declared to the writer")
             width = int(arr.shape[1])
@@ -136,6 +171,22 @@ class ActivationWriter:
         self.records.append({"id": prompt_id, "positions": n_pos, "shard": shard})
         if self.pending_bytes >= self.shard_bytes:
             self.flush()
+
+    def _add_cuda(self, path: str, t: Any) -> None:
+        from logitparity.metrics import _cuda_rows
+
+        if path not in self.modules:
+            raise ValueError(f"module {path!r} was not declared to the writer")
+        width = int(t.shape[1])
+        if self.widths.setdefault(path, width) != width:
+            raise ValueError(f"module {path}: width {width} differs from the first record's {self.widths[path]}")
+        kind = {"bfloat16": "bf16", "float16": "fp16"}.get(str(t.dtype).split(".")[-1], "fp32")
+        self.dtypes.setdefault(path, kind)
+        acc = self.acc.get(path)
+        if acc is None:
+            acc = self.acc[path] = _core().DistributionAccumulator(width)
+        v = _cuda_rows(t, path, False)
+        acc.add_cuda(v.ptr, v.dtype, v.stride, v.rows, v.vocab, v.stream)
 
     def flush(self) -> None:
         if not self.pending:

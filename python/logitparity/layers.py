@@ -427,12 +427,45 @@ def trace_reference(reference: Any, prompts: Any = None, *, modules: str | Seque
 def _diff(core: Any, ref_rows: Any, cand_rows: Any, path: str) -> tuple[np.ndarray, np.ndarray]:
     from logitparity.capture.hooks import to_numpy_rows
 
+    if tuple(ref_rows.shape) != tuple(cand_rows.shape):
+        raise ValueError(f"module {path}: reference output is {tuple(ref_rows.shape)}, candidate's "
+                         f"{tuple(cand_rows.shape)}; do both models have the same architecture and widths?")
+    if _cuda_pair(ref_rows, cand_rows):
+        return _diff_cuda(core, ref_rows, cand_rows)
     a, abf = to_numpy_rows(ref_rows)
     b, bbf = to_numpy_rows(cand_rows)
-    if a.shape != b.shape:
-        raise ValueError(f"module {path}: reference output is {tuple(a.shape)}, candidate's {tuple(b.shape)}; "
-                         "do both models have the same architecture and widths?")
     return core.activation_diff(a, abf, b, bbf, 1)
+
+
+def _cuda_pair(a: Any, b: Any) -> bool:
+    """Both module outputs torch tensors on one CUDA device, in a dtype the
+    core's CUDA kernels read (float32, float16, bfloat16), and a core with
+    CUDA kernels and a usable GPU: then they are compared where they are."""
+    if not (type(a).__module__.startswith("torch") and type(b).__module__.startswith("torch")):
+        return False
+    if a.device.type != "cuda" or a.device != b.device:
+        return False
+    import torch
+
+    kinds = (torch.float32, torch.float16, torch.bfloat16)
+    from logitparity.metrics import _cuda_usable
+
+    return a.dtype in kinds and b.dtype in kinds and a.ndim == 2 and _cuda_usable()
+
+
+def _diff_cuda(core: Any, ref_rows: Any, cand_rows: Any) -> tuple[np.ndarray, np.ndarray]:
+    """activation_diff on the GPU: the same figures (sums to float64 rounding,
+    counts and max |diff| exact), with no copy of either tensor to the host."""
+    import torch
+
+    from logitparity.metrics import _cuda_rows
+
+    a = _cuda_rows(ref_rows, "reference", False)
+    b = _cuda_rows(cand_rows, "candidate", False)
+    if b.stream != a.stream:  # the kernel runs on the reference's stream
+        torch.cuda.current_stream(b.owner.device).synchronize()
+    return core.activation_diff_cuda(a.ptr, a.dtype, a.stride, b.ptr, b.dtype, b.stride, a.rows,
+                                     a.vocab, a.stream)
 
 
 def compare_layers(reference: Any, candidate: Any, prompts: Any = None, *, mode: str = "isolated",

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "logitparity/rows.h"
@@ -37,6 +38,10 @@ struct DiffSums {
   double SqnrDb() const;
 };
 
+// The checks of CompareActivations (and of its CUDA twin): both views valid,
+// the same rows x width; std::invalid_argument naming both shapes otherwise.
+void CheckActivationShapes(const RowsView& ref, const RowsView& cand);
+
 // Row-wise sums of ref vs cand (same rows x width, any storage dtypes) into
 // per_row[0, rows); returns their merge (in row order, so bitwise the same for
 // any thread count). threads: 0 = all cores.
@@ -51,6 +56,32 @@ struct Moments {
   double mean = 0, m2 = 0, m3 = 0, m4 = 0;
   void Merge(const Moments& o);
 };
+
+// Elements per chunk of a row for the moments: each chunk's mean and central
+// sums are computed on their own and merged in row and chunk order.
+constexpr size_t kActivationChunk = 2048;
+
+// What one chunk of a block contributes to a DistributionAccumulator (the
+// CPU kernel and the CUDA kernels compute these; they are merged in row and
+// chunk order).
+struct ChunkFigures {
+  uint64_t n = 0, zeros = 0, nans = 0, infs = 0;  // finite, == 0, NaN, +-inf entries
+  double mean = 0, m2 = 0, m3 = 0, m4 = 0;        // over the finite entries (0 when none)
+  // over the finite entries (+inf, -inf when none)
+  float min = std::numeric_limits<float>::infinity();
+  float max = -std::numeric_limits<float>::infinity();
+};
+
+// A chunk's moments, to merge into the running ones.
+inline Moments MomentsOf(const ChunkFigures& c) {
+  Moments m;
+  m.n = c.n;
+  m.mean = c.mean;
+  m.m2 = c.m2;
+  m.m3 = c.m3;
+  m.m4 = c.m4;
+  return m;
+}
 
 // |x| quantiles from the histogram carry a relative error of at most
 // 2^-(kAbsHistMantissaBits + 1) (half a bin; bins are 2^-kAbsHistMantissaBits
@@ -71,6 +102,12 @@ class DistributionAccumulator {
   // rows x channels, any storage dtype. Throws std::invalid_argument if the
   // width differs from `channels`.
   void Add(const RowsView& block);
+  // Add for a block in CUDA device memory, read in place on `stream` (a
+  // cudaStream_t as an integer); returns when the block's figures are merged.
+  // The same figures as Add: counts, extremes, per-channel max and histogram
+  // exactly, moments up to the summation order inside each chunk.
+  // std::runtime_error in a build without CUDA or without a usable GPU.
+  void AddCuda(const RowsView& block, uintptr_t stream);
   // Throws std::invalid_argument if the channel counts differ.
   void Merge(const DistributionAccumulator& other);
 
@@ -102,6 +139,8 @@ class DistributionAccumulator {
   uint64_t count_ = 0, zeros_ = 0, nans_ = 0, infs_ = 0;
   Moments moments_;
   double min_, max_;
+  void CheckBlock(const RowsView& block) const;
+  void MergeChunk(const ChunkFigures& c);
   std::vector<float> channel_max_abs_;  // padded to whole vectors of any target
   std::vector<uint64_t> hist_;
 };

@@ -1,6 +1,6 @@
 // The CUDA kernels of the core: the fused row comparison, log-sum-exp, NLL,
-// log-softmax and top-K storage on rows that live in GPU memory, read in place
-// on the caller's stream. Plain types only; the
+// log-softmax, top-K storage and the activation statistics on rows that live
+// in GPU memory, read in place on the caller's stream. Plain types only; the
 // kernels are in cpp/src/cuda/. Built when CMake finds a CUDA toolkit; without
 // one these functions exist and report that no CUDA is built.
 #ifndef LOGITPARITY_CUDA_H_
@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "logitparity/activation_stats.h"
 #include "logitparity/row_metrics.h"
 #include "logitparity/rows.h"
 
@@ -54,6 +55,20 @@ void TopKCuda(const RowsView& logits, size_t k, float* values, int64_t* indices,
 // (it may alias contiguous float32 logits). Queued on `stream`; the call does
 // not wait for it.
 void LogSoftmaxCuda(const RowsView& logits, float* out, uintptr_t stream);
+
+// CompareActivations for device views (both on one device), on `stream`:
+// the same checks, per-row sums and merge (in row order). Sums agree with the
+// CPU's to float64 rounding (another summation order); counts and max_abs
+// are exact.
+DiffSums CompareActivationsCuda(const RowsView& ref, const RowsView& cand, DiffSums* per_row,
+                                uintptr_t stream);
+
+// The figures of every chunk of a device block, row by row (rows x
+// ceil(width / kActivationChunk) entries), its |x| histogram (kAbsHistBins
+// counts, written) and per-channel max |x| (width floats, written); what
+// DistributionAccumulator::AddCuda merges.
+void ChunkFiguresCuda(const RowsView& block, ChunkFigures* chunks, uint64_t* hist,
+                      float* channel_max, uintptr_t stream);
 
 }  // namespace logitparity
 

@@ -399,7 +399,9 @@ def _hf_rows(model: Any, modules: Any):
     paths = select_modules(hf, modules)
 
     def rows_of(ids: list[int]) -> dict[str, Any]:
-        return {rec.path: to_numpy_rows(rec.output) for rec in trace(hf, ids, paths).modules}
+        # Tensors: the writer adds CUDA ones to its statistics on the GPU and
+        # copies the rest (and any rows it keeps) to the host.
+        return {rec.path: rec.output for rec in trace(hf, ids, paths).modules}
 
     return rows_of
 
