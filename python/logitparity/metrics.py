@@ -471,26 +471,38 @@ def _dtype_error(name: str, got: str) -> TypeError:
     )
 
 
+_TORCH_CODES: dict[Any, int] = {}  # torch dtype -> the core's dtype code, filled on first use
+
+
 def _cuda_rows(x: Any, name: str, bf16: bool) -> _CudaRows:
     if type(x).__module__.startswith("torch"):
-        import torch  # a CUDA tensor was passed, so torch is there
+        if not _TORCH_CODES:
+            import torch  # a CUDA tensor was passed, so torch is there
 
-        x = x.detach()
-        code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}.get(x.dtype)
+            _TORCH_CODES.update({torch.float32: 0, torch.float16: 1, torch.bfloat16: 2})
+        code = _TORCH_CODES.get(x.dtype)
         if code is None:
             raise _dtype_error(name, f"torch.{str(x.dtype).split('.')[-1]}")
-        if x.ndim == 0:
+        shape = x.shape
+        if not shape:
             raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a scalar")
-        lead, vocab = tuple(x.shape[:-1]), int(x.shape[-1])
+        lead, vocab = tuple(shape[:-1]), int(shape[-1])
         if x.numel() == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); expected [rows, vocab] "
+            raise ValueError(f"{name} is empty (shape {tuple(shape)}); expected [rows, vocab] "
                              "with rows, vocab >= 1")
-        rows2 = x.reshape(-1, vocab)  # a view where the strides allow, else a device copy
-        if rows2.stride(1) != 1 or (rows2.shape[0] > 1 and rows2.stride(0) < vocab):
-            rows2 = rows2.contiguous()  # broadcast / overlapping rows: copied on the device
-        stride = rows2.stride(0) if rows2.shape[0] > 1 else vocab
+        # A [rows, vocab] tensor with contiguous rows is read as it is (the
+        # common case: no view is made, about 3 us of a call's host time);
+        # anything else is viewed as rows where the strides allow, else
+        # copied on the device.
+        rows2 = x
+        if len(shape) != 2 or x.stride(1) != 1 or (shape[0] > 1 and x.stride(0) < vocab):
+            rows2 = x.detach().reshape(-1, vocab)
+            if rows2.stride(1) != 1 or (rows2.shape[0] > 1 and rows2.stride(0) < vocab):
+                rows2 = rows2.contiguous()  # broadcast / overlapping rows: copied on the device
+        rows = rows2.shape[0]
+        stride = rows2.stride(0) if rows > 1 else vocab
         stream = _torch_stream(rows2.device)
-        return _CudaRows(rows2.data_ptr(), code, rows2.shape[0], vocab, stride, stream, lead, rows2)
+        return _CudaRows(rows2.data_ptr(), code, rows, vocab, stride, stream, lead, rows2)
     if hasattr(x, "__cuda_array_interface__"):
         cai = x.__cuda_array_interface__
         typestr, shape = cai["typestr"], tuple(int(v) for v in cai["shape"])
@@ -587,11 +599,14 @@ def _device_targets(targets: Any, rows: _CudaRows) -> Any:
         return None
     import torch
 
+    owner_device = getattr(rows.owner, "device", None)
+    if (targets.dtype == torch.int64 and targets.ndim == 1 and targets.shape[0] == rows.rows
+            and targets.is_contiguous() and targets.device == owner_device):
+        return targets  # as the kernel reads them (the common case: no torch op)
     if targets.dtype in (torch.bool, torch.uint64) or targets.is_floating_point() or targets.is_complex():
         return None  # the host path names the dtype (uint64: see _targets)
     if targets.numel() != rows.rows:
         return None  # the host path says what shape was expected
-    owner_device = getattr(rows.owner, "device", None)
     if owner_device is not None and targets.device != owner_device:
         return None
     return targets.detach().reshape(-1).to(torch.int64).contiguous()
