@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -82,9 +81,9 @@ def _stats_on_gpu(value: Any) -> bool:
         return False
     if value.device.type != "cuda" or value.ndim != 2:
         return False
-    from logitparity.metrics import _cuda_usable
+    from logitparity._cuda_arrays import cuda_usable
 
-    return str(value.dtype) in ("torch.float32", "torch.float16", "torch.bfloat16") and _cuda_usable()
+    return str(value.dtype) in ("torch.float32", "torch.float16", "torch.bfloat16") and cuda_usable()
 
 
 class ActivationWriter:
@@ -173,7 +172,7 @@ class ActivationWriter:
             self.flush()
 
     def _add_cuda(self, path: str, t: Any) -> None:
-        from logitparity.metrics import _cuda_rows
+        from logitparity._cuda_arrays import cuda_rows
 
         if path not in self.modules:
             raise ValueError(f"module {path!r} was not declared to the writer")
@@ -185,7 +184,7 @@ class ActivationWriter:
         acc = self.acc.get(path)
         if acc is None:
             acc = self.acc[path] = _core().DistributionAccumulator(width)
-        v = _cuda_rows(t, path, False)
+        v = cuda_rows(t, path, False)
         acc.add_cuda(v.ptr, v.dtype, v.stride, v.rows, v.vocab, v.stream)
 
     def flush(self) -> None:

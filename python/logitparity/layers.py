@@ -448,9 +448,9 @@ def _cuda_pair(a: Any, b: Any) -> bool:
     import torch
 
     kinds = (torch.float32, torch.float16, torch.bfloat16)
-    from logitparity.metrics import _cuda_usable
+    from logitparity._cuda_arrays import cuda_usable
 
-    return a.dtype in kinds and b.dtype in kinds and a.ndim == 2 and _cuda_usable()
+    return a.dtype in kinds and b.dtype in kinds and a.ndim == 2 and cuda_usable()
 
 
 def _diff_cuda(core: Any, ref_rows: Any, cand_rows: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -458,10 +458,10 @@ def _diff_cuda(core: Any, ref_rows: Any, cand_rows: Any) -> tuple[np.ndarray, np
     counts and max |diff| exact), with no copy of either tensor to the host."""
     import torch
 
-    from logitparity.metrics import _cuda_rows
+    from logitparity._cuda_arrays import cuda_rows
 
-    a = _cuda_rows(ref_rows, "reference", False)
-    b = _cuda_rows(cand_rows, "candidate", False)
+    a = cuda_rows(ref_rows, "reference", False)
+    b = cuda_rows(cand_rows, "candidate", False)
     if b.stream != a.stream:  # the kernel runs on the reference's stream
         torch.cuda.current_stream(b.owner.device).synchronize()
     return core.activation_diff_cuda(a.ptr, a.dtype, a.stride, b.ptr, b.dtype, b.stride, a.rows,

@@ -24,6 +24,14 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from logitparity import fields as _fields
+from logitparity._cuda_arrays import (
+    CudaRows,
+    check_same_device,
+    cuda_rows,
+    cuda_usable,
+    dlpack_device,
+    on_cuda,
+)
 from logitparity._native import core as _core
 
 from logitparity.stats import Describe, Rate, describe, rate
@@ -90,7 +98,7 @@ def as_rows(x: Any, name: str, bf16: bool = False) -> tuple[np.ndarray, bool, tu
             f"{name} must be a numpy array or torch tensor of logits, got a {type(x).__name__}; "
             f"wrap it with np.asarray({name}, dtype=np.float32)"
         )
-    elif _dlpack_device(x) is not None:  # a host array of another framework
+    elif dlpack_device(x) is not None:  # a host array of another framework
         try:
             arr = np.from_dlpack(x)
         except (TypeError, BufferError, RuntimeError) as e:
@@ -342,9 +350,9 @@ def compare_logits(
     benchmarks/bench_metrics.py); off by default, leaving NaN.
     """
     nthreads = _threads(threads)
-    if _on_cuda(ref) or _on_cuda(cand):
-        _check_same_device(ref, cand)
-        if _cuda_usable():
+    if on_cuda(ref) or on_cuda(cand):
+        check_same_device(ref, cand)
+        if cuda_usable():
             return _compare_cuda(ref, cand, targets, topk, js, ref_bf16, cand_bf16)
         # No CUDA kernels or no GPU: torch tensors are copied to the host below.
     a, a_bf16, lead = as_rows(ref, "ref", ref_bf16)
@@ -372,203 +380,10 @@ def _row_metrics(fields: np.ndarray, names: list[str], overlap: np.ndarray, ks: 
     )
 
 
-# --- CUDA inputs ----------------------------------------------------------
-
-
-# DLPack device types (dlpack.h): CUDA memory, and managed memory.
-_DL_CUDA, _DL_CUDA_MANAGED = 2, 13
-
-
-def _dlpack_device(x: Any) -> tuple[int, int] | None:
-    """(device_type, device_id) of an object with __dlpack__, else None."""
-    if isinstance(x, (np.ndarray, np.generic)) or not hasattr(x, "__dlpack__"):
-        return None
-    try:
-        dev = x.__dlpack_device__()
-        return int(dev[0]), int(dev[1])
-    except Exception:  # noqa: BLE001 - a foreign object that does not say
-        return None
-
-
-def _on_cuda(x: Any) -> bool:
-    if type(x).__module__.startswith("torch"):
-        return x.device.type == "cuda"
-    if hasattr(x, "__cuda_array_interface__"):
-        return True
-    dev = _dlpack_device(x)
-    return dev is not None and dev[0] in (_DL_CUDA, _DL_CUDA_MANAGED)
-
-
-_CUDA_USABLE: list[bool] = []  # once known: the count of GPUs does not change in a process
-
-
-def _cuda_usable() -> bool:
-    if not _CUDA_USABLE:
-        core = _core()
-        _CUDA_USABLE.append(bool(core.cuda_built() and core.cuda_device_count() > 0))
-    return _CUDA_USABLE[0]
-
-
-def _device_name(x: Any) -> str:
-    if type(x).__module__.startswith("torch"):
-        return str(x.device)
-    if hasattr(x, "__cuda_array_interface__"):
-        return "a CUDA device"
-    dev = _dlpack_device(x)
-    return f"cuda:{dev[1]}" if dev is not None and dev[0] in (_DL_CUDA, _DL_CUDA_MANAGED) else "the CPU"
-
-
-def _check_same_device(ref: Any, cand: Any) -> None:
-    if _on_cuda(ref) != _on_cuda(cand):
-        gpu, cpu = ("ref", "cand") if _on_cuda(ref) else ("cand", "ref")
-        raise ValueError(
-            f"ref is on {_device_name(ref)} and cand on {_device_name(cand)}; compare rows on one "
-            f"device: move {cpu} to the GPU (e.g. {cpu}.to({gpu}.device)) or {gpu} to the host"
-        )
-    if type(ref).__module__.startswith("torch") and type(cand).__module__.startswith("torch"):
-        if ref.device != cand.device:
-            raise ValueError(
-                f"ref is on {ref.device} and cand on {cand.device}; move one with "
-                f"cand.to(ref.device)"
-            )
-
-
-_CUDA_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
-
-
-@dataclasses.dataclass
-class _CudaRows:
-    """A [rows, vocab] view of CUDA memory for the core (element strides)."""
-
-    ptr: int
-    dtype: int
-    rows: int
-    vocab: int
-    stride: int
-    stream: int
-    lead: tuple[int, ...]
-    owner: Any  # keeps the memory (or a copy) alive during the call
-
-
-def _torch_stream(device: Any) -> int:
-    """The handle of torch's current stream on `device` (a torch.device of
-    type cuda). torch._C._cuda_getCurrentRawStream returns it without
-    building a Stream object (torch.cuda.current_stream took about 10 us of
-    a call's host time on the H200's host); the public call where torch
-    lacks it."""
-    import torch
-
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is not None:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return int(raw(index))
-    return torch.cuda.current_stream(device).cuda_stream
-
-
-def _dtype_error(name: str, got: str) -> TypeError:
-    return TypeError(
-        f"{name} must be float32, float16 or bfloat16, got {got}; convert with {name}.float()"
-    )
-
-
-_TORCH_CODES: dict[Any, int] = {}  # torch dtype -> the core's dtype code, filled on first use
-
-
-def _cuda_rows(x: Any, name: str, bf16: bool) -> _CudaRows:
-    if type(x).__module__.startswith("torch"):
-        if not _TORCH_CODES:
-            import torch  # a CUDA tensor was passed, so torch is there
-
-            _TORCH_CODES.update({torch.float32: 0, torch.float16: 1, torch.bfloat16: 2})
-        code = _TORCH_CODES.get(x.dtype)
-        if code is None:
-            raise _dtype_error(name, f"torch.{str(x.dtype).split('.')[-1]}")
-        shape = x.shape
-        if not shape:
-            raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a scalar")
-        lead, vocab = tuple(shape[:-1]), int(shape[-1])
-        if x.numel() == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(shape)}); expected [rows, vocab] "
-                             "with rows, vocab >= 1")
-        # A [rows, vocab] tensor with contiguous rows is read as it is (the
-        # common case: no view is made, about 3 us of a call's host time);
-        # anything else is viewed as rows where the strides allow, else
-        # copied on the device.
-        rows2 = x
-        if len(shape) != 2 or x.stride(1) != 1 or (shape[0] > 1 and x.stride(0) < vocab):
-            rows2 = x.detach().reshape(-1, vocab)
-            if rows2.stride(1) != 1 or (rows2.shape[0] > 1 and rows2.stride(0) < vocab):
-                rows2 = rows2.contiguous()  # broadcast / overlapping rows: copied on the device
-        rows = rows2.shape[0]
-        stride = rows2.stride(0) if rows > 1 else vocab
-        stream = _torch_stream(rows2.device)
-        return _CudaRows(rows2.data_ptr(), code, rows, vocab, stride, stream, lead, rows2)
-    if hasattr(x, "__cuda_array_interface__"):
-        cai = x.__cuda_array_interface__
-        typestr, shape = cai["typestr"], tuple(int(v) for v in cai["shape"])
-        kind = {"<f4": 0, "<f2": 1, "<u2": 2 if bf16 else -1}.get(typestr)
-        if kind is None or kind < 0:
-            hint = " (pass bf16=True for bfloat16 bit patterns)" if typestr == "<u2" else ""
-            raise _dtype_error(name, f"typestr {typestr!r}{hint}")
-        item = 4 if kind == 0 else 2
-        strides = cai.get("strides")
-        stream = cai.get("stream") or 0  # None: the legacy default stream
-        return _strided_rows(name, int(cai["data"][0]), kind, item, shape, strides, int(stream), x,
-                             "cupy.ascontiguousarray")
-    return _dlpack_rows(x, name)
-
-
-def _dlpack_rows(x: Any, name: str) -> _CudaRows:
-    """A CUDA array known only through DLPack. The consumer names the stream
-    (here the legacy default stream, DLPack's 1): the producer makes its
-    pending work on the array visible there before handing it over, and the
-    kernel runs on it. The capsule is read, not consumed: it stays with the
-    array and frees nothing until both are gone."""
-    try:
-        cap = x.__dlpack__(stream=1, max_version=(1, 0))
-    except TypeError:  # a producer older than DLPack 1.0
-        cap = x.__dlpack__(stream=1)
-    ptr, _, _, (code, bits, lanes), shape, strides = _core().dlpack_info(cap)
-    kind = {(2, 32): 0, (2, 16): 1, (4, 16): 2}.get((int(code), int(bits)))
-    if kind is None or lanes != 1:
-        raise _dtype_error(name, f"DLPack dtype (code {code}, {bits} bits, {lanes} lanes)")
-    item = 4 if kind == 0 else 2
-    byte_strides = None if strides is None else tuple(int(v) * item for v in strides)
-    return _strided_rows(name, int(ptr), kind, item, tuple(int(v) for v in shape), byte_strides, 0,
-                         (x, cap), "a contiguous copy")
-
-
-def _strided_rows(name: str, ptr: int, kind: int, item: int, shape: tuple[int, ...],
-                  strides: Any, stream: int, owner: Any, fix: str) -> _CudaRows:
-    """Rows of a CUDA array given by pointer, shape and byte strides (None:
-    C-contiguous): the leading dims must fold into one row stride."""
-    if not shape:
-        raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a scalar")
-    vocab = shape[-1]
-    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-    if vocab == 0 or rows == 0:
-        raise ValueError(f"{name} is empty (shape {shape}); expected [rows, vocab] with rows, vocab >= 1")
-    if strides is None:
-        strides = tuple(int(np.prod(shape[i + 1:])) * item for i in range(len(shape)))
-    ok = strides[-1] == item or vocab == 1
-    for i in range(len(shape) - 2):  # leading dims must fold into one row stride
-        ok = ok and (shape[i] == 1 or strides[i] == strides[i + 1] * shape[i + 1])
-    row_stride = strides[-2] // item if len(shape) > 1 else vocab
-    if rows > 1 and (row_stride < vocab or strides[-2] % item):
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"{name}: this CUDA array's strides {tuple(strides)} do not give rows of contiguous "
-            f"logits; pass a contiguous copy (e.g. {fix}({name}))"
-        )
-    return _CudaRows(ptr, kind, rows, vocab, row_stride if rows > 1 else vocab, stream,
-                     tuple(shape[:-1]), owner)
-
-
 def _compare_cuda(ref: Any, cand: Any, targets: Any, topk: Any, js: bool, ref_bf16: bool,
                   cand_bf16: bool) -> RowMetrics:
-    a = _cuda_rows(ref, "ref", ref_bf16)
-    b = _cuda_rows(cand, "cand", cand_bf16)
+    a = cuda_rows(ref, "ref", ref_bf16)
+    b = cuda_rows(cand, "cand", cand_bf16)
     _check_vocab(_ShapeOnly(a.rows, a.vocab), _ShapeOnly(b.rows, b.vocab), "ref", "cand")
     _check_lead(a.lead, b.lead, "ref", "cand")
     lead = b.lead if len(b.lead) > len(a.lead) else a.lead
@@ -589,7 +404,7 @@ def _compare_cuda(ref: Any, cand: Any, targets: Any, topk: Any, js: bool, ref_bf
     return _row_metrics(fields, names, overlap, ks, lead)
 
 
-def _device_targets(targets: Any, rows: _CudaRows) -> Any:
+def _device_targets(targets: Any, rows: CudaRows) -> Any:
     """Torch CUDA targets on the rows' device as a contiguous int64 tensor,
     read in place by the kernel, which checks the range there (same message
     as _targets); None for every other kind of targets (checked on the host).
@@ -631,7 +446,7 @@ def _reshape(out: np.ndarray, lead: tuple[int, ...]) -> np.ndarray:
 def on_gpu(x: Any) -> bool:
     """True when x is a CUDA array that the core's CUDA kernels read in place
     (a CUDA build with a usable GPU); callers then keep x where it is."""
-    return _on_cuda(x) and _cuda_usable()
+    return on_cuda(x) and cuda_usable()
 
 
 
@@ -658,7 +473,7 @@ def _out_ptr(out: Any) -> int:
 
 
 def _log_softmax_cuda(x: Any, bf16: bool, inplace: bool) -> Any:
-    r = _cuda_rows(x, "x", bf16)
+    r = cuda_rows(x, "x", bf16)
     if inplace:
         same = type(x).__module__.startswith("torch") and r.owner.data_ptr() == x.data_ptr()
         if not (same or hasattr(x, "__cuda_array_interface__")) or r.dtype != 0 or r.stride != r.vocab:
@@ -707,7 +522,7 @@ def topk(x: Any, k: int, *, threads: int | None = None, bf16: bool = False) -> t
                and not isinstance(k, bool) and k > _core().MAX_TOPK_CUDA)  # copied below
     if on_gpu(x) and not on_host:
         _threads(threads)
-        r = _cuda_rows(x, "x", bf16)
+        r = cuda_rows(x, "x", bf16)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise TypeError(f"k must be an int, got {k!r}")
         hi = min(r.vocab, int(_core().MAX_TOPK_CUDA))
@@ -732,7 +547,7 @@ def nll(x: Any, targets: Any, *, threads: int | None = None, bf16: bool = False)
     """Negative log-likelihood (nats) of targets[r] under softmax(x[r]), float64."""
     if on_gpu(x):
         _threads(threads)
-        r = _cuda_rows(x, "x", bf16)
+        r = cuda_rows(x, "x", bf16)
         t = _targets(targets, r.rows, r.vocab, r.lead)
         if (t < 0).any():
             raise ValueError(f"targets must be in [0, {r.vocab}) for nll, got -1 at row {int(np.argmax(t < 0))}")
@@ -751,7 +566,7 @@ def logsumexp(x: Any, *, threads: int | None = None, bf16: bool = False) -> np.n
     float64 exps included)."""
     if on_gpu(x):
         _threads(threads)
-        r = _cuda_rows(x, "x", bf16)
+        r = cuda_rows(x, "x", bf16)
         out = _core().logsumexp_cuda(r.ptr, r.dtype, r.stride, r.rows, r.vocab, r.stream)
         return out.reshape(r.lead) if r.lead else out.reshape(())
     a, is_bf16, lead = as_rows(x, "x", bf16)
