@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <initializer_list>
 #include <limits>
 #include <stdexcept>
@@ -259,6 +260,59 @@ void TestF16ConversionAllBits() {
   }
 }
 
+// LogNormal (JsKernel's division-free log) against std::log in float64 over
+// its whole input range (log-spaced from 1e-30, every float in [1, 2) of a
+// stride, the ends), and JsKernel against its float64 formula for u in
+// [-1, 1]: the far lanes (|u| >= 1/4) go through LogNormal.
+void TestLogNormalAndJsKernel() {
+  const hn::ScalableTag<float> df;
+  const size_t N = hn::Lanes(df);
+  std::vector<float> xs;
+  for (double e = -30.0; e <= std::log10(2.0); e += 1e-4) xs.push_back(static_cast<float>(std::pow(10.0, e)));
+  for (uint32_t bits = 0x3F800000u; bits < 0x40000000u; bits += 97) {
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    xs.push_back(f);
+  }
+  for (float f : {1e-30f, 5.9604645e-08f, 0.70710677f, 0.70710683f, 1.0f, 1.4142135f, 1.4142137f,
+                  1.9999999f, 2.0f}) {
+    xs.push_back(f);
+  }
+  while (xs.size() % N) xs.push_back(1.0f);
+  double worst = 0;
+  std::vector<float> out(N);
+  for (size_t i = 0; i < xs.size(); i += N) {
+    hn::StoreU(LogNormal(df, hn::LoadU(df, xs.data() + i)), df, out.data());
+    for (size_t j = 0; j < N; ++j) {
+      const double want = std::log(static_cast<double>(xs[i + j]));
+      const double err = std::fabs(out[j] - want) / std::max(1.0, std::fabs(want));
+      worst = std::max(worst, err);
+      if (err > 2e-7) {
+        HWY_ABORT("%s: LogNormal(%.9g) = %.9g, want %.9g", hwy::TargetName(HWY_TARGET), xs[i + j],
+                  out[j], want);
+      }
+    }
+  }
+  double worst_js = 0;
+  std::vector<float> us;
+  for (int i = -100000; i <= 100000; ++i) us.push_back(static_cast<float>(i / 100000.0));
+  while (us.size() % N) us.push_back(0.0f);
+  for (size_t i = 0; i < us.size(); i += N) {
+    hn::StoreU(JsKernel(df, hn::LoadU(df, us.data() + i)), df, out.data());
+    for (size_t j = 0; j < N; ++j) {
+      const double u = us[i + j];
+      const double want = (u > -1 ? (1 + u) * std::log1p(u) : 0.0) + (u < 1 ? (1 - u) * std::log1p(-u) : 0.0);
+      const double err = std::fabs(out[j] - want);
+      worst_js = std::max(worst_js, err);
+      if (err > 3e-7 * std::max(1.0, want)) {
+        HWY_ABORT("%s: JsKernel(%.9g) = %.9g, want %.9g", hwy::TargetName(HWY_TARGET), u, out[j], want);
+      }
+    }
+  }
+  printf("%s: LogNormal worst %.3g (relative, or absolute below 1), JsKernel worst %.3g absolute\n",
+         hwy::TargetName(HWY_TARGET), worst, worst_js);
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace logitparity
 HWY_AFTER_NAMESPACE();
@@ -275,6 +329,7 @@ HWY_EXPORT_AND_TEST_P(RowMetricsTest, TestKlTightOnCloseRows);
 HWY_EXPORT_AND_TEST_P(RowMetricsTest, TestKlOfFarRows);
 HWY_EXPORT_AND_TEST_P(RowMetricsTest, TestF16ConversionAllBits);
 HWY_EXPORT_AND_TEST_P(RowMetricsTest, TestHugeFiniteLogits);
+HWY_EXPORT_AND_TEST_P(RowMetricsTest, TestLogNormalAndJsKernel);
 
 // Bitwise identical results for 1..8 threads and for any split of the rows.
 TEST(RowMetricsPublic, ThreadAndBatchInvariance) {
