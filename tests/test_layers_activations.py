@@ -222,3 +222,14 @@ def test_llama_cpp_layer_outputs_go_into_the_dump_and_layers_names_the_first_dis
     with pytest.raises(ValueError, match="records decoder layer outputs only"):
         with LlamaCppEngine(None, n_ctx=256) as e:
             capture_activations(e, tmp_path / "llama2", modules="all")
+
+
+def test_activation_writer_errors_undeclared_module_and_changed_width(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    w = ActivationWriter(tmp_path, ["model.layers.0"])
+    rows = np.ones((3, 8), np.float32)
+    with pytest.raises(ValueError, match=r"module 'model.layers.1' was not declared to the writer"):
+        w.add("p0", {"model.layers.1": (rows, False)})
+    w.add("p0", {"model.layers.0": (rows, False)})
+    with pytest.raises(ValueError, match=r"module model.layers.0: width 9 differs from the first record's 8"):
+        w.add("p1", {"model.layers.0": (np.ones((3, 9), np.float32), False)})

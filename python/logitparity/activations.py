@@ -136,7 +136,6 @@ class ActivationWriter:
         past the budget) adds to the statistics where it is
         (DistributionAccumulator.add_cuda); every other one is copied to the
         host first."""
-        core = _core()
         n_pos = None
         keep = self.storage == "rows"
         size = sum(_nbytes(v) for v in rows.values())
@@ -149,16 +148,8 @@ class ActivationWriter:
                 n_pos = int(value.shape[0]) if n_pos is None else n_pos
                 continue
             arr, bf16 = value if isinstance(value, tuple) else _host_rows(value)
-            if path not in self.modules:
-                raise ValueError(f"module {path!r} was not declared to the writer")
-            width = int(arr.shape[1])
-            if self.widths.setdefault(path, width) != width:
-                raise ValueError(f"module {path}: width {width} differs from the first record's {self.widths[path]}")
-            self.dtypes.setdefault(path, "bf16" if bf16 else "fp16" if arr.dtype == np.float16 else "fp32")
-            acc = self.acc.get(path)
-            if acc is None:
-                acc = self.acc[path] = core.DistributionAccumulator(width)
-            acc.add(arr, bf16)
+            kind = "bf16" if bf16 else "fp16" if arr.dtype == np.float16 else "fp32"
+            self._accumulator(path, int(arr.shape[1]), kind).add(arr, bf16)
             n_pos = int(arr.shape[0]) if n_pos is None else n_pos
             if keep:
                 self.pending[_key(prompt_id, path)] = (arr, bf16)
@@ -171,19 +162,25 @@ class ActivationWriter:
         if self.pending_bytes >= self.shard_bytes:
             self.flush()
 
-    def _add_cuda(self, path: str, t: Any) -> None:
-        from logitparity._cuda_arrays import cuda_rows
-
+    def _accumulator(self, path: str, width: int, kind: str) -> Any:
+        """The module's statistics, once the module is known to be declared
+        and to keep its first record's width (and dtype name, for the
+        manifest)."""
         if path not in self.modules:
             raise ValueError(f"module {path!r} was not declared to the writer")
-        width = int(t.shape[1])
         if self.widths.setdefault(path, width) != width:
             raise ValueError(f"module {path}: width {width} differs from the first record's {self.widths[path]}")
-        kind = {"bfloat16": "bf16", "float16": "fp16"}.get(str(t.dtype).split(".")[-1], "fp32")
         self.dtypes.setdefault(path, kind)
         acc = self.acc.get(path)
         if acc is None:
             acc = self.acc[path] = _core().DistributionAccumulator(width)
+        return acc
+
+    def _add_cuda(self, path: str, t: Any) -> None:
+        from logitparity._cuda_arrays import cuda_rows
+
+        kind = {"bfloat16": "bf16", "float16": "fp16"}.get(str(t.dtype).split(".")[-1], "fp32")
+        acc = self._accumulator(path, int(t.shape[1]), kind)
         v = cuda_rows(t, path, False)
         acc.add_cuda(v.ptr, v.dtype, v.stride, v.rows, v.vocab, v.stream)
 
