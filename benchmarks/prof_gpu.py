@@ -3,7 +3,8 @@ CUDA tensors, a = randn * 2.5 + 4 and b = a + s randn with CUDA targets, for
 ncu with --launch-skip 1 --launch-count 1 (the second call's kernel). Kinds:
 near (fp32, s = 0.05: every |e| below 1/2, the default), far (fp32, s = 0.5:
 about a third of the tokens beyond 1/2, so nearly every group takes the
-kernel's far path) and bf16 (near, both rows rounded to bfloat16).
+kernel's far path) and bf16 (near, both rows rounded to bfloat16); --js adds the
+Jensen-Shannon sweep.
 
     ncu --set full --import-source yes --clock-control none -k regex:CompareRows \\
         --launch-skip 1 --launch-count 1 -o prof python3 benchmarks/prof_gpu.py [--kind far]
@@ -19,7 +20,9 @@ import logitparity as lp
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--kind", choices=("near", "far", "bf16"), default="near")
-kind = ap.parse_args().kind
+ap.add_argument("--js", action="store_true", help="also the Jensen-Shannon sweep")
+args = ap.parse_args()
+kind = args.kind
 g = torch.Generator(device="cuda").manual_seed(0)
 a = torch.randn(512, 151936, generator=g, device="cuda") * 2.5 + 4.0
 b = a + (0.5 if kind == "far" else 0.05) * torch.randn(512, 151936, generator=g, device="cuda")
@@ -27,6 +30,7 @@ if kind == "bf16":
     a, b = a.bfloat16(), b.bfloat16()
 t = torch.randint(0, 151936, (512,), generator=g, device="cuda")
 for _ in range(2):
-    m = lp.compare_logits(a, b, targets=t)
+    m = lp.compare_logits(a, b, targets=t, js=args.js)
 torch.cuda.synchronize()
-print(f"{kind}: mean KL {float(m.kl_ref_cand.mean()):.6g}, mean max |a - b| {float(m.max_abs_logit.mean()):.4g}")
+js = f", mean JS {float(m.js.mean()):.6g}" if args.js else ""
+print(f"{kind}: mean KL {float(m.kl_ref_cand.mean()):.6g}, mean max |a - b| {float(m.max_abs_logit.mean()):.4g}{js}")
