@@ -50,6 +50,27 @@ def cuda_usable() -> bool:
     return _CUDA_USABLE[0]
 
 
+_KERNEL_DTYPES = ("torch.float32", "torch.float16", "torch.bfloat16")
+
+
+def kernel_tensor(x: Any) -> bool:
+    """x is a 2-D torch CUDA tensor in a dtype the core's CUDA kernels read
+    (float32, float16, bfloat16), and the core has CUDA kernels and a usable
+    GPU: the activation statistics then compute on it where it is."""
+    if not type(x).__module__.startswith("torch") or x.device.type != "cuda" or x.ndim != 2:
+        return False
+    return str(x.dtype) in _KERNEL_DTYPES and cuda_usable()
+
+
+def wait_for_producer(a: CudaRows, b: CudaRows) -> None:
+    """Kernels on two arrays run on a's stream: when b is a torch tensor
+    produced on another stream, wait for that stream first."""
+    if b.stream != a.stream and type(b.owner).__module__.startswith("torch"):
+        import torch
+
+        torch.cuda.current_stream(b.owner.device).synchronize()
+
+
 def device_name(x: Any) -> str:
     if type(x).__module__.startswith("torch"):
         return str(x.device)

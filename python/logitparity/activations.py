@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from logitparity._cuda_arrays import kernel_tensor
 from logitparity._fileio import read_tagged_json, write_text_atomic
 from logitparity._shards import ShardReader, write_shard
 from logitparity._native import core as _core
@@ -72,18 +73,6 @@ def _host_rows(t: Any) -> tuple[np.ndarray, bool]:
     from logitparity.capture.hooks import to_numpy_rows
 
     return to_numpy_rows(t)
-
-
-def _stats_on_gpu(value: Any) -> bool:
-    """A 2-D torch CUDA tensor in a dtype the core's CUDA kernels read, and a
-    core with CUDA kernels and a usable GPU."""
-    if isinstance(value, tuple) or not type(value).__module__.startswith("torch"):
-        return False
-    if value.device.type != "cuda" or value.ndim != 2:
-        return False
-    from logitparity._cuda_arrays import cuda_usable
-
-    return str(value.dtype) in ("torch.float32", "torch.float16", "torch.bfloat16") and cuda_usable()
 
 
 class ActivationWriter:
@@ -143,7 +132,7 @@ class ActivationWriter:
             keep = False
             self.rows_dropped = True
         for path, value in rows.items():
-            if not keep and _stats_on_gpu(value):
+            if not keep and kernel_tensor(value):
                 self._add_cuda(path, value)
                 n_pos = int(value.shape[0]) if n_pos is None else n_pos
                 continue

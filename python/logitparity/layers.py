@@ -438,32 +438,21 @@ def _diff(core: Any, ref_rows: Any, cand_rows: Any, path: str) -> tuple[np.ndarr
 
 
 def _cuda_pair(a: Any, b: Any) -> bool:
-    """Both module outputs torch tensors on one CUDA device, in a dtype the
-    core's CUDA kernels read (float32, float16, bfloat16), and a core with
-    CUDA kernels and a usable GPU: then they are compared where they are."""
-    if not (type(a).__module__.startswith("torch") and type(b).__module__.startswith("torch")):
-        return False
-    if a.device.type != "cuda" or a.device != b.device:
-        return False
-    import torch
+    """Both module outputs 2-D torch tensors on one CUDA device that the
+    core's CUDA kernels read: then they are compared where they are."""
+    from logitparity._cuda_arrays import kernel_tensor
 
-    kinds = (torch.float32, torch.float16, torch.bfloat16)
-    from logitparity._cuda_arrays import cuda_usable
-
-    return a.dtype in kinds and b.dtype in kinds and a.ndim == 2 and cuda_usable()
+    return kernel_tensor(a) and kernel_tensor(b) and a.device == b.device
 
 
 def _diff_cuda(core: Any, ref_rows: Any, cand_rows: Any) -> tuple[np.ndarray, np.ndarray]:
     """activation_diff on the GPU: the same figures (sums to float64 rounding,
     counts and max |diff| exact), with no copy of either tensor to the host."""
-    import torch
-
-    from logitparity._cuda_arrays import cuda_rows
+    from logitparity._cuda_arrays import cuda_rows, wait_for_producer
 
     a = cuda_rows(ref_rows, "reference", False)
     b = cuda_rows(cand_rows, "candidate", False)
-    if b.stream != a.stream:  # the kernel runs on the reference's stream
-        torch.cuda.current_stream(b.owner.device).synchronize()
+    wait_for_producer(a, b)  # the kernel runs on the reference's stream
     return core.activation_diff_cuda(a.ptr, a.dtype, a.stride, b.ptr, b.dtype, b.stride, a.rows,
                                      a.vocab, a.stream)
 

@@ -31,6 +31,7 @@ from logitparity._cuda_arrays import (
     cuda_usable,
     dlpack_device,
     on_cuda,
+    wait_for_producer,
 )
 from logitparity._native import core as _core
 
@@ -393,11 +394,7 @@ def _compare_cuda(ref: Any, cand: Any, targets: Any, topk: Any, js: bool, ref_bf
     t, t_dev = None, _device_targets(targets, a)
     if t_dev is None and targets is not None:
         t = _targets(targets, a.rows, a.vocab, lead)
-    # The kernel runs on ref's stream; cand's producer may be another stream.
-    if b.stream != a.stream and type(cand).__module__.startswith("torch"):
-        import torch
-
-        torch.cuda.current_stream(b.owner.device).synchronize()
+    wait_for_producer(a, b)  # the kernel runs on ref's stream
     fields, names, overlap = _core().compare_rows_cuda(
         a.ptr, a.dtype, a.stride, b.ptr, b.dtype, b.stride, a.rows, a.vocab, t, ks, bool(js),
         a.stream, 0 if t_dev is None else t_dev.data_ptr())
