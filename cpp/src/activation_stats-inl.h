@@ -125,13 +125,11 @@ HWY_NOINLINE DiffSums DiffRow(DF df, Dtype a_dtype, const void* a, Dtype b_dtype
 // Figures of one chunk of one tensor (ChunkFigures): counts, extremes and
 // the chunk's own mean and central sums (two sweeps over the L1-resident
 // chunk), which the caller merges into its running moments.
-using ChunkMoments = ChunkFigures;
-
 // x: len floats (padded to whole vectors). channel_max: len (padded) running
 // per-channel max |x| for the channels of this chunk. bins: len (padded)
 // histogram bin of |x| per element, kAbsHistBins for non-finite ones.
 template <class DF>
-HWY_NOINLINE ChunkMoments MomentsChunk(DF df, const float* HWY_RESTRICT x, size_t len,
+HWY_NOINLINE ChunkFigures MomentsChunk(DF df, const float* HWY_RESTRICT x, size_t len,
                                        float* HWY_RESTRICT channel_max,
                                        uint32_t* HWY_RESTRICT bins) {
   using DD = F64Tag<DF>;
@@ -140,7 +138,7 @@ HWY_NOINLINE ChunkMoments MomentsChunk(DF df, const float* HWY_RESTRICT x, size_
   const hn::RebindToUnsigned<DF> du;
   const size_t N = hn::Lanes(df);
   const float kInf = std::numeric_limits<float>::infinity();
-  ChunkMoments c;
+  ChunkFigures c;
   VD sum = hn::Zero(dd);
   auto vmin = hn::Set(df, kInf), vmax = hn::Set(df, -kInf);
   const auto zero = hn::Zero(df);
@@ -220,7 +218,7 @@ HWY_INLINE void AddBlock(const RowsView& x, float* channel_max, uint64_t* hist,
     for (size_t begin = 0; begin < x.vocab; begin += kChunk) {
       const size_t len = std::min(kChunk, x.vocab - begin);
       LoadChunk(df, x.dtype, row, begin, len, buf.get());
-      const ChunkMoments c = MomentsChunk(df, buf.get(), len, channel_max + begin, bins.get());
+      const ChunkFigures c = MomentsChunk(df, buf.get(), len, channel_max + begin, bins.get());
       for (size_t i = 0; i < len; ++i) {
         if (bins[i] < kAbsHistBins) ++hist[bins[i]];
       }

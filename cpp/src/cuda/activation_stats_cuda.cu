@@ -192,9 +192,7 @@ int CheckActivationsCuda(const RowsView& x, const char* name) {
                                 ": rows and width must be below 2^31 for the CUDA kernels, got " +
                                 std::to_string(x.rows) + " x " + std::to_string(x.vocab));
   }
-  if (CudaDeviceCount() == 0) {
-    throw std::runtime_error("no CUDA device is usable (no GPU or no driver)");
-  }
+  RequireCudaDevice();
   return DeviceOf(x.data, name);
 }
 

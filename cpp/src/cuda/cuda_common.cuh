@@ -17,6 +17,8 @@
 #include <utility>
 #include <vector>
 
+#include "logitparity/cuda.h"
+
 namespace logitparity {
 namespace cuda_internal {
 
@@ -314,6 +316,14 @@ inline void Check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("CUDA error in ") + what + ": " +
                              cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+  }
+}
+
+// Every entry point's first CUDA check: std::runtime_error when no device is
+// usable (no GPU, or no driver).
+inline void RequireCudaDevice() {
+  if (CudaDeviceCount() == 0) {
+    throw std::runtime_error("no CUDA device is usable (no GPU or no driver)");
   }
 }
 

@@ -1084,9 +1084,7 @@ RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
     throw std::invalid_argument("rows must be below 2^31 for the CUDA kernels, got " +
                                 std::to_string(ref.rows));
   }
-  if (CudaDeviceCount() == 0) {
-    throw std::runtime_error("no CUDA device is usable (no GPU or no driver)");
-  }
+  RequireCudaDevice();
   const int device = DeviceOf(ref.data, "ref");
   const int device_b = DeviceOf(cand.data, "cand");
   if (device != device_b) {

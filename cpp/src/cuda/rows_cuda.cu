@@ -188,9 +188,7 @@ int CheckRowsCuda(const RowsView& x) {
     throw std::invalid_argument("rows and vocab must be below 2^31 for the CUDA kernels, got " +
                                 std::to_string(x.rows) + " x " + std::to_string(x.vocab));
   }
-  if (CudaDeviceCount() == 0) {
-    throw std::runtime_error("no CUDA device is usable (no GPU or no driver)");
-  }
+  RequireCudaDevice();
   return DeviceOf(x.data, "logits");
 }
 
