@@ -92,10 +92,6 @@ struct Loader<Bf16> {
   }
 };
 
-// One thread's group of a step (layout above); beyond n elements read as
-// -inf (a token masked on both sides: neutral for every sum, never offered
-// to top-k). `full`: the warp's whole span is inside the row and the row is
-
 // (v, i) ranks before (w, j): larger value, or equal value and lower index.
 __device__ __forceinline__ bool Better(float v, int i, float w, int j) {
   return v > w || (v == w && i < j);

@@ -115,20 +115,44 @@ __device__ __forceinline__ size_t ElemIndex(size_t warp_base, int lane, int j) {
   return warp_base + static_cast<size_t>((j / kVec) * 32 * kVec + lane * kVec + j % kVec);
 }
 
-// aligned for vector loads.
+// One thread's group of a step (layout above); beyond n elements read as
+// -inf (a token masked on both sides: neutral for every sum, never offered
+// to top-k). `full`: the warp's whole span is inside the row and the row is
+// aligned for vector loads. Elements are addressed from the span's start
+// with 32-bit offsets (one 64-bit pointer per span, not a 64-bit add and
+// compare per element).
 template <typename T>
 __device__ __forceinline__ void LoadGroup(const T* row, size_t warp_base, int lane, size_t n,
                                           bool full, float* out) {
+  const T* span = row + warp_base;
   if (full) {
 #pragma unroll
-    for (int v = 0; v < kVecs; ++v) Loader<T>::Vec(row, ElemIndex(warp_base, lane, v * kVec), out + v * kVec);
+    for (int v = 0; v < kVecs; ++v) Loader<T>::Vec(span, v * 32 * kVec + lane * kVec, out + v * kVec);
   } else {
+    // The span's elements inside the row (0 for a span past the row's end).
+    const int left = warp_base < n ? static_cast<int>(min(n - warp_base, static_cast<size_t>(kWarpSpan))) : 0;
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) {
-      const size_t i = ElemIndex(warp_base, lane, j);
-      out[j] = i < n ? Loader<T>::One(row, i) : -Inf();
+      const int o = (j / kVec) * 32 * kVec + lane * kVec + j % kVec;
+      out[j] = o < left ? Loader<T>::One(span, o) : -Inf();
     }
   }
+}
+
+// Both sides' groups read from the rows, for the main loop's steps outside
+// the pipeline (the row's end, misaligned rows). Out of line and returned by
+// value: inlined, nvcc computed its addresses ahead of the branch in every
+// step of the bf16 kernel's main loop (22 instructions per step).
+struct GroupPair {
+  float a[kGroup], b[kGroup];
+};
+template <typename TA, typename TB>
+__device__ __noinline__ GroupPair LoadGroupsDirect(const TA* a, const TB* b, size_t wb, int lane,
+                                                   size_t n) {
+  GroupPair g;
+  LoadGroup(a, wb, lane, n, false, g.a);
+  LoadGroup(b, wb, lane, n, false, g.b);
+  return g;
 }
 
 // Main-loop pipeline: each thread copies its own part of the next kStages-1
@@ -200,6 +224,43 @@ __device__ __forceinline__ void ReadGroupShared(const unsigned char* stage, floa
       }
     }
   }
+}
+
+// ReadGroupShared from a shared-space address (ld.shared with a 32-bit
+// register operand).
+template <typename T>
+__device__ __forceinline__ void ReadGroupSharedAt(unsigned at, float* out) {
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const unsigned addr = at + static_cast<unsigned>(v * 32 * kVec * sizeof(T));
+    float* o = out + v * kVec;
+    if (sizeof(T) == 4) {
+      asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                   : "=f"(o[0]), "=f"(o[1]), "=f"(o[2]), "=f"(o[3])
+                   : "r"(addr));
+    } else {
+      unsigned x, y;
+      asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(x), "=r"(y) : "r"(addr));
+      if (!IsBf16<T>::value) {
+        o[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(x)));
+        o[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(x >> 16)));
+        o[2] = __half2float(__ushort_as_half(static_cast<unsigned short>(y)));
+        o[3] = __half2float(__ushort_as_half(static_cast<unsigned short>(y >> 16)));
+      } else {
+        o[0] = __uint_as_float(x << 16);
+        o[1] = __uint_as_float(x & 0xFFFF0000u);
+        o[2] = __uint_as_float(y << 16);
+        o[3] = __uint_as_float(y & 0xFFFF0000u);
+      }
+    }
+  }
+}
+
+// A value the compiler takes as unknown, so that it keeps it in a register
+// instead of recomputing it where it is used.
+__device__ __forceinline__ unsigned Opaque(unsigned x) {
+  asm volatile("" : "+r"(x));
+  return x;
 }
 
 struct Params {
@@ -723,22 +784,30 @@ __global__ void __launch_bounds__(kThreads, 2)
   const unsigned pipe_sh = static_cast<unsigned>(__cvta_generic_to_shared(pipe));
   const unsigned off_a = LaneStageOffset<TA>(warp, lane);
   const unsigned off_b = kStageBytes + LaneStageOffset<TB>(warp, lane);
+  // This lane's shared addresses in stage 0, computed once and kept in
+  // registers: nvcc recomputed the pipeline's shared address (S2R of the
+  // CTA's cluster id and three more) in every step, twice.
+  const unsigned lane_sh_a = Opaque(pipe_sh + off_a), lane_sh_b = lane_sh_a + (off_b - off_a);
   auto issue = [&](unsigned step) {
     if (step < piped_steps) {
-      const unsigned stage = pipe_sh + (step % kStages) * 2 * kStageBytes;
+      const unsigned stage = (step % kStages) * 2 * kStageBytes;
       // This lane's element offset in 32 bits (below n), widened once per
       // side with the row pointers that stay live anyway: per-lane row
       // pointers held two more 64-bit registers through the loop, and one
       // was spilled and reloaded every step.
       const unsigned at = lane_elem + step * kStep;
-      CopyGroupAsync(stage + off_a, a + at);
-      CopyGroupAsync(stage + off_b, b + at);
+      CopyGroupAsync(lane_sh_a + stage, a + at);
+      CopyGroupAsync(lane_sh_b + stage, b + at);
     }
     CommitAsync();  // one group per step, empty or not, so the counts line up
   };
   for (int st = 0; st < kStages - 1; ++st) issue(st);
 
-  for (unsigned begin = 0, step = 0; begin < n32; begin += kStep, ++step) {
+  // A warp stops at the first step whose span starts past the row's end
+  // (n = 151936: six of the eight warps in the last step), which would only
+  // add nothing: an empty group took the clean path, failed its check and
+  // then went through DirtyGroup.
+  for (unsigned begin = 0, step = 0; begin + warp_elem < n32; begin += kStep, ++step) {
     const size_t wb = begin + warp_elem;
     issue(step + kStages - 1);
     asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 1));
@@ -746,16 +815,22 @@ __global__ void __launch_bounds__(kThreads, 2)
     const bool piped = step < piped_steps;
     const unsigned stage = (step % kStages) * 2 * kStageBytes;
     if (piped) {
-      ReadGroupShared<TA>(pipe + stage + off_a, va);
-      ReadGroupShared<TB>(pipe + stage + off_b, vb);
+      ReadGroupSharedAt<TA>(lane_sh_a + stage, va);
+      ReadGroupSharedAt<TB>(lane_sh_b + stage, vb);
     } else {
-      LoadGroup(a, wb, lane, n, false, va);
-      LoadGroup(b, wb, lane, n, false, vb);
+      const GroupPair direct = LoadGroupsDirect(a, b, wb, lane, n);
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) {
+        va[j] = direct.a[j];
+        vb[j] = direct.b[j];
+      }
     }
     // Group maxima (pads past the row's end read as -inf).
-    float ga = ninf, gb = ninf;
+    // (From the first element, not from -inf: an all-NaN group then has a
+    // NaN maximum instead of -inf, and both fail every comparison below.)
+    float ga = va[0], gb = vb[0];
 #pragma unroll
-    for (int j = 0; j < kGroup; ++j) {
+    for (int j = 1; j < kGroup; ++j) {
       ga = fmaxf(ga, va[j]);
       gb = fmaxf(gb, vb[j]);
     }
@@ -877,18 +952,22 @@ __global__ void __launch_bounds__(kThreads, 2)
     // 1.37M without at 512 x 151936 fp32 on the H200).
     asm volatile("cp.async.wait_all;" ::: "memory");
     for (int st = 0; st < kStages - 1; ++st) issue(st);
-    for (unsigned begin = 0, step = 0; begin < n32; begin += kStep, ++step) {
+    for (unsigned begin = 0, step = 0; begin + warp_elem < n32; begin += kStep, ++step) {
       const size_t wb = begin + warp_elem;
       issue(step + kStages - 1);
       asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 1));
       float va[kGroup], vb[kGroup];
       if (step < piped_steps) {
         const unsigned stage = (step % kStages) * 2 * kStageBytes;
-        ReadGroupShared<TA>(pipe + stage + off_a, va);
-        ReadGroupShared<TB>(pipe + stage + off_b, vb);
+        ReadGroupSharedAt<TA>(lane_sh_a + stage, va);
+        ReadGroupSharedAt<TB>(lane_sh_b + stage, vb);
       } else {
-        LoadGroup(a, wb, lane, n, false, va);
-        LoadGroup(b, wb, lane, n, false, vb);
+        const GroupPair direct = LoadGroupsDirect(a, b, wb, lane, n);
+#pragma unroll
+        for (int j = 0; j < kGroup; ++j) {
+          va[j] = direct.a[j];
+          vb[j] = direct.b[j];
+        }
       }
       float js_s = 0;
 #pragma unroll
