@@ -346,6 +346,33 @@ __device__ __noinline__ float OfferMasked(RowTopK& top, const T* row, unsigned s
   return top.tau_v;
 }
 
+// The k-th largest (k <= 32) of 32 values, lane l's being the largest of
+// thread_max[l], thread_max[l + 32], ..., thread_max[l + 224]: 32 elements
+// of the row from disjoint threads, so k of its elements are at least the
+// result. Every lane of the warp calls; all get it.
+__device__ __forceinline__ float KthOfThreadMaxima(const float* thread_max, int k, int lane) {
+  // Lane l takes threads l, l + 32, ..., l + 224 (one per warp): the
+  // lanes' reads fall in distinct banks (threads 8l .. 8l+7 had 8-way
+  // bank conflicts).
+  const volatile float* t = thread_max + lane;
+  float v = t[0];
+#pragma unroll
+  for (int j = 1; j < kWarps; ++j) v = fmaxf(v, t[32 * j]);
+  // Bitonic sort over the warp, largest first (15 exchange steps; a rank
+  // count over the 32 lanes took 260 instructions per call): lane k - 1
+  // then holds the k-th largest value, ties included.
+#pragma unroll
+  for (int size = 2; size <= 32; size <<= 1) {
+#pragma unroll
+    for (int stride = size / 2; stride > 0; stride >>= 1) {
+      const float w = __shfl_xor_sync(kFull, v, stride);
+      const bool keep_max = ((lane & stride) == 0) == ((lane & size) == 0 || size == 32);
+      v = keep_max ? fmaxf(v, w) : fminf(v, w);
+    }
+  }
+  return __shfl_sync(kFull, v, k - 1);
+}
+
 // Raises the warp's threshold for one side from what the whole block has
 // seen, before its offers (out of line: rare), and returns its value:
 // - the block's shared threshold (WarpTopK::Refresh), and
@@ -371,26 +398,7 @@ __device__ __noinline__ float RefreshTop(RowTopK& top, float* thread_max, float 
   // caller offers nothing, and the lanes' k-th is not needed now.
   if (!__any_sync(kFull, gmax >= top.tau_v)) return top.tau_v;
   if (k <= 32) {
-    // Lane l takes threads l, l + 32, ..., l + 224 (one per warp): the
-    // lanes' reads fall in distinct banks (threads 8l .. 8l+7 had 8-way
-    // bank conflicts).
-    const volatile float* t = thread_max + lane;
-    float v = t[0];
-#pragma unroll
-    for (int j = 1; j < kWarps; ++j) v = fmaxf(v, t[32 * j]);
-    // Bitonic sort over the warp, largest first (15 exchange steps; a rank
-    // count over the 32 lanes took 260 instructions per call): lane k - 1
-    // then holds the k-th largest value, ties included.
-#pragma unroll
-    for (int size = 2; size <= 32; size <<= 1) {
-#pragma unroll
-      for (int stride = size / 2; stride > 0; stride >>= 1) {
-        const float w = __shfl_xor_sync(kFull, v, stride);
-        const bool keep_max = ((lane & stride) == 0) == ((lane & size) == 0 || size == 32);
-        v = keep_max ? fmaxf(v, w) : fminf(v, w);
-      }
-    }
-    const float kth = __shfl_sync(kFull, v, k - 1);
+    const float kth = KthOfThreadMaxima(thread_max, k, lane);
     if (kth > top.tau_v) {  // equal: the warp's own (value, index) is stricter
       top.tau_v = kth;
       top.tau_i = 0x7FFFFFFF;  // admits every element of that value
@@ -679,6 +687,8 @@ struct Shared {
   double dsums[(kWarps + 1) * kNumSums];
   float fmax[(kWarps + 1) * kNumMaxima];
   unsigned long long counts[(kWarps + 1) * kNumCounts];
+  long long target;         // the row's target id (-1: none)
+  float target_logits[2];   // a[target], b[target] when the target is in range
 };
 
 // Merges the warps' sorted lists of both sides into sh.merged_*: threads
@@ -731,51 +741,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (tid == 0) sh.top_key[0] = sh.top_key[1] = 0;
   sh.thread_max[0][tid] = sh.thread_max[1][tid] = ninf;
 
-  // The KL shift c0: maxima of the first chunk where both sides have one.
-  // The first chunk's maxima also start every thread's running maxima, so
-  // that later groups rarely raise them (each raise rescales in float64:
-  // seeded with each thread's own first group instead, a warp called the
-  // rescale in 47 of its 74 steps at 151936, 8% of the instructions).
-  float c0 = 0.0f, Ma = ninf, Mb = ninf;
-  for (size_t begin = 0; begin < n; begin += kStep) {
-    float va[kGroup], vb[kGroup];
-    const size_t wb = begin + static_cast<size_t>(warp) * kWarpSpan;
-    const bool full = aligned && wb + kWarpSpan <= n;
-    LoadGroup(a, wb, lane, n, full, va);
-    LoadGroup(b, wb, lane, n, full, vb);
-    float ma = ninf, mb = ninf;
-#pragma unroll
-    for (int j = 0; j < kGroup; ++j) {
-      ma = fmaxf(ma, va[j]);
-      mb = fmaxf(mb, vb[j]);
-    }
-    ma = BlockMax(ma, sh.fscratch);
-    mb = BlockMax(mb, sh.fscratch);
-    if (begin == 0) {
-      Ma = ma;
-      Mb = mb;
-    }
-    if (ma > ninf && mb > ninf) {
-      c0 = ma - mb;
-      break;
-    }
-  }
-
-  RowTopK top_a, top_b;
-  top_a.Init(sh.top_v[0][warp], sh.top_i[0][warp], &sh.top_key[0]);
-  top_b.Init(sh.top_v[1][warp], sh.top_i[1][warp], &sh.top_key[1]);
-  float tau_a = top_a.tau_v, tau_b = top_b.tau_v;
-  const int K = p.kmax;
-
-  SideSums A{0, 0, 0, 0}, B{0, 0, 0, 0};
-  double abs_sum = 0, d2 = 0, xs = 0, na = 0, nb = 0;
-  float d_max = ninf, d_min = pinf;  // over the tokens live on both sides
-  unsigned both_masked = 0, a_only = 0, b_only = 0, bad_a = 0, bad_b = 0;
-
   // Element offsets within a row fit in 32 bits (vocab < 2^31 is checked on
-  // the host); `span_end`: the last step whose warp span is whole, so steps
-  // before it go through the pipeline and the rest (the row's end, misaligned
-  // rows) are read directly.
+  // the host); `piped_steps`: the warp's steps whose span is whole, which go
+  // through the pipeline (the rest, the row's end and misaligned rows, are
+  // read directly).
   const unsigned n32 = static_cast<unsigned>(n);
   const unsigned lane_elem = static_cast<unsigned>(warp * kWarpSpan + lane * kVec);
   const unsigned warp_elem = static_cast<unsigned>(warp * kWarpSpan);
@@ -801,7 +770,88 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     CommitAsync();  // one group per step, empty or not, so the counts line up
   };
+  // The pipeline's first steps are in flight before the first chunk's maxima
+  // below, which read step 0 from its stage: the kernel used to read that
+  // step from the rows and start the copies only after its barriers, two
+  // memory round trips at each block's start instead of one.
   for (int st = 0; st < kStages - 1; ++st) issue(st);
+
+  // The KL shift c0: maxima of the first chunk where both sides have one.
+  // The first chunk's maxima also start every thread's running maxima, so
+  // that later groups rarely raise them (each raise rescales in float64:
+  // seeded with each thread's own first group instead, a warp called the
+  // rescale in 47 of its 74 steps at 151936, 8% of the instructions).
+  float c0 = 0.0f, Ma = ninf, Mb = ninf;
+  for (size_t begin = 0; begin < n; begin += kStep) {
+    float va[kGroup], vb[kGroup];
+    const size_t wb = begin + static_cast<size_t>(warp) * kWarpSpan;
+    if (begin == 0 && piped_steps > 0) {
+      asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 2));  // step 0's copy
+      ReadGroupSharedAt<TA>(lane_sh_a, va);
+      ReadGroupSharedAt<TB>(lane_sh_b, vb);
+    } else {
+      const bool full = aligned && wb + kWarpSpan <= n;
+      LoadGroup(a, wb, lane, n, full, va);
+      LoadGroup(b, wb, lane, n, full, vb);
+    }
+    float ma = ninf, mb = ninf;
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      ma = fmaxf(ma, va[j]);
+      mb = fmaxf(mb, vb[j]);
+    }
+    // The first step's thread maxima seed the top-k thresholds below (the
+    // reduction's barriers make them visible to every warp).
+    if (begin == 0) {
+      sh.thread_max[0][tid] = ma;
+      sh.thread_max[1][tid] = mb;
+    }
+    float m2[2] = {ma, mb};
+    BlockReduceN(m2, sh.fmax, MaxOp());
+    ma = m2[0];
+    mb = m2[1];
+    if (begin == 0) {
+      Ma = ma;
+      Mb = mb;
+    }
+    if (ma > ninf && mb > ninf) {
+      c0 = ma - mb;
+      break;
+    }
+  }
+
+  RowTopK top_a, top_b;
+  top_a.Init(sh.top_v[0][warp], sh.top_i[0][warp], &sh.top_key[0]);
+  top_b.Init(sh.top_v[1][warp], sh.top_i[1][warp], &sh.top_key[1]);
+  const int K = p.kmax;
+  // Every warp starts from the block's bound on the first step (the k-th
+  // largest of the lanes' maxima over all warps' first groups), not from
+  // -inf: its first offers then went against a bound from the thread maxima
+  // written at that moment, often only its own warp's.
+  if (K <= 32) {
+    top_a.tau_v = KthOfThreadMaxima(sh.thread_max[0], K, lane);
+    top_b.tau_v = KthOfThreadMaxima(sh.thread_max[1], K, lane);
+  }
+  float tau_a = top_a.tau_v, tau_b = top_b.tau_v;
+
+  // The target and its two logits, read now by the last thread (its warp
+  // waits for them instead of thread 0 at the row's end, where the block,
+  // down to one thread, held its multiprocessor's resources for two memory
+  // round trips); used after the main loop's barriers.
+  if (tid == kThreads - 1) {
+    const long long t = targets != nullptr ? targets[row] : -1;
+    sh.target = t;
+    if (t >= 0 && t < static_cast<long long>(n)) {
+      sh.target_logits[0] = Loader<TA>::One(a, static_cast<size_t>(t));
+      sh.target_logits[1] = Loader<TB>::One(b, static_cast<size_t>(t));
+    }
+  }
+
+  SideSums A{0, 0, 0, 0}, B{0, 0, 0, 0};
+  double abs_sum = 0, d2 = 0, xs = 0, na = 0, nb = 0;
+  float d_max = ninf, d_min = pinf;  // over the tokens live on both sides
+  unsigned both_masked = 0, a_only = 0, b_only = 0, bad_a = 0, bad_b = 0;
+
 
   // A warp stops at the first step whose span starts past the row's end
   // (n = 151936: six of the eight warps in the last step), which would only
@@ -894,11 +944,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (Ma > ninf && Ma < Ma_all) A = Rescale(A, static_cast<double>(Ma) - Ma_all);
   if (Mb > ninf && Mb < Mb_all) B = Rescale(B, static_cast<double>(Mb) - Mb_all);
   double sums[kNumSums] = {A.s, B.s, A.t, B.t, A.e, B.e, A.g, B.g, abs_sum, d2, xs, na, nb};
-  BlockReduceN(sums, sh.dsums, AddOp());
   float maxima[kNumMaxima] = {d_max, -d_min};
-  BlockReduceN(maxima, sh.fmax, MaxOp());
   unsigned long long counts[kNumCounts] = {both_masked, a_only, b_only, bad_a, bad_b};
-  BlockReduceN(counts, sh.counts, AddOp());
+  BlockReduceN3(sums, sh.dsums, AddOp(), maxima, sh.fmax, MaxOp(), counts, sh.counts, AddOp());
   const double Sa = sums[0], Sb = sums[1], Ta = sums[2], Tb = sums[3];
   const double Ea = sums[4], Eb = sums[5], Ga = sums[6], Gb = sums[7];
   const double abs_all = sums[8], d2_all = sums[9], x_all = sums[10];
@@ -919,7 +967,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   // Targets out of range are reported by the host (the first such row); the
   // row's fields are computed as if it had none.
-  const long long target = targets != nullptr ? targets[row] : -1;
+  const long long target = sh.target;
   const bool target_ok = target >= -1 && target < static_cast<long long>(n);
   if (tid == 0 && !target_ok) atomicMin(first_bad_target, static_cast<unsigned long long>(row));
 
@@ -1070,9 +1118,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   out[kRankOfRefTop1InCand] = static_cast<double>(rank);
   out[kNllRef] = out[kNllCand] = out[kDeltaP] = kNaN;
   if (target_ok && target >= 0) {
-    const size_t tt = static_cast<size_t>(target);
-    const double nll_a = dist_a ? lse_a - Loader<TA>::One(a, tt) : kNaN;
-    const double nll_b = dist_b ? lse_b - Loader<TB>::One(b, tt) : kNaN;
+    const double nll_a = dist_a ? lse_a - sh.target_logits[0] : kNaN;
+    const double nll_b = dist_b ? lse_b - sh.target_logits[1] : kNaN;
     out[kNllRef] = nll_a;
     out[kNllCand] = nll_b;
     out[kDeltaP] = exp(-nll_b) - exp(-nll_a);
