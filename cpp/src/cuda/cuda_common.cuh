@@ -64,16 +64,27 @@ __device__ __forceinline__ float Bf16ToF32(unsigned short h) {
   return __uint_as_float(static_cast<unsigned>(h) << 16);
 }
 
+// Four consecutive 16-bit values (8 bytes, read as two words) to floats.
+__device__ __forceinline__ void UnpackHalf4(unsigned x, unsigned y, float* out) {
+  out[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(x)));
+  out[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(x >> 16)));
+  out[2] = __half2float(__ushort_as_half(static_cast<unsigned short>(y)));
+  out[3] = __half2float(__ushort_as_half(static_cast<unsigned short>(y >> 16)));
+}
+__device__ __forceinline__ void UnpackBf16x4(unsigned x, unsigned y, float* out) {
+  out[0] = __uint_as_float(x << 16);
+  out[1] = __uint_as_float(x & 0xFFFF0000u);
+  out[2] = __uint_as_float(y << 16);
+  out[3] = __uint_as_float(y & 0xFFFF0000u);
+}
+
 template <>
 struct Loader<__half> {
   static constexpr int kAlign = 8;
   __device__ static float One(const __half* p, size_t i) { return __half2float(p[i]); }
   __device__ static void Vec(const __half* p, size_t i, float* out) {
     const uint2 x = __ldg(reinterpret_cast<const uint2*>(p + i));
-    out[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x)));
-    out[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x >> 16)));
-    out[2] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.y)));
-    out[3] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.y >> 16)));
+    UnpackHalf4(x.x, x.y, out);
   }
 };
 
@@ -85,10 +96,7 @@ struct Loader<Bf16> {
   }
   __device__ static void Vec(const Bf16* p, size_t i, float* out) {
     const uint2 x = __ldg(reinterpret_cast<const uint2*>(p + i));
-    out[0] = __uint_as_float(x.x << 16);
-    out[1] = __uint_as_float(x.x & 0xFFFF0000u);
-    out[2] = __uint_as_float(x.y << 16);
-    out[3] = __uint_as_float(x.y & 0xFFFF0000u);
+    UnpackBf16x4(x.x, x.y, out);
   }
 };
 

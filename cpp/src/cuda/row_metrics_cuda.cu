@@ -211,16 +211,10 @@ __device__ __forceinline__ void ReadGroupShared(const unsigned char* stage, floa
       o[3] = x.w;
     } else {
       const uint2 x = *reinterpret_cast<const uint2*>(at);
-      if (!IsBf16<T>::value) {
-        o[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x)));
-        o[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.x >> 16)));
-        o[2] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.y)));
-        o[3] = __half2float(__ushort_as_half(static_cast<unsigned short>(x.y >> 16)));
+      if (IsBf16<T>::value) {
+        UnpackBf16x4(x.x, x.y, o);
       } else {
-        o[0] = __uint_as_float(x.x << 16);
-        o[1] = __uint_as_float(x.x & 0xFFFF0000u);
-        o[2] = __uint_as_float(x.y << 16);
-        o[3] = __uint_as_float(x.y & 0xFFFF0000u);
+        UnpackHalf4(x.x, x.y, o);
       }
     }
   }
@@ -241,16 +235,10 @@ __device__ __forceinline__ void ReadGroupSharedAt(unsigned at, float* out) {
     } else {
       unsigned x, y;
       asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(x), "=r"(y) : "r"(addr));
-      if (!IsBf16<T>::value) {
-        o[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(x)));
-        o[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(x >> 16)));
-        o[2] = __half2float(__ushort_as_half(static_cast<unsigned short>(y)));
-        o[3] = __half2float(__ushort_as_half(static_cast<unsigned short>(y >> 16)));
+      if (IsBf16<T>::value) {
+        UnpackBf16x4(x, y, o);
       } else {
-        o[0] = __uint_as_float(x << 16);
-        o[1] = __uint_as_float(x & 0xFFFF0000u);
-        o[2] = __uint_as_float(y << 16);
-        o[3] = __uint_as_float(y & 0xFFFF0000u);
+        UnpackHalf4(x, y, o);
       }
     }
   }
@@ -770,6 +758,22 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     CommitAsync();  // one group per step, empty or not, so the counts line up
   };
+  // A step's groups, from its pipeline stage (`stage`: its byte offset) or,
+  // outside the pipeline, from the rows.
+  auto read_step = [&](bool piped, unsigned stage, size_t wb, float (&va)[kGroup],
+                       float (&vb)[kGroup]) {
+    if (piped) {
+      ReadGroupSharedAt<TA>(lane_sh_a + stage, va);
+      ReadGroupSharedAt<TB>(lane_sh_b + stage, vb);
+    } else {
+      const GroupPair direct = LoadGroupsDirect(a, b, wb, lane, n);
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) {
+        va[j] = direct.a[j];
+        vb[j] = direct.b[j];
+      }
+    }
+  };
   // The pipeline's first steps are in flight before the first chunk's maxima
   // below, which read step 0 from its stage: the kernel used to read that
   // step from the rows and start the copies only after its barriers, two
@@ -864,17 +868,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     float va[kGroup], vb[kGroup];
     const bool piped = step < piped_steps;
     const unsigned stage = (step % kStages) * 2 * kStageBytes;
-    if (piped) {
-      ReadGroupSharedAt<TA>(lane_sh_a + stage, va);
-      ReadGroupSharedAt<TB>(lane_sh_b + stage, vb);
-    } else {
-      const GroupPair direct = LoadGroupsDirect(a, b, wb, lane, n);
-#pragma unroll
-      for (int j = 0; j < kGroup; ++j) {
-        va[j] = direct.a[j];
-        vb[j] = direct.b[j];
-      }
-    }
+    read_step(piped, stage, wb, va, vb);
     // Group maxima (pads past the row's end read as -inf).
     // (From the first element, not from -inf: an all-NaN group then has a
     // NaN maximum instead of -inf, and both fail every comparison below.)
@@ -1005,18 +999,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       issue(step + kStages - 1);
       asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 1));
       float va[kGroup], vb[kGroup];
-      if (step < piped_steps) {
-        const unsigned stage = (step % kStages) * 2 * kStageBytes;
-        ReadGroupSharedAt<TA>(lane_sh_a + stage, va);
-        ReadGroupSharedAt<TB>(lane_sh_b + stage, vb);
-      } else {
-        const GroupPair direct = LoadGroupsDirect(a, b, wb, lane, n);
-#pragma unroll
-        for (int j = 0; j < kGroup; ++j) {
-          va[j] = direct.a[j];
-          vb[j] = direct.b[j];
-        }
-      }
+      read_step(step < piped_steps, (step % kStages) * 2 * kStageBytes, wb, va, vb);
       float js_s = 0;
 #pragma unroll
       for (int j = 0; j < kGroup; ++j) {
