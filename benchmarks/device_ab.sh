@@ -3,16 +3,21 @@
 # before/after tables of docs/gpu.md): builds this tree with its tests
 # (benchmarks/device_run.sh: ctest and $PYTESTS), builds the module of
 # OLD_TAR (another commit's tree: `git archive COMMIT | gzip > old.tar.gz`)
-# and of each of $VARIANTS (this tree again with extra CUDA flags, e.g.
-# VARIANTS="exp4:-DLOGITPARITY_CUDA_EXP4=1", flags without spaces), then
-# runs ncu on benchmarks/prof_gpu.py for each kind in $KINDS, $REPS times,
-# alternating the builds, and prints one line per run: kind, build, kernel
-# duration, issued instructions, and the call's field means to 12 digits
-# (equal means: the same fields). Kernels of one machine and minutes compare
-# to about 1%; calls and kernels of different machines do not (docs/gpu.md).
+# and of each of $VARIANTS, then runs ncu on benchmarks/prof_gpu.py for each
+# kind in $KINDS, $REPS times, alternating the builds, and prints one line
+# per run: kind, build, kernel duration, issued instructions, and the call's
+# field means to 12 digits (equal means: the same fields). Kernels of one
+# machine and minutes compare to about 1%; calls and kernels of different
+# machines do not (docs/gpu.md).
+# A variant rebuilds only the row kernel's object in a copy of this tree's
+# build (about 15 s each, in parallel with the tests), either with extra
+# CUDA flags, `name:FLAGS` (several flags joined by commas, e.g.
+# exp4:-DLOGITPARITY_CUDA_EXP4=1 or li:-lineinfo), or from another
+# row_metrics_cuda.cu, `name=FILE` (e.g. `git show COMMIT:cpp/src/cuda/row_metrics_cuda.cu
+# > prev.cu` for a commit that changed only that file).
 # Run from the repository root:
-#   DEBS=path/to/debs OLD_TAR=old.tar.gz [KINDS="near far bf16"] [REPS=1] \
-#     [VARIANTS="name:FLAGS ..."] [JS=1] bash benchmarks/device_ab.sh
+#   DEBS=path/to/debs [OLD_TAR=old.tar.gz] [KINDS="near far bf16"] [REPS=1] \
+#     [VARIANTS="name:FLAGS name=FILE ..."] [JS=1] bash benchmarks/device_ab.sh
 set -uo pipefail
 ROOT=$(pwd)
 OUT=${OUT:-$ROOT/out/device}
@@ -38,14 +43,27 @@ if [ -n "${OLD_TAR:-}" ]; then
   build_module old /tmp/ab-src-old "" & PIDS="$PIDS $!"
   BUILDS="old $BUILDS"
 fi
+# A copy of this tree's build with the row kernel's object rebuilt: with
+# extra flags appended to its compile line, or from another source file.
+build_variant() {  # name, flags (comma-separated) or "", source file or ""
+  local d=/tmp/ab-build-$1 built=${BUILD:-build-device}
+  rm -rf "$d" && cp -a "$ROOT/$built" "$d" || return 1
+  [ -n "$2" ] && sed -i "/row_metrics_cuda.cu.o: /,/FLAGS/ s|^  FLAGS = \(.*\)|  FLAGS = \1 ${2//,/ }|" "$d/build.ninja"
+  [ -n "$3" ] && sed -i "s|$ROOT/cpp/src/cuda/row_metrics_cuda.cu |$(realpath "$3") |" "$d/build.ninja"
+  ninja -C "$d" _core >"$OUT/build_$1.log" 2>&1 || { echo "variant $1 failed"; tail -20 "$OUT/build_$1.log"; return 1; }
+  mkdir -p /tmp/ab-py-$1 && cp -r "$ROOT/python/logitparity" /tmp/ab-py-$1/ &&
+    rm -f /tmp/ab-py-$1/logitparity/_core*.so && cp "$d"/_core*.so /tmp/ab-py-$1/logitparity/
+}
+CTEST=0 PYTESTS= BENCH= bash benchmarks/device_run.sh || exit 1  # build this tree
 for v in ${VARIANTS:-}; do
-  name=${v%%:*} flags=${v#*:}
-  mkdir -p /tmp/ab-src-$name
-  tar --exclude=./build-device --exclude=./.git --exclude=./out -cf - . | tar -xf - -C /tmp/ab-src-$name
-  build_module "$name" /tmp/ab-src-$name "$flags" & PIDS="$PIDS $!"
+  case $v in
+    *=*) name=${v%%=*}; build_variant "$name" "" "${v#*=}" & ;;
+    *) name=${v%%:*}; build_variant "$name" "${v#*:}" "" & ;;
+  esac
+  PIDS="$PIDS $!"
   BUILDS="$BUILDS $name"
 done
-bash benchmarks/device_run.sh || exit 1  # this tree: build, ctest, $PYTESTS
+bash benchmarks/device_run.sh || exit 1  # this tree again (built): ctest, $PYTESTS
 mkdir -p /tmp/ab-py-new && cp -r python/logitparity /tmp/ab-py-new/
 [ -n "$PIDS" ] && wait $PIDS
 export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}

@@ -4,7 +4,9 @@ ncu with --launch-skip 1 --launch-count 1 (the second call's kernel). Kinds:
 near (fp32, s = 0.05: every |e| below 1/2, the default), far (fp32, s = 0.5:
 about a third of the tokens beyond 1/2, so nearly every group takes the
 kernel's far path) and bf16 (near, both rows rounded to bfloat16); --js adds the
-Jensen-Shannon sweep.
+Jensen-Shannon sweep; --shape RxV other rows (the fixed cost per block in
+docs/gpu.md is fitted from the same element count as 256x303872 ...
+4096x18992).
 
     ncu --set full --import-source yes --clock-control none -k regex:CompareRows \\
         --launch-skip 1 --launch-count 1 -o prof python3 benchmarks/prof_gpu.py [--kind far]
@@ -21,14 +23,19 @@ import logitparity as lp
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--kind", choices=("near", "far", "bf16"), default="near")
 ap.add_argument("--js", action="store_true", help="also the Jensen-Shannon sweep")
+ap.add_argument("--shape", default="512x151936", help="rows x vocab (default 512x151936)")
 args = ap.parse_args()
 kind = args.kind
+try:
+    R, V = (int(x) for x in args.shape.lower().split("x"))
+except ValueError:
+    ap.error(f"--shape: expected ROWSxVOCAB such as 512x151936, got {args.shape!r}")
 g = torch.Generator(device="cuda").manual_seed(0)
-a = torch.randn(512, 151936, generator=g, device="cuda") * 2.5 + 4.0
-b = a + (0.5 if kind == "far" else 0.05) * torch.randn(512, 151936, generator=g, device="cuda")
+a = torch.randn(R, V, generator=g, device="cuda") * 2.5 + 4.0
+b = a + (0.5 if kind == "far" else 0.05) * torch.randn(R, V, generator=g, device="cuda")
 if kind == "bf16":
     a, b = a.bfloat16(), b.bfloat16()
-t = torch.randint(0, 151936, (512,), generator=g, device="cuda")
+t = torch.randint(0, V, (R,), generator=g, device="cuda")
 for _ in range(2):
     m = lp.compare_logits(a, b, targets=t, js=args.js)
 torch.cuda.synchronize()
