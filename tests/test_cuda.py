@@ -139,6 +139,57 @@ def test_gpu_results_are_deterministic_and_batch_invariant():
 
 
 @gpu
+def test_gpu_calls_from_threads_overlap_and_agree():
+    # Each call has its own pinned buffer (a pool): calls from several threads
+    # run at once on their own streams and give each its own rows' bits.
+    import threading
+
+    rng = np.random.default_rng(12)
+    pairs = [tuple(torch.from_numpy(x).cuda() for x in _pair(rng, 33, 5003 + 7 * i, 0.1))
+             for i in range(4)]
+    want = [lp.compare_logits(a, b, js=True, topk=(1, 3)) for a, b in pairs]
+    got: dict[int, list] = {}
+
+    def run(i):
+        with torch.cuda.stream(torch.cuda.Stream()):
+            got[i] = [lp.compare_logits(*pairs[i], js=True, topk=(1, 3)) for _ in range(5)]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for i in range(4):
+        for m in got[i]:
+            for name in ("kl_ref_cand", "js", "cosine", "argmax_cand", "nonfinite_ref"):
+                np.testing.assert_array_equal(getattr(m, name), getattr(want[i], name))
+            np.testing.assert_array_equal(m.topk_common[3], want[i].topk_common[3])
+
+
+@gpu
+def test_gpu_job_finish_once_and_dropped_jobs():
+    # compare_rows_cuda_start queues the kernel and hands back the arrays that
+    # finish() fills; a second finish is an error, and a job dropped unfinished
+    # waits for its kernel (the next call gets its own results).
+    rng = np.random.default_rng(13)
+    a, b = (torch.from_numpy(x).cuda() for x in _pair(rng, 9, 4099, 0.1))
+    st = torch.cuda.current_stream().cuda_stream
+    args = (a.data_ptr(), 0, 4099, b.data_ptr(), 0, 4099, 9, 4099, None, [1, 5], False, st)
+    job, fields, names, overlap = _core.compare_rows_cuda_start(*args)
+    assert fields.shape == (9, len(names)) and overlap.shape == (9, 2)
+    job.finish()
+    want_f, _, want_o = _core.compare_rows_cuda(*args)
+    np.testing.assert_array_equal(fields, want_f)
+    np.testing.assert_array_equal(overlap, want_o)
+    with pytest.raises(ValueError, match="this comparison was already finished"):
+        job.finish()
+    dropped = _core.compare_rows_cuda_start(*args)
+    del dropped
+    again, _, _ = _core.compare_rows_cuda(*args)
+    np.testing.assert_array_equal(again, want_f)
+
+
+@gpu
 def test_gpu_runs_on_the_current_stream():
     rng = np.random.default_rng(2)
     a, b = _pair(rng, 64, 49152, 0.05)

@@ -389,6 +389,37 @@ def test_error_topk_range(k):
         lp.compare_logits(np.zeros((1, v), np.float32), np.zeros((1, v), np.float32), topk=[k])
 
 
+@pytest.mark.parametrize("good, bad", [(1, True), (5, 5.0), ((1, 5), (True, 5)), ((1, 5), (1, 5.0))])
+def test_error_topk_not_int_after_an_equal_int(good, bad):
+    # topk lists are remembered per (topk, vocab); True == 1 and 5.0 == 5 as
+    # keys, so a remembered int must not let them through.
+    z = np.zeros((1, 10), np.float32)
+    lp.compare_logits(z, z, topk=good)
+    with pytest.raises(TypeError, match="topk must hold ints"):
+        lp.compare_logits(z, z, topk=bad)
+
+
+def test_row_metrics_field_arrays():
+    # Float fields are views of the core's array, integer fields int64 copies,
+    # contiguous per field; both against the core's own columns.
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((7, 50)).astype(np.float32)
+    b = a + 0.1 * rng.standard_normal((7, 50)).astype(np.float32)
+    from logitparity import _core
+
+    fields, names, overlap = _core.compare_rows(a, False, b, False, None, [1, 5], False, 1)
+    m = lp.compare_logits(a, b, topk=(1, 5), threads=1)
+    for i, name in enumerate(names):
+        got = getattr(m, name)
+        if name in lp.metrics.INT_FIELDS:
+            assert got.dtype == np.int64 and got.flags.c_contiguous
+            np.testing.assert_array_equal(got, fields[:, i].astype(np.int64))
+        else:
+            assert got.dtype == np.float64
+            np.testing.assert_array_equal(got, fields[:, i])
+    np.testing.assert_array_equal(m.topk_common[5], overlap[:, 1])
+
+
 def test_error_topk_function_k():
     with pytest.raises(ValueError, match=r"k must be in \[1, 10\] \(the vocab size\), got 11"):
         lp.topk(np.zeros((1, 10), np.float32), 11)

@@ -22,6 +22,13 @@ RowMetricsResult CompareRowsCuda(const RowsView&, const RowsView&, const RowMetr
                                  uintptr_t, const int64_t*) {
   NotBuilt();
 }
+struct CompareRowsCudaJob::State {};
+CompareRowsCudaJob::CompareRowsCudaJob(const RowsView&, const RowsView&, const RowMetricsOptions&,
+                                       uintptr_t, const int64_t*) {
+  NotBuilt();
+}
+CompareRowsCudaJob::~CompareRowsCudaJob() = default;
+void CompareRowsCudaJob::Finish(double*, int32_t*) { NotBuilt(); }
 void LogSumExpCuda(const RowsView&, double*, uintptr_t) { NotBuilt(); }
 void NllCuda(const RowsView&, const int64_t*, double*, uintptr_t) { NotBuilt(); }
 void TopKCuda(const RowsView&, size_t, float*, int64_t*, double*, uintptr_t) { NotBuilt(); }

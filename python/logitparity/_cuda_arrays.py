@@ -81,13 +81,16 @@ def device_name(x: Any) -> str:
 
 
 def check_same_device(ref: Any, cand: Any) -> None:
+    torch_pair = type(ref).__module__.startswith("torch") and type(cand).__module__.startswith("torch")
+    if torch_pair and ref.device == cand.device:
+        return  # the common case, in two attribute reads
     if on_cuda(ref) != on_cuda(cand):
         gpu, cpu = ("ref", "cand") if on_cuda(ref) else ("cand", "ref")
         raise ValueError(
             f"ref is on {device_name(ref)} and cand on {device_name(cand)}; compare rows on one "
             f"device: move {cpu} to the GPU (e.g. {cpu}.to({gpu}.device)) or {gpu} to the host"
         )
-    if type(ref).__module__.startswith("torch") and type(cand).__module__.startswith("torch"):
+    if torch_pair:
         if ref.device != cand.device:
             raise ValueError(
                 f"ref is on {ref.device} and cand on {cand.device}; move one with "
@@ -109,18 +112,28 @@ class CudaRows:
     owner: Any  # keeps the memory (or a copy) alive during the call
 
 
+_RAW_STREAM: list[Any] = []  # torch._C._cuda_getCurrentRawStream, once found
+
+
 def torch_stream(device: Any) -> int:
     """The handle of torch's current stream on `device` (a torch.device of
     type cuda). torch._C._cuda_getCurrentRawStream returns it without
     building a Stream object (torch.cuda.current_stream took about 10 us of
     a call's host time on the H200's host); the public call where torch
     lacks it."""
+    if _RAW_STREAM:
+        index = device.index
+        if index is None:
+            import torch
+
+            index = torch.cuda.current_device()
+        return int(_RAW_STREAM[0](index))
     import torch
 
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
     if raw is not None:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return int(raw(index))
+        _RAW_STREAM.append(raw)
+        return torch_stream(device)
     return torch.cuda.current_stream(device).cuda_stream
 
 
@@ -143,21 +156,26 @@ def cuda_rows(x: Any, name: str, bf16: bool) -> CudaRows:
         if code is None:
             raise dtype_error(name, f"torch.{str(x.dtype).split('.')[-1]}")
         shape = x.shape
+        if len(shape) == 2:
+            # A [rows, vocab] tensor with contiguous rows is read as it is
+            # (the common case: no view, few attribute reads; a call's host
+            # time is part of its time on a GPU).
+            rows, vocab = shape
+            srow, scol = x.stride()
+            if rows and vocab and scol == 1 and (rows == 1 or srow >= vocab):
+                return CudaRows(x.data_ptr(), code, rows, vocab, srow if rows > 1 else vocab,
+                                torch_stream(x.device), (rows,), x)
         if not shape:
             raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a scalar")
         lead, vocab = tuple(shape[:-1]), int(shape[-1])
         if x.numel() == 0:
             raise ValueError(f"{name} is empty (shape {tuple(shape)}); expected [rows, vocab] "
                              "with rows, vocab >= 1")
-        # A [rows, vocab] tensor with contiguous rows is read as it is (the
-        # common case: no view is made, about 3 us of a call's host time);
-        # anything else is viewed as rows where the strides allow, else
+        # Anything else is viewed as rows where the strides allow, else
         # copied on the device.
-        rows2 = x
-        if len(shape) != 2 or x.stride(1) != 1 or (shape[0] > 1 and x.stride(0) < vocab):
-            rows2 = x.detach().reshape(-1, vocab)
-            if rows2.stride(1) != 1 or (rows2.shape[0] > 1 and rows2.stride(0) < vocab):
-                rows2 = rows2.contiguous()  # broadcast / overlapping rows: copied on the device
+        rows2 = x.detach().reshape(-1, vocab)
+        if rows2.stride(1) != 1 or (rows2.shape[0] > 1 and rows2.stride(0) < vocab):
+            rows2 = rows2.contiguous()  # broadcast / overlapping rows: copied on the device
         rows = rows2.shape[0]
         stride = rows2.stride(0) if rows > 1 else vocab
         stream = torch_stream(rows2.device)

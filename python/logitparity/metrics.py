@@ -218,9 +218,32 @@ def _targets(targets: Any, rows: int, vocab: int, lead: tuple[int, ...]) -> np.n
     return t
 
 
+_TOPK_CACHE: dict[tuple[Any, int], list[int]] = {}
+
+
+def _topk_cached(topk: Any, vocab: int) -> list[int]:
+    """_topk_list (None: DEFAULT_TOPK up to the vocab size), remembered for
+    None, a plain int or a tuple of plain ints (only those: True == 1 and
+    5.0 == 5 as keys, and they must still be rejected): a GPU call's host
+    time counts. The list is the core's argument and is not changed."""
+    plain = topk is None or type(topk) is int or (
+        type(topk) is tuple and all(type(k) is int for k in topk))
+    if plain:
+        ks = _TOPK_CACHE.get((topk, vocab))
+        if ks is not None:
+            return ks
+    ks = _topk_list([k for k in DEFAULT_TOPK if k <= vocab] if topk is None else topk, vocab)
+    if plain and len(_TOPK_CACHE) < 256:
+        _TOPK_CACHE[(topk, vocab)] = ks
+    return ks
+
+
 def _topk_list(ks: Iterable[int] | int, vocab: int) -> list[int]:
     if isinstance(ks, (int, np.integer)) and not isinstance(ks, bool):
         ks = (int(ks),)
+    elif isinstance(ks, (bool, np.bool_, str, bytes)) or not hasattr(ks, "__iter__"):
+        raise TypeError(f"topk must hold ints (an int or a sequence of ints, e.g. (1, 5, 10)), "
+                        f"got {ks!r}")
     out = []
     for k in ks:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
@@ -362,43 +385,77 @@ def compare_logits(
     _check_lead(lead, lead_b, "ref", "cand")
     if len(lead_b) > len(lead):
         lead = lead_b
-    if topk is None:
-        topk = [k for k in DEFAULT_TOPK if k <= a.shape[1]]
-    ks = _topk_list(topk, a.shape[1])
+    ks = _topk_cached(topk, a.shape[1])
     t = None if targets is None else _targets(targets, a.shape[0], a.shape[1], lead)
     fields, names, overlap = _core().compare_rows(a, a_bf16, b, b_bf16, t, ks, bool(js), nthreads)
     return _row_metrics(fields, names, overlap, ks, lead)
 
 
-def _row_metrics(fields: np.ndarray, names: list[str], overlap: np.ndarray, ks: list[int],
+_INT_COLUMNS: dict[tuple[str, ...], Any] = {}  # the core's field names -> INT_FIELDS' columns
+
+
+def _int_columns(names: tuple[str, ...]) -> Any:
+    """The columns of INT_FIELDS among the core's fields: a slice where they
+    are a run (the core's layout; a fancy index costs 3x the copy itself)."""
+    cols = _INT_COLUMNS.get(names)
+    if cols is None:
+        if set(names) != set(FIELDS) | set(INT_FIELDS):
+            raise RuntimeError(f"the core's fields {names} are not logitparity.fields' "
+                               f"{tuple(FIELDS) + INT_FIELDS}: rebuild the core")
+        idx = [names.index(n) for n in INT_FIELDS]
+        run = idx == list(range(idx[0], idx[0] + len(idx)))
+        cols = _INT_COLUMNS.setdefault(names, slice(idx[0], idx[0] + len(idx)) if run else idx)
+    return cols
+
+
+def _row_metrics(fields: np.ndarray, names: Sequence[str], overlap: np.ndarray, ks: list[int],
                  lead: tuple[int, ...]) -> RowMetrics:
-    cols = {name: fields[:, i] for i, name in enumerate(names)}
-    kw = {name: cols[name] for name in FIELDS}
-    for name in INT_FIELDS:
-        kw[name] = cols[name].astype(np.int64)
-    return RowMetrics(
-        **kw, topk_common={k: overlap[:, i] for i, k in enumerate(ks)}, shape=lead
-    )
+    """RowMetrics over the core's [rows, F] fields: float fields are column
+    views, integer fields one int64 copy (contiguous per field)."""
+    m = _row_metrics_views(fields, tuple(names), overlap, ks, lead)
+    _set_int_fields(m, fields, tuple(names))
+    return m
+
+
+def _row_metrics_views(fields: np.ndarray, names: tuple[str, ...], overlap: np.ndarray,
+                       ks: list[int], lead: tuple[int, ...]) -> RowMetrics:
+    """RowMetrics of views of fields and overlap, which need not hold the
+    results yet (the GPU path builds it while the kernel runs); its integer
+    fields are views too until _set_int_fields."""
+    return RowMetrics(**dict(zip(names, fields.T)), topk_common=dict(zip(ks, overlap.T)), shape=lead)
+
+
+def _set_int_fields(m: RowMetrics, fields: np.ndarray, names: tuple[str, ...]) -> None:
+    ints = np.ascontiguousarray(fields[:, _int_columns(names)].T, dtype=np.int64)
+    for name, col in zip(INT_FIELDS, ints):
+        setattr(m, name, col)
 
 
 def _compare_cuda(ref: Any, cand: Any, targets: Any, topk: Any, js: bool, ref_bf16: bool,
                   cand_bf16: bool) -> RowMetrics:
     a = cuda_rows(ref, "ref", ref_bf16)
     b = cuda_rows(cand, "cand", cand_bf16)
-    _check_vocab(_ShapeOnly(a.rows, a.vocab), _ShapeOnly(b.rows, b.vocab), "ref", "cand")
-    _check_lead(a.lead, b.lead, "ref", "cand")
+    if a.vocab != b.vocab or a.rows != b.rows:
+        _check_vocab(_ShapeOnly(a.rows, a.vocab), _ShapeOnly(b.rows, b.vocab), "ref", "cand")
+    if a.lead != b.lead:
+        _check_lead(a.lead, b.lead, "ref", "cand")
     lead = b.lead if len(b.lead) > len(a.lead) else a.lead
-    if topk is None:
-        topk = [k for k in DEFAULT_TOPK if k <= a.vocab]
-    ks = _topk_list(topk, a.vocab)
+    ks = _topk_cached(topk, a.vocab)
     t, t_dev = None, _device_targets(targets, a)
     if t_dev is None and targets is not None:
         t = _targets(targets, a.rows, a.vocab, lead)
     wait_for_producer(a, b)  # the kernel runs on ref's stream
-    fields, names, overlap = _core().compare_rows_cuda(
+    job, fields, names, overlap = _core().compare_rows_cuda_start(
         a.ptr, a.dtype, a.stride, b.ptr, b.dtype, b.stride, a.rows, a.vocab, t, ks, bool(js),
         a.stream, 0 if t_dev is None else t_dev.data_ptr())
-    return _row_metrics(fields, names, overlap, ks, lead)
+    # The result object is built while the kernel runs (a call's host time is
+    # part of its time); finish() waits and fills the arrays it views.
+    try:
+        m = _row_metrics_views(fields, names, overlap, ks, lead)
+    finally:
+        job.finish()
+    _set_int_fields(m, fields, names)
+    return m
 
 
 def _device_targets(targets: Any, rows: CudaRows) -> Any:

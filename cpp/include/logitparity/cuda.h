@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 
 #include "logitparity/activation_stats.h"
 #include "logitparity/row_metrics.h"
@@ -38,6 +39,30 @@ int CudaDeviceCount();
 RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
                                  const RowMetricsOptions& options, uintptr_t stream,
                                  const int64_t* device_targets = nullptr);
+
+// CompareRowsCuda in two halves, so that the caller's host work overlaps the
+// kernel. The constructor checks the input (CompareRowsCuda's errors; nothing
+// is queued when it throws) and queues the kernel on `stream`. Finish waits
+// for it and writes the caller's host arrays: fields (rows x kNumRowFields,
+// row-major) and topk_common (rows x options.topk.size()); for a device
+// target out of range it throws TargetOutOfRange for the first such row and
+// writes nothing. Finish once; the destructor waits for a kernel that was not
+// finished (it writes into the job's buffer). Each job has its own pinned
+// buffer (kept in a pool), so jobs may overlap.
+class CompareRowsCudaJob {
+ public:
+  CompareRowsCudaJob(const RowsView& ref, const RowsView& cand, const RowMetricsOptions& options,
+                     uintptr_t stream, const int64_t* device_targets = nullptr);
+  ~CompareRowsCudaJob();
+  CompareRowsCudaJob(const CompareRowsCudaJob&) = delete;
+  CompareRowsCudaJob& operator=(const CompareRowsCudaJob&) = delete;
+  void Finish(double* fields, int32_t* topk_common);
+
+  struct State;
+
+ private:
+  std::unique_ptr<State> state_;
+};
 
 // Largest k of TopKCuda (the per-warp lists live in shared memory).
 constexpr size_t kMaxTopKCuda = 256;

@@ -38,6 +38,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -661,6 +662,36 @@ __device__ __noinline__ GroupSums DirtyGroup(const TA* a, const TB* b, float Ma,
 // negated), counts.
 constexpr int kNumSums = 13, kNumMaxima = 2, kNumCounts = 5;
 
+// A row's results as they go to the host: the fields, the flag of a target
+// out of range, then the num_ks overlaps; RecordWords(num_ks) 32-bit words
+// of it are copied, by one warp in one coalesced store (the results live in
+// mapped pinned host memory, so the kernel writes them there: no copy after
+// it).
+struct RowRecord {
+  double fields[kNumRowFields];
+  int32_t bad_target;
+  int32_t overlap[kMaxTopK];
+};
+static_assert(offsetof(RowRecord, bad_target) == kNumRowFields * sizeof(double),
+              "the record's words: fields, flag, overlaps");
+static_assert(offsetof(RowRecord, overlap) == kNumRowFields * sizeof(double) + 4,
+              "the record's words: fields, flag, overlaps");
+
+// 32-bit words of a row's record for num_ks overlaps, even so that every
+// record of the host buffer starts 8-byte aligned.
+__host__ __device__ constexpr unsigned RecordWords(int num_ks) {
+  return (2 * kNumRowFields + 1 + num_ks + 1) / 2 * 2;
+}
+
+// Warp 0 copies the row's record (complete in shared memory) to `dst`.
+__device__ __forceinline__ void WriteRecord(const RowRecord& rec, unsigned* __restrict__ dst,
+                                            int num_ks, int lane) {
+  __syncwarp();
+  const unsigned* src = reinterpret_cast<const unsigned*>(&rec);
+  const unsigned words = 2 * kNumRowFields + 1 + num_ks;
+  for (unsigned w = lane; w < words; w += 32) dst[w] = src[w];
+}
+
 struct Shared {
   float top_v[2][kWarps][kCap];
   int top_i[2][kWarps][kCap];
@@ -670,13 +701,13 @@ struct Shared {
   float merged_v[2][kMaxTopK];     // the row's top-k per side, best first
   int merged_i[2][kMaxTopK];
   double dscratch[kWarps + 1];
-  float fscratch[kWarps + 1];
   unsigned long long cscratch[kWarps + 1];
   double dsums[(kWarps + 1) * kNumSums];
   float fmax[(kWarps + 1) * kNumMaxima];
   unsigned long long counts[(kWarps + 1) * kNumCounts];
   long long target;         // the row's target id (-1: none)
   float target_logits[2];   // a[target], b[target] when the target is in range
+  RowRecord record;         // the row's results, written to the host by warp 0
 };
 
 // Merges the warps' sorted lists of both sides into sh.merged_*: threads
@@ -713,8 +744,7 @@ template <typename TA, typename TB>
 __global__ void __launch_bounds__(kThreads, 2)
     CompareRowsKernel(const TA* __restrict__ a_base, size_t a_stride, const TB* __restrict__ b_base,
                       size_t b_stride, size_t n, const int64_t* __restrict__ targets, Params p,
-                      double* __restrict__ out_fields, int32_t* __restrict__ out_overlap,
-                      unsigned long long* __restrict__ first_bad_target) {
+                      unsigned* __restrict__ out_records) {
   __shared__ Shared sh;
   const size_t row = blockIdx.x;
   const TA* a = a_base + row * a_stride;
@@ -952,8 +982,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   const unsigned long long both_all = counts[0], aonly_all = counts[1], bonly_all = counts[2];
   const unsigned long long bad_a_all = counts[3], bad_b_all = counts[4];
 
-  double* out = out_fields + row * kNumRowFields;
-  int32_t* overlap = out_overlap + row * p.num_ks;
+  double* out = sh.record.fields;
+  int32_t* overlap = sh.record.overlap;
+  unsigned* record_dst = out_records + row * RecordWords(p.num_ks);
   const float* ta_v = sh.merged_v[0];
   const int* ta_i = sh.merged_i[0];
   const float* tb_v = sh.merged_v[1];
@@ -963,17 +994,19 @@ __global__ void __launch_bounds__(kThreads, 2)
   // row's fields are computed as if it had none.
   const long long target = sh.target;
   const bool target_ok = target >= -1 && target < static_cast<long long>(n);
-  if (tid == 0 && !target_ok) atomicMin(first_bad_target, static_cast<unsigned long long>(row));
+  if (tid == 0) sh.record.bad_target = target_ok ? 0 : 1;
 
   if (bad_a_all + bad_b_all > 0) {
-    if (tid < kNumRowFields) out[tid] = kNaN;
-    __syncthreads();
-    if (tid == 0) {
-      out[kNonfiniteRef] = static_cast<double>(bad_a_all);
-      out[kNonfiniteCand] = static_cast<double>(bad_b_all);
-      out[kArgmaxRef] = out[kArgmaxCand] = out[kRankOfRefTop1InCand] = -1;
+    if (warp != 0) return;
+    if (tid < kNumRowFields) {
+      double v = kNaN;
+      if (tid == kNonfiniteRef) v = static_cast<double>(bad_a_all);
+      if (tid == kNonfiniteCand) v = static_cast<double>(bad_b_all);
+      if (tid == kArgmaxRef || tid == kArgmaxCand || tid == kRankOfRefTop1InCand) v = -1;
+      out[tid] = v;
     }
-    if (tid < p.num_ks) overlap[tid] = -1;
+    for (int q = lane; q < p.num_ks; q += 32) overlap[q] = -1;
+    WriteRecord(sh.record, record_dst, p.num_ks, lane);
     return;
   }
 
@@ -1056,57 +1089,61 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (tid == 0) overlap[q] = common;
   }
 
-  if (tid != 0) return;
-  out[kNonfiniteRef] = 0;
-  out[kNonfiniteCand] = 0;
-  out[kLseRef] = lse_a;
-  out[kLseCand] = lse_b;
-  out[kEntropyRef] = dist_a ? log(Sa) - Ta / Sa : kNaN;
-  out[kEntropyCand] = dist_b ? log(Sb) - Tb / Sb : kNaN;
-  const unsigned long long compared = n - both_all;
-  const bool one_sided = aonly_all + bonly_all > 0;
-  out[kMaxAbsLogit] = compared > 0 ? (one_sided ? kInfD : static_cast<double>(max_abs_all)) : kNaN;
-  out[kMeanAbsLogit] =
-      compared > 0 ? (one_sided ? kInfD : abs_all / static_cast<double>(compared)) : kNaN;
-  out[kCosine] = kNaN;
-  if (na_all > 0 && nb_all > 0) {
-    const double ra = sqrt(na_all), rb = sqrt(nb_all);
-    const double norm_diff = x_all / (ra + rb);
-    out[kCosine] = 1.0 - (d2_all - norm_diff * norm_diff) / (2.0 * ra * rb);
+  if (warp != 0) return;
+  if (tid == 0) {
+    out[kNonfiniteRef] = 0;
+    out[kNonfiniteCand] = 0;
+    out[kLseRef] = lse_a;
+    out[kLseCand] = lse_b;
+    out[kEntropyRef] = dist_a ? log(Sa) - Ta / Sa : kNaN;
+    out[kEntropyCand] = dist_b ? log(Sb) - Tb / Sb : kNaN;
+    const unsigned long long compared = n - both_all;
+    const bool one_sided = aonly_all + bonly_all > 0;
+    out[kMaxAbsLogit] =
+        compared > 0 ? (one_sided ? kInfD : static_cast<double>(max_abs_all)) : kNaN;
+    out[kMeanAbsLogit] =
+        compared > 0 ? (one_sided ? kInfD : abs_all / static_cast<double>(compared)) : kNaN;
+    out[kCosine] = kNaN;
+    if (na_all > 0 && nb_all > 0) {
+      const double ra = sqrt(na_all), rb = sqrt(nb_all);
+      const double norm_diff = x_all / (ra + rb);
+      out[kCosine] = 1.0 - (d2_all - norm_diff * norm_diff) / (2.0 * ra * rb);
+    }
+    out[kKlRefCand] = out[kKlCandRef] = out[kMaxAbsLogprob] = kNaN;
+    out[kJs] = js;
+    if (dist_a && dist_b) {
+      const double direct = static_cast<double>(c0) + lse_b - lse_a;
+      const double e_hi = e_hi_f, e_lo = e_lo_f;
+      const bool usable = !one_sided && fmax(e_hi, -e_lo) <= 60.0;
+      const double mean_pe = Ea / Sa, mean_qe = Eb / Sb;
+      const double mean_pg = Ga / Sa, mean_qg = Gb / Sb;
+      const double direct_err = fmax(fmax(fabs(lse_a), fabs(lse_b)), 1.0);
+      const double xp = mean_pg - mean_pe, xq = mean_qg + mean_qe;
+      const bool precise_p =
+          usable && xp > -1 && fmax(fabs(mean_pg), fabs(mean_pe)) / (1 + xp) <= direct_err;
+      const bool precise_q =
+          usable && xq > -1 && fmax(fabs(mean_qg), fabs(mean_qe)) / (1 + xq) <= direct_err;
+      const double L = precise_p ? log1p(xp) : direct;
+      const double L_q = precise_q ? log1p(xq) : -direct;
+      out[kKlRefCand] = bonly_all ? kInfD : mean_pe + L;
+      out[kKlCandRef] = aonly_all ? kInfD : -mean_qe + L_q;
+      out[kMaxAbsLogprob] = one_sided ? kInfD : fmax(fabs(e_hi + L), fabs(e_lo + L));
+    }
+    out[kArgmaxRef] = static_cast<double>(t);
+    out[kArgmaxCand] = static_cast<double>(tb_i[0]);
+    out[kMarginRef] = n > 1 ? static_cast<double>(ta_v[0]) - ta_v[1] : kInfD;
+    out[kMarginCand] = n > 1 ? static_cast<double>(tb_v[0]) - tb_v[1] : kInfD;
+    out[kRankOfRefTop1InCand] = static_cast<double>(rank);
+    out[kNllRef] = out[kNllCand] = out[kDeltaP] = kNaN;
+    if (target_ok && target >= 0) {
+      const double nll_a = dist_a ? lse_a - sh.target_logits[0] : kNaN;
+      const double nll_b = dist_b ? lse_b - sh.target_logits[1] : kNaN;
+      out[kNllRef] = nll_a;
+      out[kNllCand] = nll_b;
+      out[kDeltaP] = exp(-nll_b) - exp(-nll_a);
+    }
   }
-  out[kKlRefCand] = out[kKlCandRef] = out[kMaxAbsLogprob] = kNaN;
-  out[kJs] = js;
-  if (dist_a && dist_b) {
-    const double direct = static_cast<double>(c0) + lse_b - lse_a;
-    const double e_hi = e_hi_f, e_lo = e_lo_f;
-    const bool usable = !one_sided && fmax(e_hi, -e_lo) <= 60.0;
-    const double mean_pe = Ea / Sa, mean_qe = Eb / Sb;
-    const double mean_pg = Ga / Sa, mean_qg = Gb / Sb;
-    const double direct_err = fmax(fmax(fabs(lse_a), fabs(lse_b)), 1.0);
-    const double xp = mean_pg - mean_pe, xq = mean_qg + mean_qe;
-    const bool precise_p =
-        usable && xp > -1 && fmax(fabs(mean_pg), fabs(mean_pe)) / (1 + xp) <= direct_err;
-    const bool precise_q =
-        usable && xq > -1 && fmax(fabs(mean_qg), fabs(mean_qe)) / (1 + xq) <= direct_err;
-    const double L = precise_p ? log1p(xp) : direct;
-    const double L_q = precise_q ? log1p(xq) : -direct;
-    out[kKlRefCand] = bonly_all ? kInfD : mean_pe + L;
-    out[kKlCandRef] = aonly_all ? kInfD : -mean_qe + L_q;
-    out[kMaxAbsLogprob] = one_sided ? kInfD : fmax(fabs(e_hi + L), fabs(e_lo + L));
-  }
-  out[kArgmaxRef] = static_cast<double>(t);
-  out[kArgmaxCand] = static_cast<double>(tb_i[0]);
-  out[kMarginRef] = n > 1 ? static_cast<double>(ta_v[0]) - ta_v[1] : kInfD;
-  out[kMarginCand] = n > 1 ? static_cast<double>(tb_v[0]) - tb_v[1] : kInfD;
-  out[kRankOfRefTop1InCand] = static_cast<double>(rank);
-  out[kNllRef] = out[kNllCand] = out[kDeltaP] = kNaN;
-  if (target_ok && target >= 0) {
-    const double nll_a = dist_a ? lse_a - sh.target_logits[0] : kNaN;
-    const double nll_b = dist_b ? lse_b - sh.target_logits[1] : kNaN;
-    out[kNllRef] = nll_a;
-    out[kNllCand] = nll_b;
-    out[kDeltaP] = exp(-nll_b) - exp(-nll_a);
-  }
+  WriteRecord(sh.record, record_dst, p.num_ks, lane);
 }
 
 
@@ -1114,11 +1151,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 struct LaunchArgs {
   const RowsView* ref;
   const RowsView* cand;
-  const int64_t* targets;  // device memory, or null
+  const int64_t* targets;  // device-readable memory, or null
   Params p;
-  double* fields;
-  int32_t* overlap;
-  unsigned long long* first_bad_target;
+  unsigned* records;       // rows x RecordWords(p.num_ks) words, mapped host memory
   cudaStream_t stream;
   int device;
 };
@@ -1141,7 +1176,7 @@ void Launch(const LaunchArgs& l) {
   AllowPipeSharedMemory<TA, TB>(l.device);
   CompareRowsKernel<TA, TB><<<static_cast<unsigned>(l.ref->rows), kThreads, kPipeBytes, l.stream>>>(
       static_cast<const TA*>(l.ref->data), l.ref->row_stride, static_cast<const TB*>(l.cand->data),
-      l.cand->row_stride, l.ref->vocab, l.targets, l.p, l.fields, l.overlap, l.first_bad_target);
+      l.cand->row_stride, l.ref->vocab, l.targets, l.p, l.records);
 }
 
 template <typename TA>
@@ -1153,21 +1188,58 @@ void LaunchB(const LaunchArgs& l) {
   }
 }
 
-// Pinned host memory for the results of one call, kept and grown (a copy to
+// Pinned host memory, mapped into every device's address space (portable):
+// the kernel writes each row's record there and reads host targets from
+// there, so a call queues one launch and no copies (each queued copy or
+// memset cost a driver call of 5-10 us on the H200's host, and a copy to
 // pageable memory is staged by the driver through its own pinned buffer).
-// Call with ScratchMutex held.
-void* PinnedScratch(size_t bytes) {
-  static void* buf = nullptr;
-  static size_t size = 0;
-  if (size < bytes) {
-    if (buf != nullptr) Check(cudaFreeHost(buf), "cudaFreeHost");
-    buf = nullptr;
-    size = 0;
-    const size_t want = std::max<size_t>(bytes, size_t{1} << 20);
-    Check(cudaMallocHost(&buf, want), "cudaMallocHost");
-    size = want;
+// With unified addressing (every 64-bit platform CUDA supports) the device
+// address is the host address. Buffers are kept in a pool, one per job in
+// flight.
+struct MappedBuffer {
+  char* ptr = nullptr;
+  size_t size = 0;
+};
+
+std::mutex& PoolMutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+std::vector<MappedBuffer>& Pool() {
+  static std::vector<MappedBuffer> pool;
+  return pool;
+}
+
+MappedBuffer TakeMapped(size_t bytes) {
+  MappedBuffer small;
+  {
+    std::lock_guard<std::mutex> lock(PoolMutex());
+    std::vector<MappedBuffer>& pool = Pool();
+    for (size_t i = 0; i < pool.size(); ++i) {
+      if (pool[i].size >= bytes) {
+        const MappedBuffer b = pool[i];
+        pool.erase(pool.begin() + i);
+        return b;
+      }
+    }
+    if (!pool.empty()) {  // too small: replaced by a larger one
+      small = pool.back();
+      pool.pop_back();
+    }
   }
-  return buf;
+  if (small.ptr != nullptr) Check(cudaFreeHost(small.ptr), "cudaFreeHost");
+  MappedBuffer b;
+  b.size = std::max<size_t>(bytes, size_t{1} << 20);
+  void* p = nullptr;
+  Check(cudaHostAlloc(&p, b.size, cudaHostAllocMapped | cudaHostAllocPortable), "cudaHostAlloc");
+  b.ptr = static_cast<char*>(p);
+  return b;
+}
+
+void ReturnMapped(const MappedBuffer& b) {
+  std::lock_guard<std::mutex> lock(PoolMutex());
+  Pool().push_back(b);
 }
 
 }  // namespace
@@ -1183,9 +1255,17 @@ int CudaDeviceCount() {
   return count;
 }
 
-RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
-                                 const RowMetricsOptions& options, uintptr_t stream_handle,
-                                 const int64_t* device_targets) {
+struct CompareRowsCudaJob::State {
+  size_t rows = 0, num_ks = 0, vocab = 0, record_bytes = 0;
+  MappedBuffer buf;
+  const int64_t* targets = nullptr;  // what the kernel reads (device or mapped memory)
+  cudaStream_t stream = nullptr;
+  bool waited = false;
+};
+
+CompareRowsCudaJob::CompareRowsCudaJob(const RowsView& ref, const RowsView& cand,
+                                       const RowMetricsOptions& options, uintptr_t stream_handle,
+                                       const int64_t* device_targets) {
   CheckCompareArgs(ref, cand, options);
   if (device_targets != nullptr && options.targets != nullptr) {
     throw std::invalid_argument("give targets either on the host or on the device, not both");
@@ -1211,7 +1291,6 @@ RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
                                 std::to_string(device) + "); move them with .to(ref.device)");
   }
   DeviceGuard guard(device);
-  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
 
   Params p{};
   p.num_ks = static_cast<int>(options.topk.size());
@@ -1219,36 +1298,26 @@ RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
   p.kmax = static_cast<int>(std::min<size_t>(ref.vocab, std::max(2, options.topk.back())));
   p.js = options.js ? 1 : 0;
 
-  RowMetricsResult result;
-  result.rows = ref.rows;
-  result.topk = options.topk;
-  result.fields.resize(ref.rows * kNumRowFields);
-  result.topk_common.resize(ref.rows * options.topk.size());
-
-  // Device scratch: [fields | overlaps | first bad target row (8 bytes,
-  // aligned) | host targets copied in]; the first three come back in one copy.
-  const size_t fields_bytes = result.fields.size() * sizeof(double);
-  const size_t overlap_bytes = result.topk_common.size() * sizeof(int32_t);
-  const size_t flag_off = (fields_bytes + overlap_bytes + 7) / 8 * 8;
-  const size_t back_bytes = flag_off + sizeof(unsigned long long);
+  // The job's mapped buffer: [records, rows x RecordWords words | host targets].
+  auto st = std::make_unique<State>();
+  st->rows = ref.rows;
+  st->num_ks = options.topk.size();
+  st->vocab = ref.vocab;
+  st->record_bytes = RecordWords(p.num_ks) * sizeof(unsigned);
+  st->stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const size_t records_bytes = ref.rows * st->record_bytes;
   const size_t targets_bytes = options.targets ? ref.rows * sizeof(int64_t) : 0;
-  // One result buffer per device, kept and grown: cudaMallocAsync from the
-  // default pool returned its memory at every synchronize and mapped it again
-  // on the next call. Calls are serialized (they end synchronized).
-  std::lock_guard<std::mutex> lock(ScratchMutex());
-  char* dev = static_cast<char*>(DeviceScratch(device, back_bytes + targets_bytes));
-  char* host = static_cast<char*>(PinnedScratch(back_bytes));
-  LaunchArgs l{&ref, &cand, device_targets, p,
-               reinterpret_cast<double*>(dev), reinterpret_cast<int32_t*>(dev + fields_bytes),
-               reinterpret_cast<unsigned long long*>(dev + flag_off), stream, device};
-  cudaError_t err = cudaMemsetAsync(dev + flag_off, 0xFF, sizeof(unsigned long long), stream);
-  if (err == cudaSuccess && options.targets) {
-    int64_t* d_targets = reinterpret_cast<int64_t*>(dev + back_bytes);
-    l.targets = d_targets;
-    err = cudaMemcpyAsync(d_targets, options.targets, targets_bytes, cudaMemcpyHostToDevice,
-                          stream);
+  st->buf = TakeMapped(records_bytes + targets_bytes);
+  st->targets = device_targets;
+  if (options.targets) {
+    std::memcpy(st->buf.ptr + records_bytes, options.targets, targets_bytes);
+    st->targets = reinterpret_cast<const int64_t*>(st->buf.ptr + records_bytes);
   }
-  if (err == cudaSuccess) {
+  const LaunchArgs l{&ref, &cand, st->targets, p, reinterpret_cast<unsigned*>(st->buf.ptr),
+                     st->stream, device};
+  cudaError_t err;
+  {
+    std::lock_guard<std::mutex> lock(ScratchMutex());  // AllowPipeSharedMemory's table
     switch (ref.dtype) {
       case Dtype::kF32: LaunchB<float>(l); break;
       case Dtype::kF16: LaunchB<__half>(l); break;
@@ -1256,21 +1325,54 @@ RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
     }
     err = cudaGetLastError();
   }
-  if (err == cudaSuccess) {
-    err = cudaMemcpyAsync(host, dev, back_bytes, cudaMemcpyDeviceToHost, stream);
+  if (err != cudaSuccess) {
+    ReturnMapped(st->buf);  // nothing was queued
+    Check(err, "CompareRowsCuda");
   }
-  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+  state_ = std::move(st);
+}
+
+CompareRowsCudaJob::~CompareRowsCudaJob() {
+  if (!state_) return;
+  if (!state_->waited) cudaStreamSynchronize(state_->stream);  // the kernel writes the buffer
+  ReturnMapped(state_->buf);
+}
+
+void CompareRowsCudaJob::Finish(double* fields, int32_t* topk_common) {
+  State& st = *state_;
+  if (st.waited) throw std::logic_error("CompareRowsCudaJob::Finish called twice");
+  const cudaError_t err = cudaStreamSynchronize(st.stream);
+  st.waited = true;
   Check(err, "CompareRowsCuda");
-  unsigned long long bad_row;
-  std::memcpy(&bad_row, host + flag_off, sizeof(bad_row));
-  if (bad_row != ~0ull) {
-    int64_t got = 0;
-    const int64_t* t = l.targets + bad_row;
-    Check(cudaMemcpy(&got, t, sizeof(got), cudaMemcpyDeviceToHost), "CompareRowsCuda targets");
-    throw TargetOutOfRange(ref.vocab, got, bad_row);
+  const char* host = st.buf.ptr;
+  for (size_t r = 0; r < st.rows; ++r) {
+    int32_t bad;
+    std::memcpy(&bad, host + r * st.record_bytes + offsetof(RowRecord, bad_target), sizeof(bad));
+    if (bad != 0) {
+      int64_t got = 0;
+      Check(cudaMemcpy(&got, st.targets + r, sizeof(got), cudaMemcpyDefault),
+            "CompareRowsCuda targets");
+      throw TargetOutOfRange(st.vocab, got, r);
+    }
   }
-  std::memcpy(result.fields.data(), host, fields_bytes);
-  std::memcpy(result.topk_common.data(), host + fields_bytes, overlap_bytes);
+  for (size_t r = 0; r < st.rows; ++r) {
+    const char* rec = host + r * st.record_bytes;
+    std::memcpy(fields + r * kNumRowFields, rec, kNumRowFields * sizeof(double));
+    std::memcpy(topk_common + r * st.num_ks, rec + offsetof(RowRecord, overlap),
+                st.num_ks * sizeof(int32_t));
+  }
+}
+
+RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
+                                 const RowMetricsOptions& options, uintptr_t stream_handle,
+                                 const int64_t* device_targets) {
+  RowMetricsResult result;
+  result.rows = ref.rows;
+  result.topk = options.topk;
+  result.fields.resize(ref.rows * kNumRowFields);
+  result.topk_common.resize(ref.rows * options.topk.size());
+  CompareRowsCudaJob job(ref, cand, options, stream_handle, device_targets);
+  job.Finish(result.fields.data(), result.topk_common.data());
   return result;
 }
 

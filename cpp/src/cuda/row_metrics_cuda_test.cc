@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -223,6 +224,77 @@ TEST(RowMetricsCuda, DeviceTargets) {
   EXPECT_THROW(CompareRowsCuda(va, vb, host, 0, static_cast<const int64_t*>(dt.ptr)),
                std::invalid_argument);
   EXPECT_THROW(CompareRowsCuda(va, vb, RowMetricsOptions(), 0, t.data()), std::invalid_argument);
+}
+
+// CompareRowsCudaJob (what the Python binding calls: the kernel writes its
+// records to mapped host memory, Finish copies them into the caller's arrays)
+// gives CompareRowsCuda's bits, for rows with NaN or +inf (the record's NaN
+// branch) and for up to 64 ks (the longest record); jobs may overlap and be
+// finished in any order, or dropped unfinished; on an out-of-range target
+// Finish throws and leaves the caller's arrays as they were.
+TEST(RowMetricsCuda, Jobs) {
+  SKIP_WITHOUT_GPU();
+  const size_t rows = 19, n = 3001;
+  std::vector<float> a(rows * n), b(rows * n);
+  for (size_t r = 0; r < rows; ++r) {
+    const std::vector<float> x = LmLogits(n, 300 + r), y = Perturb(x, 5e-2f, 400 + r);
+    std::copy(x.begin(), x.end(), a.begin() + r * n);
+    std::copy(y.begin(), y.end(), b.begin() + r * n);
+  }
+  a[4 * n + 17] = std::numeric_limits<float>::quiet_NaN();
+  b[11 * n + 5] = std::numeric_limits<float>::infinity();
+  std::vector<int64_t> t(rows);
+  for (size_t r = 0; r < rows; ++r) t[r] = static_cast<int64_t>((r * 97) % n);
+  DeviceBuffer da(a.data(), a.size() * 4), db(b.data(), b.size() * 4), dt(t.data(), t.size() * 8);
+  const RowsView va{da.ptr, Dtype::kF32, rows, n, n}, vb{db.ptr, Dtype::kF32, rows, n, n};
+  const int64_t* tp = static_cast<const int64_t*>(dt.ptr);
+  std::vector<int> all(64);
+  for (int k = 0; k < 64; ++k) all[k] = k + 1;
+  const std::vector<std::vector<int>> topks = {{1}, {1, 5, 10}, all};
+  std::vector<RowMetricsOptions> opts(topks.size());
+  std::vector<RowMetricsResult> want;
+  for (size_t q = 0; q < topks.size(); ++q) {
+    opts[q].topk = topks[q];
+    want.push_back(CompareRowsCuda(va, vb, opts[q], 0, tp));
+  }
+  // Three jobs in flight at once, finished last to first.
+  std::vector<std::unique_ptr<CompareRowsCudaJob>> jobs;
+  for (size_t q = 0; q < topks.size(); ++q) {
+    jobs.push_back(std::make_unique<CompareRowsCudaJob>(va, vb, opts[q], 0, tp));
+  }
+  for (size_t q = topks.size(); q-- > 0;) {
+    std::vector<double> fields(rows * kNumRowFields, 7.0);
+    std::vector<int32_t> overlap(rows * topks[q].size(), 7);
+    jobs[q]->Finish(fields.data(), overlap.data());
+    EXPECT_EQ(0, std::memcmp(want[q].fields.data(), fields.data(), fields.size() * 8)) << q;
+    EXPECT_EQ(want[q].topk_common, overlap) << q;
+    EXPECT_TRUE(std::isnan(fields[4 * kNumRowFields + kKlRefCand]));
+    EXPECT_EQ(1.0, fields[11 * kNumRowFields + kNonfiniteCand]);
+    EXPECT_EQ(-1, overlap[4 * topks[q].size()]);
+    EXPECT_THROW(jobs[q]->Finish(fields.data(), overlap.data()), std::logic_error);
+  }
+  { CompareRowsCudaJob dropped(va, vb, opts[2], 0, tp); }  // waits in its destructor
+
+  std::vector<int64_t> bad = t;
+  bad[13] = -5;
+  DeviceBuffer dbad(bad.data(), bad.size() * 8);
+  std::vector<double> fields(rows * kNumRowFields, 7.0);
+  std::vector<int32_t> overlap(rows * 3, 7);
+  CompareRowsCudaJob job(va, vb, opts[1], 0, static_cast<const int64_t*>(dbad.ptr));
+  try {
+    job.Finish(fields.data(), overlap.data());
+    FAIL() << "no error for an out-of-range device target";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_EQ(std::string("targets must be in [0, 3001) (the vocab size) or -1 for none, got "
+                          "-5 at row 13"),
+              e.what());
+  }
+  EXPECT_EQ(std::vector<double>(rows * kNumRowFields, 7.0), fields);
+  EXPECT_EQ(std::vector<int32_t>(rows * 3, 7), overlap);
+  // The same job after a bad one: the pool's buffers hold no stale flag.
+  CompareRowsCudaJob again(va, vb, opts[1], 0, tp);
+  again.Finish(fields.data(), overlap.data());
+  EXPECT_EQ(0, std::memcmp(want[1].fields.data(), fields.data(), fields.size() * 8));
 }
 
 // Close rows: KL ~ sigma^2 / 2 must still come to a relative 1e-4.
