@@ -67,6 +67,7 @@ struct PyCompareJob {
   std::unique_ptr<logitparity::CompareRowsCudaJob> job;
   py::array_t<double> fields;
   py::array_t<int32_t> overlap;
+  py::array_t<int64_t> ints;  // the integer fields, field-major
 };
 
 py::tuple ResultTuple(const logitparity::RowMetricsResult& res) {
@@ -203,7 +204,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("cuda_device_count", &logitparity::CudaDeviceCount,
         "CUDA devices usable now (0 without kernels, driver or GPU).");
   // compare_rows_cuda_start queues the kernel and returns (job, fields,
-  // field names, overlap) at once: the arrays are filled by job.finish(),
+  // field names, overlap, integer fields) at once: the arrays are filled by job.finish(),
   // which waits for the kernel, so the caller builds its result objects
   // while the kernel runs. compare_rows_cuda is both halves in one call.
   py::class_<PyCompareJob>(m, "CompareRowsCudaJob")
@@ -213,9 +214,10 @@ PYBIND11_MODULE(_core, m) {
             if (!j.job) throw py::value_error("this comparison was already finished");
             double* f = j.fields.mutable_data();
             int32_t* o = j.overlap.mutable_data();
+            int64_t* i = j.ints.mutable_data();
             std::unique_ptr<logitparity::CompareRowsCudaJob> job = std::move(j.job);
             py::gil_scoped_release release;
-            job->Finish(f, o);
+            job->Finish(f, o, i);
           },
           "Waits for the kernel and fills the arrays returned with this job; raises "
           "ValueError for a device target out of range (the arrays are then not written).");
@@ -254,6 +256,8 @@ PYBIND11_MODULE(_core, m) {
     }
     j.fields = py::array_t<double>({rows, static_cast<size_t>(logitparity::kNumRowFields)});
     j.overlap = py::array_t<int32_t>({rows, ks});
+    j.ints = py::array_t<int64_t>(
+        {static_cast<size_t>(logitparity::kNumRowFields - logitparity::kFirstIntField), rows});
     return j;
   };
   m.def(
@@ -265,16 +269,17 @@ PYBIND11_MODULE(_core, m) {
         PyCompareJob j = start(ref_ptr, ref_dtype, ref_stride, cand_ptr, cand_dtype, cand_stride,
                                rows, vocab, std::move(targets), std::move(topk), js, stream,
                                targets_ptr);
-        py::array fields = j.fields, overlap = j.overlap;
-        return py::make_tuple(py::cast(std::move(j)), fields, FieldNames(), overlap);
+        py::array fields = j.fields, overlap = j.overlap, ints = j.ints;
+        return py::make_tuple(py::cast(std::move(j)), fields, FieldNames(), overlap, ints);
       },
       py::arg("ref_ptr"), py::arg("ref_dtype"), py::arg("ref_stride"), py::arg("cand_ptr"),
       py::arg("cand_dtype"), py::arg("cand_stride"), py::arg("rows"), py::arg("vocab"),
       py::arg("targets"), py::arg("topk"), py::arg("js"), py::arg("stream"),
       py::arg("targets_ptr") = 0,
       "compare_rows_cuda's first half: checks, queues the kernel on `stream` and returns "
-      "(job, fields, field names, overlap) at once; the arrays hold the results after "
-      "job.finish().");
+      "(job, fields, field names, overlap, ints) at once; the arrays hold the results after "
+      "job.finish(). ints: the last ints.shape[0] fields (the integer ones) as int64, one row "
+      "per field.");
   m.def(
       "compare_rows_cuda",
       [start](uintptr_t ref_ptr, int ref_dtype, size_t ref_stride, uintptr_t cand_ptr,

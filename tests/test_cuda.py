@@ -175,12 +175,14 @@ def test_gpu_job_finish_once_and_dropped_jobs():
     a, b = (torch.from_numpy(x).cuda() for x in _pair(rng, 9, 4099, 0.1))
     st = torch.cuda.current_stream().cuda_stream
     args = (a.data_ptr(), 0, 4099, b.data_ptr(), 0, 4099, 9, 4099, None, [1, 5], False, st)
-    job, fields, names, overlap = _core.compare_rows_cuda_start(*args)
-    assert fields.shape == (9, len(names)) and overlap.shape == (9, 2)
+    job, fields, names, overlap, ints = _core.compare_rows_cuda_start(*args)
+    assert fields.shape == (9, len(names)) and overlap.shape == (9, 2) and ints.shape == (5, 9)
     job.finish()
     want_f, _, want_o = _core.compare_rows_cuda(*args)
     np.testing.assert_array_equal(fields, want_f)
     np.testing.assert_array_equal(overlap, want_o)
+    assert names[-5:] == lp.metrics.INT_FIELDS
+    np.testing.assert_array_equal(ints, want_f[:, -5:].T.astype(np.int64))
     with pytest.raises(ValueError, match="this comparison was already finished"):
         job.finish()
     dropped = _core.compare_rows_cuda_start(*args)

@@ -28,7 +28,7 @@ CompareRowsCudaJob::CompareRowsCudaJob(const RowsView&, const RowsView&, const R
   NotBuilt();
 }
 CompareRowsCudaJob::~CompareRowsCudaJob() = default;
-void CompareRowsCudaJob::Finish(double*, int32_t*) { NotBuilt(); }
+void CompareRowsCudaJob::Finish(double*, int32_t*, int64_t*) { NotBuilt(); }
 void LogSumExpCuda(const RowsView&, double*, uintptr_t) { NotBuilt(); }
 void NllCuda(const RowsView&, const int64_t*, double*, uintptr_t) { NotBuilt(); }
 void TopKCuda(const RowsView&, size_t, float*, int64_t*, double*, uintptr_t) { NotBuilt(); }

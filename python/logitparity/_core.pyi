@@ -49,6 +49,31 @@ def compare_rows_cuda(
     targets_ptr: int = 0,
 ) -> tuple[npt.NDArray[np.float64], tuple[str, ...], npt.NDArray[np.int32]]: ...
 
+class CompareRowsCudaJob:
+    def finish(self) -> None: ...
+
+def compare_rows_cuda_start(
+    ref_ptr: int,
+    ref_dtype: int,
+    ref_stride: int,
+    cand_ptr: int,
+    cand_dtype: int,
+    cand_stride: int,
+    rows: int,
+    vocab: int,
+    targets: npt.NDArray[np.int64] | None,
+    topk: list[int],
+    js: bool,
+    stream: int,
+    targets_ptr: int = 0,
+) -> tuple[
+    CompareRowsCudaJob,
+    npt.NDArray[np.float64],
+    tuple[str, ...],
+    npt.NDArray[np.int32],
+    npt.NDArray[np.int64],
+]: ...
+
 # Activation statistics (the block at the end of bindings.cc).
 DIFF_FIELDS: list[str]
 ABS_HIST_MANTISSA_BITS: int

@@ -418,11 +418,19 @@ def _row_metrics(fields: np.ndarray, names: Sequence[str], overlap: np.ndarray, 
 
 
 def _row_metrics_views(fields: np.ndarray, names: tuple[str, ...], overlap: np.ndarray,
-                       ks: list[int], lead: tuple[int, ...]) -> RowMetrics:
-    """RowMetrics of views of fields and overlap, which need not hold the
-    results yet (the GPU path builds it while the kernel runs); its integer
-    fields are views too until _set_int_fields."""
-    return RowMetrics(**dict(zip(names, fields.T)), topk_common=dict(zip(ks, overlap.T)), shape=lead)
+                       ks: list[int], lead: tuple[int, ...], ints: np.ndarray | None = None) -> RowMetrics:
+    """RowMetrics of views of fields and overlap (and ints: the last
+    len(ints) fields as int64, one row per field), which need not hold the
+    results yet (the GPU path builds it while the kernel runs). Without
+    ints the integer fields are float views until _set_int_fields."""
+    kw = dict(zip(names, fields.T))
+    if ints is not None:
+        cols = _int_columns(names)
+        if cols != slice(len(names) - len(ints), len(names)):
+            raise RuntimeError(f"the core's integer fields are not its last {len(ints)} of {names}: "
+                               "rebuild the core")
+        kw.update(zip(names[cols], ints))
+    return RowMetrics(**kw, topk_common=dict(zip(ks, overlap.T)), shape=lead)
 
 
 def _set_int_fields(m: RowMetrics, fields: np.ndarray, names: tuple[str, ...]) -> None:
@@ -445,16 +453,16 @@ def _compare_cuda(ref: Any, cand: Any, targets: Any, topk: Any, js: bool, ref_bf
     if t_dev is None and targets is not None:
         t = _targets(targets, a.rows, a.vocab, lead)
     wait_for_producer(a, b)  # the kernel runs on ref's stream
-    job, fields, names, overlap = _core().compare_rows_cuda_start(
+    job, fields, names, overlap, ints = _core().compare_rows_cuda_start(
         a.ptr, a.dtype, a.stride, b.ptr, b.dtype, b.stride, a.rows, a.vocab, t, ks, bool(js),
         a.stream, 0 if t_dev is None else t_dev.data_ptr())
     # The result object is built while the kernel runs (a call's host time is
-    # part of its time); finish() waits and fills the arrays it views.
+    # part of its time); finish() waits and fills the arrays it views (the
+    # integer fields converted to int64 there too).
     try:
-        m = _row_metrics_views(fields, names, overlap, ks, lead)
+        m = _row_metrics_views(fields, names, overlap, ks, lead, ints)
     finally:
         job.finish()
-    _set_int_fields(m, fields, names)
     return m
 
 

@@ -44,7 +44,9 @@ RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
 // kernel. The constructor checks the input (CompareRowsCuda's errors; nothing
 // is queued when it throws) and queues the kernel on `stream`. Finish waits
 // for it and writes the caller's host arrays: fields (rows x kNumRowFields,
-// row-major) and topk_common (rows x options.topk.size()); for a device
+// row-major), topk_common (rows x options.topk.size()) and, unless null,
+// int_fields (the fields from kFirstIntField on as int64, field-major:
+// kNumRowFields - kFirstIntField rows of `rows`); for a device
 // target out of range it throws TargetOutOfRange for the first such row and
 // writes nothing. Finish once; the destructor waits for a kernel that was not
 // finished (it writes into the job's buffer). Each job has its own pinned
@@ -56,7 +58,7 @@ class CompareRowsCudaJob {
   ~CompareRowsCudaJob();
   CompareRowsCudaJob(const CompareRowsCudaJob&) = delete;
   CompareRowsCudaJob& operator=(const CompareRowsCudaJob&) = delete;
-  void Finish(double* fields, int32_t* topk_common);
+  void Finish(double* fields, int32_t* topk_common, int64_t* int_fields = nullptr);
 
   struct State;
 

@@ -51,6 +51,8 @@ enum RowField : int {
   kNonfiniteCand,
   kNumRowFields
 };
+// The integer-valued fields are the last ones, from here on.
+constexpr int kFirstIntField = kArgmaxRef;
 
 const char* RowFieldName(int field);
 

@@ -1190,8 +1190,9 @@ void LaunchB(const LaunchArgs& l) {
 
 // Pinned host memory, mapped into every device's address space (portable):
 // the kernel writes each row's record there and reads host targets from
-// there, so a call queues one launch and no copies (each queued copy or
-// memset cost a driver call of 5-10 us on the H200's host, and a copy to
+// there, so a call queues one launch and no copies (on the H200's host, a
+// 96 KB copy to pinned memory made a launch and synchronize 12.3 us instead
+// of 8.4, a memset 1 us more: benchmarks/cuda_api_cost.cu; a copy to
 // pageable memory is staged by the driver through its own pinned buffer).
 // With unified addressing (every 64-bit platform CUDA supports) the device
 // address is the host address. Buffers are kept in a pool, one per job in
@@ -1338,7 +1339,7 @@ CompareRowsCudaJob::~CompareRowsCudaJob() {
   ReturnMapped(state_->buf);
 }
 
-void CompareRowsCudaJob::Finish(double* fields, int32_t* topk_common) {
+void CompareRowsCudaJob::Finish(double* fields, int32_t* topk_common, int64_t* int_fields) {
   State& st = *state_;
   if (st.waited) throw std::logic_error("CompareRowsCudaJob::Finish called twice");
   const cudaError_t err = cudaStreamSynchronize(st.stream);
@@ -1360,6 +1361,11 @@ void CompareRowsCudaJob::Finish(double* fields, int32_t* topk_common) {
     std::memcpy(fields + r * kNumRowFields, rec, kNumRowFields * sizeof(double));
     std::memcpy(topk_common + r * st.num_ks, rec + offsetof(RowRecord, overlap),
                 st.num_ks * sizeof(int32_t));
+  }
+  if (int_fields == nullptr) return;
+  for (int f = kFirstIntField; f < kNumRowFields; ++f) {
+    int64_t* out = int_fields + static_cast<size_t>(f - kFirstIntField) * st.rows;
+    for (size_t r = 0; r < st.rows; ++r) out[r] = static_cast<int64_t>(fields[r * kNumRowFields + f]);
   }
 }
 

@@ -265,7 +265,16 @@ TEST(RowMetricsCuda, Jobs) {
   for (size_t q = topks.size(); q-- > 0;) {
     std::vector<double> fields(rows * kNumRowFields, 7.0);
     std::vector<int32_t> overlap(rows * topks[q].size(), 7);
-    jobs[q]->Finish(fields.data(), overlap.data());
+    const size_t num_int = kNumRowFields - kFirstIntField;
+    std::vector<int64_t> ints(num_int * rows, 7);
+    jobs[q]->Finish(fields.data(), overlap.data(), q == 0 ? nullptr : ints.data());
+    for (size_t f = 0; f < num_int && q != 0; ++f) {
+      for (size_t r = 0; r < rows; ++r) {
+        EXPECT_EQ(static_cast<int64_t>(fields[r * kNumRowFields + kFirstIntField + f]),
+                  ints[f * rows + r]);
+      }
+    }
+    if (q != 0) EXPECT_EQ(-1, ints[4]);  // argmax_ref (field-major row 0) of the NaN row 4
     EXPECT_EQ(0, std::memcmp(want[q].fields.data(), fields.data(), fields.size() * 8)) << q;
     EXPECT_EQ(want[q].topk_common, overlap) << q;
     EXPECT_TRUE(std::isnan(fields[4 * kNumRowFields + kKlRefCand]));
