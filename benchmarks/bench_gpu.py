@@ -41,7 +41,9 @@ def make_inputs(rows: int, vocab: int, dtype: torch.dtype, seed: int = 0):
     return a.to(dtype), b.to(dtype), t
 
 
-def timed(fn, repeat: int, warmup: int = 3) -> float:
+def timed(fn, repeat: int, warmup: int = 3, sync: bool = True) -> float:
+    """Median seconds of `repeat` calls of fn, each ending in a synchronize
+    unless sync is False (host-only steps, benchmarks/prof_host.py)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -49,7 +51,8 @@ def timed(fn, repeat: int, warmup: int = 3) -> float:
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        if sync:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
-import statistics
 import sys
-import time
 
 import numpy as np
 import torch
@@ -31,21 +30,10 @@ import logitparity as lp
 from logitparity import _cuda_arrays as ca
 from logitparity import metrics as lm
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_gpu import timed  # noqa: E402  (the same timing loop)
+
 TOPK = (1, 5, 10)
-
-
-def med_us(fn, repeat: int, sync: bool) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
 
 
 def main() -> None:
@@ -117,7 +105,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {rows}x{vocab} fp32, "
           f"medians of {args.repeat} calls, us")
     for name, (fn, sync) in parts.items():
-        print(f"  {name:>18} {med_us(fn, args.repeat, sync):9.1f}")
+        print(f"  {name:>18} {timed(fn, args.repeat, warmup=5, sync=sync) * 1e6:9.1f}")
     if args.cprofile:
         prof = cProfile.Profile()
         prof.enable()

@@ -56,7 +56,6 @@ RowsView AsRows(const py::array& arr, bool bf16, const char* name) {
 
 using I64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
-// (fields [rows, F] float64, field names, topk overlap [rows, len(topk)] int32).
 // The field names, one tuple made at import and returned by every call.
 PyObject* g_field_names = nullptr;  // a strong reference, kept for the process
 
@@ -70,6 +69,70 @@ struct PyCompareJob {
   py::array_t<int64_t> ints;  // the integer fields, field-major
 };
 
+// compare_rows_cuda (kWait: both halves, -> (fields, names, overlap)) and
+// compare_rows_cuda_start (the kernel queued, -> (job, fields, names,
+// overlap, ints) at once, the arrays filled by job.finish()): one body.
+template <bool kWait>
+py::tuple CompareRowsCudaPy(uintptr_t ref_ptr, int ref_dtype, size_t ref_stride,
+                            uintptr_t cand_ptr, int cand_dtype, size_t cand_stride, size_t rows,
+                            size_t vocab, std::optional<I64> targets, std::vector<int> topk,
+                            bool js, uintptr_t stream, uintptr_t targets_ptr) {
+  auto dtype = [](int code, const char* name) {
+    if (code < 0 || code > 2) {
+      throw py::value_error(std::string(name) +
+                            "_dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
+                            std::to_string(code));
+    }
+    return static_cast<Dtype>(code);
+  };
+  const RowsView a{reinterpret_cast<const void*>(ref_ptr), dtype(ref_dtype, "ref"), rows, vocab,
+                   ref_stride};
+  const RowsView b{reinterpret_cast<const void*>(cand_ptr), dtype(cand_dtype, "cand"), rows,
+                   vocab, cand_stride};
+  logitparity::RowMetricsOptions opt;
+  opt.topk = std::move(topk);
+  opt.js = js;
+  if (targets) {
+    if (static_cast<size_t>(targets->size()) != rows) {
+      throw py::value_error("targets must hold one id per row (" + std::to_string(rows) +
+                            "), got " + std::to_string(targets->size()));
+    }
+    opt.targets = targets->data();
+  }
+  PyCompareJob j;
+  {
+    py::gil_scoped_release release;
+    j.job = std::make_unique<logitparity::CompareRowsCudaJob>(
+        a, b, opt, stream, reinterpret_cast<const int64_t*>(targets_ptr));
+  }
+  j.fields = py::array_t<double>({rows, static_cast<size_t>(logitparity::kNumRowFields)});
+  j.overlap = py::array_t<int32_t>({rows, opt.topk.size()});
+  if constexpr (kWait) {
+    double* f = j.fields.mutable_data();
+    int32_t* o = j.overlap.mutable_data();
+    {
+      py::gil_scoped_release release;
+      j.job->Finish(f, o);
+    }
+    return py::make_tuple(j.fields, FieldNames(), j.overlap);
+  } else {
+    j.ints = py::array_t<int64_t>(
+        {static_cast<size_t>(logitparity::kNumRowFields - logitparity::kFirstIntField), rows});
+    py::array fields = j.fields, overlap = j.overlap, ints = j.ints;
+    return py::make_tuple(py::cast(std::move(j)), fields, FieldNames(), overlap, ints);
+  }
+}
+
+// Registers one of the CompareRowsCudaPy entry points with its arguments.
+template <typename F>
+void DefCompareRowsCuda(py::module_& m, const char* name, F f, const char* doc) {
+  m.def(name, f, py::arg("ref_ptr"), py::arg("ref_dtype"), py::arg("ref_stride"),
+        py::arg("cand_ptr"), py::arg("cand_dtype"), py::arg("cand_stride"), py::arg("rows"),
+        py::arg("vocab"), py::arg("targets"), py::arg("topk"), py::arg("js"), py::arg("stream"),
+        py::arg("targets_ptr") = 0, doc);
+}
+
+// (fields [rows, F] float64, field names, topk overlap [rows, len(topk)] int32).
 py::tuple ResultTuple(const logitparity::RowMetricsResult& res) {
   py::array_t<double> fields({res.rows, static_cast<size_t>(logitparity::kNumRowFields)});
   std::copy(res.fields.begin(), res.fields.end(), fields.mutable_data());
@@ -203,10 +266,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("cuda_built", &logitparity::CudaBuilt, "True if the core has its CUDA kernels.");
   m.def("cuda_device_count", &logitparity::CudaDeviceCount,
         "CUDA devices usable now (0 without kernels, driver or GPU).");
-  // compare_rows_cuda_start queues the kernel and returns (job, fields,
-  // field names, overlap, integer fields) at once: the arrays are filled by job.finish(),
-  // which waits for the kernel, so the caller builds its result objects
-  // while the kernel runs. compare_rows_cuda is both halves in one call.
+  // compare_rows_cuda_start queues the kernel and returns its result arrays
+  // at once, so the caller builds its result objects while the kernel runs;
+  // job.finish() waits and fills them.
   py::class_<PyCompareJob>(m, "CompareRowsCudaJob")
       .def(
           "finish",
@@ -221,86 +283,14 @@ PYBIND11_MODULE(_core, m) {
           },
           "Waits for the kernel and fills the arrays returned with this job; raises "
           "ValueError for a device target out of range (the arrays are then not written).");
-  auto start = [](uintptr_t ref_ptr, int ref_dtype, size_t ref_stride, uintptr_t cand_ptr,
-                  int cand_dtype, size_t cand_stride, size_t rows, size_t vocab,
-                  std::optional<I64> targets, std::vector<int> topk, bool js, uintptr_t stream,
-                  uintptr_t targets_ptr) {
-    auto dtype = [](int code, const char* name) {
-      if (code < 0 || code > 2) {
-        throw py::value_error(std::string(name) +
-                              "_dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
-                              std::to_string(code));
-      }
-      return static_cast<Dtype>(code);
-    };
-    const RowsView a{reinterpret_cast<const void*>(ref_ptr), dtype(ref_dtype, "ref"), rows, vocab,
-                     ref_stride};
-    const RowsView b{reinterpret_cast<const void*>(cand_ptr), dtype(cand_dtype, "cand"), rows,
-                     vocab, cand_stride};
-    logitparity::RowMetricsOptions opt;
-    opt.topk = std::move(topk);
-    opt.js = js;
-    if (targets) {
-      if (static_cast<size_t>(targets->size()) != rows) {
-        throw py::value_error("targets must hold one id per row (" + std::to_string(rows) +
-                              "), got " + std::to_string(targets->size()));
-      }
-      opt.targets = targets->data();
-    }
-    const size_t ks = opt.topk.size();
-    PyCompareJob j;
-    {
-      py::gil_scoped_release release;
-      j.job = std::make_unique<logitparity::CompareRowsCudaJob>(
-          a, b, opt, stream, reinterpret_cast<const int64_t*>(targets_ptr));
-    }
-    j.fields = py::array_t<double>({rows, static_cast<size_t>(logitparity::kNumRowFields)});
-    j.overlap = py::array_t<int32_t>({rows, ks});
-    j.ints = py::array_t<int64_t>(
-        {static_cast<size_t>(logitparity::kNumRowFields - logitparity::kFirstIntField), rows});
-    return j;
-  };
-  m.def(
-      "compare_rows_cuda_start",
-      [start](uintptr_t ref_ptr, int ref_dtype, size_t ref_stride, uintptr_t cand_ptr,
-              int cand_dtype, size_t cand_stride, size_t rows, size_t vocab,
-              std::optional<I64> targets, std::vector<int> topk, bool js, uintptr_t stream,
-              uintptr_t targets_ptr) {
-        PyCompareJob j = start(ref_ptr, ref_dtype, ref_stride, cand_ptr, cand_dtype, cand_stride,
-                               rows, vocab, std::move(targets), std::move(topk), js, stream,
-                               targets_ptr);
-        py::array fields = j.fields, overlap = j.overlap, ints = j.ints;
-        return py::make_tuple(py::cast(std::move(j)), fields, FieldNames(), overlap, ints);
-      },
-      py::arg("ref_ptr"), py::arg("ref_dtype"), py::arg("ref_stride"), py::arg("cand_ptr"),
-      py::arg("cand_dtype"), py::arg("cand_stride"), py::arg("rows"), py::arg("vocab"),
-      py::arg("targets"), py::arg("topk"), py::arg("js"), py::arg("stream"),
-      py::arg("targets_ptr") = 0,
+  DefCompareRowsCuda(
+      m, "compare_rows_cuda_start", &CompareRowsCudaPy<false>,
       "compare_rows_cuda's first half: checks, queues the kernel on `stream` and returns "
       "(job, fields, field names, overlap, ints) at once; the arrays hold the results after "
       "job.finish(). ints: the last ints.shape[0] fields (the integer ones) as int64, one row "
       "per field.");
-  m.def(
-      "compare_rows_cuda",
-      [start](uintptr_t ref_ptr, int ref_dtype, size_t ref_stride, uintptr_t cand_ptr,
-              int cand_dtype, size_t cand_stride, size_t rows, size_t vocab,
-              std::optional<I64> targets, std::vector<int> topk, bool js, uintptr_t stream,
-              uintptr_t targets_ptr) {
-        PyCompareJob j = start(ref_ptr, ref_dtype, ref_stride, cand_ptr, cand_dtype, cand_stride,
-                               rows, vocab, std::move(targets), std::move(topk), js, stream,
-                               targets_ptr);
-        double* f = j.fields.mutable_data();
-        int32_t* o = j.overlap.mutable_data();
-        {
-          py::gil_scoped_release release;
-          j.job->Finish(f, o);
-        }
-        return py::make_tuple(j.fields, FieldNames(), j.overlap);
-      },
-      py::arg("ref_ptr"), py::arg("ref_dtype"), py::arg("ref_stride"), py::arg("cand_ptr"),
-      py::arg("cand_dtype"), py::arg("cand_stride"), py::arg("rows"), py::arg("vocab"),
-      py::arg("targets"), py::arg("topk"), py::arg("js"), py::arg("stream"),
-      py::arg("targets_ptr") = 0,
+  DefCompareRowsCuda(
+      m, "compare_rows_cuda", &CompareRowsCudaPy<true>,
       "Fused row comparison of rows in CUDA device memory (pointers as integers, strides in "
       "elements), queued on `stream`; same result tuple as compare_rows. targets_ptr: instead "
       "of host targets, one int64 id per row in device memory (checked on the device).");

@@ -112,7 +112,7 @@ class CudaRows:
     owner: Any  # keeps the memory (or a copy) alive during the call
 
 
-_RAW_STREAM: list[Any] = []  # torch._C._cuda_getCurrentRawStream, once found
+_RAW_STREAM: list[Any] = []  # torch._C._cuda_getCurrentRawStream (None where absent), once looked up
 
 
 def torch_stream(device: Any) -> int:
@@ -121,20 +121,15 @@ def torch_stream(device: Any) -> int:
     building a Stream object (torch.cuda.current_stream took about 10 us of
     a call's host time on the H200's host); the public call where torch
     lacks it."""
-    if _RAW_STREAM:
-        index = device.index
-        if index is None:
-            import torch
-
-            index = torch.cuda.current_device()
-        return int(_RAW_STREAM[0](index))
     import torch
 
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is not None:
-        _RAW_STREAM.append(raw)
-        return torch_stream(device)
-    return torch.cuda.current_stream(device).cuda_stream
+    if not _RAW_STREAM:
+        _RAW_STREAM.append(getattr(torch._C, "_cuda_getCurrentRawStream", None))
+    raw = _RAW_STREAM[0]
+    if raw is None:
+        return torch.cuda.current_stream(device).cuda_stream
+    index = device.index
+    return int(raw(index if index is not None else torch.cuda.current_device()))
 
 
 def dtype_error(name: str, got: str) -> TypeError:

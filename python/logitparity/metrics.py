@@ -412,31 +412,19 @@ def _row_metrics(fields: np.ndarray, names: Sequence[str], overlap: np.ndarray, 
                  lead: tuple[int, ...]) -> RowMetrics:
     """RowMetrics over the core's [rows, F] fields: float fields are column
     views, integer fields one int64 copy (contiguous per field)."""
-    m = _row_metrics_views(fields, tuple(names), overlap, ks, lead)
-    _set_int_fields(m, fields, tuple(names))
-    return m
+    names = tuple(names)
+    ints = np.ascontiguousarray(fields[:, _int_columns(names)].T, dtype=np.int64)
+    return _row_metrics_views(fields, names, overlap, ks, lead, ints)
 
 
 def _row_metrics_views(fields: np.ndarray, names: tuple[str, ...], overlap: np.ndarray,
-                       ks: list[int], lead: tuple[int, ...], ints: np.ndarray | None = None) -> RowMetrics:
-    """RowMetrics of views of fields and overlap (and ints: the last
-    len(ints) fields as int64, one row per field), which need not hold the
-    results yet (the GPU path builds it while the kernel runs). Without
-    ints the integer fields are float views until _set_int_fields."""
+                       ks: list[int], lead: tuple[int, ...], ints: np.ndarray) -> RowMetrics:
+    """RowMetrics of views of fields, overlap and ints (INT_FIELDS as int64,
+    one row per field in INT_FIELDS' order), which need not hold the results
+    yet: the GPU path builds it while the kernel runs."""
     kw = dict(zip(names, fields.T))
-    if ints is not None:
-        cols = _int_columns(names)
-        if cols != slice(len(names) - len(ints), len(names)):
-            raise RuntimeError(f"the core's integer fields are not its last {len(ints)} of {names}: "
-                               "rebuild the core")
-        kw.update(zip(names[cols], ints))
+    kw.update(zip(INT_FIELDS, ints))
     return RowMetrics(**kw, topk_common=dict(zip(ks, overlap.T)), shape=lead)
-
-
-def _set_int_fields(m: RowMetrics, fields: np.ndarray, names: tuple[str, ...]) -> None:
-    ints = np.ascontiguousarray(fields[:, _int_columns(names)].T, dtype=np.int64)
-    for name, col in zip(INT_FIELDS, ints):
-        setattr(m, name, col)
 
 
 def _compare_cuda(ref: Any, cand: Any, targets: Any, topk: Any, js: bool, ref_bf16: bool,
@@ -458,8 +446,11 @@ def _compare_cuda(ref: Any, cand: Any, targets: Any, topk: Any, js: bool, ref_bf
         a.stream, 0 if t_dev is None else t_dev.data_ptr())
     # The result object is built while the kernel runs (a call's host time is
     # part of its time); finish() waits and fills the arrays it views (the
-    # integer fields converted to int64 there too).
+    # integer fields converted to int64 there too: the core's last fields).
     try:
+        if names[len(names) - len(ints):] != INT_FIELDS:
+            raise RuntimeError(f"the core's last {len(ints)} fields {names} are not "
+                               f"logitparity.fields' INT_FIELDS {INT_FIELDS}: rebuild the core")
         m = _row_metrics_views(fields, names, overlap, ks, lead, ints)
     finally:
         job.finish()

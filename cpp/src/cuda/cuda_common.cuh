@@ -267,32 +267,51 @@ __device__ __forceinline__ T BlockReduce(T x, T* scratch, Op op) {
   return scratch[kWarps];
 }
 
-// N values per thread reduced over the block in one pass (three barriers
-// instead of 3 N), each in BlockReduce's fixed tree: the results are bitwise
-// those of N BlockReduce calls. scratch: (kWarps + 1) * N elements.
+// The steps of a block reduction of N values per thread, each value in
+// BlockReduce's fixed tree: warp shuffles, lane 0 stores its warp's partials
+// (scratch: (kWarps + 1) * N elements), thread j folds value j's partials in
+// warp order into slot kWarps, every thread reads the totals back.
 template <int N, typename T, typename Op>
-__device__ __forceinline__ void BlockReduceN(T (&x)[N], T* scratch, Op op) {
+__device__ __forceinline__ void WarpReduceN(T (&x)[N], Op op) {
 #pragma unroll
   for (int j = 0; j < N; ++j) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) x[j] = op(x[j], __shfl_down_sync(kFull, x[j], o));
   }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) {
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void StoreWarpPartials(const T (&x)[N], T* scratch, int warp) {
 #pragma unroll
-    for (int j = 0; j < N; ++j) scratch[warp * N + j] = x[j];
-  }
-  __syncthreads();
-  if (threadIdx.x < N) {
-    const int j = threadIdx.x;
-    T total = scratch[j];
-    for (int w = 1; w < kWarps; ++w) total = op(total, scratch[w * N + j]);
-    scratch[kWarps * N + j] = total;
-  }
-  __syncthreads();
+  for (int j = 0; j < N; ++j) scratch[warp * N + j] = x[j];
+}
+
+template <int N, typename T, typename Op>
+__device__ __forceinline__ void FoldWarpPartials(T* scratch, int j, Op op) {
+  T total = scratch[j];
+  for (int w = 1; w < kWarps; ++w) total = op(total, scratch[w * N + j]);
+  scratch[kWarps * N + j] = total;
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void LoadBlockTotals(T (&x)[N], const T* scratch) {
 #pragma unroll
   for (int j = 0; j < N; ++j) x[j] = scratch[kWarps * N + j];
+}
+
+// N values per thread reduced over the block in one pass (three barriers
+// instead of 3 N), each in BlockReduce's fixed tree: the results are bitwise
+// those of N BlockReduce calls. scratch: (kWarps + 1) * N elements.
+template <int N, typename T, typename Op>
+__device__ __forceinline__ void BlockReduceN(T (&x)[N], T* scratch, Op op) {
+  WarpReduceN(x, op);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) StoreWarpPartials(x, scratch, warp);
+  __syncthreads();
+  if (threadIdx.x < N) FoldWarpPartials<N>(scratch, threadIdx.x, op);
+  __syncthreads();
+  LoadBlockTotals(x, scratch);
 }
 
 // BlockReduceN of three arrays, each with its own operation and scratch, in
@@ -302,55 +321,29 @@ template <int N1, int N2, int N3, typename T1, typename T2, typename T3, typenam
           typename Op2, typename Op3>
 __device__ __forceinline__ void BlockReduceN3(T1 (&x1)[N1], T1* s1, Op1 op1, T2 (&x2)[N2], T2* s2,
                                               Op2 op2, T3 (&x3)[N3], T3* s3, Op3 op3) {
-#pragma unroll
-  for (int j = 0; j < N1; ++j) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x1[j] = op1(x1[j], __shfl_down_sync(kFull, x1[j], o));
-  }
-#pragma unroll
-  for (int j = 0; j < N2; ++j) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x2[j] = op2(x2[j], __shfl_down_sync(kFull, x2[j], o));
-  }
-#pragma unroll
-  for (int j = 0; j < N3; ++j) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x3[j] = op3(x3[j], __shfl_down_sync(kFull, x3[j], o));
-  }
+  WarpReduceN(x1, op1);
+  WarpReduceN(x2, op2);
+  WarpReduceN(x3, op3);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __syncthreads();
   if (lane == 0) {
-#pragma unroll
-    for (int j = 0; j < N1; ++j) s1[warp * N1 + j] = x1[j];
-#pragma unroll
-    for (int j = 0; j < N2; ++j) s2[warp * N2 + j] = x2[j];
-#pragma unroll
-    for (int j = 0; j < N3; ++j) s3[warp * N3 + j] = x3[j];
+    StoreWarpPartials(x1, s1, warp);
+    StoreWarpPartials(x2, s2, warp);
+    StoreWarpPartials(x3, s3, warp);
   }
   __syncthreads();
   const int t = threadIdx.x;
   if (t < N1) {
-    T1 total = s1[t];
-    for (int w = 1; w < kWarps; ++w) total = op1(total, s1[w * N1 + t]);
-    s1[kWarps * N1 + t] = total;
+    FoldWarpPartials<N1>(s1, t, op1);
   } else if (t < N1 + N2) {
-    const int j = t - N1;
-    T2 total = s2[j];
-    for (int w = 1; w < kWarps; ++w) total = op2(total, s2[w * N2 + j]);
-    s2[kWarps * N2 + j] = total;
+    FoldWarpPartials<N2>(s2, t - N1, op2);
   } else if (t < N1 + N2 + N3) {
-    const int j = t - N1 - N2;
-    T3 total = s3[j];
-    for (int w = 1; w < kWarps; ++w) total = op3(total, s3[w * N3 + j]);
-    s3[kWarps * N3 + j] = total;
+    FoldWarpPartials<N3>(s3, t - N1 - N2, op3);
   }
   __syncthreads();
-#pragma unroll
-  for (int j = 0; j < N1; ++j) x1[j] = s1[kWarps * N1 + j];
-#pragma unroll
-  for (int j = 0; j < N2; ++j) x2[j] = s2[kWarps * N2 + j];
-#pragma unroll
-  for (int j = 0; j < N3; ++j) x3[j] = s3[kWarps * N3 + j];
+  LoadBlockTotals(x1, s1);
+  LoadBlockTotals(x2, s2);
+  LoadBlockTotals(x3, s3);
 }
 
 struct AddOp {

@@ -663,10 +663,10 @@ __device__ __noinline__ GroupSums DirtyGroup(const TA* a, const TB* b, float Ma,
 constexpr int kNumSums = 13, kNumMaxima = 2, kNumCounts = 5;
 
 // A row's results as they go to the host: the fields, the flag of a target
-// out of range, then the num_ks overlaps; RecordWords(num_ks) 32-bit words
-// of it are copied, by one warp in one coalesced store (the results live in
-// mapped pinned host memory, so the kernel writes them there: no copy after
-// it).
+// out of range, then the num_ks overlaps; RecordDataWords(num_ks) 32-bit
+// words of it are copied, by one warp in one coalesced store (the results
+// live in mapped pinned host memory, so the kernel writes them there: no copy
+// after it).
 struct RowRecord {
   double fields[kNumRowFields];
   int32_t bad_target;
@@ -677,10 +677,15 @@ static_assert(offsetof(RowRecord, bad_target) == kNumRowFields * sizeof(double),
 static_assert(offsetof(RowRecord, overlap) == kNumRowFields * sizeof(double) + 4,
               "the record's words: fields, flag, overlaps");
 
-// 32-bit words of a row's record for num_ks overlaps, even so that every
-// record of the host buffer starts 8-byte aligned.
+// 32-bit words of a row's record that hold its results (num_ks overlaps).
+__host__ __device__ constexpr unsigned RecordDataWords(int num_ks) {
+  return 2 * kNumRowFields + 1 + num_ks;
+}
+
+// A record's words in the host buffer: rounded up to even, so that every
+// record starts 8-byte aligned.
 __host__ __device__ constexpr unsigned RecordWords(int num_ks) {
-  return (2 * kNumRowFields + 1 + num_ks + 1) / 2 * 2;
+  return (RecordDataWords(num_ks) + 1) / 2 * 2;
 }
 
 // Warp 0 copies the row's record (complete in shared memory) to `dst`.
@@ -688,7 +693,7 @@ __device__ __forceinline__ void WriteRecord(const RowRecord& rec, unsigned* __re
                                             int num_ks, int lane) {
   __syncwarp();
   const unsigned* src = reinterpret_cast<const unsigned*>(&rec);
-  const unsigned words = 2 * kNumRowFields + 1 + num_ks;
+  const unsigned words = RecordDataWords(num_ks);
   for (unsigned w = lane; w < words; w += 32) dst[w] = src[w];
 }
 
@@ -1256,12 +1261,17 @@ int CudaDeviceCount() {
   return count;
 }
 
+// Returns its buffer to the pool when destroyed: the job's destructor waits
+// for the kernel first; a constructor that throws has queued nothing.
 struct CompareRowsCudaJob::State {
   size_t rows = 0, num_ks = 0, vocab = 0, record_bytes = 0;
   MappedBuffer buf;
   const int64_t* targets = nullptr;  // what the kernel reads (device or mapped memory)
   cudaStream_t stream = nullptr;
   bool waited = false;
+  ~State() {
+    if (buf.ptr != nullptr) ReturnMapped(buf);
+  }
 };
 
 CompareRowsCudaJob::CompareRowsCudaJob(const RowsView& ref, const RowsView& cand,
@@ -1326,17 +1336,13 @@ CompareRowsCudaJob::CompareRowsCudaJob(const RowsView& ref, const RowsView& cand
     }
     err = cudaGetLastError();
   }
-  if (err != cudaSuccess) {
-    ReturnMapped(st->buf);  // nothing was queued
-    Check(err, "CompareRowsCuda");
-  }
+  Check(err, "CompareRowsCuda");  // on an error nothing was queued: st returns its buffer
   state_ = std::move(st);
 }
 
 CompareRowsCudaJob::~CompareRowsCudaJob() {
-  if (!state_) return;
-  if (!state_->waited) cudaStreamSynchronize(state_->stream);  // the kernel writes the buffer
-  ReturnMapped(state_->buf);
+  // The kernel writes the buffer that state_ returns to the pool.
+  if (state_ && !state_->waited) cudaStreamSynchronize(state_->stream);
 }
 
 void CompareRowsCudaJob::Finish(double* fields, int32_t* topk_common, int64_t* int_fields) {
@@ -1365,7 +1371,9 @@ void CompareRowsCudaJob::Finish(double* fields, int32_t* topk_common, int64_t* i
   if (int_fields == nullptr) return;
   for (int f = kFirstIntField; f < kNumRowFields; ++f) {
     int64_t* out = int_fields + static_cast<size_t>(f - kFirstIntField) * st.rows;
-    for (size_t r = 0; r < st.rows; ++r) out[r] = static_cast<int64_t>(fields[r * kNumRowFields + f]);
+    for (size_t r = 0; r < st.rows; ++r) {
+      out[r] = static_cast<int64_t>(fields[r * kNumRowFields + f]);
+    }
   }
 }
 
