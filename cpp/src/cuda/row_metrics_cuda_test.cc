@@ -184,6 +184,18 @@ TEST(RowMetricsCuda, TopKOrders) {
   }
 }
 
+// Fills a and b (rows of `stride`, a.size() / stride of them; what lies past
+// n in a row is left as it is) with pairs of close rows: LmLogits(n, seed_a +
+// r) and that perturbed by 0.05 randn (seed seed_b + r).
+void FillClosePairs(size_t n, size_t stride, uint64_t seed_a, uint64_t seed_b,
+                    std::vector<float>& a, std::vector<float>& b) {
+  for (size_t r = 0; r < a.size() / stride; ++r) {
+    const std::vector<float> x = LmLogits(n, seed_a + r), y = Perturb(x, 0.05f, seed_b + r);
+    std::copy(x.begin(), x.end(), a.begin() + r * stride);
+    std::copy(y.begin(), y.end(), b.begin() + r * stride);
+  }
+}
+
 // Targets in device memory (CompareRowsCuda's device_targets) give the same
 // fields as the same ids from the host, bitwise, -1 included; an id out of
 // range is an error naming the first such row and its id.
@@ -191,11 +203,7 @@ TEST(RowMetricsCuda, DeviceTargets) {
   SKIP_WITHOUT_GPU();
   const size_t rows = 37, n = 5000;
   std::vector<float> a(rows * n), b(rows * n);
-  for (size_t r = 0; r < rows; ++r) {
-    const std::vector<float> x = LmLogits(n, 100 + r), y = Perturb(x, 5e-2f, 200 + r);
-    std::copy(x.begin(), x.end(), a.begin() + r * n);
-    std::copy(y.begin(), y.end(), b.begin() + r * n);
-  }
+  FillClosePairs(n, n, 100, 200, a, b);
   std::vector<int64_t> t(rows);
   for (size_t r = 0; r < rows; ++r) t[r] = r % 5 == 4 ? -1 : static_cast<int64_t>((r * 131) % n);
   DeviceBuffer da(a.data(), a.size() * 4), db(b.data(), b.size() * 4), dt(t.data(), t.size() * 8);
@@ -236,11 +244,7 @@ TEST(RowMetricsCuda, Jobs) {
   SKIP_WITHOUT_GPU();
   const size_t rows = 19, n = 3001;
   std::vector<float> a(rows * n), b(rows * n);
-  for (size_t r = 0; r < rows; ++r) {
-    const std::vector<float> x = LmLogits(n, 300 + r), y = Perturb(x, 5e-2f, 400 + r);
-    std::copy(x.begin(), x.end(), a.begin() + r * n);
-    std::copy(y.begin(), y.end(), b.begin() + r * n);
-  }
+  FillClosePairs(n, n, 300, 400, a, b);
   a[4 * n + 17] = std::numeric_limits<float>::quiet_NaN();
   b[11 * n + 5] = std::numeric_limits<float>::infinity();
   std::vector<int64_t> t(rows);
@@ -364,12 +368,7 @@ TEST(RowMetricsCuda, RowsStrideBatchAndCpuAgreement) {
   SKIP_WITHOUT_GPU();
   const size_t rows = 37, vocab = 5003, stride = 5011;
   std::vector<float> a(rows * stride, 99.0f), b(rows * stride, -99.0f);
-  for (size_t r = 0; r < rows; ++r) {
-    const std::vector<float> x = LmLogits(vocab, r);
-    const std::vector<float> y = Perturb(x, 0.05f, r + 100);
-    std::copy(x.begin(), x.end(), a.begin() + r * stride);
-    std::copy(y.begin(), y.end(), b.begin() + r * stride);
-  }
+  FillClosePairs(vocab, stride, 0, 100, a, b);
   std::vector<int64_t> targets(rows);
   for (size_t r = 0; r < rows; ++r) targets[r] = static_cast<int64_t>((r * 131) % vocab);
   DeviceBuffer da(a.data(), a.size() * 4), db(b.data(), b.size() * 4);
