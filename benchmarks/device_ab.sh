@@ -56,10 +56,12 @@ build_variant() {  # name, flags (comma-separated) or "", source file or ""
 }
 CTEST=0 PYTESTS= BENCH= bash benchmarks/device_run.sh || exit 1  # build this tree
 for v in ${VARIANTS:-}; do
-  case $v in
-    *=*) name=${v%%=*}; build_variant "$name" "" "${v#*=}" & ;;
-    *) name=${v%%:*}; build_variant "$name" "${v#*:}" "" & ;;
-  esac
+  # name:FLAGS when the name holds no '=' (flags may: -DX=1), else name=FILE
+  if [[ $v == *:* && ${v%%:*} != *=* ]]; then
+    name=${v%%:*}; build_variant "$name" "${v#*:}" "" &
+  else
+    name=${v%%=*}; build_variant "$name" "" "${v#*=}" &
+  fi
   PIDS="$PIDS $!"
   BUILDS="$BUILDS $name"
 done
