@@ -40,6 +40,20 @@ RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
                                  const RowMetricsOptions& options, uintptr_t stream,
                                  const int64_t* device_targets = nullptr);
 
+// Threads per block of CompareRowsCuda's kernel (one block per row) for
+// `rows` rows on a device of `multiprocessors` multiprocessors: 256 while the
+// rows fit in one wave of two such blocks per multiprocessor, else 128 (four
+// per multiprocessor: one wave up to 4 x multiprocessors rows, and half as
+// many waves beyond). Measured on the H200 (132 multiprocessors; kernel
+// times, docs/gpu.md): 128 made 512 x 151936 fp32 2.5% faster and
+// 2048 x 49152 11%, 4096 x 18992 14%; 256 made 264 x 151936 and fewer rows
+// 20 - 50% faster. The block size sets each row's summation tree, so a row's
+// fields can differ in their last bits between calls of different row
+// counts (each call is deterministic for its input).
+constexpr int CompareRowsBlockThreads(size_t rows, int multiprocessors) {
+  return rows > 2 * static_cast<size_t>(multiprocessors > 0 ? multiprocessors : 1) ? 128 : 256;
+}
+
 // CompareRowsCuda in two halves, so that the caller's host work overlaps the
 // kernel. The constructor checks the input (CompareRowsCuda's errors; nothing
 // is queued when it throws) and queues the kernel on `stream`. Finish waits

@@ -2,7 +2,8 @@
 // (row_metrics_cuda.cu, rows_cuda.cu): element loaders for float32, float16
 // and bfloat16 rows, the per-warp top-k list, fixed-tree block reductions, and
 // the host-side error, device and scratch-buffer helpers. Every kernel uses
-// blocks of kThreads threads, one block per row.
+// blocks of at most kThreads threads, a multiple of 32 (the row kernel picks
+// 128 or 256 by the row count), one block per row.
 #ifndef LOGITPARITY_SRC_CUDA_CUDA_COMMON_CUH_
 #define LOGITPARITY_SRC_CUDA_CUDA_COMMON_CUH_
 
@@ -22,7 +23,7 @@
 namespace logitparity {
 namespace cuda_internal {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 256;  // the largest block; scratch arrays are sized for it
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFull = 0xFFFFFFFFu;
 
@@ -249,8 +250,9 @@ struct WarpTopK {
 
 // Deterministic block reductions through shared memory (fixed tree): warp
 // shuffles, then thread 0 folds the warps' partials in order. Every thread
-// of the block must call; all get the result.
-template <typename T, typename Op>
+// of the block must call; all get the result. W: the block's warps (a
+// constant: read from blockDim, the row kernel's loop spilled registers).
+template <int W = kWarps, typename T, typename Op>
 __device__ __forceinline__ T BlockReduce(T x, T* scratch, Op op) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_down_sync(kFull, x, o));
@@ -260,17 +262,17 @@ __device__ __forceinline__ T BlockReduce(T x, T* scratch, Op op) {
   __syncthreads();
   if (threadIdx.x == 0) {
     T total = scratch[0];
-    for (int w = 1; w < kWarps; ++w) total = op(total, scratch[w]);
-    scratch[kWarps] = total;
+    for (int w = 1; w < W; ++w) total = op(total, scratch[w]);
+    scratch[W] = total;
   }
   __syncthreads();
-  return scratch[kWarps];
+  return scratch[W];
 }
 
 // The steps of a block reduction of N values per thread, each value in
 // BlockReduce's fixed tree: warp shuffles, lane 0 stores its warp's partials
-// (scratch: (kWarps + 1) * N elements), thread j folds value j's partials in
-// warp order into slot kWarps, every thread reads the totals back.
+// (scratch: (W + 1) * N elements), thread j folds value j's partials in
+// warp order into slot W, every thread reads the totals back.
 template <int N, typename T, typename Op>
 __device__ __forceinline__ void WarpReduceN(T (&x)[N], Op op) {
 #pragma unroll
@@ -286,38 +288,38 @@ __device__ __forceinline__ void StoreWarpPartials(const T (&x)[N], T* scratch, i
   for (int j = 0; j < N; ++j) scratch[warp * N + j] = x[j];
 }
 
-template <int N, typename T, typename Op>
+template <int N, int W, typename T, typename Op>
 __device__ __forceinline__ void FoldWarpPartials(T* scratch, int j, Op op) {
   T total = scratch[j];
-  for (int w = 1; w < kWarps; ++w) total = op(total, scratch[w * N + j]);
-  scratch[kWarps * N + j] = total;
+  for (int w = 1; w < W; ++w) total = op(total, scratch[w * N + j]);
+  scratch[W * N + j] = total;
 }
 
-template <int N, typename T>
+template <int W, int N, typename T>
 __device__ __forceinline__ void LoadBlockTotals(T (&x)[N], const T* scratch) {
 #pragma unroll
-  for (int j = 0; j < N; ++j) x[j] = scratch[kWarps * N + j];
+  for (int j = 0; j < N; ++j) x[j] = scratch[W * N + j];
 }
 
 // N values per thread reduced over the block in one pass (three barriers
 // instead of 3 N), each in BlockReduce's fixed tree: the results are bitwise
-// those of N BlockReduce calls. scratch: (kWarps + 1) * N elements.
-template <int N, typename T, typename Op>
+// those of N BlockReduce calls. scratch: (W + 1) * N elements.
+template <int W = kWarps, int N, typename T, typename Op>
 __device__ __forceinline__ void BlockReduceN(T (&x)[N], T* scratch, Op op) {
   WarpReduceN(x, op);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __syncthreads();
   if (lane == 0) StoreWarpPartials(x, scratch, warp);
   __syncthreads();
-  if (threadIdx.x < N) FoldWarpPartials<N>(scratch, threadIdx.x, op);
+  if (threadIdx.x < N) FoldWarpPartials<N, W>(scratch, threadIdx.x, op);
   __syncthreads();
-  LoadBlockTotals(x, scratch);
+  LoadBlockTotals<W>(x, scratch);
 }
 
 // BlockReduceN of three arrays, each with its own operation and scratch, in
 // one pass (three barriers instead of nine): results bitwise those of three
 // BlockReduceN calls.
-template <int N1, int N2, int N3, typename T1, typename T2, typename T3, typename Op1,
+template <int W = kWarps, int N1, int N2, int N3, typename T1, typename T2, typename T3, typename Op1,
           typename Op2, typename Op3>
 __device__ __forceinline__ void BlockReduceN3(T1 (&x1)[N1], T1* s1, Op1 op1, T2 (&x2)[N2], T2* s2,
                                               Op2 op2, T3 (&x3)[N3], T3* s3, Op3 op3) {
@@ -334,16 +336,16 @@ __device__ __forceinline__ void BlockReduceN3(T1 (&x1)[N1], T1* s1, Op1 op1, T2 
   __syncthreads();
   const int t = threadIdx.x;
   if (t < N1) {
-    FoldWarpPartials<N1>(s1, t, op1);
+    FoldWarpPartials<N1, W>(s1, t, op1);
   } else if (t < N1 + N2) {
-    FoldWarpPartials<N2>(s2, t - N1, op2);
+    FoldWarpPartials<N2, W>(s2, t - N1, op2);
   } else if (t < N1 + N2 + N3) {
-    FoldWarpPartials<N3>(s3, t - N1 - N2, op3);
+    FoldWarpPartials<N3, W>(s3, t - N1 - N2, op3);
   }
   __syncthreads();
-  LoadBlockTotals(x1, s1);
-  LoadBlockTotals(x2, s2);
-  LoadBlockTotals(x3, s3);
+  LoadBlockTotals<W>(x1, s1);
+  LoadBlockTotals<W>(x2, s2);
+  LoadBlockTotals<W>(x3, s3);
 }
 
 struct AddOp {
@@ -354,15 +356,17 @@ struct MaxOp {
   __device__ float operator()(float x, float y) const { return fmaxf(x, y); }
 };
 
+template <int W = kWarps>
 __device__ inline double BlockSum(double x, double* scratch) {
-  return BlockReduce(x, scratch, AddOp());
+  return BlockReduce<W>(x, scratch, AddOp());
 }
 __device__ inline float BlockMax(float x, float* scratch) {
   return BlockReduce(x, scratch, MaxOp());
 }
 __device__ inline float BlockMin(float x, float* scratch) { return -BlockMax(-x, scratch); }
+template <int W = kWarps>
 __device__ inline unsigned long long BlockCount(unsigned long long x, unsigned long long* scratch) {
-  return BlockReduce(x, scratch, AddOp());
+  return BlockReduce<W>(x, scratch, AddOp());
 }
 
 // --- host side ---

@@ -10,8 +10,10 @@
 // Tolerances against CompareRowRef: row_metrics_cuda_test.cc (the CPU test's
 // table, unchanged).
 //
-// Layout: one block of kThreads threads per row pair, one sweep over the row
-// (two with js). Each thread takes a group of kGroup elements per side and
+// Layout: one block per row pair, of 256 threads, or of 128 for calls of more
+// rows than two such blocks per multiprocessor take (CompareRowsBlockThreads
+// in cuda.h: then four per multiprocessor), one sweep over the row (two with
+// js). Each thread takes a group of kGroup elements per side and
 // step (vectors of 4 consecutive elements, laid out so that each warp's load
 // covers one span: ElemIndex), copied ahead into shared memory by a cp.async
 // pipeline (kStages), and keeps its own running maxima (online softmax in registers: when a group raises a
@@ -19,7 +21,8 @@
 // RaiseMax does on the CPU). Terms are summed in float32 over one group and
 // then added to float64 accumulators, like the CPU's float32 block sums. At
 // the end the threads' sums are brought to the block maxima and reduced in a
-// fixed tree, so results are deterministic for a given input.
+// fixed tree, so results are deterministic for a given input (and, as the
+// block size sets the tree, for a given row count).
 //
 // KL uses the CPU kernel's form (see row_metrics-inl.h): e_i = a_i - b_i - c0
 // with a shift c0 taken from the first 4096-element chunk where both sides
@@ -61,7 +64,6 @@ using namespace cuda_internal;  // NOLINT: the shared kernel helpers
 // per thread (16 elements needed more than the 128 registers that two blocks
 // per multiprocessor allow, and spilled).
 constexpr int kGroup = 8;
-constexpr int kStep = kThreads * kGroup;
 // Per-warp top-k candidate buffer: the kept list (<= 64) plus room for at
 // least two full ballots before a compaction.
 constexpr int kCap = 192;
@@ -164,8 +166,20 @@ __device__ __noinline__ GroupPair LoadGroupsDirect(const TA* a, const TB* b, siz
 // 512x151936 fp32, so memory latency was one limit but not the main one
 // (docs/gpu.md).
 constexpr int kStages = 4;
-constexpr int kStageBytes = kStep * 4;  // one side, one step, float32 at most
-constexpr int kPipeBytes = kStages * 2 * kStageBytes;
+
+// What depends on the block's size, kBlock threads (128 or 256, picked per
+// call by the row count: CompareRowsBlockThreads). Registers: at 128 per
+// thread, 65536 / (128 kBlock) = 512 / kBlock blocks per multiprocessor.
+template <int kBlock>
+struct BlockShape {
+  static constexpr int kWarps = kBlock / 32;
+  static constexpr int kMinBlocks = 512 / kBlock;        // per multiprocessor
+  static constexpr int kStep = kBlock * kGroup;          // elements per side and step
+  static constexpr int kStageBytes = kStep * 4;          // one side, one step, float32 at most
+  static constexpr int kPipeBytes = kStages * 2 * kStageBytes;
+};
+static_assert(BlockShape<256>::kWarps == kWarps, "the largest block is cuda_common's kThreads");
+
 // The pipeline's stages (dynamic shared memory, kPipeBytes); at namespace
 // scope so that the out-of-line offers can reread a group from its stage.
 extern __shared__ __align__(16) unsigned char pipe[];
@@ -336,17 +350,19 @@ __device__ __noinline__ float OfferMasked(RowTopK& top, const T* row, unsigned s
 }
 
 // The k-th largest (k <= 32) of 32 values, lane l's being the largest of
-// thread_max[l], thread_max[l + 32], ..., thread_max[l + 224]: 32 elements
+// thread_max[l], thread_max[l + 32], ... (one per warp): 32 elements
 // of the row from disjoint threads, so k of its elements are at least the
-// result. Every lane of the warp calls; all get it.
+// result. Every lane of the warp calls; all get it. kW: warps per block (a
+// constant: with blockDim's count the unrolled reads became a loop, and
+// 1-row calls took 5% longer on the H200).
+template <int kW>
 __device__ __forceinline__ float KthOfThreadMaxima(const float* thread_max, int k, int lane) {
-  // Lane l takes threads l, l + 32, ..., l + 224 (one per warp): the
-  // lanes' reads fall in distinct banks (threads 8l .. 8l+7 had 8-way
-  // bank conflicts).
+  // Lane l takes threads l, l + 32, ... (one per warp): the lanes' reads
+  // fall in distinct banks (threads 8l .. 8l+7 had 8-way bank conflicts).
   const volatile float* t = thread_max + lane;
   float v = t[0];
 #pragma unroll
-  for (int j = 1; j < kWarps; ++j) v = fmaxf(v, t[32 * j]);
+  for (int j = 1; j < kW; ++j) v = fmaxf(v, t[32 * j]);
   // Bitonic sort over the warp, largest first (15 exchange steps; a rank
   // count over the 32 lanes took 260 instructions per call): lane k - 1
   // then holds the k-th largest value, ties included.
@@ -378,6 +394,7 @@ __device__ __forceinline__ float KthOfThreadMaxima(const float* thread_max, int 
 //   the warp's threshold cannot raise it.
 // The maxima are read while other warps raise them: a stale one is smaller,
 // and still an element of the row.
+template <int kW>
 __device__ __noinline__ float RefreshTop(RowTopK& top, float* thread_max, float gmax, int k,
                                          int lane) {
   thread_max[threadIdx.x] = fmaxf(thread_max[threadIdx.x], gmax);
@@ -387,7 +404,7 @@ __device__ __noinline__ float RefreshTop(RowTopK& top, float* thread_max, float 
   // caller offers nothing, and the lanes' k-th is not needed now.
   if (!__any_sync(kFull, gmax >= top.tau_v)) return top.tau_v;
   if (k <= 32) {
-    const float kth = KthOfThreadMaxima(thread_max, k, lane);
+    const float kth = KthOfThreadMaxima<kW>(thread_max, k, lane);
     if (kth > top.tau_v) {  // equal: the warp's own (value, index) is stricter
       top.tau_v = kth;
       top.tau_i = 0x7FFFFFFF;  // admits every element of that value
@@ -403,12 +420,12 @@ __device__ __noinline__ float RefreshTop(RowTopK& top, float* thread_max, float 
 // itself lives in local memory, as its address goes to the out-of-line
 // offers; reading it there every step cost a local load per step and side).
 // (Indices fit in int: vocab < 2^31 is checked on the host.)
-template <typename T>
+template <int kW, typename T>
 __device__ __forceinline__ void OfferGroup(RowTopK& top, float& tau, float* thread_max,
                                            const T* row, unsigned stage, const float (&v)[kGroup],
                                            float gmax, size_t wb, int n, int k, int lane) {
   if (!__any_sync(kFull, gmax >= tau)) return;
-  tau = RefreshTop(top, thread_max, gmax, k, lane);
+  tau = RefreshTop<kW>(top, thread_max, gmax, k, lane);
   if (!__any_sync(kFull, gmax >= tau)) return;
   const int wb32 = static_cast<int>(wb);
   unsigned mask = 0;
@@ -514,7 +531,7 @@ constexpr int kAblate = LOGITPARITY_CUDA_ABLATE;
 // move.
 // Out of line: groups of close rows never call it. Its values are not
 // bitwise those of the series path's FMA sums; deterministic all the same.
-template <typename TA, typename TB>
+template <int kBlock, typename TA, typename TB>
 __device__ __noinline__ float2 FarGroup(const TA* a, const TB* b, unsigned stage, size_t wb,
                                         int lane, size_t n, float Ma, float Mb, float c0) {
   float va[kGroup], vb[kGroup];
@@ -523,7 +540,8 @@ __device__ __noinline__ float2 FarGroup(const TA* a, const TB* b, unsigned stage
     // there they sat in the clean group's block (16 instructions per step).
     const int warp = threadIdx.x / 32;
     ReadGroupShared<TA>(pipe + stage + LaneStageOffset<TA>(warp, lane), va);
-    ReadGroupShared<TB>(pipe + stage + kStageBytes + LaneStageOffset<TB>(warp, lane), vb);
+    constexpr unsigned kSideB = BlockShape<kBlock>::kStageBytes;
+    ReadGroupShared<TB>(pipe + stage + kSideB + LaneStageOffset<TB>(warp, lane), vb);
   } else {
     LoadGroup(a, wb, lane, n, false, va);
     LoadGroup(b, wb, lane, n, false, vb);
@@ -564,7 +582,7 @@ __device__ __noinline__ float2 FarGroup(const TA* a, const TB* b, unsigned stage
 // group's extremes of d (rounding is monotonic, so d - c0 of the extreme d
 // is the extreme e), and then FarGroup sums the group's second-order terms
 // again.
-template <typename TA, typename TB>
+template <int kBlock, typename TA, typename TB>
 __device__ __forceinline__ bool CleanGroup(const float* va, const float* vb, float Ma, float Mb,
                                            float c0, const TA* a, const TB* b, unsigned stage,
                                            size_t wb, int lane, size_t n, GroupSums& g) {
@@ -598,7 +616,7 @@ __device__ __forceinline__ bool CleanGroup(const float* va, const float* vb, flo
   }
   if (!(fmaf(Ma, Ma, fmaf(Mb, Mb, g.na + g.nb)) < Inf())) return false;
   if (!(kAblate & 2) && (d_max - c0 > 0.5f || d_min - c0 < -0.5f)) {
-    const float2 r = FarGroup(a, b, stage, wb, lane, n, Ma, Mb, c0);
+    const float2 r = FarGroup<kBlock>(a, b, stage, wb, lane, n, Ma, Mb, c0);
     gs = r.x;
     hs = r.y;
   }
@@ -697,40 +715,44 @@ __device__ __forceinline__ void WriteRecord(const RowRecord& rec, unsigned* __re
   for (unsigned w = lane; w < words; w += 32) dst[w] = src[w];
 }
 
+template <int kW>  // warps per block
 struct Shared {
-  float top_v[2][kWarps][kCap];
-  int top_i[2][kWarps][kCap];
-  int top_count[2][kWarps];
-  unsigned long long top_key[2];  // the sides' shared top-k thresholds
-  float thread_max[2][kThreads];  // per side, each thread's largest offered group maximum
+  float top_v[2][kW][kCap];
+  int top_i[2][kW][kCap];
+  int top_count[2][kW];
+  unsigned long long top_key[2];   // the sides' shared top-k thresholds
+  float thread_max[2][kW * 32];    // per side, each thread's largest offered group maximum
   float merged_v[2][kMaxTopK];     // the row's top-k per side, best first
   int merged_i[2][kMaxTopK];
-  double dscratch[kWarps + 1];
-  unsigned long long cscratch[kWarps + 1];
-  double dsums[(kWarps + 1) * kNumSums];
-  float fmax[(kWarps + 1) * kNumMaxima];
-  unsigned long long counts[(kWarps + 1) * kNumCounts];
+  double dscratch[kW + 1];
+  unsigned long long cscratch[kW + 1];
+  double dsums[(kW + 1) * kNumSums];
+  float fmax[(kW + 1) * kNumMaxima];
+  unsigned long long counts[(kW + 1) * kNumCounts];
   long long target;         // the row's target id (-1: none)
   float target_logits[2];   // a[target], b[target] when the target is in range
   RowRecord record;         // the row's results, written to the host by warp 0
 };
 
-// Merges the warps' sorted lists of both sides into sh.merged_*: threads
-// 0-127 rank the reference's entries, 128-255 the candidate's. An entry's
+// Merges the warps' sorted lists of both sides into sh.merged_*: the first
+// half of the block ranks the reference's entries, the second half the
+// candidate's. An entry's
 // rank is the number of entries better than it over all lists (each list
 // sorted, so each scan stops at the first entry that is not); indices are
 // distinct, so ranks are too, and the entries of rank < K are the row's top
 // K. Replaces a merge by one warp per side through the offer buffer, which
 // left the other six warps waiting at the barrier (9% of the stall samples).
-__device__ __forceinline__ void MergeTopLists(Shared& sh, int K) {
-  const int side = threadIdx.x / 128, t = threadIdx.x % 128;
-  for (int q = t; q < kWarps * K; q += 128) {
+template <int kW>
+__device__ __forceinline__ void MergeTopLists(Shared<kW>& sh, int K) {
+  constexpr int kHalf = kW * 16;
+  const int side = threadIdx.x / kHalf, t = threadIdx.x % kHalf;
+  for (int q = t; q < kW * K; q += kHalf) {
     const int w = q / K, pos = q % K;
     if (pos >= sh.top_count[side][w]) continue;
     const float v = sh.top_v[side][w][pos];
     const int idx = sh.top_i[side][w][pos];
     int rank = pos;  // the entries above it in its own list
-    for (int w2 = 0; w2 < kWarps && rank < K; ++w2) {
+    for (int w2 = 0; w2 < kW && rank < K; ++w2) {
       if (w2 == w) continue;
       const int c = sh.top_count[side][w2];
       for (int p2 = 0; p2 < c && Better(sh.top_v[side][w2][p2], sh.top_i[side][w2][p2], v, idx); ++p2) {
@@ -745,12 +767,17 @@ __device__ __forceinline__ void MergeTopLists(Shared& sh, int K) {
   __syncthreads();
 }
 
-template <typename TA, typename TB>
-__global__ void __launch_bounds__(kThreads, 2)
+template <typename TA, typename TB, int kBlock>
+__global__ void __launch_bounds__(kBlock, BlockShape<kBlock>::kMinBlocks)
     CompareRowsKernel(const TA* __restrict__ a_base, size_t a_stride, const TB* __restrict__ b_base,
                       size_t b_stride, size_t n, const int64_t* __restrict__ targets, Params p,
                       unsigned* __restrict__ out_records) {
-  __shared__ Shared sh;
+  constexpr int kStep = BlockShape<kBlock>::kStep;
+  constexpr int kStageBytes = BlockShape<kBlock>::kStageBytes;
+  static_assert(kBlock >= kMaxTopK && kBlock <= kThreads && kBlock % 64 == 0,
+                "overlaps take one thread per entry; MergeTopLists a half block per side");
+  constexpr int kW = BlockShape<kBlock>::kWarps;
+  __shared__ Shared<kW> sh;
   const size_t row = blockIdx.x;
   const TA* a = a_base + row * a_stride;
   const TB* b = b_base + row * b_stride;
@@ -846,7 +873,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       sh.thread_max[1][tid] = mb;
     }
     float m2[2] = {ma, mb};
-    BlockReduceN(m2, sh.fmax, MaxOp());
+    BlockReduceN<kW>(m2, sh.fmax, MaxOp());
     ma = m2[0];
     mb = m2[1];
     if (begin == 0) {
@@ -868,8 +895,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   // -inf: its first offers then went against a bound from the thread maxima
   // written at that moment, often only its own warp's.
   if (K <= 32) {
-    top_a.tau_v = KthOfThreadMaxima(sh.thread_max[0], K, lane);
-    top_b.tau_v = KthOfThreadMaxima(sh.thread_max[1], K, lane);
+    top_a.tau_v = KthOfThreadMaxima<kW>(sh.thread_max[0], K, lane);
+    top_b.tau_v = KthOfThreadMaxima<kW>(sh.thread_max[1], K, lane);
   }
   float tau_a = top_a.tau_v, tau_b = top_b.tau_v;
 
@@ -877,7 +904,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   // waits for them instead of thread 0 at the row's end, where the block,
   // down to one thread, held its multiprocessor's resources for two memory
   // round trips); used after the main loop's barriers.
-  if (tid == kThreads - 1) {
+  if (tid == kBlock - 1) {
     const long long t = targets != nullptr ? targets[row] : -1;
     sh.target = t;
     if (t >= 0 && t < static_cast<long long>(n)) {
@@ -916,9 +943,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     // One vote for both sides first: after the first steps neither side
     // offers in most steps.
     if (!(kAblate & 1) && __any_sync(kFull, ga >= tau_a || gb >= tau_b)) {
-      OfferGroup(top_a, tau_a, sh.thread_max[0], a, piped ? stage + off_a : kNoStage, va, ga, wb,
+      OfferGroup<kW>(top_a, tau_a, sh.thread_max[0], a, piped ? stage + off_a : kNoStage, va, ga, wb,
                  static_cast<int>(n), K, lane);
-      OfferGroup(top_b, tau_b, sh.thread_max[1], b, piped ? stage + off_b : kNoStage, vb, gb, wb,
+      OfferGroup<kW>(top_b, tau_b, sh.thread_max[1], b, piped ? stage + off_b : kNoStage, vb, gb, wb,
                  static_cast<int>(n), K, lane);
     }
     if (ga > Ma) {
@@ -930,7 +957,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       Mb = gb;
     }
     GroupSums g = GroupSums::Zero();
-    if (!CleanGroup(va, vb, Ma, Mb, c0, a, b, piped ? stage : kNoStage, wb, lane, n, g)) {
+    if (!CleanGroup<kBlock>(va, vb, Ma, Mb, c0, a, b, piped ? stage : kNoStage, wb, lane, n, g)) {
       g = DirtyGroup(a, b, Ma, Mb, c0, wb, lane, n);
       both_masked += g.both_masked;
       a_only += g.a_only;
@@ -968,14 +995,14 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Bring every thread's sums to the block maxima, then reduce (one pass per
   // kind, in BlockReduce's fixed tree).
   float row_max[2] = {Ma, Mb};
-  BlockReduceN(row_max, sh.fmax, MaxOp());
+  BlockReduceN<kW>(row_max, sh.fmax, MaxOp());
   const float Ma_all = row_max[0], Mb_all = row_max[1];
   if (Ma > ninf && Ma < Ma_all) A = Rescale(A, static_cast<double>(Ma) - Ma_all);
   if (Mb > ninf && Mb < Mb_all) B = Rescale(B, static_cast<double>(Mb) - Mb_all);
   double sums[kNumSums] = {A.s, B.s, A.t, B.t, A.e, B.e, A.g, B.g, abs_sum, d2, xs, na, nb};
   float maxima[kNumMaxima] = {d_max, -d_min};
   unsigned long long counts[kNumCounts] = {both_masked, a_only, b_only, bad_a, bad_b};
-  BlockReduceN3(sums, sh.dsums, AddOp(), maxima, sh.fmax, MaxOp(), counts, sh.counts, AddOp());
+  BlockReduceN3<kW>(sums, sh.dsums, AddOp(), maxima, sh.fmax, MaxOp(), counts, sh.counts, AddOp());
   const double Sa = sums[0], Sb = sums[1], Ta = sums[2], Tb = sums[3];
   const double Ea = sums[4], Eb = sums[5], Ga = sums[6], Gb = sums[7];
   const double abs_all = sums[8], d2_all = sums[9], x_all = sums[10];
@@ -1052,7 +1079,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       js_sum += js_s;
     }
-    js = 0.25 * BlockSum(js_sum, sh.dscratch);
+    js = 0.25 * BlockSum<kW>(js_sum, sh.dscratch);
   }
 
   // Rank of the reference's top-1 in the candidate: from the candidate's
@@ -1080,7 +1107,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         above += (vb[j] > bt) || (vb[j] == bt && i < static_cast<size_t>(t));
       }
     }
-    rank = static_cast<long long>(BlockCount(above, sh.cscratch));
+    rank = static_cast<long long>(BlockCount<kW>(above, sh.cscratch));
   }
 
   // Top-k overlaps: thread x checks entry x of the reference's list.
@@ -1163,25 +1190,49 @@ struct LaunchArgs {
   int device;
 };
 
+// The device's multiprocessor count, asked once per device (calls hold
+// ScratchMutex).
+int Multiprocessors(int device) {
+  static std::vector<int> count;
+  if (count.size() <= static_cast<size_t>(device)) count.resize(device + 1, 0);
+  if (count[device] == 0) {
+    Check(cudaDeviceGetAttribute(&count[device], cudaDevAttrMultiProcessorCount, device),
+          "cudaDeviceGetAttribute");
+  }
+  return count[device];
+}
+
 // cudaFuncSetAttribute belongs to the current device and costs a driver call:
 // once per kernel and device (calls hold ScratchMutex).
-template <typename TA, typename TB>
+template <typename TA, typename TB, int kBlock>
 void AllowPipeSharedMemory(int device) {
   static std::vector<char> done;
   if (done.size() <= static_cast<size_t>(device)) done.resize(device + 1, 0);
   if (done[device]) return;
-  Check(cudaFuncSetAttribute(CompareRowsKernel<TA, TB>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, kPipeBytes),
+  Check(cudaFuncSetAttribute(CompareRowsKernel<TA, TB, kBlock>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             BlockShape<kBlock>::kPipeBytes),
         "cudaFuncSetAttribute");
   done[device] = 1;
 }
 
+template <typename TA, typename TB, int kBlock>
+void LaunchBlock(const LaunchArgs& l) {
+  AllowPipeSharedMemory<TA, TB, kBlock>(l.device);
+  CompareRowsKernel<TA, TB, kBlock>
+      <<<static_cast<unsigned>(l.ref->rows), kBlock, BlockShape<kBlock>::kPipeBytes, l.stream>>>(
+          static_cast<const TA*>(l.ref->data), l.ref->row_stride,
+          static_cast<const TB*>(l.cand->data), l.cand->row_stride, l.ref->vocab, l.targets, l.p,
+          l.records);
+}
+
 template <typename TA, typename TB>
 void Launch(const LaunchArgs& l) {
-  AllowPipeSharedMemory<TA, TB>(l.device);
-  CompareRowsKernel<TA, TB><<<static_cast<unsigned>(l.ref->rows), kThreads, kPipeBytes, l.stream>>>(
-      static_cast<const TA*>(l.ref->data), l.ref->row_stride, static_cast<const TB*>(l.cand->data),
-      l.cand->row_stride, l.ref->vocab, l.targets, l.p, l.records);
+  if (CompareRowsBlockThreads(l.ref->rows, Multiprocessors(l.device)) == 128) {
+    LaunchBlock<TA, TB, 128>(l);
+  } else {
+    LaunchBlock<TA, TB, 256>(l);
+  }
 }
 
 template <typename TA>
@@ -1328,7 +1379,8 @@ CompareRowsCudaJob::CompareRowsCudaJob(const RowsView& ref, const RowsView& cand
                      st->stream, device};
   cudaError_t err;
   {
-    std::lock_guard<std::mutex> lock(ScratchMutex());  // AllowPipeSharedMemory's table
+    // AllowPipeSharedMemory's and Multiprocessors' tables
+    std::lock_guard<std::mutex> lock(ScratchMutex());
     switch (ref.dtype) {
       case Dtype::kF32: LaunchB<float>(l); break;
       case Dtype::kF16: LaunchB<__half>(l); break;

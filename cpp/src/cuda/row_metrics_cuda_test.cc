@@ -1,7 +1,8 @@
 // The CUDA row comparison against the scalar float64 reference (CompareRowRef)
 // with the CPU test's tolerances (test_util.h): lengths around the block's
-// step and group, real vocabulary sizes, every storage dtype pair, misaligned
-// starts (the scalar load path), ties, -inf, NaN and +inf, huge finite
+// step and group, one row and batches past one wave of 256-thread blocks
+// (the kernel then takes 128-thread blocks), real vocabulary sizes, every
+// storage dtype pair, misaligned starts (the scalar load path), ties, -inf, NaN and +inf, huge finite
 // logits, the tight KL of close rows, row strides and batching, and the
 // argument errors. Every test
 // skips where no CUDA device is usable (the CI machine compiles it only).
@@ -24,20 +25,47 @@
 namespace logitparity {
 namespace {
 
-// One row pair through the CUDA kernel; misalignment is kept (the device
-// buffer holds the TypedRow's bytes with the same offset).
+// The TypedRow's bytes with its row repeated `rows` times (row stride n),
+// the garbage before and after kept: row r starts at offset + r n elements,
+// so odd n gives rows of every alignment.
+std::vector<uint8_t> RepeatRow(const TypedRow& r, size_t rows) {
+  const size_t es = DtypeSize(r.dtype), n = r.values.size();
+  const auto begin = r.bytes.begin() + r.offset * es, end = begin + n * es;
+  std::vector<uint8_t> out(r.bytes.begin(), begin);
+  for (size_t i = 0; i < rows; ++i) out.insert(out.end(), begin, end);
+  out.insert(out.end(), end, r.bytes.end());
+  return out;
+}
+
+// A batch of more rows than fit in one wave of 256-thread blocks, so that
+// the kernel runs with 128-thread blocks (CompareRowsBlockThreads).
+size_t RowsFor128ThreadBlocks() {
+  int sms = 0;
+  EXPECT_EQ(cudaSuccess, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const size_t rows = 2 * static_cast<size_t>(sms) + 1;
+  EXPECT_EQ(128, CompareRowsBlockThreads(rows, sms));
+  EXPECT_EQ(256, CompareRowsBlockThreads(rows - 1, sms));
+  return rows;
+}
+
+// One row pair through the CUDA kernel, as `rows` rows of a batch (the same
+// pair repeated; fields rows x kNumRowFields, overlaps rows x ks);
+// misalignment is kept (the device buffer holds the TypedRow's bytes with
+// the same offset).
 std::vector<double> RunCuda(const TypedRow& a, const TypedRow& b, int64_t target,
-                            const std::vector<int>& ks, bool js, std::vector<int32_t>* overlap) {
-  DeviceBuffer da(a.bytes.data(), a.bytes.size()), db(b.bytes.data(), b.bytes.size());
+                            const std::vector<int>& ks, bool js, std::vector<int32_t>* overlap,
+                            size_t rows = 1) {
+  const std::vector<uint8_t> ha = RepeatRow(a, rows), hb = RepeatRow(b, rows);
+  DeviceBuffer da(ha.data(), ha.size()), db(hb.data(), hb.size());
   const size_t n = a.values.size();
-  RowsView va{static_cast<const uint8_t*>(da.ptr) + a.offset * DtypeSize(a.dtype), a.dtype, 1, n,
-              n};
-  RowsView vb{static_cast<const uint8_t*>(db.ptr) + b.offset * DtypeSize(b.dtype), b.dtype, 1, n,
-              n};
+  RowsView va{static_cast<const uint8_t*>(da.ptr) + a.offset * DtypeSize(a.dtype), a.dtype, rows,
+              n, n};
+  RowsView vb{static_cast<const uint8_t*>(db.ptr) + b.offset * DtypeSize(b.dtype), b.dtype, rows,
+              n, n};
   RowMetricsOptions opt;
   opt.topk = ks;
   opt.js = js;
-  std::vector<int64_t> t = {target};
+  std::vector<int64_t> t(rows, target);
   opt.targets = target >= 0 ? t.data() : nullptr;
   const RowMetricsResult res = CompareRowsCuda(va, vb, opt, 0);
   *overlap = res.topk_common;
@@ -45,7 +73,8 @@ std::vector<double> RunCuda(const TypedRow& a, const TypedRow& b, int64_t target
 }
 
 void CheckCase(const std::string& name, const std::vector<float>& xa, const std::vector<float>& xb,
-               int64_t target, Dtype da, Dtype db, size_t misalign, const std::vector<int>& ks) {
+               int64_t target, Dtype da, Dtype db, size_t misalign, const std::vector<int>& ks,
+               bool batch_large = false) {
   const TypedRow a = MakeRow(xa, da, misalign);
   const TypedRow b = MakeRow(xb, db, (misalign * 3) % 7);
   std::vector<int> kv;
@@ -53,35 +82,50 @@ void CheckCase(const std::string& name, const std::vector<float>& xa, const std:
     if (static_cast<size_t>(k) <= xa.size()) kv.push_back(k);
   }
   if (kv.empty()) kv.push_back(1);
-  std::vector<int32_t> overlap;
-  const std::vector<double> got = RunCuda(a, b, target, kv, true, &overlap);
   const RefRowResult want =
       CompareRowRef(a.values.data(), b.values.data(), a.values.size(), target, kv);
-  for (int f = 0; f < kNumRowFields; ++f) {
-    const Tol tol = FieldTol(f);
-    const bool ok =
-        f == kCosine
-            ? Close(got[f], want.fields[f], 1e-12 + 1e-6 * CosineScale(a.values, b.values), 0)
-            : Close(got[f], want.fields[f], tol.atol, tol.rtol);
-    ASSERT_TRUE(ok) << "case " << name << " n=" << xa.size() << " dtypes " << DtypeName(da) << "/"
-                    << DtypeName(db) << " misalign " << misalign << " field " << RowFieldName(f)
-                    << ": got " << got[f] << " want " << want.fields[f];
-  }
-  for (size_t k = 0; k < kv.size(); ++k) {
-    ASSERT_EQ(want.topk_common[k], overlap[k])
-        << "case " << name << " n=" << xa.size() << " top-" << kv[k] << " overlap";
+  // One row (256-thread blocks) and a batch of its copies (128-thread
+  // blocks, rows of every alignment for odd n; rows above 16384 elements
+  // only where asked, to keep the copies small): every row against the
+  // reference.
+  static const size_t many = RowsFor128ThreadBlocks();
+  const double cos_tol = 1e-12 + 1e-6 * CosineScale(a.values, b.values);
+  std::vector<size_t> batches = {1};
+  if (batch_large || xa.size() <= 16384) batches.push_back(many);
+  for (const size_t rows : batches) {
+    std::vector<int32_t> overlap;
+    const std::vector<double> got = RunCuda(a, b, target, kv, true, &overlap, rows);
+    for (size_t r = 0; r < rows; ++r) {
+      for (int f = 0; f < kNumRowFields; ++f) {
+        const Tol tol = FieldTol(f);
+        const double g = got[r * kNumRowFields + f];
+        const bool ok = f == kCosine ? Close(g, want.fields[f], cos_tol, 0)
+                                     : Close(g, want.fields[f], tol.atol, tol.rtol);
+        ASSERT_TRUE(ok) << "case " << name << " n=" << xa.size() << " dtypes " << DtypeName(da)
+                        << "/" << DtypeName(db) << " misalign " << misalign << " row " << r << "/"
+                        << rows << " field " << RowFieldName(f) << ": got " << g << " want "
+                        << want.fields[f];
+      }
+      for (size_t k = 0; k < kv.size(); ++k) {
+        ASSERT_EQ(want.topk_common[k], overlap[r * kv.size() + k])
+            << "case " << name << " n=" << xa.size() << " row " << r << "/" << rows << " top-"
+            << kv[k] << " overlap";
+      }
+    }
   }
 }
 
 
 const Dtype kDtypes[] = {Dtype::kF32, Dtype::kF16, Dtype::kBF16};
 
-// Lengths around a group (8), a warp's span (256), the block's step (2048)
-// and two steps.
+// Lengths around a group (8), a warp's span (256), the steps of a 128- and
+// a 256-thread block (1024, 2048) and two steps.
 TEST(RowMetricsCuda, AgainstReferenceSmall) {
   SKIP_WITHOUT_GPU();
   const std::vector<int> ks = {1, 2, 5, 10, 64};
-  for (size_t n : {1, 2, 3, 7, 8, 9, 17, 255, 256, 257, 2047, 2048, 2049, 4097, 8197}) {
+  // (1024: the step of a 128-thread block, 2048 of a 256-thread one.)
+  for (size_t n : {1, 2, 3, 7, 8, 9, 17, 255, 256, 257, 1023, 1024, 1025, 2047, 2048, 2049, 4097,
+                   8197}) {
     for (const RowPair& c : RowPairCases(n, 1000 + n)) {
       for (Dtype da : kDtypes) {
         for (Dtype db : kDtypes) {
@@ -106,7 +150,7 @@ TEST(RowMetricsCuda, AgainstReferenceVocabSizes) {
       if (HasFatalFailure()) return;
     }
     const RowPair close = RowPairCases(n, n)[1];
-    CheckCase(close.name, close.a, close.b, close.target, Dtype::kF16, Dtype::kF16, 2, ks);
+    CheckCase(close.name, close.a, close.b, close.target, Dtype::kF16, Dtype::kF16, 2, ks, true);
   }
 }
 
@@ -198,10 +242,11 @@ void FillClosePairs(size_t n, size_t stride, uint64_t seed_a, uint64_t seed_b,
 
 // Targets in device memory (CompareRowsCuda's device_targets) give the same
 // fields as the same ids from the host, bitwise, -1 included; an id out of
-// range is an error naming the first such row and its id.
+// range is an error naming the first such row and its id. (Rows past one
+// wave of 256-thread blocks: the 128-thread kernel; Jobs below has 19.)
 TEST(RowMetricsCuda, DeviceTargets) {
   SKIP_WITHOUT_GPU();
-  const size_t rows = 37, n = 5000;
+  const size_t rows = RowsFor128ThreadBlocks() + 2, n = 5000;
   std::vector<float> a(rows * n), b(rows * n);
   FillClosePairs(n, n, 100, 200, a, b);
   std::vector<int64_t> t(rows);
