@@ -20,27 +20,44 @@ import torch
 
 import logitparity as lp
 
-ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-ap.add_argument("--kind", choices=("near", "far", "bf16"), default="near")
-ap.add_argument("--js", action="store_true", help="also the Jensen-Shannon sweep")
-ap.add_argument("--shape", default="512x151936", help="rows x vocab (default 512x151936)")
-args = ap.parse_args()
-kind = args.kind
-try:
-    R, V = (int(x) for x in args.shape.lower().split("x"))
-except ValueError:
-    ap.error(f"--shape: expected ROWSxVOCAB such as 512x151936, got {args.shape!r}")
-g = torch.Generator(device="cuda").manual_seed(0)
-a = torch.randn(R, V, generator=g, device="cuda") * 2.5 + 4.0
-b = a + (0.5 if kind == "far" else 0.05) * torch.randn(R, V, generator=g, device="cuda")
-if kind == "bf16":
-    a, b = a.bfloat16(), b.bfloat16()
-t = torch.randint(0, V, (R,), generator=g, device="cuda")
-for _ in range(2):
-    m = lp.compare_logits(a, b, targets=t, js=args.js)
-torch.cuda.synchronize()
+KINDS = ("near", "far", "bf16")
 # Field means to 12 digits: two builds of the kernel are compared by them
-# (benchmarks/device_ab.sh).
-fields = ["kl_ref_cand", "kl_cand_ref", "entropy_ref", "cosine", "max_abs_logit", "nll_ref"]
-fields += ["js"] if args.js else []
-print(f"{kind}: " + ", ".join(f"{f} {float(getattr(m, f).mean()):.12g}" for f in fields))
+# (benchmarks/device_ab.sh, benchmarks/kernel_sweep.py).
+FIELDS = ("kl_ref_cand", "kl_cand_ref", "entropy_ref", "cosine", "max_abs_logit", "nll_ref")
+
+
+def inputs(kind: str, rows: int, vocab: int):
+    """The rows of a kind (the module docstring) on the GPU, and targets."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(rows, vocab, generator=g, device="cuda") * 2.5 + 4.0
+    b = a + (0.5 if kind == "far" else 0.05) * torch.randn(rows, vocab, generator=g, device="cuda")
+    if kind == "bf16":
+        a, b = a.bfloat16(), b.bfloat16()
+    t = torch.randint(0, vocab, (rows,), generator=g, device="cuda")
+    return a, b, t
+
+
+def field_means(m, js: bool = False) -> str:
+    fields = FIELDS + (("js",) if js else ())
+    return ", ".join(f"{f} {float(getattr(m, f).mean()):.12g}" for f in fields)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kind", choices=KINDS, default="near")
+    ap.add_argument("--js", action="store_true", help="also the Jensen-Shannon sweep")
+    ap.add_argument("--shape", default="512x151936", help="rows x vocab (default 512x151936)")
+    args = ap.parse_args()
+    try:
+        rows, vocab = (int(x) for x in args.shape.lower().split("x"))
+    except ValueError:
+        ap.error(f"--shape: expected ROWSxVOCAB such as 512x151936, got {args.shape!r}")
+    a, b, t = inputs(args.kind, rows, vocab)
+    for _ in range(2):
+        m = lp.compare_logits(a, b, targets=t, js=args.js)
+    torch.cuda.synchronize()
+    print(f"{args.kind}: " + field_means(m, args.js))
+
+
+if __name__ == "__main__":
+    main()
