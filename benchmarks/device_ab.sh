@@ -77,6 +77,7 @@ for kind in ${KINDS:-near far bf16}; do
         --clock-control none -k regex:CompareRows --launch-skip 1 --launch-count 1 \
         python3 benchmarks/prof_gpu.py --kind "$kind" ${JS:+--js} >/tmp/ab-ncu.txt 2>&1
       echo "$kind $build $(grep -E '^\s+(Duration|Issued Instructions )' /tmp/ab-ncu.txt | awk '{print $(NF-1), $NF}' | tr '\n' ' ')| $(grep -E "^$kind: " /tmp/ab-ncu.txt)"
+      grep -qE '^\s+Duration' /tmp/ab-ncu.txt || { echo "  no kernel profiled; the run's last lines:"; tail -n 8 /tmp/ab-ncu.txt | sed 's/^/  /'; }
     done
   done
 done 2>&1 | tee "$OUT/ab.txt"
