@@ -45,9 +45,9 @@ RowMetricsResult CompareRowsCuda(const RowsView& ref, const RowsView& cand,
 // rows fit in one wave of two such blocks per multiprocessor, else 128 (four
 // per multiprocessor: one wave up to 4 x multiprocessors rows, and half as
 // many waves beyond). Measured on the H200 (132 multiprocessors; kernel
-// times, docs/gpu.md): 128 made 512 x 151936 fp32 2.5% faster and
-// 2048 x 49152 11%, 4096 x 18992 14%; 256 made 264 x 151936 and fewer rows
-// 20 - 50% faster. The block size sets each row's summation tree, so a row's
+// times, docs/gpu.md): 128 made 512 x 151936 fp32 2% faster, 2048 x 49152
+// 10% and 4096 x 18992 13% (rows far apart, 512 x 151936: 6.5% slower); at
+// 264 x 151936 and fewer rows 256 is 20 - 50% faster than 128. The block size sets each row's summation tree, so a row's
 // fields can differ in their last bits between calls of different row
 // counts (each call is deterministic for its input).
 constexpr int CompareRowsBlockThreads(size_t rows, int multiprocessors) {

@@ -422,12 +422,19 @@ inline std::mutex& ScratchMutex() {
   return mu;
 }
 
+// `device`'s entry of a per-device table (value-initialized when new), the
+// table grown to hold it; the caller serializes access (ScratchMutex).
+template <typename T>
+T& DeviceSlot(std::vector<T>& table, int device) {
+  if (table.size() <= static_cast<size_t>(device)) table.resize(device + 1, T{});
+  return table[device];
+}
+
 // At least `bytes` of device memory on `device` (current), kept between
 // calls; call with ScratchMutex held.
 inline void* DeviceScratch(int device, size_t bytes) {
   static std::vector<std::pair<void*, size_t>> buffers;
-  if (buffers.size() <= static_cast<size_t>(device)) buffers.resize(device + 1, {nullptr, 0});
-  auto& buf = buffers[device];
+  auto& buf = DeviceSlot(buffers, device);
   if (buf.second < bytes) {
     if (buf.first) Check(cudaFree(buf.first), "cudaFree");
     buf = {nullptr, 0};

@@ -1195,27 +1195,27 @@ struct LaunchArgs {
 // The device's multiprocessor count, asked once per device (calls hold
 // ScratchMutex).
 int Multiprocessors(int device) {
-  static std::vector<int> count;
-  if (count.size() <= static_cast<size_t>(device)) count.resize(device + 1, 0);
-  if (count[device] == 0) {
-    Check(cudaDeviceGetAttribute(&count[device], cudaDevAttrMultiProcessorCount, device),
+  static std::vector<int> counts;
+  int& count = DeviceSlot(counts, device);
+  if (count == 0) {
+    Check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device),
           "cudaDeviceGetAttribute");
   }
-  return count[device];
+  return count;
 }
 
 // cudaFuncSetAttribute belongs to the current device and costs a driver call:
 // once per kernel and device (calls hold ScratchMutex).
 template <typename TA, typename TB, int kBlock>
 void AllowPipeSharedMemory(int device) {
-  static std::vector<char> done;
-  if (done.size() <= static_cast<size_t>(device)) done.resize(device + 1, 0);
-  if (done[device]) return;
+  static std::vector<char> done_per_device;
+  char& done = DeviceSlot(done_per_device, device);
+  if (done) return;
   Check(cudaFuncSetAttribute(CompareRowsKernel<TA, TB, kBlock>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize,
                              BlockShape<kBlock>::kPipeBytes),
         "cudaFuncSetAttribute");
-  done[device] = 1;
+  done = 1;
 }
 
 template <typename TA, typename TB, int kBlock>
