@@ -106,37 +106,14 @@ __device__ __forceinline__ bool Better(float v, int i, float w, int j) {
   return v > w || (v == w && i < j);
 }
 
-// An order-preserving 64-bit key of (v, i): TopKey(v, i) > TopKey(w, j)
-// exactly when Better(v, i, w, j), for v, w not NaN. -0 is folded into +0
-// (they compare equal, so their ties go by index, as in Better).
-__device__ __forceinline__ unsigned long long TopKey(float v, int i) {
-  const unsigned b = __float_as_uint(v + 0.0f);
-  const unsigned o = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-  return (static_cast<unsigned long long>(o) << 32) | (0xFFFFFFFFu - static_cast<unsigned>(i));
-}
-__device__ __forceinline__ float TopKeyValue(unsigned long long key) {
-  const unsigned o = static_cast<unsigned>(key >> 32);
-  return __uint_as_float((o & 0x80000000u) ? (o & 0x7FFFFFFFu) : ~o);
-}
-__device__ __forceinline__ int TopKeyIndex(unsigned long long key) {
-  return static_cast<int>(0xFFFFFFFFu - static_cast<unsigned>(key));
-}
-
 // The top-k state of one warp for one side: a shared buffer, its fill count
 // and the current k-th entry (the admission threshold), all warp-uniform.
-//
-// Optionally the warps of a block share one threshold per side (`shared`,
-// a key in shared memory, 0 = none yet): a warp that compacts to a full list
-// raises it to its k-th entry, and a warp that has a candidate takes it up
-// when it is better than its own (Refresh). Any warp's k-th entry is a valid
-// admission bound for the whole row: an element below it has k better ones
-// in that warp's list, so it is not in the row's top k. The best of the
-// warps' k-th entries is only modestly better than a typical one (each lags
-// the row's k-th by about a factor 8 in rank): on the H200 (512 x 151936,
-// k = 10) sharing cut the offer calls by a fifth (269k -> 206k per launch).
-// Merging the lists over the block at steps 1, 2, 4, ... to get the row's own
-// k-th cut them by more but made the kernel slower (barriers: 17% of the
-// stall samples). For rows without NaN (whose results are NaN anyway).
+// A warp's k-th entry is a valid admission bound for its own offers: an
+// element below it has k better ones in the list, so it is not in the row's
+// top k. For rows without NaN (whose results are NaN anyway). (The row
+// kernel's warps once shared the best of their thresholds through a key in
+// shared memory, refreshed before each offer; it now offers only the
+// elements that can be in the top k, after its sweep: RescanSide.)
 template <int kCap>
 struct WarpTopK {
   static constexpr int kPerLane = kCap / 32;
@@ -145,31 +122,16 @@ struct WarpTopK {
   static constexpr int kMaxK = kCap - 32;
   float* v;
   int* i;
-  unsigned long long* shared;
   int count;
   float tau_v;
   int tau_i;
 
-  __device__ void Init(float* vs, int* is, unsigned long long* shared_key = nullptr) {
+  __device__ void Init(float* vs, int* is) {
     v = vs;
     i = is;
-    shared = shared_key;
     count = 0;
     tau_v = -Inf();
     tau_i = 0x7FFFFFFF;
-  }
-
-  // Takes up the block's shared threshold when it is better than this
-  // warp's own. Lane 0 reads it and broadcasts, so the warp stays uniform
-  // while other warps raise it. Every lane of the warp calls.
-  __device__ __forceinline__ void Refresh() {
-    unsigned long long key = 0;
-    if ((threadIdx.x & 31) == 0) key = *static_cast<volatile unsigned long long*>(shared);
-    key = __shfl_sync(kFull, key, 0);
-    if (key > TopKey(tau_v, tau_i)) {
-      tau_v = TopKeyValue(key);
-      tau_i = TopKeyIndex(key);
-    }
   }
 
   // Keeps the best k of the buffer, sorted, at its start. Out of line: it
@@ -215,12 +177,10 @@ struct WarpTopK {
     }
     __syncwarp();
     count = min(count, k);
-    // The new k-th entry, unless a threshold taken from the block is better
-    // (both are valid bounds; the list's own only improves).
+    // The new k-th entry (the list's own only improves).
     if (count == k && Better(v[k - 1], i[k - 1], tau_v, tau_i)) {
       tau_v = v[k - 1];
       tau_i = i[k - 1];
-      if (shared != nullptr && lane == 0) atomicMax(shared, TopKey(tau_v, tau_i));
     }
   }
 

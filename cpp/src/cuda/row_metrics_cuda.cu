@@ -29,13 +29,14 @@
 // have a finite maximum, KL(P||Q) = E_p[e] + log1p(E_p[g(e)] - E_p[e]), which
 // stays accurate to a relative 1e-4 for KL down to 1e-10 (close rows).
 //
-// Top-k (k <= 64, with top-2 for the margins) per warp: elements that beat
-// the warp's current k-th entry (value, then lower index) are appended to a
-// shared-memory buffer with a ballot; when it fills, the warp keeps the best k
-// by rank counting. A group is offered only when its maximum can qualify
-// (against the best of the warps' thresholds, WarpTopK::Refresh), so after
-// the first few groups few elements are appended. At the end all threads
-// merge the warps' sorted lists by rank counting (MergeTopLists).
+// Top-k (k <= 64, with top-2 for the margins) after the sweep: each thread
+// keeps its own maxima, and the row's top k are among the elements at least
+// the k-th largest of those (RescanTopK), which only about k threads hold,
+// mostly in the one group where each reached its maximum. Those groups (or
+// those threads' whole shares) are read again and appended to per-warp
+// shared-memory buffers with a ballot (a warp keeps its best k by rank
+// counting when its buffer fills), and all threads merge the warps' sorted
+// lists by rank counting (MergeTopLists).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -119,8 +120,8 @@ __device__ __forceinline__ size_t ElemIndex(size_t warp_base, int lane, int j) {
 }
 
 // One thread's group of a step (layout above); beyond n elements read as
-// -inf (a token masked on both sides: neutral for every sum, never offered
-// to top-k). `full`: the warp's whole span is inside the row and the row is
+// -inf (a token masked on both sides: neutral for every sum; the top-k
+// rescan offers only elements below n). `full`: the warp's whole span is inside the row and the row is
 // aligned for vector loads. Elements are addressed from the span's start
 // with 32-bit offsets (one 64-bit pointer per span, not a 64-bit add and
 // compare per element).
@@ -181,7 +182,8 @@ struct BlockShape {
 static_assert(BlockShape<256>::kWarps == kWarps, "the largest block is cuda_common's kThreads");
 
 // The pipeline's stages (dynamic shared memory, kPipeBytes); at namespace
-// scope so that the out-of-line offers can reread a group from its stage.
+// scope so that the out-of-line far groups can reread a group from its
+// stage.
 extern __shared__ __align__(16) unsigned char pipe[];
 // A byte offset into `pipe`, or none (the group was read from the row).
 constexpr unsigned kNoStage = 0xFFFFFFFFu;
@@ -317,55 +319,10 @@ __device__ __noinline__ float2 FarTerms(float e, float xa, float xb, float pa, f
   return make_float2(fmaf(pa, e, ea - pa), fmaf(-pb, e, eb - pb));
 }
 
-// Element j of this lane's group in its pipeline stage (ReadGroupShared's
-// layout).
-template <typename T>
-__device__ __forceinline__ float StageOne(unsigned stage, int j) {
-  const unsigned char* at = pipe + stage + ((j / kVec) * 32 * kVec + j % kVec) * sizeof(T);
-  if (sizeof(T) == 4) return *reinterpret_cast<const float*>(at);
-  const unsigned short h = *reinterpret_cast<const unsigned short*>(at);
-  return IsBf16<T>::value ? Bf16ToF32(h) : __half2float(__ushort_as_half(h));
-}
-
-// Offers the elements of one group whose bits are set in `mask` (those that
-// beat the warp's threshold when the group was read), reloading each value
-// instead of indexing the group's registers at run time: from the group's
-// pipeline stage in shared memory (`stage`, a byte offset into the pipeline),
-// or from the row for groups read directly (kNoStage: the row's end,
-// misaligned rows). The main sweep's
-// copies bypass L1, so a reload from the row went to L2: on the H200 the
-// comparison waiting on it took 7% of the kernel's stall samples. Every lane
-// of the warp calls it; returns the warp's threshold value afterwards.
-template <typename T>
-__device__ __noinline__ float OfferMasked(RowTopK& top, const T* row, unsigned stage,
-                                          size_t warp_base, unsigned mask, int k, int lane) {
-  while (__any_sync(kFull, mask != 0)) {
-    const int j = mask ? __ffs(mask) - 1 : 0;
-    const size_t i = ElemIndex(warp_base, lane, j);
-    const float v = mask ? (stage != kNoStage ? StageOne<T>(stage, j) : Loader<T>::One(row, i)) : 0.0f;
-    top.Offer(v, static_cast<int>(i), mask != 0, k, lane);
-    mask &= mask - 1;
-  }
-  return top.tau_v;
-}
-
-// The k-th largest (k <= 32) of 32 values, lane l's being the largest of
-// thread_max[l], thread_max[l + 32], ... (one per warp): 32 elements
-// of the row from disjoint threads, so k of its elements are at least the
-// result. Every lane of the warp calls; all get it. kW: warps per block (a
-// constant: with blockDim's count the unrolled reads became a loop, and
-// 1-row calls took 5% longer on the H200).
-template <int kW>
-__device__ __forceinline__ float KthOfThreadMaxima(const float* thread_max, int k, int lane) {
-  // Lane l takes threads l, l + 32, ... (one per warp): the lanes' reads
-  // fall in distinct banks (threads 8l .. 8l+7 had 8-way bank conflicts).
-  const volatile float* t = thread_max + lane;
-  float v = t[0];
-#pragma unroll
-  for (int j = 1; j < kW; ++j) v = fmaxf(v, t[32 * j]);
-  // Bitonic sort over the warp, largest first (15 exchange steps; a rank
-  // count over the 32 lanes took 260 instructions per call): lane k - 1
-  // then holds the k-th largest value, ties included.
+// The 32 lanes' values sorted over the warp, largest first: lane l returns
+// the (l+1)-th largest, ties included (a bitonic network, 15 exchange
+// steps; a rank count over the 32 lanes took 260 instructions per call).
+__device__ __forceinline__ float WarpSortDescending(float v, int lane) {
 #pragma unroll
   for (int size = 2; size <= 32; size <<= 1) {
 #pragma unroll
@@ -375,66 +332,150 @@ __device__ __forceinline__ float KthOfThreadMaxima(const float* thread_max, int 
       v = keep_max ? fmaxf(v, w) : fminf(v, w);
     }
   }
-  return __shfl_sync(kFull, v, k - 1);
+  return v;
 }
 
-// Raises the warp's threshold for one side from what the whole block has
-// seen, before its offers (out of line: rare), and returns its value:
-// - the block's shared threshold (WarpTopK::Refresh), and
-// - for k <= 32, the k-th largest of 32 values, lane l's being the largest
-//   of the maxima of threads l, l + 32, ... in `thread_max` (each the largest
-//   group maximum that thread has offered on this side so far; `gmax` is
-//   this lane's of the group now offered). They are 32 elements of the row,
-//   each from its own threads, so k of its elements are at least that value:
-//   anything below it is not in the row's top k. It comes close to the row's
-//   own k-th best so far (its largest elements sit in different threads),
-//   where a warp's own k-th lags by about a factor 8 in rank: on the H200
-//   (512 x 151936, k = 10) the offer loop ran 57k times per launch instead
-//   of 273k. A thread records only groups its warp offers: a group below
-//   the warp's threshold cannot raise it.
-// The maxima are read while other warps raise them: a stale one is smaller,
-// and still an element of the row.
+// The K-th largest (ties included; K <= 64) of the block's kBlock values
+// own[0], own[1] (one per thread and side), written to kth[0], kth[1].
+// Every thread calls; `sorted` (2 x kBlock floats) is scratch. Each warp
+// sorts its 32 values, then each of the first min(K, 32) entries of every
+// warp's list is ranked against the other lists (entries of equal value
+// ordered by warp, so ranks are distinct), and the entry of rank K - 1 is
+// the result.
 template <int kW>
-__device__ __noinline__ float RefreshTop(RowTopK& top, float* thread_max, float gmax, int k,
-                                         int lane) {
-  thread_max[threadIdx.x] = fmaxf(thread_max[threadIdx.x], gmax);
-  __syncwarp();
-  top.Refresh();
-  // The block's threshold alone may already rule the group out: then the
-  // caller offers nothing, and the lanes' k-th is not needed now.
-  if (!__any_sync(kFull, gmax >= top.tau_v)) return top.tau_v;
-  if (k <= 32) {
-    const float kth = KthOfThreadMaxima<kW>(thread_max, k, lane);
-    if (kth > top.tau_v) {  // equal: the warp's own (value, index) is stricter
-      top.tau_v = kth;
-      top.tau_i = 0x7FFFFFFF;  // admits every element of that value
-      if (lane == 0) atomicMax(top.shared, TopKey(top.tau_v, top.tau_i));
+__device__ __forceinline__ void BlockKth(const float (&own)[2], int K, float (*sorted)[kW * 32],
+                                         float* kth) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int side = 0; side < 2; ++side) sorted[side][warp * 32 + lane] = WarpSortDescending(own[side], lane);
+  __syncthreads();
+  const int P = min(K, 32), E = kW * P;
+  for (int q = threadIdx.x; q < 2 * E; q += kW * 32) {
+    const int side = q / E, w = (q % E) / P, pos = q % P;
+    const float v = sorted[side][w * 32 + pos];
+    int rank = pos;
+    for (int w2 = 0; w2 < kW && rank < K; ++w2) {
+      if (w2 == w) continue;
+      const float* l2 = sorted[side] + w2 * 32;
+      for (int p2 = 0; p2 < P && (l2[p2] > v || (l2[p2] == v && w2 < w)); ++p2) ++rank;
+    }
+    if (rank == K - 1) kth[side] = v;
+  }
+  __syncthreads();
+}
+
+// One round of a side's reread: items base + 32 u + lane, u < kU, of
+// `total` (entries x `per` vectors of 4). An entry is a thread with all its
+// steps (kWhole: per = kVecs x steps) or one group of a thread (the entry
+// holds thread | step << 8; per = kVecs). An item past the total, or an
+// element past the row, reads as -inf at index >= n (offered as invalid).
+template <int kBlock, int kU, typename T>
+struct RescanItems {
+  float x[kU][kVec];
+  unsigned i0[kU];
+
+  template <bool kWhole>
+  __device__ __forceinline__ void Load(const T* row, unsigned n32, bool aligned, const int* entries,
+                                       unsigned per, unsigned total, unsigned base, int lane) {
+    constexpr int kStep = kBlock * kGroup;
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const unsigned item = base + u * 32 + lane;
+      i0[u] = n32;
+      if (item < total) {
+        const unsigned e = static_cast<unsigned>(entries[item / per]), q = item % per;
+        const unsigned t = kWhole ? e : e & 0xFFu;
+        const unsigned step = kWhole ? q / kVecs : e >> 8;
+        i0[u] = step * kStep + (t / 32) * kWarpSpan + (q % kVecs) * 32 * kVec + (t % 32) * kVec;
+      }
+      if (aligned && i0[u] + kVec <= n32) {
+        Loader<T>::Vec(row, i0[u], x[u]);
+      } else {
+#pragma unroll
+        for (int c = 0; c < kVec; ++c) x[u][c] = i0[u] + c < n32 ? Loader<T>::One(row, i0[u] + c) : -Inf();
+      }
     }
   }
-  return top.tau_v;
+
+  // Offers the elements >= thr (after one vote: most rounds hold none).
+  __device__ __forceinline__ void Offer(RowTopK& top, unsigned n32, float thr, int K, int lane) {
+    bool any = false;
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+#pragma unroll
+      for (int c = 0; c < kVec; ++c) any |= i0[u] + c < n32 && x[u][c] >= thr;
+    }
+    if (!__any_sync(kFull, any)) return;
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+#pragma unroll
+      for (int c = 0; c < kVec; ++c) {
+        const unsigned i = i0[u] + c;
+        top.Offer(x[u][c], static_cast<int>(i), i < n32 && x[u][c] >= thr, K, lane);
+      }
+    }
+  }
+};
+
+// The entries of a block's top-k reread (RescanTopK), per side: groups
+// (thread | step << 8) and whole threads.
+template <int kBlock>
+struct RescanLists {
+  int groups[2][kBlock];
+  int whole[2][kBlock];
+  int num_groups[2], num_whole[2];
+};
+
+template <int kBlock, bool kWhole, typename TA, typename TB>
+__device__ __forceinline__ void RescanPass(RowTopK& top_a, RowTopK& top_b, const TA* a, const TB* b,
+                                           unsigned n32, bool aligned, float thr_a, float thr_b,
+                                           const int* entries_a, const int* entries_b,
+                                           unsigned total_a, unsigned total_b, unsigned per,
+                                           int K, int lane, int warp) {
+  constexpr int kU = 4;
+  for (unsigned base = warp * 32 * kU; base < max(total_a, total_b); base += kBlock * kU) {
+    RescanItems<kBlock, kU, TA> xa;
+    RescanItems<kBlock, kU, TB> xb;
+    xa.template Load<kWhole>(a, n32, aligned, entries_a, per, total_a, base, lane);
+    xb.template Load<kWhole>(b, n32, aligned, entries_b, per, total_b, base, lane);
+    xa.Offer(top_a, n32, thr_a, K, lane);
+    xb.Offer(top_b, n32, thr_b, K, lane);
+  }
 }
 
-// Top-k for one side's group: offered only if the group's maximum can enter
-// the warp's list, then only its elements that can. Inlined, so `v` stays in
-// registers. `tau`: a register copy of the warp's threshold value (the list
-// itself lives in local memory, as its address goes to the out-of-line
-// offers; reading it there every step cost a local load per step and side).
-// (Indices fit in int: vocab < 2^31 is checked on the host.)
-template <int kW, typename T>
-__device__ __forceinline__ void OfferGroup(RowTopK& top, float& tau, float* thread_max,
-                                           const T* row, unsigned stage, const float (&v)[kGroup],
-                                           float gmax, size_t wb, int n, int k, int lane) {
-  if (!__any_sync(kFull, gmax >= tau)) return;
-  tau = RefreshTop<kW>(top, thread_max, gmax, k, lane);
-  if (!__any_sync(kFull, gmax >= tau)) return;
-  const int wb32 = static_cast<int>(wb);
-  unsigned mask = 0;
-#pragma unroll
-  for (int j = 0; j < kGroup; ++j) {
-    const int i = wb32 + (j / kVec) * 32 * kVec + lane * kVec + j % kVec;
-    mask |= static_cast<unsigned>(i < n && Better(v[j], i, top.tau_v, top.tau_i)) << j;
+// Top-k after the main sweep, both sides. T, the K-th largest of the
+// threads' own maxima on a side, is at most the row's K-th largest value
+// there (K of its elements, each some thread's largest, are at least T), so
+// the row's top K are among its elements of value >= T, which only the
+// threads with own maximum >= T hold: about K of them. Each thread also
+// knows the step of the group that holds its maximum and the largest maximum
+// of its other groups: where that is below T, only that one group is read
+// again (8 elements), else the thread's whole share of the row (a second of
+// the top K in another of its groups: in about one row in five at K = 10).
+// The whole block rereads (each lane four vectors of 4 per side and round,
+// both sides' loads in flight together, one vote per round before any
+// offer) and offers to the reading warp's list; the warps' lists are then
+// merged. This replaced offers during the sweep (a vote per step, and about
+// 17 offers per warp and row, each after a threshold refresh with a bitonic
+// k-th), which took a fifth of the kernel's time at 512 x 151936 (ncu on the
+// H200: 265.0 us against 211.3 us without them). Rows whose thread maxima
+// tie at T in many threads (constant rows; rows with fewer than K finite
+// logits, where T is -inf) reread those threads: the whole row at worst.
+template <int kBlock, typename TA, typename TB>
+__device__ __forceinline__ void RescanTopK(RowTopK& top_a, RowTopK& top_b, const TA* a, const TB* b,
+                                           size_t n, bool aligned, const float* thr,
+                                           const RescanLists<kBlock>& l, int K, int lane, int warp) {
+  constexpr int kStep = kBlock * kGroup;
+  const unsigned n32 = static_cast<unsigned>(n);
+  RescanPass<kBlock, false>(top_a, top_b, a, b, n32, aligned, thr[0], thr[1], l.groups[0],
+                            l.groups[1], l.num_groups[0] * kVecs, l.num_groups[1] * kVecs, kVecs,
+                            K, lane, warp);
+  const unsigned per = kVecs * ((n32 + kStep - 1) / kStep);  // a thread's vectors
+  if (l.num_whole[0] + l.num_whole[1] > 0) {
+    RescanPass<kBlock, true>(top_a, top_b, a, b, n32, aligned, thr[0], thr[1], l.whole[0],
+                             l.whole[1], l.num_whole[0] * per, l.num_whole[1] * per, per, K, lane,
+                             warp);
   }
-  tau = OfferMasked(top, row, stage, wb, mask, k, lane);
 }
 
 // Float32 sums of one group (kGroup element pairs of one thread) before they
@@ -507,7 +548,7 @@ __device__ __forceinline__ void GTerms(float e, float xa, float xb, float pa, fl
 }
 
 // Timing builds only (-DLOGITPARITY_CUDA_ABLATE=bits; results are then
-// wrong): 1 skips the top-k offers, 2 the second-order terms, 4 the cosine
+// wrong): 1 skips the top-k rescan, 2 the second-order terms, 4 the cosine
 // and absolute-difference sums, 8 the exps. Used to find where the kernel's
 // time goes (docs/gpu.md); 0 in every real build.
 #ifndef LOGITPARITY_CUDA_ABLATE
@@ -720,8 +761,9 @@ struct Shared {
   float top_v[2][kW][kCap];
   int top_i[2][kW][kCap];
   int top_count[2][kW];
-  unsigned long long top_key[2];   // the sides' shared top-k thresholds
-  float thread_max[2][kW * 32];    // per side, each thread's largest offered group maximum
+  float thread_max[2][kW * 32];    // per side, the threads' own maxima, sorted per warp (BlockKth)
+  float kth[2];                    // per side, the K-th largest of the threads' own maxima
+  RescanLists<kW * 32> rescan;     // what RescanTopK reads again
   float merged_v[2][kMaxTopK];     // the row's top-k per side, best first
   int merged_i[2][kMaxTopK];
   double dscratch[kW + 1];
@@ -788,8 +830,7 @@ __global__ void __launch_bounds__(kBlock, BlockShape<kBlock>::kMinBlocks)
   const double kInfD = __longlong_as_double(0x7FF0000000000000LL);
   const float ninf = -Inf(), pinf = Inf();
   // Seen by every warp after the barriers of the first chunk's maxima below.
-  if (tid == 0) sh.top_key[0] = sh.top_key[1] = 0;
-  sh.thread_max[0][tid] = sh.thread_max[1][tid] = ninf;
+  if (tid < 2) sh.rescan.num_groups[tid] = sh.rescan.num_whole[tid] = 0;
 
   // Element offsets within a row fit in 32 bits (vocab < 2^31 is checked on
   // the host); `piped_steps`: the warp's steps whose span is whole, which go
@@ -866,12 +907,6 @@ __global__ void __launch_bounds__(kBlock, BlockShape<kBlock>::kMinBlocks)
       ma = fmaxf(ma, va[j]);
       mb = fmaxf(mb, vb[j]);
     }
-    // The first step's thread maxima seed the top-k thresholds below (the
-    // reduction's barriers make them visible to every warp).
-    if (begin == 0) {
-      sh.thread_max[0][tid] = ma;
-      sh.thread_max[1][tid] = mb;
-    }
     float m2[2] = {ma, mb};
     BlockReduceN<kW>(m2, sh.fmax, MaxOp());
     ma = m2[0];
@@ -886,19 +921,12 @@ __global__ void __launch_bounds__(kBlock, BlockShape<kBlock>::kMinBlocks)
     }
   }
 
-  RowTopK top_a, top_b;
-  top_a.Init(sh.top_v[0][warp], sh.top_i[0][warp], &sh.top_key[0]);
-  top_b.Init(sh.top_v[1][warp], sh.top_i[1][warp], &sh.top_key[1]);
   const int K = p.kmax;
-  // Every warp starts from the block's bound on the first step (the k-th
-  // largest of the lanes' maxima over all warps' first groups), not from
-  // -inf: its first offers then went against a bound from the thread maxima
-  // written at that moment, often only its own warp's.
-  if (K <= 32) {
-    top_a.tau_v = KthOfThreadMaxima<kW>(sh.thread_max[0], K, lane);
-    top_b.tau_v = KthOfThreadMaxima<kW>(sh.thread_max[1], K, lane);
-  }
-  float tau_a = top_a.tau_v, tau_b = top_b.tau_v;
+  // This thread's own maxima, the step of the group that reached each, and
+  // the largest maximum of its other groups (top-k after the sweep:
+  // RescanTopK).
+  float own_a = ninf, own_b = ninf, other_a = ninf, other_b = ninf;
+  unsigned at_a = 0, at_b = 0;
 
   // The target and its two logits, read now by the last thread (its warp
   // waits for them instead of thread 0 at the row's end, where the block,
@@ -940,14 +968,12 @@ __global__ void __launch_bounds__(kBlock, BlockShape<kBlock>::kMinBlocks)
       ga = fmaxf(ga, va[j]);
       gb = fmaxf(gb, vb[j]);
     }
-    // One vote for both sides first: after the first steps neither side
-    // offers in most steps.
-    if (!(kAblate & 1) && __any_sync(kFull, ga >= tau_a || gb >= tau_b)) {
-      OfferGroup<kW>(top_a, tau_a, sh.thread_max[0], a, piped ? stage + off_a : kNoStage, va, ga, wb,
-                 static_cast<int>(n), K, lane);
-      OfferGroup<kW>(top_b, tau_b, sh.thread_max[1], b, piped ? stage + off_b : kNoStage, vb, gb, wb,
-                 static_cast<int>(n), K, lane);
-    }
+    other_a = fmaxf(other_a, fminf(own_a, ga));  // a tie goes to the other groups
+    other_b = fmaxf(other_b, fminf(own_b, gb));
+    if (ga > own_a) at_a = step;
+    if (gb > own_b) at_b = step;
+    own_a = fmaxf(own_a, ga);
+    own_b = fmaxf(own_b, gb);
     if (ga > Ma) {
       if (Ma > ninf) A = Rescale(A, static_cast<double>(Ma) - ga);
       Ma = ga;
@@ -982,7 +1008,32 @@ __global__ void __launch_bounds__(kBlock, BlockShape<kBlock>::kMinBlocks)
     B.g += g.h;
   }
 
-  // Sort each warp's list, then merge them over the block.
+  // Top-k: the K-th largest of the threads' own maxima per side; the
+  // threads that reach it reread their maximum's group (or, where another of
+  // their groups reaches it too, their whole share) into the warps' lists;
+  // each list sorted, then the lists merged over the block.
+  RowTopK top_a, top_b;
+  top_a.Init(sh.top_v[0][warp], sh.top_i[0][warp]);
+  top_b.Init(sh.top_v[1][warp], sh.top_i[1][warp]);
+  if (!(kAblate & 1)) {
+    const float own[2] = {own_a, own_b};
+    BlockKth<kW>(own, K, sh.thread_max, sh.kth);
+    const float thr[2] = {sh.kth[0], sh.kth[1]}, others[2] = {other_a, other_b};
+    const unsigned at[2] = {at_a, at_b};
+#pragma unroll
+    for (int side = 0; side < 2; ++side) {
+      if (own[side] >= thr[side]) {
+        if (others[side] < thr[side]) {
+          sh.rescan.groups[side][atomicAdd(&sh.rescan.num_groups[side], 1)] =
+              static_cast<int>(tid | at[side] << 8);
+        } else {
+          sh.rescan.whole[side][atomicAdd(&sh.rescan.num_whole[side], 1)] = tid;
+        }
+      }
+    }
+    __syncthreads();
+    RescanTopK<kBlock>(top_a, top_b, a, b, n, aligned, sh.kth, sh.rescan, K, lane, warp);
+  }
   top_a.Compact(K, lane);
   top_b.Compact(K, lane);
   if (lane == 0) {

@@ -199,12 +199,13 @@ TEST(RowMetricsCuda, TiesAndMasks) {
   }
 }
 
-// Orders that stress the top-k admission threshold the warps share:
-// ascending rows (every element beats every threshold so far), descending
-// rows (the first elements fill every list), the same value everywhere but
-// the row's end, and a row of +0 and -0 only, which compare equal, so their
-// ties go by index (the shared threshold's key folds -0 into +0). k up to 64
-// and lengths of one to several steps.
+// Orders and ties that stress the top-k: ascending rows (the largest
+// elements in the last threads), descending rows (in the first), the same
+// value everywhere but the row's end (every thread's maximum ties at the
+// k-th, so every thread's elements are reread), logits on a half-logit grid
+// (ties at every rank, several per thread), and a row of +0 and -0 only,
+// which compare equal, so their ties go by index. k up to 64 and lengths of
+// one to several steps.
 TEST(RowMetricsCuda, TopKOrders) {
   SKIP_WITHOUT_GPU();
   const std::vector<int> ks = {1, 2, 10, 33, 64};
@@ -222,6 +223,11 @@ TEST(RowMetricsCuda, TopKOrders) {
     CheckCase("descending", down, Perturb(down, 1e-3f, 12), 5, Dtype::kF32, Dtype::kF32, 0, ks);
     CheckCase("descending vs ascending", down, up, 5, Dtype::kF32, Dtype::kF16, 0, ks);
     CheckCase("flat", flat, up, 0, Dtype::kF32, Dtype::kF32, 0, ks);
+    std::vector<float> grid = LmLogits(n, 21), grid_b = Perturb(grid, 0.3f, 22);
+    for (float& x : grid) x = std::round(2.0f * x) / 2.0f;
+    for (float& x : grid_b) x = std::round(2.0f * x) / 2.0f;
+    CheckCase("half-logit grid", grid, grid_b, 2, Dtype::kF32, Dtype::kF32, 0, ks);
+    CheckCase("half-logit grid", grid, grid_b, 2, Dtype::kBF16, Dtype::kF16, 1, ks);
     CheckCase("signed zeros", zeros, flat, 1, Dtype::kF32, Dtype::kF32, 0, ks);
     CheckCase("signed zeros", zeros, zeros, 1, Dtype::kF16, Dtype::kBF16, 2, ks);
     if (HasFatalFailure()) return;
