@@ -121,10 +121,10 @@ __device__ __forceinline__ size_t ElemIndex(size_t warp_base, int lane, int j) {
 
 // One thread's group of a step (layout above); beyond n elements read as
 // -inf (a token masked on both sides: neutral for every sum; the top-k
-// rescan offers only elements below n). `full`: the warp's whole span is inside the row and the row is
-// aligned for vector loads. Elements are addressed from the span's start
-// with 32-bit offsets (one 64-bit pointer per span, not a 64-bit add and
-// compare per element).
+// rescan offers only elements below n). `full`: the warp's whole span is
+// inside the row and the row is aligned for vector loads. Elements are
+// addressed from the span's start with 32-bit offsets (one 64-bit pointer
+// per span, not a 64-bit add and compare per element).
 template <typename T>
 __device__ __forceinline__ void LoadGroup(const T* row, size_t warp_base, int lane, size_t n,
                                           bool full, float* out) {
@@ -179,6 +179,7 @@ struct BlockShape {
   static constexpr int kStageBytes = kStep * 4;          // one side, one step, float32 at most
   static constexpr int kPipeBytes = kStages * 2 * kStageBytes;
 };
+static_assert(kVec == 4, "Load4 reads the reread's vectors");
 static_assert(BlockShape<256>::kWarps == kWarps, "the largest block is cuda_common's kThreads");
 
 // The pipeline's stages (dynamic shared memory, kPipeBytes); at namespace
@@ -388,12 +389,7 @@ struct RescanItems {
         const unsigned step = kWhole ? q / kVecs : e >> 8;
         i0[u] = step * kStep + (t / 32) * kWarpSpan + (q % kVecs) * 32 * kVec + (t % 32) * kVec;
       }
-      if (aligned && i0[u] + kVec <= n32) {
-        Loader<T>::Vec(row, i0[u], x[u]);
-      } else {
-#pragma unroll
-        for (int c = 0; c < kVec; ++c) x[u][c] = i0[u] + c < n32 ? Loader<T>::One(row, i0[u] + c) : -Inf();
-      }
+      Load4(row, i0[u], n32, aligned, x[u]);
     }
   }
 
@@ -1145,7 +1141,7 @@ __global__ void __launch_bounds__(kBlock, BlockShape<kBlock>::kMinBlocks)
   }
   __syncthreads();
   long long rank = rank_sh;
-  // (Timing builds that skip the offers have empty lists: t is then no
+  // (Timing builds that skip the top-k rescan have empty lists: t is then no
   // index, and the count below would read out of the row.)
   if (rank < 0 && !(kAblate & 1)) {
     const float bt = Loader<TB>::One(b, static_cast<size_t>(t));

@@ -47,19 +47,6 @@ static_assert(TopList::kMaxK >= static_cast<int>(kMaxTopKCuda), "top-k buffer to
 // What a launch computes besides the log-sum-exp.
 enum Mode : int { kLse = 0, kTopK = 1, kLogSoftmax = 2 };
 
-// Four consecutive elements from i0; past the row's end they read as -inf
-// (neutral for the sums; the top-k offers check the index).
-template <typename T>
-__device__ __forceinline__ void Load4(const T* row, size_t i0, size_t n, bool aligned,
-                                      float* out) {
-  if (aligned && i0 + kVecElems <= n) {
-    Loader<T>::Vec(row, i0, out);
-  } else {
-#pragma unroll
-    for (int c = 0; c < kVecElems; ++c) out[c] = i0 + c < n ? Loader<T>::One(row, i0 + c) : -Inf();
-  }
-}
-
 // One thread's part of the log-sum-exp: running maximum m, float64 sum of
 // exp(x - m), and the NaN / +inf counts that make the row NaN.
 struct LseState {
