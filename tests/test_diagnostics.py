@@ -122,8 +122,11 @@ def test_logit_norm_and_entropy_match_float64(lm, stats):
     ent = -(np.exp(logp) * logp).sum(1)
     assert stats.logits["norm"].mean == pytest.approx(norms.mean(), rel=1e-6)
     assert stats.logits["norm"].max == pytest.approx(norms.max(), rel=1e-6)
-    assert stats.logits["entropy"].mean == pytest.approx(ent.mean(), rel=1e-9)
-    assert stats.logits["entropy"].p99 == pytest.approx(np.percentile(ent, 99), rel=1e-9)
+    # The entropies come from the row kernel, whose terms are float32 exps summed in float64:
+    # about 1e-8 relative on rows like these (docs/metrics.md allows 1e-6). 1e-9 held on the
+    # first machines by the luck of the data and failed on another CPU (p99 off by 1.05e-9).
+    assert stats.logits["entropy"].mean == pytest.approx(ent.mean(), rel=1e-7)
+    assert stats.logits["entropy"].p99 == pytest.approx(np.percentile(ent, 99), rel=1e-7)
 
 
 def test_weight_statistics_match_float64_with_exact_quantiles(lm, stats):
