@@ -32,8 +32,9 @@
 // Top-k (k <= 64, with top-2 for the margins) after the sweep: each thread
 // keeps its own maxima, and the row's top k are among the elements at least
 // the k-th largest of those (RescanTopK), which only about k threads hold,
-// mostly in the one group where each reached its maximum. Those groups (or
-// those threads' whole shares) are read again and appended to per-warp
+// mostly in the one group where each reached its maximum, which the sweep
+// keeps in shared memory. Those groups (or those threads' whole shares, read
+// again from the row) are appended to per-warp
 // shared-memory buffers with a ballot (a warp keeps its best k by rank
 // counting when its buffer fills), and all threads merge the warps' sorted
 // lists by rank counting (MergeTopLists).
@@ -44,6 +45,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -446,9 +448,11 @@ __device__ __forceinline__ void RescanPass(RowTopK& top_a, RowTopK& top_b, const
 // threads with own maximum >= T hold: about K of them. Each thread also
 // knows the step of the group that holds its maximum and the largest maximum
 // of its other groups: where that is below T, only that one group is read
-// again (8 elements), else the thread's whole share of the row (a second of
-// the top K in another of its groups: in about one row in five at K = 10).
-// The whole block rereads (each lane four vectors of 4 per side and round,
+// (8 elements; the kernel offers it from the copy the sweep kept in shared
+// memory, and this reads it again from the row only where that group did
+// not come through the pipeline: the row's end, misaligned rows), else the
+// thread's whole share of the row (a second of the top K in another of its
+// groups: in about one row in five at K = 10). The whole block rereads (each lane four vectors of 4 per side and round,
 // both sides' loads in flight together, one vote per round before any
 // offer) and offers to the reading warp's list; the warps' lists are then
 // merged. This replaced offers during the sweep (a vote per step, and about
@@ -551,6 +555,24 @@ __device__ __forceinline__ void GTerms(float e, float xa, float xb, float pa, fl
 #define LOGITPARITY_CUDA_ABLATE 0
 #endif
 constexpr int kAblate = LOGITPARITY_CUDA_ABLATE;
+
+// Timing builds only (-DLOGITPARITY_CUDA_PHASES=N): thread 0 of every N-th
+// block prints its start and end (%globaltimer, ns) and the SM cycles
+// (clock64) at each phase of the row's end, for benchmarks/kernel_phases.py
+// (printf is slow: with N = 1 the 512-row kernel took 1.27 ms instead of
+// 0.24). 0 in every real build.
+#ifndef LOGITPARITY_CUDA_PHASES
+#define LOGITPARITY_CUDA_PHASES 0
+#endif
+constexpr bool kPhases = LOGITPARITY_CUDA_PHASES != 0;
+
+enum Phase { kPhStart, kPhFirst, kPhLoop0, kPhLoopLast, kPhKth, kPhFlag, kPhRescan, kPhMerge,
+             kPhReduce, kPhEnd, kNumPhases };
+__device__ __forceinline__ unsigned long long GlobalNs() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
 
 // The sums pa g(e), pb g(-e) of a clean group that holds an element with
 // |e| > 1/2, where the series does not apply: every element again, reread
@@ -754,8 +776,17 @@ __device__ __forceinline__ void WriteRecord(const RowRecord& rec, unsigned* __re
 
 template <int kW>  // warps per block
 struct Shared {
-  float top_v[2][kW][kCap];
-  int top_i[2][kW][kCap];
+  // The warps' top-k lists (after the sweep); during the sweep the same
+  // memory holds each thread's group that reached its maximum, per side
+  // (saved when it came through the pipeline: the top-k then takes it from
+  // here instead of rereading it from the row).
+  union {
+    struct {
+      float v[2][kW][kCap];
+      int i[2][kW][kCap];
+    } top;
+    float4 saved[2][kVecs][kW * 32];
+  };
   int top_count[2][kW];
   float thread_max[2][kW * 32];    // per side, the threads' own maxima, sorted per warp (BlockKth)
   float kth[2];                    // per side, the K-th largest of the threads' own maxima
@@ -787,13 +818,13 @@ __device__ __forceinline__ void MergeTopLists(Shared<kW>& sh, int K) {
   for (int q = t; q < kW * K; q += kHalf) {
     const int w = q / K, pos = q % K;
     if (pos >= sh.top_count[side][w]) continue;
-    const float v = sh.top_v[side][w][pos];
-    const int idx = sh.top_i[side][w][pos];
+    const float v = sh.top.v[side][w][pos];
+    const int idx = sh.top.i[side][w][pos];
     int rank = pos;  // the entries above it in its own list
     for (int w2 = 0; w2 < kW && rank < K; ++w2) {
       if (w2 == w) continue;
       const int c = sh.top_count[side][w2];
-      for (int p2 = 0; p2 < c && Better(sh.top_v[side][w2][p2], sh.top_i[side][w2][p2], v, idx); ++p2) {
+      for (int p2 = 0; p2 < c && Better(sh.top.v[side][w2][p2], sh.top.i[side][w2][p2], v, idx); ++p2) {
         ++rank;
       }
     }
@@ -827,6 +858,19 @@ __global__ void __launch_bounds__(kBlock, BlockShape<kBlock>::kMinBlocks)
   const float ninf = -Inf(), pinf = Inf();
   // Seen by every warp after the barriers of the first chunk's maxima below.
   if (tid < 2) sh.rescan.num_groups[tid] = sh.rescan.num_whole[tid] = 0;
+#if LOGITPARITY_CUDA_PHASES
+  __shared__ long long ph[kNumPhases];
+  __shared__ unsigned long long ph_start_ns;
+  if (tid == 0) {
+    ph_start_ns = GlobalNs();
+    ph[kPhStart] = clock64();
+    ph[kPhLoopLast] = 0;
+  }
+#define LP_PHASE(name) \
+  if (tid == 0) ph[name] = clock64()
+#else
+#define LP_PHASE(name)
+#endif
 
   // Element offsets within a row fit in 32 bits (vocab < 2^31 is checked on
   // the host); `piped_steps`: the warp's steps whose span is whole, which go
@@ -917,6 +961,7 @@ __global__ void __launch_bounds__(kBlock, BlockShape<kBlock>::kMinBlocks)
     }
   }
 
+  LP_PHASE(kPhFirst);
   const int K = p.kmax;
   // This thread's own maxima, the step of the group that reached each, and
   // the largest maximum of its other groups (top-k after the sweep:
@@ -966,8 +1011,24 @@ __global__ void __launch_bounds__(kBlock, BlockShape<kBlock>::kMinBlocks)
     }
     other_a = fmaxf(other_a, fminf(own_a, ga));  // a tie goes to the other groups
     other_b = fmaxf(other_b, fminf(own_b, gb));
-    if (ga > own_a) at_a = step;
-    if (gb > own_b) at_b = step;
+    if (ga > own_a) {
+      at_a = step;
+      if (piped) {
+#pragma unroll
+        for (int v = 0; v < kVecs; ++v) {
+          sh.saved[0][v][tid] = make_float4(va[4 * v], va[4 * v + 1], va[4 * v + 2], va[4 * v + 3]);
+        }
+      }
+    }
+    if (gb > own_b) {
+      at_b = step;
+      if (piped) {
+#pragma unroll
+        for (int v = 0; v < kVecs; ++v) {
+          sh.saved[1][v][tid] = make_float4(vb[4 * v], vb[4 * v + 1], vb[4 * v + 2], vb[4 * v + 3]);
+        }
+      }
+    }
     own_a = fmaxf(own_a, ga);
     own_b = fmaxf(own_b, gb);
     if (ga > Ma) {
@@ -1004,21 +1065,44 @@ __global__ void __launch_bounds__(kBlock, BlockShape<kBlock>::kMinBlocks)
     B.g += g.h;
   }
 
+  LP_PHASE(kPhLoop0);
+#if LOGITPARITY_CUDA_PHASES
+  if (lane == 0) atomicMax(reinterpret_cast<unsigned long long*>(&ph[kPhLoopLast]), clock64());
+#endif
   // Top-k: the K-th largest of the threads' own maxima per side; the
   // threads that reach it reread their maximum's group (or, where another of
   // their groups reaches it too, their whole share) into the warps' lists;
   // each list sorted, then the lists merged over the block.
   RowTopK top_a, top_b;
-  top_a.Init(sh.top_v[0][warp], sh.top_i[0][warp]);
-  top_b.Init(sh.top_v[1][warp], sh.top_i[1][warp]);
+  top_a.Init(sh.top.v[0][warp], sh.top.i[0][warp]);
+  top_b.Init(sh.top.v[1][warp], sh.top.i[1][warp]);
   if (!(kAblate & 1)) {
     const float own[2] = {own_a, own_b};
     BlockKth<kW>(own, K, sh.thread_max, sh.kth);
+    LP_PHASE(kPhKth);
     const float thr[2] = {sh.kth[0], sh.kth[1]}, others[2] = {other_a, other_b};
     const unsigned at[2] = {at_a, at_b};
+    // The maximum's group, where the sweep saved it (it came through the
+    // pipeline), is offered from shared memory; it is read before the
+    // barrier below, after which the lists overwrite it. Every thread reads
+    // its slot (no branch); only the flagged ones offer it.
+    bool from_saved[2];
+    float sv[2][kGroup];
 #pragma unroll
     for (int side = 0; side < 2; ++side) {
-      if (own[side] >= thr[side]) {
+      from_saved[side] = own[side] >= thr[side] && others[side] < thr[side] && at[side] < piped_steps;
+#pragma unroll
+      for (int v = 0; v < kVecs; ++v) {
+        const float4 x = sh.saved[side][v][tid];
+        sv[side][4 * v] = x.x;
+        sv[side][4 * v + 1] = x.y;
+        sv[side][4 * v + 2] = x.z;
+        sv[side][4 * v + 3] = x.w;
+      }
+    }
+#pragma unroll
+    for (int side = 0; side < 2; ++side) {
+      if (own[side] >= thr[side] && !from_saved[side]) {
         if (others[side] < thr[side]) {
           sh.rescan.groups[side][atomicAdd(&sh.rescan.num_groups[side], 1)] =
               static_cast<int>(tid | at[side] << 8);
@@ -1028,7 +1112,18 @@ __global__ void __launch_bounds__(kBlock, BlockShape<kBlock>::kMinBlocks)
       }
     }
     __syncthreads();
+    LP_PHASE(kPhFlag);
+    if (__any_sync(kFull, from_saved[0] || from_saved[1])) {
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) {
+        const int ia = static_cast<int>(at_a * kStep + ElemIndex(warp_elem, lane, j));
+        const int ib = static_cast<int>(at_b * kStep + ElemIndex(warp_elem, lane, j));
+        top_a.Offer(sv[0][j], ia, from_saved[0] && sv[0][j] >= thr[0], K, lane);
+        top_b.Offer(sv[1][j], ib, from_saved[1] && sv[1][j] >= thr[1], K, lane);
+      }
+    }
     RescanTopK<kBlock>(top_a, top_b, a, b, n, aligned, sh.kth, sh.rescan, K, lane, warp);
+    LP_PHASE(kPhRescan);
   }
   top_a.Compact(K, lane);
   top_b.Compact(K, lane);
@@ -1038,6 +1133,7 @@ __global__ void __launch_bounds__(kBlock, BlockShape<kBlock>::kMinBlocks)
   }
   __syncthreads();
   MergeTopLists(sh, K);
+  LP_PHASE(kPhMerge);
 
   // Bring every thread's sums to the block maxima, then reduce (one pass per
   // kind, in BlockReduce's fixed tree).
@@ -1050,6 +1146,7 @@ __global__ void __launch_bounds__(kBlock, BlockShape<kBlock>::kMinBlocks)
   float maxima[kNumMaxima] = {d_max, -d_min};
   unsigned long long counts[kNumCounts] = {both_masked, a_only, b_only, bad_a, bad_b};
   BlockReduceN3<kW>(sums, sh.dsums, AddOp(), maxima, sh.fmax, MaxOp(), counts, sh.counts, AddOp());
+  LP_PHASE(kPhReduce);
   const double Sa = sums[0], Sb = sums[1], Ta = sums[2], Tb = sums[3];
   const double Ea = sums[4], Eb = sums[5], Ga = sums[6], Gb = sums[7];
   const double abs_all = sums[8], d2_all = sums[9], x_all = sums[10];
@@ -1223,9 +1320,18 @@ __global__ void __launch_bounds__(kBlock, BlockShape<kBlock>::kMinBlocks)
       out[kNllCand] = nll_b;
       out[kDeltaP] = exp(-nll_b) - exp(-nll_a);
     }
+#if LOGITPARITY_CUDA_PHASES
+    ph[kPhEnd] = clock64();
+    if (blockIdx.x % LOGITPARITY_CUDA_PHASES == 0) printf("phases %d %llu %llu %lld %lld %lld %lld %lld %lld %lld %lld %lld\n",
+           static_cast<int>(blockIdx.x), ph_start_ns, GlobalNs(), ph[kPhFirst] - ph[kPhStart],
+           ph[kPhLoop0] - ph[kPhStart], ph[kPhLoopLast] - ph[kPhStart], ph[kPhKth] - ph[kPhStart],
+           ph[kPhFlag] - ph[kPhStart], ph[kPhRescan] - ph[kPhStart], ph[kPhMerge] - ph[kPhStart],
+           ph[kPhReduce] - ph[kPhStart], ph[kPhEnd] - ph[kPhStart]);
+#endif
   }
   WriteRecord(sh.record, record_dst, p.num_ks, lane);
 }
+#undef LP_PHASE
 
 
 // Launch arguments shared by every dtype pair.
